@@ -1,0 +1,53 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "qlora",
+    platforms: [.macOS(.v13)],
+    products: [
+        .executable(name: "qlora", targets: ["QLoRACommand"]),
+        .library(name: "QLoRA", targets: ["QLoRA"]),
+        .library(name: "SafeTensors", targets: ["SafeTensors"]),
+        .library(name: "Checkpoint", targets: ["Checkpoint"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+    ],
+    targets: [
+        // MARK: Public API
+
+        /// Numerics: bf16/fp16, 4-bit and 8-bit codes, blockwise quantization. No file I/O.
+        .target(name: "QLoRA", dependencies: ["CQLoRAKernels"]),
+        /// The safetensors format: mmap reader, streaming writer, sharded index. Foundation only,
+        /// so the fuzz harness (Fuzz/) compiles it on its own.
+        .target(name: "SafeTensors"),
+        /// Whole checkpoints: the bitsandbytes 4-bit layout, quantize/dequantize/inspect, streamed.
+        .target(name: "Checkpoint", dependencies: ["QLoRA", "SafeTensors"]),
+        /// The `qlora` command: parses, calls the libraries, prints.
+        .executableTarget(
+            name: "QLoRACommand",
+            dependencies: [
+                "QLoRA", "SafeTensors", "Checkpoint",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+
+        // MARK: Implementation details
+
+        /// SIMD kernels with per-function CPU targets and run-time dispatch (AVX-512, AVX2, scalar).
+        .target(name: "CQLoRAKernels", cSettings: [.unsafeFlags(["-O3"])]),
+        /// Debian's libopenblas-dev (pkg-config `openblas`): the only BLAS.
+        .systemLibrary(
+            name: "COpenBLAS",
+            pkgConfig: "openblas",
+            providers: [.apt(["libopenblas-dev"])]
+        ),
+
+        // MARK: Tests
+
+        .target(name: "TestSupport", dependencies: ["QLoRA", "SafeTensors"], path: "Tests/TestSupport"),
+        .testTarget(name: "QLoRATests", dependencies: ["QLoRA", "TestSupport", "SafeTensors"]),
+        .testTarget(name: "SafeTensorsTests", dependencies: ["SafeTensors"]),
+        .testTarget(name: "CheckpointTests", dependencies: ["Checkpoint", "QLoRA", "SafeTensors", "TestSupport"]),
+    ]
+)

@@ -1,0 +1,70 @@
+// SIMD kernels for 4-bit blockwise quantization, with run-time CPU dispatch.
+//
+// Every function here has the exact semantics of the scalar Swift reference in
+// Sources/QLoRA (the reference defines the answer; tests hold these equal to it).
+// Packing layout (bitsandbytes): element 2j goes in the HIGH nibble of byte j,
+// element 2j+1 in the low nibble.
+#ifndef QLORA_KERNELS_H
+#define QLORA_KERNELS_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/// Instruction-set levels a kernel may use. The best one the CPU supports is chosen at
+/// run time unless capped with qlora_set_max_level (tests force the fallbacks).
+typedef enum {
+    QLORA_LEVEL_SCALAR = 0,
+    QLORA_LEVEL_AVX2 = 1,
+    QLORA_LEVEL_AVX512 = 2,
+} qlora_level;
+
+/// The highest level this CPU supports (AVX-512 means F+BW+VL+DQ).
+int qlora_cpu_level(void);
+/// Cap the level used by every kernel (e.g. QLORA_LEVEL_SCALAR to test the fallback).
+void qlora_set_max_level(int level);
+/// The level kernels use now: min(cpu level, cap).
+int qlora_active_level(void);
+
+/// Quantize `nblocks` consecutive FULL blocks of `blocksize` fp32 values to 4-bit.
+///   x: [nblocks * blocksize] fp32;
+///   midpoints16: 15 sorted fp32 bucket boundaries then +inf (16 floats);
+///   order16: nibble for each sorted bucket index (identity for NF4);
+///   absmax: [nblocks] out, max |x| of each block (unclamped);
+///   packed: [nblocks * blocksize / 2] out.
+/// Scaling is x * (1 / max(absmax, 1e-38f)); the nibble is the sorted bucket index
+/// (count of midpoints strictly below the scaled value), mapped through order16.
+/// blocksize must be even and >= 2. Returns -1, or the index of the first block holding a
+/// NaN or infinity (quantization stops there; bitsandbytes would emit NaN scales).
+int64_t qlora_quantize4_blocks_f32(const float *x, int64_t nblocks, int64_t blocksize,
+                                const float *midpoints16, const uint8_t *order16,
+                                float *absmax, uint8_t *packed);
+
+/// Same for bf16 input (raw bits), converted exactly to fp32 first.
+int64_t qlora_quantize4_blocks_bf16(const uint16_t *x, int64_t nblocks, int64_t blocksize,
+                                 const float *midpoints16, const uint8_t *order16,
+                                 float *absmax, uint8_t *packed);
+
+/// Same for fp16 input (raw bits), converted exactly to fp32 first.
+int64_t qlora_quantize4_blocks_f16(const uint16_t *x, int64_t nblocks, int64_t blocksize,
+                                const float *midpoints16, const uint8_t *order16,
+                                float *absmax, uint8_t *packed);
+
+/// Dequantize `n` 4-bit values (n even or odd) starting at element 0 of `packed`.
+///   code16: the 16-entry code (fp32); absmax: one fp32 scale per block;
+///   out[i] = code16[nibble(i)] * absmax[i / blocksize]  (one fp32 multiply).
+void qlora_dequantize4_f32(const uint8_t *packed, int64_t n, int64_t blocksize,
+                           const float *code16, const float *absmax, float *out);
+/// As above, then rounded to bf16 (round to nearest even; NaN -> 0x7FC0, as torch).
+void qlora_dequantize4_bf16(const uint8_t *packed, int64_t n, int64_t blocksize,
+                            const float *code16, const float *absmax, uint16_t *out);
+/// As above, then rounded to fp16 (IEEE round to nearest even).
+void qlora_dequantize4_f16(const uint8_t *packed, int64_t n, int64_t blocksize,
+                           const float *code16, const float *absmax, uint16_t *out);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

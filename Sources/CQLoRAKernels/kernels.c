@@ -1,0 +1,279 @@
+// 4-bit blockwise quantize/dequantize kernels: a scalar version and an AVX-512 version of
+// each, picked at run time. The scalar Swift reference (Sources/QLoRA) defines the answer.
+#include "qlora_kernels.h"
+#include <math.h>
+#include <string.h>
+#include <stdatomic.h>
+#include <immintrin.h>
+
+// MARK: - CPU dispatch
+
+static _Atomic int max_level = QLORA_LEVEL_AVX512;
+
+int qlora_cpu_level(void) {
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+        return QLORA_LEVEL_AVX512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+        return QLORA_LEVEL_AVX2;
+#endif
+    return QLORA_LEVEL_SCALAR;
+}
+
+void qlora_set_max_level(int level) { atomic_store(&max_level, level); }
+
+int qlora_active_level(void) {
+    int cpu = qlora_cpu_level();
+    int cap = atomic_load(&max_level);
+    return cpu < cap ? cpu : cap;
+}
+
+// MARK: - Scalar conversions
+
+static inline uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static inline float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+static inline float bf16_to_f32(uint16_t b) { return u2f((uint32_t)b << 16); }
+
+// Round to nearest even, NaN -> 0x7FC0: torch's c10::BFloat16 conversion.
+static inline uint16_t f32_to_bf16(float f) {
+    if (isnan(f)) return 0x7FC0;
+    uint32_t u = f2u(f);
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+// IEEE binary16 -> binary32, exact.
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1Fu, mant = h & 0x3FFu;
+    if (exp == 0x1F) return u2f(sign | 0x7F800000u | (mant << 13));
+    if (exp == 0) {  // zero or subnormal: mant * 2^-24, exact in fp32
+        float v = (float)mant * 0x1p-24f;
+        return sign ? -v : v;
+    }
+    return u2f(sign | ((exp + 112u) << 23) | (mant << 13));
+}
+
+// binary32 -> binary16, round to nearest even (F. Giesen's float_to_half_fast3_rtne).
+static inline uint16_t f32_to_f16(float f) {
+    const uint32_t f32infty = 255u << 23, f16max = (127u + 16u) << 23;
+    const uint32_t denorm_magic_u = ((127u - 15u) + (23u - 10u) + 1u) << 23;
+    uint32_t u = f2u(f), sign = u & 0x80000000u;
+    u ^= sign;
+    uint16_t o;
+    if (u >= f16max) {
+        o = (u > f32infty) ? 0x7E00 : 0x7C00;
+    } else if (u < (113u << 23)) {
+        o = (uint16_t)(f2u(u2f(u) + u2f(denorm_magic_u)) - denorm_magic_u);
+    } else {
+        uint32_t mant_odd = (u >> 13) & 1u;
+        u += ((uint32_t)(15 - 127) << 23) + 0xFFFu;
+        u += mant_odd;
+        o = (uint16_t)(u >> 13);
+    }
+    return (uint16_t)(o | (sign >> 16));
+}
+
+static const float kAbsmaxFloor = 1e-38f;  // bitsandbytes: absmax.clamp(min=1e-38)
+
+// MARK: - Quantize, scalar
+
+static inline uint8_t bucket(float v, const float *mids) {
+    uint8_t c = 0;
+    for (int k = 0; k < 15; k++) c += (uint8_t)(v > mids[k]);
+    return c;
+}
+
+#define DEFINE_QUANT_SCALAR(NAME, T, LOAD)                                                      \
+static int64_t NAME(const T *x, int64_t nblocks, int64_t bs, const float *mids,                 \
+                    const uint8_t *order, float *absmax, uint8_t *packed) {                    \
+    for (int64_t b = 0; b < nblocks; b++) {                                                     \
+        const T *p = x + b * bs;                                                                \
+        float am = 0.0f;                                                                        \
+        for (int64_t i = 0; i < bs; i++) {                                                      \
+            float a = fabsf(LOAD(p[i]));                                                        \
+            if (!(a < INFINITY)) return b;                                                      \
+            am = a > am ? a : am;                                                               \
+        }                                                                                       \
+        absmax[b] = am;                                                                         \
+        float inv = 1.0f / (am > kAbsmaxFloor ? am : kAbsmaxFloor);                             \
+        uint8_t *out = packed + b * bs / 2;                                                     \
+        for (int64_t i = 0; i < bs; i += 2) {                                                   \
+            uint8_t hi = order[bucket(LOAD(p[i]) * inv, mids)];                                 \
+            uint8_t lo = order[bucket(LOAD(p[i + 1]) * inv, mids)];                             \
+            out[i / 2] = (uint8_t)((hi << 4) | lo);                                             \
+        }                                                                                       \
+    }                                                                                           \
+    return -1;                                                                                  \
+}
+#define LOAD_F32(v) (v)
+#define LOAD_BF16(v) bf16_to_f32(v)
+#define LOAD_F16(v) f16_to_f32(v)
+DEFINE_QUANT_SCALAR(quant4_scalar_f32, float, LOAD_F32)
+DEFINE_QUANT_SCALAR(quant4_scalar_bf16, uint16_t, LOAD_BF16)
+DEFINE_QUANT_SCALAR(quant4_scalar_f16, uint16_t, LOAD_F16)
+
+// MARK: - Quantize, AVX-512
+
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")))
+
+AVX512 static inline __m512 load16_f32(const float *p) { return _mm512_loadu_ps(p); }
+AVX512 static inline __m512 load16_bf16(const uint16_t *p) {
+    __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+AVX512 static inline __m512 load16_f16(const uint16_t *p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+}
+
+// Sorted-bucket index of 16 scaled values: a branchless binary search over the 15
+// midpoints (+inf in slot 15), one vpermps per level. Equals the count of midpoints < v.
+AVX512 static inline __m512i bucket16(__m512 v, __m512 mids) {
+    __m512i idx = _mm512_setzero_si512();
+    const int steps[4] = {8, 4, 2, 1};
+    for (int s = 0; s < 4; s++) {
+        __m512i probe = _mm512_add_epi32(idx, _mm512_set1_epi32(steps[s] - 1));
+        __m512 m = _mm512_permutexvar_ps(probe, mids);
+        __mmask16 gt = _mm512_cmp_ps_mask(v, m, _CMP_GT_OQ);
+        idx = _mm512_mask_add_epi32(idx, gt, idx, _mm512_set1_epi32(steps[s]));
+    }
+    return idx;
+}
+
+// 16 nibbles (int32 lanes) -> 8 packed bytes, even element in the high nibble.
+AVX512 static inline void pack16(__m512i nib, uint8_t *out) {
+    __m128i b = _mm512_cvtepi32_epi8(nib);
+    __m128i hi = _mm_and_si128(_mm_slli_epi16(b, 4), _mm_set1_epi16(0x00F0));
+    __m128i lo = _mm_srli_epi16(b, 8);
+    __m128i w = _mm_or_si128(hi, lo);
+    _mm_storel_epi64((__m128i *)out, _mm_packus_epi16(w, w));
+}
+
+#define DEFINE_QUANT_AVX512(NAME, T, LOAD16)                                                    \
+AVX512 static int64_t NAME(const T *x, int64_t nblocks, int64_t bs, const float *mids16,        \
+                           const uint8_t *order, float *absmax, uint8_t *packed) {              \
+    const __m512 mids = _mm512_loadu_ps(mids16);                                                \
+    const __m512i ord = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)order));          \
+    const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));                  \
+    const __m512 inf = _mm512_set1_ps(INFINITY);                                                \
+    for (int64_t b = 0; b < nblocks; b++) {                                                     \
+        const T *p = x + b * bs;                                                                \
+        __m512 m = _mm512_setzero_ps();                                                         \
+        __mmask16 bad = 0;                                                                      \
+        for (int64_t i = 0; i < bs; i += 16) {                                                  \
+            __m512 a = _mm512_and_ps(LOAD16(p + i), absmask);                                   \
+            bad |= _mm512_cmp_ps_mask(a, inf, _CMP_NLT_UQ);                                     \
+            m = _mm512_max_ps(m, a);                                                            \
+        }                                                                                       \
+        if (bad) return b;                                                                      \
+        float am = _mm512_reduce_max_ps(m);                                                     \
+        absmax[b] = am;                                                                         \
+        const __m512 inv = _mm512_set1_ps(1.0f / (am > kAbsmaxFloor ? am : kAbsmaxFloor));      \
+        uint8_t *out = packed + b * bs / 2;                                                     \
+        for (int64_t i = 0; i < bs; i += 16) {                                                  \
+            __m512i idx = bucket16(_mm512_mul_ps(LOAD16(p + i), inv), mids);                    \
+            pack16(_mm512_permutexvar_epi32(idx, ord), out + i / 2);                            \
+        }                                                                                       \
+    }                                                                                           \
+    return -1;                                                                                  \
+}
+DEFINE_QUANT_AVX512(quant4_avx512_f32, float, load16_f32)
+DEFINE_QUANT_AVX512(quant4_avx512_bf16, uint16_t, load16_bf16)
+DEFINE_QUANT_AVX512(quant4_avx512_f16, uint16_t, load16_f16)
+
+#define DEFINE_QUANT_ENTRY(NAME, T, SCALAR, VEC)                                                \
+int64_t NAME(const T *x, int64_t nblocks, int64_t bs, const float *mids16,                      \
+             const uint8_t *order16, float *absmax, uint8_t *packed) {                         \
+    if (qlora_active_level() >= QLORA_LEVEL_AVX512 && bs % 16 == 0)                             \
+        return VEC(x, nblocks, bs, mids16, order16, absmax, packed);                            \
+    return SCALAR(x, nblocks, bs, mids16, order16, absmax, packed);                             \
+}
+DEFINE_QUANT_ENTRY(qlora_quantize4_blocks_f32, float, quant4_scalar_f32, quant4_avx512_f32)
+DEFINE_QUANT_ENTRY(qlora_quantize4_blocks_bf16, uint16_t, quant4_scalar_bf16, quant4_avx512_bf16)
+DEFINE_QUANT_ENTRY(qlora_quantize4_blocks_f16, uint16_t, quant4_scalar_f16, quant4_avx512_f16)
+
+// MARK: - Dequantize
+
+#define STORE_F32(o, v) (o) = (v)
+#define STORE_BF16(o, v) (o) = f32_to_bf16(v)
+#define STORE_F16(o, v) (o) = f32_to_f16(v)
+
+// Elements [start, end) one at a time; start may be odd.
+#define DEFINE_DEQUANT_SCALAR(NAME, T, STORE)                                                   \
+static void NAME(const uint8_t *packed, int64_t start, int64_t end, int64_t bs,                 \
+                 const float *code, const float *absmax, T *out) {                              \
+    for (int64_t i = start; i < end; i++) {                                                     \
+        uint8_t byte = packed[i >> 1];                                                          \
+        uint8_t nib = (i & 1) ? (byte & 0x0F) : (byte >> 4);                                    \
+        STORE(out[i], code[nib] * absmax[i / bs]);                                              \
+    }                                                                                           \
+}
+DEFINE_DEQUANT_SCALAR(dequant4_scalar_f32, float, STORE_F32)
+DEFINE_DEQUANT_SCALAR(dequant4_scalar_bf16, uint16_t, STORE_BF16)
+DEFINE_DEQUANT_SCALAR(dequant4_scalar_f16, uint16_t, STORE_F16)
+
+// 8 packed bytes -> 16 nibble indices in element order.
+AVX512 static inline __m512i unpack16(const uint8_t *p) {
+    __m128i raw = _mm_loadl_epi64((const __m128i *)p);
+    __m128i mask = _mm_set1_epi8(0x0F);
+    __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+    __m128i lo = _mm_and_si128(raw, mask);
+    return _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo));
+}
+
+AVX512 static inline void store16_f32(float *o, __m512 v) { _mm512_storeu_ps(o, v); }
+AVX512 static inline void store16_bf16(uint16_t *o, __m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+    __mmask16 ordered = _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q);
+    r = _mm512_mask_blend_epi32(ordered, _mm512_set1_epi32(0x7FC0), r);
+    _mm256_storeu_si256((__m256i *)o, _mm512_cvtepi32_epi16(r));
+}
+AVX512 static inline void store16_f16(uint16_t *o, __m512 v) {
+    _mm256_storeu_si256((__m256i *)o, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+// Full blocks with 16 | blocksize: 64 elements (32 bytes) per step where the block allows.
+#define DEFINE_DEQUANT_AVX512(NAME, T, STORE16)                                                 \
+AVX512 static void NAME(const uint8_t *packed, int64_t nblocks, int64_t bs,                     \
+                        const float *code16, const float *absmax, T *out) {                     \
+    const __m512 code = _mm512_loadu_ps(code16);                                                \
+    for (int64_t b = 0; b < nblocks; b++) {                                                     \
+        const __m512 s = _mm512_set1_ps(absmax[b]);                                             \
+        const uint8_t *p = packed + b * bs / 2;                                                 \
+        T *o = out + b * bs;                                                                    \
+        int64_t i = 0;                                                                          \
+        for (; i + 64 <= bs; i += 64) {                                                         \
+            __m512 v0 = _mm512_mul_ps(_mm512_permutexvar_ps(unpack16(p + i / 2), code), s);     \
+            __m512 v1 = _mm512_mul_ps(_mm512_permutexvar_ps(unpack16(p + i / 2 + 8), code), s); \
+            __m512 v2 = _mm512_mul_ps(_mm512_permutexvar_ps(unpack16(p + i / 2 + 16), code), s);\
+            __m512 v3 = _mm512_mul_ps(_mm512_permutexvar_ps(unpack16(p + i / 2 + 24), code), s);\
+            STORE16(o + i, v0); STORE16(o + i + 16, v1);                                        \
+            STORE16(o + i + 32, v2); STORE16(o + i + 48, v3);                                   \
+        }                                                                                       \
+        for (; i < bs; i += 16)                                                                 \
+            STORE16(o + i, _mm512_mul_ps(_mm512_permutexvar_ps(unpack16(p + i / 2), code), s)); \
+    }                                                                                           \
+}
+DEFINE_DEQUANT_AVX512(dequant4_avx512_f32, float, store16_f32)
+DEFINE_DEQUANT_AVX512(dequant4_avx512_bf16, uint16_t, store16_bf16)
+DEFINE_DEQUANT_AVX512(dequant4_avx512_f16, uint16_t, store16_f16)
+
+#define DEFINE_DEQUANT_ENTRY(NAME, T, SCALAR, VEC)                                              \
+void NAME(const uint8_t *packed, int64_t n, int64_t bs, const float *code16,                    \
+          const float *absmax, T *out) {                                                        \
+    int64_t done = 0;                                                                           \
+    if (qlora_active_level() >= QLORA_LEVEL_AVX512 && bs % 16 == 0) {                           \
+        int64_t nfull = n / bs;                                                                 \
+        VEC(packed, nfull, bs, code16, absmax, out);                                            \
+        done = nfull * bs;                                                                      \
+    }                                                                                           \
+    SCALAR(packed, done, n, bs, code16, absmax, out);                                           \
+}
+DEFINE_DEQUANT_ENTRY(qlora_dequantize4_f32, float, dequant4_scalar_f32, dequant4_avx512_f32)
+DEFINE_DEQUANT_ENTRY(qlora_dequantize4_bf16, uint16_t, dequant4_scalar_bf16, dequant4_avx512_bf16)
+DEFINE_DEQUANT_ENTRY(qlora_dequantize4_f16, uint16_t, dequant4_scalar_f16, dequant4_avx512_f16)

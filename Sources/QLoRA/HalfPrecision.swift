@@ -1,0 +1,37 @@
+/// Conversions between fp32 and the 16-bit float formats, with torch's rounding.
+///
+/// bf16 and fp16 values are carried as their raw `UInt16` bit patterns (the layout they
+/// have in a safetensors file), so no Swift type stands between the bits and the file.
+public enum HalfPrecision {
+    /// fp32 -> bf16 bits, round to nearest even; NaN -> 0x7FC0 (as torch's `c10::BFloat16`).
+    @inline(__always)
+    public static func bfloat16Bits(_ x: Float) -> UInt16 {
+        if x.isNaN { return 0x7FC0 }
+        let u = x.bitPattern
+        return UInt16(truncatingIfNeeded: (u &+ 0x7FFF &+ ((u >> 16) & 1)) >> 16)
+    }
+
+    /// bf16 bits -> fp32 (exact).
+    @inline(__always)
+    public static func float(bfloat16Bits b: UInt16) -> Float {
+        Float(bitPattern: UInt32(b) << 16)
+    }
+
+    /// fp32 -> IEEE binary16 bits, round to nearest even.
+    @inline(__always)
+    public static func float16Bits(_ x: Float) -> UInt16 {
+        Float16(x).bitPattern
+    }
+
+    /// IEEE binary16 bits -> fp32 (exact).
+    @inline(__always)
+    public static func float(float16Bits h: UInt16) -> Float {
+        Float(Float16(bitPattern: h))
+    }
+
+    /// Rounds through bf16 and back: the value a bf16 tensor would hold.
+    @inline(__always)
+    public static func roundedToBFloat16(_ x: Float) -> Float {
+        float(bfloat16Bits: bfloat16Bits(x))
+    }
+}

@@ -1,0 +1,105 @@
+import Foundation
+import QLoRA
+import SafeTensors
+
+/// The repository root, found from this source file's path.
+public let repositoryRoot: URL = URL(fileURLWithPath: #filePath)
+    .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+
+/// How to regenerate the vectors, said wherever a vector is missing or disagrees.
+public let regenerateHint = "regenerate with Vectors/generate.py (see Vectors/README.md)"
+
+/// A golden-vector file from Vectors/quant, made by Vectors/generate.py with bitsandbytes.
+public final class VectorFile {
+    public let file: SafeTensorsFile
+    public let name: String
+    /// Case id -> parameters, from the file's `cases` metadata.
+    public let cases: [String: [String: Any]]
+
+    public init(_ name: String, directory: String = "Vectors/quant") throws {
+        self.name = name
+        let url = repositoryRoot.appendingPathComponent(directory).appendingPathComponent(name + ".safetensors")
+        file = try SafeTensorsFile(url: url)
+        if let text = file.metadata["cases"], let data = text.data(using: .utf8),
+           let obj = try JSONSerialization.jsonObject(with: data) as? [String: [String: Any]] {
+            cases = obj
+        } else {
+            cases = [:]
+        }
+    }
+
+    public func has(_ tensor: String) -> Bool { file.info(named: tensor) != nil }
+
+    public func info(_ tensor: String) -> TensorInfo {
+        guard let i = file.info(named: tensor) else { fatalError("\(name): no tensor '\(tensor)'; \(regenerateHint)") }
+        return i
+    }
+
+    public func bytes(_ tensor: String) -> [UInt8] {
+        _ = info(tensor)
+        return file.withBytes(of: tensor) { Array($0) }
+    }
+
+    public func floats(_ tensor: String) -> [Float] {
+        precondition(info(tensor).dtype == .f32, "\(tensor) is not F32")
+        return file.withBytes(of: tensor) { Array($0.bindMemory(to: Float.self)) }
+    }
+
+    /// Runs `body` on the tensor's elements as a `FloatElements` view.
+    public func withElements<R>(_ tensor: String, _ body: (FloatElements) throws -> R) rethrows -> R {
+        let type: ElementType
+        switch info(tensor).dtype {
+        case .f32: type = .float32
+        case .bf16: type = .bfloat16
+        case .f16: type = .float16
+        default: fatalError("\(tensor) is not a float tensor")
+        }
+        return try file.withBytes(of: tensor) { try body(.view($0, as: type)) }
+    }
+}
+
+/// Bytes of an array of trivial values.
+public func rawBytes<T>(_ values: [T]) -> [UInt8] {
+    values.withUnsafeBytes { Array($0) }
+}
+
+/// Compares byte for byte; on a mismatch says where, how many, and the first values.
+/// Returns nil when equal, else a one-line report naming the tensor.
+public func byteMismatch(_ actual: [UInt8], _ expected: [UInt8], name: String, elementSize: Int = 1) -> String? {
+    if actual == expected { return nil }
+    if actual.count != expected.count {
+        return "\(name): \(actual.count) bytes, expected \(expected.count)"
+    }
+    var first = -1, count = 0
+    var i = 0
+    while i < actual.count {
+        if actual[i..<(i + elementSize)] != expected[i..<(i + elementSize)] {
+            if first < 0 { first = i / elementSize }
+            count += 1
+        }
+        i += elementSize
+    }
+    let a = Array(actual[(first * elementSize)..<(first * elementSize + elementSize)])
+    let e = Array(expected[(first * elementSize)..<(first * elementSize + elementSize)])
+    return "\(name): \(count) of \(actual.count / elementSize) elements differ; first at \(first): \(a) vs expected \(e); \(regenerateHint)"
+}
+
+/// A small deterministic generator (SplitMix64) for test data.
+public struct SplitMix64: RandomNumberGenerator {
+    var state: UInt64
+    public init(seed: UInt64) { state = seed }
+    public mutating func next() -> UInt64 {
+        state &+= 0x9E3779B97F4A7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58476D1CE4E5B9
+        z = (z ^ (z >> 27)) &* 0x94D049BB133111EB
+        return z ^ (z >> 31)
+    }
+
+    /// Approximately N(0, 1) (Box-Muller).
+    public mutating func normal() -> Float {
+        let u1 = Double.random(in: Double.ulpOfOne..<1, using: &self)
+        let u2 = Double.random(in: 0..<1, using: &self)
+        return Float((-2 * Foundation.log(u1)).squareRoot() * Foundation.cos(2 * Double.pi * u2))
+    }
+}

@@ -1,0 +1,233 @@
+#!/usr/bin/env python3
+"""Golden vectors for qlora, made by the real bitsandbytes 0.50.2 on CPU.
+
+Writes Vectors/quant/*.safetensors. Every case stores its input and everything bitsandbytes
+produced from it; the Swift tests compare every byte (Tests/QLoRATests, Tests/CheckpointTests).
+
+    python3 -m venv .venv && .venv/bin/pip install -r Vectors/requirements.txt
+    .venv/bin/python Vectors/generate.py
+
+torch runs with one thread: the double-quantization offset is torch's fp32 mean, whose
+summation order depends on the thread count (qlora's TorchMean reproduces any count; the
+`torch_mean` vectors pin 1-4 threads).
+"""
+import json, os, sys
+
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # bnb wraps its portable dequantize in torch.compile; keep it eager
+import numpy as np
+import torch
+import bitsandbytes
+import bitsandbytes.functional as F
+from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+from safetensors.torch import save_file
+
+assert bitsandbytes.__version__ == "0.50.2", bitsandbytes.__version__
+torch.set_num_threads(1)
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quant")
+os.makedirs(OUT, exist_ok=True)
+DT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Group:
+    """One safetensors file of cases; metadata maps case id -> parameters (JSON)."""
+
+    def __init__(self, name):
+        self.name, self.tensors, self.cases = name, {}, {}
+
+    def add(self, key, t):
+        assert key not in self.tensors, key
+        self.tensors[key] = t.detach().contiguous().clone()
+
+    def save(self):
+        meta = {"cases": json.dumps(self.cases, sort_keys=True), "bitsandbytes": bitsandbytes.__version__,
+                "torch": torch.__version__}
+        save_file(self.tensors, os.path.join(OUT, self.name + ".safetensors"), metadata=meta)
+        print(f"{self.name}: {len(self.cases)} cases, {len(self.tensors)} tensors")
+
+
+def quant_case(g, cid, x, quant_type, blocksize, double_quant, deq_dtypes=("float32", "bfloat16", "float16"),
+               input_key=None, note=""):
+    """Quantize x with bitsandbytes and record packed data, state and dequantizations."""
+    if input_key is None:
+        input_key = cid + ".input"
+        g.add(input_key, x)
+    q, st = F.quantize_4bit(x, blocksize=blocksize, quant_type=quant_type, compress_statistics=double_quant)
+    g.add(cid + ".packed", q)
+    packed_state = st.as_dict(packed=True)  # exactly what a checkpoint holds
+    for k, v in packed_state.items():
+        g.add(cid + "." + k.replace("quant_state.bitsandbytes__", "quant_state."), v)
+    if double_quant:
+        g.add(cid + ".nested_offset", st.offset.reshape(1).float())
+    code = F.get_4bit_type(quant_type, device="cpu")
+    absmax = st.absmax
+    if st.nested:
+        absmax = F.dequantize_blockwise(st.absmax, st.state2) + st.offset
+        g.add(cid + ".absmax_dequantized", absmax.float())
+    mismatches = {}
+    for name in deq_dtypes:
+        st.dtype = DT[name]
+        api = F.dequantize_4bit(q, st)  # the real CPU kernel this machine dispatches to
+        portable = _dequantize_4bit_compute(q.reshape(-1), absmax.float(), code, blocksize, tuple(x.shape), DT[name])
+        g.add(f"{cid}.dequant.{name}", portable)
+        same = torch.equal(api.reshape(-1).view(torch.uint8), portable.reshape(-1).view(torch.uint8))
+        if not same:
+            g.add(f"{cid}.dequant_cpu_kernel.{name}", api.reshape(portable.shape))
+            mismatches[name] = int((api.reshape(-1).float() != portable.reshape(-1).float()).sum())
+    g.cases[cid] = {"input": input_key, "quant_type": quant_type, "blocksize": blocksize,
+                    "double_quant": double_quant, "dtype": str(x.dtype).replace("torch.", ""),
+                    "shape": list(x.shape), "dequant": list(deq_dtypes),
+                    "cpu_kernel_differs": mismatches, "note": note}
+
+
+def rng(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def main():
+    # 1. Every quant type x blocksize x double quant, one fp32 input whose element count is
+    #    not a multiple of any blocksize.
+    g = Group("grid")
+    x = torch.randn(33, 130, generator=rng(1)) * 0.02
+    g.add("grid.input", x)
+    for qt in ("nf4", "fp4"):
+        for bs in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+            for dq in (True, False):
+                deq = ("float32", "bfloat16", "float16") if bs == 64 else ("float32",)
+                quant_case(g, f"{qt}_bs{bs}_{'dq' if dq else 'nodq'}", x, qt, bs, dq, deq, input_key="grid.input")
+    g.save()
+
+    # 2. Input dtypes and awkward shapes.
+    g = Group("shapes")
+    for dt in ("bfloat16", "float16", "float32"):
+        x = (torch.randn(64, 96, generator=rng(2)) * 0.05).to(DT[dt])
+        for qt in ("nf4", "fp4"):
+            quant_case(g, f"{dt}_{qt}_64x96", x, qt, 64, True, note="last dim not a multiple of blocksize")
+    for shape in ((1,), (7,), (3, 5), (1023,), (65,), (2, 3, 33)):
+        x = torch.randn(*shape, generator=rng(3)) * 3.0
+        for qt in ("nf4", "fp4"):
+            for dq in (True, False):
+                quant_case(g, f"odd_{qt}_{'x'.join(map(str, shape))}_{'dq' if dq else 'nodq'}", x, qt, 64, dq)
+    # More than 256 first-level blocks: several nested blocks, the last one partial.
+    x = torch.randn(300, 128, generator=rng(4)) * 0.01
+    for qt in ("nf4", "fp4"):
+        quant_case(g, f"nested_{qt}_300x128_bs32", x, qt, 32, True, ("float32", "bfloat16"))
+    g.save()
+
+    # 3. Edge values.
+    g = Group("edges")
+    # A zero full block, a normal block, and a zero partial block.
+    x = torch.cat([torch.zeros(64), torch.randn(64, generator=rng(5)), torch.zeros(10)])
+    for qt in ("nf4", "fp4"):
+        for dq in (True, False):
+            quant_case(g, f"zeros_{qt}_{'dq' if dq else 'nodq'}", x, qt, 64, dq)
+    # A constant tensor: every absmax equals the offset, so the nested block is all zero.
+    x = torch.full((4, 64), 0.5)
+    quant_case(g, "constant_nf4", x, "nf4", 64, True)
+    # Values exactly on the code midpoints and one ulp either side, in blocks whose absmax is 1.
+    for qt in ("nf4", "fp4"):
+        code = F.get_4bit_type(qt, device="cpu")
+        s = torch.sort(code).values
+        mids = (s[:-1] + s[1:]) / 2
+        vals = torch.cat([mids, torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(-2.0)),
+                          s, torch.tensor([0.0, -0.0, 1e-3, -1e-3, 0.0026, -0.0026, 1.0, -1.0])])
+        n = vals.numel()
+        blocks = []
+        for i in range(0, n, 63):
+            chunk = vals[i:i + 63]
+            blocks.append(torch.cat([torch.tensor([1.0]), chunk, torch.zeros(63 - chunk.numel())]))
+        x = torch.cat(blocks)
+        for dq in (True, False):
+            quant_case(g, f"midpoints_{qt}_{'dq' if dq else 'nodq'}", x, qt, 64, dq)
+    # Huge and tiny magnitudes (fp32 subnormals included), and mixed ranges inside a block.
+    base = torch.randn(64, generator=rng(6))
+    base = base / base.abs().max()  # max |base| == 1, so 1.7e38 * base stays finite
+    parts = [base * 1e30, base * 1.7e38, base * 1e-30, base * 1e-39, base * 1e-44,
+             torch.cat([base[:32] * 1e20, base[32:] * 1e-20])]
+    x = torch.cat(parts)
+    for qt in ("nf4", "fp4"):
+        for dq in (True, False):
+            quant_case(g, f"magnitudes_{qt}_{'dq' if dq else 'nodq'}", x, qt, 64, dq)
+    xb = (torch.cat([base * 3e38, base * 1e-38, base]).clamp(-3.3e38, 3.3e38)).to(torch.bfloat16)
+    quant_case(g, "magnitudes_bf16_nf4", xb, "nf4", 64, True)
+    xh = torch.cat([base * 6e4, base * 1e-6, base]).clamp(-65000, 65000).to(torch.float16)
+    quant_case(g, "magnitudes_f16_nf4", xh, "nf4", 64, True)
+    g.save()
+
+    # 4. The 8-bit dynamic quantizer alone (double quantization's second level), swept over
+    #    every LUT bin: blocks of 256 whose first value is 1.0 so the scale is exactly 1.
+    g = Group("blockwise8")
+    i = torch.arange(65536, dtype=torch.float64)
+    centers = (-1.0 + 2.0 * i / 65535.0).float()
+    edges = (-1.0 + (2.0 * i + 1.0) / 65535.0).float()[:-1]
+    sweep = torch.cat([centers, edges, torch.nextafter(edges, torch.tensor(2.0)),
+                       torch.rand(20000, generator=rng(7)) * 2 - 1])
+    blocks = [torch.cat([torch.tensor([1.0]), sweep[j:j + 255]]) for j in range(0, sweep.numel(), 255)]
+    x = torch.cat(blocks)
+    code = F.create_dynamic_map().float()
+    q, am = torch.ops.bitsandbytes.quantize_blockwise.default(x, code, 256)
+    g.add("sweep.input", x)
+    g.add("sweep.quantized", q)
+    g.add("sweep.absmax", am)
+    y = torch.randn(5000, generator=rng(8)) * 0.3
+    q, am = torch.ops.bitsandbytes.quantize_blockwise.default(y, code, 256)
+    g.add("random.input", y)
+    g.add("random.quantized", q)
+    g.add("random.absmax", am)
+    g.add("random.dequantized", torch.ops.bitsandbytes.dequantize_blockwise.default(q, am, code, 256, torch.float32))
+    g.add("dynamic_code", code)
+    g.cases["blockwise8"] = {"blocksize": 256}
+    g.save()
+
+    # 5. torch's fp32 mean at 1-4 threads (the double-quant offset).
+    g = Group("torch_mean")
+    z = (torch.rand(70001, generator=rng(9)) * 0.1 + 0.01)
+    g.add("values", z)
+    for n in (1, 5, 7, 8, 100, 1000, 32767, 32768, 40000, 70001):
+        for t in (1, 2, 3, 4):
+            torch.set_num_threads(t)
+            g.add(f"mean.n{n}.t{t}", z[:n].mean().reshape(1))
+    torch.set_num_threads(1)
+    g.cases["torch_mean"] = {"sizes": [1, 5, 7, 8, 100, 1000, 32767, 32768, 40000, 70001], "threads": [1, 2, 3, 4]}
+    g.save()
+
+    # 6. A tiny checkpoint and its bitsandbytes-4bit serialization, as transformers saves it
+    #    (each nn.Linear replaced by bnb.nn.Linear4bit; the module state_dict).
+    checkpoint()
+
+
+def checkpoint():
+    import bitsandbytes.nn as bnn
+    d = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoint")
+    os.makedirs(d, exist_ok=True)
+    g = torch.Generator().manual_seed(10)
+    dense = {
+        "model.embed_tokens.weight": torch.randn(32, 16, generator=g).to(torch.bfloat16),
+        "model.layers.0.input_layernorm.weight": torch.ones(16, dtype=torch.bfloat16),
+        "model.layers.0.self_attn.q_proj.weight": (torch.randn(16, 16, generator=g) * 0.1).to(torch.bfloat16),
+        "model.layers.0.mlp.down_proj.weight": (torch.randn(16, 48, generator=g) * 0.1).to(torch.bfloat16),
+        "model.layers.0.mlp.up_proj.weight": (torch.randn(48, 16, generator=g) * 0.1).to(torch.bfloat16),
+        "model.norm.weight": torch.ones(16, dtype=torch.bfloat16),
+        "lm_head.weight": torch.randn(32, 16, generator=g).to(torch.bfloat16),
+    }
+    save_file(dense, os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
+    for qt in ("nf4", "fp4"):
+        for dq in (True, False):
+            out = {}
+            for name, w in dense.items():
+                if w.dim() == 2 and not any(s in name for s in ("embed", "lm_head", "norm")):
+                    lin = bnn.Linear4bit(w.shape[1], w.shape[0], bias=False, compute_dtype=torch.bfloat16,
+                                         compress_statistics=dq, quant_type=qt, quant_storage=torch.uint8)
+                    lin.weight = bnn.Params4bit(w.clone(), requires_grad=False, compress_statistics=dq,
+                                                quant_type=qt, blocksize=64)
+                    lin = lin.to("cpu")
+                    prefix = name[: -len("weight")]
+                    for k, v in lin.state_dict().items():
+                        out[prefix + k] = v.detach().clone().contiguous()
+                else:
+                    out[name] = w
+            save_file(out, os.path.join(d, f"bnb-{qt}-{'dq' if dq else 'nodq'}.safetensors"), metadata={"format": "pt"})
+    print("checkpoint: dense + 4 bitsandbytes serializations")
+
+
+if __name__ == "__main__":
+    main()
