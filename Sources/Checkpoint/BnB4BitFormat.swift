@@ -1,0 +1,175 @@
+import Foundation
+import QLoRA
+import SafeTensors
+
+/// The tensors transformers writes for one bitsandbytes-4bit weight `NAME`
+/// (`Linear4bit.state_dict()` with the quant state packed for safetensors):
+///
+/// | tensor | dtype | shape |
+/// |---|---|---|
+/// | `NAME` | U8 | [ceil(n/2), 1] packed nibbles |
+/// | `NAME.absmax` | U8 (double quant) or F32 | [blocks] |
+/// | `NAME.quant_map` | F32 | [16] |
+/// | `NAME.nested_absmax` | F32 | [ceil(blocks/256)] (double quant only) |
+/// | `NAME.nested_quant_map` | F32 | [256] (double quant only) |
+/// | `NAME.quant_state.bitsandbytes__nf4` (or `__fp4`) | U8 | [len] UTF-8 JSON |
+///
+/// The JSON is Python's `json.dumps` of {quant_type, blocksize, dtype, shape} plus, with
+/// double quant, {nested_blocksize, nested_dtype, nested_offset}, in that key order.
+public enum BnB4BitFormat {
+    public static let quantStatePrefix = ".quant_state.bitsandbytes__"
+
+    public static func quantStateKey(_ name: String, _ type: QuantType) -> String { name + quantStatePrefix + type.rawValue }
+
+    /// The quant-state JSON bytes, identical to bitsandbytes' `pack_dict_to_tensor`.
+    public static func quantStateJSON(_ s: QuantState) -> [UInt8] {
+        var json = "{\"quant_type\": \"\(s.quantType.rawValue)\", \"blocksize\": \(s.blocksize), \"dtype\": \"\(s.dtype.rawValue)\", "
+        json += "\"shape\": [\(s.shape.map(String.init).joined(separator: ", "))]"
+        if case .nested(let n) = s.absmax {
+            // Python's float repr and Swift's Double.description are both the shortest
+            // round-tripping form, with the same exponent style ("1e-05", "2.5e+37").
+            json += ", \"nested_blocksize\": \(n.blocksize), \"nested_dtype\": \"float32\", \"nested_offset\": \(Double(n.offset))"
+        }
+        json += "}"
+        return Array(json.utf8)
+    }
+
+    /// The tensor declarations (name, dtype, shape) a quantized weight expands to, in the
+    /// order they are written.
+    public static func declarations(name: String, state s: QuantState, jsonByteCount: Int) -> [(name: String, dtype: DType, shape: [Int])] {
+        var d: [(name: String, dtype: DType, shape: [Int])] = [(name, .u8, [s.packedByteCount, 1])]
+        switch s.absmax {
+        case .plain:
+            d.append((name + ".absmax", .f32, [s.blockCount]))
+            d.append((name + ".quant_map", .f32, [16]))
+        case .nested(let n):
+            d.append((name + ".absmax", .u8, [s.blockCount]))
+            d.append((name + ".quant_map", .f32, [16]))
+            d.append((name + ".nested_absmax", .f32, [n.absmax.count]))
+            d.append((name + ".nested_quant_map", .f32, [256]))
+        }
+        d.append((quantStateKey(name, s.quantType), .u8, [jsonByteCount]))
+        return d
+    }
+
+    /// The tensors' bytes in `declarations` order.
+    public static func payloads(_ q: Quantized4Bit) -> [[UInt8]] {
+        let s = q.state
+        let code = s.quantType.code.withUnsafeBytes { Array($0) }
+        var p: [[UInt8]] = [q.packed]
+        switch s.absmax {
+        case .plain(let a):
+            p.append(a.withUnsafeBytes { Array($0) })
+            p.append(code)
+        case .nested(let n):
+            p.append(n.quantized)
+            p.append(code)
+            p.append(n.absmax.withUnsafeBytes { Array($0) })
+            p.append(n.code.withUnsafeBytes { Array($0) })
+        }
+        p.append(quantStateJSON(s))
+        return p
+    }
+
+    /// A 4-bit weight found in a checkpoint: its name and where its parts are.
+    public struct Group: Sendable {
+        public var name: String
+        public var quantType: QuantType
+        /// Every tensor name belonging to this weight (the weight itself included).
+        public var members: [String]
+    }
+
+    /// Finds the 4-bit weights among `names` by their quant-state tensors.
+    public static func groups(in names: [String]) -> [Group] {
+        var out: [Group] = []
+        for key in names {
+            guard let r = key.range(of: quantStatePrefix, options: .backwards) else { continue }
+            let base = String(key[..<r.lowerBound])
+            guard let type = QuantType(rawValue: String(key[r.upperBound...])) else { continue }
+            let members = [base, base + ".absmax", base + ".quant_map", base + ".nested_absmax", base + ".nested_quant_map", key]
+            out.append(Group(name: base, quantType: type, members: members.filter { names.contains($0) }))
+        }
+        return out
+    }
+
+    /// Reads and checks one 4-bit weight from a checkpoint. Errors name the file and tensor.
+    public static func load(_ g: Group, from reader: CheckpointReader) throws -> Quantized4Bit {
+        func file(_ t: String) -> String { reader.entry(named: t).map { reader.directory + "/" + $0.shard } ?? reader.path }
+        func fail(_ t: String, _ problem: String) -> CheckpointError { .invalidTensor(file: file(t), tensor: t, problem: problem) }
+        func bytes(_ t: String) throws -> [UInt8] {
+            guard reader.info(named: t) != nil else { throw fail(g.name, "missing companion tensor '\(t)'") }
+            return reader.withBytes(of: t) { Array($0) }
+        }
+        func floats(_ t: String, count: Int) throws -> [Float] {
+            guard let i = reader.info(named: t) else { throw fail(g.name, "missing companion tensor '\(t)'") }
+            guard i.dtype == .f32, i.elementCount == count else {
+                throw fail(t, "expected F32 with \(count) elements, found \(i.dtype.rawValue) \(i.shape)")
+            }
+            return reader.withBytes(of: t) { Array($0.bindMemory(to: Float.self)) }
+        }
+        let key = quantStateKey(g.name, g.quantType)
+        let jsonBytes = try bytes(key)
+        guard let obj = try? JSONSerialization.jsonObject(with: Data(jsonBytes)) as? [String: Any] else {
+            throw fail(key, "quant state is not a JSON object")
+        }
+        guard let qtName = obj["quant_type"] as? String, let qt = QuantType(rawValue: qtName), qt == g.quantType else {
+            throw fail(key, "quant_type missing or not '\(g.quantType.rawValue)'")
+        }
+        guard let bs = obj["blocksize"] as? Int else { throw fail(key, "blocksize missing") }
+        guard QuantState.validBlocksizes.contains(bs) else { throw fail(key, "invalid blocksize \(bs)") }
+        guard let dtName = obj["dtype"] as? String, let dt = ElementType(rawValue: dtName) else {
+            throw fail(key, "dtype missing or unsupported (\(obj["dtype"] ?? "nil"))")
+        }
+        guard let shape = obj["shape"] as? [Int], shape.allSatisfy({ $0 >= 0 }) else { throw fail(key, "shape missing or invalid") }
+        var n = 1
+        for d in shape {
+            let (p, o) = n.multipliedReportingOverflow(by: d)
+            guard !o else { throw fail(key, "shape \(shape) overflows") }
+            n = p
+        }
+        let blocks = (n + bs - 1) / bs
+        guard let packedInfo = reader.info(named: g.name) else { throw fail(g.name, "missing packed weight") }
+        guard packedInfo.dtype == .u8 else {
+            throw fail(g.name, "packed weight is \(packedInfo.dtype.rawValue); only uint8 quant_storage is supported")
+        }
+        guard packedInfo.elementCount == (n + 1) / 2 else {
+            throw fail(g.name, "packed weight has \(packedInfo.elementCount) bytes, expected \((n + 1) / 2) for shape \(shape)")
+        }
+        let packed = try bytes(g.name)
+        let code = try floats(g.name + ".quant_map", count: 16)
+        guard code.map(\.bitPattern) == qt.code.map(\.bitPattern) else { throw fail(g.name + ".quant_map", "is not bitsandbytes' \(qt.rawValue) code") }
+        let absmax: QuantState.Absmax
+        if let nestedOffset = obj["nested_offset"] {
+            guard let off = (nestedOffset as? NSNumber)?.doubleValue else { throw fail(key, "nested_offset is not a number") }
+            guard let nbs = obj["nested_blocksize"] as? Int, nbs > 0 else { throw fail(key, "nested_blocksize missing or invalid") }
+            guard (obj["nested_dtype"] as? String) == "float32" else { throw fail(key, "nested_dtype must be float32") }
+            guard let ai = reader.info(named: g.name + ".absmax"), ai.dtype == .u8, ai.elementCount == blocks else {
+                throw fail(g.name + ".absmax", "expected U8 with \(blocks) elements (double quantization)")
+            }
+            let q = try bytes(g.name + ".absmax")
+            let nested = try floats(g.name + ".nested_absmax", count: (blocks + nbs - 1) / nbs)
+            let ncode = try floats(g.name + ".nested_quant_map", count: 256)
+            absmax = .nested(NestedAbsmax(quantized: q, absmax: nested, blocksize: nbs, offset: Float(off), code: ncode))
+        } else {
+            absmax = .plain(try floats(g.name + ".absmax", count: blocks))
+        }
+        let state = QuantState(quantType: qt, blocksize: bs, dtype: dt, shape: shape, absmax: absmax)
+        do { try state.validate() } catch { throw fail(key, "\(error)") }
+        return Quantized4Bit(packed: packed, state: state)
+    }
+}
+
+/// Errors about checkpoints: one line, naming the file and the problem.
+public enum CheckpointError: Error, CustomStringConvertible {
+    case invalidTensor(file: String, tensor: String, problem: String)
+    case invalidPath(path: String, problem: String)
+    case quantization(file: String, tensor: String, error: QuantizationError)
+
+    public var description: String {
+        switch self {
+        case .invalidTensor(let f, let t, let p): return "\(f): tensor '\(t)': \(p)"
+        case .invalidPath(let f, let p): return "\(f): \(p)"
+        case .quantization(let f, let t, let e): return "\(f): tensor '\(t)': \(e)"
+        }
+    }
+}

@@ -1,0 +1,44 @@
+import ArgumentParser
+import Foundation
+
+@main
+struct QLoRACommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "qlora",
+        abstract: "QLoRA numerics on CPU: 4-bit quantization bit for bit with bitsandbytes.",
+        subcommands: [Quantize.self, Dequantize.self, Inspect.self])
+}
+
+/// Prints one clear line on stderr and exits non-zero: the contract for bad input.
+func fail(_ message: String) -> Never {
+    FileHandle.standardError.write(Data("qlora: error: \(message)\n".utf8))
+    exit(1)
+}
+
+/// Runs `body`, turning any library error into one line on stderr.
+func runReportingErrors(_ body: () throws -> Void) {
+    do { try body() } catch let e as ExitCode { exit(e.rawValue) } catch { fail("\(error)") }
+}
+
+/// A progress line on stderr, only when stderr is a terminal, at most ~10 times a second.
+final class ProgressLine {
+    let enabled = isatty(2) != 0
+    var last = Date.distantPast
+    let start = Date()
+    let label: String
+
+    init(_ label: String) { self.label = label }
+
+    func update(done: Int, total: Int, tensor: String) {
+        guard enabled, Date().timeIntervalSince(last) > 0.1 || done == total else { return }
+        last = Date()
+        let pct = total == 0 ? 100.0 : 100.0 * Double(done) / Double(total)
+        let rate = Double(done) / max(Date().timeIntervalSince(start), 1e-9) / 1e6
+        let name = tensor.count > 48 ? "…" + tensor.suffix(47) : tensor
+        FileHandle.standardError.write(Data(String(format: "\r\u{1B}[K%@ %5.1f%%  %.0f MB/s  %@", label, pct, rate, name).utf8))
+    }
+
+    func finish() {
+        if enabled { FileHandle.standardError.write(Data("\r\u{1B}[K".utf8)) }
+    }
+}

@@ -1,0 +1,49 @@
+import ArgumentParser
+import Checkpoint
+import Foundation
+import QLoRA
+
+struct Quantize: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Quantize a checkpoint to bitsandbytes 4-bit (the layout transformers writes).",
+        discussion: """
+            INPUT is a .safetensors file or a directory with a (sharded) checkpoint. By default every \
+            2-D floating tensor whose name contains none of 'embed', 'lm_head', 'norm' is quantized; \
+            --include restricts quantization to matching names instead, --exclude removes matches. \
+            Everything else is copied unchanged. OUTPUT appears only when complete.
+            """)
+
+    @Argument(help: "A .safetensors file or a checkpoint directory.") var input: String
+    @Argument(help: "Output file (for a file INPUT) or new directory (for a directory INPUT).") var output: String
+    @Option(help: "4-bit data type: nf4 or fp4.") var quantType: QuantType = .nf4
+    @Option(help: "Elements per absmax block: 32, 64, 128, ..., 4096.") var blocksize: Int = 64
+    @Flag(inversion: .prefixedNo, help: "Quantize the absmax again (bnb_4bit_use_double_quant).") var doubleQuant = true
+    @Option(help: "Quantize only tensors whose name matches this regular expression.") var include: String?
+    @Option(help: "Do not quantize tensors whose name matches this regular expression.") var exclude: String?
+
+    func validate() throws {
+        guard QuantState.validBlocksizes.contains(blocksize) else {
+            throw ValidationError("invalid blocksize \(blocksize); expected one of \(QuantState.validBlocksizes.map(String.init).joined(separator: ", "))")
+        }
+        for re in [include, exclude].compactMap({ $0 }) where (try? NSRegularExpression(pattern: re)) == nil {
+            throw ValidationError("invalid regular expression '\(re)'")
+        }
+    }
+
+    func run() {
+        runReportingErrors {
+            var options = QuantizeOptions()
+            options.quantType = quantType
+            options.blocksize = blocksize
+            options.doubleQuant = doubleQuant
+            options.include = include
+            options.exclude = exclude
+            let progress = ProgressLine("quantize")
+            let s = try quantizeCheckpoint(input: input, output: output, options: options, progress: progress.update)
+            progress.finish()
+            print("quantized \(s.quantized) tensors (\(s.parameters4Bit) parameters, \(quantType.rawValue), blocksize \(blocksize), double quant \(doubleQuant ? "on" : "off")), copied \(s.copied); wrote \(s.bytesWritten) bytes to \(output)")
+        }
+    }
+}
+
+extension QuantType: ExpressibleByArgument {}
