@@ -49,5 +49,6 @@ let package = Package(
         .testTarget(name: "QLoRATests", dependencies: ["QLoRA", "TestSupport", "SafeTensors"]),
         .testTarget(name: "SafeTensorsTests", dependencies: ["SafeTensors"]),
         .testTarget(name: "CheckpointTests", dependencies: ["Checkpoint", "QLoRA", "SafeTensors", "TestSupport"]),
+        .testTarget(name: "CLITests", dependencies: ["TestSupport"]),
     ]
 )

@@ -6,7 +6,19 @@ struct QLoRACommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "qlora",
         abstract: "QLoRA numerics on CPU: 4-bit quantization bit for bit with bitsandbytes.",
-        subcommands: [Quantize.self, Dequantize.self, Inspect.self])
+        subcommands: [Quantize.self, Dequantize.self, Inspect.self, Sample.self, Compare.self])
+
+    /// Bad arguments get one line on stderr (not the usage text); help and version as usual.
+    static func main() {
+        do {
+            var command = try parseAsRoot()
+            try command.run()
+        } catch {
+            if exitCode(for: error) == .success { exit(withError: error) }
+            let message = self.message(for: error).split(separator: "\n").first.map(String.init) ?? "\(error)"
+            fail(message + " (see 'qlora help')")
+        }
+    }
 }
 
 /// Prints one clear line on stderr and exits non-zero: the contract for bad input.

@@ -1,0 +1,47 @@
+# qlora: the two commands a newcomer needs are `make demo` and `make test`.
+SWIFT ?= swift
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+QLORA := .build/release/qlora
+DEMO := demo-out
+
+.PHONY: deps build test demo bench fuzz vectors clean
+
+# Debian's libopenblas-dev (the only BLAS) and pkg-config, installed when missing.
+deps:
+	@if ! command -v pkg-config >/dev/null 2>&1 || ! pkg-config --exists openblas; then \
+	  echo "installing libopenblas-dev and pkg-config with apt-get"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq libopenblas-dev pkg-config >/dev/null; \
+	fi
+
+build: deps
+	$(SWIFT) build -c release --product qlora
+
+test: deps
+	$(SWIFT) test
+
+# A short real job: a synthetic 2-layer Llama-shaped checkpoint (bf16, sharded), quantized to
+# NF4 with double quantization, inspected, dequantized, and the round-trip error measured.
+demo: build
+	@rm -rf $(DEMO) && mkdir -p $(DEMO)
+	$(QLORA) sample $(DEMO)/model --layers 2 --hidden 1024 --intermediate 2816 --vocab 8192 --max-shard-mib 16
+	$(QLORA) quantize $(DEMO)/model $(DEMO)/model-nf4
+	$(QLORA) inspect $(DEMO)/model-nf4
+	$(QLORA) dequantize $(DEMO)/model-nf4 $(DEMO)/model-roundtrip
+	$(QLORA) compare $(DEMO)/model $(DEMO)/model-roundtrip
+
+bench: deps
+	cd Benchmarks && $(SWIFT) package --disable-sandbox benchmark
+
+# libFuzzer over the safetensors reader, bounded (FUZZ_RUNS inputs).
+FUZZ_RUNS ?= 200000
+fuzz:
+	bash Fuzz/run.sh $(FUZZ_RUNS)
+
+# Regenerate the golden vectors (needs torch + bitsandbytes; see Vectors/README.md).
+vectors:
+	python3 -m venv .venv && .venv/bin/pip install -q -r Vectors/requirements.txt
+	.venv/bin/python Vectors/generate.py
+	.venv/bin/python Vectors/generate_safetensors.py
+
+clean:
+	rm -rf .build $(DEMO)

@@ -1,0 +1,124 @@
+import Foundation
+import QLoRA
+import SafeTensors
+
+/// The shape of a synthetic Llama-style checkpoint.
+public struct SampleCheckpointSpec: Sendable {
+    public var layers = 2
+    public var hidden = 1024
+    public var intermediate = 2816
+    public var vocab = 8192
+    public var dtype: ElementType = .bfloat16
+    public var seed: UInt64 = 0
+    /// Shard size in bytes; a directory with an index is written when the model is larger.
+    public var maxShardSize = 64 << 20
+    public init() {}
+}
+
+/// Writes a synthetic Llama-style checkpoint (embeddings, per-layer attention and MLP
+/// projections, norms, lm_head) with N(0, 0.02²) weights from a seeded generator, into
+/// directory `output` (sharded with an index when larger than one shard), plus a config.json.
+public func writeSampleCheckpoint(output: String, spec: SampleCheckpointSpec) throws -> Int {
+    let h = spec.hidden, i = spec.intermediate
+    var tensors: [(name: String, dtype: DType, shape: [Int])] = [("model.embed_tokens.weight", dt(spec.dtype), [spec.vocab, h])]
+    for l in 0..<spec.layers {
+        let p = "model.layers.\(l)."
+        tensors += [
+            (p + "input_layernorm.weight", dt(spec.dtype), [h]),
+            (p + "self_attn.q_proj.weight", dt(spec.dtype), [h, h]),
+            (p + "self_attn.k_proj.weight", dt(spec.dtype), [h, h]),
+            (p + "self_attn.v_proj.weight", dt(spec.dtype), [h, h]),
+            (p + "self_attn.o_proj.weight", dt(spec.dtype), [h, h]),
+            (p + "post_attention_layernorm.weight", dt(spec.dtype), [h]),
+            (p + "mlp.gate_proj.weight", dt(spec.dtype), [i, h]),
+            (p + "mlp.up_proj.weight", dt(spec.dtype), [i, h]),
+            (p + "mlp.down_proj.weight", dt(spec.dtype), [h, i]),
+        ]
+    }
+    tensors += [("model.norm.weight", dt(spec.dtype), [h]), ("lm_head.weight", dt(spec.dtype), [spec.vocab, h])]
+    let out = URL(fileURLWithPath: output)
+    if FileManager.default.fileExists(atPath: output) {
+        throw CheckpointError.invalidPath(path: output, problem: "already exists; remove it or choose a new directory")
+    }
+    try FileManager.default.createDirectory(at: out, withIntermediateDirectories: true)
+    let writer = try ShardedWriter(directory: out, tensors: tensors, maxShardSize: spec.maxShardSize, metadata: ["format": "pt"])
+    var rng = SampleRNG(seed: spec.seed)
+    var total = 0
+    for t in tensors {
+        let n = t.shape.reduce(1, *)
+        let isNorm = t.shape.count == 1
+        var bytes = [UInt8](repeating: 0, count: n * spec.dtype.byteSize)
+        bytes.withUnsafeMutableBytes { raw in
+            let values = (0..<n).map { _ in isNorm ? 1 : rng.normal() * 0.02 }
+            switch spec.dtype {
+            case .float32: for k in 0..<n { raw.storeBytes(of: values[k], toByteOffset: k * 4, as: Float.self) }
+            case .bfloat16: for k in 0..<n { raw.storeBytes(of: HalfPrecision.bfloat16Bits(values[k]), toByteOffset: k * 2, as: UInt16.self) }
+            case .float16: for k in 0..<n { raw.storeBytes(of: HalfPrecision.float16Bits(values[k]), toByteOffset: k * 2, as: UInt16.self) }
+            }
+        }
+        try writer.write(t.name, bytes: bytes)
+        total += bytes.count
+    }
+    try writer.finish()
+    let config = """
+        {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": \(h), "intermediate_size": \(i), \
+        "num_hidden_layers": \(spec.layers), "vocab_size": \(spec.vocab), "torch_dtype": "\(spec.dtype.rawValue)"}
+        """
+    try Data(config.utf8).write(to: out.appendingPathComponent("config.json"))
+    return total
+}
+
+func dt(_ t: ElementType) -> DType { t == .float32 ? .f32 : t == .bfloat16 ? .bf16 : .f16 }
+
+/// SplitMix64 with Box-Muller normals: reproducible sample weights.
+struct SampleRNG: RandomNumberGenerator {
+    var state: UInt64
+    init(seed: UInt64) { state = seed &+ 0x1234_5678 }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+    mutating func normal() -> Float {
+        let u1 = Double(next() >> 11) * 0x1p-53 + 0x1p-54, u2 = Double(next() >> 11) * 0x1p-53
+        return Float((-2 * log(u1)).squareRoot() * cos(2 * Double.pi * u2))
+    }
+}
+
+/// Per-tensor error between two dense checkpoints with the same tensor names and shapes.
+public struct TensorComparison: Codable, Sendable {
+    public var name: String
+    public var statistics: ErrorStatistics
+}
+
+public func compareCheckpoints(reference: String, actual: String) throws -> [TensorComparison] {
+    let a = try CheckpointReader(path: reference), b = try CheckpointReader(path: actual)
+    var out: [TensorComparison] = []
+    for e in a.entries {
+        guard let other = b.info(named: e.name) else {
+            throw CheckpointError.invalidTensor(file: actual, tensor: e.name, problem: "missing (present in \(reference))")
+        }
+        guard other.shape == e.info.shape else {
+            throw CheckpointError.invalidTensor(file: actual, tensor: e.name, problem: "shape \(other.shape) differs from \(e.info.shape)")
+        }
+        guard let ta = elementType(e.info.dtype), let tb = elementType(other.dtype) else {
+            throw CheckpointError.invalidTensor(file: actual, tensor: e.name, problem: "not a float tensor (\(e.info.dtype.rawValue) vs \(other.dtype.rawValue))")
+        }
+        let stats = a.withBytes(of: e.name) { ra in
+            b.withBytes(of: e.name) { rb in ErrorStatistics(reference: .view(ra, as: ta), actual: .view(rb, as: tb)) }
+        }
+        out.append(TensorComparison(name: e.name, statistics: stats))
+    }
+    return out
+}
+
+func elementType(_ d: DType) -> ElementType? {
+    switch d {
+    case .f32: return .float32
+    case .bf16: return .bfloat16
+    case .f16: return .float16
+    default: return nil
+    }
+}

@@ -1,0 +1,26 @@
+import ArgumentParser
+import Checkpoint
+import Foundation
+
+struct Sample: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Write a synthetic Llama-style checkpoint (seeded N(0, 0.02²) weights) for demos and tests.")
+
+    @Argument(help: "New directory to create.") var output: String
+    @Option(help: "Decoder layers.") var layers = 2
+    @Option(help: "Hidden size.") var hidden = 1024
+    @Option(help: "MLP intermediate size.") var intermediate = 2816
+    @Option(help: "Vocabulary size.") var vocab = 8192
+    @Option(help: "Seed.") var seed: UInt64 = 0
+    @Option(help: "Largest shard, MiB.") var maxShardMib = 64
+
+    func run() {
+        runReportingErrors {
+            var s = SampleCheckpointSpec()
+            s.layers = layers; s.hidden = hidden; s.intermediate = intermediate; s.vocab = vocab; s.seed = seed
+            s.maxShardSize = maxShardMib << 20
+            let bytes = try writeSampleCheckpoint(output: output, spec: s)
+            print("wrote a \(layers)-layer sample checkpoint (hidden \(hidden), \(bytes) bytes of bf16 weights) to \(output)")
+        }
+    }
+}

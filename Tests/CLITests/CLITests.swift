@@ -1,0 +1,107 @@
+import Foundation
+import XCTest
+import TestSupport
+
+/// The `qlora` executable as a user runs it: exit codes, one-line errors on stderr naming
+/// the file, and no output file on failure.
+final class CLITests: XCTestCase {
+    var tmp: URL!
+
+    override func setUpWithError() throws {
+        tmp = FileManager.default.temporaryDirectory.appendingPathComponent("qlora-cli-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: tmp, withIntermediateDirectories: true)
+    }
+
+    override func tearDownWithError() throws { try? FileManager.default.removeItem(at: tmp) }
+
+    /// `swift test` builds every product; the test runner sits beside the `qlora` binary.
+    var binary: URL {
+        let exe = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()  // .../debug/qloraPackageTests.xctest
+        return exe.deletingLastPathComponent().appendingPathComponent("qlora")
+    }
+
+    func run(_ args: [String]) throws -> (status: Int32, stdout: String, stderr: String) {
+        XCTAssertTrue(FileManager.default.isExecutableFile(atPath: binary.path), "qlora binary not built at \(binary.path)")
+        let p = Process()
+        p.executableURL = binary
+        p.arguments = args
+        let out = Pipe(), err = Pipe()
+        p.standardOutput = out
+        p.standardError = err
+        try p.run()
+        let o = out.fileHandleForReading.readDataToEndOfFile(), e = err.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        return (p.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: e, as: UTF8.self))
+    }
+
+    var dense: String { repositoryRoot.appendingPathComponent("Vectors/checkpoint/model.safetensors").path }
+
+    func testQuantizeInspectDequantizeAsDocumented() throws {
+        let q = tmp.appendingPathComponent("q.safetensors").path
+        var r = try run(["quantize", dense, q, "--quant-type", "fp4", "--blocksize", "128", "--no-double-quant", "--exclude", "up_proj"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertTrue(r.stdout.contains("quantized 2 tensors"), r.stdout)
+        r = try run(["inspect", q, "--json"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let json = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as! [String: Any]
+        let tensors = json["tensors"] as! [[String: Any]]
+        let down = tensors.first { $0["name"] as? String == "model.layers.0.mlp.down_proj.weight" }!
+        let quant = down["quantization"] as! [String: Any]
+        XCTAssertEqual(quant["quant_type"] as? String, "fp4")
+        XCTAssertEqual(quant["blocksize"] as? Int, 128)
+        XCTAssertEqual(quant["double_quant"] as? Bool, false)
+        let up = tensors.first { $0["name"] as? String == "model.layers.0.mlp.up_proj.weight" }!
+        XCTAssertEqual(up["dtype"] as? String, "BF16")
+        let d = tmp.appendingPathComponent("d.safetensors").path
+        r = try run(["dequantize", q, d, "--dtype", "f32"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        r = try run(["inspect", d])
+        XCTAssertTrue(r.stdout.contains("model.layers.0.mlp.down_proj.weight") && r.stdout.contains("F32"), r.stdout)
+        r = try run(["quantize", dense, tmp.appendingPathComponent("i.safetensors").path, "--include", "q_proj|embed"])
+        XCTAssertTrue(r.stdout.contains("quantized 2 tensors"), r.stdout)
+    }
+
+    func expectFailure(_ args: [String], mentions: [String], noOutput output: String, file: StaticString = #filePath, line: UInt = #line) throws {
+        let r = try run(args)
+        XCTAssertNotEqual(r.status, 0, "expected failure: \(args)", file: file, line: line)
+        let lines = r.stderr.split(separator: "\n")
+        XCTAssertEqual(lines.count, 1, "stderr should be one line: \(r.stderr)", file: file, line: line)
+        for m in mentions { XCTAssertTrue(r.stderr.contains(m), "stderr should mention '\(m)': \(r.stderr)", file: file, line: line) }
+        XCTAssertFalse(FileManager.default.fileExists(atPath: output), "\(output) should not exist", file: file, line: line)
+    }
+
+    func testBadInputsGiveOneLineNamingTheFile() throws {
+        let out = tmp.appendingPathComponent("out.safetensors").path
+        // Truncated file.
+        let trunc = tmp.appendingPathComponent("truncated.safetensors")
+        let bytes = try Data(contentsOf: URL(fileURLWithPath: dense))
+        try bytes.prefix(bytes.count / 2).write(to: trunc)
+        try expectFailure(["quantize", trunc.path, out], mentions: ["truncated.safetensors"], noOutput: out)
+        // Header length beyond the file.
+        let hdr = tmp.appendingPathComponent("header.safetensors")
+        var h = Data(bytes); h.replaceSubrange(0..<8, with: [0xFF, 0xFF, 0, 0, 0, 0, 0, 0])
+        try h.write(to: hdr)
+        try expectFailure(["inspect", hdr.path], mentions: ["header.safetensors"], noOutput: out)
+        // Malformed JSON.
+        let bad = tmp.appendingPathComponent("json.safetensors")
+        var j = Data(bytes); j[9] = UInt8(ascii: "#")
+        try j.write(to: bad)
+        try expectFailure(["dequantize", bad.path, out], mentions: ["json.safetensors"], noOutput: out)
+        // Missing file, missing shard directory.
+        try expectFailure(["quantize", tmp.appendingPathComponent("nope.safetensors").path, out], mentions: ["nope.safetensors"], noOutput: out)
+        // Invalid blocksize, OUTPUT == INPUT.
+        try expectFailure(["quantize", dense, out, "--blocksize", "48"], mentions: ["blocksize"], noOutput: out)
+        let copy = tmp.appendingPathComponent("copy.safetensors").path
+        try FileManager.default.copyItem(atPath: dense, toPath: copy)
+        try expectFailure(["quantize", copy, copy], mentions: ["same as INPUT"], noOutput: out)
+        // A missing shard.
+        let dir = tmp.appendingPathComponent("sharded")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        try Data(#"{"metadata": {"total_size": 4}, "weight_map": {"w": "model-00001-of-00001.safetensors"}}"#.utf8)
+            .write(to: dir.appendingPathComponent("model.safetensors.index.json"))
+        let outDir = tmp.appendingPathComponent("outdir").path
+        try expectFailure(["quantize", dir.path, outDir], mentions: ["model-00001-of-00001.safetensors"], noOutput: outDir)
+        let leftovers = try FileManager.default.contentsOfDirectory(atPath: tmp.path).filter { $0.hasPrefix(".") }
+        XCTAssertEqual(leftovers, [], "temporary files left behind")
+    }
+}
