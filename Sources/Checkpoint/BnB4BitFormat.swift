@@ -105,7 +105,7 @@ public enum BnB4BitFormat {
             guard i.dtype == .f32, i.elementCount == count else {
                 throw fail(t, "expected F32 with \(count) elements, found \(i.dtype.rawValue) \(i.shape)")
             }
-            return reader.withBytes(of: t) { Array($0.bindMemory(to: Float.self)) }
+            return reader.withBytes(of: t) { loadFloats($0) }
         }
         let key = quantStateKey(g.name, g.quantType)
         let jsonBytes = try bytes(key)

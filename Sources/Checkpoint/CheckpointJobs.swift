@@ -123,9 +123,11 @@ public func quantizeCheckpoint(input: String, output: String, options: QuantizeO
 func quantize(_ info: TensorInfo, file: SafeTensorsFile, path: String, options: QuantizeOptions) throws -> Quantized4Bit {
     let type: ElementType = info.dtype == .f32 ? .float32 : info.dtype == .bf16 ? .bfloat16 : .float16
     do {
-        return try file.withBytes(of: info.name) { raw in
-            try quantize4Bit(.view(raw, as: type), shape: info.shape, quantType: options.quantType,
-                             blocksize: options.blocksize, doubleQuant: options.doubleQuant)
+        return try file.withBytes(of: info.name) { unaligned in
+            try withAlignedBytes(unaligned, alignment: type.byteSize) { raw in
+                try quantize4Bit(.view(raw, as: type), shape: info.shape, quantType: options.quantType,
+                                 blocksize: options.blocksize, doubleQuant: options.doubleQuant)
+            }
         }
     } catch let e as QuantizationError {
         throw CheckpointError.quantization(file: path, tensor: info.name, error: e)

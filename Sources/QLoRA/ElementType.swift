@@ -44,7 +44,9 @@ public enum FloatElements {
     }
 
     /// Interprets raw little-endian bytes of the given type as elements.
+    /// - Precondition: `bytes` is aligned to the element size.
     public static func view(_ bytes: UnsafeRawBufferPointer, as type: ElementType) -> FloatElements {
+        precondition(Int(bitPattern: bytes.baseAddress) % type.byteSize == 0, "\(type) elements must be aligned to \(type.byteSize) bytes")
         switch type {
         case .float32: return .float32(bytes.bindMemory(to: Float.self))
         case .bfloat16: return .bfloat16(bytes.bindMemory(to: UInt16.self))

@@ -15,7 +15,7 @@ struct Compare: ParsableCommand {
             let rows = try compareCheckpoints(reference: reference, actual: actual)
             if json {
                 let enc = JSONEncoder()
-                enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+                enc.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
                 print(String(decoding: try enc.encode(rows), as: UTF8.self))
                 return
             }

@@ -14,7 +14,7 @@ struct Inspect: ParsableCommand {
             let r = try inspectCheckpoint(path: path)
             if json {
                 let enc = JSONEncoder()
-                enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+                enc.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
                 enc.keyEncodingStrategy = .convertToSnakeCase
                 print(String(decoding: try enc.encode(r), as: UTF8.self))
                 return

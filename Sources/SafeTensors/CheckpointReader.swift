@@ -17,7 +17,7 @@ import Darwin
 /// shards: each indexed tensor must be in its shard, no tensor may be in two shards, and no shard
 /// may hold a tensor the index does not map to it. Errors about this cross-file consistency name
 /// the index file. Immutable after init and safe to share between threads.
-public final class CheckpointReader: @unchecked Sendable {
+public final class CheckpointReader: Sendable {
     /// Where a tensor lives.
     public struct Entry: Sendable, Equatable {
         /// Shard file name (relative to `directory`).

@@ -74,9 +74,6 @@ public struct TensorInfo: Sendable, Equatable, Hashable {
     /// Number of bytes in the data buffer: `dataOffsets.count`, which the parser has checked
     /// equals `elementCount * dtype.byteSize`.
     public var byteCount: Int { dataOffsets.count }
-
-    /// `shape` as the format prints it, e.g. `[2, 3]`.
-    var shapeDescription: String { "[" + shape.map(String.init).joined(separator: ", ") + "]" }
 }
 
 extension DType {

@@ -167,6 +167,15 @@ func syncDirectory(_ directory: String) {
     close(fd)
 }
 
+/// `mkdir -p`: creates `path` and missing parents (mode 0755 before umask).
+func makeDirectories(_ path: String) throws {
+    if fileExists(path).isDirectory { return }
+    let parent = directoryOf(path)
+    if parent != path && !fileExists(parent).exists { try makeDirectories(parent) }
+    guard mkdir(path, 0o755) == 0 || errno == EEXIST else { throw ioError(path, "create directory") }
+    guard fileExists(path).isDirectory else { throw ioError(path, "create directory", ENOTDIR) }
+}
+
 func removeFileIfPresent(_ path: String) {
     _ = unlink(path)
 }

@@ -16,7 +16,7 @@ import Darwin
 /// access. The mapping is released when the object is deallocated; buffers must not escape it.
 ///
 /// Immutable after init and therefore safe to share between threads.
-public final class SafeTensorsFile: @unchecked Sendable {
+public final class SafeTensorsFile: Sendable {
     /// The path given to `init`, or `"<memory>"` (or the name given to `init(bytes:name:)`).
     public let path: String
     /// The validated header.

@@ -81,11 +81,7 @@ public final class ShardedWriter {
         }
         let totalSize = laidOut.last?.dataOffsets.upperBound ?? 0
 
-        do {
-            try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
-        } catch {
-            throw SafeTensorsError.io(file: directory.path, operation: "create directory", errno: EIO)
-        }
+        try makeDirectories(directory.path)
         self.directory = directory
         self.shards = shards
         self.index = sharded ? ShardIndex(totalSize: totalSize, weightMap: weightMap) : nil

@@ -115,6 +115,21 @@ final class CheckpointTests: XCTestCase {
         XCTAssertEqual(leftovers, [], "staging directories left behind")
     }
 
+    /// safetensors does not align tensors: an F32 weight at an odd byte offset still quantizes.
+    func testUnalignedTensorQuantizes() throws {
+        var rng = SplitMix64(seed: 3)
+        let values = (0..<(4 * 64)).map { _ in rng.normal() }
+        let src = tmp.appendingPathComponent("odd.safetensors")
+        try SafeTensorsWriter.write(url: src, tensors: [(name: "pad", dtype: .u8, shape: [1], bytes: [7]),
+                                                        (name: "layer.weight", dtype: .f32, shape: [4, 64], bytes: rawBytes(values))])
+        XCTAssertEqual(try SafeTensorsFile(url: src).info(named: "layer.weight")?.dataOffsets.lowerBound, 1)
+        let out = tmp.appendingPathComponent("odd-q.safetensors").path
+        try quantizeCheckpoint(input: src.path, output: out, options: QuantizeOptions())
+        let expected = try values.withUnsafeBufferPointer { try quantize4Bit(.float32($0), shape: [4, 64]) }
+        XCTAssertEqual(try SafeTensorsFile(path: out).withBytes(of: "layer.weight") { Array($0) }, expected.packed)
+        XCTAssertEqual(try compareCheckpoints(reference: src.path, actual: src.path).first { $0.name == "layer.weight" }?.statistics.maxAbsError, 0)
+    }
+
     func testBadInputsFailWithoutOutput() throws {
         let out = tmp.appendingPathComponent("out.safetensors").path
         // OUTPUT == INPUT

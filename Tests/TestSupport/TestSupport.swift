@@ -42,7 +42,7 @@ public final class VectorFile {
 
     public func floats(_ tensor: String) -> [Float] {
         precondition(info(tensor).dtype == .f32, "\(tensor) is not F32")
-        return file.withBytes(of: tensor) { Array($0.bindMemory(to: Float.self)) }
+        return file.withBytes(of: tensor) { raw in (0..<(raw.count / 4)).map { raw.loadUnaligned(fromByteOffset: $0 * 4, as: Float.self) } }
     }
 
     /// Runs `body` on the tensor's elements as a `FloatElements` view.
@@ -54,7 +54,8 @@ public final class VectorFile {
         case .f16: type = .float16
         default: fatalError("\(tensor) is not a float tensor")
         }
-        return try file.withBytes(of: tensor) { try body(.view($0, as: type)) }
+        let bytes = file.withBytes(of: tensor) { Array($0) }  // an aligned copy: file offsets need not be
+        return try bytes.withUnsafeBytes { try body(.view($0, as: type)) }
     }
 }
 
