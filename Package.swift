@@ -46,7 +46,7 @@ let package = Package(
         // MARK: Tests
 
         .target(name: "TestSupport", dependencies: ["QLoRA", "SafeTensors"], path: "Tests/TestSupport"),
-        .testTarget(name: "QLoRATests", dependencies: ["QLoRA", "TestSupport", "SafeTensors"]),
+        .testTarget(name: "QLoRATests", dependencies: ["QLoRA", "TestSupport", "SafeTensors", "COpenBLAS"]),
         .testTarget(name: "SafeTensorsTests", dependencies: ["SafeTensors"]),
         .testTarget(name: "CheckpointTests", dependencies: ["Checkpoint", "QLoRA", "SafeTensors", "TestSupport"]),
         .testTarget(name: "CLITests", dependencies: ["TestSupport"]),
