@@ -108,11 +108,7 @@ public func quantizeCheckpoint(input: String, output: String, options: QuantizeO
             try writer.finish()
             summary.bytesWritten += writer.fileSize
         }
-        if reader.index != nil {
-            try job.writeIndex(ShardIndex(totalSize: totalSize, weightMap: weightMap))
-        }
-        try job.copySidecarFiles(from: reader, quantization: options)
-        try job.commit()
+        try job.complete(reader: reader, index: ShardIndex(totalSize: totalSize, weightMap: weightMap), quantization: options)
     } catch {
         job.abort()
         throw error
@@ -186,11 +182,7 @@ public func dequantizeCheckpoint(input: String, output: String, dtype: ElementTy
             try writer.finish()
             summary.bytesWritten += writer.fileSize
         }
-        if reader.index != nil {
-            try job.writeIndex(ShardIndex(totalSize: totalSize, weightMap: weightMap))
-        }
-        try job.copySidecarFiles(from: reader, quantization: nil)
-        try job.commit()
+        try job.complete(reader: reader, index: ShardIndex(totalSize: totalSize, weightMap: weightMap), quantization: nil)
     } catch {
         job.abort()
         throw error

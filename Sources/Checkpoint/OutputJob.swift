@@ -98,6 +98,14 @@ final class OutputJob {
         }
     }
 
+    /// The last steps of a job: the shard index (for a sharded input), the copied sidecar
+    /// files, then the rename into place.
+    func complete(reader: CheckpointReader, index: ShardIndex, quantization: QuantizeOptions?) throws {
+        if reader.index != nil { try writeIndex(index) }
+        try copySidecarFiles(from: reader, quantization: quantization)
+        try commit()
+    }
+
     func commit() throws {
         guard let s = stagingDirectory else { committed = true; return }
         let fm = FileManager.default
