@@ -195,6 +195,58 @@ DEFINE_QUANT_ENTRY(qlora_quantize4_blocks_f32, float, quant4_scalar_f32, quant4_
 DEFINE_QUANT_ENTRY(qlora_quantize4_blocks_bf16, uint16_t, quant4_scalar_bf16, quant4_avx512_bf16)
 DEFINE_QUANT_ENTRY(qlora_quantize4_blocks_f16, uint16_t, quant4_scalar_f16, quant4_avx512_f16)
 
+// MARK: - Absmax only
+
+#define DEFINE_ABSMAX_SCALAR(NAME, T, LOAD)                                                     \
+static int64_t NAME(const T *x, int64_t nblocks, int64_t bs, float *absmax) {                   \
+    for (int64_t b = 0; b < nblocks; b++) {                                                     \
+        const T *p = x + b * bs;                                                                \
+        float am = 0.0f;                                                                        \
+        for (int64_t i = 0; i < bs; i++) {                                                      \
+            float a = fabsf(LOAD(p[i]));                                                        \
+            if (!(a < INFINITY)) return b;                                                      \
+            am = a > am ? a : am;                                                               \
+        }                                                                                       \
+        absmax[b] = am;                                                                         \
+    }                                                                                           \
+    return -1;                                                                                  \
+}
+DEFINE_ABSMAX_SCALAR(absmax_scalar_f32, float, LOAD_F32)
+DEFINE_ABSMAX_SCALAR(absmax_scalar_bf16, uint16_t, LOAD_BF16)
+DEFINE_ABSMAX_SCALAR(absmax_scalar_f16, uint16_t, LOAD_F16)
+
+#define DEFINE_ABSMAX_AVX512(NAME, T, LOAD16)                                                   \
+AVX512 static int64_t NAME(const T *x, int64_t nblocks, int64_t bs, float *absmax) {            \
+    const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));                  \
+    const __m512 inf = _mm512_set1_ps(INFINITY);                                                \
+    for (int64_t b = 0; b < nblocks; b++) {                                                     \
+        const T *p = x + b * bs;                                                                \
+        __m512 m = _mm512_setzero_ps();                                                         \
+        __mmask16 bad = 0;                                                                      \
+        for (int64_t i = 0; i < bs; i += 16) {                                                  \
+            __m512 a = _mm512_and_ps(LOAD16(p + i), absmask);                                   \
+            bad |= _mm512_cmp_ps_mask(a, inf, _CMP_NLT_UQ);                                     \
+            m = _mm512_max_ps(m, a);                                                            \
+        }                                                                                       \
+        if (bad) return b;                                                                      \
+        absmax[b] = _mm512_reduce_max_ps(m);                                                    \
+    }                                                                                           \
+    return -1;                                                                                  \
+}
+DEFINE_ABSMAX_AVX512(absmax_avx512_f32, float, load16_f32)
+DEFINE_ABSMAX_AVX512(absmax_avx512_bf16, uint16_t, load16_bf16)
+DEFINE_ABSMAX_AVX512(absmax_avx512_f16, uint16_t, load16_f16)
+
+#define DEFINE_ABSMAX_ENTRY(NAME, T, SCALAR, VEC)                                               \
+int64_t NAME(const T *x, int64_t nblocks, int64_t bs, float *absmax) {                          \
+    if (qlora_active_level() >= QLORA_LEVEL_AVX512 && bs % 16 == 0)                             \
+        return VEC(x, nblocks, bs, absmax);                                                     \
+    return SCALAR(x, nblocks, bs, absmax);                                                      \
+}
+DEFINE_ABSMAX_ENTRY(qlora_absmax_blocks_f32, float, absmax_scalar_f32, absmax_avx512_f32)
+DEFINE_ABSMAX_ENTRY(qlora_absmax_blocks_bf16, uint16_t, absmax_scalar_bf16, absmax_avx512_bf16)
+DEFINE_ABSMAX_ENTRY(qlora_absmax_blocks_f16, uint16_t, absmax_scalar_f16, absmax_avx512_f16)
+
 // MARK: - Dequantize
 
 #define STORE_F32(o, v) (o) = (v)

@@ -23,12 +23,20 @@ public enum BnB4BitFormat {
 
     /// The quant-state JSON bytes, identical to bitsandbytes' `pack_dict_to_tensor`.
     public static func quantStateJSON(_ s: QuantState) -> [UInt8] {
-        var json = "{\"quant_type\": \"\(s.quantType.rawValue)\", \"blocksize\": \(s.blocksize), \"dtype\": \"\(s.dtype.rawValue)\", "
-        json += "\"shape\": [\(s.shape.map(String.init).joined(separator: ", "))]"
-        if case .nested(let n) = s.absmax {
+        var offset: Float? = nil
+        if case .nested(let n) = s.absmax { offset = n.offset }
+        return quantStateJSON(quantType: s.quantType, blocksize: s.blocksize, dtype: s.dtype, shape: s.shape, nestedOffset: offset)
+    }
+
+    /// The same from its fields: `nestedOffset` is nil without double quantization (the
+    /// nested blocksize is bitsandbytes' 256).
+    public static func quantStateJSON(quantType: QuantType, blocksize: Int, dtype: ElementType, shape: [Int], nestedOffset: Float?) -> [UInt8] {
+        var json = "{\"quant_type\": \"\(quantType.rawValue)\", \"blocksize\": \(blocksize), \"dtype\": \"\(dtype.rawValue)\", "
+        json += "\"shape\": [\(shape.map(String.init).joined(separator: ", "))]"
+        if let offset = nestedOffset {
             // Python's float repr and Swift's Double.description are both the shortest
             // round-tripping form, with the same exponent style ("1e-05", "2.5e+37").
-            json += ", \"nested_blocksize\": \(n.blocksize), \"nested_dtype\": \"float32\", \"nested_offset\": \(Double(n.offset))"
+            json += ", \"nested_blocksize\": 256, \"nested_dtype\": \"float32\", \"nested_offset\": \(Double(offset))"
         }
         json += "}"
         return Array(json.utf8)
@@ -36,19 +44,20 @@ public enum BnB4BitFormat {
 
     /// The tensor declarations (name, dtype, shape) a quantized weight expands to, in the
     /// order they are written.
-    public static func declarations(name: String, state s: QuantState, jsonByteCount: Int) -> [(name: String, dtype: DType, shape: [Int])] {
-        var d: [(name: String, dtype: DType, shape: [Int])] = [(name, .u8, [s.packedByteCount, 1])]
-        switch s.absmax {
-        case .plain:
-            d.append((name + ".absmax", .f32, [s.blockCount]))
+    public static func declarations(name: String, quantType: QuantType, blocksize: Int, elementCount n: Int,
+                                    doubleQuant: Bool, jsonByteCount: Int) -> [(name: String, dtype: DType, shape: [Int])] {
+        let blocks = (n + blocksize - 1) / blocksize
+        var d: [(name: String, dtype: DType, shape: [Int])] = [(name, .u8, [(n + 1) / 2, 1])]
+        if doubleQuant {
+            d.append((name + ".absmax", .u8, [blocks]))
             d.append((name + ".quant_map", .f32, [16]))
-        case .nested(let n):
-            d.append((name + ".absmax", .u8, [s.blockCount]))
-            d.append((name + ".quant_map", .f32, [16]))
-            d.append((name + ".nested_absmax", .f32, [n.absmax.count]))
+            d.append((name + ".nested_absmax", .f32, [(blocks + 255) / 256]))
             d.append((name + ".nested_quant_map", .f32, [256]))
+        } else {
+            d.append((name + ".absmax", .f32, [blocks]))
+            d.append((name + ".quant_map", .f32, [16]))
         }
-        d.append((quantStateKey(name, s.quantType), .u8, [jsonByteCount]))
+        d.append((quantStateKey(name, quantType), .u8, [jsonByteCount]))
         return d
     }
 

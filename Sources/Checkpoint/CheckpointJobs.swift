@@ -45,10 +45,10 @@ public typealias ProgressHandler = (_ done: Int, _ total: Int, _ tensor: String)
 /// a sharded or single checkpoint) into bitsandbytes' 4-bit layout, copying the rest.
 ///
 /// Streams one shard and one tensor at a time; peak memory is about the largest tensor
-/// plus its 4-bit form. A quant-state tensor's byte length depends on the double-quant
-/// offset, and the safetensors header (written first) needs it, so each tensor is quantized
-/// once to size the header and, unless its result was kept (up to 256 MiB of them per
-/// shard), again while writing. Output appears only when complete.
+/// plus its 4-bit form. The safetensors header is written first and a quant-state tensor's
+/// byte length depends on the double-quant offset, so with double quantization each selected
+/// tensor is read once more beforehand to compute its absmax (`blockAbsmax4Bit`, no
+/// quantization). Output appears only when complete.
 /// - Returns: a summary of what was written.
 @discardableResult
 public func quantizeCheckpoint(input: String, output: String, options: QuantizeOptions,
@@ -60,24 +60,27 @@ public func quantizeCheckpoint(input: String, output: String, options: QuantizeO
     let job = try OutputJob(input: input, output: output, isDirectory: reader.index != nil || isDirectory(input))
     var summary = JobSummary()
     do {
-        let total = reader.entries.reduce(0) { $0 + $1.info.byteCount * (try! options.selects($1.info) ? 2 : 1) }
+        let total = reader.entries.reduce(0) { $0 + $1.info.byteCount * ((try? options.selects($1.info)) == true && options.doubleQuant ? 2 : 1) }
         var done = 0
         var weightMap: [String: String] = [:]
         var totalSize = 0
         for (s, shardName) in reader.shardFileNames.enumerated() {
             let entries = reader.entries.filter { $0.shardIndex == s }
             let shardFile = reader.shards[s]
-            // Pass 1: quantize to learn each quant-state JSON length.
-            var kept: [String: Quantized4Bit] = [:]
-            var keptBytes = 0
+            // Pass 1 (read only, double quant only): the offset, which the JSON length depends on.
             var decls: [(name: String, dtype: DType, shape: [Int])] = []
+            var weightDecls: [String: [(name: String, dtype: DType, shape: [Int])]] = [:]
             for e in entries {
                 if try options.selects(e.info) {
-                    let q = try quantize(e.info, file: shardFile, path: reader.directory + "/" + shardName, options: options)
-                    decls += BnB4BitFormat.declarations(name: e.name, state: q.state, jsonByteCount: BnB4BitFormat.quantStateJSON(q.state).count)
-                    if keptBytes + q.packed.count <= 256 << 20 { kept[e.name] = q; keptBytes += q.packed.count }
-                    done += e.info.byteCount
-                    progress?(done, total, e.name)
+                    let offset = options.doubleQuant ? try doubleQuantOffset(e.info, file: shardFile, path: reader.directory + "/" + shardName, options: options) : nil
+                    let json = BnB4BitFormat.quantStateJSON(quantType: options.quantType, blocksize: options.blocksize,
+                                                            dtype: elementType(e.info.dtype)!, shape: e.info.shape, nestedOffset: offset)
+                    let d = BnB4BitFormat.declarations(name: e.name, quantType: options.quantType, blocksize: options.blocksize,
+                                                       elementCount: e.info.elementCount, doubleQuant: options.doubleQuant,
+                                                       jsonByteCount: json.count)
+                    weightDecls[e.name] = d
+                    decls += d
+                    if options.doubleQuant { done += e.info.byteCount; progress?(done, total, e.name) }
                 } else {
                     decls.append((e.name, e.info.dtype, e.info.shape))
                 }
@@ -87,9 +90,12 @@ public func quantizeCheckpoint(input: String, output: String, options: QuantizeO
             let writer = try SafeTensorsWriter(url: job.stagingURL(for: outName), tensors: decls, metadata: shardFile.metadata)
             for e in entries {
                 if try options.selects(e.info) {
-                    let q = try kept[e.name] ?? quantize(e.info, file: shardFile, path: reader.directory + "/" + shardName, options: options)
-                    let decl = BnB4BitFormat.declarations(name: e.name, state: q.state, jsonByteCount: BnB4BitFormat.quantStateJSON(q.state).count)
-                    for (d, bytes) in zip(decl, BnB4BitFormat.payloads(q)) {
+                    let q = try quantize(e.info, file: shardFile, path: reader.directory + "/" + shardName, options: options)
+                    for (d, bytes) in zip(weightDecls[e.name]!, BnB4BitFormat.payloads(q)) {
+                        guard d.shape.reduce(1, *) * d.dtype.byteSize == bytes.count else {
+                            throw CheckpointError.invalidTensor(file: reader.directory + "/" + shardName, tensor: d.name,
+                                                               problem: "internal error: sizing pass and quantization disagree")
+                        }
                         try writer.write(d.name, bytes: bytes)
                         weightMap[d.name] = outName
                         totalSize += bytes.count
@@ -114,6 +120,21 @@ public func quantizeCheckpoint(input: String, output: String, options: QuantizeO
         throw error
     }
     return summary
+}
+
+/// The double-quant offset `quantize` will record for this tensor, from a read-only pass.
+func doubleQuantOffset(_ info: TensorInfo, file: SafeTensorsFile, path: String, options: QuantizeOptions) throws -> Float {
+    let type = elementType(info.dtype)!
+    do {
+        let absmax = try file.withBytes(of: info.name) { unaligned in
+            try withAlignedBytes(unaligned, alignment: type.byteSize) { raw in
+                try blockAbsmax4Bit(.view(raw, as: type), blocksize: options.blocksize)
+            }
+        }
+        return TorchMean.mean(absmax)
+    } catch let e as QuantizationError {
+        throw CheckpointError.quantization(file: path, tensor: info.name, error: e)
+    }
 }
 
 func quantize(_ info: TensorInfo, file: SafeTensorsFile, path: String, options: QuantizeOptions) throws -> Quantized4Bit {

@@ -205,6 +205,52 @@ public func quantize4BitReference(
                      doubleQuant: doubleQuant, meanThreads: meanThreads, kernel: .reference)
 }
 
+// MARK: - Absmax only
+
+/// The first-level absmax of every block exactly as `quantize4Bit` computes it (full blocks
+/// unclamped, the final partial block clamped to 1e-38), from one read of `x` without
+/// quantizing. Streamed checkpoint writes use it to learn the double-quant offset, which the
+/// quant-state JSON (and so the safetensors header, written first) depends on.
+/// - Throws: `QuantizationError.nonFinite` naming the first NaN/Inf element; bad blocksize.
+public func blockAbsmax4Bit(_ x: FloatElements, blocksize: Int, kernel: KernelChoice = .fast) throws(QuantizationError) -> [Float] {
+    guard QuantState.validBlocksizes.contains(blocksize) else { throw .invalidBlocksize(blocksize) }
+    let n = x.count, full = n / blocksize
+    var absmax = [Float](repeating: 0, count: (n + blocksize - 1) / blocksize)
+    var bad = -1
+    switch kernel {
+    case .reference:
+        blocks: for b in 0..<full {
+            var am: Float = 0
+            for i in (b * blocksize)..<((b + 1) * blocksize) {
+                guard x[i].isFinite else { bad = b; break blocks }
+                am = max(am, abs(x[i]))
+            }
+            absmax[b] = am
+        }
+    case .fast:
+        bad = absmax.withUnsafeMutableBufferPointer { a in
+            let nb = Int64(full), bs = Int64(blocksize)
+            switch x {
+            case .float32(let p): return Int(qlora_absmax_blocks_f32(p.baseAddress, nb, bs, a.baseAddress))
+            case .bfloat16(let p): return Int(qlora_absmax_blocks_bf16(p.baseAddress, nb, bs, a.baseAddress))
+            case .float16(let p): return Int(qlora_absmax_blocks_f16(p.baseAddress, nb, bs, a.baseAddress))
+            }
+        }
+    }
+    if bad >= 0 {
+        for i in (bad * blocksize)..<((bad + 1) * blocksize) where !x[i].isFinite { throw .nonFinite(index: i, value: x[i]) }
+    }
+    if full * blocksize < n {
+        var am: Float = 0
+        for i in (full * blocksize)..<n {
+            guard x[i].isFinite else { throw .nonFinite(index: i, value: x[i]) }
+            am = max(am, abs(x[i]))
+        }
+        absmax[full] = max(am, absmaxFloor)
+    }
+    return absmax
+}
+
 // MARK: - Dequantize
 
 /// Dequantizes `out.count` elements: `code[nibble] * absmax[i / blocksize]` in fp32, then

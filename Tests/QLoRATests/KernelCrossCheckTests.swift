@@ -66,6 +66,36 @@ final class KernelCrossCheckTests: XCTestCase {
         }
     }
 
+    /// The absmax-only pass equals the absmax quantization stores, so the offset it implies
+    /// is the one quantize4Bit records.
+    func testBlockAbsmaxEqualsQuantizeAbsmax() throws {
+        var rng = SplitMix64(seed: 11)
+        for trial in 0..<60 {
+            let n = 1 + Int.random(in: 0..<6000, using: &rng)
+            let bs = QuantState.validBlocksizes.randomElement(using: &rng)!
+            let type = ElementType.allCases[trial % 3]
+            var values = (0..<n).map { _ in rng.normal() * 0.3 }
+            if trial % 5 == 0 { for i in 0..<min(n, bs) { values[i] = 0 } }  // an all-zero block
+            let bytes = encode(values, type)
+            try bytes.withUnsafeBytes { raw in
+                let x = FloatElements.view(raw, as: type)
+                let q = try quantize4Bit(x, shape: [n], blocksize: bs, doubleQuant: false, kernel: .reference)
+                guard case .plain(let expected) = q.state.absmax else { return XCTFail() }
+                for (level, kernel) in [(KernelLevel.avx512, KernelChoice.fast), (.scalar, .fast), (.avx512, .reference)] {
+                    KernelLevel.setMaximum(level)
+                    let got = try blockAbsmax4Bit(x, blocksize: bs, kernel: kernel)
+                    XCTAssertEqual(got.map(\.bitPattern), expected.map(\.bitPattern), "n=\(n) bs=\(bs) \(type) \(kernel) \(level)")
+                }
+                KernelLevel.setMaximum(.avx512)
+            }
+        }
+        var x = [Float](repeating: 1, count: 100)
+        x[70] = .infinity
+        XCTAssertThrowsError(try x.withUnsafeBufferPointer { try blockAbsmax4Bit(.float32($0), blocksize: 64) }) {
+            XCTAssertEqual($0 as? QuantizationError, .nonFinite(index: 70, value: .infinity))
+        }
+    }
+
     func testNonFiniteInputIsRefusedNamingTheElement() {
         for kernel in [KernelChoice.fast, .reference] {
             for (index, bad) in [(0, Float.nan), (77, .infinity), (130, -.infinity), (199, .nan)] {

@@ -52,6 +52,13 @@ int64_t qlora_quantize4_blocks_f16(const uint16_t *x, int64_t nblocks, int64_t b
                                 const float *midpoints16, const uint8_t *order16,
                                 float *absmax, uint8_t *packed);
 
+/// Absmax of `nblocks` FULL blocks only (max |x|, unclamped), as qlora_quantize4_blocks_*
+/// computes it, without quantizing: sizing pass for streamed checkpoint writes.
+/// Returns -1, or the index of the first block holding a NaN or infinity.
+int64_t qlora_absmax_blocks_f32(const float *x, int64_t nblocks, int64_t blocksize, float *absmax);
+int64_t qlora_absmax_blocks_bf16(const uint16_t *x, int64_t nblocks, int64_t blocksize, float *absmax);
+int64_t qlora_absmax_blocks_f16(const uint16_t *x, int64_t nblocks, int64_t blocksize, float *absmax);
+
 /// Dequantize `n` 4-bit values (n even or odd) starting at element 0 of `packed`.
 ///   code16: the 16-entry code (fp32); absmax: one fp32 scale per block;
 ///   out[i] = code16[nibble(i)] * absmax[i / blocksize]  (one fp32 multiply).
