@@ -190,6 +190,31 @@ def main():
     g.cases["torch_mean"] = {"sizes": [1, 5, 7, 8, 100, 1000, 32767, 32768, 40000, 70001], "threads": [1, 2, 3, 4]}
     g.save()
 
+    # 7. The 4-bit matmul with bf16 compute: bitsandbytes' dequantized bf16 weight times the bf16
+    #    input (and bf16 upstream gradient), in fp32 (torch, one thread); and bitsandbytes' own
+    #    matmul_4bit (bf16 out) for the shape its CPU kernels handle as flat blocks.
+    g = Group("matmul")
+    for wid, (out, k, qt, dq) in {"w77x130": (77, 130, "nf4", True), "w96x192": (96, 192, "fp4", False)}.items():
+        w = torch.randn(out, k, generator=rng(20 + out)) * 0.05
+        quant_case(g, wid, w, qt, 64, dq, ("bfloat16",))
+        q, st = F.quantize_4bit(w, blocksize=64, quant_type=qt, compress_statistics=dq)
+        absmax = (F.dequantize_blockwise(st.absmax, st.state2) + st.offset) if st.nested else st.absmax
+        wb = _dequantize_4bit_compute(q.reshape(-1), absmax.float(), F.get_4bit_type(qt, device="cpu"), 64, (out, k), torch.bfloat16)
+        for tokens in (1, 5, 33):
+            x = torch.randn(tokens, k, generator=rng(30 + tokens))
+            dy = torch.randn(tokens, out, generator=rng(40 + tokens))
+            g.add(f"{wid}.t{tokens}.x", x)
+            g.add(f"{wid}.t{tokens}.dy", dy)
+            g.add(f"{wid}.t{tokens}.y", torch.nn.functional.linear(x.bfloat16().float(), wb.float()))
+            g.add(f"{wid}.t{tokens}.dx", dy.bfloat16().float() @ wb.float())
+            if k % 64 == 0:
+                st.dtype = torch.bfloat16
+                g.add(f"{wid}.t{tokens}.y_bnb_matmul_4bit", bitsandbytes.matmul_4bit(x.bfloat16(), q.t(), quant_state=st))
+        g.cases[wid] = {"out": out, "in": k, "quant_type": qt, "double_quant": dq, "tokens": [1, 5, 33],
+                        "input": wid + ".input", "blocksize": 64, "shape": [out, k], "dtype": "float32",
+                        "dequant": ["bfloat16"], "cpu_kernel_differs": {}, "note": ""}
+    g.save()
+
     # 6. A tiny checkpoint and its bitsandbytes-4bit serialization, as transformers saves it
     #    (each nn.Linear replaced by bnb.nn.Linear4bit; the module state_dict).
     checkpoint()

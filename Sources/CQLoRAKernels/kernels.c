@@ -329,3 +329,92 @@ void NAME(const uint8_t *packed, int64_t n, int64_t bs, const float *code16,    
 DEFINE_DEQUANT_ENTRY(qlora_dequantize4_f32, float, dequant4_scalar_f32, dequant4_avx512_f32)
 DEFINE_DEQUANT_ENTRY(qlora_dequantize4_bf16, uint16_t, dequant4_scalar_bf16, dequant4_avx512_bf16)
 DEFINE_DEQUANT_ENTRY(qlora_dequantize4_f16, uint16_t, dequant4_scalar_f16, dequant4_avx512_f16)
+
+// MARK: - Dequantize a range, fp32 out (optionally bf16-rounded)
+
+static inline float round_bf16_f32(float v) { return bf16_to_f32(f32_to_bf16(v)); }
+
+static inline float nibble_value(const uint8_t *packed, int64_t i, int64_t bs, const float *code, const float *absmax) {
+    uint8_t byte = packed[i >> 1];
+    uint8_t nib = (i & 1) ? (byte & 0x0F) : (byte >> 4);
+    return code[nib] * absmax[i / bs];
+}
+
+AVX512 static inline __m512 round_bf16_16(__m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+    r = _mm512_and_si512(r, _mm512_set1_epi32((int)0xFFFF0000u));
+    __mmask16 ordered = _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q);
+    return _mm512_castsi512_ps(_mm512_mask_blend_epi32(ordered, _mm512_set1_epi32(0x7FC00000), r));
+}
+
+// 16 values starting at element i (i % 16 == 0, so one block and 8 whole bytes).
+AVX512 static inline __m512 dequant16_at(const uint8_t *packed, int64_t i, int64_t bs, __m512 code, const float *absmax) {
+    return _mm512_mul_ps(_mm512_permutexvar_ps(unpack16(packed + i / 2), code), _mm512_set1_ps(absmax[i / bs]));
+}
+
+AVX512 static void dequant_range_avx512(const uint8_t *packed, int64_t start, int64_t count, int64_t bs,
+                                        const float *code16, const float *absmax, int rb, float *out) {
+    const __m512 code = _mm512_loadu_ps(code16);
+    int64_t i = start, end = start + count;
+    for (; i < end && (i & 15); i++) { float v = nibble_value(packed, i, bs, code16, absmax); out[i - start] = rb ? round_bf16_f32(v) : v; }
+    for (; i + 16 <= end; i += 16) {
+        __m512 v = dequant16_at(packed, i, bs, code, absmax);
+        _mm512_storeu_ps(out + (i - start), rb ? round_bf16_16(v) : v);
+    }
+    for (; i < end; i++) { float v = nibble_value(packed, i, bs, code16, absmax); out[i - start] = rb ? round_bf16_f32(v) : v; }
+}
+
+void qlora_dequantize4_range_f32(const uint8_t *packed, int64_t start, int64_t count, int64_t bs,
+                                 const float *code16, const float *absmax, int round_bf16, float *out) {
+    if (qlora_active_level() >= QLORA_LEVEL_AVX512 && bs % 16 == 0) {
+        dequant_range_avx512(packed, start, count, bs, code16, absmax, round_bf16, out);
+        return;
+    }
+    for (int64_t i = start; i < start + count; i++) {
+        float v = nibble_value(packed, i, bs, code16, absmax);
+        out[i - start] = round_bf16 ? round_bf16_f32(v) : v;
+    }
+}
+
+// MARK: - Fused GEMV, bf16 semantics
+
+static void gemv4_scalar(const uint8_t *packed, int64_t r0, int64_t r1, int64_t in, int64_t bs,
+                         const float *code, const float *absmax, const float *x, int64_t tokens, float *y, int64_t ldy) {
+    for (int64_t r = r0; r < r1; r++) {
+        float acc[8] = {0};
+        for (int64_t k = 0; k < in; k++) {
+            float w = round_bf16_f32(nibble_value(packed, r * in + k, bs, code, absmax));
+            for (int64_t t = 0; t < tokens; t++) acc[t] += x[t * in + k] * w;
+        }
+        for (int64_t t = 0; t < tokens; t++) y[t * ldy + r] = acc[t];
+    }
+}
+
+// Rows whose first element is 16-aligned (in % 16 == 0): decode 16 weights per step in
+// registers, round to bf16, and FMA into one accumulator per token.
+AVX512 static void gemv4_avx512(const uint8_t *packed, int64_t r0, int64_t r1, int64_t in, int64_t bs,
+                                const float *code16, const float *absmax, const float *x, int64_t tokens,
+                                float *y, int64_t ldy) {
+    const __m512 code = _mm512_loadu_ps(code16);
+    for (int64_t r = r0; r < r1; r++) {
+        __m512 acc[8];
+        for (int t = 0; t < 8; t++) acc[t] = _mm512_setzero_ps();
+        const int64_t base = r * in;
+        for (int64_t k = 0; k < in; k += 16) {
+            __m512 w = round_bf16_16(dequant16_at(packed, base + k, bs, code, absmax));
+            for (int64_t t = 0; t < tokens; t++) acc[t] = _mm512_fmadd_ps(_mm512_loadu_ps(x + t * in + k), w, acc[t]);
+        }
+        for (int64_t t = 0; t < tokens; t++) y[t * ldy + r] = _mm512_reduce_add_ps(acc[t]);
+    }
+}
+
+void qlora_gemv4_bf16(const uint8_t *packed, int64_t r0, int64_t r1, int64_t in, int64_t bs,
+                      const float *code16, const float *absmax, const float *x, int64_t tokens, float *y, int64_t ldy) {
+    if (tokens < 1 || tokens > 8) return;
+    if (qlora_active_level() >= QLORA_LEVEL_AVX512 && bs % 16 == 0 && in % 16 == 0)
+        gemv4_avx512(packed, r0, r1, in, bs, code16, absmax, x, tokens, y, ldy);
+    else
+        gemv4_scalar(packed, r0, r1, in, bs, code16, absmax, x, tokens, y, ldy);
+}

@@ -71,6 +71,21 @@ void qlora_dequantize4_bf16(const uint8_t *packed, int64_t n, int64_t blocksize,
 void qlora_dequantize4_f16(const uint8_t *packed, int64_t n, int64_t blocksize,
                            const float *code16, const float *absmax, uint16_t *out);
 
+/// Dequantize elements [start, start + count) of a packed 4-bit tensor (any start) into
+/// out[0 ..< count] as fp32; with round_bf16 != 0 each value is rounded to bf16 (nearest
+/// even) and kept in fp32: the operand of a bf16-compute matmul done with sgemm.
+void qlora_dequantize4_range_f32(const uint8_t *packed, int64_t start, int64_t count, int64_t blocksize,
+                                 const float *code16, const float *absmax, int round_bf16, float *out);
+
+/// Fused 4-bit GEMV/GEMM for few tokens, bf16 compute semantics, no scratch:
+///   y[t * ldy + r] = sum_i x[t * in + i] * bf16(code16[w(r, i)] * absmax[(r * in + i) / blocksize])
+/// for rows r in [row_begin, row_end) of W [out, in], t < tokens (1...8). x must hold
+/// bf16-representable values (already rounded); products are exact in fp32 and accumulate in
+/// fp32 (order differs from sgemm).
+void qlora_gemv4_bf16(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t in, int64_t blocksize,
+                      const float *code16, const float *absmax, const float *x, int64_t tokens,
+                      float *y, int64_t ldy);
+
 #ifdef __cplusplus
 }
 #endif

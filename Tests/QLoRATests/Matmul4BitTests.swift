@@ -1,0 +1,152 @@
+import XCTest
+import QLoRA
+import TestSupport
+
+/// Every matmul path against a plain reference: W dequantized to bf16 values, the activation
+/// rounded to bf16, products summed in Float64.
+///
+/// Tolerance: the products are exact in fp32 (bf16 × bf16), so the only error is fp32
+/// accumulation. For any summation order, |computed − exact| ≤ γ_K · Σ|x·w| with
+/// γ_K = K·u / (1 − K·u), u = 2⁻²⁴ (Higham, Accuracy and Stability, §3.1); K = terms summed.
+func accumulationBound(terms k: Int, absSum: Double) -> Double {
+    let u = 0x1p-24, ku = Double(k) * u
+    return ku / (1 - ku) * absSum
+}
+
+final class Matmul4BitTests: XCTestCase {
+    override func tearDown() { KernelLevel.setMaximum(.avx512) }
+
+    func makeWeight(out: Int, in k: Int, seed: UInt64, blocksize: Int = 64, type: QuantType = .nf4) throws -> (Linear4BitWeight, [Float]) {
+        var rng = SplitMix64(seed: seed)
+        let w = (0..<(out * k)).map { _ in rng.normal() * 0.05 }
+        let q = try w.withUnsafeBufferPointer { try quantize4Bit(.float32($0), shape: [out, k], quantType: type, blocksize: blocksize) }
+        let wbf = q.dequantizedBytes(as: .bfloat16).withUnsafeBytes { raw in
+            raw.bindMemory(to: UInt16.self).map { HalfPrecision.float(bfloat16Bits: $0) }
+        }
+        return (try Linear4BitWeight(q), wbf)
+    }
+
+    func check(_ got: [Float], reference: (Int, Int) -> (Double, Double), rows: Int, cols: Int, terms: Int, label: String) {
+        var worst = 0.0
+        for r in 0..<rows {
+            for c in 0..<cols {
+                let (exact, absSum) = reference(r, c)
+                let err = abs(Double(got[r * cols + c]) - exact)
+                let bound = accumulationBound(terms: terms, absSum: absSum)
+                if err > bound {
+                    XCTFail("\(label) [\(r), \(c)]: \(got[r * cols + c]) vs \(exact), error \(err) > bound \(bound)")
+                    return
+                }
+                if absSum > 0 { worst = max(worst, err / bound) }
+            }
+        }
+        print("\(label): max error \(String(format: "%.3f", worst)) of the fp32 accumulation bound")
+    }
+
+    func testForwardAndBackwardEveryPathAgainstFloat64Reference() throws {
+        // Shapes that are multiples of nothing (77 × 130) and of 16 but not of the panel (300 × 192).
+        for (out, k) in [(77, 130), (300, 192), (33, 64)] {
+            let (w, wbf) = try makeWeight(out: out, in: k, seed: UInt64(out * k))
+            for tokens in [1, 3, 8, 9, 33] {
+                var rng = SplitMix64(seed: UInt64(tokens))
+                let x = (0..<(tokens * k)).map { _ in rng.normal() }
+                let dy = (0..<(tokens * out)).map { _ in rng.normal() }
+                let xb = x.map(HalfPrecision.roundedToBFloat16), dyb = dy.map(HalfPrecision.roundedToBFloat16)
+                let yRef = { (t: Int, o: Int) -> (Double, Double) in
+                    var s = 0.0, a = 0.0
+                    for i in 0..<k { let p = Double(xb[t * k + i]) * Double(wbf[o * k + i]); s += p; a += abs(p) }
+                    return (s, a)
+                }
+                let dxRef = { (t: Int, i: Int) -> (Double, Double) in
+                    var s = 0.0, a = 0.0
+                    for o in 0..<out { let p = Double(dyb[t * out + o]) * Double(wbf[o * k + i]); s += p; a += abs(p) }
+                    return (s, a)
+                }
+                for level in [KernelLevel.avx512, .scalar] where level.rawValue <= KernelLevel.cpu.rawValue {
+                    KernelLevel.setMaximum(level)
+                    for path in [Matmul4BitPath.panelGEMM, .fused, .automatic] {
+                        var y = [Float](repeating: .nan, count: tokens * out)
+                        x.withUnsafeBufferPointer { xp in
+                            y.withUnsafeMutableBufferPointer { Matmul4Bit.forward(x: xp, tokens: tokens, weight: w, y: $0, path: path, panelRows: 7) }
+                        }
+                        check(y, reference: yRef, rows: tokens, cols: out, terms: k, label: "y \(out)x\(k) t=\(tokens) \(path) \(level)")
+                    }
+                    var dx = [Float](repeating: .nan, count: tokens * k)
+                    dy.withUnsafeBufferPointer { d in
+                        dx.withUnsafeMutableBufferPointer { Matmul4Bit.backwardInput(dy: d, tokens: tokens, weight: w, dx: $0, panelRows: 7) }
+                    }
+                    check(dx, reference: dxRef, rows: tokens, cols: k, terms: out, label: "dx \(out)x\(k) t=\(tokens) \(level)")
+                }
+            }
+        }
+    }
+
+    /// Against PyTorch (Vectors/quant/matmul.safetensors): bitsandbytes' dequantized bf16
+    /// weight times the bf16 input, fp32 out; dX likewise. Both sides accumulate in fp32 in
+    /// different orders, so each may be off the exact sum by the accumulation bound: the
+    /// tolerance is twice it. bitsandbytes' own `matmul_4bit` returns bf16: one bf16 ulp more.
+    func testGoldenAgainstPyTorchAndBitsandbytes() throws {
+        let v = try VectorFile("matmul")
+        XCTAssertEqual(v.cases.count, 2, regenerateHint)
+        var compared = 0
+        defer { print("matmul golden vectors: \(compared) products compared with PyTorch/bitsandbytes") }
+        for (id, p) in v.cases.sorted(by: { $0.key < $1.key }) {
+            let out = p["out"] as! Int, k = p["in"] as! Int
+            let q = try v.withElements(id + ".input") {
+                try quantize4Bit($0, shape: [out, k], quantType: QuantType(rawValue: p["quant_type"] as! String)!,
+                                 blocksize: 64, doubleQuant: p["double_quant"] as! Bool)
+            }
+            XCTAssertEqual(q.packed, v.bytes(id + ".packed"), id)
+            let wbfBytes = v.bytes(id + ".dequant.bfloat16")
+            XCTAssertEqual(q.dequantizedBytes(as: .bfloat16), wbfBytes, id)
+            let wbf = wbfBytes.withUnsafeBytes { $0.bindMemory(to: UInt16.self).map { HalfPrecision.float(bfloat16Bits: $0) } }
+            let w = try Linear4BitWeight(q)
+            for tokens in p["tokens"] as! [Int] {
+                let pre = "\(id).t\(tokens)"
+                let x = v.floats(pre + ".x"), dy = v.floats(pre + ".dy")
+                let xb = x.map(HalfPrecision.roundedToBFloat16), dyb = dy.map(HalfPrecision.roundedToBFloat16)
+                let yTorch = v.floats(pre + ".y"), dxTorch = v.floats(pre + ".dx")
+                let bnb: [Float]? = v.has(pre + ".y_bnb_matmul_4bit")
+                    ? v.bytes(pre + ".y_bnb_matmul_4bit").withUnsafeBytes { $0.bindMemory(to: UInt16.self).map { HalfPrecision.float(bfloat16Bits: $0) } }
+                    : nil
+                for path in [Matmul4BitPath.panelGEMM, .fused] {
+                    var y = [Float](repeating: .nan, count: tokens * out)
+                    x.withUnsafeBufferPointer { xp in y.withUnsafeMutableBufferPointer { Matmul4Bit.forward(x: xp, tokens: tokens, weight: w, y: $0, path: path) } }
+                    for t in 0..<tokens {
+                        for o in 0..<out {
+                            var absSum = 0.0
+                            for i in 0..<k { absSum += abs(Double(xb[t * k + i]) * Double(wbf[o * k + i])) }
+                            let bound = 2 * accumulationBound(terms: k, absSum: absSum)
+                            let got = y[t * out + o]
+                            XCTAssertLessThanOrEqual(abs(Double(got) - Double(yTorch[t * out + o])), bound, "\(pre) \(path) y[\(t), \(o)] vs torch")
+                            compared += 1
+                            if let bnb {
+                                let b = bnb[t * out + o]
+                                let ulp = Double(Float(bitPattern: HalfPrecision.roundedToBFloat16(max(abs(b), abs(got))).bitPattern + 0x10000) - HalfPrecision.roundedToBFloat16(max(abs(b), abs(got))))
+                                XCTAssertLessThanOrEqual(abs(Double(got) - Double(b)), bound + ulp, "\(pre) \(path) y[\(t), \(o)] vs bnb matmul_4bit")
+                            }
+                        }
+                    }
+                }
+                var dx = [Float](repeating: .nan, count: tokens * k)
+                dy.withUnsafeBufferPointer { d in dx.withUnsafeMutableBufferPointer { Matmul4Bit.backwardInput(dy: d, tokens: tokens, weight: w, dx: $0) } }
+                for t in 0..<tokens {
+                    for i in 0..<k {
+                        var absSum = 0.0
+                        for o in 0..<out { absSum += abs(Double(dyb[t * out + o]) * Double(wbf[o * k + i])) }
+                        XCTAssertLessThanOrEqual(abs(Double(dx[t * k + i]) - Double(dxTorch[t * k + i])),
+                                                 2 * accumulationBound(terms: out, absSum: absSum), "\(pre) dx[\(t), \(i)] vs torch")
+                    }
+                }
+            }
+        }
+    }
+
+    func testScratchIsOnePanelPlusTheActivation() throws {
+        let (w, _) = try makeWeight(out: 4096, in: 1024, seed: 1)
+        let p = Matmul4Bit.panelRows(inFeatures: 1024, outFeatures: 4096)
+        XCTAssertEqual(p, 256)  // 1 MiB of fp32
+        XCTAssertEqual(Matmul4Bit.scratchBytes(tokens: 64, weight: w), 64 * 1024 * 4 + 256 * 1024 * 4)
+        XCTAssertEqual(Matmul4Bit.scratchBytes(tokens: 1, weight: w), 1024 * 4)  // fused: no panel
+    }
+}
