@@ -23,11 +23,13 @@ let package = Package(
         .target(name: "SafeTensors"),
         /// Whole checkpoints: the bitsandbytes 4-bit layout, quantize/dequantize/inspect, streamed.
         .target(name: "Checkpoint", dependencies: ["QLoRA", "SafeTensors"]),
+        /// `qlora bench`: the kernels timed against memcpy/sgemm/sgemv in one run.
+        .target(name: "KernelBench", dependencies: ["QLoRA", "COpenBLAS"]),
         /// The `qlora` command: parses, calls the libraries, prints.
         .executableTarget(
             name: "QLoRACommand",
             dependencies: [
-                "QLoRA", "SafeTensors", "Checkpoint",
+                "QLoRA", "SafeTensors", "Checkpoint", "KernelBench",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -49,6 +51,6 @@ let package = Package(
         .testTarget(name: "QLoRATests", dependencies: ["QLoRA", "TestSupport", "SafeTensors", "COpenBLAS"]),
         .testTarget(name: "SafeTensorsTests", dependencies: ["SafeTensors"]),
         .testTarget(name: "CheckpointTests", dependencies: ["Checkpoint", "QLoRA", "SafeTensors", "TestSupport"]),
-        .testTarget(name: "CLITests", dependencies: ["TestSupport"]),
+        .testTarget(name: "CLITests", dependencies: ["TestSupport", "QLoRA"]),
     ]
 )

@@ -22,6 +22,16 @@ int qlora_cpu_level(void) {
     return QLORA_LEVEL_SCALAR;
 }
 
+int qlora_cpu_has_skylakex_features(void) {
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+#else
+    return 0;
+#endif
+}
+
 void qlora_set_max_level(int level) { atomic_store(&max_level, level); }
 
 int qlora_active_level(void) {
@@ -392,8 +402,9 @@ static void gemv4_scalar(const uint8_t *packed, int64_t r0, int64_t r1, int64_t 
     }
 }
 
-// Rows whose first element is 16-aligned (in % 16 == 0): decode 16 weights per step in
-// registers, round to bf16, and FMA into one accumulator per token.
+// Rows whose first element is 16-aligned (in % 16 == 0). Per block, the 16 possible weight
+// values bf16(code[j] * absmax) are computed once into a register table; each group of 16
+// weights is then one vpermps of its nibbles, FMA'd into one accumulator per token.
 AVX512 static void gemv4_avx512(const uint8_t *packed, int64_t r0, int64_t r1, int64_t in, int64_t bs,
                                 const float *code16, const float *absmax, const float *x, int64_t tokens,
                                 float *y, int64_t ldy) {
@@ -402,8 +413,17 @@ AVX512 static void gemv4_avx512(const uint8_t *packed, int64_t r0, int64_t r1, i
         __m512 acc[8];
         for (int t = 0; t < 8; t++) acc[t] = _mm512_setzero_ps();
         const int64_t base = r * in;
+        int64_t block = base / bs;
+        int64_t left = bs - base % bs;  // elements until the next block starts (a multiple of 16)
+        __m512 table = round_bf16_16(_mm512_mul_ps(code, _mm512_set1_ps(absmax[block])));
         for (int64_t k = 0; k < in; k += 16) {
-            __m512 w = round_bf16_16(dequant16_at(packed, base + k, bs, code, absmax));
+            if (left == 0) {
+                block++;
+                left = bs;
+                table = round_bf16_16(_mm512_mul_ps(code, _mm512_set1_ps(absmax[block])));
+            }
+            left -= 16;
+            __m512 w = _mm512_permutexvar_ps(unpack16(packed + (base + k) / 2), table);
             for (int64_t t = 0; t < tokens; t++) acc[t] = _mm512_fmadd_ps(_mm512_loadu_ps(x + t * in + k), w, acc[t]);
         }
         for (int64_t t = 0; t < tokens; t++) y[t * ldy + r] = _mm512_reduce_add_ps(acc[t]);

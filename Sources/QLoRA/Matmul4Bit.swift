@@ -57,8 +57,9 @@ public enum Matmul4BitPath: Sendable {
 public enum Matmul4Bit {
     /// Largest token count the fused path takes under `.automatic`.
     public static let fusedMaxTokens = 8
-    /// Target size of one dequantized panel of W (fp32), so it stays in the 2 MiB L2.
-    public static let panelTargetBytes = 1 << 20
+    /// Target size of one dequantized panel of W (fp32). Each panel is one sgemm call, which
+    /// re-packs X: panels much smaller than this made the 512-token GEMM up to 3.9x slower.
+    public static let panelTargetBytes = 8 << 20
 
     /// Rows of W per panel for a given `in`: about `panelTargetBytes` of fp32, at least 16.
     public static func panelRows(inFeatures: Int, outFeatures: Int) -> Int {

@@ -1,15 +1,17 @@
 import ArgumentParser
 import Foundation
+import QLoRA
 
 @main
 struct QLoRACommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "qlora",
         abstract: "QLoRA numerics on CPU: 4-bit quantization bit for bit with bitsandbytes.",
-        subcommands: [Quantize.self, Dequantize.self, Inspect.self, Sample.self, Compare.self])
+        subcommands: [Quantize.self, Dequantize.self, Inspect.self, Sample.self, Compare.self, Bench.self])
 
     /// Bad arguments get one line on stderr (not the usage text); help and version as usual.
     static func main() {
+        selectBLASKernels()
         do {
             var command = try parseAsRoot()
             try command.run()
@@ -19,6 +21,16 @@ struct QLoRACommand: ParsableCommand {
             fail(message + " (see 'qlora help')")
         }
     }
+}
+
+/// Re-executes this program with `OPENBLAS_CORETYPE` set when the CPU has OpenBLAS's AVX-512
+/// kernels and the user set neither it nor `QLORA_KEEP_BLAS_CORE`; OpenBLAS reads the variable
+/// only when it loads, which has already happened. If exec fails, carries on as is.
+func selectBLASKernels() {
+    let env = ProcessInfo.processInfo.environment
+    guard env["OPENBLAS_CORETYPE"] == nil, env["QLORA_KEEP_BLAS_CORE"] == nil, let core = BLAS.preferredCoreType else { return }
+    setenv("OPENBLAS_CORETYPE", core, 1)
+    execv("/proc/self/exe", CommandLine.unsafeArgv)
 }
 
 /// Prints one clear line on stderr and exits non-zero: the contract for bad input.

@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+import QLoRA
 import TestSupport
 
 /// The `qlora` executable as a user runs it: exit codes, one-line errors on stderr naming
@@ -20,11 +21,12 @@ final class CLITests: XCTestCase {
         return exe.deletingLastPathComponent().appendingPathComponent("qlora")
     }
 
-    func run(_ args: [String]) throws -> (status: Int32, stdout: String, stderr: String) {
+    func run(_ args: [String], environment: [String: String]? = nil) throws -> (status: Int32, stdout: String, stderr: String) {
         XCTAssertTrue(FileManager.default.isExecutableFile(atPath: binary.path), "qlora binary not built at \(binary.path)")
         let p = Process()
         p.executableURL = binary
         p.arguments = args
+        if let environment { p.environment = environment }
         let out = Pipe(), err = Pipe()
         p.standardOutput = out
         p.standardError = err
@@ -103,5 +105,29 @@ final class CLITests: XCTestCase {
         try expectFailure(["quantize", dir.path, outDir], mentions: ["model-00001-of-00001.safetensors"], noOutput: outDir)
         let leftovers = try FileManager.default.contentsOfDirectory(atPath: tmp.path).filter { $0.hasPrefix(".") }
         XCTAssertEqual(leftovers, [], "temporary files left behind")
+    }
+
+    /// `qlora bench --quick --json` reports the documented fields, and picks OpenBLAS's
+    /// AVX-512 kernels itself only when the user has not chosen a core.
+    func testBenchQuickJSON() throws {
+        var env = ProcessInfo.processInfo.environment
+        env.removeValue(forKey: "OPENBLAS_CORETYPE")
+        let r = try run(["bench", "--quick", "--json", "--threads", "1"], environment: env)
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let j = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as! [String: Any]
+        XCTAssertEqual(j["openblas_core"] as? String, BLAS.preferredCoreType ?? (j["openblas_core"] as? String))
+        XCTAssertEqual(j["threads"] as? Int, 1)
+        let dequant = j["dequant"] as! [[String: Any]]
+        XCTAssertGreaterThan(dequant.first?["params_per_s"] as? Double ?? 0, 0)
+        XCTAssertGreaterThan(dequant.first?["ratio_to_memcpy"] as? Double ?? 0, 0)
+        let gemm = j["gemm"] as! [[String: Any]]
+        for key in ["m", "n", "k", "seconds", "sgemm_seconds", "ratio"] { XCTAssertNotNil(gemm.first?[key], key) }
+        let gemv = j["gemv"] as! [[String: Any]]
+        for key in ["n", "k", "seconds", "sgemv_seconds", "speedup"] { XCTAssertNotNil(gemv.first?[key], key) }
+
+        env["OPENBLAS_CORETYPE"] = "Haswell"  // the user's choice is kept
+        let h = try run(["bench", "--quick", "--json", "--threads", "1"], environment: env)
+        let hj = try JSONSerialization.jsonObject(with: Data(h.stdout.utf8)) as! [String: Any]
+        XCTAssertEqual(hj["openblas_core"] as? String, "Haswell")
     }
 }

@@ -23,6 +23,8 @@ typedef enum {
 
 /// The highest level this CPU supports (AVX-512 means F+BW+VL+DQ).
 int qlora_cpu_level(void);
+/// Whether the CPU has everything OpenBLAS's SkylakeX kernels use (AVX-512 F, CD, BW, DQ, VL).
+int qlora_cpu_has_skylakex_features(void);
 /// Cap the level used by every kernel (e.g. QLORA_LEVEL_SCALAR to test the fallback).
 void qlora_set_max_level(int level);
 /// The level kernels use now: min(cpu level, cap).

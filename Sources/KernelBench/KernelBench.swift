@@ -1,0 +1,190 @@
+import COpenBLAS
+import Dispatch
+import Foundation
+import QLoRA
+
+/// `qlora bench`: how fast the 4-bit kernels run on this machine next to its own limits
+/// (memcpy, OpenBLAS sgemm and sgemv on the dense weight), measured in the same run, with the
+/// same OpenBLAS core and thread count. Timings are medians after a warm-up. GEMV and
+/// dequantize are timed cold: they cycle through distinct copies of the weights whose total
+/// exceeds twice the last-level cache, as a forward pass through many layers does.
+public struct KernelBenchReport: Codable, Sendable {
+    public struct Dequant: Codable, Sendable {
+        public var out: Int, `in`: Int
+        public var dtype: String
+        public var seconds: Double
+        public var paramsPerS: Double
+        public var memcpySeconds: Double
+        /// Bytes written per second by dequantize / by memcpy of the same output bytes.
+        public var ratioToMemcpy: Double
+    }
+    public struct Gemm: Codable, Sendable {
+        public var m: Int, n: Int, k: Int
+        public var path: String
+        public var seconds: Double
+        public var sgemmSeconds: Double
+        /// 4-bit time / sgemm time (lower is better; 1.0 = as fast as the dense fp32 GEMM).
+        public var ratio: Double
+        public var gflops: Double
+    }
+    public struct Gemv: Codable, Sendable {
+        public var n: Int, k: Int
+        public var seconds: Double
+        public var sgemvSeconds: Double
+        /// sgemv time / 4-bit time (higher is better).
+        public var speedup: Double
+        public var paramsPerS: Double
+    }
+    public var openblasCore: String
+    public var threads: Int
+    public var kernelLevel: String
+    public var lastLevelCacheBytes: Int
+    public var dequant: [Dequant] = []
+    public var gemm: [Gemm] = []
+    public var gemv: [Gemv] = []
+}
+
+public struct KernelBenchOptions: Sendable {
+    /// Weight shapes as (out, in), nn.Linear layout.
+    public var shapes: [(out: Int, in: Int)] = [(4096, 4096), (11008, 4096), (4096, 11008)]
+    public var tokens: [Int] = [1, 8, 64, 512]
+    public var threads = ProcessInfo.processInfo.activeProcessorCount
+    public var repeats = 7
+    public init() {}
+
+    /// A seconds-long run: one shape, fewer tokens and repeats.
+    public static var quick: KernelBenchOptions {
+        var o = KernelBenchOptions()
+        o.shapes = [(4096, 4096)]
+        o.tokens = [1, 64]
+        o.repeats = 3
+        return o
+    }
+}
+
+public enum KernelBench {
+    /// The last-level cache size: Linux's sysfs for cpu0 (one CPU's share, e.g. "32768K"),
+    /// else 32 MiB. glibc's sysconf is not used: in VMs it reports the host's total (384 MiB here).
+    public static var lastLevelCacheBytes: Int {
+        for index in [3, 2] {
+            if let text = try? String(contentsOfFile: "/sys/devices/system/cpu/cpu0/cache/index\(index)/size", encoding: .utf8) {
+                let t = text.trimmingCharacters(in: .whitespacesAndNewlines)
+                let scale = t.hasSuffix("K") ? 1 << 10 : t.hasSuffix("M") ? 1 << 20 : 1
+                if let v = Int(t.trimmingCharacters(in: CharacterSet.decimalDigits.inverted)), v > 0 { return v * scale }
+            }
+        }
+        return 32 << 20
+    }
+
+    /// Median seconds of `repeats` runs of `body(i)` after one warm-up.
+    static func median(_ repeats: Int, _ body: (Int) -> Void) -> Double {
+        body(0)
+        var times: [Double] = []
+        for i in 0..<max(1, repeats) {
+            let t0 = DispatchTime.now().uptimeNanoseconds
+            body(i + 1)
+            times.append(Double(DispatchTime.now().uptimeNanoseconds - t0) * 1e-9)
+        }
+        times.sort()
+        return times[times.count / 2]
+    }
+
+    /// Runs the benchmark; `progress` gets a short label before each measurement.
+    public static func run(_ o: KernelBenchOptions, progress: (String) -> Void = { _ in }) throws -> KernelBenchReport {
+        BLAS.setThreads(o.threads)
+        let llc = lastLevelCacheBytes
+        var report = KernelBenchReport(openblasCore: BLAS.coreName, threads: BLAS.threads,
+                                       kernelLevel: KernelLevel.active.description, lastLevelCacheBytes: llc)
+        for shape in o.shapes {
+            let (n, k) = (shape.out, shape.in)
+            progress("preparing \(n)x\(k)")
+            var rng = BenchRNG(seed: UInt64(n * 31 + k))
+            let dense = (0..<(n * k)).map { _ in rng.normal() * 0.02 }
+            let q = try dense.withUnsafeBufferPointer { try quantize4Bit(.float32($0), shape: [n, k]) }
+            // Enough distinct copies that each side's weights exceed twice the LLC.
+            let qCopies = max(1, (2 * llc + q.packed.count - 1) / q.packed.count)
+            let weights = try (0..<qCopies).map { _ in try Linear4BitWeight(q) }  // separate buffers
+            let wbf = weights[0]
+            var denseW = [Float](repeating: 0, count: n * k)  // bf16-valued fp32: sgemm's operand
+            denseW.withUnsafeMutableBufferPointer { wbf.dequantizeRowsBF16(0..<n, into: $0.baseAddress!) }
+            let fCopies = max(1, (2 * llc + n * k * 4 - 1) / (n * k * 4))
+            let denseCopies = [denseW] + (1..<fCopies).map { _ in denseW.map { $0 } }
+
+            // Dequantize, fp32 and bf16 out, against memcpy of the same output bytes.
+            if shape == o.shapes.last! {
+                let count = n * k
+                let src = UnsafeMutableRawBufferPointer.allocate(byteCount: count * 4, alignment: 64)
+                let dst = UnsafeMutableRawBufferPointer.allocate(byteCount: count * 4, alignment: 64)
+                defer { src.deallocate(); dst.deallocate() }
+                src.initializeMemory(as: UInt8.self, repeating: 1)
+                dst.initializeMemory(as: UInt8.self, repeating: 0)
+                for type in [ElementType.float32, .bfloat16] {
+                    progress("dequantize \(n)x\(k) -> \(type.rawValue)")
+                    let bytes = count * type.byteSize
+                    let out = FloatOutput.view(UnsafeMutableRawBufferPointer(rebasing: dst[0..<bytes]), as: type)
+                    let t = median(o.repeats) { i in
+                        let w = weights[i % weights.count]
+                        w.packed.withUnsafeBufferPointer { p in
+                            w.absmax.withUnsafeBufferPointer { a in dequantize4Bit(p, absmax: a, quantType: .nf4, blocksize: w.blocksize, into: out) }
+                        }
+                    }
+                    let tm = median(o.repeats) { _ in memcpy(dst.baseAddress!, src.baseAddress!, bytes) }
+                    report.dequant.append(.init(out: n, in: k, dtype: type.rawValue, seconds: t, paramsPerS: Double(count) / t,
+                                                memcpySeconds: tm, ratioToMemcpy: tm / t))
+                }
+            }
+
+            for m in o.tokens {
+                var x = [Float](repeating: 0, count: m * k)
+                for i in x.indices { x[i] = HalfPrecision.roundedToBFloat16(rng.normal()) }
+                var y = [Float](repeating: 0, count: m * n)
+                if m == 1 {
+                    progress("gemv \(n)x\(k)")
+                    let t = median(o.repeats) { i in
+                        x.withUnsafeBufferPointer { xp in y.withUnsafeMutableBufferPointer {
+                            Matmul4Bit.forward(x: xp, tokens: 1, weight: weights[i % weights.count], y: $0, threads: o.threads) } }
+                    }
+                    let ts = median(o.repeats) { i in
+                        denseCopies[i % denseCopies.count].withUnsafeBufferPointer { w in
+                            cblas_sgemv(CblasRowMajor, CblasNoTrans, Int32(n), Int32(k), 1, w.baseAddress, Int32(k), x, 1, 0, &y, 1)
+                        }
+                    }
+                    report.gemv.append(.init(n: n, k: k, seconds: t, sgemvSeconds: ts, speedup: ts / t, paramsPerS: Double(n * k) / t))
+                } else {
+                    progress("gemm \(m)x\(n)x\(k)")
+                    let fused = m <= Matmul4Bit.fusedMaxTokens
+                    let t = median(o.repeats) { i in
+                        x.withUnsafeBufferPointer { xp in y.withUnsafeMutableBufferPointer {
+                            Matmul4Bit.forward(x: xp, tokens: m, weight: weights[i % weights.count], y: $0, threads: o.threads) } }
+                    }
+                    let ts = median(o.repeats) { i in
+                        denseCopies[i % denseCopies.count].withUnsafeBufferPointer { w in
+                            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(m), Int32(n), Int32(k), 1, x, Int32(k),
+                                        w.baseAddress, Int32(k), 0, &y, Int32(n))
+                        }
+                    }
+                    report.gemm.append(.init(m: m, n: n, k: k, path: fused ? "fused" : "panel-gemm", seconds: t, sgemmSeconds: ts,
+                                             ratio: t / ts, gflops: 2 * Double(m * n * k) / t * 1e-9))
+                }
+            }
+        }
+        return report
+    }
+}
+
+/// Seeded normal samples for benchmark weights (SplitMix64 + Box-Muller).
+struct BenchRNG {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+    mutating func normal() -> Float {
+        let u1 = Double(next() >> 11) * 0x1p-53 + 0x1p-54, u2 = Double(next() >> 11) * 0x1p-53
+        return Float((-2 * log(u1)).squareRoot() * cos(2 * Double.pi * u2))
+    }
+}
