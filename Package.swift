@@ -17,7 +17,7 @@ let package = Package(
         // MARK: Public API
 
         /// Numerics: bf16/fp16, 4-bit and 8-bit codes, blockwise quantization. No file I/O.
-        .target(name: "QLoRA", dependencies: ["CQLoRAKernels", "COpenBLAS"]),
+        .target(name: "QLoRA", dependencies: ["CQLoRAKernels", "COpenBLAS"], linkerSettings: [.linkedLibrary("m")]),
         /// The safetensors format: mmap reader, streaming writer, sharded index. Foundation only,
         /// so the fuzz harness (Fuzz/) compiles it on its own.
         .target(name: "SafeTensors"),

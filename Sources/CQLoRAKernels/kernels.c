@@ -438,3 +438,16 @@ void qlora_gemv4_bf16(const uint8_t *packed, int64_t r0, int64_t r1, int64_t in,
     else
         gemv4_scalar(packed, r0, r1, in, bs, code16, absmax, x, tokens, y, ldy);
 }
+
+// MARK: - Round an activation to bf16 values
+
+AVX512 static void round_bf16_avx512(const float *in, int64_t n, float *out) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(out + i, round_bf16_16(_mm512_loadu_ps(in + i)));
+    for (; i < n; i++) out[i] = round_bf16_f32(in[i]);
+}
+
+void qlora_round_bf16_f32(const float *in, int64_t n, float *out) {
+    if (qlora_active_level() >= QLORA_LEVEL_AVX512) { round_bf16_avx512(in, n, out); return; }
+    for (int64_t i = 0; i < n; i++) out[i] = round_bf16_f32(in[i]);
+}

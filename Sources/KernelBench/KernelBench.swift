@@ -138,11 +138,12 @@ public enum KernelBench {
                 var x = [Float](repeating: 0, count: m * k)
                 for i in x.indices { x[i] = HalfPrecision.roundedToBFloat16(rng.normal()) }
                 var y = [Float](repeating: 0, count: m * n)
+                let scratch = Matmul4BitScratch()
                 if m == 1 {
                     progress("gemv \(n)x\(k)")
                     let t = median(o.repeats) { i in
                         x.withUnsafeBufferPointer { xp in y.withUnsafeMutableBufferPointer {
-                            Matmul4Bit.forward(x: xp, tokens: 1, weight: weights[i % weights.count], y: $0, threads: o.threads) } }
+                            Matmul4Bit.forward(x: xp, tokens: 1, weight: weights[i % weights.count], y: $0, threads: o.threads, scratch: scratch) } }
                     }
                     let ts = median(o.repeats) { i in
                         denseCopies[i % denseCopies.count].withUnsafeBufferPointer { w in
@@ -155,7 +156,7 @@ public enum KernelBench {
                     let fused = m <= Matmul4Bit.fusedMaxTokens
                     let t = median(o.repeats) { i in
                         x.withUnsafeBufferPointer { xp in y.withUnsafeMutableBufferPointer {
-                            Matmul4Bit.forward(x: xp, tokens: m, weight: weights[i % weights.count], y: $0, threads: o.threads) } }
+                            Matmul4Bit.forward(x: xp, tokens: m, weight: weights[i % weights.count], y: $0, threads: o.threads, scratch: scratch) } }
                     }
                     let ts = median(o.repeats) { i in
                         denseCopies[i % denseCopies.count].withUnsafeBufferPointer { w in

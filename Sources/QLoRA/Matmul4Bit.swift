@@ -26,17 +26,51 @@ public struct Linear4BitWeight: Sendable {
         absmax = q.state.absmaxValues()
     }
 
-    /// Rows `rows` of W as bf16 values held in fp32, into `out` ([rows.count, in]).
-    public func dequantizeRowsBF16(_ rows: Range<Int>, into out: UnsafeMutablePointer<Float>) {
+    /// Rows `rows` of W as bf16 values held in fp32, into `out` ([rows.count, in]), the rows
+    /// split between `threads` threads.
+    public func dequantizeRowsBF16(_ rows: Range<Int>, into out: UnsafeMutablePointer<Float>, threads: Int = 1) {
         let code = quantType.code
+        let k = inFeatures, bs = blocksize, r0 = rows.lowerBound, count = rows.count
+        let parts = max(1, min(threads, count / 16))
         packed.withUnsafeBufferPointer { p in
             absmax.withUnsafeBufferPointer { a in
                 code.withUnsafeBufferPointer { c in
-                    qlora_dequantize4_range_f32(p.baseAddress, Int64(rows.lowerBound * inFeatures), Int64(rows.count * inFeatures),
-                                                Int64(blocksize), c.baseAddress, a.baseAddress, 1, out)
+                    // Addresses cross into the worker threads as integers; each writes its own rows.
+                    let (pa, aa, ca, oa) = (Int(bitPattern: p.baseAddress), Int(bitPattern: a.baseAddress),
+                                            Int(bitPattern: c.baseAddress), Int(bitPattern: out))
+                    let run: @Sendable (Int) -> Void = { part in
+                        let lo = count * part / parts, hi = count * (part + 1) / parts
+                        qlora_dequantize4_range_f32(UnsafePointer(bitPattern: pa), Int64((r0 + lo) * k), Int64((hi - lo) * k), Int64(bs),
+                                                    UnsafePointer(bitPattern: ca), UnsafePointer(bitPattern: aa), 1,
+                                                    UnsafeMutablePointer<Float>(bitPattern: oa)! + lo * k)
+                    }
+                    if parts == 1 { run(0) } else { DispatchQueue.concurrentPerform(iterations: parts, execute: run) }
                 }
             }
         }
+    }
+}
+
+/// Reusable scratch for `Matmul4Bit` (the bf16 activation copy and one panel of W), so
+/// repeated calls neither allocate nor page-fault. Not for concurrent use by two calls.
+public final class Matmul4BitScratch: @unchecked Sendable {
+    private var activation: UnsafeMutablePointer<Float>? = nil, activationCount = 0
+    private var panel: UnsafeMutablePointer<Float>? = nil, panelCount = 0
+
+    public init() {}
+    deinit { activation?.deallocate(); panel?.deallocate() }
+
+    /// Bytes held now.
+    public var byteCount: Int { (activationCount + panelCount) * 4 }
+
+    func activation(_ n: Int) -> UnsafeMutablePointer<Float> {
+        if n > activationCount { activation?.deallocate(); activation = .allocate(capacity: n); activationCount = n }
+        return activation!
+    }
+
+    func panel(_ n: Int) -> UnsafeMutablePointer<Float> {
+        if n > panelCount { panel?.deallocate(); panel = .allocate(capacity: n); panelCount = n }
+        return panel!
     }
 }
 
@@ -59,7 +93,7 @@ public enum Matmul4Bit {
     public static let fusedMaxTokens = 8
     /// Target size of one dequantized panel of W (fp32). Each panel is one sgemm call, which
     /// re-packs X: panels much smaller than this made the 512-token GEMM up to 3.9x slower.
-    public static let panelTargetBytes = 8 << 20
+    public static let panelTargetBytes = 16 << 20
 
     /// Rows of W per panel for a given `in`: about `panelTargetBytes` of fp32, at least 16.
     public static func panelRows(inFeatures: Int, outFeatures: Int) -> Int {
@@ -89,14 +123,15 @@ public enum Matmul4Bit {
     ///   - threads: threads for the fused path (rows split between them); the GEMM path uses
     ///     OpenBLAS's own threads.
     ///   - panelRows: rows of W per dequantized panel (default `panelRows(inFeatures:outFeatures:)`).
+    ///   - scratch: reused buffers (a fresh one per call when nil).
     public static func forward(x: UnsafeBufferPointer<Float>, tokens: Int, weight w: Linear4BitWeight,
                                y: UnsafeMutableBufferPointer<Float>, path: Matmul4BitPath = .automatic, threads: Int = 2,
-                               panelRows panelOverride: Int? = nil) {
+                               panelRows panelOverride: Int? = nil, scratch: Matmul4BitScratch? = nil) {
         let k = w.inFeatures, n = w.outFeatures
         precondition(x.count >= tokens * k && y.count >= tokens * n, "x or y too small for \(tokens) tokens")
-        let xb = UnsafeMutableBufferPointer<Float>.allocate(capacity: max(1, tokens * k))
-        defer { xb.deallocate() }
-        for i in 0..<(tokens * k) { xb[i] = HalfPrecision.roundedToBFloat16(x[i]) }
+        let work = scratch ?? Matmul4BitScratch()
+        let xb = UnsafeMutableBufferPointer(start: work.activation(max(1, tokens * k)), count: max(1, tokens * k))
+        qlora_round_bf16_f32(x.baseAddress, Int64(tokens * k), xb.baseAddress)
 
         if usesFused(tokens: tokens, path: path) && tokens >= 1 {
             var t0 = 0
@@ -108,12 +143,11 @@ public enum Matmul4Bit {
             return
         }
         let p = max(1, panelOverride ?? panelRows(inFeatures: k, outFeatures: n))
-        let panel = UnsafeMutablePointer<Float>.allocate(capacity: p * k)
-        defer { panel.deallocate() }
+        let panel = work.panel(p * k)
         var r0 = 0
         while r0 < n {
             let rows = min(p, n - r0)
-            w.dequantizeRowsBF16(r0..<(r0 + rows), into: panel)
+            w.dequantizeRowsBF16(r0..<(r0 + rows), into: panel, threads: threads)
             // Y[:, r0 ..< r0+rows] = Xb [tokens, k] · panelᵀ (panel is [rows, k] row-major, so
             // op(B) = Bᵀ with ldb = k); C starts at column r0 of Y with ldc = n.
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(tokens), Int32(rows), Int32(k),
@@ -127,20 +161,20 @@ public enum Matmul4Bit {
     ///     // dy: [tokens, out], w: [out, in] -> dx: [tokens, in]
     /// (backward of `y = x · Wᵀ`: dx[t, i] = Σ_o dy[t, o] · W[o, i])
     public static func backwardInput(dy: UnsafeBufferPointer<Float>, tokens: Int, weight w: Linear4BitWeight,
-                                     dx: UnsafeMutableBufferPointer<Float>, panelRows panelOverride: Int? = nil) {
+                                     dx: UnsafeMutableBufferPointer<Float>, panelRows panelOverride: Int? = nil,
+                                     threads: Int = 2, scratch: Matmul4BitScratch? = nil) {
         let k = w.inFeatures, n = w.outFeatures
         precondition(dy.count >= tokens * n && dx.count >= tokens * k, "dy or dx too small for \(tokens) tokens")
-        let db = UnsafeMutableBufferPointer<Float>.allocate(capacity: max(1, tokens * n))
-        defer { db.deallocate() }
-        for i in 0..<(tokens * n) { db[i] = HalfPrecision.roundedToBFloat16(dy[i]) }
+        let work = scratch ?? Matmul4BitScratch()
+        let db = UnsafeMutableBufferPointer(start: work.activation(max(1, tokens * n)), count: max(1, tokens * n))
+        qlora_round_bf16_f32(dy.baseAddress, Int64(tokens * n), db.baseAddress)
         if n == 0 { for i in 0..<(tokens * k) { dx[i] = 0 }; return }
         let p = max(1, panelOverride ?? panelRows(inFeatures: k, outFeatures: n))
-        let panel = UnsafeMutablePointer<Float>.allocate(capacity: p * k)
-        defer { panel.deallocate() }
+        let panel = work.panel(p * k)
         var r0 = 0
         while r0 < n {
             let rows = min(p, n - r0)
-            w.dequantizeRowsBF16(r0..<(r0 + rows), into: panel)
+            w.dequantizeRowsBF16(r0..<(r0 + rows), into: panel, threads: threads)
             // dX += dYb[:, r0 ..< r0+rows] (lda = n) · panel [rows, k] (ldb = k); beta 0 on
             // the first panel overwrites dX.
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(tokens), Int32(k), Int32(rows),

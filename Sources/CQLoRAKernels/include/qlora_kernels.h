@@ -79,6 +79,9 @@ void qlora_dequantize4_f16(const uint8_t *packed, int64_t n, int64_t blocksize,
 void qlora_dequantize4_range_f32(const uint8_t *packed, int64_t start, int64_t count, int64_t blocksize,
                                  const float *code16, const float *absmax, int round_bf16, float *out);
 
+/// out[i] = in[i] rounded to bf16 (nearest even, NaN -> quiet NaN), kept in fp32.
+void qlora_round_bf16_f32(const float *in, int64_t n, float *out);
+
 /// Fused 4-bit GEMV/GEMM for few tokens, bf16 compute semantics, no scratch:
 ///   y[t * ldy + r] = sum_i x[t * in + i] * bf16(code16[w(r, i)] * absmax[(r * in + i) / blocksize])
 /// for rows r in [row_begin, row_end) of W [out, in], t < tokens (1...8). x must hold
