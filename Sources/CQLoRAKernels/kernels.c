@@ -3,6 +3,7 @@
 #include "qlora_kernels.h"
 #include <math.h>
 #include <string.h>
+#include <stdlib.h>
 #include <stdatomic.h>
 #include <immintrin.h>
 
@@ -409,6 +410,28 @@ AVX512 static void gemv4_avx512(const uint8_t *packed, int64_t r0, int64_t r1, i
                                 const float *code16, const float *absmax, const float *x, int64_t tokens,
                                 float *y, int64_t ldy) {
     const __m512 code = _mm512_loadu_ps(code16);
+    if (tokens == 1) {
+        // One token: four accumulators in rotation, so the FMA latency is not the limit.
+        for (int64_t r = r0; r < r1; r++) {
+            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+            const int64_t base = r * in;
+            int64_t block = base / bs;
+            int64_t left = bs - base % bs;
+            __m512 table = round_bf16_16(_mm512_mul_ps(code, _mm512_set1_ps(absmax[block])));
+            for (int64_t k = 0, u = 0; k < in; k += 16, u = (u + 1) & 3) {
+                if (left == 0) {
+                    block++;
+                    left = bs;
+                    table = round_bf16_16(_mm512_mul_ps(code, _mm512_set1_ps(absmax[block])));
+                }
+                left -= 16;
+                __m512 w = _mm512_permutexvar_ps(unpack16(packed + (base + k) / 2), table);
+                acc[u] = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), w, acc[u]);
+            }
+            y[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+        }
+        return;
+    }
     for (int64_t r = r0; r < r1; r++) {
         __m512 acc[8];
         for (int t = 0; t < 8; t++) acc[t] = _mm512_setzero_ps();
@@ -430,9 +453,57 @@ AVX512 static void gemv4_avx512(const uint8_t *packed, int64_t r0, int64_t r1, i
     }
 }
 
+// in % 32 == 0: 16 packed bytes hold 32 weights. Zero-extending the bytes to 32-bit lanes
+// gives the odd elements' nibbles in the low 4 bits (vpermps reads only those) and, after a
+// shift, the even elements': two lookups, one widening. The dot product does not care about
+// order, so x is de-interleaved to match (even elements, then odd, per 32) once per call.
+AVX512 static void gemv4_avx512_pairs(const uint8_t *packed, int64_t r0, int64_t r1, int64_t in, int64_t bs,
+                                      const float *code16, const float *absmax, const float *x, int64_t tokens,
+                                      float *y, int64_t ldy, float *xd) {
+    for (int64_t t = 0; t < tokens; t++)
+        for (int64_t k = 0; k < in; k += 32)
+            for (int j = 0; j < 16; j++) {
+                xd[t * in + k + j] = x[t * in + k + 2 * j];
+                xd[t * in + k + 16 + j] = x[t * in + k + 2 * j + 1];
+            }
+    const __m512 code = _mm512_loadu_ps(code16);
+    for (int64_t r = r0; r < r1; r++) {
+        __m512 acc[8][2];
+        for (int t = 0; t < 8; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+        const int64_t base = r * in;
+        int64_t block = base / bs;
+        int64_t left = bs - base % bs;  // a multiple of 32
+        __m512 table = round_bf16_16(_mm512_mul_ps(code, _mm512_set1_ps(absmax[block])));
+        for (int64_t k = 0; k < in; k += 32) {
+            if (left == 0) {
+                block++;
+                left = bs;
+                table = round_bf16_16(_mm512_mul_ps(code, _mm512_set1_ps(absmax[block])));
+            }
+            left -= 32;
+            __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(packed + (base + k) / 2)));
+            __m512 wodd = _mm512_permutexvar_ps(bytes, table);
+            __m512 weven = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
+            for (int64_t t = 0; t < tokens; t++) {
+                acc[t][0] = _mm512_fmadd_ps(_mm512_loadu_ps(xd + t * in + k), weven, acc[t][0]);
+                acc[t][1] = _mm512_fmadd_ps(_mm512_loadu_ps(xd + t * in + k + 16), wodd, acc[t][1]);
+            }
+        }
+        for (int64_t t = 0; t < tokens; t++) y[t * ldy + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
+    }
+}
+
 void qlora_gemv4_bf16(const uint8_t *packed, int64_t r0, int64_t r1, int64_t in, int64_t bs,
                       const float *code16, const float *absmax, const float *x, int64_t tokens, float *y, int64_t ldy) {
     if (tokens < 1 || tokens > 8) return;
+    if (qlora_active_level() >= QLORA_LEVEL_AVX512 && bs % 32 == 0 && in % 32 == 0) {
+        float *xd = (float *)malloc((size_t)(tokens * in) * sizeof(float));
+        if (xd) {
+            gemv4_avx512_pairs(packed, r0, r1, in, bs, code16, absmax, x, tokens, y, ldy, xd);
+            free(xd);
+            return;
+        }
+    }
     if (qlora_active_level() >= QLORA_LEVEL_AVX512 && bs % 16 == 0 && in % 16 == 0)
         gemv4_avx512(packed, r0, r1, in, bs, code16, absmax, x, tokens, y, ldy);
     else

@@ -44,8 +44,9 @@ final class Matmul4BitTests: XCTestCase {
     }
 
     func testForwardAndBackwardEveryPathAgainstFloat64Reference() throws {
-        // Shapes that are multiples of nothing (77 × 130) and of 16 but not of the panel (300 × 192).
-        for (out, k) in [(77, 130), (300, 192), (33, 64)] {
+        // Shapes that are multiples of nothing (77 × 130), of 32 but not of the panel (300 × 192),
+        // and of 16 but not 32 (50 × 208).
+        for (out, k) in [(77, 130), (300, 192), (33, 64), (50, 208)] {  // in % 32: 2, 0, 0, 16 (every fused kernel)
             let (w, wbf) = try makeWeight(out: out, in: k, seed: UInt64(out * k))
             for tokens in [1, 3, 8, 9, 33] {
                 var rng = SplitMix64(seed: UInt64(tokens))
