@@ -341,7 +341,7 @@ DEFINE_DEQUANT_ENTRY(qlora_dequantize4_f32, float, dequant4_scalar_f32, dequant4
 DEFINE_DEQUANT_ENTRY(qlora_dequantize4_bf16, uint16_t, dequant4_scalar_bf16, dequant4_avx512_bf16)
 DEFINE_DEQUANT_ENTRY(qlora_dequantize4_f16, uint16_t, dequant4_scalar_f16, dequant4_avx512_f16)
 
-// MARK: - Dequantize a range, fp32 out (optionally bf16-rounded)
+// MARK: - AVX2 versions of the matmul kernels
 
 static inline float round_bf16_f32(float v) { return bf16_to_f32(f32_to_bf16(v)); }
 
@@ -350,6 +350,87 @@ static inline float nibble_value(const uint8_t *packed, int64_t i, int64_t bs, c
     uint8_t nib = (i & 1) ? (byte & 0x0F) : (byte >> 4);
     return code[nib] * absmax[i / bs];
 }
+
+
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+
+// 8 nibble indices (int32 lanes) from 4 packed bytes, element order.
+AVX2 static inline __m256i unpack8_avx2(const uint8_t *p) {
+    int32_t raw32;
+    memcpy(&raw32, p, 4);
+    __m128i raw = _mm_cvtsi32_si128(raw32);
+    __m128i mask = _mm_set1_epi8(0x0F);
+    __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+    __m128i lo = _mm_and_si128(raw, mask);
+    return _mm256_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo));
+}
+
+// A 16-entry table lookup: two 8-lane permutes, chosen by index bit 3.
+AVX2 static inline __m256 lookup16_avx2(__m256i idx, __m256 lo, __m256 hi) {
+    __m256 a = _mm256_permutevar8x32_ps(lo, idx), b = _mm256_permutevar8x32_ps(hi, idx);
+    return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+AVX2 static inline __m256 round_bf16_8(__m256 v) {
+    __m256i u = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+    r = _mm256_and_si256(r, _mm256_set1_epi32((int)0xFFFF0000u));
+    __m256 ordered = _mm256_cmp_ps(v, v, _CMP_ORD_Q);
+    return _mm256_blendv_ps(_mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)), _mm256_castsi256_ps(r), ordered);
+}
+
+AVX2 static void dequant_range_avx2(const uint8_t *packed, int64_t start, int64_t count, int64_t bs,
+                                    const float *code16, const float *absmax, int rb, float *out) {
+    const __m256 lo = _mm256_loadu_ps(code16), hi = _mm256_loadu_ps(code16 + 8);
+    int64_t i = start, end = start + count;
+    for (; i < end && (i & 7); i++) { float v = nibble_value(packed, i, bs, code16, absmax); out[i - start] = rb ? round_bf16_f32(v) : v; }
+    for (; i + 8 <= end; i += 8) {
+        __m256 v = _mm256_mul_ps(lookup16_avx2(unpack8_avx2(packed + i / 2), lo, hi), _mm256_set1_ps(absmax[i / bs]));
+        _mm256_storeu_ps(out + (i - start), rb ? round_bf16_8(v) : v);
+    }
+    for (; i < end; i++) { float v = nibble_value(packed, i, bs, code16, absmax); out[i - start] = rb ? round_bf16_f32(v) : v; }
+}
+
+// in % 8 == 0: per block, bf16(code * absmax) as two 8-lane tables; 8 weights per step.
+AVX2 static void gemv4_avx2(const uint8_t *packed, int64_t r0, int64_t r1, int64_t in, int64_t bs,
+                            const float *code16, const float *absmax, const float *x, int64_t tokens,
+                            float *y, int64_t ldy) {
+    const __m256 clo = _mm256_loadu_ps(code16), chi = _mm256_loadu_ps(code16 + 8);
+    for (int64_t r = r0; r < r1; r++) {
+        __m256 acc[8];
+        for (int t = 0; t < 8; t++) acc[t] = _mm256_setzero_ps();
+        const int64_t base = r * in;
+        int64_t block = base / bs, left = bs - base % bs;
+        __m256 s = _mm256_set1_ps(absmax[block]);
+        __m256 tlo = round_bf16_8(_mm256_mul_ps(clo, s)), thi = round_bf16_8(_mm256_mul_ps(chi, s));
+        for (int64_t k = 0, u = 0; k < in; k += 8, u = (u + 1) & 3) {
+            if (left == 0) {
+                block++;
+                left = bs;
+                s = _mm256_set1_ps(absmax[block]);
+                tlo = round_bf16_8(_mm256_mul_ps(clo, s));
+                thi = round_bf16_8(_mm256_mul_ps(chi, s));
+            }
+            left -= 8;
+            __m256 w = lookup16_avx2(unpack8_avx2(packed + (base + k) / 2), tlo, thi);
+            if (tokens == 1) {
+                acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), w, acc[u]);  // four chains for one token
+            } else {
+                for (int64_t t = 0; t < tokens; t++) acc[t] = _mm256_fmadd_ps(_mm256_loadu_ps(x + t * in + k), w, acc[t]);
+            }
+        }
+        if (tokens == 1) acc[0] = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        for (int64_t t = 0; t < tokens; t++) {
+            __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[t]), _mm256_extractf128_ps(acc[t], 1));
+            h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            h = _mm_add_ss(h, _mm_movehdup_ps(h));
+            y[t * ldy + r] = _mm_cvtss_f32(h);
+        }
+    }
+}
+
+// MARK: - Dequantize a range, fp32 out (optionally bf16-rounded)
 
 AVX512 static inline __m512 round_bf16_16(__m512 v) {
     __m512i u = _mm512_castps_si512(v);
@@ -381,6 +462,10 @@ void qlora_dequantize4_range_f32(const uint8_t *packed, int64_t start, int64_t c
                                  const float *code16, const float *absmax, int round_bf16, float *out) {
     if (qlora_active_level() >= QLORA_LEVEL_AVX512 && bs % 16 == 0) {
         dequant_range_avx512(packed, start, count, bs, code16, absmax, round_bf16, out);
+        return;
+    }
+    if (qlora_active_level() >= QLORA_LEVEL_AVX2 && bs % 8 == 0) {
+        dequant_range_avx2(packed, start, count, bs, code16, absmax, round_bf16, out);
         return;
     }
     for (int64_t i = start; i < start + count; i++) {
@@ -506,6 +591,8 @@ void qlora_gemv4_bf16(const uint8_t *packed, int64_t r0, int64_t r1, int64_t in,
     }
     if (qlora_active_level() >= QLORA_LEVEL_AVX512 && bs % 16 == 0 && in % 16 == 0)
         gemv4_avx512(packed, r0, r1, in, bs, code16, absmax, x, tokens, y, ldy);
+    else if (qlora_active_level() >= QLORA_LEVEL_AVX2 && bs % 8 == 0 && in % 8 == 0)
+        gemv4_avx2(packed, r0, r1, in, bs, code16, absmax, x, tokens, y, ldy);
     else
         gemv4_scalar(packed, r0, r1, in, bs, code16, absmax, x, tokens, y, ldy);
 }

@@ -45,8 +45,8 @@ final class Matmul4BitTests: XCTestCase {
 
     func testForwardAndBackwardEveryPathAgainstFloat64Reference() throws {
         // Shapes that are multiples of nothing (77 × 130), of 32 but not of the panel (300 × 192),
-        // and of 16 but not 32 (50 × 208).
-        for (out, k) in [(77, 130), (300, 192), (33, 64), (50, 208)] {  // in % 32: 2, 0, 0, 16 (every fused kernel)
+        // of 16 but not 32 (50 × 208), of 8 but not 16 (21 × 72, blocksize 64 rows straddle blocks).
+        for (out, k) in [(77, 130), (300, 192), (33, 64), (50, 208), (21, 72)] {  // in % 32: 2, 0, 0, 16, 8 (every fused kernel)
             let (w, wbf) = try makeWeight(out: out, in: k, seed: UInt64(out * k))
             for tokens in [1, 3, 8, 9, 33] {
                 var rng = SplitMix64(seed: UInt64(tokens))
@@ -63,7 +63,7 @@ final class Matmul4BitTests: XCTestCase {
                     for o in 0..<out { let p = Double(dyb[t * out + o]) * Double(wbf[o * k + i]); s += p; a += abs(p) }
                     return (s, a)
                 }
-                for level in [KernelLevel.avx512, .scalar] where level.rawValue <= KernelLevel.cpu.rawValue {
+                for level in [KernelLevel.avx512, .avx2, .scalar] where level.rawValue <= KernelLevel.cpu.rawValue {
                     KernelLevel.setMaximum(level)
                     for path in [Matmul4BitPath.panelGEMM, .fused, .automatic] {
                         var y = [Float](repeating: .nan, count: tokens * out)
