@@ -73,6 +73,40 @@ func measure(_ benchmark: Benchmark, params: Int, _ body: () throws -> Void) ret
     benchmark.measurement(paramsPerSecond, Int((total / elapsed * 1e3).rounded()))  // params/ns * 1e3 = M/s
 }
 
+/// A Llama-2-7B MLP up/gate projection (out 11008, in 4096) in NF4, an input for 1 and 512
+/// tokens, and reusable scratch: the 4-bit matmul's inputs, made in `setup`.
+final class MatmulFixture: @unchecked Sendable {
+    static let (out, inFeatures) = (11008, 4096)
+    let weight: Linear4BitWeight
+    let x: [Float]
+    let y: UnsafeMutableBufferPointer<Float>
+    let scratch = Matmul4BitScratch()
+
+    init(tokens: Int) throws {
+        var rng = SplitMix(seed: 7)
+        let w = (0..<(Self.out * Self.inFeatures)).map { _ in rng.uniform() * 0.04 }
+        weight = try Linear4BitWeight(w.withUnsafeBufferPointer { try quantize4Bit(.float32($0), shape: [Self.out, Self.inFeatures]) })
+        x = (0..<(tokens * Self.inFeatures)).map { _ in rng.uniform() }
+        y = .allocate(capacity: tokens * Self.out)
+        y.initialize(repeating: 0)
+    }
+
+    deinit { y.deallocate() }
+}
+
+struct SplitMix {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    /// Uniform in [-1, 1).
+    mutating func uniform() -> Float {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return Float((z ^ (z >> 31)) >> 40) * 0x1p-23 - 1
+    }
+}
+
 let benchmarks: @Sendable () -> Void = {
     // A few seconds per suite; each iteration is tens of milliseconds, so that is ~50-150
     // samples. One warm-up iteration brings the code and the page tables in.
@@ -155,4 +189,23 @@ let benchmarks: @Sendable () -> Void = {
         },
         setup: { try Fixture() }
     )
+
+    // The 4-bit matmul (bf16 compute), regression-tracked here; `qlora bench` times it next to
+    // OpenBLAS sgemv/sgemm. OpenBLAS's kernels follow OPENBLAS_CORETYPE (run with SkylakeX on
+    // AVX-512 machines to match `qlora bench`). Metric: weights (params) per second. The GEMV
+    // here is warm (one 22.5 MB weight stays in the L3); `qlora bench` times it cold.
+    for tokens in [1, 512] {
+        Benchmark(
+            "NF4 matmul \(tokens) token(s) x 11008x4096 (\(tokens <= Matmul4Bit.fusedMaxTokens ? "fused GEMV" : "panel GEMM"))",
+            closure: { benchmark, fixture in
+                fixture.x.withUnsafeBufferPointer { xp in
+                    measure(benchmark, params: MatmulFixture.out * MatmulFixture.inFeatures) {
+                        Matmul4Bit.forward(x: xp, tokens: tokens, weight: fixture.weight, y: fixture.y, scratch: fixture.scratch)
+                        blackHole(fixture.y[0])
+                    }
+                }
+            },
+            setup: { try MatmulFixture(tokens: tokens) }
+        )
+    }
 }
