@@ -124,11 +124,16 @@ public enum Matmul4Bit {
     ///     OpenBLAS's own threads.
     ///   - panelRows: rows of W per dequantized panel (default `panelRows(inFeatures:outFeatures:)`).
     ///   - scratch: reused buffers (a fresh one per call when nil).
+    ///   - roundOutputToBF16: round y to bf16 values (still stored as fp32), as a bf16 output.
     public static func forward(x: UnsafeBufferPointer<Float>, tokens: Int, weight w: Linear4BitWeight,
                                y: UnsafeMutableBufferPointer<Float>, path: Matmul4BitPath = .automatic, threads: Int = 2,
-                               panelRows panelOverride: Int? = nil, scratch: Matmul4BitScratch? = nil) {
+                               panelRows panelOverride: Int? = nil, scratch: Matmul4BitScratch? = nil, roundOutputToBF16: Bool = false) {
         let k = w.inFeatures, n = w.outFeatures
         precondition(x.count >= tokens * k && y.count >= tokens * n, "x or y too small for \(tokens) tokens")
+        defer {
+            // bitsandbytes with a bf16 compute dtype returns bf16: the fp32 result rounded once.
+            if roundOutputToBF16 { qlora_round_bf16_f32(y.baseAddress, Int64(tokens * n), y.baseAddress) }
+        }
         let work = scratch ?? Matmul4BitScratch()
         let xb = UnsafeMutableBufferPointer(start: work.activation(max(1, tokens * k)), count: max(1, tokens * k))
         qlora_round_bf16_f32(x.baseAddress, Int64(tokens * k), xb.baseAddress)

@@ -143,6 +143,21 @@ final class Matmul4BitTests: XCTestCase {
         }
     }
 
+    func testBF16OutputIsTheFP32ResultRoundedOnce() throws {
+        let (w, _) = try makeWeight(out: 70, in: 96, seed: 5)
+        var rng = SplitMix64(seed: 6)
+        for tokens in [1, 20] {
+            let x = (0..<(tokens * 96)).map { _ in rng.normal() }
+            var y32 = [Float](repeating: 0, count: tokens * 70), y16 = y32
+            x.withUnsafeBufferPointer { xp in
+                y32.withUnsafeMutableBufferPointer { Matmul4Bit.forward(x: xp, tokens: tokens, weight: w, y: $0) }
+                y16.withUnsafeMutableBufferPointer { Matmul4Bit.forward(x: xp, tokens: tokens, weight: w, y: $0, roundOutputToBF16: true) }
+            }
+            XCTAssertEqual(y16, y32.map(HalfPrecision.roundedToBFloat16))
+            XCTAssertNotEqual(y16, y32)
+        }
+    }
+
     func testScratchIsOnePanelPlusTheActivation() throws {
         let (w, _) = try makeWeight(out: 4096, in: 1024, seed: 1)
         let p = Matmul4Bit.panelRows(inFeatures: 1024, outFeatures: 4096)
