@@ -215,9 +215,86 @@ def main():
                         "dequant": ["bfloat16"], "cpu_kernel_differs": {}, "note": ""}
     g.save()
 
+    # 8. LoRA on a bnb 4-bit base, through PEFT (issue 4), and ten AdamW steps.
+    lora()
+    adamw()
+
     # 6. A tiny checkpoint and its bitsandbytes-4bit serialization, as transformers saves it
     #    (each nn.Linear replaced by bnb.nn.Linear4bit; the module state_dict).
     checkpoint()
+
+
+def lora():
+    """PEFT's LoRA layer on bnb.nn.Linear4bit (NF4, double quant, bf16 compute): y, dX, dA, dB."""
+    import bitsandbytes.nn as bnn
+    from peft import LoraConfig, get_peft_model
+    g = Group("lora")
+    out_f, in_f, tokens = 48, 96, 5
+    w = torch.randn(out_f, in_f, generator=rng(50)) * 0.05
+    g.add("base.weight", w)
+    x = torch.randn(tokens, in_f, generator=rng(51))
+    dy = torch.randn(tokens, out_f, generator=rng(52))
+    g.add("x", x)
+    g.add("dy", dy)
+    for r, rs in ((8, False), (16, False), (8, True), (16, True)):
+        class Tiny(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.proj = bnn.Linear4bit(in_f, out_f, bias=False, compute_dtype=torch.bfloat16,
+                                           compress_statistics=True, quant_type="nf4", quant_storage=torch.uint8)
+                self.proj.weight = bnn.Params4bit(w.clone(), requires_grad=False, compress_statistics=True,
+                                                  quant_type="nf4", blocksize=64)
+
+            def forward(self, inp):
+                return self.proj(inp)
+        model = Tiny().to("cpu")
+        model.is_loaded_in_4bit = True  # as transformers sets it; PEFT then wraps with its bnb LoRA layer
+        cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["proj"], use_rslora=rs, bias="none")
+        pm = get_peft_model(model, cfg)
+        layer = pm.base_model.model.proj
+        a = layer.lora_A["default"].weight
+        b = layer.lora_B["default"].weight
+        with torch.no_grad():  # B is zero at init; give it values so every gradient is non-trivial
+            b.copy_(torch.randn(b.shape, generator=rng(53 + r)) * 0.1)
+        cid = f"r{r}{'_rslora' if rs else ''}"
+        g.add(cid + ".lora_A", a.detach())
+        g.add(cid + ".lora_B", b.detach())
+        xx = x.clone().requires_grad_(True)
+        y = pm(xx)
+        y.backward(dy)
+        g.add(cid + ".y", y.detach())
+        g.add(cid + ".dx", xx.grad)
+        g.add(cid + ".dA", a.grad)
+        g.add(cid + ".dB", b.grad)
+        g.cases[cid] = {"r": r, "lora_alpha": 2 * r, "use_rslora": rs, "scaling": layer.scaling["default"],
+                        "out": out_f, "in": in_f, "tokens": tokens, "peft": __import__("peft").__version__,
+                        "lora_A_dtype": str(a.dtype)}
+    g.save()
+
+
+def adamw():
+    """torch.optim.AdamW with its defaults on CPU: ten steps on fixed gradients."""
+    g = Group("adamw")
+    for shape in ((8, 37), (5,), (64, 16)):
+        cid = "p" + "x".join(map(str, shape))
+        p0 = torch.randn(*shape, generator=rng(60 + len(shape)))
+        p = p0.clone().requires_grad_(True)
+        opt = torch.optim.AdamW([p])
+        g.add(cid + ".param0", p0)
+        for step in range(1, 11):
+            grad = torch.randn(*shape, generator=rng(100 + step)) * (0.1 if step % 2 else 3.0)
+            if step == 4:
+                grad[..., 0] = 0.0
+            g.add(f"{cid}.grad.{step}", grad)
+            p.grad = grad.clone()
+            opt.step()
+            st = opt.state[p]
+            g.add(f"{cid}.param.{step}", p.detach())
+            g.add(f"{cid}.exp_avg.{step}", st["exp_avg"])
+            g.add(f"{cid}.exp_avg_sq.{step}", st["exp_avg_sq"])
+        g.cases[cid] = {"shape": list(shape), "steps": 10, "lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8,
+                        "weight_decay": 1e-2}
+    g.save()
 
 
 def checkpoint():
