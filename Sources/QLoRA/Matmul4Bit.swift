@@ -167,9 +167,13 @@ public enum Matmul4Bit {
     /// (backward of `y = x · Wᵀ`: dx[t, i] = Σ_o dy[t, o] · W[o, i])
     public static func backwardInput(dy: UnsafeBufferPointer<Float>, tokens: Int, weight w: Linear4BitWeight,
                                      dx: UnsafeMutableBufferPointer<Float>, panelRows panelOverride: Int? = nil,
-                                     threads: Int = 2, scratch: Matmul4BitScratch? = nil) {
+                                     threads: Int = 2, scratch: Matmul4BitScratch? = nil, roundOutputToBF16: Bool = false) {
         let k = w.inFeatures, n = w.outFeatures
         precondition(dy.count >= tokens * n && dx.count >= tokens * k, "dy or dx too small for \(tokens) tokens")
+        defer {
+            // bitsandbytes' backward returns the input gradient in the bf16 compute dtype.
+            if roundOutputToBF16 { qlora_round_bf16_f32(dx.baseAddress, Int64(tokens * k), dx.baseAddress) }
+        }
         let work = scratch ?? Matmul4BitScratch()
         let db = UnsafeMutableBufferPointer(start: work.activation(max(1, tokens * n)), count: max(1, tokens * n))
         qlora_round_bf16_f32(dy.baseAddress, Int64(tokens * n), db.baseAddress)

@@ -1,0 +1,198 @@
+import COpenBLAS
+
+/// A LoRA adapter's hyper-parameters (PEFT's `LoraConfig` for one module).
+public struct LoRAConfig: Sendable, Equatable, Codable {
+    /// Rank r (> 0).
+    public var rank: Int
+    /// lora_alpha.
+    public var alpha: Double
+    /// rsLoRA: scaling = alpha / sqrt(r) instead of alpha / r.
+    public var useRSLoRA: Bool = false
+    /// Dropout probability on the adapter's input, in [0, 1).
+    public var dropout: Double = 0
+
+    public init(rank: Int, alpha: Double, useRSLoRA: Bool = false, dropout: Double = 0) {
+        self.rank = rank
+        self.alpha = alpha
+        self.useRSLoRA = useRSLoRA
+        self.dropout = dropout
+    }
+
+    /// PEFT's `scaling`: alpha / r, or alpha / sqrt(r) with rsLoRA (a Python float).
+    public var scaling: Double { useRSLoRA ? alpha / Double(rank).squareRoot() : alpha / Double(rank) }
+}
+
+public enum LoRAError: Error, Equatable, CustomStringConvertible {
+    case invalidConfig(String)
+    case shapeMismatch(String)
+
+    public var description: String {
+        switch self {
+        case .invalidConfig(let s): return "invalid LoRA config: \(s)"
+        case .shapeMismatch(let s): return "LoRA shape mismatch: \(s)"
+        }
+    }
+}
+
+/// A LoRA layer over a frozen 4-bit base weight, as PEFT's bitsandbytes `Linear4bit` LoRA layer
+/// computes it with `bnb_4bit_compute_dtype=bfloat16` and fp32 adapters:
+///
+///     y = base(x) + (dropout(x) · Aᵀ · Bᵀ) · scaling
+///
+/// where base(x) is bitsandbytes' bf16 matmul cast back to fp32 (`Matmul4Bit`, bf16 output).
+/// A: [r, in], B: [out, r], fp32 (the trainable parameters). No gradient exists for the base.
+public final class LoRALinear {
+    public let base: Linear4BitWeight
+    public let config: LoRAConfig
+    /// A: [r, in] row-major.
+    public var loraA: [Float]
+    /// B: [out, r] row-major.
+    public var loraB: [Float]
+    /// Accumulated gradients (zero them with `zeroGrad`).
+    public var gradA: [Float]
+    public var gradB: [Float]
+    let scratch = Matmul4BitScratch()
+
+    public var inFeatures: Int { base.inFeatures }
+    public var outFeatures: Int { base.outFeatures }
+
+    /// With given A and B (e.g. loaded from a PEFT adapter).
+    public init(base: Linear4BitWeight, config: LoRAConfig, loraA: [Float], loraB: [Float]) throws(LoRAError) {
+        guard config.rank > 0 else { throw .invalidConfig("rank must be positive, got \(config.rank)") }
+        guard config.dropout >= 0 && config.dropout < 1 else { throw .invalidConfig("dropout must be in [0, 1), got \(config.dropout)") }
+        guard config.alpha.isFinite else { throw .invalidConfig("lora_alpha must be finite") }
+        let r = config.rank
+        guard loraA.count == r * base.inFeatures else {
+            throw .shapeMismatch("lora_A has \(loraA.count) values, expected [\(r), \(base.inFeatures)] for rank \(r)")
+        }
+        guard loraB.count == base.outFeatures * r else {
+            throw .shapeMismatch("lora_B has \(loraB.count) values, expected [\(base.outFeatures), \(r)] for rank \(r)")
+        }
+        self.base = base
+        self.config = config
+        self.loraA = loraA
+        self.loraB = loraB
+        gradA = [Float](repeating: 0, count: loraA.count)
+        gradB = [Float](repeating: 0, count: loraB.count)
+    }
+
+    /// PEFT's default initialization: A ~ kaiming_uniform(a = sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)),
+    /// B = 0, from `seed` (qlora's own generator: the values are not torch's, the distribution is).
+    public convenience init(base: Linear4BitWeight, config: LoRAConfig, seed: UInt64) throws(LoRAError) {
+        var rng = LoRARNG(seed: seed)
+        let bound = 1 / Double(base.inFeatures).squareRoot()
+        let a = (0..<(max(0, config.rank) * base.inFeatures)).map { _ in Float((rng.unit() * 2 - 1) * bound) }
+        try self.init(base: base, config: config, loraA: a, loraB: [Float](repeating: 0, count: base.outFeatures * max(0, config.rank)))
+    }
+
+    /// What `backward` needs from `forward`, and nothing more: the adapter's (dropped-out)
+    /// input and its rank-r projection, plus the dropout mask when dropout is on.
+    public struct Saved {
+        public let tokens: Int
+        /// dropout(x): [tokens, in].
+        let xDropped: [Float]
+        /// dropout(x) · Aᵀ: [tokens, r].
+        let h: [Float]
+        /// Keep-mask scaled by 1 / (1 - p): [tokens, in], or empty without dropout.
+        let mask: [Float]
+
+        /// Bytes held for backward (exact).
+        public var byteCount: Int { (xDropped.count + h.count + mask.count) * MemoryLayout<Float>.size }
+    }
+
+    /// Forward.
+    ///
+    ///     // x: [tokens, in], A: [r, in], B: [out, r] -> y: [tokens, out]
+    /// - Parameters:
+    ///   - dropoutMask: keep (1) / drop (0) per input element, [tokens, in]; required exactly
+    ///     when dropout > 0 unless `seed` is given, from which a mask is drawn.
+    public func forward(_ x: [Float], tokens: Int, dropoutMask: [Float]? = nil, seed: UInt64? = nil) throws(LoRAError) -> (y: [Float], saved: Saved) {
+        let k = inFeatures, n = outFeatures, r = config.rank
+        guard x.count == tokens * k else { throw .shapeMismatch("x has \(x.count) values, expected [\(tokens), \(k)]") }
+        var y = [Float](repeating: 0, count: tokens * n)
+        x.withUnsafeBufferPointer { xp in
+            y.withUnsafeMutableBufferPointer { Matmul4Bit.forward(x: xp, tokens: tokens, weight: base, y: $0, scratch: scratch, roundOutputToBF16: true) }
+        }
+        var mask: [Float] = []
+        var xd = x
+        if config.dropout > 0 {
+            let keepScale = Float(1 / (1 - config.dropout))
+            if let m = dropoutMask {
+                guard m.count == x.count else { throw .shapeMismatch("dropout mask has \(m.count) values, expected \(x.count)") }
+                mask = m.map { $0 * keepScale }
+            } else {
+                var rng = LoRARNG(seed: seed ?? 0)
+                mask = (0..<x.count).map { _ in rng.unit() < config.dropout ? 0 : keepScale }
+            }
+            for i in xd.indices { xd[i] = x[i] * mask[i] }
+        }
+        // h = xd · Aᵀ: [tokens, r]  (A row-major [r, k]: op(B) = Aᵀ, ldb = k)
+        var h = [Float](repeating: 0, count: tokens * r)
+        sgemm(false, true, tokens, r, k, xd, k, loraA, k, 0, &h, r)
+        // l = h · Bᵀ: [tokens, n]  (B row-major [n, r]: op(B) = Bᵀ, ldb = r)
+        var l = [Float](repeating: 0, count: tokens * n)
+        sgemm(false, true, tokens, n, r, h, r, loraB, r, 0, &l, n)
+        let s = Float(config.scaling)
+        for i in y.indices { y[i] = y[i] + l[i] * s }  // result + lora_B(lora_A(x)) * scaling
+        return (y, Saved(tokens: tokens, xDropped: xd, h: h, mask: mask))
+    }
+
+    /// Backward: returns dx and ADDS into gradA and gradB.
+    ///
+    ///     // dy: [tokens, out] -> dx: [tokens, in]; gradA += [r, in]; gradB += [out, r]
+    /// From `y = base(x) + (xd · Aᵀ · Bᵀ) · s`:
+    ///   g = dy · s;  dB += gᵀ · h;  dh = g · B;  dA += dhᵀ · xd;  dx = base'(dy) + (dh · A) ⊙ mask,
+    /// with base'(dy) = bf16(bf16(dy) · W) as bitsandbytes' MatMul4Bit backward.
+    public func backward(_ dy: [Float], saved: Saved) throws(LoRAError) -> [Float] {
+        let k = inFeatures, n = outFeatures, r = config.rank, t = saved.tokens
+        guard dy.count == t * n else { throw .shapeMismatch("dy has \(dy.count) values, expected [\(t), \(n)]") }
+        var dx = [Float](repeating: 0, count: t * k)
+        dy.withUnsafeBufferPointer { d in
+            dx.withUnsafeMutableBufferPointer { Matmul4Bit.backwardInput(dy: d, tokens: t, weight: base, dx: $0, scratch: scratch, roundOutputToBF16: true) }
+        }
+        let s = Float(config.scaling)
+        let g = dy.map { $0 * s }
+        // gradB [n, r] += gᵀ [n, t] · h [t, r]
+        sgemm(true, false, n, r, t, g, n, saved.h, r, 1, &gradB, r)
+        // dh [t, r] = g [t, n] · B [n, r]
+        var dh = [Float](repeating: 0, count: t * r)
+        sgemm(false, false, t, r, n, g, n, loraB, r, 0, &dh, r)
+        // gradA [r, k] += dhᵀ [r, t] · xd [t, k]
+        sgemm(true, false, r, k, t, dh, r, saved.xDropped, k, 1, &gradA, k)
+        // dxd [t, k] = dh [t, r] · A [r, k]
+        var dxd = [Float](repeating: 0, count: t * k)
+        sgemm(false, false, t, k, r, dh, r, loraA, k, 0, &dxd, k)
+        if !saved.mask.isEmpty { for i in dxd.indices { dxd[i] *= saved.mask[i] } }
+        for i in dx.indices { dx[i] += dxd[i] }
+        return dx
+    }
+
+    public func zeroGrad() {
+        for i in gradA.indices { gradA[i] = 0 }
+        for i in gradB.indices { gradB[i] = 0 }
+    }
+
+    /// Row-major fp32 GEMM: C [m, n] = op(A) [m, k] · op(B) [k, n] + beta · C.
+    func sgemm(_ ta: Bool, _ tb: Bool, _ m: Int, _ n: Int, _ k: Int, _ a: [Float], _ lda: Int,
+               _ b: [Float], _ ldb: Int, _ beta: Float, _ c: inout [Float], _ ldc: Int) {
+        guard m > 0 && n > 0 else { return }
+        if k == 0 { if beta == 0 { for i in 0..<(m * ldc) { c[i] = 0 } }; return }
+        cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
+                    Int32(m), Int32(n), Int32(k), 1, a, Int32(lda), b, Int32(ldb), beta, &c, Int32(ldc))
+    }
+}
+
+/// SplitMix64: seeded initialization and dropout masks.
+struct LoRARNG {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    mutating func unit() -> Double { Double(next() >> 11) * 0x1p-53 }
+}

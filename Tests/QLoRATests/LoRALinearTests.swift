@@ -1,0 +1,115 @@
+import XCTest
+import QLoRA
+import TestSupport
+
+final class LoRALinearTests: XCTestCase {
+    /// PEFT 0.21.2's LoRA layer on bnb.nn.Linear4bit (Vectors/quant/lora.safetensors), r 8 and 16,
+    /// rsLoRA on and off: y, dX, dA, dB.
+    ///
+    /// Tolerances. dA and dB are fp32 all the way: two chained dot products of at most 128 terms,
+    /// so each side is within 2·γ₁₂₈ ≈ 1.5e-5 of the exact value relative to the sum of magnitudes;
+    /// we allow 3e-5 · (|ref| + mean|ref|), the mean term covering cancellation. y and dX add the
+    /// base layer's output, which bitsandbytes rounds to bf16: where the two fp32 accumulations
+    /// straddle a bf16 rounding boundary the base term differs by one bf16 ulp (2⁻⁸ relative).
+    /// That is allowed on at most 2% of elements; everywhere else the fp32 tolerance holds.
+    func testMatchesPEFTOnBitsandbytes4Bit() throws {
+        let v = try VectorFile("lora")
+        XCTAssertEqual(v.cases.count, 4, regenerateHint)
+        let w = v.floats("base.weight"), x = v.floats("x"), dy = v.floats("dy")
+        for (id, p) in v.cases.sorted(by: { $0.key < $1.key }) {
+            let out = p["out"] as! Int, k = p["in"] as! Int, tokens = p["tokens"] as! Int, r = p["r"] as! Int
+            let q = try w.withUnsafeBufferPointer { try quantize4Bit(.float32($0), shape: [out, k]) }
+            let config = LoRAConfig(rank: r, alpha: Double(p["lora_alpha"] as! Int), useRSLoRA: p["use_rslora"] as! Bool)
+            XCTAssertEqual(config.scaling, p["scaling"] as! Double, "\(id) scaling")
+            let layer = try LoRALinear(base: Linear4BitWeight(q), config: config, loraA: v.floats(id + ".lora_A"), loraB: v.floats(id + ".lora_B"))
+            let (y, saved) = try layer.forward(x, tokens: tokens)
+            let dx = try layer.backward(dy, saved: saved)
+            XCTAssertEqual(saved.byteCount, (tokens * k + tokens * r) * 4, "saved for backward: dropout(x) and h")
+            compare(layer.gradA, v.floats(id + ".dA"), name: "\(id) dA", bf16Flips: 0)
+            compare(layer.gradB, v.floats(id + ".dB"), name: "\(id) dB", bf16Flips: 0)
+            compare(y, v.floats(id + ".y"), name: "\(id) y", bf16Flips: y.count / 50)
+            compare(dx, v.floats(id + ".dx"), name: "\(id) dx", bf16Flips: dx.count / 50)
+        }
+    }
+
+    func compare(_ got: [Float], _ want: [Float], name: String, bf16Flips allowed: Int) {
+        XCTAssertEqual(got.count, want.count, name)
+        let meanAbs = want.reduce(0.0) { $0 + Double(abs($1)) } / Double(max(1, want.count))
+        var flips = 0, worst = 0.0
+        for i in want.indices {
+            let err = abs(Double(got[i]) - Double(want[i]))
+            let tol = 3e-5 * (Double(abs(want[i])) + meanAbs)
+            if err <= tol { worst = max(worst, err / tol); continue }
+            let bf16Ulp = Double(abs(want[i])) * 0x1p-8 + tol
+            if err <= bf16Ulp { flips += 1; continue }
+            XCTFail("\(name)[\(i)]: \(got[i]) vs PEFT \(want[i]), error \(err) beyond one bf16 ulp")
+            return
+        }
+        XCTAssertLessThanOrEqual(flips, allowed, "\(name): \(flips) elements differ by a bf16 ulp")
+        print("\(name): max error \(String(format: "%.2f", worst)) of the fp32 tolerance, \(flips) bf16 flips")
+    }
+
+    /// Central differences in Float64 of L = Σ dy ⊙ y_adapter against the analytic dA, dB and the
+    /// adapter's part of dx, with dropout on (a given mask).
+    func testFiniteDifferenceGradients() throws {
+        let (out, k, r, tokens) = (6, 32, 3, 4)
+        var rng = SplitMix64(seed: 9)
+        let w = (0..<(out * k)).map { _ in rng.normal() * 0.1 }
+        let q = try w.withUnsafeBufferPointer { try quantize4Bit(.float32($0), shape: [out, k]) }
+        let base = try Linear4BitWeight(q)
+        let a = (0..<(r * k)).map { _ in rng.normal() * 0.3 }, b = (0..<(out * r)).map { _ in rng.normal() * 0.3 }
+        let config = LoRAConfig(rank: r, alpha: 6, dropout: 0.25)
+        let layer = try LoRALinear(base: base, config: config, loraA: a, loraB: b)
+        let x = (0..<(tokens * k)).map { _ in rng.normal() }, dy = (0..<(tokens * out)).map { _ in rng.normal() }
+        let mask: [Float] = (0..<(tokens * k)).map { $0 % 5 == 0 ? 0 : 1 }
+        let (_, saved) = try layer.forward(x, tokens: tokens, dropoutMask: mask)
+        let dx = try layer.backward(dy, saved: saved)
+        var dxBase = [Float](repeating: 0, count: tokens * k)
+        dy.withUnsafeBufferPointer { d in dxBase.withUnsafeMutableBufferPointer { Matmul4Bit.backwardInput(dy: d, tokens: tokens, weight: base, dx: $0, roundOutputToBF16: true) } }
+
+        let s = config.scaling, keep = 1 / (1 - config.dropout)
+        func loss(_ a: [Double], _ b: [Double], _ x: [Double]) -> Double {
+            var l = 0.0
+            for t in 0..<tokens {
+                var h = [Double](repeating: 0, count: r)
+                for j in 0..<r { for i in 0..<k { h[j] += x[t * k + i] * Double(mask[t * k + i]) * keep * a[j * k + i] } }
+                for o in 0..<out {
+                    var y = 0.0
+                    for j in 0..<r { y += h[j] * b[o * r + j] }
+                    l += Double(dy[t * out + o]) * y * s
+                }
+            }
+            return l
+        }
+        let a64 = a.map(Double.init), b64 = b.map(Double.init), x64 = x.map(Double.init)
+        func check(_ analytic: [Float], _ n: Int, _ perturb: (Int, Double) -> Double, _ name: String) {
+            for i in 0..<n {
+                let h = 1e-6
+                let fd = (perturb(i, h) - perturb(i, -h)) / (2 * h)
+                XCTAssertEqual(Double(analytic[i]), fd, accuracy: 1e-4 * (1 + abs(fd)), "\(name)[\(i)]")
+            }
+        }
+        check(layer.gradA, r * k, { i, h in var p = a64; p[i] += h; return loss(p, b64, x64) }, "dA")
+        check(layer.gradB, out * r, { i, h in var p = b64; p[i] += h; return loss(a64, p, x64) }, "dB")
+        let dxAdapter = zip(dx, dxBase).map { $0 - $1 }
+        check(dxAdapter, tokens * k, { i, h in var p = x64; p[i] += h; return loss(a64, b64, p) }, "dx (adapter)")
+    }
+
+    func testInitializationAndBadInput() throws {
+        var rng = SplitMix64(seed: 1)
+        let w = (0..<(16 * 64)).map { _ in rng.normal() }
+        let base = try Linear4BitWeight(try w.withUnsafeBufferPointer { try quantize4Bit(.float32($0), shape: [16, 64]) })
+        let layer = try LoRALinear(base: base, config: LoRAConfig(rank: 4, alpha: 8), seed: 3)
+        XCTAssertTrue(layer.loraB.allSatisfy { $0 == 0 }, "B starts at zero")
+        XCTAssertTrue(layer.loraA.allSatisfy { abs($0) <= 1 / 8 }, "A ~ U(-1/sqrt(in), 1/sqrt(in))")
+        XCTAssertGreaterThan(Set(layer.loraA).count, 200)
+        XCTAssertThrowsError(try LoRALinear(base: base, config: LoRAConfig(rank: 0, alpha: 8), seed: 1)) {
+            XCTAssertEqual($0 as? LoRAError, .invalidConfig("rank must be positive, got 0"))
+        }
+        XCTAssertThrowsError(try LoRALinear(base: base, config: LoRAConfig(rank: 4, alpha: 8), loraA: [Float](repeating: 0, count: 8 * 64),
+                                            loraB: [Float](repeating: 0, count: 16 * 4))) { XCTAssertTrue("\($0)".contains("lora_A")) }
+        XCTAssertThrowsError(try layer.forward([Float](repeating: 0, count: 63), tokens: 1)) { XCTAssertTrue("\($0)".contains("x has 63")) }
+        let (_, saved) = try layer.forward([Float](repeating: 0, count: 64), tokens: 1)
+        XCTAssertThrowsError(try layer.backward([Float](repeating: 0, count: 15), saved: saved)) { XCTAssertTrue("\($0)".contains("dy has 15")) }
+    }
+}
