@@ -218,6 +218,7 @@ def main():
     # 8. LoRA on a bnb 4-bit base, through PEFT (issue 4), and ten AdamW steps.
     lora()
     adamw()
+    clip()
 
     # 6. A tiny checkpoint and its bitsandbytes-4bit serialization, as transformers saves it
     #    (each nn.Linear replaced by bnb.nn.Linear4bit; the module state_dict).
@@ -229,6 +230,7 @@ def lora():
     import bitsandbytes.nn as bnn
     from peft import LoraConfig, get_peft_model
     g = Group("lora")
+    torch.manual_seed(0)  # PEFT initializes lora_A from torch's global generator
     # in_f a multiple of the blocksize: bitsandbytes' AVX-512 CPU dequantize mis-indexes absmax otherwise
     # (Vectors/README.md), and its matmul_4bit uses that kernel.
     out_f, in_f, tokens = 48, 128, 5
@@ -268,9 +270,31 @@ def lora():
         g.add(cid + ".dx", xx.grad)
         g.add(cid + ".dA", a.grad)
         g.add(cid + ".dB", b.grad)
+        if cid == "r8":  # PEFT's own adapter files, as save_pretrained writes them
+            adir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peft_adapter")
+            pm.save_pretrained(adir)
+            os.remove(os.path.join(adir, "README.md"))  # PEFT's model card: not needed
         g.cases[cid] = {"r": r, "lora_alpha": 2 * r, "use_rslora": rs, "scaling": layer.scaling["default"],
                         "out": out_f, "in": in_f, "tokens": tokens, "peft": __import__("peft").__version__,
                         "lora_A_dtype": str(a.dtype)}
+    g.save()
+
+
+def clip():
+    """torch.nn.utils.clip_grad_norm_ over three gradient tensors (global L2 norm)."""
+    g = Group("clip")
+    grads = [torch.randn(8, 37, generator=rng(70)), torch.randn(5, generator=rng(71)) * 3, torch.randn(64, 16, generator=rng(72)) * 0.1]
+    for i, t in enumerate(grads):
+        g.add(f"grad{i}", t)
+    for max_norm in (1.0, 100.0):
+        ps = [torch.nn.Parameter(torch.zeros_like(t)) for t in grads]
+        for p_, t in zip(ps, grads):
+            p_.grad = t.clone()
+        total = torch.nn.utils.clip_grad_norm_(ps, max_norm)
+        g.add(f"max{int(max_norm)}.total_norm", total.reshape(1))
+        for i, p_ in enumerate(ps):
+            g.add(f"max{int(max_norm)}.clipped{i}", p_.grad)
+    g.cases["clip"] = {"max_norms": [1.0, 100.0], "tensors": 3}
     g.save()
 
 

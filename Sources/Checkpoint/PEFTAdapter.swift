@@ -1,0 +1,172 @@
+import Foundation
+import QLoRA
+import SafeTensors
+
+/// A LoRA adapter in PEFT's file format: a directory with `adapter_config.json` and
+/// `adapter_model.safetensors` holding `base_model.model.<module path>.lora_A.weight` [r, in] and
+/// `.lora_B.weight` [out, r] for each adapted module (what `PeftModel.save_pretrained` writes and
+/// `PeftModel.from_pretrained` reads).
+public struct PEFTAdapter: Sendable {
+    public struct Module: Sendable, Equatable {
+        /// Module path in the base model, e.g. `model.layers.0.self_attn.q_proj`.
+        public var path: String
+        public var rank: Int
+        public var inFeatures: Int
+        public var outFeatures: Int
+        /// A: [rank, in], fp32.
+        public var loraA: [Float]
+        /// B: [out, rank], fp32.
+        public var loraB: [Float]
+
+        public init(path: String, rank: Int, inFeatures: Int, outFeatures: Int, loraA: [Float], loraB: [Float]) {
+            self.path = path
+            self.rank = rank
+            self.inFeatures = inFeatures
+            self.outFeatures = outFeatures
+            self.loraA = loraA
+            self.loraB = loraB
+        }
+    }
+
+    public var rank: Int
+    public var loraAlpha: Double
+    public var useRSLoRA = false
+    public var loraDropout = 0.0
+    public var targetModules: [String]
+    public var rankPattern: [String: Int] = [:]
+    public var alphaPattern: [String: Double] = [:]
+    public var baseModelNameOrPath: String? = nil
+    /// Adapted modules by path.
+    public var modules: [String: Module] = [:]
+
+    public static let configFile = "adapter_config.json"
+    public static let weightsFile = "adapter_model.safetensors"
+    static let prefix = "base_model.model."
+
+    public init(rank: Int, loraAlpha: Double, targetModules: [String]) {
+        self.rank = rank
+        self.loraAlpha = loraAlpha
+        self.targetModules = targetModules
+    }
+
+    /// PEFT's per-module override: a pattern applies when the path equals it or ends with
+    /// "." + it (PEFT matches `(.*\.)?<key>$`).
+    static func lookup<T>(_ pattern: [String: T], _ path: String) -> T? {
+        pattern.first { path == $0.key || path.hasSuffix("." + $0.key) }?.value
+    }
+
+    /// The LoRA hyper-parameters for one module, rank_pattern and alpha_pattern applied.
+    public func config(for path: String) -> LoRAConfig {
+        LoRAConfig(rank: Self.lookup(rankPattern, path) ?? rank, alpha: Self.lookup(alphaPattern, path) ?? loraAlpha,
+                   useRSLoRA: useRSLoRA, dropout: loraDropout)
+    }
+
+    /// Reads and checks an adapter directory. Errors name the file and the problem.
+    public static func load(directory: String) throws -> PEFTAdapter {
+        let dir = URL(fileURLWithPath: directory)
+        let configURL = dir.appendingPathComponent(configFile)
+        guard let data = FileManager.default.contents(atPath: configURL.path) else {
+            throw CheckpointError.invalidPath(path: configURL.path, problem: "missing (not a PEFT adapter directory)")
+        }
+        guard let c = try? JSONSerialization.jsonObject(with: data) as? [String: Any] else {
+            throw CheckpointError.invalidPath(path: configURL.path, problem: "is not a JSON object")
+        }
+        func bad(_ p: String) -> CheckpointError { .invalidPath(path: configURL.path, problem: p) }
+        if let t = c["peft_type"] as? String, t != "LORA" { throw bad("peft_type is \(t); only LORA adapters are supported") }
+        guard let r = c["r"] as? Int, r > 0 else { throw bad("r missing or not a positive integer") }
+        guard let alpha = (c["lora_alpha"] as? NSNumber)?.doubleValue else { throw bad("lora_alpha missing") }
+        if (c["fan_in_fan_out"] as? Bool) == true { throw bad("fan_in_fan_out adapters are not supported for 4-bit bases") }
+        if (c["use_dora"] as? Bool) == true { throw bad("DoRA adapters are not supported") }
+        var a = PEFTAdapter(rank: r, loraAlpha: alpha, targetModules: (c["target_modules"] as? [String]) ?? [])
+        a.useRSLoRA = (c["use_rslora"] as? Bool) ?? false
+        a.loraDropout = (c["lora_dropout"] as? NSNumber)?.doubleValue ?? 0
+        a.rankPattern = (c["rank_pattern"] as? [String: Int]) ?? [:]
+        a.alphaPattern = ((c["alpha_pattern"] as? [String: NSNumber]) ?? [:]).mapValues { $0.doubleValue }
+        a.baseModelNameOrPath = c["base_model_name_or_path"] as? String
+
+        let weightsPath = dir.appendingPathComponent(weightsFile).path
+        let file = try SafeTensorsFile(path: weightsPath)
+        func badTensor(_ t: String, _ p: String) -> CheckpointError { .invalidTensor(file: weightsPath, tensor: t, problem: p) }
+        var halves: [String: (a: TensorInfo?, b: TensorInfo?)] = [:]
+        for t in file.tensors {
+            guard t.name.hasPrefix(prefix), t.name.hasSuffix(".lora_A.weight") || t.name.hasSuffix(".lora_B.weight") else {
+                throw badTensor(t.name, "not a LoRA weight (expected base_model.model.<module>.lora_A.weight / lora_B.weight)")
+            }
+            let isA = t.name.hasSuffix(".lora_A.weight")
+            let path = String(t.name.dropFirst(prefix.count).dropLast(".lora_A.weight".count))
+            var h = halves[path] ?? (nil, nil)
+            if isA { h.a = t } else { h.b = t }
+            halves[path] = h
+        }
+        for (path, h) in halves.sorted(by: { $0.key < $1.key }) {
+            guard let ta = h.a, let tb = h.b else { throw badTensor(prefix + path, "has only one of lora_A / lora_B") }
+            guard ta.shape.count == 2, tb.shape.count == 2 else { throw badTensor(ta.name, "lora_A and lora_B must be 2-D") }
+            let expected = a.config(for: path).rank
+            guard ta.shape[0] == expected, tb.shape[1] == expected else {
+                throw badTensor(ta.name, "rank \(ta.shape[0]) (lora_B \(tb.shape[1])) disagrees with the config's r = \(expected)")
+            }
+            a.modules[path] = Module(path: path, rank: expected, inFeatures: ta.shape[1], outFeatures: tb.shape[0],
+                                     loraA: try floats(file, ta, weightsPath), loraB: try floats(file, tb, weightsPath))
+        }
+        guard !a.modules.isEmpty else { throw CheckpointError.invalidPath(path: weightsPath, problem: "holds no LoRA weights") }
+        return a
+    }
+
+    static func floats(_ f: SafeTensorsFile, _ t: TensorInfo, _ path: String) throws -> [Float] {
+        switch t.dtype {
+        case .f32: return f.withBytes(of: t.name) { loadFloats($0) }
+        case .bf16: return f.withBytes(of: t.name) { raw in (0..<(raw.count / 2)).map { HalfPrecision.float(bfloat16Bits: raw.loadUnaligned(fromByteOffset: $0 * 2, as: UInt16.self)) } }
+        case .f16: return f.withBytes(of: t.name) { raw in (0..<(raw.count / 2)).map { HalfPrecision.float(float16Bits: raw.loadUnaligned(fromByteOffset: $0 * 2, as: UInt16.self)) } }
+        default: throw CheckpointError.invalidTensor(file: path, tensor: t.name, problem: "dtype \(t.dtype.rawValue) is not a float type")
+        }
+    }
+
+    /// Checks every module against the base's linear shapes ([out, in] by module path).
+    public func validate(againstBase shapes: [String: (out: Int, in: Int)], baseName: String) throws {
+        for m in modules.values.sorted(by: { $0.path < $1.path }) {
+            guard let s = shapes[m.path] else {
+                throw CheckpointError.invalidTensor(file: baseName, tensor: m.path + ".weight", problem: "the adapter targets this module but the base has no such weight")
+            }
+            guard s.out == m.outFeatures, s.in == m.inFeatures else {
+                throw CheckpointError.invalidTensor(file: baseName, tensor: m.path + ".weight",
+                                                   problem: "base shape [\(s.out), \(s.in)] does not match the adapter's [\(m.outFeatures), \(m.inFeatures)]")
+            }
+        }
+    }
+
+    /// Writes `adapter_config.json` and `adapter_model.safetensors` (fp32) into a new directory,
+    /// staged beside it and renamed into place when complete.
+    public func save(directory: String) throws {
+        let out = URL(fileURLWithPath: directory).standardizedFileURL
+        let fm = FileManager.default
+        if fm.fileExists(atPath: out.path), !((try? fm.contentsOfDirectory(atPath: out.path))?.isEmpty ?? false) {
+            throw CheckpointError.invalidPath(path: directory, problem: "already exists and is not empty")
+        }
+        let staging = out.deletingLastPathComponent().appendingPathComponent(".\(out.lastPathComponent).tmp-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
+        try fm.createDirectory(at: staging, withIntermediateDirectories: false)
+        do {
+            let config: [String: Any] = [
+                "peft_type": "LORA", "r": rank, "lora_alpha": loraAlpha, "lora_dropout": loraDropout,
+                "target_modules": targetModules, "use_rslora": useRSLoRA, "rank_pattern": rankPattern, "alpha_pattern": alphaPattern,
+                "bias": "none", "fan_in_fan_out": false, "inference_mode": true, "init_lora_weights": true,
+                "use_dora": false, "modules_to_save": NSNull(), "task_type": NSNull(),
+                "base_model_name_or_path": baseModelNameOrPath.map { $0 as Any } ?? NSNull(),
+            ]
+            try JSONSerialization.data(withJSONObject: config, options: [.prettyPrinted, .sortedKeys])
+                .write(to: staging.appendingPathComponent(Self.configFile))
+            var tensors: [(name: String, dtype: DType, shape: [Int], bytes: [UInt8])] = []
+            for m in modules.values.sorted(by: { $0.path < $1.path }) {
+                tensors.append((Self.prefix + m.path + ".lora_A.weight", .f32, [m.rank, m.inFeatures], m.loraA.withUnsafeBytes { Array($0) }))
+                tensors.append((Self.prefix + m.path + ".lora_B.weight", .f32, [m.outFeatures, m.rank], m.loraB.withUnsafeBytes { Array($0) }))
+            }
+            try SafeTensorsWriter.write(url: staging.appendingPathComponent(Self.weightsFile), tensors: tensors, metadata: ["format": "pt"])
+            if fm.fileExists(atPath: out.path) { try fm.removeItem(at: out) }
+            guard rename(staging.path, out.path) == 0 else {
+                throw CheckpointError.invalidPath(path: directory, problem: "cannot rename into place: \(String(cString: strerror(errno)))")
+            }
+        } catch {
+            try? fm.removeItem(at: staging)
+            throw error
+        }
+    }
+}
