@@ -35,6 +35,14 @@ public struct KernelBenchReport: Codable, Sendable {
         public var speedup: Double
         public var paramsPerS: Double
     }
+    /// One LoRA training step (forward, backward, AdamW on A and B) against the frozen base's
+    /// forward + backward alone (issue target: ratio <= 1.3).
+    public struct LoRAStep: Codable, Sendable {
+        public var tokens: Int, out: Int, `in`: Int, rank: Int
+        public var seconds: Double
+        public var baseSeconds: Double
+        public var ratio: Double
+    }
     public var openblasCore: String
     public var threads: Int
     public var kernelLevel: String
@@ -42,6 +50,7 @@ public struct KernelBenchReport: Codable, Sendable {
     public var dequant: [Dequant] = []
     public var gemm: [Gemm] = []
     public var gemv: [Gemv] = []
+    public var loraStep: [LoRAStep] = []
 }
 
 public struct KernelBenchOptions: Sendable {
@@ -50,6 +59,8 @@ public struct KernelBenchOptions: Sendable {
     public var tokens: [Int] = [1, 8, 64, 512]
     public var threads = ProcessInfo.processInfo.activeProcessorCount
     public var repeats = 7
+    /// LoRA step shapes: (tokens, out, in, rank).
+    public var loraSteps: [(tokens: Int, out: Int, in: Int, rank: Int)] = [(512, 4096, 4096, 16)]
     public init() {}
 
     /// A seconds-long run: one shape, fewer tokens and repeats.
@@ -58,6 +69,7 @@ public struct KernelBenchOptions: Sendable {
         o.shapes = [(4096, 4096)]
         o.tokens = [1, 64]
         o.repeats = 3
+        o.loraSteps = [(64, 4096, 4096, 16)]
         return o
     }
 }
@@ -169,7 +181,37 @@ public enum KernelBench {
                 }
             }
         }
+        for step in o.loraSteps {
+            progress("LoRA step \(step.tokens)x\(step.out)x\(step.in) r=\(step.rank)")
+            report.loraStep.append(try loraStep(step, repeats: o.repeats, threads: o.threads))
+        }
         return report
+    }
+
+    static func loraStep(_ s: (tokens: Int, out: Int, in: Int, rank: Int), repeats: Int, threads: Int) throws -> KernelBenchReport.LoRAStep {
+        var rng = BenchRNG(seed: 17)
+        let w = (0..<(s.out * s.in)).map { _ in rng.normal() * 0.02 }
+        let base = try Linear4BitWeight(w.withUnsafeBufferPointer { try quantize4Bit(.float32($0), shape: [s.out, s.in]) })
+        let layer = try LoRALinear(base: base, config: LoRAConfig(rank: s.rank, alpha: Double(2 * s.rank)), seed: 1)
+        for i in layer.loraB.indices { layer.loraB[i] = rng.normal() * 0.01 }
+        let x = (0..<(s.tokens * s.in)).map { _ in rng.normal() }, dy = (0..<(s.tokens * s.out)).map { _ in rng.normal() }
+        var y = [Float](repeating: 0, count: s.tokens * s.out), dx = [Float](repeating: 0, count: s.tokens * s.in)
+        let scratch = Matmul4BitScratch()
+        let baseTime = median(repeats) { _ in
+            x.withUnsafeBufferPointer { xp in y.withUnsafeMutableBufferPointer {
+                Matmul4Bit.forward(x: xp, tokens: s.tokens, weight: base, y: $0, threads: threads, scratch: scratch, roundOutputToBF16: true) } }
+            dy.withUnsafeBufferPointer { d in dx.withUnsafeMutableBufferPointer {
+                Matmul4Bit.backwardInput(dy: d, tokens: s.tokens, weight: base, dx: $0, threads: threads, scratch: scratch, roundOutputToBF16: true) } }
+        }
+        var stateA = AdamWState(count: layer.loraA.count), stateB = AdamWState(count: layer.loraB.count)
+        let stepTime = median(repeats) { _ in
+            layer.zeroGrad()
+            let (_, saved) = try! layer.forward(x, tokens: s.tokens)
+            _ = try! layer.backward(dy, saved: saved)
+            AdamW.step(param: &layer.loraA, grad: layer.gradA, state: &stateA, config: AdamWConfig())
+            AdamW.step(param: &layer.loraB, grad: layer.gradB, state: &stateB, config: AdamWConfig())
+        }
+        return .init(tokens: s.tokens, out: s.out, in: s.in, rank: s.rank, seconds: stepTime, baseSeconds: baseTime, ratio: stepTime / baseTime)
     }
 }
 

@@ -38,6 +38,10 @@ struct Bench: ParsableCommand {
             for g in r.gemm {
                 print(String(format: "  %4d x %5d x %5d %-10@ %8.2f   %8.2f      %5.2f        %6.1f", g.m, g.n, g.k, g.path, g.seconds * 1e3, g.sgemmSeconds * 1e3, g.ratio, g.gflops))
             }
+            print("\nLoRA training step (fwd + bwd + AdamW)   step ms   base fwd+bwd ms   step/base")
+            for l in r.loraStep {
+                print(String(format: "  %4d tokens, %5dx%-5d r=%-3d        %8.2f     %8.2f          %5.2f", l.tokens, l.out, l.in, l.rank, l.seconds * 1e3, l.baseSeconds * 1e3, l.ratio))
+            }
             print("\nGEMV  1 token (cold)       4-bit ms   sgemv ms   speedup   4-bit G params/s")
             for g in r.gemv {
                 print(String(format: "  %5d x %5d           %8.3f   %8.3f     %5.2fx     %6.1f", g.n, g.k, g.seconds * 1e3, g.sgemvSeconds * 1e3, g.speedup, g.paramsPerS / 1e9))

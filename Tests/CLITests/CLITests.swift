@@ -124,6 +124,8 @@ final class CLITests: XCTestCase {
         for key in ["m", "n", "k", "seconds", "sgemm_seconds", "ratio"] { XCTAssertNotNil(gemm.first?[key], key) }
         let gemv = j["gemv"] as! [[String: Any]]
         for key in ["n", "k", "seconds", "sgemv_seconds", "speedup"] { XCTAssertNotNil(gemv.first?[key], key) }
+        let lora = j["lora_step"] as! [[String: Any]]
+        for key in ["tokens", "rank", "seconds", "base_seconds", "ratio"] { XCTAssertNotNil(lora.first?[key], key) }
 
         env["OPENBLAS_CORETYPE"] = "Haswell"  // the user's choice is kept
         let h = try run(["bench", "--quick", "--json", "--threads", "1"], environment: env)
