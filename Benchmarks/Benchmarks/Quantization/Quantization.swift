@@ -208,4 +208,38 @@ let benchmarks: @Sendable () -> Void = {
             setup: { try MatmulFixture(tokens: tokens) }
         )
     }
+
+    // One LoRA training step (issue 4): forward, backward and AdamW on A and B for a 4096x4096
+    // NF4 base, r = 16, 512 tokens. `qlora bench` times it against the base's forward+backward.
+    Benchmark(
+        "LoRA step 512 tokens x 4096x4096 r=16 (fwd + bwd + AdamW)",
+        closure: { benchmark, fixture in
+            measure(benchmark, params: 4096 * 4096) {
+                let layer = fixture.layer
+                layer.zeroGrad()
+                let (_, saved) = try! layer.forward(fixture.x, tokens: 512)
+                blackHole(try! layer.backward(fixture.dy, saved: saved))
+                AdamW.step(param: &layer.loraA, grad: layer.gradA, state: &fixture.stateA, config: AdamWConfig())
+                AdamW.step(param: &layer.loraB, grad: layer.gradB, state: &fixture.stateB, config: AdamWConfig())
+            }
+        },
+        setup: { try LoRAFixture() }
+    )
+}
+
+final class LoRAFixture: @unchecked Sendable {
+    let layer: LoRALinear
+    let x: [Float], dy: [Float]
+    var stateA: AdamWState, stateB: AdamWState
+
+    init() throws {
+        var rng = SplitMix(seed: 11)
+        let w = (0..<(4096 * 4096)).map { _ in rng.uniform() * 0.04 }
+        let base = try Linear4BitWeight(w.withUnsafeBufferPointer { try quantize4Bit(.float32($0), shape: [4096, 4096]) })
+        layer = try LoRALinear(base: base, config: LoRAConfig(rank: 16, alpha: 32), seed: 1)
+        x = (0..<(512 * 4096)).map { _ in rng.uniform() }
+        dy = (0..<(512 * 4096)).map { _ in rng.uniform() }
+        stateA = AdamWState(count: layer.loraA.count)
+        stateB = AdamWState(count: layer.loraB.count)
+    }
 }
