@@ -240,7 +240,7 @@ def lora():
     dy = torch.randn(tokens, out_f, generator=rng(52))
     g.add("x", x)
     g.add("dy", dy)
-    for r, rs in ((8, False), (16, False), (8, True), (16, True)):
+    for r, rs, bf16 in ((8, False, False), (16, False, False), (8, True, False), (16, True, False), (8, False, True)):
         class Tiny(torch.nn.Module):
             def __init__(self):
                 super().__init__()
@@ -260,16 +260,21 @@ def lora():
         b = layer.lora_B["default"].weight
         with torch.no_grad():  # B is zero at init; give it values so every gradient is non-trivial
             b.copy_(torch.randn(b.shape, generator=rng(53 + r)) * 0.1)
-        cid = f"r{r}{'_rslora' if rs else ''}"
-        g.add(cid + ".lora_A", a.detach())
-        g.add(cid + ".lora_B", b.detach())
+        if bf16:  # bf16 adapter weights: PEFT casts x to bf16 and runs the adapter in bf16
+            layer.lora_A["default"].to(torch.bfloat16)
+            layer.lora_B["default"].to(torch.bfloat16)
+            a = layer.lora_A["default"].weight
+            b = layer.lora_B["default"].weight
+        cid = f"r{r}{'_rslora' if rs else ''}{'_bf16' if bf16 else ''}"
+        g.add(cid + ".lora_A", a.detach().float())  # bf16 values held exactly in fp32
+        g.add(cid + ".lora_B", b.detach().float())
         xx = x.clone().requires_grad_(True)
         y = pm(xx)
         y.backward(dy)
         g.add(cid + ".y", y.detach())
         g.add(cid + ".dx", xx.grad)
-        g.add(cid + ".dA", a.grad)
-        g.add(cid + ".dB", b.grad)
+        g.add(cid + ".dA", a.grad.float())
+        g.add(cid + ".dB", b.grad.float())
         if cid == "r8":  # PEFT's own adapter files, as save_pretrained writes them
             adir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peft_adapter")
             pm.save_pretrained(adir)

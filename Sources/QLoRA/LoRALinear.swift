@@ -44,6 +44,11 @@ public enum LoRAError: Error, Equatable, CustomStringConvertible {
 public final class LoRALinear {
     public let base: Linear4BitWeight
     public let config: LoRAConfig
+    /// The adapter's compute dtype. `.float32` (PEFT with fp32 adapters) or `.bfloat16` (PEFT with
+    /// bf16 adapter weights: x, A, B and every adapter matmul result rounded to bf16, gradients of
+    /// A and B bf16). `loraA`, `loraB`, `gradA`, `gradB` are always fp32: with bf16 compute they
+    /// are the fp32 master copy, rounded to bf16 for each forward.
+    public let computeType: ElementType
     /// A: [r, in] row-major.
     public var loraA: [Float]
     /// B: [out, r] row-major.
@@ -57,7 +62,9 @@ public final class LoRALinear {
     public var outFeatures: Int { base.outFeatures }
 
     /// With given A and B (e.g. loaded from a PEFT adapter).
-    public init(base: Linear4BitWeight, config: LoRAConfig, loraA: [Float], loraB: [Float]) throws(LoRAError) {
+    public init(base: Linear4BitWeight, config: LoRAConfig, loraA: [Float], loraB: [Float],
+                computeType: ElementType = .float32) throws(LoRAError) {
+        guard computeType != .float16 else { throw .invalidConfig("adapter compute dtype must be float32 or bfloat16") }
         guard config.rank > 0 else { throw .invalidConfig("rank must be positive, got \(config.rank)") }
         guard config.dropout >= 0 && config.dropout < 1 else { throw .invalidConfig("dropout must be in [0, 1), got \(config.dropout)") }
         guard config.alpha.isFinite else { throw .invalidConfig("lora_alpha must be finite") }
@@ -70,6 +77,7 @@ public final class LoRALinear {
         }
         self.base = base
         self.config = config
+        self.computeType = computeType
         self.loraA = loraA
         self.loraB = loraB
         gradA = [Float](repeating: 0, count: loraA.count)
@@ -78,11 +86,12 @@ public final class LoRALinear {
 
     /// PEFT's default initialization: A ~ kaiming_uniform(a = sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)),
     /// B = 0, from `seed` (qlora's own generator: the values are not torch's, the distribution is).
-    public convenience init(base: Linear4BitWeight, config: LoRAConfig, seed: UInt64) throws(LoRAError) {
+    public convenience init(base: Linear4BitWeight, config: LoRAConfig, seed: UInt64, computeType: ElementType = .float32) throws(LoRAError) {
         var rng = LoRARNG(seed: seed)
         let bound = 1 / Double(base.inFeatures).squareRoot()
         let a = (0..<(max(0, config.rank) * base.inFeatures)).map { _ in Float((rng.unit() * 2 - 1) * bound) }
-        try self.init(base: base, config: config, loraA: a, loraB: [Float](repeating: 0, count: base.outFeatures * max(0, config.rank)))
+        try self.init(base: base, config: config, loraA: a, loraB: [Float](repeating: 0, count: base.outFeatures * max(0, config.rank)),
+                      computeType: computeType)
     }
 
     /// What `backward` needs from `forward`, and nothing more: the adapter's (dropped-out)
@@ -115,6 +124,7 @@ public final class LoRALinear {
         }
         var mask: [Float] = []
         var xd = x
+        round(&xd)  // PEFT casts x to the adapter dtype first
         if config.dropout > 0 {
             let keepScale = Float(1 / (1 - config.dropout))
             if let m = dropoutMask {
@@ -124,16 +134,22 @@ public final class LoRALinear {
                 var rng = LoRARNG(seed: seed ?? 0)
                 mask = (0..<x.count).map { _ in rng.unit() < config.dropout ? 0 : keepScale }
             }
-            for i in xd.indices { xd[i] = x[i] * mask[i] }
+            for i in xd.indices { xd[i] = xd[i] * mask[i] }
+            round(&xd)
         }
+        let a = rounded(loraA), b = rounded(loraB)
         // h = xd · Aᵀ: [tokens, r]  (A row-major [r, k]: op(B) = Aᵀ, ldb = k)
         var h = [Float](repeating: 0, count: tokens * r)
-        sgemm(false, true, tokens, r, k, xd, k, loraA, k, 0, &h, r)
+        sgemm(false, true, tokens, r, k, xd, k, a, k, 0, &h, r)
+        round(&h)
         // l = h · Bᵀ: [tokens, n]  (B row-major [n, r]: op(B) = Bᵀ, ldb = r)
         var l = [Float](repeating: 0, count: tokens * n)
-        sgemm(false, true, tokens, n, r, h, r, loraB, r, 0, &l, n)
+        sgemm(false, true, tokens, n, r, h, r, b, r, 0, &l, n)
+        round(&l)
         let s = Float(config.scaling)
-        for i in y.indices { y[i] = y[i] + l[i] * s }  // result + lora_B(lora_A(x)) * scaling
+        for i in l.indices { l[i] = l[i] * s }
+        round(&l)
+        for i in y.indices { y[i] = y[i] + l[i] }  // result + lora_B(lora_A(x)) * scaling
         return (y, Saved(tokens: tokens, xDropped: xd, h: h, mask: mask))
     }
 
@@ -151,20 +167,46 @@ public final class LoRALinear {
             dx.withUnsafeMutableBufferPointer { Matmul4Bit.backwardInput(dy: d, tokens: t, weight: base, dx: $0, scratch: scratch, roundOutputToBF16: true) }
         }
         let s = Float(config.scaling)
-        let g = dy.map { $0 * s }
-        // gradB [n, r] += gᵀ [n, t] · h [t, r]
-        sgemm(true, false, n, r, t, g, n, saved.h, r, 1, &gradB, r)
+        var g = rounded(dy)  // the adapter output's cast back to fp32 sends a bf16 gradient
+        for i in g.indices { g[i] = g[i] * s }
+        round(&g)
+        let a = rounded(loraA), b = rounded(loraB)
+        // gradB [n, r] += gᵀ [n, t] · h [t, r]  (with bf16 compute: the bf16 gradient, added in fp32)
+        var gb = [Float](repeating: 0, count: n * r)
+        sgemm(true, false, n, r, t, g, n, saved.h, r, 0, &gb, r)
+        round(&gb)
+        for i in gb.indices { gradB[i] += gb[i] }
         // dh [t, r] = g [t, n] · B [n, r]
         var dh = [Float](repeating: 0, count: t * r)
-        sgemm(false, false, t, r, n, g, n, loraB, r, 0, &dh, r)
+        sgemm(false, false, t, r, n, g, n, b, r, 0, &dh, r)
+        round(&dh)
         // gradA [r, k] += dhᵀ [r, t] · xd [t, k]
-        sgemm(true, false, r, k, t, dh, r, saved.xDropped, k, 1, &gradA, k)
+        var ga = [Float](repeating: 0, count: r * k)
+        sgemm(true, false, r, k, t, dh, r, saved.xDropped, k, 0, &ga, k)
+        round(&ga)
+        for i in ga.indices { gradA[i] += ga[i] }
         // dxd [t, k] = dh [t, r] · A [r, k]
         var dxd = [Float](repeating: 0, count: t * k)
-        sgemm(false, false, t, k, r, dh, r, loraA, k, 0, &dxd, k)
-        if !saved.mask.isEmpty { for i in dxd.indices { dxd[i] *= saved.mask[i] } }
+        sgemm(false, false, t, k, r, dh, r, a, k, 0, &dxd, k)
+        round(&dxd)
+        if !saved.mask.isEmpty {
+            for i in dxd.indices { dxd[i] *= saved.mask[i] }
+            round(&dxd)
+        }
         for i in dx.indices { dx[i] += dxd[i] }
         return dx
+    }
+
+    /// Rounds to bf16 values in place when computing in bf16 (a no-op in fp32).
+    func round(_ v: inout [Float]) {
+        guard computeType == .bfloat16 else { return }
+        for i in v.indices { v[i] = HalfPrecision.roundedToBFloat16(v[i]) }
+    }
+
+    func rounded(_ v: [Float]) -> [Float] {
+        var c = v
+        round(&c)
+        return c
     }
 
     public func zeroGrad() {

@@ -14,31 +14,39 @@ final class LoRALinearTests: XCTestCase {
     /// That is allowed on at most 2% of elements; everywhere else the fp32 tolerance holds.
     func testMatchesPEFTOnBitsandbytes4Bit() throws {
         let v = try VectorFile("lora")
-        XCTAssertEqual(v.cases.count, 4, regenerateHint)
+        XCTAssertEqual(v.cases.count, 5, regenerateHint)
         let w = v.floats("base.weight"), x = v.floats("x"), dy = v.floats("dy")
         for (id, p) in v.cases.sorted(by: { $0.key < $1.key }) {
             let out = p["out"] as! Int, k = p["in"] as! Int, tokens = p["tokens"] as! Int, r = p["r"] as! Int
             let q = try w.withUnsafeBufferPointer { try quantize4Bit(.float32($0), shape: [out, k]) }
             let config = LoRAConfig(rank: r, alpha: Double(p["lora_alpha"] as! Int), useRSLoRA: p["use_rslora"] as! Bool)
             XCTAssertEqual(config.scaling, p["scaling"] as! Double, "\(id) scaling")
-            let layer = try LoRALinear(base: Linear4BitWeight(q), config: config, loraA: v.floats(id + ".lora_A"), loraB: v.floats(id + ".lora_B"))
+            let bf16 = (p["lora_A_dtype"] as! String) == "torch.bfloat16"
+            let layer = try LoRALinear(base: Linear4BitWeight(q), config: config, loraA: v.floats(id + ".lora_A"), loraB: v.floats(id + ".lora_B"),
+                                       computeType: bf16 ? .bfloat16 : .float32)
+            let rtol = bf16 ? Self.bf16Tolerance : 3e-5
             let (y, saved) = try layer.forward(x, tokens: tokens)
             let dx = try layer.backward(dy, saved: saved)
             XCTAssertEqual(saved.byteCount, (tokens * k + tokens * r) * 4, "saved for backward: dropout(x) and h")
-            compare(layer.gradA, v.floats(id + ".dA"), name: "\(id) dA", bf16Flips: 0)
-            compare(layer.gradB, v.floats(id + ".dB"), name: "\(id) dB", bf16Flips: 0)
-            compare(y, v.floats(id + ".y"), name: "\(id) y", bf16Flips: y.count / 50)
-            compare(dx, v.floats(id + ".dx"), name: "\(id) dx", bf16Flips: dx.count / 50)
+            compare(layer.gradA, v.floats(id + ".dA"), name: "\(id) dA", bf16Flips: 0, rtol: rtol)
+            compare(layer.gradB, v.floats(id + ".dB"), name: "\(id) dB", bf16Flips: 0, rtol: rtol)
+            compare(y, v.floats(id + ".y"), name: "\(id) y", bf16Flips: y.count / 50, rtol: rtol)
+            compare(dx, v.floats(id + ".dx"), name: "\(id) dx", bf16Flips: dx.count / 50, rtol: rtol)
         }
     }
 
-    func compare(_ got: [Float], _ want: [Float], name: String, bf16Flips allowed: Int) {
+    /// bf16 adapters: every adapter matmul result is rounded to bf16 (2⁻⁹ relative) and the fp32
+    /// sums before each rounding differ in order, so a value may land one bf16 ulp away and carry
+    /// that into the next product: a few bf16 ulps (2⁻⁷) against the same magnitude scale.
+    static let bf16Tolerance = 0x1p-7
+
+    func compare(_ got: [Float], _ want: [Float], name: String, bf16Flips allowed: Int, rtol: Double = 3e-5) {
         XCTAssertEqual(got.count, want.count, name)
         let meanAbs = want.reduce(0.0) { $0 + Double(abs($1)) } / Double(max(1, want.count))
         var flips = 0, worst = 0.0
         for i in want.indices {
             let err = abs(Double(got[i]) - Double(want[i]))
-            let tol = 3e-5 * (Double(abs(want[i])) + meanAbs)
+            let tol = rtol * (Double(abs(want[i])) + meanAbs)
             if err <= tol { worst = max(worst, err / tol); continue }
             let bf16Ulp = Double(abs(want[i])) * 0x1p-8 + tol
             if err <= bf16Ulp { flips += 1; continue }
@@ -46,7 +54,7 @@ final class LoRALinearTests: XCTestCase {
             return
         }
         XCTAssertLessThanOrEqual(flips, allowed, "\(name): \(flips) elements differ by a bf16 ulp")
-        print("\(name): max error \(String(format: "%.2f", worst)) of the fp32 tolerance, \(flips) bf16 flips")
+        print("\(name): max error \(String(format: "%.2f", worst)) of the tolerance, \(flips) bf16 flips")
     }
 
     /// Central differences in Float64 of L = Σ dy ⊙ y_adapter against the analytic dA, dB and the
