@@ -103,6 +103,25 @@ final class LoRALinearTests: XCTestCase {
         check(dxAdapter, tokens * k, { i, h in var p = x64; p[i] += h; return loss(a64, b64, p) }, "dx (adapter)")
     }
 
+    /// Gradient accumulation: backward adds into gradA/gradB until zeroGrad (two micro-batches
+    /// with the same data give exactly twice one: a + a is exact in fp32).
+    func testGradientsAccumulateUntilZeroGrad() throws {
+        var rng = SplitMix64(seed: 8)
+        let w = (0..<(24 * 64)).map { _ in rng.normal() }
+        let base = try Linear4BitWeight(try w.withUnsafeBufferPointer { try quantize4Bit(.float32($0), shape: [24, 64]) })
+        let layer = try LoRALinear(base: base, config: LoRAConfig(rank: 4, alpha: 8), seed: 2)
+        for i in layer.loraB.indices { layer.loraB[i] = rng.normal() }
+        let x = (0..<(3 * 64)).map { _ in rng.normal() }, dy = (0..<(3 * 24)).map { _ in rng.normal() }
+        let (_, saved) = try layer.forward(x, tokens: 3)
+        _ = try layer.backward(dy, saved: saved)
+        let (a1, b1) = (layer.gradA, layer.gradB)
+        _ = try layer.backward(dy, saved: saved)
+        XCTAssertEqual(layer.gradA, a1.map { $0 * 2 })
+        XCTAssertEqual(layer.gradB, b1.map { $0 * 2 })
+        layer.zeroGrad()
+        XCTAssertTrue(layer.gradA.allSatisfy { $0 == 0 } && layer.gradB.allSatisfy { $0 == 0 })
+    }
+
     func testInitializationAndBadInput() throws {
         var rng = SplitMix64(seed: 1)
         let w = (0..<(16 * 64)).map { _ in rng.normal() }
