@@ -42,7 +42,7 @@ public func writeSampleCheckpoint(output: String, spec: SampleCheckpointSpec) th
     }
     try FileManager.default.createDirectory(at: out, withIntermediateDirectories: true)
     let writer = try ShardedWriter(directory: out, tensors: tensors, maxShardSize: spec.maxShardSize, metadata: ["format": "pt"])
-    var rng = SampleRNG(seed: spec.seed)
+    var rng = SplitMix64(seed: spec.seed &+ 0x1234_5678)  // the offset keeps the demo's published data
     var total = 0
     for t in tensors {
         let n = t.shape.reduce(1, *)
@@ -69,23 +69,6 @@ public func writeSampleCheckpoint(output: String, spec: SampleCheckpointSpec) th
 }
 
 func dt(_ t: ElementType) -> DType { t == .float32 ? .f32 : t == .bfloat16 ? .bf16 : .f16 }
-
-/// SplitMix64 with Box-Muller normals: reproducible sample weights.
-struct SampleRNG: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed &+ 0x1234_5678 }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-    mutating func normal() -> Float {
-        let u1 = Double(next() >> 11) * 0x1p-53 + 0x1p-54, u2 = Double(next() >> 11) * 0x1p-53
-        return Float((-2 * log(u1)).squareRoot() * cos(2 * Double.pi * u2))
-    }
-}
 
 /// One tensor's error statistics.
 public struct TensorComparison: Codable, Sendable {

@@ -110,7 +110,7 @@ public enum KernelBench {
         for shape in o.shapes {
             let (n, k) = (shape.out, shape.in)
             progress("preparing \(n)x\(k)")
-            var rng = BenchRNG(seed: UInt64(n * 31 + k))
+            var rng = SplitMix64(seed: UInt64(n * 31 + k))
             let dense = (0..<(n * k)).map { _ in rng.normal() * 0.02 }
             let q = try dense.withUnsafeBufferPointer { try quantize4Bit(.float32($0), shape: [n, k]) }
             // Enough distinct copies that each side's weights exceed twice the LLC.
@@ -189,7 +189,7 @@ public enum KernelBench {
     }
 
     static func loraStep(_ s: (tokens: Int, out: Int, in: Int, rank: Int), repeats: Int, threads: Int) throws -> KernelBenchReport.LoRAStep {
-        var rng = BenchRNG(seed: 17)
+        var rng = SplitMix64(seed: 17)
         let w = (0..<(s.out * s.in)).map { _ in rng.normal() * 0.02 }
         let base = try Linear4BitWeight(w.withUnsafeBufferPointer { try quantize4Bit(.float32($0), shape: [s.out, s.in]) })
         let layer = try LoRALinear(base: base, config: LoRAConfig(rank: s.rank, alpha: Double(2 * s.rank)), seed: 1)
@@ -212,22 +212,5 @@ public enum KernelBench {
             AdamW.step(param: &layer.loraB, grad: layer.gradB, state: &stateB, config: AdamWConfig())
         }
         return .init(tokens: s.tokens, out: s.out, in: s.in, rank: s.rank, seconds: stepTime, baseSeconds: baseTime, ratio: stepTime / baseTime)
-    }
-}
-
-/// Seeded normal samples for benchmark weights (SplitMix64 + Box-Muller).
-struct BenchRNG {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-    mutating func normal() -> Float {
-        let u1 = Double(next() >> 11) * 0x1p-53 + 0x1p-54, u2 = Double(next() >> 11) * 0x1p-53
-        return Float((-2 * log(u1)).squareRoot() * cos(2 * Double.pi * u2))
     }
 }

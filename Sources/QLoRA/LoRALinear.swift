@@ -87,7 +87,7 @@ public final class LoRALinear {
     /// PEFT's default initialization: A ~ kaiming_uniform(a = sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)),
     /// B = 0, from `seed` (qlora's own generator: the values are not torch's, the distribution is).
     public convenience init(base: Linear4BitWeight, config: LoRAConfig, seed: UInt64, computeType: ElementType = .float32) throws(LoRAError) {
-        var rng = LoRARNG(seed: seed)
+        var rng = SplitMix64(seed: seed)
         let bound = 1 / Double(base.inFeatures).squareRoot()
         let a = (0..<(max(0, config.rank) * base.inFeatures)).map { _ in Float((rng.unit() * 2 - 1) * bound) }
         try self.init(base: base, config: config, loraA: a, loraB: [Float](repeating: 0, count: base.outFeatures * max(0, config.rank)),
@@ -131,7 +131,7 @@ public final class LoRALinear {
                 guard m.count == x.count else { throw .shapeMismatch("dropout mask has \(m.count) values, expected \(x.count)") }
                 mask = m.map { $0 * keepScale }
             } else {
-                var rng = LoRARNG(seed: seed ?? 0)
+                var rng = SplitMix64(seed: seed ?? 0)
                 mask = (0..<x.count).map { _ in rng.unit() < config.dropout ? 0 : keepScale }
             }
             for i in xd.indices { xd[i] = xd[i] * mask[i] }
@@ -222,19 +222,4 @@ public final class LoRALinear {
         cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
                     Int32(m), Int32(n), Int32(k), 1, a, Int32(lda), b, Int32(ldb), beta, &c, Int32(ldc))
     }
-}
-
-/// SplitMix64: seeded initialization and dropout masks.
-struct LoRARNG {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    mutating func unit() -> Double { Double(next() >> 11) * 0x1p-53 }
 }

@@ -85,22 +85,4 @@ public func byteMismatch(_ actual: [UInt8], _ expected: [UInt8], name: String, e
     return "\(name): \(count) of \(actual.count / elementSize) elements differ; first at \(first): \(a) vs expected \(e); \(regenerateHint)"
 }
 
-/// A small deterministic generator (SplitMix64) for test data.
-public struct SplitMix64: RandomNumberGenerator {
-    var state: UInt64
-    public init(seed: UInt64) { state = seed }
-    public mutating func next() -> UInt64 {
-        state &+= 0x9E3779B97F4A7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58476D1CE4E5B9
-        z = (z ^ (z >> 27)) &* 0x94D049BB133111EB
-        return z ^ (z >> 31)
-    }
-
-    /// Approximately N(0, 1) (Box-Muller).
-    public mutating func normal() -> Float {
-        let u1 = Double.random(in: Double.ulpOfOne..<1, using: &self)
-        let u2 = Double.random(in: 0..<1, using: &self)
-        return Float((-2 * Foundation.log(u1)).squareRoot() * Foundation.cos(2 * Double.pi * u2))
-    }
-}
+@_exported import struct QLoRA.SplitMix64
