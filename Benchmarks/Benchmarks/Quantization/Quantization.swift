@@ -83,28 +83,15 @@ final class MatmulFixture: @unchecked Sendable {
     let scratch = Matmul4BitScratch()
 
     init(tokens: Int) throws {
-        var rng = SplitMix(seed: 7)
-        let w = (0..<(Self.out * Self.inFeatures)).map { _ in rng.uniform() * 0.04 }
+        var rng = SplitMix64(seed: 7)
+        let w = (0..<(Self.out * Self.inFeatures)).map { _ in Float(rng.unit() * 2 - 1) * 0.04 }
         weight = try Linear4BitWeight(w.withUnsafeBufferPointer { try quantize4Bit(.float32($0), shape: [Self.out, Self.inFeatures]) })
-        x = (0..<(tokens * Self.inFeatures)).map { _ in rng.uniform() }
+        x = (0..<(tokens * Self.inFeatures)).map { _ in Float(rng.unit() * 2 - 1) }
         y = .allocate(capacity: tokens * Self.out)
         y.initialize(repeating: 0)
     }
 
     deinit { y.deallocate() }
-}
-
-struct SplitMix {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    /// Uniform in [-1, 1).
-    mutating func uniform() -> Float {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return Float((z ^ (z >> 31)) >> 40) * 0x1p-23 - 1
-    }
 }
 
 let benchmarks: @Sendable () -> Void = {
@@ -233,12 +220,12 @@ final class LoRAFixture: @unchecked Sendable {
     var stateA: AdamWState, stateB: AdamWState
 
     init() throws {
-        var rng = SplitMix(seed: 11)
-        let w = (0..<(4096 * 4096)).map { _ in rng.uniform() * 0.04 }
+        var rng = SplitMix64(seed: 11)
+        let w = (0..<(4096 * 4096)).map { _ in Float(rng.unit() * 2 - 1) * 0.04 }
         let base = try Linear4BitWeight(w.withUnsafeBufferPointer { try quantize4Bit(.float32($0), shape: [4096, 4096]) })
         layer = try LoRALinear(base: base, config: LoRAConfig(rank: 16, alpha: 32), seed: 1)
-        x = (0..<(512 * 4096)).map { _ in rng.uniform() }
-        dy = (0..<(512 * 4096)).map { _ in rng.uniform() }
+        x = (0..<(512 * 4096)).map { _ in Float(rng.unit() * 2 - 1) }
+        dy = (0..<(512 * 4096)).map { _ in Float(rng.unit() * 2 - 1) }
         stateA = AdamWState(count: layer.loraA.count)
         stateB = AdamWState(count: layer.loraB.count)
     }
