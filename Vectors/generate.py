@@ -180,14 +180,14 @@ def main():
 
     # 5. torch's fp32 mean at 1-4 threads (the double-quant offset).
     g = Group("torch_mean")
-    z = (torch.rand(70001, generator=rng(9)) * 0.1 + 0.01)
+    z = (torch.rand(40000, generator=rng(9)) * 0.1 + 0.01)
     g.add("values", z)
-    for n in (1, 5, 7, 8, 100, 1000, 32767, 32768, 40000, 70001):
+    for n in (1, 5, 7, 8, 100, 1000, 32767, 32768, 33001, 40000):
         for t in (1, 2, 3, 4):
             torch.set_num_threads(t)
             g.add(f"mean.n{n}.t{t}", z[:n].mean().reshape(1))
     torch.set_num_threads(1)
-    g.cases["torch_mean"] = {"sizes": [1, 5, 7, 8, 100, 1000, 32767, 32768, 40000, 70001], "threads": [1, 2, 3, 4]}
+    g.cases["torch_mean"] = {"sizes": [1, 5, 7, 8, 100, 1000, 32767, 32768, 33001, 40000], "threads": [1, 2, 3, 4]}
     g.save()
 
     # 7. The 4-bit matmul with bf16 compute: bitsandbytes' dequantized bf16 weight times the bf16
@@ -219,6 +219,7 @@ def main():
     lora()
     adamw()
     clip()
+    merge()
 
     # 6. A tiny checkpoint and its bitsandbytes-4bit serialization, as transformers saves it
     #    (each nn.Linear replaced by bnb.nn.Linear4bit; the module state_dict).
@@ -282,6 +283,115 @@ def lora():
         g.cases[cid] = {"r": r, "lora_alpha": 2 * r, "use_rslora": rs, "scaling": layer.scaling["default"],
                         "out": out_f, "in": in_f, "tokens": tokens, "peft": __import__("peft").__version__,
                         "lora_A_dtype": str(a.dtype)}
+    g.save()
+
+
+def merge():
+    """PEFT's merge_and_unload: dense f32/bf16 bases (r 8/16, rsLoRA, fan_in_fan_out, rank and
+    alpha patterns, a bf16 adapter) and a bnb-4bit base (re-quantized, and merged_16bit)."""
+    import bitsandbytes.nn as bnn
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+    g = Group("merge")
+    torch.manual_seed(1)
+    out_f, in_f = 32, 64  # in_f a multiple of the blocksize (see lora()); small to keep Vectors/ under 5 MB
+
+    def fill_b(pm, seed):
+        with torch.no_grad():
+            for name, prm in pm.named_parameters():
+                if "lora_B" in name:
+                    prm.copy_(torch.randn(prm.shape, generator=rng(seed)) * 0.05)
+                    seed += 1
+
+    def record(cid, pm, base_names, meta):
+        for n, prm in pm.named_parameters():
+            if "lora_" in n:
+                g.add(cid + "." + n.replace("base_model.model.", "").replace(".default", ""), prm.detach().float())
+        merged = pm.merge_and_unload()
+        for bn in base_names:
+            g.add(f"{cid}.merged.{bn}", getattr(merged, bn).weight.detach())
+        g.cases[cid] = meta
+
+    for dt in ("float32", "bfloat16"):
+        for r, rs, adapter_bf16 in ((8, False, False), (16, True, False), (8, False, True)):
+            class Two(torch.nn.Module):
+                def __init__(self):
+                    super().__init__()
+                    self.proj_a = torch.nn.Linear(in_f, out_f, bias=False)
+                    self.proj_b = torch.nn.Linear(in_f, out_f // 2, bias=False)
+
+                def forward(self, x):
+                    return self.proj_a(x)
+            m = Two().to(DT[dt])
+            cid = f"{dt}_r{r}{'_rslora' if rs else ''}{'_bf16adapter' if adapter_bf16 else ''}"
+            for bn in ("proj_a", "proj_b"):
+                g.add(f"{cid}.base.{bn}", getattr(m, bn).weight.detach().clone())
+            cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj_a", "proj_b"], use_rslora=rs,
+                             rank_pattern={"proj_b": 4}, alpha_pattern={"proj_b": 12})
+            pm = get_peft_model(m, cfg)
+            if adapter_bf16:
+                for n, mod in pm.named_modules():
+                    if n.endswith("lora_A") or n.endswith("lora_B"):
+                        mod.to(torch.bfloat16)
+            else:
+                for n, mod in pm.named_modules():
+                    if n.endswith("lora_A") or n.endswith("lora_B"):
+                        mod.to(torch.float32)
+            fill_b(pm, 80 + r)
+            record(cid, pm, ["proj_a", "proj_b"], {"base_dtype": dt, "r": r, "lora_alpha": 2 * r, "use_rslora": rs,
+                   "rank_pattern": {"proj_b": 4}, "alpha_pattern": {"proj_b": 12}, "adapter_dtype": "bfloat16" if adapter_bf16 else "float32",
+                   "modules": ["proj_a", "proj_b"], "fan_in_fan_out": False})
+
+    # fan_in_fan_out: a GPT-2 style Conv1D whose weight is [in, out].
+    class Conv(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_attn = Conv1D(out_f, in_f)
+
+        def forward(self, x):
+            return self.c_attn(x)
+    m = Conv()
+    g.add("conv_r8.base.c_attn", m.c_attn.weight.detach().clone())
+    pm = get_peft_model(m, LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"], fan_in_fan_out=True))
+    fill_b(pm, 90)
+    record("conv_r8", pm, ["c_attn"], {"base_dtype": "float32", "r": 8, "lora_alpha": 16, "use_rslora": False,
+           "rank_pattern": {}, "alpha_pattern": {}, "adapter_dtype": "float32", "modules": ["c_attn"], "fan_in_fan_out": True})
+
+    # A bnb-4bit base (NF4, double quant, quantized from bf16), r 8.
+    w = (torch.randn(out_f, in_f, generator=rng(95)) * 0.05).to(torch.bfloat16)
+    g.add("nf4_r8.base.proj", w)
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = bnn.Linear4bit(in_f, out_f, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True,
+                                       quant_type="nf4", quant_storage=torch.uint8)
+            self.proj.weight = bnn.Params4bit(w.clone(), requires_grad=False, compress_statistics=True, quant_type="nf4", blocksize=64)
+
+        def forward(self, x):
+            return self.proj(x)
+    m = Tiny().to("cpu")
+    m.is_loaded_in_4bit = True
+    pm = get_peft_model(m, LoraConfig(r=8, lora_alpha=16, target_modules=["proj"]))
+    fill_b(pm, 97)
+    layer = pm.base_model.model.proj
+    a = layer.lora_A["default"].weight.detach().float()
+    b = layer.lora_B["default"].weight.detach().float()
+    g.add("nf4_r8.proj.lora_A.weight", a)
+    g.add("nf4_r8.proj.lora_B.weight", b)
+    base_w = layer.base_layer.weight
+    deq = F.dequantize_4bit(base_w.data, base_w.quant_state)  # bf16, as the base was quantized from bf16
+    delta = (b @ a) * layer.scaling["default"]
+    g.add("nf4_r8.merged_16bit.proj", (deq.float() + delta).to(torch.bfloat16))  # the common merged_16bit export
+    merged = pm.merge_and_unload()
+    mw = merged.proj.weight
+    g.add("nf4_r8.merged_4bit.proj", mw.data)
+    for k, v in mw.quant_state.as_dict(packed=True).items():
+        g.add("nf4_r8.merged_4bit.proj." + k, v)
+    g.add("nf4_r8.merged_4bit.dequantized", F.dequantize_4bit(mw.data, mw.quant_state).float())
+    g.cases["nf4_r8"] = {"base_dtype": "nf4", "r": 8, "lora_alpha": 16, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {},
+                         "adapter_dtype": "float32", "modules": ["proj"], "fan_in_fan_out": False,
+                         "merged_quant_state_dtype": str(mw.quant_state.dtype)}
     g.save()
 
 

@@ -126,7 +126,7 @@ final class GoldenQuantizationTests: XCTestCase {
     func testTorchMeanAtEveryThreadCount() throws {
         let v = try VectorFile("torch_mean")
         let values = v.floats("values")
-        for n in [1, 5, 7, 8, 100, 1000, 32767, 32768, 40000, 70001] {
+        for n in [1, 5, 7, 8, 100, 1000, 32767, 32768, 33001, 40000] {
             for t in 1...4 {
                 let expected = v.floats("mean.n\(n).t\(t)")[0]
                 let got = Array(values[0..<n]).withUnsafeBufferPointer { TorchMean.mean($0, threads: t) }
