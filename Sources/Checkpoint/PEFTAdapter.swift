@@ -17,14 +17,19 @@ public struct PEFTAdapter: Sendable {
         public var loraA: [Float]
         /// B: [out, rank], fp32.
         public var loraB: [Float]
+        /// The dtype A and B were stored in (their values are exact in fp32). PEFT's merge casts
+        /// the delta back to it when it is 16-bit.
+        public var storedType: ElementType = .float32
 
-        public init(path: String, rank: Int, inFeatures: Int, outFeatures: Int, loraA: [Float], loraB: [Float]) {
+        public init(path: String, rank: Int, inFeatures: Int, outFeatures: Int, loraA: [Float], loraB: [Float],
+                    storedType: ElementType = .float32) {
             self.path = path
             self.rank = rank
             self.inFeatures = inFeatures
             self.outFeatures = outFeatures
             self.loraA = loraA
             self.loraB = loraB
+            self.storedType = storedType
         }
     }
 
@@ -105,8 +110,9 @@ public struct PEFTAdapter: Sendable {
             guard ta.shape[0] == expected, tb.shape[1] == expected else {
                 throw badTensor(ta.name, "rank \(ta.shape[0]) (lora_B \(tb.shape[1])) disagrees with the config's r = \(expected)")
             }
+            let stored: ElementType = ta.dtype == .bf16 ? .bfloat16 : ta.dtype == .f16 ? .float16 : .float32
             a.modules[path] = Module(path: path, rank: expected, inFeatures: ta.shape[1], outFeatures: tb.shape[0],
-                                     loraA: try floats(file, ta, weightsPath), loraB: try floats(file, tb, weightsPath))
+                                     loraA: try floats(file, ta, weightsPath), loraB: try floats(file, tb, weightsPath), storedType: stored)
         }
         guard !a.modules.isEmpty else { throw CheckpointError.invalidPath(path: weightsPath, problem: "holds no LoRA weights") }
         return a
@@ -134,7 +140,7 @@ public struct PEFTAdapter: Sendable {
         }
     }
 
-    /// Writes `adapter_config.json` and `adapter_model.safetensors` (fp32) into a new directory,
+    /// Writes `adapter_config.json` and `adapter_model.safetensors` (each module in its `storedType`) into a new directory,
     /// staged beside it and renamed into place when complete.
     public func save(directory: String) throws {
         let out = URL(fileURLWithPath: directory).standardizedFileURL
@@ -156,8 +162,8 @@ public struct PEFTAdapter: Sendable {
                 .write(to: staging.appendingPathComponent(Self.configFile))
             var tensors: [(name: String, dtype: DType, shape: [Int], bytes: [UInt8])] = []
             for m in modules.values.sorted(by: { $0.path < $1.path }) {
-                tensors.append((Self.prefix + m.path + ".lora_A.weight", .f32, [m.rank, m.inFeatures], m.loraA.withUnsafeBytes { Array($0) }))
-                tensors.append((Self.prefix + m.path + ".lora_B.weight", .f32, [m.outFeatures, m.rank], m.loraB.withUnsafeBytes { Array($0) }))
+                tensors.append((Self.prefix + m.path + ".lora_A.weight", dt(m.storedType), [m.rank, m.inFeatures], encode(m.loraA, as: m.storedType)))
+                tensors.append((Self.prefix + m.path + ".lora_B.weight", dt(m.storedType), [m.outFeatures, m.rank], encode(m.loraB, as: m.storedType)))
             }
             try SafeTensorsWriter.write(url: staging.appendingPathComponent(Self.weightsFile), tensors: tensors, metadata: ["format": "pt"])
             if fm.fileExists(atPath: out.path) { try fm.removeItem(at: out) }

@@ -1,0 +1,173 @@
+import Foundation
+import QLoRA
+import SafeTensors
+
+/// How `mergeCheckpoint` writes merged 4-bit weights.
+public struct MergeOptions: Sendable {
+    /// 16-bit (or fp32) output type for a merged 4-bit weight ("merged_16bit"); dense bases keep
+    /// their own dtype, as PEFT's in-place `W += delta` does.
+    public var dtype: ElementType = .bfloat16
+    /// Re-quantize merged 4-bit weights to the base's 4-bit format (PEFT's merge_and_unload on a
+    /// bnb-4bit model) instead of writing them dense.
+    public var requantize = false
+    public init() {}
+}
+
+public struct MergeSummary: Sendable {
+    public var merged = 0
+    public var copied = 0
+    public var bytesWritten = 0
+}
+
+/// Merges a PEFT LoRA adapter into a base checkpoint (a .safetensors file or a directory, dense
+/// or bitsandbytes-4bit), streaming shard by shard and tensor by tensor, with PEFT's numerics
+/// (`LoRAMerge`). Every adapter module must match a base weight of the right shape, and a merged
+/// value that is not finite stops the merge (PEFT's safe_merge check); nothing is written then.
+@discardableResult
+public func mergeCheckpoint(base: String, adapter adapterDir: String, output: String, options: MergeOptions,
+                            progress: ProgressHandler? = nil) throws -> MergeSummary {
+    let reader = try CheckpointReader(path: base)
+    let adapter = try PEFTAdapter.load(directory: adapterDir)
+    let groups = Dictionary(uniqueKeysWithValues: BnB4BitFormat.groups(in: reader.tensorNames).map { ($0.name, $0) })
+    var companionOf: [String: String] = [:]
+    for g in groups.values { for m in g.members where m != g.name { companionOf[m] = g.name } }
+
+    // Which base weight each adapter module merges into, with the base's shape.
+    var shapes: [String: (out: Int, in: Int)] = [:]
+    var quantized: [String: Quantized4Bit] = [:]
+    for path in adapter.modules.keys {
+        let name = path + ".weight"
+        if let g = groups[name] {
+            let q = try BnB4BitFormat.load(g, from: reader)
+            if q.state.shape.count == 2 { shapes[path] = (q.state.shape[0], q.state.shape[1]) }
+            quantized[name] = q
+        } else if let info = reader.info(named: name), info.shape.count == 2 {
+            shapes[path] = (info.shape[0], info.shape[1])  // nn.Linear [out, in] (fan_in_fan_out adapters are refused on load)
+        }
+    }
+    try adapter.validate(againstBase: shapes, baseName: base)
+
+    let job = try OutputJob(input: base, output: output, isDirectory: reader.index != nil || isDirectory(base))
+    var summary = MergeSummary()
+    do {
+        let total = reader.entries.reduce(0) { $0 + $1.info.byteCount }
+        var done = 0
+        var weightMap: [String: String] = [:]
+        var totalSize = 0
+        var requantizedWith: QuantizeOptions? = nil
+        for (s, shardName) in reader.shardFileNames.enumerated() {
+            let entries = reader.entries.filter { $0.shardIndex == s }
+            let shardPath = reader.directory + "/" + shardName
+            // Pass 1: what each output tensor is (merged 4-bit weights are computed here).
+            var decls: [(name: String, dtype: DType, shape: [Int])] = []
+            var results: [String: [[UInt8]]] = [:]
+            for e in entries {
+                let path = String(e.name.dropLast(".weight".count))
+                let module = e.name.hasSuffix(".weight") ? adapter.modules[path] : nil
+                if let owner = companionOf[e.name], quantized[owner] != nil { continue }  // regenerated or dropped
+                guard let m = module else { decls.append((e.name, e.info.dtype, e.info.shape)); continue }
+                let config = adapter.config(for: path)
+                if let q = quantized[e.name] {
+                    let (out, inF) = (q.state.shape[0], q.state.shape[1])
+                    let delta = LoRAMerge.delta(loraA: m.loraA, loraB: m.loraB, rank: m.rank, inFeatures: inF, outFeatures: out,
+                                                scaling: config.scaling, adapterType: m.storedType)
+                    let base16 = q.dequantizedBytes()  // the recorded dtype, as bitsandbytes dequantizes
+                    var sum = [Float](repeating: 0, count: out * inF)
+                    base16.withUnsafeBytes { raw in
+                        sum.withUnsafeMutableBufferPointer { LoRAMerge.add(base: .view(raw, as: q.state.dtype), delta: delta, into: .float32($0)) }
+                    }
+                    if let bad = sum.firstIndex(where: { !$0.isFinite }) {
+                        throw CheckpointError.invalidTensor(file: shardPath, tensor: e.name, problem: "merged value \(bad) is not finite; nothing written")
+                    }
+                    if options.requantize {
+                        let r = try sum.withUnsafeBufferPointer { buffer -> Quantized4Bit in
+                            do {
+                                return try quantize4Bit(.float32(buffer), shape: [out, inF], quantType: q.state.quantType,
+                                                        blocksize: q.state.blocksize, doubleQuant: q.state.isDoubleQuantized)
+                            } catch let qe as QuantizationError { throw CheckpointError.quantization(file: shardPath, tensor: e.name, error: qe) }
+                        }
+                        var qo = QuantizeOptions()
+                        qo.quantType = q.state.quantType
+                        qo.blocksize = q.state.blocksize
+                        qo.doubleQuant = q.state.isDoubleQuantized
+                        requantizedWith = qo
+                        decls += BnB4BitFormat.declarations(name: e.name, quantType: r.state.quantType, blocksize: r.state.blocksize,
+                                                            elementCount: out * inF, doubleQuant: r.state.isDoubleQuantized,
+                                                            jsonByteCount: BnB4BitFormat.quantStateJSON(r.state).count)
+                        results[e.name] = BnB4BitFormat.payloads(r)
+                    } else {
+                        decls.append((e.name, dt(options.dtype), [out, inF]))
+                        results[e.name] = [encode(sum, as: options.dtype)]
+                    }
+                } else {
+                    guard let type = elementType(e.info.dtype) else {
+                        throw CheckpointError.invalidTensor(file: shardPath, tensor: e.name, problem: "adapter targets a non-float weight (\(e.info.dtype.rawValue))")
+                    }
+                    let delta = LoRAMerge.delta(loraA: m.loraA, loraB: m.loraB, rank: m.rank, inFeatures: m.inFeatures, outFeatures: m.outFeatures,
+                                                scaling: config.scaling, adapterType: m.storedType)
+                    var bytes = [UInt8](repeating: 0, count: e.info.byteCount)
+                    try reader.withBytes(of: e.name) { unaligned in
+                        try withAlignedBytes(unaligned, alignment: type.byteSize) { raw in
+                            bytes.withUnsafeMutableBytes { LoRAMerge.add(base: .view(raw, as: type), delta: delta, into: .view($0, as: type)) }
+                            let merged = bytes.withUnsafeBytes { FloatElements.view($0, as: type) }
+                            for i in 0..<merged.count where !merged[i].isFinite {
+                                throw CheckpointError.invalidTensor(file: shardPath, tensor: e.name, problem: "merged value \(i) is not finite; nothing written")
+                            }
+                        }
+                    }
+                    decls.append((e.name, e.info.dtype, e.info.shape))
+                    results[e.name] = [bytes]
+                }
+            }
+            // Pass 2: write in order.
+            let outName = reader.index != nil || job.isDirectory ? shardName : job.outputFileName
+            let writer = try SafeTensorsWriter(url: job.stagingURL(for: outName), tensors: decls, metadata: reader.shards[s].metadata)
+            var next = 0
+            for e in entries {
+                defer { done += e.info.byteCount; progress?(done, total, e.name) }
+                if let owner = companionOf[e.name], quantized[owner] != nil { continue }
+                if let payloads = results[e.name] {
+                    for bytes in payloads {
+                        try writer.write(decls[next].name, bytes: bytes)
+                        weightMap[decls[next].name] = outName
+                        totalSize += bytes.count
+                        next += 1
+                    }
+                    summary.merged += 1
+                } else {
+                    try reader.withBytes(of: e.name) { try writer.write(e.name, bytes: $0) }
+                    weightMap[e.name] = outName
+                    totalSize += e.info.byteCount
+                    next += 1
+                    summary.copied += 1
+                }
+            }
+            try writer.finish()
+            summary.bytesWritten += writer.fileSize
+        }
+        let keepQuantization = options.requantize || quantized.count < groups.count ? (requantizedWith ?? quantizeOptions(of: groups, reader)) : nil
+        try job.complete(reader: reader, index: ShardIndex(totalSize: totalSize, weightMap: weightMap), quantization: keepQuantization)
+    } catch {
+        job.abort()
+        throw error
+    }
+    return summary
+}
+
+/// fp32 values rounded once to `type` (sign of zero kept), as raw bytes.
+func encode(_ v: [Float], as type: ElementType) -> [UInt8] {
+    switch type {
+    case .float32: return v.withUnsafeBytes { Array($0) }
+    case .bfloat16: return v.map { HalfPrecision.bfloat16Bits($0) }.withUnsafeBytes { Array($0) }
+    case .float16: return v.map { HalfPrecision.float16Bits($0) }.withUnsafeBytes { Array($0) }
+    }
+}
+
+func quantizeOptions(of groups: [String: BnB4BitFormat.Group], _ reader: CheckpointReader) -> QuantizeOptions? {
+    guard let g = groups.values.first, let q = try? BnB4BitFormat.load(g, from: reader) else { return nil }
+    var o = QuantizeOptions()
+    o.quantType = q.state.quantType
+    o.blocksize = q.state.blocksize
+    o.doubleQuant = q.state.isDoubleQuantized
+    return o
+}

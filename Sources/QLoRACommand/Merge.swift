@@ -1,0 +1,38 @@
+import ArgumentParser
+import Checkpoint
+import Foundation
+import QLoRA
+
+struct Merge: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Merge a PEFT LoRA adapter into a dense or bitsandbytes-4bit base checkpoint.",
+        discussion: """
+            Numerics as PEFT's merge_and_unload: delta = (B·A)·scaling in fp32 (cast back to a 16-bit \
+            adapter's dtype), W += delta with torch's type promotion. A dense base keeps its dtype. A 4-bit \
+            base is dequantized exactly and written as --dtype (default bf16, the "merged_16bit" export), \
+            or with --requantize re-quantized to its 4-bit format. OUTPUT appears only when complete.
+            """)
+
+    enum DType: String, ExpressibleByArgument, CaseIterable {
+        case bf16, f16, f32
+        var elementType: ElementType { self == .f32 ? .float32 : self == .bf16 ? .bfloat16 : .float16 }
+    }
+
+    @Argument(help: "Base: a .safetensors file or a checkpoint directory (dense or bnb-4bit).") var base: String
+    @Argument(help: "A PEFT adapter directory (adapter_config.json + adapter_model.safetensors).") var adapter: String
+    @Argument(help: "Output file (for a file BASE) or new directory (for a directory BASE).") var output: String
+    @Option(help: "Output dtype of merged 4-bit weights: bf16, f16 or f32.") var dtype: DType = .bf16
+    @Flag(help: "Re-quantize merged 4-bit weights to the base's 4-bit format.") var requantize = false
+
+    func run() {
+        runReportingErrors {
+            var o = MergeOptions()
+            o.dtype = dtype.elementType
+            o.requantize = requantize
+            let line = ProgressLine("merge")
+            let s = try mergeCheckpoint(base: base, adapter: adapter, output: output, options: o, progress: line.update)
+            line.finish()
+            print("merged \(s.merged) tensors, copied \(s.copied); wrote \(s.bytesWritten) bytes to \(output)")
+        }
+    }
+}
