@@ -13,10 +13,51 @@ public struct MergeOptions: Sendable {
     public init() {}
 }
 
-public struct MergeSummary: Sendable {
+public struct MergeSummary: Sendable, Codable {
     public var merged = 0
     public var copied = 0
     public var bytesWritten = 0
+    /// One row per merged tensor, and their pooled total (norms in Float64).
+    public var report: [MergeReportRow] = []
+    public var total = MergeReportRow(name: "total")
+}
+
+/// What writing a merged tensor in its output format costs. W: the base as stored (dequantized
+/// for a 4-bit base), ΔW: the adapter's delta, W+ΔW: their exact fp32 sum, Q(W+ΔW): what was
+/// written (re-quantized and dequantized, or rounded to the output dtype).
+public struct MergeReportRow: Sendable, Codable {
+    public var name: String
+    /// ‖Q(W+ΔW) − (W+ΔW)‖ / ‖ΔW‖: the error writing adds, relative to the fine-tune's change.
+    public var errorToDelta = 0.0
+    /// ‖Q(W+ΔW) − (W+ΔW)‖ / ‖W+ΔW‖.
+    public var errorToWeight = 0.0
+    /// cos(Q(W+ΔW) − W, ΔW): how much of the delta's direction survives (1 = all).
+    public var deltaCosine = 0.0
+    var errSq = 0.0, deltaSq = 0.0, sumSq = 0.0, dot = 0.0, appliedSq = 0.0
+
+    init(name: String) { self.name = name }
+
+    init(name: String, base: [Float], delta: [Float], sum: [Float], written: [Float]) {
+        self.name = name
+        for i in sum.indices {
+            let e = Double(written[i]) - Double(sum[i]), applied = Double(written[i]) - Double(base[i]), d = Double(delta[i])
+            errSq += e * e; deltaSq += d * d; sumSq += Double(sum[i]) * Double(sum[i]); dot += applied * d; appliedSq += applied * applied
+        }
+        finish()
+    }
+
+    mutating func add(_ r: MergeReportRow) {
+        errSq += r.errSq; deltaSq += r.deltaSq; sumSq += r.sumSq; dot += r.dot; appliedSq += r.appliedSq
+        finish()
+    }
+
+    mutating func finish() {
+        errorToDelta = deltaSq > 0 ? (errSq / deltaSq).squareRoot() : 0
+        errorToWeight = sumSq > 0 ? (errSq / sumSq).squareRoot() : 0
+        deltaCosine = deltaSq > 0 && appliedSq > 0 ? dot / (deltaSq * appliedSq).squareRoot() : 0
+    }
+
+    enum CodingKeys: String, CodingKey { case name, errorToDelta, errorToWeight, deltaCosine }
 }
 
 /// Merges a PEFT LoRA adapter into a base checkpoint (a .safetensors file or a directory, dense
@@ -95,9 +136,19 @@ public func mergeCheckpoint(base: String, adapter adapterDir: String, output: St
                                                             elementCount: out * inF, doubleQuant: r.state.isDoubleQuantized,
                                                             jsonByteCount: BnB4BitFormat.quantStateJSON(r.state).count)
                         results[e.name] = BnB4BitFormat.payloads(r)
+                        let baseF = base16.withUnsafeBytes { raw in (0..<(out * inF)).map { FloatElements.view(raw, as: q.state.dtype)[$0] } }
+                        let row = MergeReportRow(name: e.name, base: baseF, delta: delta, sum: sum, written: r.dequantizedFloat32())
+                        summary.report.append(row)
+                        summary.total.add(row)
                     } else {
                         decls.append((e.name, dt(options.dtype), [out, inF]))
-                        results[e.name] = [encode(sum, as: options.dtype)]
+                        let bytes = encode(sum, as: options.dtype)
+                        results[e.name] = [bytes]
+                        let baseF = base16.withUnsafeBytes { raw in (0..<(out * inF)).map { FloatElements.view(raw, as: q.state.dtype)[$0] } }
+                        let written = bytes.withUnsafeBytes { raw in (0..<(out * inF)).map { FloatElements.view(raw, as: options.dtype)[$0] } }
+                        let row = MergeReportRow(name: e.name, base: baseF, delta: delta, sum: sum, written: written)
+                        summary.report.append(row)
+                        summary.total.add(row)
                     }
                 } else {
                     guard let type = elementType(e.info.dtype) else {
@@ -117,6 +168,17 @@ public func mergeCheckpoint(base: String, adapter adapterDir: String, output: St
                     }
                     decls.append((e.name, e.info.dtype, e.info.shape))
                     results[e.name] = [bytes]
+                    let (baseF, written): ([Float], [Float]) = reader.withBytes(of: e.name) { unaligned in
+                        withAlignedBytes(unaligned, alignment: type.byteSize) { raw in
+                            let b = FloatElements.view(raw, as: type)
+                            let w = bytes.withUnsafeBytes { wr in (0..<b.count).map { FloatElements.view(wr, as: type)[$0] } }
+                            return ((0..<b.count).map { b[$0] }, w)
+                        }
+                    }
+                    let sum = zip(baseF, delta).map { $0 + $1 }
+                    let row = MergeReportRow(name: e.name, base: baseF, delta: delta, sum: sum, written: written)
+                    summary.report.append(row)
+                    summary.total.add(row)
                 }
             }
             // Pass 2: write in order.

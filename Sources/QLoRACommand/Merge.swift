@@ -23,6 +23,8 @@ struct Merge: ParsableCommand {
     @Argument(help: "Output file (for a file BASE) or new directory (for a directory BASE).") var output: String
     @Option(help: "Output dtype of merged 4-bit weights: bf16, f16 or f32.") var dtype: DType = .bf16
     @Flag(help: "Re-quantize merged 4-bit weights to the base's 4-bit format.") var requantize = false
+    @Flag(help: "Per merged tensor: the error writing adds relative to ΔW and to W+ΔW, and how much of ΔW survives.") var report = false
+    @Flag(help: "With --report: print the report as JSON.") var json = false
 
     func run() {
         runReportingErrors {
@@ -32,7 +34,21 @@ struct Merge: ParsableCommand {
             let line = ProgressLine("merge")
             let s = try mergeCheckpoint(base: base, adapter: adapter, output: output, options: o, progress: line.update)
             line.finish()
+            if report && json {
+                let enc = JSONEncoder()
+                enc.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+                enc.keyEncodingStrategy = .convertToSnakeCase
+                print(String(decoding: try enc.encode(s), as: UTF8.self))
+                return
+            }
             print("merged \(s.merged) tensors, copied \(s.copied); wrote \(s.bytesWritten) bytes to \(output)")
+            if report {
+                let width = max(6, s.report.map(\.name.count).max() ?? 0)
+                print("\n" + "tensor".padding(toLength: width, withPad: " ", startingAt: 0) + "   ‖err‖/‖ΔW‖   ‖err‖/‖W+ΔW‖   cos(applied, ΔW)")
+                for r in s.report + [s.total] {
+                    print(r.name.padding(toLength: width, withPad: " ", startingAt: 0) + String(format: "   %10.4f   %12.3e   %16.4f", r.errorToDelta, r.errorToWeight, r.deltaCosine))
+                }
+            }
         }
     }
 }

@@ -44,6 +44,10 @@ final class MergeTests: XCTestCase {
             let s = try mergeCheckpoint(base: base.path, adapter: adapterDir, output: out, options: MergeOptions())
             XCTAssertEqual(s.merged, 2)
             XCTAssertEqual(s.copied, 1)
+            if id == "float32_r8" {  // an fp32 base stores the exact fp32 sum: no error, ΔW applied as computed
+                XCTAssertEqual(s.total.errorToDelta, 0)
+                XCTAssertEqual(s.total.deltaCosine, 1, accuracy: 1e-6)
+            }
             let f = try SafeTensorsFile(path: out)
             for m in ["proj_a", "proj_b"] {
                 XCTAssertNil(byteMismatch(f.withBytes(of: m + ".weight") { Array($0) }, v.bytes("\(id).merged.\(m)"), name: "\(id) \(m)"))
@@ -70,8 +74,27 @@ final class MergeTests: XCTestCase {
         var o = MergeOptions()
         o.requantize = true
         let m4 = tmp.appendingPathComponent("m4.safetensors").path
-        try mergeCheckpoint(base: base, adapter: adapterDir, output: m4, options: o)
+        let summary = try mergeCheckpoint(base: base, adapter: adapterDir, output: m4, options: o)
         let f4 = try SafeTensorsFile(path: m4)
+        // The report, recomputed here from PEFT's own tensors: W (dequantized bf16 base),
+        // ΔW = merged_16bit's exact fp32 sum − W, Q(W+ΔW) = PEFT's re-quantized weight dequantized.
+        let row = try XCTUnwrap(summary.report.first)
+        XCTAssertEqual(summary.report.count, 1)
+        let q = try v.withElements("nf4_r8.base.proj") { try quantize4Bit($0, shape: [32, 64]) }
+        let w = q.dequantizedBytes().withUnsafeBytes { $0.bindMemory(to: UInt16.self).map { HalfPrecision.float(bfloat16Bits: $0) } }
+        let d = LoRAMerge.delta(loraA: v.floats("nf4_r8.proj.lora_A.weight"), loraB: v.floats("nf4_r8.proj.lora_B.weight"),
+                                rank: 8, inFeatures: 64, outFeatures: 32, scaling: 2)
+        let written = v.floats("nf4_r8.merged_4bit.dequantized")
+        var e2 = 0.0, d2 = 0.0, s2 = 0.0, dot = 0.0, a2 = 0.0
+        for i in w.indices {
+            let sum = Double(w[i] + d[i]), e = Double(written[i]) - sum, a = Double(written[i]) - Double(w[i])
+            e2 += e * e; d2 += Double(d[i]) * Double(d[i]); s2 += sum * sum; dot += a * Double(d[i]); a2 += a * a
+        }
+        XCTAssertEqual(row.errorToDelta, (e2 / d2).squareRoot(), accuracy: 1e-9)
+        XCTAssertEqual(row.errorToWeight, (e2 / s2).squareRoot(), accuracy: 1e-9)
+        XCTAssertEqual(row.deltaCosine, dot / (d2 * a2).squareRoot(), accuracy: 1e-9)
+        XCTAssertGreaterThan(row.errorToDelta, 0.1, "4-bit re-quantization error is large next to a small ΔW")
+        XCTAssertEqual(summary.total.errorToDelta, row.errorToDelta, accuracy: 1e-12)
         XCTAssertNil(byteMismatch(f4.withBytes(of: "proj.weight") { Array($0) }, v.bytes("nf4_r8.merged_4bit.proj"), name: "packed"))
         for part in ["absmax", "nested_absmax", "quant_map", "nested_quant_map", "quant_state.bitsandbytes__nf4"] {
             XCTAssertNil(byteMismatch(f4.withBytes(of: "proj.weight." + part) { Array($0) }, v.bytes("nf4_r8.merged_4bit.proj." + part), name: part))
