@@ -6,20 +6,31 @@ public enum LoRAMerge {
     /// the adapter's dtype: pass `adapterType: .bfloat16` (A and B hold bf16 values) for that.
     ///
     ///     // A: [r, in], B: [out, r] -> delta: [out, in] (or [in, out])
-    /// Each element is a sequential fused multiply-add over r, then one multiply by scaling.
     public static func delta(loraA a: [Float], loraB b: [Float], rank r: Int, inFeatures k: Int, outFeatures n: Int,
                              scaling: Double, adapterType: ElementType = .float32, fanInFanOut: Bool = false) -> [Float] {
         precondition(a.count == r * k && b.count == n * r, "LoRA merge: A must be [r, in] and B [out, r]")
         let s = Float(scaling)
+        // Each element is a sequential fused multiply-add over j = 0 ..< r (torch's order: the PEFT
+        // vectors hold it to the bit; OpenBLAS's sgemm orders differently), then one multiply by
+        // scaling. Looping j outside a whole row keeps that order and lets the row vectorize.
         var d = [Float](repeating: 0, count: n * k)
-        for o in 0..<n {
-            for i in 0..<k {
-                var acc: Float = 0
-                for j in 0..<r { acc = acc.addingProduct(b[o * r + j], a[j * k + i]) }
-                var v = acc * s
-                if adapterType == .bfloat16 { v = HalfPrecision.roundedToBFloat16(v) }
-                if adapterType == .float16 { v = HalfPrecision.float(float16Bits: HalfPrecision.float16Bits(v)) }
-                d[fanInFanOut ? i * n + o : o * k + i] = v
+        var row = [Float](repeating: 0, count: k)
+        a.withUnsafeBufferPointer { ap in
+            row.withUnsafeMutableBufferPointer { rp in
+                for o in 0..<n {
+                    for i in 0..<k { rp[i] = 0 }
+                    for j in 0..<r {
+                        let bj = b[o * r + j]
+                        let aj = ap.baseAddress! + j * k
+                        for i in 0..<k { rp[i] = rp[i].addingProduct(bj, aj[i]) }
+                    }
+                    for i in 0..<k {
+                        var v = rp[i] * s
+                        if adapterType == .bfloat16 { v = HalfPrecision.roundedToBFloat16(v) }
+                        if adapterType == .float16 { v = HalfPrecision.float(float16Bits: HalfPrecision.float16Bits(v)) }
+                        d[fanInFanOut ? i * n + o : o * k + i] = v
+                    }
+                }
             }
         }
         return d
