@@ -99,102 +99,104 @@ public func mergeCheckpoint(base: String, adapter adapterDir: String, output: St
         for (s, shardName) in reader.shardFileNames.enumerated() {
             let entries = reader.entries.filter { $0.shardIndex == s }
             let shardPath = reader.directory + "/" + shardName
-            // Pass 1: what each output tensor is (merged 4-bit weights are computed here).
-            var decls: [(name: String, dtype: DType, shape: [Int])] = []
-            var results: [String: [[UInt8]]] = [:]
-            for e in entries {
+
+            /// The merged tensor `e` as output payloads (in declaration order) and its report row.
+            func merge(_ e: CheckpointReader.Entry, _ m: PEFTAdapter.Module) throws -> ([[UInt8]], MergeReportRow) {
                 let path = String(e.name.dropLast(".weight".count))
-                let module = e.name.hasSuffix(".weight") ? adapter.modules[path] : nil
-                if let owner = companionOf[e.name], quantized[owner] != nil { continue }  // regenerated or dropped
-                guard let m = module else { decls.append((e.name, e.info.dtype, e.info.shape)); continue }
                 let config = adapter.config(for: path)
                 if let q = quantized[e.name] {
                     let (out, inF) = (q.state.shape[0], q.state.shape[1])
                     let delta = LoRAMerge.delta(loraA: m.loraA, loraB: m.loraB, rank: m.rank, inFeatures: inF, outFeatures: out,
                                                 scaling: config.scaling, adapterType: m.storedType)
                     let base16 = q.dequantizedBytes()  // the recorded dtype, as bitsandbytes dequantizes
+                    let baseF = base16.withUnsafeBytes { raw in (0..<(out * inF)).map { FloatElements.view(raw, as: q.state.dtype)[$0] } }
                     var sum = [Float](repeating: 0, count: out * inF)
-                    base16.withUnsafeBytes { raw in
-                        sum.withUnsafeMutableBufferPointer { LoRAMerge.add(base: .view(raw, as: q.state.dtype), delta: delta, into: .float32($0)) }
-                    }
+                    baseF.withUnsafeBufferPointer { b in sum.withUnsafeMutableBufferPointer { LoRAMerge.add(base: .float32(b), delta: delta, into: .float32($0)) } }
                     if let bad = sum.firstIndex(where: { !$0.isFinite }) {
                         throw CheckpointError.invalidTensor(file: shardPath, tensor: e.name, problem: "merged value \(bad) is not finite; nothing written")
                     }
                     if options.requantize {
-                        let r = try sum.withUnsafeBufferPointer { buffer -> Quantized4Bit in
-                            do {
-                                return try quantize4Bit(.float32(buffer), shape: [out, inF], quantType: q.state.quantType,
-                                                        blocksize: q.state.blocksize, doubleQuant: q.state.isDoubleQuantized)
-                            } catch let qe as QuantizationError { throw CheckpointError.quantization(file: shardPath, tensor: e.name, error: qe) }
-                        }
+                        let r: Quantized4Bit
+                        do {
+                            r = try sum.withUnsafeBufferPointer {
+                                try quantize4Bit(.float32($0), shape: [out, inF], quantType: q.state.quantType,
+                                                 blocksize: q.state.blocksize, doubleQuant: q.state.isDoubleQuantized)
+                            }
+                        } catch let qe as QuantizationError { throw CheckpointError.quantization(file: shardPath, tensor: e.name, error: qe) }
+                        return (BnB4BitFormat.payloads(r), MergeReportRow(name: e.name, base: baseF, delta: delta, sum: sum, written: r.dequantizedFloat32()))
+                    }
+                    let bytes = encode(sum, as: options.dtype)
+                    let written = bytes.withUnsafeBytes { raw in (0..<(out * inF)).map { FloatElements.view(raw, as: options.dtype)[$0] } }
+                    return ([bytes], MergeReportRow(name: e.name, base: baseF, delta: delta, sum: sum, written: written))
+                }
+                guard let type = elementType(e.info.dtype) else {
+                    throw CheckpointError.invalidTensor(file: shardPath, tensor: e.name, problem: "adapter targets a non-float weight (\(e.info.dtype.rawValue))")
+                }
+                let delta = LoRAMerge.delta(loraA: m.loraA, loraB: m.loraB, rank: m.rank, inFeatures: m.inFeatures, outFeatures: m.outFeatures,
+                                            scaling: config.scaling, adapterType: m.storedType)
+                let baseF: [Float] = reader.withBytes(of: e.name) { unaligned in
+                    withAlignedBytes(unaligned, alignment: type.byteSize) { raw in
+                        let b = FloatElements.view(raw, as: type)
+                        return (0..<b.count).map { b[$0] }
+                    }
+                }
+                var bytes = [UInt8](repeating: 0, count: e.info.byteCount)
+                baseF.withUnsafeBufferPointer { b in bytes.withUnsafeMutableBytes { LoRAMerge.add(base: .float32(b), delta: delta, into: .view($0, as: type)) } }
+                let written = bytes.withUnsafeBytes { raw in (0..<baseF.count).map { FloatElements.view(raw, as: type)[$0] } }
+                if let bad = written.firstIndex(where: { !$0.isFinite }) {
+                    throw CheckpointError.invalidTensor(file: shardPath, tensor: e.name, problem: "merged value \(bad) is not finite; nothing written")
+                }
+                let sum = zip(baseF, delta).map { $0 + $1 }
+                return ([bytes], MergeReportRow(name: e.name, base: baseF, delta: delta, sum: sum, written: written))
+            }
+
+            func module(_ e: CheckpointReader.Entry) -> PEFTAdapter.Module? {
+                e.name.hasSuffix(".weight") ? adapter.modules[String(e.name.dropLast(".weight".count))] : nil
+            }
+
+            // Pass 1: the output declarations. Only a re-quantized weight must be merged now: its
+            // quant-state JSON length (in the header) depends on the new double-quant offset.
+            var decls: [(name: String, dtype: DType, shape: [Int])] = []
+            var early: [String: ([[UInt8]], MergeReportRow)] = [:]
+            for e in entries {
+                if let owner = companionOf[e.name], quantized[owner] != nil { continue }  // regenerated or dropped
+                guard let m = module(e) else { decls.append((e.name, e.info.dtype, e.info.shape)); continue }
+                if let q = quantized[e.name] {
+                    if options.requantize {
+                        let result = try merge(e, m)
+                        early[e.name] = result
                         var qo = QuantizeOptions()
                         qo.quantType = q.state.quantType
                         qo.blocksize = q.state.blocksize
                         qo.doubleQuant = q.state.isDoubleQuantized
                         requantizedWith = qo
-                        decls += BnB4BitFormat.declarations(name: e.name, quantType: r.state.quantType, blocksize: r.state.blocksize,
-                                                            elementCount: out * inF, doubleQuant: r.state.isDoubleQuantized,
-                                                            jsonByteCount: BnB4BitFormat.quantStateJSON(r.state).count)
-                        results[e.name] = BnB4BitFormat.payloads(r)
-                        let baseF = base16.withUnsafeBytes { raw in (0..<(out * inF)).map { FloatElements.view(raw, as: q.state.dtype)[$0] } }
-                        let row = MergeReportRow(name: e.name, base: baseF, delta: delta, sum: sum, written: r.dequantizedFloat32())
-                        summary.report.append(row)
-                        summary.total.add(row)
+                        decls += BnB4BitFormat.declarations(name: e.name, quantType: q.state.quantType, blocksize: q.state.blocksize,
+                                                            elementCount: q.state.elementCount, doubleQuant: q.state.isDoubleQuantized,
+                                                            jsonByteCount: result.0.last!.count)
                     } else {
-                        decls.append((e.name, dt(options.dtype), [out, inF]))
-                        let bytes = encode(sum, as: options.dtype)
-                        results[e.name] = [bytes]
-                        let baseF = base16.withUnsafeBytes { raw in (0..<(out * inF)).map { FloatElements.view(raw, as: q.state.dtype)[$0] } }
-                        let written = bytes.withUnsafeBytes { raw in (0..<(out * inF)).map { FloatElements.view(raw, as: options.dtype)[$0] } }
-                        let row = MergeReportRow(name: e.name, base: baseF, delta: delta, sum: sum, written: written)
-                        summary.report.append(row)
-                        summary.total.add(row)
+                        decls.append((e.name, dt(options.dtype), q.state.shape))
                     }
                 } else {
-                    guard let type = elementType(e.info.dtype) else {
-                        throw CheckpointError.invalidTensor(file: shardPath, tensor: e.name, problem: "adapter targets a non-float weight (\(e.info.dtype.rawValue))")
-                    }
-                    let delta = LoRAMerge.delta(loraA: m.loraA, loraB: m.loraB, rank: m.rank, inFeatures: m.inFeatures, outFeatures: m.outFeatures,
-                                                scaling: config.scaling, adapterType: m.storedType)
-                    var bytes = [UInt8](repeating: 0, count: e.info.byteCount)
-                    try reader.withBytes(of: e.name) { unaligned in
-                        try withAlignedBytes(unaligned, alignment: type.byteSize) { raw in
-                            bytes.withUnsafeMutableBytes { LoRAMerge.add(base: .view(raw, as: type), delta: delta, into: .view($0, as: type)) }
-                            let merged = bytes.withUnsafeBytes { FloatElements.view($0, as: type) }
-                            for i in 0..<merged.count where !merged[i].isFinite {
-                                throw CheckpointError.invalidTensor(file: shardPath, tensor: e.name, problem: "merged value \(i) is not finite; nothing written")
-                            }
-                        }
-                    }
                     decls.append((e.name, e.info.dtype, e.info.shape))
-                    results[e.name] = [bytes]
-                    let (baseF, written): ([Float], [Float]) = reader.withBytes(of: e.name) { unaligned in
-                        withAlignedBytes(unaligned, alignment: type.byteSize) { raw in
-                            let b = FloatElements.view(raw, as: type)
-                            let w = bytes.withUnsafeBytes { wr in (0..<b.count).map { FloatElements.view(wr, as: type)[$0] } }
-                            return ((0..<b.count).map { b[$0] }, w)
-                        }
-                    }
-                    let sum = zip(baseF, delta).map { $0 + $1 }
-                    let row = MergeReportRow(name: e.name, base: baseF, delta: delta, sum: sum, written: written)
-                    summary.report.append(row)
-                    summary.total.add(row)
                 }
             }
-            // Pass 2: write in order.
+            // Pass 2: merge (if not done) and write, one tensor at a time.
             let outName = reader.index != nil || job.isDirectory ? shardName : job.outputFileName
             let writer = try SafeTensorsWriter(url: job.stagingURL(for: outName), tensors: decls, metadata: reader.shards[s].metadata)
             var next = 0
             for e in entries {
                 defer { done += e.info.byteCount; progress?(done, total, e.name) }
                 if let owner = companionOf[e.name], quantized[owner] != nil { continue }
-                if let payloads = results[e.name] {
+                if let m = module(e) {
+                    let (payloads, row) = try early.removeValue(forKey: e.name) ?? merge(e, m)
                     for bytes in payloads {
                         try writer.write(decls[next].name, bytes: bytes)
                         weightMap[decls[next].name] = outName
                         totalSize += bytes.count
                         next += 1
                     }
+                    summary.report.append(row)
+                    summary.total.add(row)
                     summary.merged += 1
                 } else {
                     try reader.withBytes(of: e.name) { try writer.write(e.name, bytes: $0) }

@@ -70,6 +70,27 @@ public func writeSampleCheckpoint(output: String, spec: SampleCheckpointSpec) th
 
 func dt(_ t: ElementType) -> DType { t == .float32 ? .f32 : t == .bfloat16 ? .bf16 : .f16 }
 
+/// A seeded PEFT adapter for a sample checkpoint: rank `rank` (alpha 2·rank) on all seven
+/// projections of every layer, A ~ U(±1/√in) as PEFT initializes it and B ~ N(0, 0.01²) (not
+/// zero, so the merge changes the weights, as after training).
+public func writeSampleAdapter(directory: String, spec: SampleCheckpointSpec, rank: Int) throws {
+    var rng = SplitMix64(seed: spec.seed &+ 0xADA9)
+    let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    var adapter = PEFTAdapter(rank: rank, loraAlpha: Double(2 * rank), targetModules: targets)
+    let h = spec.hidden, i = spec.intermediate
+    for l in 0..<spec.layers {
+        for t in targets {
+            let path = "model.layers.\(l).\(t.hasSuffix("_proj") && ["q", "k", "v", "o"].contains(String(t.prefix(1))) ? "self_attn" : "mlp").\(t)"
+            let (out, inF) = t == "gate_proj" || t == "up_proj" ? (i, h) : t == "down_proj" ? (h, i) : (h, h)
+            let bound = 1 / Double(inF).squareRoot()
+            let a = (0..<(rank * inF)).map { _ in Float((rng.unit() * 2 - 1) * bound) }
+            let b = (0..<(out * rank)).map { _ in rng.normal() * 0.01 }
+            adapter.modules[path] = .init(path: path, rank: rank, inFeatures: inF, outFeatures: out, loraA: a, loraB: b)
+        }
+    }
+    try adapter.save(directory: directory)
+}
+
 /// One tensor's error statistics.
 public struct TensorComparison: Codable, Sendable {
     public var name: String

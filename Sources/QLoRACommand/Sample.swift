@@ -13,6 +13,7 @@ struct Sample: ParsableCommand {
     @Option(help: "Vocabulary size.") var vocab = 8192
     @Option(help: "Seed.") var seed: UInt64 = 0
     @Option(help: "Largest shard, MiB.") var maxShardMib = 64
+    @Option(help: "Also write a PEFT LoRA adapter of this rank (all seven projections) to DIR-adapter.") var adapterRank: Int?
 
     func run() {
         runReportingErrors {
@@ -21,6 +22,10 @@ struct Sample: ParsableCommand {
             s.maxShardSize = maxShardMib << 20
             let bytes = try writeSampleCheckpoint(output: output, spec: s)
             print("wrote a \(layers)-layer sample checkpoint (hidden \(hidden), \(bytes) bytes of bf16 weights) to \(output)")
+            if let r = adapterRank {
+                try writeSampleAdapter(directory: output + "-adapter", spec: s, rank: r)
+                print("wrote a rank-\(r) PEFT adapter for it to \(output)-adapter")
+            }
         }
     }
 }
