@@ -62,7 +62,18 @@ public enum Blockwise8Bit {
     /// `code[index] * absmax[block]` in fp32 (`dequantizeBlockwise8bitCpu<float>`).
     public static func dequantize(_ indices: [UInt8], absmax: [Float], blocksize: Int, code: [Float]) -> [Float] {
         var out = [Float](repeating: 0, count: indices.count)
-        for i in indices.indices { out[i] = code[Int(indices[i])] * absmax[i / blocksize] }
+        out.withUnsafeMutableBufferPointer { o in
+            indices.withUnsafeBufferPointer { q in
+                code.withUnsafeBufferPointer { c in
+                    var start = 0
+                    for scale in absmax where start < q.count {  // one scale per block, no division per element
+                        let end = min(start + blocksize, q.count)
+                        for i in start..<end { o[i] = c[Int(q[i])] * scale }
+                        start = end
+                    }
+                }
+            }
+        }
         return out
     }
 }

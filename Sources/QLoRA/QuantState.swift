@@ -46,23 +46,9 @@ public struct QuantState: Sendable, Equatable {
             return a
         case .nested(let n):
             // code[q] * nestedAbsmax rounded, then + offset rounded: two fp32 operations.
-            var a = [Float](repeating: 0, count: n.quantized.count)
-            let offset = n.offset, bs = n.blocksize
-            a.withUnsafeMutableBufferPointer { out in
-                n.quantized.withUnsafeBufferPointer { q in
-                    n.code.withUnsafeBufferPointer { code in
-                        n.absmax.withUnsafeBufferPointer { nested in
-                            var start = 0
-                            for scale in nested {
-                                let end = min(start + bs, q.count)
-                                for i in start..<end { out[i] = code[Int(q[i])] * scale }
-                                for i in start..<end { out[i] = out[i] + offset }
-                                start = end
-                            }
-                        }
-                    }
-                }
-            }
+            var a = Blockwise8Bit.dequantize(n.quantized, absmax: n.absmax, blocksize: n.blocksize, code: n.code)
+            let offset = n.offset
+            a.withUnsafeMutableBufferPointer { out in for i in out.indices { out[i] = out[i] + offset } }
             return a
         }
     }
