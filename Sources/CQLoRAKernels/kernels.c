@@ -98,17 +98,33 @@ static inline uint8_t bucket(float v, const float *mids) {
     return c;
 }
 
-#define DEFINE_QUANT_SCALAR(NAME, T, LOAD)                                                      \
+#define LOAD_F32(v) (v)
+#define LOAD_BF16(v) bf16_to_f32(v)
+#define LOAD_F16(v) f16_to_f32(v)
+
+// max |x| over one block into *am; 0 when the block holds a NaN or infinity.
+#define DEFINE_BLOCK_ABSMAX_SCALAR(NAME, T, LOAD)                                               \
+static inline int NAME(const T *p, int64_t bs, float *am_out) {                                 \
+    float am = 0.0f;                                                                            \
+    for (int64_t i = 0; i < bs; i++) {                                                          \
+        float a = fabsf(LOAD(p[i]));                                                            \
+        if (!(a < INFINITY)) return 0;                                                          \
+        am = a > am ? a : am;                                                                   \
+    }                                                                                           \
+    *am_out = am;                                                                               \
+    return 1;                                                                                   \
+}
+DEFINE_BLOCK_ABSMAX_SCALAR(block_absmax_scalar_f32, float, LOAD_F32)
+DEFINE_BLOCK_ABSMAX_SCALAR(block_absmax_scalar_bf16, uint16_t, LOAD_BF16)
+DEFINE_BLOCK_ABSMAX_SCALAR(block_absmax_scalar_f16, uint16_t, LOAD_F16)
+
+#define DEFINE_QUANT_SCALAR(NAME, T, LOAD, BLOCKMAX)                                            \
 static int64_t NAME(const T *x, int64_t nblocks, int64_t bs, const float *mids,                 \
                     const uint8_t *order, float *absmax, uint8_t *packed) {                    \
     for (int64_t b = 0; b < nblocks; b++) {                                                     \
         const T *p = x + b * bs;                                                                \
-        float am = 0.0f;                                                                        \
-        for (int64_t i = 0; i < bs; i++) {                                                      \
-            float a = fabsf(LOAD(p[i]));                                                        \
-            if (!(a < INFINITY)) return b;                                                      \
-            am = a > am ? a : am;                                                               \
-        }                                                                                       \
+        float am;                                                                               \
+        if (!BLOCKMAX(p, bs, &am)) return b;                                                    \
         absmax[b] = am;                                                                         \
         float inv = 1.0f / (am > kAbsmaxFloor ? am : kAbsmaxFloor);                             \
         uint8_t *out = packed + b * bs / 2;                                                     \
@@ -120,12 +136,9 @@ static int64_t NAME(const T *x, int64_t nblocks, int64_t bs, const float *mids, 
     }                                                                                           \
     return -1;                                                                                  \
 }
-#define LOAD_F32(v) (v)
-#define LOAD_BF16(v) bf16_to_f32(v)
-#define LOAD_F16(v) f16_to_f32(v)
-DEFINE_QUANT_SCALAR(quant4_scalar_f32, float, LOAD_F32)
-DEFINE_QUANT_SCALAR(quant4_scalar_bf16, uint16_t, LOAD_BF16)
-DEFINE_QUANT_SCALAR(quant4_scalar_f16, uint16_t, LOAD_F16)
+DEFINE_QUANT_SCALAR(quant4_scalar_f32, float, LOAD_F32, block_absmax_scalar_f32)
+DEFINE_QUANT_SCALAR(quant4_scalar_bf16, uint16_t, LOAD_BF16, block_absmax_scalar_bf16)
+DEFINE_QUANT_SCALAR(quant4_scalar_f16, uint16_t, LOAD_F16, block_absmax_scalar_f16)
 
 // MARK: - Quantize, AVX-512
 
@@ -163,24 +176,34 @@ AVX512 static inline void pack16(__m512i nib, uint8_t *out) {
     _mm_storel_epi64((__m128i *)out, _mm_packus_epi16(w, w));
 }
 
-#define DEFINE_QUANT_AVX512(NAME, T, LOAD16)                                                    \
+#define DEFINE_BLOCK_ABSMAX_AVX512(NAME, T, LOAD16)                                             \
+AVX512 static inline int NAME(const T *p, int64_t bs, float *am_out) {                          \
+    const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));                  \
+    const __m512 inf = _mm512_set1_ps(INFINITY);                                                \
+    __m512 m = _mm512_setzero_ps();                                                             \
+    __mmask16 bad = 0;                                                                          \
+    for (int64_t i = 0; i < bs; i += 16) {                                                      \
+        __m512 a = _mm512_and_ps(LOAD16(p + i), absmask);                                       \
+        bad |= _mm512_cmp_ps_mask(a, inf, _CMP_NLT_UQ);                                         \
+        m = _mm512_max_ps(m, a);                                                                \
+    }                                                                                           \
+    if (bad) return 0;                                                                          \
+    *am_out = _mm512_reduce_max_ps(m);                                                          \
+    return 1;                                                                                   \
+}
+DEFINE_BLOCK_ABSMAX_AVX512(block_absmax_avx512_f32, float, load16_f32)
+DEFINE_BLOCK_ABSMAX_AVX512(block_absmax_avx512_bf16, uint16_t, load16_bf16)
+DEFINE_BLOCK_ABSMAX_AVX512(block_absmax_avx512_f16, uint16_t, load16_f16)
+
+#define DEFINE_QUANT_AVX512(NAME, T, LOAD16, BLOCKMAX)                                          \
 AVX512 static int64_t NAME(const T *x, int64_t nblocks, int64_t bs, const float *mids16,        \
                            const uint8_t *order, float *absmax, uint8_t *packed) {              \
     const __m512 mids = _mm512_loadu_ps(mids16);                                                \
     const __m512i ord = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)order));          \
-    const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));                  \
-    const __m512 inf = _mm512_set1_ps(INFINITY);                                                \
     for (int64_t b = 0; b < nblocks; b++) {                                                     \
         const T *p = x + b * bs;                                                                \
-        __m512 m = _mm512_setzero_ps();                                                         \
-        __mmask16 bad = 0;                                                                      \
-        for (int64_t i = 0; i < bs; i += 16) {                                                  \
-            __m512 a = _mm512_and_ps(LOAD16(p + i), absmask);                                   \
-            bad |= _mm512_cmp_ps_mask(a, inf, _CMP_NLT_UQ);                                     \
-            m = _mm512_max_ps(m, a);                                                            \
-        }                                                                                       \
-        if (bad) return b;                                                                      \
-        float am = _mm512_reduce_max_ps(m);                                                     \
+        float am;                                                                               \
+        if (!BLOCKMAX(p, bs, &am)) return b;                                                    \
         absmax[b] = am;                                                                         \
         const __m512 inv = _mm512_set1_ps(1.0f / (am > kAbsmaxFloor ? am : kAbsmaxFloor));      \
         uint8_t *out = packed + b * bs / 2;                                                     \
@@ -191,9 +214,9 @@ AVX512 static int64_t NAME(const T *x, int64_t nblocks, int64_t bs, const float 
     }                                                                                           \
     return -1;                                                                                  \
 }
-DEFINE_QUANT_AVX512(quant4_avx512_f32, float, load16_f32)
-DEFINE_QUANT_AVX512(quant4_avx512_bf16, uint16_t, load16_bf16)
-DEFINE_QUANT_AVX512(quant4_avx512_f16, uint16_t, load16_f16)
+DEFINE_QUANT_AVX512(quant4_avx512_f32, float, load16_f32, block_absmax_avx512_f32)
+DEFINE_QUANT_AVX512(quant4_avx512_bf16, uint16_t, load16_bf16, block_absmax_avx512_bf16)
+DEFINE_QUANT_AVX512(quant4_avx512_f16, uint16_t, load16_f16, block_absmax_avx512_f16)
 
 #define DEFINE_QUANT_ENTRY(NAME, T, SCALAR, VEC)                                                \
 int64_t NAME(const T *x, int64_t nblocks, int64_t bs, const float *mids16,                      \
@@ -208,45 +231,20 @@ DEFINE_QUANT_ENTRY(qlora_quantize4_blocks_f16, uint16_t, quant4_scalar_f16, quan
 
 // MARK: - Absmax only
 
-#define DEFINE_ABSMAX_SCALAR(NAME, T, LOAD)                                                     \
-static int64_t NAME(const T *x, int64_t nblocks, int64_t bs, float *absmax) {                   \
-    for (int64_t b = 0; b < nblocks; b++) {                                                     \
-        const T *p = x + b * bs;                                                                \
-        float am = 0.0f;                                                                        \
-        for (int64_t i = 0; i < bs; i++) {                                                      \
-            float a = fabsf(LOAD(p[i]));                                                        \
-            if (!(a < INFINITY)) return b;                                                      \
-            am = a > am ? a : am;                                                               \
-        }                                                                                       \
-        absmax[b] = am;                                                                         \
-    }                                                                                           \
+// The quantize kernels' absmax step alone.
+#define DEFINE_ABSMAX(NAME, T, BLOCKMAX, ATTR)                                                  \
+ATTR static int64_t NAME(const T *x, int64_t nblocks, int64_t bs, float *absmax) {              \
+    for (int64_t b = 0; b < nblocks; b++)                                                       \
+        if (!BLOCKMAX(x + b * bs, bs, &absmax[b])) return b;                                    \
     return -1;                                                                                  \
 }
-DEFINE_ABSMAX_SCALAR(absmax_scalar_f32, float, LOAD_F32)
-DEFINE_ABSMAX_SCALAR(absmax_scalar_bf16, uint16_t, LOAD_BF16)
-DEFINE_ABSMAX_SCALAR(absmax_scalar_f16, uint16_t, LOAD_F16)
-
-#define DEFINE_ABSMAX_AVX512(NAME, T, LOAD16)                                                   \
-AVX512 static int64_t NAME(const T *x, int64_t nblocks, int64_t bs, float *absmax) {            \
-    const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));                  \
-    const __m512 inf = _mm512_set1_ps(INFINITY);                                                \
-    for (int64_t b = 0; b < nblocks; b++) {                                                     \
-        const T *p = x + b * bs;                                                                \
-        __m512 m = _mm512_setzero_ps();                                                         \
-        __mmask16 bad = 0;                                                                      \
-        for (int64_t i = 0; i < bs; i += 16) {                                                  \
-            __m512 a = _mm512_and_ps(LOAD16(p + i), absmask);                                   \
-            bad |= _mm512_cmp_ps_mask(a, inf, _CMP_NLT_UQ);                                     \
-            m = _mm512_max_ps(m, a);                                                            \
-        }                                                                                       \
-        if (bad) return b;                                                                      \
-        absmax[b] = _mm512_reduce_max_ps(m);                                                    \
-    }                                                                                           \
-    return -1;                                                                                  \
-}
-DEFINE_ABSMAX_AVX512(absmax_avx512_f32, float, load16_f32)
-DEFINE_ABSMAX_AVX512(absmax_avx512_bf16, uint16_t, load16_bf16)
-DEFINE_ABSMAX_AVX512(absmax_avx512_f16, uint16_t, load16_f16)
+#define NO_TARGET
+DEFINE_ABSMAX(absmax_scalar_f32, float, block_absmax_scalar_f32, NO_TARGET)
+DEFINE_ABSMAX(absmax_scalar_bf16, uint16_t, block_absmax_scalar_bf16, NO_TARGET)
+DEFINE_ABSMAX(absmax_scalar_f16, uint16_t, block_absmax_scalar_f16, NO_TARGET)
+DEFINE_ABSMAX(absmax_avx512_f32, float, block_absmax_avx512_f32, AVX512)
+DEFINE_ABSMAX(absmax_avx512_bf16, uint16_t, block_absmax_avx512_bf16, AVX512)
+DEFINE_ABSMAX(absmax_avx512_f16, uint16_t, block_absmax_avx512_f16, AVX512)
 
 #define DEFINE_ABSMAX_ENTRY(NAME, T, SCALAR, VEC)                                               \
 int64_t NAME(const T *x, int64_t nblocks, int64_t bs, float *absmax) {                          \
