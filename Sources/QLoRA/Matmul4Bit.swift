@@ -147,16 +147,26 @@ public enum Matmul4Bit {
             }
             return
         }
-        let p = max(1, panelOverride ?? panelRows(inFeatures: k, outFeatures: n))
-        let panel = work.panel(p * k)
-        var r0 = 0
-        while r0 < n {
-            let rows = min(p, n - r0)
-            w.dequantizeRowsBF16(r0..<(r0 + rows), into: panel, threads: threads)
+        forEachPanel(w, panelRows: panelOverride, threads: threads, scratch: work) { r0, rows, panel in
             // Y[:, r0 ..< r0+rows] = Xb [tokens, k] · panelᵀ (panel is [rows, k] row-major, so
             // op(B) = Bᵀ with ldb = k); C starts at column r0 of Y with ldc = n.
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(tokens), Int32(rows), Int32(k),
                         1, xb.baseAddress, Int32(k), panel, Int32(k), 0, y.baseAddress! + r0, Int32(n))
+        }
+    }
+
+    /// Dequantizes W a band of rows at a time (bf16 values in fp32, into the scratch panel) and
+    /// calls `body(firstRow, rowCount, panel)` for each band, in order.
+    static func forEachPanel(_ w: Linear4BitWeight, panelRows panelOverride: Int?, threads: Int, scratch: Matmul4BitScratch,
+                             _ body: (Int, Int, UnsafeMutablePointer<Float>) -> Void) {
+        let k = w.inFeatures, n = w.outFeatures
+        let p = max(1, panelOverride ?? panelRows(inFeatures: k, outFeatures: n))
+        let panel = scratch.panel(p * k)
+        var r0 = 0
+        while r0 < n {
+            let rows = min(p, n - r0)
+            w.dequantizeRowsBF16(r0..<(r0 + rows), into: panel, threads: threads)
+            body(r0, rows, panel)
             r0 += rows
         }
     }
@@ -178,17 +188,11 @@ public enum Matmul4Bit {
         let db = UnsafeMutableBufferPointer(start: work.activation(max(1, tokens * n)), count: max(1, tokens * n))
         qlora_round_bf16_f32(dy.baseAddress, Int64(tokens * n), db.baseAddress)
         if n == 0 { for i in 0..<(tokens * k) { dx[i] = 0 }; return }
-        let p = max(1, panelOverride ?? panelRows(inFeatures: k, outFeatures: n))
-        let panel = work.panel(p * k)
-        var r0 = 0
-        while r0 < n {
-            let rows = min(p, n - r0)
-            w.dequantizeRowsBF16(r0..<(r0 + rows), into: panel, threads: threads)
+        forEachPanel(w, panelRows: panelOverride, threads: threads, scratch: work) { r0, rows, panel in
             // dX += dYb[:, r0 ..< r0+rows] (lda = n) · panel [rows, k] (ldb = k); beta 0 on
             // the first panel overwrites dX.
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(tokens), Int32(k), Int32(rows),
                         1, db.baseAddress! + r0, Int32(n), panel, Int32(k), r0 == 0 ? 0 : 1, dx.baseAddress, Int32(k))
-            r0 += rows
         }
     }
 
