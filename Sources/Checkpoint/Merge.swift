@@ -10,6 +10,8 @@ public struct MergeOptions: Sendable {
     /// Re-quantize merged 4-bit weights to the base's 4-bit format (PEFT's merge_and_unload on a
     /// bnb-4bit model) instead of writing them dense.
     public var requantize = false
+    /// Compute `MergeSummary.report` (a Float64 pass over every merged tensor; off by default).
+    public var report = false
     public init() {}
 }
 
@@ -17,7 +19,7 @@ public struct MergeSummary: Sendable, Codable {
     public var merged = 0
     public var copied = 0
     public var bytesWritten = 0
-    /// One row per merged tensor, and their pooled total (norms in Float64).
+    /// With `MergeOptions.report`: one row per merged tensor, and their pooled total (norms in Float64).
     public var report: [MergeReportRow] = []
     public var total = MergeReportRow(name: "total")
 }
@@ -101,7 +103,7 @@ public func mergeCheckpoint(base: String, adapter adapterDir: String, output: St
             let shardPath = reader.directory + "/" + shardName
 
             /// The merged tensor `e` as output payloads (in declaration order) and its report row.
-            func merge(_ e: CheckpointReader.Entry, _ m: PEFTAdapter.Module) throws -> ([[UInt8]], MergeReportRow) {
+            func merge(_ e: CheckpointReader.Entry, _ m: PEFTAdapter.Module) throws -> ([[UInt8]], MergeReportRow?) {
                 let path = String(e.name.dropLast(".weight".count))
                 let config = adapter.config(for: path)
                 if let q = quantized[e.name] {
@@ -123,9 +125,10 @@ public func mergeCheckpoint(base: String, adapter adapterDir: String, output: St
                                                  blocksize: q.state.blocksize, doubleQuant: q.state.isDoubleQuantized)
                             }
                         } catch let qe as QuantizationError { throw CheckpointError.quantization(file: shardPath, tensor: e.name, error: qe) }
-                        return (BnB4BitFormat.payloads(r), MergeReportRow(name: e.name, base: baseF, delta: delta, sum: sum, written: r.dequantizedFloat32()))
+                        return (BnB4BitFormat.payloads(r), options.report ? MergeReportRow(name: e.name, base: baseF, delta: delta, sum: sum, written: r.dequantizedFloat32()) : nil)
                     }
                     let bytes = encode(sum, as: options.dtype)
+                    guard options.report else { return ([bytes], nil) }
                     let written = bytes.withUnsafeBytes { raw in (0..<(out * inF)).map { FloatElements.view(raw, as: options.dtype)[$0] } }
                     return ([bytes], MergeReportRow(name: e.name, base: baseF, delta: delta, sum: sum, written: written))
                 }
@@ -146,6 +149,7 @@ public func mergeCheckpoint(base: String, adapter adapterDir: String, output: St
                 if let bad = written.firstIndex(where: { !$0.isFinite }) {
                     throw CheckpointError.invalidTensor(file: shardPath, tensor: e.name, problem: "merged value \(bad) is not finite; nothing written")
                 }
+                guard options.report else { return ([bytes], nil) }
                 let sum = zip(baseF, delta).map { $0 + $1 }
                 return ([bytes], MergeReportRow(name: e.name, base: baseF, delta: delta, sum: sum, written: written))
             }
@@ -157,7 +161,7 @@ public func mergeCheckpoint(base: String, adapter adapterDir: String, output: St
             // Pass 1: the output declarations. Only a re-quantized weight must be merged now: its
             // quant-state JSON length (in the header) depends on the new double-quant offset.
             var decls: [(name: String, dtype: DType, shape: [Int])] = []
-            var early: [String: ([[UInt8]], MergeReportRow)] = [:]
+            var early: [String: ([[UInt8]], MergeReportRow?)] = [:]
             for e in entries {
                 if let owner = companionOf[e.name], quantized[owner] != nil { continue }  // regenerated or dropped
                 guard let m = module(e) else { decls.append((e.name, e.info.dtype, e.info.shape)); continue }
@@ -195,8 +199,10 @@ public func mergeCheckpoint(base: String, adapter adapterDir: String, output: St
                         totalSize += bytes.count
                         next += 1
                     }
-                    summary.report.append(row)
-                    summary.total.add(row)
+                    if let row {
+                        summary.report.append(row)
+                        summary.total.add(row)
+                    }
                     summary.merged += 1
                 } else {
                     try reader.withBytes(of: e.name) { try writer.write(e.name, bytes: $0) }

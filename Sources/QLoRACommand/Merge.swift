@@ -31,6 +31,7 @@ struct Merge: ParsableCommand {
             var o = MergeOptions()
             o.dtype = dtype.elementType
             o.requantize = requantize
+            o.report = report
             let line = ProgressLine("merge")
             let s = try mergeCheckpoint(base: base, adapter: adapter, output: output, options: o, progress: line.update)
             line.finish()

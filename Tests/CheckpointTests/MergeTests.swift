@@ -41,7 +41,9 @@ final class MergeTests: XCTestCase {
             let adapterDir = tmp.appendingPathComponent("\(id)-adapter").path
             try adapter(v, id, modules: ["proj_a", "proj_b"], p: p).save(directory: adapterDir)
             let out = tmp.appendingPathComponent("\(id)-merged.safetensors").path
-            let s = try mergeCheckpoint(base: base.path, adapter: adapterDir, output: out, options: MergeOptions())
+            var options = MergeOptions()
+            options.report = true
+            let s = try mergeCheckpoint(base: base.path, adapter: adapterDir, output: out, options: options)
             XCTAssertEqual(s.merged, 2)
             XCTAssertEqual(s.copied, 1)
             if id == "float32_r8" {  // an fp32 base stores the exact fp32 sum: no error, ΔW applied as computed
@@ -66,13 +68,15 @@ final class MergeTests: XCTestCase {
         try adapter(v, "nf4_r8", modules: ["proj"], p: p).save(directory: adapterDir)
 
         let m16 = tmp.appendingPathComponent("m16.safetensors").path
-        try mergeCheckpoint(base: base, adapter: adapterDir, output: m16, options: MergeOptions())
+        let s16 = try mergeCheckpoint(base: base, adapter: adapterDir, output: m16, options: MergeOptions())
+        XCTAssertTrue(s16.report.isEmpty, "no report unless asked for")
         let f16 = try SafeTensorsFile(path: m16)
         XCTAssertEqual(f16.tensors.map(\.name), ["proj.weight"], "4-bit companions are dropped from a 16-bit merge")
         XCTAssertNil(byteMismatch(f16.withBytes(of: "proj.weight") { Array($0) }, v.bytes("nf4_r8.merged_16bit.proj"), name: "merged_16bit"))
 
         var o = MergeOptions()
         o.requantize = true
+        o.report = true
         let m4 = tmp.appendingPathComponent("m4.safetensors").path
         let summary = try mergeCheckpoint(base: base, adapter: adapterDir, output: m4, options: o)
         let f4 = try SafeTensorsFile(path: m4)
