@@ -114,7 +114,7 @@ public func quantizeCheckpoint(input: String, output: String, options: QuantizeO
             try writer.finish()
             summary.bytesWritten += writer.fileSize
         }
-        try job.complete(reader: reader, index: ShardIndex(totalSize: totalSize, weightMap: weightMap), quantization: options)
+        try job.complete(reader: reader, index: reader.index == nil ? nil : ShardIndex(totalSize: totalSize, weightMap: weightMap), quantization: options)
     } catch {
         job.abort()
         throw error
@@ -203,7 +203,7 @@ public func dequantizeCheckpoint(input: String, output: String, dtype: ElementTy
             try writer.finish()
             summary.bytesWritten += writer.fileSize
         }
-        try job.complete(reader: reader, index: ShardIndex(totalSize: totalSize, weightMap: weightMap), quantization: nil)
+        try job.complete(reader: reader, index: reader.index == nil ? nil : ShardIndex(totalSize: totalSize, weightMap: weightMap), quantization: nil)
     } catch {
         job.abort()
         throw error

@@ -98,10 +98,10 @@ final class OutputJob {
         }
     }
 
-    /// The last steps of a job: the shard index (for a sharded input), the copied sidecar
-    /// files, then the rename into place.
-    func complete(reader: CheckpointReader, index: ShardIndex, quantization: QuantizeOptions?) throws {
-        if reader.index != nil { try writeIndex(index) }
+    /// The last steps of a job: the shard index (when given), the copied sidecar files, then
+    /// the rename into place.
+    func complete(reader: CheckpointReader, index: ShardIndex?, quantization: QuantizeOptions?) throws {
+        if let index { try writeIndex(index) }
         try copySidecarFiles(from: reader, quantization: quantization)
         try commit()
     }

@@ -36,6 +36,8 @@ public struct PEFTAdapter: Sendable {
     public var rank: Int
     public var loraAlpha: Double
     public var useRSLoRA = false
+    /// The base layers store W as [in, out] (GPT-2's Conv1D); A and B keep their usual shapes.
+    public var fanInFanOut = false
     public var loraDropout = 0.0
     public var targetModules: [String]
     public var rankPattern: [String: Int] = [:]
@@ -80,10 +82,10 @@ public struct PEFTAdapter: Sendable {
         if let t = c["peft_type"] as? String, t != "LORA" { throw bad("peft_type is \(t); only LORA adapters are supported") }
         guard let r = c["r"] as? Int, r > 0 else { throw bad("r missing or not a positive integer") }
         guard let alpha = (c["lora_alpha"] as? NSNumber)?.doubleValue else { throw bad("lora_alpha missing") }
-        if (c["fan_in_fan_out"] as? Bool) == true { throw bad("fan_in_fan_out adapters are not supported for 4-bit bases") }
         if (c["use_dora"] as? Bool) == true { throw bad("DoRA adapters are not supported") }
         var a = PEFTAdapter(rank: r, loraAlpha: alpha, targetModules: (c["target_modules"] as? [String]) ?? [])
         a.useRSLoRA = (c["use_rslora"] as? Bool) ?? false
+        a.fanInFanOut = (c["fan_in_fan_out"] as? Bool) ?? false
         a.loraDropout = (c["lora_dropout"] as? NSNumber)?.doubleValue ?? 0
         a.rankPattern = (c["rank_pattern"] as? [String: Int]) ?? [:]
         a.alphaPattern = ((c["alpha_pattern"] as? [String: NSNumber]) ?? [:]).mapValues { $0.doubleValue }
@@ -127,7 +129,8 @@ public struct PEFTAdapter: Sendable {
         }
     }
 
-    /// Checks every module against the base's linear shapes ([out, in] by module path).
+    /// Checks every module against the base's linear shapes ([out, in] by module path, whatever
+    /// the layout the base stores).
     public func validate(againstBase shapes: [String: (out: Int, in: Int)], baseName: String) throws {
         for m in modules.values.sorted(by: { $0.path < $1.path }) {
             guard let s = shapes[m.path] else {
@@ -154,7 +157,7 @@ public struct PEFTAdapter: Sendable {
             let config: [String: Any] = [
                 "peft_type": "LORA", "r": rank, "lora_alpha": loraAlpha, "lora_dropout": loraDropout,
                 "target_modules": targetModules, "use_rslora": useRSLoRA, "rank_pattern": rankPattern, "alpha_pattern": alphaPattern,
-                "bias": "none", "fan_in_fan_out": false, "inference_mode": true, "init_lora_weights": true,
+                "bias": "none", "fan_in_fan_out": fanInFanOut, "inference_mode": true, "init_lora_weights": true,
                 "use_dora": false, "modules_to_save": NSNull(), "task_type": NSNull(),
                 "base_model_name_or_path": baseModelNameOrPath.map { $0 as Any } ?? NSNull(),
             ]

@@ -1,3 +1,6 @@
+import CQLoRAKernels
+import Dispatch
+
 /// Merging a LoRA adapter into its base weight as PEFT does (`merge_and_unload`,
 /// peft/tuners/lora/layer.py `get_delta_weight` and `merge`).
 public enum LoRAMerge {
@@ -46,4 +49,70 @@ public enum LoRAMerge {
         case .float16(let o): for i in 0..<o.count { o[i] = HalfPrecision.float16Bits(base[i] + delta[i]) }
         }
     }
+}
+
+extension LoRAMerge {
+    /// `W + delta` in one pass per row (the C kernel `qlora_lora_merge_rows`), without an
+    /// [out, in] delta buffer: the same bits as `add(base:delta:into:)` of `delta(...)`, on
+    /// `threads` threads.
+    ///
+    ///     // A: [r, in], B: [out, r], base/out: [out, in] (or [in, out] with fanInFanOut)
+    ///
+    /// - Parameters:
+    ///   - base: the stored weight, `baseType` elements (any alignment).
+    ///   - out: receives the merged weight as `outType` elements (any alignment).
+    ///   - deltaOut: if given ([out·in] fp32), receives the delta as applied.
+    /// - Returns: nil, or the flat index of the first merged value that is not finite once
+    ///   written as `outType` (PEFT's safe_merge check).
+    public static func merge(loraA a: [Float], loraB b: [Float], rank r: Int, inFeatures k: Int, outFeatures n: Int,
+                             scaling: Double, adapterType: ElementType = .float32, fanInFanOut: Bool = false,
+                             base: UnsafeRawBufferPointer, baseType: ElementType,
+                             into out: UnsafeMutableRawBufferPointer, outType: ElementType,
+                             deltaOut: UnsafeMutableBufferPointer<Float>? = nil, threads: Int = 1) -> Int? {
+        precondition(a.count == r * k && b.count == n * r, "LoRA merge: A must be [r, in] and B [out, r]")
+        precondition(base.count == n * k * baseType.byteSize && out.count == n * k * outType.byteSize, "LoRA merge: weight sizes differ")
+        precondition(deltaOut.map { $0.count == n * k } ?? true, "LoRA merge: delta buffer size differs")
+        // Row i of W is Σ_j coef[i, j] · m[j, :]. With fan_in_fan_out, W = deltaᵀ: coef = Aᵀ, m = Bᵀ
+        // (the products and their order per element are unchanged; fma is commutative).
+        let (coef, m, rows, cols): ([Float], [Float], Int, Int) = fanInFanOut
+            ? ((0..<(k * r)).map { a[($0 % r) * k + $0 / r] }, (0..<(r * n)).map { b[($0 % n) * r + $0 / n] }, k, n)
+            : (b, a, n, k)
+        let parts = max(1, min(threads, rows / 64))
+        var firstBad = [Int64](repeating: -1, count: parts)
+        coef.withUnsafeBufferPointer { c in
+            m.withUnsafeBufferPointer { mp in
+                firstBad.withUnsafeMutableBufferPointer { bad in
+                    // Addresses cross into the worker threads as integers; each writes its own rows.
+                    let (ca, ma, ba, oa, da, bada) = (Int(bitPattern: c.baseAddress), Int(bitPattern: mp.baseAddress),
+                                                      Int(bitPattern: base.baseAddress), Int(bitPattern: out.baseAddress),
+                                                      Int(bitPattern: deltaOut?.baseAddress), Int(bitPattern: bad.baseAddress))
+                    let (at, bt, ot) = (Int32(adapterType.kernelCode), Int32(baseType.kernelCode), Int32(outType.kernelCode))
+                    let run: @Sendable (Int) -> Void = { p in
+                        let r0 = rows * p / parts, r1 = rows * (p + 1) / parts
+                        UnsafeMutablePointer<Int64>(bitPattern: bada)![p] = qlora_lora_merge_rows(
+                            UnsafePointer(bitPattern: ca), UnsafePointer(bitPattern: ma), Int64(r), Int64(cols), Int64(r0), Int64(r1),
+                            Float(scaling), at, UnsafeRawPointer(bitPattern: ba), bt, UnsafeMutableRawPointer(bitPattern: oa), ot,
+                            UnsafeMutablePointer(bitPattern: da))
+                    }
+                    if parts == 1 { run(0) } else { DispatchQueue.concurrentPerform(iterations: parts, execute: run) }
+                }
+            }
+        }
+        return firstBad.first { $0 >= 0 }.map(Int.init)
+    }
+
+    /// The sums a merge report needs, in Float64 (the C kernel `qlora_merge_report_sums`):
+    /// with s = fl(base + delta), [Σ(written − s)², Σdelta², Σs², Σ(written − base)·delta, Σ(written − base)²].
+    public static func reportSums(base: UnsafeBufferPointer<Float>, delta: UnsafeBufferPointer<Float>,
+                                  written: UnsafeBufferPointer<Float>) -> [Double] {
+        precondition(base.count == delta.count && written.count == delta.count, "merge report: sizes differ")
+        var acc = [Double](repeating: 0, count: 5)
+        acc.withUnsafeMutableBufferPointer { qlora_merge_report_sums(base.baseAddress, delta.baseAddress, written.baseAddress, Int64(delta.count), $0.baseAddress) }
+        return acc
+    }
+}
+
+extension ElementType {
+    /// `qlora_float_type` in the C kernels.
+    var kernelCode: Int { self == .float32 ? 0 : self == .bfloat16 ? 1 : 2 }
 }

@@ -138,6 +138,12 @@ public final class CheckpointReader: Sendable {
         try body(rawBuffer(of: name))
     }
 
+    /// Releases tensor `name`'s mapped pages from the resident set (`SafeTensorsFile.releasePages`).
+    public func releasePages(of name: String) {
+        guard let entry = entry(named: name) else { return }
+        shards[entry.shardIndex].releasePages(of: entry.info)
+    }
+
     /// The bytes of tensor `name` inside its shard's mapping; valid while this reader is alive.
     /// - Precondition: the tensor exists.
     public func rawBuffer(of name: String) -> UnsafeRawBufferPointer {

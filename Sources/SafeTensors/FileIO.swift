@@ -56,6 +56,18 @@ final class ByteRegion: @unchecked Sendable {
         isMapped = false
     }
 
+    /// Drops the mapped pages wholly inside `range` from this process (`MADV_DONTNEED`): they
+    /// stop counting in its resident set, and a later read faults them in from the file again.
+    /// Nothing happens for a heap copy.
+    func releasePages(_ range: Range<Int>) {
+        guard isMapped, let base = bytes.baseAddress, range.lowerBound >= 0, range.upperBound <= bytes.count else { return }
+        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
+        let start = (Int(bitPattern: base) + range.lowerBound + page - 1) / page * page
+        let end = (Int(bitPattern: base) + range.upperBound) / page * page
+        guard end > start else { return }
+        _ = madvise(UnsafeMutableRawPointer(bitPattern: start), end - start, Int32(MADV_DONTNEED))
+    }
+
     deinit {
         guard let base = bytes.baseAddress else { return }
         if isMapped {

@@ -94,6 +94,13 @@ public final class SafeTensorsFile: Sendable {
         return UnsafeRawBufferPointer(rebasing: region.bytes[start..<end])
     }
 
+    /// Releases the memory-mapped pages of `tensor` from the process's resident set (see
+    /// `ByteRegion.releasePages`); its bytes stay readable. Streaming jobs call this after each
+    /// tensor so that their resident memory stays near one tensor instead of the whole file.
+    public func releasePages(of tensor: TensorInfo) {
+        region.releasePages((header.dataStart + tensor.dataOffsets.lowerBound)..<(header.dataStart + tensor.dataOffsets.upperBound))
+    }
+
     /// The whole file image (prefix, header, data buffer); valid while this object is alive.
     public var fileBytes: UnsafeRawBufferPointer { region.bytes }
 }

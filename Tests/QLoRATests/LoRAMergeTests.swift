@@ -4,6 +4,9 @@ import TestSupport
 
 /// PEFT's merge_and_unload (Vectors/quant/merge.safetensors).
 final class LoRAMergeTests: XCTestCase {
+    override func tearDown() { KernelLevel.setMaximum(.avx512) }
+    var levels: [KernelLevel] { [KernelLevel.scalar, .avx2, .avx512].filter { $0.rawValue <= KernelLevel.cpu.rawValue } }
+
     func testDenseMergesMatchPEFT() throws {
         let v = try VectorFile("merge")
         var checked = 0
@@ -25,6 +28,20 @@ final class LoRAMergeTests: XCTestCase {
                     out.withUnsafeMutableBytes { LoRAMerge.add(base: base, delta: d, into: .view($0, as: baseType)) }
                 }
                 XCTAssertNil(byteMismatch(out, v.bytes("\(id).merged.\(module)"), name: "\(id) \(module)", elementSize: baseType.byteSize))
+                for level in levels {
+                    KernelLevel.setMaximum(level)
+                    var fused = [UInt8](repeating: 0, count: out.count)
+                    let bad = v.bytes("\(id).base.\(module)").withUnsafeBytes { base in
+                        fused.withUnsafeMutableBytes { o in
+                            LoRAMerge.merge(loraA: v.floats("\(id).\(module).lora_A.weight"), loraB: v.floats("\(id).\(module).lora_B.weight"),
+                                            rank: r, inFeatures: k, outFeatures: n, scaling: config.scaling, adapterType: adapterType,
+                                            fanInFanOut: fanIn, base: base, baseType: baseType, into: o, outType: baseType, threads: 2)
+                        }
+                    }
+                    XCTAssertNil(bad)
+                    XCTAssertNil(byteMismatch(fused, v.bytes("\(id).merged.\(module)"), name: "\(id) \(module) fused at \(level)", elementSize: baseType.byteSize))
+                }
+                KernelLevel.setMaximum(.avx512)
                 checked += 1
             }
         }
@@ -56,5 +73,84 @@ final class LoRAMergeTests: XCTestCase {
         XCTAssertNil(byteMismatch(nested.quantized, v.bytes("nf4_r8.merged_4bit.proj.absmax"), name: "merged absmax"))
         XCTAssertNil(byteMismatch(rawBytes(nested.absmax), v.bytes("nf4_r8.merged_4bit.proj.nested_absmax"), name: "merged nested absmax", elementSize: 4))
         XCTAssertNil(byteMismatch(merged.dequantizedBytes(as: .float32), v.bytes("nf4_r8.merged_4bit.dequantized"), name: "merged 4-bit dequantized", elementSize: 4))
+    }
+
+    /// The fused kernel (`LoRAMerge.merge`) against the plain reference (`delta` then `add`), bit
+    /// for bit at every level: every base/output/adapter type, fan_in_fan_out, widths with and
+    /// without a vector tail, one and two threads, and the first non-finite value found.
+    func testFusedMergeEqualsReference() {
+        var rng = SplitMix64(seed: 77)
+        let types: [ElementType] = [.float32, .bfloat16, .float16]
+        for (n, k, r) in [(3, 200, 8), (70, 64, 16), (130, 37, 4), (5, 1, 1)] {
+            for fanIn in [false, true] {
+                let a = (0..<(r * k)).map { _ in Float(rng.normal()) * 0.3 }, b = (0..<(n * r)).map { _ in Float(rng.normal()) * 0.3 }
+                for adapterType in types {
+                    let delta = LoRAMerge.delta(loraA: a, loraB: b, rank: r, inFeatures: k, outFeatures: n, scaling: 1.7,
+                                                adapterType: adapterType, fanInFanOut: fanIn)
+                    for baseType in types {
+                        // Large base values make some sums overflow bf16/f16 (and one is Inf in f32).
+                        let w = (0..<(n * k)).map { i -> Float in i == n * k / 2 ? 3e38 : Float(rng.normal()) }
+                        let baseBytes = encodeForTest(w, as: baseType)
+                        for outType in types {
+                            var expected = [UInt8](repeating: 0, count: n * k * outType.byteSize)
+                            baseBytes.withUnsafeBytes { base in
+                                expected.withUnsafeMutableBytes { LoRAMerge.add(base: .view(base, as: baseType), delta: delta, into: .view($0, as: outType)) }
+                            }
+                            let firstBad = expected.withUnsafeBytes { raw in (0..<(n * k)).first { !FloatElements.view(raw, as: outType)[$0].isFinite } }
+                            for level in levels {
+                                KernelLevel.setMaximum(level)
+                                for threads in [1, 2] {
+                                    var got = [UInt8](repeating: 0, count: expected.count)
+                                    var gotDelta = [Float](repeating: .nan, count: n * k)
+                                    let bad = baseBytes.withUnsafeBytes { base in
+                                        got.withUnsafeMutableBytes { o in
+                                            gotDelta.withUnsafeMutableBufferPointer { d in
+                                                LoRAMerge.merge(loraA: a, loraB: b, rank: r, inFeatures: k, outFeatures: n, scaling: 1.7,
+                                                                adapterType: adapterType, fanInFanOut: fanIn, base: base, baseType: baseType,
+                                                                into: o, outType: outType, deltaOut: d, threads: threads)
+                                            }
+                                        }
+                                    }
+                                    let what = "\(n)x\(k) r\(r) fanIn=\(fanIn) adapter \(adapterType) base \(baseType) out \(outType) \(level) threads \(threads)"
+                                    XCTAssertNil(byteMismatch(got, expected, name: what, elementSize: outType.byteSize))
+                                    XCTAssertEqual(gotDelta.map(\.bitPattern), delta.map(\.bitPattern), what)
+                                    XCTAssertEqual(bad, firstBad, what)
+                                }
+                            }
+                            KernelLevel.setMaximum(.avx512)
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The report's Float64 sums at every level against a plain loop (lanes add in another order:
+    /// agreement to 1e-12 relative).
+    func testReportSumsMatchPlainLoop() {
+        var rng = SplitMix64(seed: 5)
+        let n = 1000
+        let base = (0..<n).map { _ in Float(rng.normal()) }, delta = (0..<n).map { _ in Float(rng.normal()) * 0.01 }
+        let written = zip(base, delta).map { HalfPrecision.roundedToBFloat16($0 + $1) }
+        var expected = [Double](repeating: 0, count: 5)
+        for i in 0..<n {
+            let s = base[i] + delta[i]
+            let e = Double(written[i]) - Double(s), ap = Double(written[i]) - Double(base[i]), d = Double(delta[i])
+            expected[0] += e * e; expected[1] += d * d; expected[2] += Double(s) * Double(s); expected[3] += ap * d; expected[4] += ap * ap
+        }
+        for level in levels {
+            KernelLevel.setMaximum(level)
+            let got = base.withUnsafeBufferPointer { b in delta.withUnsafeBufferPointer { d in written.withUnsafeBufferPointer { LoRAMerge.reportSums(base: b, delta: d, written: $0) } } }
+            for (g, e) in zip(got, expected) { XCTAssertEqual(g, e, accuracy: abs(e) * 1e-12, "\(level)") }
+        }
+    }
+}
+
+/// fp32 values rounded once to `type`, as raw bytes.
+func encodeForTest(_ v: [Float], as type: ElementType) -> [UInt8] {
+    switch type {
+    case .float32: return v.withUnsafeBytes { Array($0) }
+    case .bfloat16: return v.map { HalfPrecision.bfloat16Bits($0) }.withUnsafeBytes { Array($0) }
+    case .float16: return v.map { HalfPrecision.float16Bits($0) }.withUnsafeBytes { Array($0) }
     }
 }

@@ -91,6 +91,34 @@ void qlora_gemv4_bf16(const uint8_t *packed, int64_t row_begin, int64_t row_end,
                       const float *code16, const float *absmax, const float *x, int64_t tokens,
                       float *y, int64_t ldy);
 
+
+/// Element types of a weight in the merge kernels (raw 16-bit patterns for bf16/fp16).
+typedef enum {
+    QLORA_TYPE_F32 = 0,
+    QLORA_TYPE_BF16 = 1,
+    QLORA_TYPE_F16 = 2,
+} qlora_float_type;
+
+/// PEFT's LoRA merge for rows [row_begin, row_end) of a [rows, cols] weight:
+///   delta[i][x] = adapter_cast(fl(sum_j coef[i*r + j] * m[j*cols + x]) * scaling)
+///   out[i][x]   = out_cast(base[i][x] + delta[i][x])
+/// The sum is one fused multiply-add per j, j ascending, starting from +0 (torch's order);
+/// adapter_cast rounds through adapter_type (identity for F32), out_cast rounds the fp32 sum
+/// once to out_type. base and out may be unaligned. delta_out (fp32 [rows, cols]) may be NULL.
+/// For W [out, in]: coef = B [out, r], m = A [r, in]. For fan_in_fan_out (W [in, out]):
+/// coef = A transposed [in, r], m = B transposed [r, out].
+/// Every row is written. Returns -1, or the flat index of the first output element that is not
+/// finite.
+int64_t qlora_lora_merge_rows(const float *coef, const float *m, int64_t r, int64_t cols,
+                              int64_t row_begin, int64_t row_end, float scaling, int adapter_type,
+                              const void *base, int base_type, void *out, int out_type, float *delta_out);
+
+/// Adds the merge report's sums over n elements to acc (Float64): with s = fl(base + delta),
+/// acc[0] += (written - s)^2, acc[1] += delta^2, acc[2] += s^2, acc[3] += (written - base) * delta,
+/// acc[4] += (written - base)^2. Lane order depends on the level, so results agree across levels
+/// to Float64 rounding, not bit for bit.
+void qlora_merge_report_sums(const float *base, const float *delta, const float *written, int64_t n, double *acc);
+
 #ifdef __cplusplus
 }
 #endif
