@@ -51,6 +51,6 @@ let package = Package(
         .testTarget(name: "QLoRATests", dependencies: ["QLoRA", "TestSupport", "SafeTensors", "COpenBLAS"]),
         .testTarget(name: "SafeTensorsTests", dependencies: ["SafeTensors"]),
         .testTarget(name: "CheckpointTests", dependencies: ["Checkpoint", "QLoRA", "SafeTensors", "TestSupport"]),
-        .testTarget(name: "CLITests", dependencies: ["TestSupport", "QLoRA"]),
+        .testTarget(name: "CLITests", dependencies: ["TestSupport", "QLoRA", "SafeTensors"]),
     ]
 )

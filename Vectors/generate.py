@@ -392,6 +392,42 @@ def merge():
     g.cases["nf4_r8"] = {"base_dtype": "nf4", "r": 8, "lora_alpha": 16, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {},
                          "adapter_dtype": "float32", "modules": ["proj"], "fan_in_fan_out": False,
                          "merged_quant_state_dtype": str(mw.quant_state.dtype)}
+
+    # Two adapters merged in order (merge_and_unload(adapter_names=[...]) loops over them), the
+    # second with weight 0.5 (scale_layer multiplies its scaling). A bf16 base is rounded to bf16
+    # after each; a bnb-4bit base is re-quantized after each.
+    def two_adapters(cid, model, seed):
+        pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["proj"]), adapter_name="first")
+        pm.add_adapter("second", LoraConfig(r=8, lora_alpha=8, target_modules=["proj"]))
+        fill_b(pm, seed)
+        layer = pm.base_model.model.proj
+        for name in ("first", "second"):
+            layer.lora_A[name].to(torch.float32)
+            layer.lora_B[name].to(torch.float32)
+            g.add(f"{cid}.{name}.proj.lora_A.weight", layer.lora_A[name].weight.detach().float())
+            g.add(f"{cid}.{name}.proj.lora_B.weight", layer.lora_B[name].weight.detach().float())
+        layer.scaling["second"] *= 0.5
+        merged = pm.merge_and_unload(adapter_names=["first", "second"])
+        g.cases[cid] = {"adapters": [{"name": "first", "r": 4, "lora_alpha": 8, "weight": 1.0},
+                                     {"name": "second", "r": 8, "lora_alpha": 8, "weight": 0.5}]}
+        return merged.proj.weight
+
+    class Dense(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(in_f, out_f, bias=False)
+
+        def forward(self, x):
+            return self.proj(x)
+    m = Dense().to(torch.bfloat16)
+    g.add("two_bf16.base.proj", m.proj.weight.detach().clone())
+    g.add("two_bf16.merged.proj", two_adapters("two_bf16", m, 110).detach())
+    m = Tiny().to("cpu")
+    m.is_loaded_in_4bit = True
+    mw = two_adapters("two_nf4", m, 120)
+    g.add("two_nf4.merged_4bit.proj", mw.data)
+    for k, v in mw.quant_state.as_dict(packed=True).items():
+        g.add("two_nf4.merged_4bit.proj." + k, v)
     g.save()
 
 

@@ -1,6 +1,7 @@
 import Foundation
 import XCTest
 import QLoRA
+import SafeTensors
 import TestSupport
 
 /// The `qlora` executable as a user runs it: exit codes, one-line errors on stderr naming
@@ -105,6 +106,40 @@ final class CLITests: XCTestCase {
         try expectFailure(["quantize", dir.path, outDir], mentions: ["model-00001-of-00001.safetensors"], noOutput: outDir)
         let leftovers = try FileManager.default.contentsOfDirectory(atPath: tmp.path).filter { $0.hasPrefix(".") }
         XCTAssertEqual(leftovers, [], "temporary files left behind")
+    }
+
+    /// `qlora merge` as documented: a sample checkpoint and adapter, a second adapter at weight
+    /// 0 (changes nothing: bf16(W + 0) = W), --max-shard-size, --report --json, and bad options.
+    func testMergeAsDocumented() throws {
+        let base = tmp.appendingPathComponent("base").path, adapter = base + "-adapter"
+        var r = try run(["sample", base, "--layers", "1", "--hidden", "64", "--intermediate", "128", "--vocab", "256", "--adapter-rank", "4"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let once = tmp.appendingPathComponent("once").path, twice = tmp.appendingPathComponent("twice").path
+        r = try run(["merge", base, adapter, once])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertTrue(r.stdout.contains("merged 7 tensors"), r.stdout)
+        r = try run(["merge", base, adapter, twice, "--adapter", adapter + "=0", "--max-shard-size", "100KB", "--report", "--json"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let json = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as! [String: Any]
+        XCTAssertEqual((json["report"] as! [Any]).count, 7)
+        XCTAssertNotNil((json["total"] as! [String: Any])["error_to_delta"])
+        let a = try SafeTensorsFile(path: once + "/model.safetensors")
+        let shards = try FileManager.default.contentsOfDirectory(atPath: twice).filter { $0.hasSuffix(".safetensors") }.sorted()
+        XCTAssertGreaterThan(shards.count, 1)
+        XCTAssertTrue(FileManager.default.fileExists(atPath: twice + "/model.safetensors.index.json"))
+        var seen = 0
+        for shard in shards {
+            let f = try SafeTensorsFile(path: twice + "/" + shard)
+            for t in f.tensors {
+                XCTAssertEqual(f.withBytes(of: t.name) { Array($0) }, a.withBytes(of: t.name) { Array($0) }, t.name)
+                seen += 1
+            }
+        }
+        XCTAssertEqual(seen, a.tensors.count)
+        let out = tmp.appendingPathComponent("bad").path
+        try expectFailure(["merge", base, adapter, out, "--max-shard-size", "lots"], mentions: ["lots"], noOutput: out)
+        try expectFailure(["merge", base, adapter + "=x", out], mentions: ["=x"], noOutput: out)
+        try expectFailure(["merge", base, tmp.path, out], mentions: ["adapter_config.json"], noOutput: out)
     }
 
     /// `qlora bench --quick --json` reports the documented fields, and picks OpenBLAS's

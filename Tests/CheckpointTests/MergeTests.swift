@@ -119,4 +119,145 @@ final class MergeTests: XCTestCase {
         }
         XCTAssertFalse(FileManager.default.fileExists(atPath: out))
     }
+
+    /// A GPT-2 style Conv1D base ([in, out]) with a fan_in_fan_out adapter file.
+    func testFanInFanOutAdapterFileMatchesPEFT() throws {
+        let v = try VectorFile("merge")
+        let p = try XCTUnwrap(v.cases["conv_r8"])
+        let i = v.info("conv_r8.base.c_attn")
+        let base = tmp.appendingPathComponent("conv.safetensors")
+        try SafeTensorsWriter.write(url: base, tensors: [("c_attn.weight", i.dtype, i.shape, v.bytes("conv_r8.base.c_attn"))])
+        var a = PEFTAdapter(rank: 8, loraAlpha: 16, targetModules: ["c_attn"])
+        a.fanInFanOut = true
+        let ai = v.info("conv_r8.c_attn.lora_A.weight"), bi = v.info("conv_r8.c_attn.lora_B.weight")
+        a.modules["c_attn"] = .init(path: "c_attn", rank: 8, inFeatures: ai.shape[1], outFeatures: bi.shape[0],
+                                    loraA: v.floats("conv_r8.c_attn.lora_A.weight"), loraB: v.floats("conv_r8.c_attn.lora_B.weight"))
+        XCTAssertEqual(p["fan_in_fan_out"] as? Bool, true)
+        let adapterDir = tmp.appendingPathComponent("adapter").path
+        try a.save(directory: adapterDir)
+        XCTAssertTrue(try PEFTAdapter.load(directory: adapterDir).fanInFanOut)
+        let out = tmp.appendingPathComponent("out.safetensors").path
+        try mergeCheckpoint(base: base.path, adapter: adapterDir, output: out, options: MergeOptions())
+        XCTAssertNil(byteMismatch(try SafeTensorsFile(path: out).withBytes(of: "c_attn.weight") { Array($0) }, v.bytes("conv_r8.merged.c_attn"), name: "c_attn", elementSize: 4))
+    }
+
+    func twoAdapters(_ v: VectorFile, _ id: String) throws -> [MergeAdapter] {
+        let p = try XCTUnwrap(v.cases[id])
+        return try (p["adapters"] as! [[String: Any]]).map { spec in
+            let name = spec["name"] as! String, r = spec["r"] as! Int
+            var a = PEFTAdapter(rank: r, loraAlpha: Double(spec["lora_alpha"] as! Int), targetModules: ["proj"])
+            a.modules["proj"] = .init(path: "proj", rank: r, inFeatures: 64, outFeatures: 32,
+                                      loraA: v.floats("\(id).\(name).proj.lora_A.weight"), loraB: v.floats("\(id).\(name).proj.lora_B.weight"))
+            let dir = tmp.appendingPathComponent("\(id)-\(name)").path
+            try a.save(directory: dir)
+            return MergeAdapter(dir, weight: spec["weight"] as! Double)
+        }
+    }
+
+    /// Two adapters in order, the second at weight 0.5: PEFT's merge_and_unload(adapter_names:)
+    /// with scale_layer, on a bf16 base (rounded after each) and a bnb-4bit base (re-quantized after each).
+    func testSeveralWeightedAdaptersMatchPEFT() throws {
+        let v = try VectorFile("merge")
+        let dense = tmp.appendingPathComponent("dense.safetensors")
+        try SafeTensorsWriter.write(url: dense, tensors: [("proj.weight", .bf16, [32, 64], v.bytes("two_bf16.base.proj"))])
+        let out = tmp.appendingPathComponent("two.safetensors").path
+        try mergeCheckpoint(base: dense.path, adapters: twoAdapters(v, "two_bf16"), output: out, options: MergeOptions())
+        XCTAssertNil(byteMismatch(try SafeTensorsFile(path: out).withBytes(of: "proj.weight") { Array($0) }, v.bytes("two_bf16.merged.proj"), name: "two bf16", elementSize: 2))
+
+        let dense4 = tmp.appendingPathComponent("dense4.safetensors")
+        try SafeTensorsWriter.write(url: dense4, tensors: [("proj.weight", .bf16, [32, 64], v.bytes("nf4_r8.base.proj"))])
+        let base4 = tmp.appendingPathComponent("nf4.safetensors").path
+        try quantizeCheckpoint(input: dense4.path, output: base4, options: QuantizeOptions())
+        var o = MergeOptions()
+        o.requantize = true
+        let out4 = tmp.appendingPathComponent("two4.safetensors").path
+        try mergeCheckpoint(base: base4, adapters: twoAdapters(v, "two_nf4"), output: out4, options: o)
+        let f4 = try SafeTensorsFile(path: out4)
+        XCTAssertNil(byteMismatch(f4.withBytes(of: "proj.weight") { Array($0) }, v.bytes("two_nf4.merged_4bit.proj"), name: "two nf4 packed"))
+        for part in ["absmax", "nested_absmax", "quant_map", "nested_quant_map", "quant_state.bitsandbytes__nf4"] {
+            XCTAssertNil(byteMismatch(f4.withBytes(of: "proj.weight." + part) { Array($0) }, v.bytes("two_nf4.merged_4bit.proj." + part), name: "two nf4 " + part))
+        }
+    }
+
+    /// --max-shard-size re-shards the output (with an index) without changing a byte of any tensor.
+    func testMaxShardSizeReshardsTheSameTensors() throws {
+        var spec = SampleCheckpointSpec()
+        (spec.layers, spec.hidden, spec.intermediate, spec.vocab) = (2, 64, 128, 256)
+        let base = tmp.appendingPathComponent("sample").path
+        try writeSampleCheckpoint(output: base, spec: spec)
+        let adapterDir = tmp.appendingPathComponent("sample-adapter").path
+        try writeSampleAdapter(directory: adapterDir, spec: spec, rank: 4)
+        let plain = tmp.appendingPathComponent("plain").path, sharded = tmp.appendingPathComponent("sharded").path
+        try mergeCheckpoint(base: base, adapter: adapterDir, output: plain, options: MergeOptions())
+        var o = MergeOptions()
+        o.maxShardSize = 40_000
+        let s = try mergeCheckpoint(base: base, adapter: adapterDir, output: sharded, options: o)
+        let a = try CheckpointReader(path: plain), b = try CheckpointReader(path: sharded)
+        XCTAssertEqual(a.shardFileNames, ["model.safetensors"])
+        XCTAssertGreaterThan(b.shardFileNames.count, 3)
+        XCTAssertNotNil(b.index)
+        XCTAssertEqual(a.tensorNames, b.tensorNames)
+        for name in a.tensorNames {
+            XCTAssertEqual(a.withBytes(of: name) { Array($0) }, b.withBytes(of: name) { Array($0) }, name)
+        }
+        XCTAssertEqual(s.bytesWritten, b.shardFileNames.reduce(0) { t, f in
+            t + ((try? FileManager.default.attributesOfItem(atPath: sharded + "/" + f)[.size] as? Int) ?? 0)
+        })
+        XCTAssertTrue(FileManager.default.fileExists(atPath: sharded + "/config.json"), "config.json copied beside the shards")
+    }
+
+    /// --compare-original: each choice of base against T = dequant(W4) + ΔW, recomputed here from
+    /// PEFT's own tensors (the original bf16 base, its bnb quantization, PEFT's merged weights).
+    func testCompareOriginalAgainstRecomputation() throws {
+        let v = try VectorFile("merge")
+        let p = try XCTUnwrap(v.cases["nf4_r8"])
+        let dense = tmp.appendingPathComponent("dense.safetensors")
+        try SafeTensorsWriter.write(url: dense, tensors: [("proj.weight", .bf16, [32, 64], v.bytes("nf4_r8.base.proj"))])
+        let base = tmp.appendingPathComponent("nf4.safetensors").path
+        try quantizeCheckpoint(input: dense.path, output: base, options: QuantizeOptions())
+        let adapterDir = tmp.appendingPathComponent("adapter").path
+        try adapter(v, "nf4_r8", modules: ["proj"], p: p).save(directory: adapterDir)
+        var o = MergeOptions()
+        o.compareOriginal = dense.path
+        let s = try mergeCheckpoint(base: base, adapter: adapterDir, output: tmp.appendingPathComponent("m.safetensors").path, options: o)
+        let row = try XCTUnwrap(s.comparison.first)
+
+        let q = try v.withElements("nf4_r8.base.proj") { try quantize4Bit($0, shape: [32, 64]) }
+        let w4 = q.dequantizedBytes().withUnsafeBytes { $0.bindMemory(to: UInt16.self).map { HalfPrecision.float(bfloat16Bits: $0) } }
+        let w16 = v.bytes("nf4_r8.base.proj").withUnsafeBytes { $0.bindMemory(to: UInt16.self).map { HalfPrecision.float(bfloat16Bits: $0) } }
+        let d = LoRAMerge.delta(loraA: v.floats("nf4_r8.proj.lora_A.weight"), loraB: v.floats("nf4_r8.proj.lora_B.weight"),
+                                rank: 8, inFeatures: 64, outFeatures: 32, scaling: 2)
+        let deq16 = v.bytes("nf4_r8.merged_16bit.proj").withUnsafeBytes { $0.bindMemory(to: UInt16.self).map { HalfPrecision.float(bfloat16Bits: $0) } }
+        let req4 = v.floats("nf4_r8.merged_4bit.dequantized")
+        let orig16 = zip(w16, d).map { HalfPrecision.roundedToBFloat16($0 + $1) }  // PEFT's bf16 merge (the dense vectors hold it to the bit)
+        func rel(_ x: [Float]) -> Double {
+            var e = 0.0, dd = 0.0
+            for i in d.indices { let t = Double(w4[i] + d[i]); e += (Double(x[i]) - t) * (Double(x[i]) - t); dd += Double(d[i]) * Double(d[i]) }
+            return (e / dd).squareRoot()
+        }
+        XCTAssertEqual(row.original16, rel(orig16), accuracy: 1e-9)
+        XCTAssertEqual(row.dequantized16, rel(deq16), accuracy: 1e-9)
+        XCTAssertEqual(row.requantized4, rel(req4), accuracy: 1e-9)
+        let shift = zip(w16, w4).map { Double($0 - $1) * Double($0 - $1) }.reduce(0, +)
+        XCTAssertEqual(row.baseShift, (shift / d.map { Double($0) * Double($0) }.reduce(0, +)).squareRoot(), accuracy: 1e-9)
+        // The dequantized 16-bit base is the closest to what the adapter was trained against.
+        XCTAssertLessThan(row.dequantized16, row.requantized4)
+        XCTAssertLessThan(row.dequantized16, row.original16)
+
+        // A dense base cannot be compared.
+        XCTAssertThrowsError(try mergeCheckpoint(base: dense.path, adapter: adapterDir, output: tmp.appendingPathComponent("x.safetensors").path, options: o)) {
+            XCTAssertTrue("\($0)".contains("needs a 4-bit base"), "\($0)")
+        }
+    }
+
+    /// Released pages of a mapped tensor stay readable (they fault back in from the file).
+    func testReleasedPagesStayReadable() throws {
+        let url = tmp.appendingPathComponent("big.safetensors")
+        let values = (0..<300_000).map { Float($0) }
+        try SafeTensorsWriter.write(url: url, tensors: [("t", .f32, [values.count], rawBytes(values))])
+        let r = try CheckpointReader(path: url.path)
+        let before = r.withBytes(of: "t") { Array($0) }
+        r.releasePages(of: "t")
+        XCTAssertEqual(r.withBytes(of: "t") { Array($0) }, before)
+    }
 }
