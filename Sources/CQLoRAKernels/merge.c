@@ -65,10 +65,12 @@ static int64_t merge_rows_scalar(const float *coef, const float *m, int64_t r, i
     return first;
 }
 
-static void report_sums_scalar(const float *base, const float *delta, const float *written, int64_t n, double *acc) {
-    for (int64_t i = 0; i < n; i++) {
-        float s = base[i] + delta[i];
-        double e = (double)written[i] - (double)s, a = (double)written[i] - (double)base[i], d = delta[i];
+static void report_sums_scalar(const void *base, int bt, const float *delta, const void *written, int wt,
+                               int64_t from, int64_t n, double *acc) {
+    for (int64_t i = from; i < n; i++) {
+        float b = load_scalar(base, bt, i), w = load_scalar(written, wt, i);
+        float s = b + delta[i];
+        double e = (double)w - (double)s, a = (double)w - (double)b, d = delta[i];
         acc[0] += e * e; acc[1] += d * d; acc[2] += (double)s * (double)s; acc[3] += a * d; acc[4] += a * a;
     }
 }
@@ -78,7 +80,6 @@ static void report_sums_scalar(const float *base, const float *delta, const floa
 #define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")))
 #define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
 
-// Columns per step: four independent FMA chains of W lanes.
 #define DEFINE_MERGE_VECTOR(SUFFIX, TARGET, W)                                                         \
 typedef float vf_##SUFFIX __attribute__((ext_vector_type(W)));                                         \
 typedef uint32_t vu32_##SUFFIX __attribute__((ext_vector_type(W)));                                    \
@@ -122,6 +123,30 @@ TARGET static inline vf_##SUFFIX cast_##SUFFIX(vf_##SUFFIX v, int type) {       
     if (type == QLORA_TYPE_F16) return __builtin_convertvector(__builtin_convertvector(v, vh_##SUFFIX), vf_##SUFFIX); \
     return v;                                                                                          \
 }                                                                                                      \
+/* Columns [x, x + U*W) of one row: U independent FMA chains (U is a constant after inlining). */  \
+TARGET static inline __attribute__((always_inline)) vi32_##SUFFIX merge_block_##SUFFIX(               \
+        const float *c, const float *m, int64_t r, int64_t cols, int64_t off, int64_t x, const int U,  \
+        float s, int at, const void *base, int bt, void *out, int ot, float *delta_out) {              \
+    vf_##SUFFIX acc[8];                                                                                \
+    vi32_##SUFFIX bad = 0;                                                                             \
+    for (int u = 0; u < U; u++) acc[u] = 0.0f;                                                         \
+    for (int64_t j = 0; j < r; j++) {                                                                  \
+        const vf_##SUFFIX cj = c[j];                                                                   \
+        for (int u = 0; u < U; u++) {                                                                  \
+            vf_##SUFFIX mv;                                                                            \
+            memcpy(&mv, m + j * cols + x + u * W, sizeof mv);                                          \
+            acc[u] = __builtin_elementwise_fma(cj, mv, acc[u]);                                        \
+        }                                                                                              \
+    }                                                                                                  \
+    for (int u = 0; u < U; u++) {                                                                      \
+        vf_##SUFFIX d = cast_##SUFFIX(acc[u] * s, at);                                                 \
+        int64_t i = off + x + u * W;                                                                   \
+        if (delta_out) memcpy(delta_out + i, &d, sizeof d);                                            \
+        bad |= store_##SUFFIX(out, ot, i, load_##SUFFIX(base, bt, i) + d);                             \
+    }                                                                                                  \
+    return bad;                                                                                        \
+}                                                                                                      \
+/* Eight vectors per step (enough chains to cover the FMA latency), then single vectors, then scalar. */ \
 TARGET static int64_t merge_rows_##SUFFIX(const float *coef, const float *m, int64_t r, int64_t cols,   \
                                           int64_t r0, int64_t r1, float s, int at, const void *base,   \
                                           int bt, void *out, int ot, float *delta_out) {               \
@@ -131,24 +156,10 @@ TARGET static int64_t merge_rows_##SUFFIX(const float *coef, const float *m, int
         const int64_t off = row * cols;                                                                \
         vi32_##SUFFIX bad = 0;                                                                         \
         int64_t x = 0;                                                                                 \
-        for (; x + 4 * W <= cols; x += 4 * W) {                                                        \
-            vf_##SUFFIX acc[4];                                                                        \
-            for (int u = 0; u < 4; u++) acc[u] = 0.0f;                                                                                                          \
-            for (int64_t j = 0; j < r; j++) {                                                          \
-                const vf_##SUFFIX cj = c[j];                                                           \
-                for (int u = 0; u < 4; u++) {                                                          \
-                    vf_##SUFFIX mv;                                                                    \
-                    memcpy(&mv, m + j * cols + x + u * W, sizeof mv);                                  \
-                    acc[u] = __builtin_elementwise_fma(cj, mv, acc[u]);                                \
-                }                                                                                      \
-            }                                                                                          \
-            for (int u = 0; u < 4; u++) {                                                              \
-                vf_##SUFFIX d = cast_##SUFFIX(acc[u] * s, at);                                         \
-                int64_t i = off + x + u * W;                                                           \
-                if (delta_out) memcpy(delta_out + i, &d, sizeof d);                                    \
-                bad |= store_##SUFFIX(out, ot, i, load_##SUFFIX(base, bt, i) + d);                     \
-            }                                                                                          \
-        }                                                                                              \
+        for (; x + 8 * W <= cols; x += 8 * W)                                                          \
+            bad |= merge_block_##SUFFIX(c, m, r, cols, off, x, 8, s, at, base, bt, out, ot, delta_out); \
+        for (; x + W <= cols; x += W)                                                                  \
+            bad |= merge_block_##SUFFIX(c, m, r, cols, off, x, 1, s, at, base, bt, out, ot, delta_out); \
         int64_t tail = merge_cols_scalar(c, m, r, cols, row, x, cols, s, at, base, bt, out, ot, delta_out); \
         if (first < 0 && __builtin_reduce_or(bad) != 0)                                                \
             for (int64_t k = 0; k < x && first < 0; k++)                                               \
@@ -157,13 +168,13 @@ TARGET static int64_t merge_rows_##SUFFIX(const float *coef, const float *m, int
     }                                                                                                  \
     return first;                                                                                      \
 }                                                                                                      \
-TARGET static void report_sums_##SUFFIX(const float *base, const float *delta, const float *written,   \
-                                        int64_t n, double *acc) {                                      \
+TARGET static void report_sums_##SUFFIX(const void *base, int bt, const float *delta, const void *written, \
+                                        int wt, int64_t n, double *acc) {                              \
     vd_##SUFFIX e2 = 0, d2 = 0, s2 = 0, ad = 0, a2 = 0;                                                \
     int64_t i = 0;                                                                                     \
     for (; i + W <= n; i += W) {                                                                       \
-        vf_##SUFFIX b, d, w;                                                                           \
-        memcpy(&b, base + i, sizeof b); memcpy(&d, delta + i, sizeof d); memcpy(&w, written + i, sizeof w); \
+        vf_##SUFFIX b = load_##SUFFIX(base, bt, i), w = load_##SUFFIX(written, wt, i), d;              \
+        memcpy(&d, delta + i, sizeof d);                                                               \
         vd_##SUFFIX sd = __builtin_convertvector(b + d, vd_##SUFFIX);                                  \
         vd_##SUFFIX wd = __builtin_convertvector(w, vd_##SUFFIX), dd = __builtin_convertvector(d, vd_##SUFFIX); \
         vd_##SUFFIX e = wd - sd, a = wd - __builtin_convertvector(b, vd_##SUFFIX);                     \
@@ -172,7 +183,7 @@ TARGET static void report_sums_##SUFFIX(const float *base, const float *delta, c
     for (int k = 0; k < W; k++) {                                                                     \
         acc[0] += e2[k]; acc[1] += d2[k]; acc[2] += s2[k]; acc[3] += ad[k]; acc[4] += a2[k];           \
     }                                                                                                  \
-    report_sums_scalar(base + i, delta + i, written + i, n - i, acc);                                  \
+    report_sums_scalar(base, bt, delta, written, wt, i, n, acc);                                       \
 }
 
 DEFINE_MERGE_VECTOR(avx512, AVX512_TARGET, 16)
@@ -193,10 +204,11 @@ int64_t qlora_lora_merge_rows(const float *coef, const float *m, int64_t r, int6
     }
 }
 
-void qlora_merge_report_sums(const float *base, const float *delta, const float *written, int64_t n, double *acc) {
+void qlora_merge_report_sums(const void *base, int base_type, const float *delta, const void *written, int written_type,
+                             int64_t n, double *acc) {
     switch (qlora_active_level()) {
-    case QLORA_LEVEL_AVX512: report_sums_avx512(base, delta, written, n, acc); break;
-    case QLORA_LEVEL_AVX2: report_sums_avx2(base, delta, written, n, acc); break;
-    default: report_sums_scalar(base, delta, written, n, acc);
+    case QLORA_LEVEL_AVX512: report_sums_avx512(base, base_type, delta, written, written_type, n, acc); break;
+    case QLORA_LEVEL_AVX2: report_sums_avx2(base, base_type, delta, written, written_type, n, acc); break;
+    default: report_sums_scalar(base, base_type, delta, written, written_type, 0, n, acc);
     }
 }

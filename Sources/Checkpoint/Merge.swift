@@ -259,7 +259,11 @@ public func mergeCheckpoint(base: String, adapters specs: [MergeAdapter], output
                 }
                 summary.merged += 1
             } else {
-                try reader.withBytes(of: e.name) { try sink.write($0) }
+                // In chunks, each released once written: a large copied tensor (embeddings,
+                // lm_head) never sits whole in the resident set.
+                try reader.withBytes(of: e.name) { raw in
+                    try sink.write(raw) { reader.releasePages(of: e.name, bytes: $0) }
+                }
                 summary.copied += 1
             }
         }
@@ -309,10 +313,29 @@ struct MergedWeight {
 }
 
 /// The per-tensor arithmetic of a merge.
-struct MergeContext {
+final class MergeContext {
     let reader: CheckpointReader
     let original: CheckpointReader?
     let options: MergeOptions
+    /// ΔW of the tensor at hand, reused across tensors: a fresh large buffer per tensor costs
+    /// page faults for every byte (glibc maps it anew each time).
+    private var deltaStorage = UnsafeMutableBufferPointer<Float>(start: nil, count: 0)
+
+    init(reader: CheckpointReader, original: CheckpointReader?, options: MergeOptions) {
+        self.reader = reader
+        self.original = original
+        self.options = options
+    }
+
+    deinit { deltaStorage.deallocate() }
+
+    private func deltaBuffer(_ n: Int) -> UnsafeMutableBufferPointer<Float> {
+        if deltaStorage.count < n {
+            deltaStorage.deallocate()
+            deltaStorage = .allocate(capacity: n)
+        }
+        return UnsafeMutableBufferPointer(rebasing: deltaStorage[0..<n])
+    }
 
     enum Target {
         case dense(ElementType)
@@ -325,14 +348,16 @@ struct MergeContext {
         var bytes: [UInt8]
         var type: ElementType
         var quantized: Quantized4Bit?
-        /// The final weight as fp32 (for reports).
-        func floats() -> [Float] { quantized?.dequantizedFloat32() ?? toFloats(bytes, type) }
+        /// The final weight as stored elements: dense bytes, or the re-quantized weight dequantized to fp32.
+        func written() -> (bytes: [UInt8], type: ElementType) {
+            quantized.map { ($0.dequantizedBytes(as: .float32), .float32) } ?? (bytes, type)
+        }
     }
 
     func merge(_ e: CheckpointReader.Entry, _ plan: WeightPlan, file: String, sizingOnly: Bool) throws -> MergedWeight {
         let n = plan.out * plan.in
         let wantsDelta = !sizingOnly && (options.report || original != nil)
-        var delta = wantsDelta ? [Float](repeating: 0, count: n) : []
+        let delta = UnsafeBufferPointer(wantsDelta ? deltaBuffer(n) : UnsafeMutableBufferPointer(start: nil, count: 0))
         if let q = plan.quantized {
             let base4 = try BnB4BitFormat.load(plan.group!, from: reader)
             let base16 = base4.dequantizedBytes()  // the recorded dtype, as bitsandbytes dequantizes
@@ -340,29 +365,28 @@ struct MergeContext {
             let requantize = Target.requantize(q.type, blocksize: q.blocksize, doubleQuant: q.doubleQuant)
             let target = options.requantize ? requantize : .dense(options.dtype)
             let applied = try base16.withUnsafeBytes { b in
-                try delta.withUnsafeMutableBufferPointer { d in
-                    try apply(plan, base: b, baseType: baseType, target: target, delta: wantsDelta ? d : nil, file: file, tensor: e.name)
-                }
+                try apply(plan, base: b, baseType: baseType, target: target, delta: wantsDelta ? UnsafeMutableBufferPointer(mutating: delta) : nil, file: file, tensor: e.name)
             }
             let payloads = applied.quantized.map(BnB4BitFormat.payloads) ?? [applied.bytes]
             guard wantsDelta else { return MergedWeight(payloads: payloads) }
-            let w = toFloats(base16, baseType)
-            let written = applied.floats()
+            let w = (bytes: base16, type: baseType)
+            let written = applied.written()
             var result = MergedWeight(payloads: payloads)
             if options.report { result.report = MergeReportRow(name: e.name, sums: sums(w, delta, written)) }
             if let original {
                 let other = try base16.withUnsafeBytes {
                     try apply(plan, base: $0, baseType: baseType, target: options.requantize ? .dense(options.dtype) : requantize, delta: nil, file: file, tensor: e.name)
-                }
-                let (deq16, req4) = options.requantize ? (other.floats(), written) : (written, other.floats())
-                let info = original.info(named: e.name)!
-                let oType = elementType(info.dtype)!
+                }.written()
+                let (deq16, req4) = options.requantize ? (other, written) : (written, other)
+                let oType = elementType(original.info(named: e.name)!.dtype)!
                 let (o16, w16) = try original.withBytes(of: e.name) { raw in
-                    (try apply(plan, base: raw, baseType: oType, target: .dense(oType), delta: nil, file: original.path, tensor: e.name).floats(), toFloats(raw, oType))
+                    (try apply(plan, base: raw, baseType: oType, target: .dense(oType), delta: nil, file: original.path, tensor: e.name).written(),
+                     (bytes: Array(raw), type: oType))
                 }
+                original.releasePages(of: e.name)
                 let zeros = [Float](repeating: 0, count: n)
                 result.comparison = MergeComparisonRow(name: e.name, sums: [
-                    sums(w, delta, o16)[0], sums(w, delta, deq16)[0], sums(w, delta, req4)[0], sums(w, zeros, w16)[0], sums(w, delta, deq16)[1],
+                    sums(w, delta, o16)[0], sums(w, delta, deq16)[0], sums(w, delta, req4)[0], zeros.withUnsafeBufferPointer { sums(w, $0, w16)[0] }, sums(w, delta, deq16)[1],
                 ])
             }
             return result
@@ -371,11 +395,14 @@ struct MergeContext {
             throw CheckpointError.invalidTensor(file: file, tensor: e.name, problem: "adapter targets a non-float weight (\(e.info.dtype.rawValue))")
         }
         return try reader.withBytes(of: e.name) { raw in
-            let applied = try delta.withUnsafeMutableBufferPointer { d in
-                try apply(plan, base: raw, baseType: type, target: .dense(type), delta: wantsDelta ? d : nil, file: file, tensor: e.name)
-            }
+            let applied = try apply(plan, base: raw, baseType: type, target: .dense(type),
+                                    delta: wantsDelta ? UnsafeMutableBufferPointer(mutating: delta) : nil, file: file, tensor: e.name)
             var result = MergedWeight(payloads: [applied.bytes])
-            if options.report { result.report = MergeReportRow(name: e.name, sums: sums(toFloats(raw, type), delta, applied.floats())) }
+            if options.report {
+                result.report = MergeReportRow(name: e.name, sums: applied.bytes.withUnsafeBytes { out in
+                    LoRAMerge.reportSums(base: raw, baseType: type, delta: delta, written: out, writtenType: type)
+                })
+            }
             return result
         }
     }
@@ -430,25 +457,13 @@ struct MergeContext {
         return try current.bytes.withUnsafeBytes { try body($0, current.type) }
     }
 
-    /// `LoRAMerge.reportSums` of fp32 arrays.
-    func sums(_ base: [Float], _ delta: [Float], _ written: [Float]) -> [Double] {
-        base.withUnsafeBufferPointer { b in delta.withUnsafeBufferPointer { d in written.withUnsafeBufferPointer { LoRAMerge.reportSums(base: b, delta: d, written: $0) } } }
-    }
-}
-
-/// Elements of `type` (any alignment) converted exactly to fp32.
-func toFloats(_ raw: UnsafeRawBufferPointer, _ type: ElementType) -> [Float] {
-    let n = raw.count / type.byteSize
-    return withAlignedBytes(raw, alignment: type.byteSize) { aligned in
-        switch type {
-        case .float32: return Array(aligned.bindMemory(to: Float.self))
-        case .bfloat16: return aligned.bindMemory(to: UInt16.self).map { Float(bitPattern: UInt32($0) << 16) }
-        case .float16: let h = aligned.bindMemory(to: UInt16.self); return (0..<n).map { HalfPrecision.float(float16Bits: h[$0]) }
+    /// `LoRAMerge.reportSums` of a base and a written weight (stored elements) and fp32 delta.
+    func sums(_ base: (bytes: [UInt8], type: ElementType), _ delta: UnsafeBufferPointer<Float>, _ written: (bytes: [UInt8], type: ElementType)) -> [Double] {
+        base.bytes.withUnsafeBytes { b in
+            written.bytes.withUnsafeBytes { LoRAMerge.reportSums(base: b, baseType: base.type, delta: delta, written: $0, writtenType: written.type) }
         }
     }
 }
-
-func toFloats(_ bytes: [UInt8], _ type: ElementType) -> [Float] { bytes.withUnsafeBytes { toFloats($0, type) } }
 
 /// Where merged tensors go: one output file per base shard (the base's layout), or
 /// `ShardedWriter`'s shards of at most `maxShardSize` bytes. Tensors arrive in `decls` order.
@@ -476,8 +491,23 @@ final class MergeSink {
         }
     }
 
-    /// The next declared tensor's bytes.
-    func write(_ bytes: UnsafeRawBufferPointer) throws {
+    /// Bytes per write when a caller releases what was written.
+    static let chunkSize = 8 << 20
+
+    /// The next declared tensor's bytes; with `release`, written in chunks and each chunk's byte
+    /// range handed to `release` once written.
+    func write(_ bytes: UnsafeRawBufferPointer, release: ((Range<Int>) -> Void)? = nil) throws {
+        guard let release else { return try write(chunk: bytes, last: true) }
+        var start = 0
+        repeat {
+            let end = min(bytes.count, start + Self.chunkSize)
+            try write(chunk: UnsafeRawBufferPointer(rebasing: bytes[start..<end]), last: end == bytes.count)
+            release(start..<end)
+            start = end
+        } while start < bytes.count
+    }
+
+    private func write(chunk bytes: UnsafeRawBufferPointer, last: Bool) throws {
         let d = decls[next]
         if let sharded {
             try sharded.write(d.name, bytes: bytes)
@@ -495,7 +525,7 @@ final class MergeSink {
             weightMap[d.name] = reader.index != nil || job.isDirectory ? reader.shardFileNames[s] : job.outputFileName
         }
         totalSize += bytes.count
-        next += 1
+        if last { next += 1 }
     }
 
     /// Completes the files; returns the bytes written.

@@ -8,6 +8,10 @@ public struct SampleCheckpointSpec: Sendable {
     public var hidden = 1024
     public var intermediate = 2816
     public var vocab = 8192
+    /// Attention heads (head dim = hidden / heads).
+    public var heads = 16
+    /// Key/value heads (grouped-query attention when fewer than `heads`); nil = `heads`.
+    public var kvHeads: Int? = nil
     public var dtype: ElementType = .bfloat16
     public var seed: UInt64 = 0
     /// Shard size in bytes; a directory with an index is written when the model is larger.
@@ -19,15 +23,15 @@ public struct SampleCheckpointSpec: Sendable {
 /// projections, norms, lm_head) with N(0, 0.02²) weights from a seeded generator, into
 /// directory `output` (sharded with an index when larger than one shard), plus a config.json.
 public func writeSampleCheckpoint(output: String, spec: SampleCheckpointSpec) throws -> Int {
-    let h = spec.hidden, i = spec.intermediate
+    let h = spec.hidden, i = spec.intermediate, kv = spec.kvDim
     var tensors: [(name: String, dtype: DType, shape: [Int])] = [("model.embed_tokens.weight", dt(spec.dtype), [spec.vocab, h])]
     for l in 0..<spec.layers {
         let p = "model.layers.\(l)."
         tensors += [
             (p + "input_layernorm.weight", dt(spec.dtype), [h]),
             (p + "self_attn.q_proj.weight", dt(spec.dtype), [h, h]),
-            (p + "self_attn.k_proj.weight", dt(spec.dtype), [h, h]),
-            (p + "self_attn.v_proj.weight", dt(spec.dtype), [h, h]),
+            (p + "self_attn.k_proj.weight", dt(spec.dtype), [kv, h]),
+            (p + "self_attn.v_proj.weight", dt(spec.dtype), [kv, h]),
             (p + "self_attn.o_proj.weight", dt(spec.dtype), [h, h]),
             (p + "post_attention_layernorm.weight", dt(spec.dtype), [h]),
             (p + "mlp.gate_proj.weight", dt(spec.dtype), [i, h]),
@@ -62,10 +66,16 @@ public func writeSampleCheckpoint(output: String, spec: SampleCheckpointSpec) th
     try writer.finish()
     let config = """
         {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": \(h), "intermediate_size": \(i), \
-        "num_hidden_layers": \(spec.layers), "vocab_size": \(spec.vocab), "torch_dtype": "\(spec.dtype.rawValue)"}
+        "num_hidden_layers": \(spec.layers), "num_attention_heads": \(spec.heads), "num_key_value_heads": \(spec.kvHeads ?? spec.heads), \
+        "vocab_size": \(spec.vocab), "torch_dtype": "\(spec.dtype.rawValue)"}
         """
     try Data(config.utf8).write(to: out.appendingPathComponent("config.json"))
     return total
+}
+
+extension SampleCheckpointSpec {
+    /// Rows of k_proj and v_proj: key/value heads × head dim.
+    var kvDim: Int { kvHeads.map { $0 * (hidden / heads) } ?? hidden }
 }
 
 func dt(_ t: ElementType) -> DType { t == .float32 ? .f32 : t == .bfloat16 ? .bf16 : .f16 }
@@ -77,11 +87,11 @@ public func writeSampleAdapter(directory: String, spec: SampleCheckpointSpec, ra
     var rng = SplitMix64(seed: spec.seed &+ 0xADA9)
     let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     var adapter = PEFTAdapter(rank: rank, loraAlpha: Double(2 * rank), targetModules: targets)
-    let h = spec.hidden, i = spec.intermediate
+    let h = spec.hidden, i = spec.intermediate, kv = spec.kvDim
     for l in 0..<spec.layers {
         for t in targets {
             let path = "model.layers.\(l).\(t.hasSuffix("_proj") && ["q", "k", "v", "o"].contains(String(t.prefix(1))) ? "self_attn" : "mlp").\(t)"
-            let (out, inF) = t == "gate_proj" || t == "up_proj" ? (i, h) : t == "down_proj" ? (h, i) : (h, h)
+            let (out, inF) = t == "gate_proj" || t == "up_proj" ? (i, h) : t == "down_proj" ? (h, i) : t == "k_proj" || t == "v_proj" ? (kv, h) : (h, h)
             let bound = 1 / Double(inF).squareRoot()
             let a = (0..<(rank * inF)).map { _ in Float((rng.unit() * 2 - 1) * bound) }
             let b = (0..<(out * rank)).map { _ in rng.normal() * 0.01 }

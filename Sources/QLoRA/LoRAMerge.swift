@@ -101,13 +101,18 @@ extension LoRAMerge {
         return firstBad.first { $0 >= 0 }.map(Int.init)
     }
 
-    /// The sums a merge report needs, in Float64 (the C kernel `qlora_merge_report_sums`):
-    /// with s = fl(base + delta), [Σ(written − s)², Σdelta², Σs², Σ(written − base)·delta, Σ(written − base)²].
-    public static func reportSums(base: UnsafeBufferPointer<Float>, delta: UnsafeBufferPointer<Float>,
-                                  written: UnsafeBufferPointer<Float>) -> [Double] {
-        precondition(base.count == delta.count && written.count == delta.count, "merge report: sizes differ")
+    /// The sums a merge report needs, in Float64 (the C kernel `qlora_merge_report_sums`): with
+    /// b, w the fp32 values of `base` and `written` (elements of their types, any alignment) and
+    /// s = fl(b + delta), [Σ(w − s)², Σdelta², Σs², Σ(w − b)·delta, Σ(w − b)²].
+    public static func reportSums(base: UnsafeRawBufferPointer, baseType: ElementType, delta: UnsafeBufferPointer<Float>,
+                                  written: UnsafeRawBufferPointer, writtenType: ElementType) -> [Double] {
+        precondition(base.count == delta.count * baseType.byteSize && written.count == delta.count * writtenType.byteSize,
+                     "merge report: sizes differ")
         var acc = [Double](repeating: 0, count: 5)
-        acc.withUnsafeMutableBufferPointer { qlora_merge_report_sums(base.baseAddress, delta.baseAddress, written.baseAddress, Int64(delta.count), $0.baseAddress) }
+        acc.withUnsafeMutableBufferPointer {
+            qlora_merge_report_sums(base.baseAddress, Int32(baseType.kernelCode), delta.baseAddress, written.baseAddress,
+                                    Int32(writtenType.kernelCode), Int64(delta.count), $0.baseAddress)
+        }
         return acc
     }
 }

@@ -11,6 +11,8 @@ struct Sample: ParsableCommand {
     @Option(help: "Hidden size.") var hidden = 1024
     @Option(help: "MLP intermediate size.") var intermediate = 2816
     @Option(help: "Vocabulary size.") var vocab = 8192
+    @Option(help: "Attention heads.") var heads = 16
+    @Option(help: "Key/value heads (grouped-query attention when fewer than --heads; default: --heads).") var kvHeads: Int?
     @Option(help: "Seed.") var seed: UInt64 = 0
     @Option(help: "Largest shard, MiB.") var maxShardMib = 64
     @Option(help: "Also write a PEFT LoRA adapter of this rank (all seven projections) to DIR-adapter.") var adapterRank: Int?
@@ -19,6 +21,10 @@ struct Sample: ParsableCommand {
         runReportingErrors {
             var s = SampleCheckpointSpec()
             s.layers = layers; s.hidden = hidden; s.intermediate = intermediate; s.vocab = vocab; s.seed = seed
+            guard heads > 0, hidden % heads == 0, (kvHeads ?? heads) > 0, heads % (kvHeads ?? heads) == 0 else {
+                throw ValidationError("--hidden must be a multiple of --heads, and --heads a multiple of --kv-heads")
+            }
+            s.heads = heads; s.kvHeads = kvHeads
             s.maxShardSize = maxShardMib << 20
             let bytes = try writeSampleCheckpoint(output: output, spec: s)
             print("wrote a \(layers)-layer sample checkpoint (hidden \(hidden), \(bytes) bytes of bf16 weights) to \(output)")

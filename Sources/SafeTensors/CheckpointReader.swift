@@ -139,9 +139,9 @@ public final class CheckpointReader: Sendable {
     }
 
     /// Releases tensor `name`'s mapped pages from the resident set (`SafeTensorsFile.releasePages`).
-    public func releasePages(of name: String) {
+    public func releasePages(of name: String, bytes: Range<Int>? = nil) {
         guard let entry = entry(named: name) else { return }
-        shards[entry.shardIndex].releasePages(of: entry.info)
+        shards[entry.shardIndex].releasePages(of: entry.info, bytes: bytes)
     }
 
     /// The bytes of tensor `name` inside its shard's mapping; valid while this reader is alive.

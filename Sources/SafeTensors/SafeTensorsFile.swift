@@ -97,8 +97,11 @@ public final class SafeTensorsFile: Sendable {
     /// Releases the memory-mapped pages of `tensor` from the process's resident set (see
     /// `ByteRegion.releasePages`); its bytes stay readable. Streaming jobs call this after each
     /// tensor so that their resident memory stays near one tensor instead of the whole file.
-    public func releasePages(of tensor: TensorInfo) {
-        region.releasePages((header.dataStart + tensor.dataOffsets.lowerBound)..<(header.dataStart + tensor.dataOffsets.upperBound))
+    /// `bytes`, if given, limits this to a byte range of the tensor.
+    public func releasePages(of tensor: TensorInfo, bytes: Range<Int>? = nil) {
+        let start = header.dataStart + tensor.dataOffsets.lowerBound
+        let r = bytes.map { (start + $0.lowerBound)..<(start + min($0.upperBound, tensor.byteCount)) } ?? start..<(start + tensor.byteCount)
+        region.releasePages(r)
     }
 
     /// The whole file image (prefix, header, data buffer); valid while this object is alive.

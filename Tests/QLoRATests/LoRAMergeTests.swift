@@ -125,23 +125,35 @@ final class LoRAMergeTests: XCTestCase {
         }
     }
 
-    /// The report's Float64 sums at every level against a plain loop (lanes add in another order:
-    /// agreement to 1e-12 relative).
+    /// The report's Float64 sums at every level and for every element type against a plain loop
+    /// (lanes add in another order: agreement to 1e-12 relative).
     func testReportSumsMatchPlainLoop() {
         var rng = SplitMix64(seed: 5)
-        let n = 1000
-        let base = (0..<n).map { _ in Float(rng.normal()) }, delta = (0..<n).map { _ in Float(rng.normal()) * 0.01 }
-        let written = zip(base, delta).map { HalfPrecision.roundedToBFloat16($0 + $1) }
-        var expected = [Double](repeating: 0, count: 5)
-        for i in 0..<n {
-            let s = base[i] + delta[i]
-            let e = Double(written[i]) - Double(s), ap = Double(written[i]) - Double(base[i]), d = Double(delta[i])
-            expected[0] += e * e; expected[1] += d * d; expected[2] += Double(s) * Double(s); expected[3] += ap * d; expected[4] += ap * ap
-        }
-        for level in levels {
-            KernelLevel.setMaximum(level)
-            let got = base.withUnsafeBufferPointer { b in delta.withUnsafeBufferPointer { d in written.withUnsafeBufferPointer { LoRAMerge.reportSums(base: b, delta: d, written: $0) } } }
-            for (g, e) in zip(got, expected) { XCTAssertEqual(g, e, accuracy: abs(e) * 1e-12, "\(level)") }
+        let n = 1001
+        let delta = (0..<n).map { _ in Float(rng.normal()) * 0.01 }
+        for baseType in [ElementType.float32, .bfloat16, .float16] {
+            let baseBytes = encodeForTest((0..<n).map { _ in Float(rng.normal()) }, as: baseType)
+            let base = baseBytes.withUnsafeBytes { raw in (0..<n).map { FloatElements.view(raw, as: baseType)[$0] } }
+            for writtenType in [ElementType.float32, .bfloat16, .float16] {
+                let writtenBytes = encodeForTest(zip(base, delta).map { $0 + $1 }, as: writtenType)
+                let written = writtenBytes.withUnsafeBytes { raw in (0..<n).map { FloatElements.view(raw, as: writtenType)[$0] } }
+                var expected = [Double](repeating: 0, count: 5)
+                for i in 0..<n {
+                    let s = base[i] + delta[i]
+                    let e = Double(written[i]) - Double(s), ap = Double(written[i]) - Double(base[i]), d = Double(delta[i])
+                    expected[0] += e * e; expected[1] += d * d; expected[2] += Double(s) * Double(s); expected[3] += ap * d; expected[4] += ap * ap
+                }
+                for level in levels {
+                    KernelLevel.setMaximum(level)
+                    let got = baseBytes.withUnsafeBytes { b in
+                        delta.withUnsafeBufferPointer { d in
+                            writtenBytes.withUnsafeBytes { LoRAMerge.reportSums(base: b, baseType: baseType, delta: d, written: $0, writtenType: writtenType) }
+                        }
+                    }
+                    for (g, e) in zip(got, expected) { XCTAssertEqual(g, e, accuracy: abs(e) * 1e-12, "\(baseType) \(writtenType) \(level)") }
+                }
+                KernelLevel.setMaximum(.avx512)
+            }
         }
     }
 }

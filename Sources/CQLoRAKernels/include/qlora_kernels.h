@@ -113,11 +113,13 @@ int64_t qlora_lora_merge_rows(const float *coef, const float *m, int64_t r, int6
                               int64_t row_begin, int64_t row_end, float scaling, int adapter_type,
                               const void *base, int base_type, void *out, int out_type, float *delta_out);
 
-/// Adds the merge report's sums over n elements to acc (Float64): with s = fl(base + delta),
-/// acc[0] += (written - s)^2, acc[1] += delta^2, acc[2] += s^2, acc[3] += (written - base) * delta,
-/// acc[4] += (written - base)^2. Lane order depends on the level, so results agree across levels
-/// to Float64 rounding, not bit for bit.
-void qlora_merge_report_sums(const float *base, const float *delta, const float *written, int64_t n, double *acc);
+/// Adds the merge report's sums over n elements to acc (Float64). base (base_type) and written
+/// (written_type) may be unaligned; with b, w their fp32 values and s = fl(b + delta),
+/// acc[0] += (w - s)^2, acc[1] += delta^2, acc[2] += s^2, acc[3] += (w - b) * delta,
+/// acc[4] += (w - b)^2. Lane order depends on the level, so results agree across levels to
+/// Float64 rounding, not bit for bit.
+void qlora_merge_report_sums(const void *base, int base_type, const float *delta, const void *written, int written_type,
+                             int64_t n, double *acc);
 
 #ifdef __cplusplus
 }
