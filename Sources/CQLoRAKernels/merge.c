@@ -80,7 +80,7 @@ static void report_sums_scalar(const void *base, int bt, const float *delta, con
 #define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")))
 #define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
 
-#define DEFINE_MERGE_VECTOR(SUFFIX, TARGET, W)                                                         \
+#define DEFINE_MERGE_VECTOR(SUFFIX, TARGET, W, RT)                                                         \
 typedef float vf_##SUFFIX __attribute__((ext_vector_type(W)));                                         \
 typedef uint32_t vu32_##SUFFIX __attribute__((ext_vector_type(W)));                                    \
 typedef int32_t vi32_##SUFFIX __attribute__((ext_vector_type(W)));                                     \
@@ -123,48 +123,59 @@ TARGET static inline vf_##SUFFIX cast_##SUFFIX(vf_##SUFFIX v, int type) {       
     if (type == QLORA_TYPE_F16) return __builtin_convertvector(__builtin_convertvector(v, vh_##SUFFIX), vf_##SUFFIX); \
     return v;                                                                                          \
 }                                                                                                      \
-/* Columns [x, x + U*W) of one row: U independent FMA chains (U is a constant after inlining). */  \
-TARGET static inline __attribute__((always_inline)) vi32_##SUFFIX merge_block_##SUFFIX(               \
-        const float *c, const float *m, int64_t r, int64_t cols, int64_t off, int64_t x, const int U,  \
-        float s, int at, const void *base, int bt, void *out, int ot, float *delta_out) {              \
-    vf_##SUFFIX acc[8];                                                                                \
+/* Rows [row, row + R) x columns [x, x + U*W): R*U independent FMA chains sharing each load of m  \
+   (R, U are constants after inlining). */                                                           \
+TARGET static inline __attribute__((always_inline)) vi32_##SUFFIX merge_tile_##SUFFIX(                \
+        const float *coef, const float *m, int64_t r, int64_t cols, int64_t row, int64_t x,            \
+        const int R, const int U, float s, int at, const void *base, int bt, void *out, int ot,        \
+        float *delta_out) {                                                                            \
+    vf_##SUFFIX acc[4][8], mv[8];                                                                      \
     vi32_##SUFFIX bad = 0;                                                                             \
-    for (int u = 0; u < U; u++) acc[u] = 0.0f;                                                         \
+    for (int a = 0; a < R; a++)                                                                        \
+        for (int u = 0; u < U; u++) acc[a][u] = 0.0f;                                                  \
     for (int64_t j = 0; j < r; j++) {                                                                  \
-        const vf_##SUFFIX cj = c[j];                                                                   \
-        for (int u = 0; u < U; u++) {                                                                  \
-            vf_##SUFFIX mv;                                                                            \
-            memcpy(&mv, m + j * cols + x + u * W, sizeof mv);                                          \
-            acc[u] = __builtin_elementwise_fma(cj, mv, acc[u]);                                        \
+        for (int u = 0; u < U; u++) memcpy(&mv[u], m + j * cols + x + u * W, sizeof mv[u]);           \
+        for (int a = 0; a < R; a++) {                                                                  \
+            const vf_##SUFFIX cj = coef[(row + a) * r + j];                                            \
+            for (int u = 0; u < U; u++) acc[a][u] = __builtin_elementwise_fma(cj, mv[u], acc[a][u]);   \
         }                                                                                              \
     }                                                                                                  \
-    for (int u = 0; u < U; u++) {                                                                      \
-        vf_##SUFFIX d = cast_##SUFFIX(acc[u] * s, at);                                                 \
-        int64_t i = off + x + u * W;                                                                   \
-        if (delta_out) memcpy(delta_out + i, &d, sizeof d);                                            \
-        bad |= store_##SUFFIX(out, ot, i, load_##SUFFIX(base, bt, i) + d);                             \
-    }                                                                                                  \
+    for (int a = 0; a < R; a++)                                                                        \
+        for (int u = 0; u < U; u++) {                                                                  \
+            vf_##SUFFIX d = cast_##SUFFIX(acc[a][u] * s, at);                                          \
+            int64_t i = (row + a) * cols + x + u * W;                                                  \
+            if (delta_out) memcpy(delta_out + i, &d, sizeof d);                                        \
+            bad |= store_##SUFFIX(out, ot, i, load_##SUFFIX(base, bt, i) + d);                         \
+        }                                                                                              \
     return bad;                                                                                        \
 }                                                                                                      \
-/* Eight vectors per step (enough chains to cover the FMA latency), then single vectors, then scalar. */ \
+/* Groups of RT rows in RT x 4-vector tiles (one row at a time, 8 vectors, for the last rows);      \
+   then single vectors and a scalar tail per row. */                                                 \
 TARGET static int64_t merge_rows_##SUFFIX(const float *coef, const float *m, int64_t r, int64_t cols,   \
                                           int64_t r0, int64_t r1, float s, int at, const void *base,   \
                                           int bt, void *out, int ot, float *delta_out) {               \
     int64_t first = -1;                                                                                \
-    for (int64_t row = r0; row < r1; row++) {                                                          \
-        const float *c = coef + row * r;                                                               \
-        const int64_t off = row * cols;                                                                \
+    for (int64_t row = r0; row < r1;) {                                                                \
+        const int64_t R = row + RT <= r1 ? RT : 1;                                                     \
         vi32_##SUFFIX bad = 0;                                                                         \
-        int64_t x = 0;                                                                                 \
-        for (; x + 8 * W <= cols; x += 8 * W)                                                          \
-            bad |= merge_block_##SUFFIX(c, m, r, cols, off, x, 8, s, at, base, bt, out, ot, delta_out); \
-        for (; x + W <= cols; x += W)                                                                  \
-            bad |= merge_block_##SUFFIX(c, m, r, cols, off, x, 1, s, at, base, bt, out, ot, delta_out); \
-        int64_t tail = merge_cols_scalar(c, m, r, cols, row, x, cols, s, at, base, bt, out, ot, delta_out); \
-        if (first < 0 && __builtin_reduce_or(bad) != 0)                                                \
-            for (int64_t k = 0; k < x && first < 0; k++)                                               \
-                if (!isfinite(load_scalar(out, ot, off + k))) first = off + k;                         \
-        if (first < 0) first = tail;                                                                   \
+        int64_t x = 0, tail = -1;                                                                      \
+        if (R == RT)                                                                                   \
+            for (; x + 4 * W <= cols; x += 4 * W)                                                      \
+                bad |= merge_tile_##SUFFIX(coef, m, r, cols, row, x, RT, 4, s, at, base, bt, out, ot, delta_out); \
+        else                                                                                           \
+            for (; x + 8 * W <= cols; x += 8 * W)                                                      \
+                bad |= merge_tile_##SUFFIX(coef, m, r, cols, row, x, 1, 8, s, at, base, bt, out, ot, delta_out); \
+        for (int64_t a = row; a < row + R; a++) {                                                      \
+            int64_t xx = x;                                                                            \
+            for (; xx + W <= cols; xx += W)                                                            \
+                bad |= merge_tile_##SUFFIX(coef, m, r, cols, a, xx, 1, 1, s, at, base, bt, out, ot, delta_out); \
+            int64_t t = merge_cols_scalar(coef + a * r, m, r, cols, a, xx, cols, s, at, base, bt, out, ot, delta_out); \
+            if (tail < 0) tail = t;                                                                    \
+        }                                                                                              \
+        if (first < 0 && (tail >= 0 || __builtin_reduce_or(bad) != 0))                                 \
+            for (int64_t k = row * cols; k < (row + R) * cols && first < 0; k++)                       \
+                if (!isfinite(load_scalar(out, ot, k))) first = k;                                     \
+        row += R;                                                                                      \
     }                                                                                                  \
     return first;                                                                                      \
 }                                                                                                      \
@@ -186,8 +197,8 @@ TARGET static void report_sums_##SUFFIX(const void *base, int bt, const float *d
     report_sums_scalar(base, bt, delta, written, wt, i, n, acc);                                       \
 }
 
-DEFINE_MERGE_VECTOR(avx512, AVX512_TARGET, 16)
-DEFINE_MERGE_VECTOR(avx2, AVX2_TARGET, 8)
+DEFINE_MERGE_VECTOR(avx512, AVX512_TARGET, 16, 4)  // 16 accumulators + 4 loads of 32 registers
+DEFINE_MERGE_VECTOR(avx2, AVX2_TARGET, 8, 2)  // 8 accumulators + 4 loads of 16 registers
 
 // MARK: - Entry points
 

@@ -160,6 +160,7 @@ public func mergeCheckpoint(base: String, adapters specs: [MergeAdapter], output
             let name = path + ".weight"
             if let g = groups[name] {
                 let q = try BnB4BitFormat.load(g, from: reader)
+                for m in g.members { reader.releasePages(of: m) }  // read again, one at a time, in pass 2
                 guard q.state.shape.count == 2 else { continue }
                 if adapter.fanInFanOut {
                     throw CheckpointError.invalidPath(path: specs[a].directory, problem: "a fan_in_fan_out adapter cannot target the 4-bit weight \(name) (bitsandbytes layers are [out, in])")
@@ -317,9 +318,10 @@ final class MergeContext {
     let reader: CheckpointReader
     let original: CheckpointReader?
     let options: MergeOptions
-    /// ΔW of the tensor at hand, reused across tensors: a fresh large buffer per tensor costs
-    /// page faults for every byte (glibc maps it anew each time).
+    /// ΔW of the tensor at hand, and the fp32 sum a re-quantization starts from, reused across
+    /// tensors: a fresh buffer over 32 MiB costs a page fault per 4 KiB, as glibc maps it anew.
     private var deltaStorage = UnsafeMutableBufferPointer<Float>(start: nil, count: 0)
+    private var sumStorage = UnsafeMutableBufferPointer<Float>(start: nil, count: 0)
 
     init(reader: CheckpointReader, original: CheckpointReader?, options: MergeOptions) {
         self.reader = reader
@@ -327,19 +329,26 @@ final class MergeContext {
         self.options = options
     }
 
-    deinit { deltaStorage.deallocate() }
+    deinit {
+        deltaStorage.deallocate()
+        sumStorage.deallocate()
+    }
 
-    private func deltaBuffer(_ n: Int) -> UnsafeMutableBufferPointer<Float> {
-        if deltaStorage.count < n {
-            deltaStorage.deallocate()
-            deltaStorage = .allocate(capacity: n)
+    private func deltaBuffer(_ n: Int) -> UnsafeMutableBufferPointer<Float> { Self.grow(&deltaStorage, n) }
+
+    private static func grow(_ storage: inout UnsafeMutableBufferPointer<Float>, _ n: Int) -> UnsafeMutableBufferPointer<Float> {
+        if storage.count < n {
+            storage.deallocate()
+            storage = .allocate(capacity: n)
         }
-        return UnsafeMutableBufferPointer(rebasing: deltaStorage[0..<n])
+        return UnsafeMutableBufferPointer(rebasing: storage[0..<n])
     }
 
     enum Target {
         case dense(ElementType)
         case requantize(QuantType, blocksize: Int, doubleQuant: Bool)
+
+        var isDense: Bool { if case .dense = self { return true } else { return false } }
     }
 
     /// The result of applying every step to a starting weight.
@@ -360,6 +369,7 @@ final class MergeContext {
         let delta = UnsafeBufferPointer(wantsDelta ? deltaBuffer(n) : UnsafeMutableBufferPointer(start: nil, count: 0))
         if let q = plan.quantized {
             let base4 = try BnB4BitFormat.load(plan.group!, from: reader)
+            for m in plan.group!.members { reader.releasePages(of: m) }
             let base16 = base4.dequantizedBytes()  // the recorded dtype, as bitsandbytes dequantizes
             let baseType = base4.state.dtype
             let requantize = Target.requantize(q.type, blocksize: q.blocksize, doubleQuant: q.doubleQuant)
@@ -419,14 +429,16 @@ final class MergeContext {
             case .dense(let t): outType = t
             case .requantize: outType = .float32
             }
-            var out = [UInt8](unsafeUninitializedCapacity: n * outType.byteSize) { _, count in count = n * outType.byteSize }
+            // A dense result is the payload; a sum to re-quantize is scratch.
+            var out = target.isDense ? [UInt8](unsafeUninitializedCapacity: n * outType.byteSize) { _, count in count = n * outType.byteSize } : []
+            let sum = target.isDense ? UnsafeMutableRawBufferPointer(start: nil, count: 0) : UnsafeMutableRawBufferPointer(Self.grow(&sumStorage, n))
             let m = step.module
             let bad = try withCurrent(current, base) { cur, curType in
-                out.withUnsafeMutableBytes { o in
+                out.withUnsafeMutableBytes { array in
                     stepDelta.withUnsafeMutableBufferPointer { sd in
                         LoRAMerge.merge(loraA: m.loraA, loraB: m.loraB, rank: m.rank, inFeatures: m.inFeatures, outFeatures: m.outFeatures,
                                         scaling: step.scaling, adapterType: m.storedType, fanInFanOut: step.fanInFanOut,
-                                        base: cur, baseType: curType ?? baseType, into: o, outType: outType,
+                                        base: cur, baseType: curType ?? baseType, into: target.isDense ? array : sum, outType: outType,
                                         deltaOut: plan.steps.count > 1 ? (delta == nil ? nil : sd) : delta, threads: options.threads)
                     }
                 }
@@ -439,9 +451,12 @@ final class MergeContext {
             }
             if case .requantize(let qt, let bs, let dq) = target {
                 let q: Quantized4Bit
+                let values = FloatElements.view(UnsafeRawBufferPointer(sum), as: .float32)
                 do {
-                    q = try out.withUnsafeBytes { try quantize4Bit(.view($0, as: .float32), shape: [plan.out, plan.in], quantType: qt, blocksize: bs, doubleQuant: dq) }
-                } catch let qe as QuantizationError { throw CheckpointError.quantization(file: file, tensor: tensor, error: qe) }
+                    q = try quantize4Bit(values, shape: [plan.out, plan.in], quantType: qt, blocksize: bs, doubleQuant: dq)
+                } catch {
+                    throw CheckpointError.quantization(file: file, tensor: tensor, error: error)
+                }
                 // PEFT re-quantizes after each adapter; the next one starts from its dequantized form.
                 current = Applied(bytes: i + 1 < plan.steps.count ? q.dequantizedBytes() : [], type: q.state.dtype, quantized: q)
             } else {
