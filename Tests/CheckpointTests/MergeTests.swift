@@ -260,4 +260,24 @@ final class MergeTests: XCTestCase {
         r.releasePages(of: "t")
         XCTAssertEqual(r.withBytes(of: "t") { Array($0) }, before)
     }
+
+    /// A merged value that overflows the base's dtype (PEFT's safe_merge check) stops the merge,
+    /// naming the tensor and the element, and nothing is written.
+    func testNonFiniteMergeWritesNothing() throws {
+        var w = [Float](repeating: 0.01, count: 8 * 16)
+        w[37] = 3.38e38  // bf16's largest finite value is 3.39e38; the delta pushes it over
+        let base = tmp.appendingPathComponent("base.safetensors")
+        try SafeTensorsWriter.write(url: base, tensors: [("proj.weight", .bf16, [8, 16], w.map { HalfPrecision.bfloat16Bits($0) }.withUnsafeBytes { Array($0) })])
+        var a = PEFTAdapter(rank: 1, loraAlpha: 1, targetModules: ["proj"])
+        a.modules["proj"] = .init(path: "proj", rank: 1, inFeatures: 16, outFeatures: 8,
+                                  loraA: [Float](repeating: 1, count: 16), loraB: [Float](repeating: 1e38, count: 8))
+        let adapterDir = tmp.appendingPathComponent("adapter").path
+        try a.save(directory: adapterDir)
+        let out = tmp.appendingPathComponent("out.safetensors").path
+        XCTAssertThrowsError(try mergeCheckpoint(base: base.path, adapter: adapterDir, output: out, options: MergeOptions())) {
+            XCTAssertTrue("\($0)".contains("proj.weight") && "\($0)".contains("merged value 37 is not finite"), "\($0)")
+        }
+        XCTAssertFalse(FileManager.default.fileExists(atPath: out))
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: tmp.path).filter { $0.hasPrefix(".") }, [], "temporary files left behind")
+    }
 }
