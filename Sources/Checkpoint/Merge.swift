@@ -47,10 +47,32 @@ public struct MergeSummary: Sendable, Codable {
     public var comparisonTotal = MergeComparisonRow(name: "total")
 }
 
+/// A table row whose figures derive from Float64 sums: a tensor's own, or pooled over tensors
+/// (the total), so that a total weighs each tensor by its size.
+protocol PooledSums {
+    var sums: [Double] { get set }
+    init(name: String)
+    /// Recomputes the figures from `sums`.
+    mutating func finish()
+}
+
+extension PooledSums {
+    init(name: String, sums: [Double]) {
+        self.init(name: name)
+        self.sums = sums
+        finish()
+    }
+
+    mutating func add(_ r: Self) {
+        for i in sums.indices { sums[i] += r.sums[i] }
+        finish()
+    }
+}
+
 /// What writing a merged tensor in its output format costs. W: the base as stored (dequantized
 /// for a 4-bit base), ΔW: the adapters' delta (their sum, with several), W+ΔW: their fp32 sum,
 /// Q(W+ΔW): what was written (re-quantized and dequantized, or rounded to the output dtype).
-public struct MergeReportRow: Sendable, Codable {
+public struct MergeReportRow: Sendable, Codable, PooledSums {
     public var name: String
     /// ‖Q(W+ΔW) − (W+ΔW)‖ / ‖ΔW‖: the error writing adds, relative to the fine-tune's change.
     public var errorToDelta = 0.0
@@ -62,17 +84,6 @@ public struct MergeReportRow: Sendable, Codable {
     var sums = [Double](repeating: 0, count: 5)
 
     init(name: String) { self.name = name }
-
-    init(name: String, sums: [Double]) {
-        self.name = name
-        self.sums = sums
-        finish()
-    }
-
-    mutating func add(_ r: MergeReportRow) {
-        for i in sums.indices { sums[i] += r.sums[i] }
-        finish()
-    }
 
     mutating func finish() {
         let (errSq, deltaSq, sumSq, dot, appliedSq) = (sums[0], sums[1], sums[2], sums[3], sums[4])
@@ -86,7 +97,7 @@ public struct MergeReportRow: Sendable, Codable {
 
 /// Which base to merge into after QLoRA, for one tensor: the distance of each choice from the
 /// weights the adapter was trained against, T = dequant(W4) + ΔW (fp32), relative to ‖ΔW‖.
-public struct MergeComparisonRow: Sendable, Codable {
+public struct MergeComparisonRow: Sendable, Codable, PooledSums {
     public var name: String
     /// The original 16-bit base + ΔW, in its dtype.
     public var original16 = 0.0
@@ -100,17 +111,6 @@ public struct MergeComparisonRow: Sendable, Codable {
     var sums = [Double](repeating: 0, count: 5)
 
     init(name: String) { self.name = name }
-
-    init(name: String, sums: [Double]) {
-        self.name = name
-        self.sums = sums
-        finish()
-    }
-
-    mutating func add(_ r: MergeComparisonRow) {
-        for i in sums.indices { sums[i] += r.sums[i] }
-        finish()
-    }
 
     mutating func finish() {
         let d = sums[4]

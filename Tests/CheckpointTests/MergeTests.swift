@@ -57,7 +57,8 @@ final class MergeTests: XCTestCase {
         }
     }
 
-    func testFourBitBaseMatchesPEFT() throws {
+    /// The nf4_r8 case as files: its bf16 base, that base through `quantizeCheckpoint`, its adapter.
+    func fourBitCase() throws -> (VectorFile, dense: URL, base: String, adapterDir: String) {
         let v = try VectorFile("merge")
         let p = try XCTUnwrap(v.cases["nf4_r8"])
         let dense = tmp.appendingPathComponent("dense.safetensors")
@@ -66,6 +67,11 @@ final class MergeTests: XCTestCase {
         try quantizeCheckpoint(input: dense.path, output: base, options: QuantizeOptions())
         let adapterDir = tmp.appendingPathComponent("adapter").path
         try adapter(v, "nf4_r8", modules: ["proj"], p: p).save(directory: adapterDir)
+        return (v, dense, base, adapterDir)
+    }
+
+    func testFourBitBaseMatchesPEFT() throws {
+        let (v, dense, base, adapterDir) = try fourBitCase()
 
         let m16 = tmp.appendingPathComponent("m16.safetensors").path
         let s16 = try mergeCheckpoint(base: base, adapter: adapterDir, output: m16, options: MergeOptions())
@@ -209,14 +215,7 @@ final class MergeTests: XCTestCase {
     /// --compare-original: each choice of base against T = dequant(W4) + ΔW, recomputed here from
     /// PEFT's own tensors (the original bf16 base, its bnb quantization, PEFT's merged weights).
     func testCompareOriginalAgainstRecomputation() throws {
-        let v = try VectorFile("merge")
-        let p = try XCTUnwrap(v.cases["nf4_r8"])
-        let dense = tmp.appendingPathComponent("dense.safetensors")
-        try SafeTensorsWriter.write(url: dense, tensors: [("proj.weight", .bf16, [32, 64], v.bytes("nf4_r8.base.proj"))])
-        let base = tmp.appendingPathComponent("nf4.safetensors").path
-        try quantizeCheckpoint(input: dense.path, output: base, options: QuantizeOptions())
-        let adapterDir = tmp.appendingPathComponent("adapter").path
-        try adapter(v, "nf4_r8", modules: ["proj"], p: p).save(directory: adapterDir)
+        let (v, dense, base, adapterDir) = try fourBitCase()
         var o = MergeOptions()
         o.compareOriginal = dense.path
         let s = try mergeCheckpoint(base: base, adapter: adapterDir, output: tmp.appendingPathComponent("m.safetensors").path, options: o)
