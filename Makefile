@@ -23,11 +23,12 @@ test: deps
 # NF4 with double quantization, inspected, dequantized, and the round-trip error measured.
 demo: build
 	@rm -rf $(DEMO) && mkdir -p $(DEMO)
-	$(QLORA) sample $(DEMO)/model --layers 2 --hidden 1024 --intermediate 2816 --vocab 8192 --max-shard-mib 16
+	$(QLORA) sample $(DEMO)/model --layers 2 --hidden 1024 --intermediate 2816 --vocab 8192 --max-shard-mib 16 --adapter-rank 16
 	$(QLORA) quantize $(DEMO)/model $(DEMO)/model-nf4
 	$(QLORA) inspect $(DEMO)/model-nf4
 	$(QLORA) dequantize $(DEMO)/model-nf4 $(DEMO)/model-roundtrip
 	$(QLORA) compare $(DEMO)/model $(DEMO)/model-roundtrip
+	$(QLORA) merge $(DEMO)/model-nf4 $(DEMO)/model-adapter $(DEMO)/model-merged --compare-original $(DEMO)/model
 
 bench: deps
 	cd Benchmarks && $(SWIFT) package --disable-sandbox benchmark
