@@ -9,6 +9,7 @@ let package = Package(
         .library(name: "QLoRA", targets: ["QLoRA"]),
         .library(name: "SafeTensors", targets: ["SafeTensors"]),
         .library(name: "Checkpoint", targets: ["Checkpoint"]),
+        .library(name: "Memory", targets: ["Memory"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -23,13 +24,16 @@ let package = Package(
         .target(name: "SafeTensors"),
         /// Whole checkpoints: the bitsandbytes 4-bit layout, quantize/dequantize/inspect, streamed.
         .target(name: "Checkpoint", dependencies: ["QLoRA", "SafeTensors"]),
+        /// Memory per component (estimated from exact parameter counts, and measured), the
+        /// published claims checked, and the report.
+        .target(name: "Memory", dependencies: ["QLoRA", "SafeTensors", "Checkpoint"]),
         /// `qlora bench`: the kernels timed against memcpy/sgemm/sgemv in one run.
         .target(name: "KernelBench", dependencies: ["QLoRA", "COpenBLAS"]),
         /// The `qlora` command: parses, calls the libraries, prints.
         .executableTarget(
             name: "QLoRACommand",
             dependencies: [
-                "QLoRA", "SafeTensors", "Checkpoint", "KernelBench",
+                "QLoRA", "SafeTensors", "Checkpoint", "KernelBench", "Memory",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -51,6 +55,7 @@ let package = Package(
         .testTarget(name: "QLoRATests", dependencies: ["QLoRA", "TestSupport", "SafeTensors", "COpenBLAS"]),
         .testTarget(name: "SafeTensorsTests", dependencies: ["SafeTensors"]),
         .testTarget(name: "CheckpointTests", dependencies: ["Checkpoint", "QLoRA", "SafeTensors", "TestSupport"]),
+        .testTarget(name: "MemoryTests", dependencies: ["Memory", "QLoRA", "Checkpoint", "SafeTensors", "TestSupport"]),
         .testTarget(name: "CLITests", dependencies: ["TestSupport", "QLoRA", "SafeTensors"]),
     ]
 )

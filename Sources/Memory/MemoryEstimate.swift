@@ -1,0 +1,188 @@
+import Foundation
+
+/// How a model is fine-tuned, for memory accounting.
+public enum TrainingMethod: String, Sendable, CaseIterable, Codable {
+    /// Mixed precision as ZeRO counts it: bf16 weights and gradients, an fp32 master copy, fp32
+    /// AdamW moments (16 bytes per parameter).
+    case full
+    /// bf16 weights and gradients, bitsandbytes' 8-bit AdamW (block-wise, 256 per block; tensors
+    /// under 4,096 elements keep fp32 moments), no master copy.
+    case full8BitAdam = "full-8bit-adam"
+    /// A frozen bf16 base with fp32 LoRA adapters (PEFT's default), AdamW on the adapters.
+    case lora
+    /// A frozen NF4 base (bitsandbytes, bf16 compute) with fp32 LoRA adapters, AdamW on the adapters.
+    case qlora
+}
+
+/// What is trained and at what size.
+public struct MemoryOptions: Sendable, Codable {
+    public var method: TrainingMethod = .qlora
+    public var rank = 16
+    public var alpha = 32.0
+    /// Projections with adapters (HF names).
+    public var targets = ModelArchitecture.projections
+    public var seqLen = 2048
+    public var batch = 1
+    public var gradientCheckpointing = false
+    public var doubleQuant = true
+    public var blocksize = 64
+    /// LoRA dropout > 0 keeps a mask per adapter input.
+    public var loraDropout = 0.0
+    public init() {}
+
+    public var tokens: Int { seqLen * batch }
+    public var isLoRA: Bool { method == .lora || method == .qlora }
+}
+
+/// One line of the memory table.
+public struct MemoryComponent: Sendable, Codable {
+    public var name: String
+    public var estimatedBytes: Int
+    /// Measured in this process (`MemoryMeasurement`), or nil.
+    public var measuredBytes: Int?
+    /// How the measured figure was obtained, or why there is none.
+    public var measuredBy: String?
+    /// Resident-set growth while the component was built (RSS, a second opinion on the allocator).
+    public var measuredRSSBytes: Int?
+    /// The formula or rule behind the estimate.
+    public var basis: String
+
+    public init(name: String, estimatedBytes: Int, basis: String) {
+        self.name = name
+        self.estimatedBytes = estimatedBytes
+        self.basis = basis
+    }
+}
+
+/// The memory a fine-tuning run needs, per component, from exact parameter counts.
+public struct MemoryEstimate: Sendable, Codable {
+    public struct Parameters: Sendable, Codable {
+        public var total: Int
+        public var quantized: Int
+        public var trainable: Int
+    }
+
+    public var model: String
+    public var method: TrainingMethod
+    public var options: MemoryOptions
+    public var params: Parameters
+    public var components: [MemoryComponent]
+    /// Per decoder layer and per token, the activation bytes the formula counts (see `activationBytesPerToken`).
+    public var activationBytesPerLayerPerToken: Int
+    public var notModelled = "CUDA context and kernels' workspace, allocator caching and fragmentation, framework buffers, the data pipeline, and the KV cache (none during training)."
+
+    public var totalEstimatedBytes: Int { components.filter { !$0.name.hasPrefix("(") }.reduce(0) { $0 + $1.estimatedBytes } }
+    public var totalMeasuredBytes: Int? {
+        let counted = components.filter { !$0.name.hasPrefix("(") }
+        guard counted.allSatisfy({ $0.measuredBytes != nil }) else { return nil }
+        return counted.reduce(0) { $0 + $1.measuredBytes! }
+    }
+
+    public func component(_ name: String) -> MemoryComponent? { components.first { $0.name == name } }
+
+    public init(model a: ModelArchitecture, options o: MemoryOptions) throws {
+        guard o.rank > 0, o.seqLen > 0, o.batch > 0 else { throw MemoryError.badOption("rank, seq-len and batch must be positive") }
+        for t in o.targets where !ModelArchitecture.projections.contains(t) {
+            throw MemoryError.badOption("unknown target '\(t)'; targets are \(ModelArchitecture.projections.joined(separator: ", "))")
+        }
+        model = a.name
+        method = o.method
+        options = o
+        let groups = a.tensorGroups
+        let projections = groups.filter { $0.kind == .projection }
+        let others = groups.filter { $0.kind != .projection }
+        let projectionElements = projections.reduce(0) { $0 + $1.elements }
+        let otherElements = others.reduce(0) { $0 + $1.elements }
+        let loraElements = o.isLoRA ? o.targets.reduce(0) { t, p in let s = a.projectionShape(p); return t + o.rank * (s.in + s.out) } * a.layers : 0
+        params = Parameters(total: a.totalParameters, quantized: o.method == .qlora ? projectionElements : 0,
+                            trainable: o.isLoRA ? loraElements : a.totalParameters)
+        activationBytesPerLayerPerToken = Self.activationBytesPerToken(a, o)
+
+        var c: [MemoryComponent] = []
+        switch o.method {
+        case .qlora:
+            let fourBit = projections.reduce(0) { $0 + Self.fourBitBytes(elements: $1.shape.reduce(1, *), blocksize: o.blocksize, doubleQuant: o.doubleQuant).data * $1.count }
+            let constants = projections.reduce(0) { $0 + Self.fourBitBytes(elements: $1.shape.reduce(1, *), blocksize: o.blocksize, doubleQuant: o.doubleQuant).constants * $1.count }
+            c.append(MemoryComponent(name: "base_weights", estimatedBytes: fourBit, basis: "NF4: ceil(n/2) bytes per projection weight"))
+            c.append(MemoryComponent(name: "quant_constants", estimatedBytes: constants,
+                                     basis: o.doubleQuant ? "per weight: absmax u8 per \(o.blocksize) + nested absmax f32 per 256 blocks + quant_map 64 B + nested_quant_map 1 KiB"
+                                                          : "per weight: absmax f32 per \(o.blocksize) + quant_map 64 B"))
+            c.append(MemoryComponent(name: "unquantized_weights", estimatedBytes: 2 * otherElements, basis: "embeddings, norms, lm_head, biases in bf16"))
+        case .lora:
+            c.append(MemoryComponent(name: "base_weights", estimatedBytes: 2 * projectionElements, basis: "projection weights in bf16 (frozen)"))
+            c.append(MemoryComponent(name: "unquantized_weights", estimatedBytes: 2 * otherElements, basis: "embeddings, norms, lm_head, biases in bf16"))
+        case .full, .full8BitAdam:
+            c.append(MemoryComponent(name: "base_weights", estimatedBytes: 2 * a.totalParameters, basis: "every parameter in bf16"))
+            c.append(MemoryComponent(name: "gradients", estimatedBytes: 2 * a.totalParameters, basis: "bf16, one per parameter"))
+        }
+        if o.isLoRA {
+            c.append(MemoryComponent(name: "lora_params", estimatedBytes: 4 * loraElements, basis: "r·(in+out) per adapted projection, fp32"))
+            c.append(MemoryComponent(name: "lora_grads", estimatedBytes: 4 * loraElements, basis: "fp32, one per adapter parameter"))
+            c.append(MemoryComponent(name: "optimizer_states", estimatedBytes: 8 * loraElements, basis: "AdamW exp_avg + exp_avg_sq, fp32"))
+        } else if o.method == .full {
+            c.append(MemoryComponent(name: "optimizer_states", estimatedBytes: 8 * a.totalParameters, basis: "AdamW exp_avg + exp_avg_sq, fp32"))
+            c.append(MemoryComponent(name: "master_weights", estimatedBytes: 4 * a.totalParameters, basis: "fp32 copy of every parameter (mixed precision)"))
+        } else {
+            let states = groups.reduce(0) { t, g in
+                let n = g.shape.reduce(1, *)
+                return t + g.count * (n < 4096 ? 8 * n : 2 * (n + 4 * ((n + 255) / 256)))
+            }
+            c.append(MemoryComponent(name: "optimizer_states", estimatedBytes: states,
+                                     basis: "8-bit AdamW: 2 states × (1 B + f32 absmax per 256); tensors < 4096 elements fp32"))
+        }
+        let perLayer = activationBytesPerLayerPerToken
+        let head = Self.headActivationBytesPerToken(a, o)
+        let layerInput = 2 * a.hiddenSize
+        let activations = o.gradientCheckpointing
+            ? o.tokens * (a.layers * layerInput + perLayer + head)
+            : o.tokens * (a.layers * perLayer + head)
+        c.append(MemoryComponent(name: "activations", estimatedBytes: activations,
+                                 basis: o.gradientCheckpointing
+                                    ? "tokens × (layers × 2h (checkpointed layer inputs) + one layer recomputed (\(perLayer) B/token) + head (\(head) B/token))"
+                                    : "tokens × (layers × \(perLayer) B/token + head \(head) B/token)"))
+        if o.isLoRA {
+            let lora = Self.loraActivationBytesPerToken(a, o)
+            c.append(MemoryComponent(name: "(activations: LoRA inputs, one layer)", estimatedBytes: o.tokens * lora,
+                                     basis: "tokens × Σ targets (4·in + 4·r\(o.loraDropout > 0 ? " + 4·in mask" : "")): fp32 adapter inputs and A·x; part of activations"))
+        }
+        components = c
+    }
+
+    /// The bytes of one 4-bit weight of `elements` values, as `qlora quantize` stores it: packed
+    /// data, and constants (absmax, nested absmax, code tables; the quant-state JSON excluded).
+    public static func fourBitBytes(elements n: Int, blocksize: Int, doubleQuant: Bool) -> (data: Int, constants: Int) {
+        let blocks = (n + blocksize - 1) / blocksize
+        let constants = doubleQuant ? blocks + 4 * ((blocks + 255) / 256) + 64 + 1024 : 4 * blocks + 64
+        return ((n + 1) / 2, constants)
+    }
+
+    /// The fp32 inputs and A·x results LoRA keeps per token in one layer (PEFT casts the
+    /// input to the adapter's fp32 for each adapter; `LoRALinear.Saved` holds the same).
+    public static func loraActivationBytesPerToken(_ a: ModelArchitecture, _ o: MemoryOptions) -> Int {
+        o.targets.reduce(0) { t, p in
+            let s = a.projectionShape(p)
+            return t + 4 * s.in + 4 * o.rank + (o.loraDropout > 0 ? 4 * s.in : 0)
+        }
+    }
+
+    /// Activation bytes one decoder layer keeps per token for backward (bf16 compute, SDPA /
+    /// flash attention, HF Llama layer). h hidden, kv key/value dim, i intermediate, a heads:
+    /// - each RMSNorm: its fp32 input and 1/rms: 4h + 4 (two per layer);
+    /// - attention: q, k, v after RoPE 2(h + 2kv), the output 2h and the fp32 log-sum-exp 4a;
+    /// - SwiGLU: gate, silu(gate), up: 6i;
+    /// - trained projections (full fine-tune): their bf16 inputs not already kept, normed x 2h
+    ///   (q/k/v share it), normed x 2h (gate/up) and silu(gate)·up 2i;
+    /// - LoRA: `loraActivationBytesPerToken`.
+    public static func activationBytesPerToken(_ a: ModelArchitecture, _ o: MemoryOptions) -> Int {
+        let h = a.hiddenSize, kv = a.keyValueDim, i = a.intermediateSize
+        var bytes = 2 * (4 * h + 4) + 2 * (h + 2 * kv) + 2 * h + 4 * a.attentionHeads + 6 * i
+        if o.isLoRA { bytes += loraActivationBytesPerToken(a, o) } else { bytes += 2 * h + 2 * h + 2 * i }
+        return bytes
+    }
+
+    /// After the last layer: the final RMSNorm (4h + 4) and the fp32 log-softmax of the logits
+    /// (4·vocab) that cross-entropy keeps; a trained lm_head also keeps its bf16 input (2h).
+    public static func headActivationBytesPerToken(_ a: ModelArchitecture, _ o: MemoryOptions) -> Int {
+        4 * a.hiddenSize + 4 + 4 * a.vocabSize + (o.isLoRA ? 0 : 2 * a.hiddenSize)
+    }
+}

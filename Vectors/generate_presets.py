@@ -1,0 +1,63 @@
+"""Exact parameter counts of the model presets `qlora memory` knows, from transformers itself.
+
+Each preset's published config (the values of its Hugging Face config.json that decide tensor
+shapes) is instantiated on the meta device with transformers' own model class, and every
+parameter is recorded: name pattern (layer index replaced by *), shape and how many times it
+occurs. Run: .venv/bin/python Vectors/generate_presets.py  (writes Vectors/memory/presets.json)
+"""
+import json
+import os
+import re
+
+import torch
+import transformers
+from transformers import LlamaConfig, MistralConfig, Qwen2Config, AutoModelForCausalLM
+
+# The shape-deciding fields of each model's published config.json.
+PRESETS = {
+    "llama-2-7b": (LlamaConfig, dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                                     num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False)),
+    "llama-2-13b": (LlamaConfig, dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                                      num_key_value_heads=40, vocab_size=32000, tie_word_embeddings=False)),
+    "llama-2-70b": (LlamaConfig, dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                                      num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False)),
+    "llama-65b": (LlamaConfig, dict(hidden_size=8192, intermediate_size=22016, num_hidden_layers=80, num_attention_heads=64,
+                                    num_key_value_heads=64, vocab_size=32000, tie_word_embeddings=False)),
+    "llama-3.1-8b": (LlamaConfig, dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                                       num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)),
+    "llama-3.1-70b": (LlamaConfig, dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)),
+    "mistral-7b": (MistralConfig, dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                                       num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False)),
+    "qwen2.5-7b": (Qwen2Config, dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                                     num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False)),
+    "qwen2.5-14b": (Qwen2Config, dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=48, num_attention_heads=40,
+                                      num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False)),
+    "qwen2.5-32b": (Qwen2Config, dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
+                                      num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False)),
+}
+
+
+def main():
+    out = {"transformers": transformers.__version__, "torch": torch.__version__, "presets": {}}
+    for name, (cls, fields) in PRESETS.items():
+        cfg = cls(**fields)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+        groups = {}
+        for pname, p in model.named_parameters(remove_duplicate=False):
+            key = re.sub(r"\.layers\.\d+\.", ".layers.*.", pname)
+            g = groups.setdefault(key, {"shape": list(p.shape), "count": 0})
+            assert g["shape"] == list(p.shape), pname
+            g["count"] += 1
+        total = sum(p.numel() for p in model.parameters())
+        out["presets"][name] = {"model_type": cfg.model_type, "config": fields, "total_parameters": total, "tensors": groups}
+        print(f"{name}: {total:,} parameters")
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "memory", "presets.json")
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1, sort_keys=True)
+        f.write("\n")
+
+
+if __name__ == "__main__":
+    main()
