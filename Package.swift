@@ -26,7 +26,7 @@ let package = Package(
         .target(name: "Checkpoint", dependencies: ["QLoRA", "SafeTensors"]),
         /// Memory per component (estimated from exact parameter counts, and measured), the
         /// published claims checked, and the report.
-        .target(name: "Memory", dependencies: ["QLoRA", "SafeTensors", "Checkpoint"]),
+        .target(name: "Memory", dependencies: ["QLoRA", "SafeTensors", "Checkpoint", "CMallocInfo"]),
         /// `qlora bench`: the kernels timed against memcpy/sgemm/sgemv in one run.
         .target(name: "KernelBench", dependencies: ["QLoRA", "COpenBLAS"]),
         /// The `qlora` command: parses, calls the libraries, prints.
@@ -42,6 +42,8 @@ let package = Package(
 
         /// SIMD kernels with per-function CPU targets and run-time dispatch (AVX-512, AVX2, scalar).
         .target(name: "CQLoRAKernels", cSettings: [.unsafeFlags(["-O3"])]),
+        /// glibc's mallinfo2, for measured memory.
+        .target(name: "CMallocInfo"),
         /// Debian's libopenblas-dev (pkg-config `openblas`): the only BLAS.
         .systemLibrary(
             name: "COpenBLAS",

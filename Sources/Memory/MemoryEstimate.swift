@@ -69,7 +69,7 @@ public struct MemoryEstimate: Sendable, Codable {
     public var components: [MemoryComponent]
     /// Per decoder layer and per token, the activation bytes the formula counts (see `activationBytesPerToken`).
     public var activationBytesPerLayerPerToken: Int
-    public var notModelled = "CUDA context and kernels' workspace, allocator caching and fragmentation, framework buffers, the data pipeline, and the KV cache (none during training)."
+    public static let notModelledText = "the CUDA context and kernel workspaces, allocator caching and fragmentation, framework buffers, the data pipeline, and activation memory outside the formula (see activations' basis)."
 
     public var totalEstimatedBytes: Int { components.filter { !$0.name.hasPrefix("(") }.reduce(0) { $0 + $1.estimatedBytes } }
     public var totalMeasuredBytes: Int? {

@@ -7,7 +7,7 @@ struct QLoRACommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "qlora",
         abstract: "QLoRA numerics on CPU: 4-bit quantization bit for bit with bitsandbytes.",
-        subcommands: [Quantize.self, Dequantize.self, Inspect.self, Sample.self, Compare.self, Bench.self, Merge.self])
+        subcommands: [Quantize.self, Dequantize.self, Inspect.self, Sample.self, Compare.self, Bench.self, Merge.self, MemoryCommand.self])
 
     /// Bad arguments get one line on stderr (not the usage text); help and version as usual.
     static func main() {
@@ -60,6 +60,12 @@ final class ProgressLine {
         let rate = Double(done) / max(Date().timeIntervalSince(start), 1e-9) / 1e6
         let name = tensor.count > 48 ? "…" + tensor.suffix(47) : tensor
         FileHandle.standardError.write(Data(String(format: "\r\u{1B}[K%@ %5.1f%%  %.0f MB/s  %@", label, pct, rate, name).utf8))
+    }
+
+    /// A step of a job measured in steps, not bytes.
+    func note(_ step: String) {
+        guard enabled else { return }
+        FileHandle.standardError.write(Data(String(format: "\r\u{1B}[K%@ %.0f s  %@", label, Date().timeIntervalSince(start), step).utf8))
     }
 
     func finish() {

@@ -1,0 +1,10 @@
+// glibc's allocator statistics, which Swift's Glibc module does not import (mallinfo2).
+#ifndef QLORA_MALLOC_INFO_H
+#define QLORA_MALLOC_INFO_H
+#include <stdint.h>
+
+/// Bytes malloc has handed out and not had back: arena bytes in use plus mmapped chunks
+/// (mallinfo2 uordblks + hblkhd); -1 where glibc's mallinfo2 is not available.
+int64_t qlora_malloc_in_use(void);
+
+#endif

@@ -1,0 +1,13 @@
+#include "qlora_malloc_info.h"
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
+
+int64_t qlora_malloc_in_use(void) {
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 33))
+    struct mallinfo2 m = mallinfo2();
+    return (int64_t)(m.uordblks + m.hblkhd);
+#else
+    return -1;
+#endif
+}
