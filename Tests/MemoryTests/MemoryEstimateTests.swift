@@ -115,3 +115,49 @@ final class MemoryMeasurementTests: XCTestCase {
         }
     }
 }
+
+/// `qlora claims` covers every claim of ../shared/claims.md, with its words and sources.
+final class ClaimsTests: XCTestCase {
+    func testEveryClaimOfSharedClaimsIsChecked() throws {
+        let checks = try Claims.check(precision: try PrecisionFigures.measure(realWeights: try PrecisionFigures.loadRealWeights()))
+        XCTAssertEqual(checks.map(\.id), Claims.ids)
+        let shared = repositoryRoot.deletingLastPathComponent().appendingPathComponent("shared/claims.md")
+        guard let text = try? String(contentsOf: shared, encoding: .utf8) else {
+            throw XCTSkip("../shared/claims.md not found beside the repository")
+        }
+        var rows: [String: (claim: String, source: String)] = [:]
+        for line in text.split(separator: "\n") where line.hasPrefix("| ") {
+            let cells = line.split(separator: "|").map { $0.trimmingCharacters(in: .whitespaces) }
+            guard cells.count == 3, cells[0].first.map({ "QM".contains($0) }) == true, Int(cells[0].dropFirst()) != nil else { continue }
+            rows[cells[0]] = (cells[1], cells[2])
+        }
+        XCTAssertEqual(Set(rows.keys), Set(Claims.ids), "claims.md ids")
+        for c in checks {
+            XCTAssertEqual(c.claim, rows[c.id]?.claim, c.id)
+            XCTAssertEqual(c.source, rows[c.id]?.source, c.id)
+            XCTAssertFalse(c.figure.isEmpty || c.detail.isEmpty, c.id)
+        }
+    }
+
+    /// The measured precision figures behind Q2, Q4 and Q6.
+    func testPrecisionFigures() throws {
+        let real = try XCTUnwrap(try PrecisionFigures.loadRealWeights(), "Data/all-MiniLM-L6-v2/slice.safetensors")
+        XCTAssertEqual(real.values.count, 147_456)
+        let p = try PrecisionFigures.measure(realWeights: real)
+        XCTAssertEqual(p.bitsNoDoubleQuant, 4.5, accuracy: 0.001)  // 4 + 32/64, plus code tables
+        XCTAssertEqual(p.bitsNoDoubleQuant - p.bitsDoubleQuant, 0.373, accuracy: 0.002)
+        XCTAssertLessThan(p.nf4Normal, p.int4Normal)
+        XCTAssertLessThan(p.int4Normal, p.fp4Normal)
+        XCTAssertLessThan(try XCTUnwrap(p.nf4Real), try XCTUnwrap(p.int4Real))
+        XCTAssertGreaterThan(p.requantErrorToDelta, 0.5)
+    }
+
+    /// Int4 absmax: 15 levels per block, exact at ±absmax and 0.
+    func testInt4AbsmaxRoundTrip() {
+        let x: [Float] = [1, -1, 0, 0.5, 0.07, -0.3]
+        let y = int4AbsmaxRoundTrip(x, blocksize: 3)
+        XCTAssertEqual(Array(y[0..<3]), [1, -1, 0])
+        XCTAssertEqual(y[3], 0.5)  // the block's absmax
+        XCTAssertEqual(y[4], (0.07 / 0.5 * 7).rounded() / 7 * 0.5, accuracy: 1e-7)
+    }
+}
