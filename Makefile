@@ -29,6 +29,7 @@ demo: build
 	$(QLORA) dequantize $(DEMO)/model-nf4 $(DEMO)/model-roundtrip
 	$(QLORA) compare $(DEMO)/model $(DEMO)/model-roundtrip
 	$(QLORA) merge $(DEMO)/model-nf4 $(DEMO)/model-adapter $(DEMO)/model-merged --compare-original $(DEMO)/model
+	$(QLORA) report --out $(DEMO)/report
 
 bench: deps
 	cd Benchmarks && $(SWIFT) package --disable-sandbox benchmark

@@ -142,6 +142,41 @@ final class CLITests: XCTestCase {
         try expectFailure(["merge", base, tmp.path, out], mentions: ["adapter_config.json"], noOutput: out)
     }
 
+    /// `qlora memory --json` has issue 6's fields; `qlora claims --json` covers every id;
+    /// `qlora report` writes its two files; bad options fail with one line.
+    func testMemoryClaimsReportAsDocumented() throws {
+        var r = try run(["memory", "--model", "llama-3.1-8b", "--targets", "q,v", "--rank", "8", "--grad-checkpointing", "--json"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let m = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as! [String: Any]
+        XCTAssertEqual(m["model"] as? String, "llama-3.1-8b")
+        XCTAssertEqual(m["method"] as? String, "qlora")
+        let params = m["params"] as! [String: Any]
+        XCTAssertEqual(params["total"] as? Int, 8_030_261_248)
+        XCTAssertEqual(params["trainable"] as? Int, 32 * 8 * ((4096 + 4096) + (4096 + 1024)))
+        let components = m["components"] as! [[String: Any]]
+        XCTAssertEqual(components.first?["name"] as? String, "base_weights")
+        XCTAssertTrue(components.allSatisfy { $0["estimated_bytes"] is Int && $0.keys.contains("measured_bytes") })
+        XCTAssertTrue(m["total_measured_bytes"] is NSNull)
+        XCTAssertTrue(m["total_estimated_bytes"] is Int)
+
+        r = try run(["claims", "--json"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let claims = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as! [[String: Any]]
+        XCTAssertEqual(claims.map { $0["id"] as! String }, (1...6).map { "Q\($0)" } + (1...22).map { "M\($0)" })
+
+        let out = tmp.appendingPathComponent("report").path
+        r = try run(["report", "--out", out, "--no-measure"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let md = try String(contentsOfFile: out + "/report.md", encoding: .utf8)
+        XCTAssertTrue(md.contains("![memory per method](memory.svg)") && md.contains("| M22 |"), md)
+        XCTAssertTrue(try String(contentsOfFile: out + "/memory.svg", encoding: .utf8).hasPrefix("<svg"))
+
+        let none = tmp.appendingPathComponent("none").path
+        try expectFailure(["memory", "--model", "gpt-5"], mentions: ["gpt-5"], noOutput: none)
+        try expectFailure(["memory", "--targets", "wq"], mentions: ["wq"], noOutput: none)
+        try expectFailure(["memory", "--config", none], mentions: [none], noOutput: none)
+    }
+
     /// `qlora bench --quick --json` reports the documented fields, and picks OpenBLAS's
     /// AVX-512 kernels itself only when the user has not chosen a core.
     func testBenchQuickJSON() throws {
