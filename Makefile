@@ -44,6 +44,7 @@ vectors:
 	python3 -m venv .venv && .venv/bin/pip install -q -r Vectors/requirements.txt
 	.venv/bin/python Vectors/generate.py
 	.venv/bin/python Vectors/generate_safetensors.py
+	.venv/bin/python Vectors/generate_presets.py
 
 clean:
 	rm -rf .build $(DEMO)
