@@ -63,6 +63,7 @@ public struct MemoryEstimate: Sendable, Codable {
     }
 
     public var model: String
+    public var architecture: ModelArchitecture
     public var method: TrainingMethod
     public var options: MemoryOptions
     public var params: Parameters
@@ -80,12 +81,26 @@ public struct MemoryEstimate: Sendable, Codable {
 
     public func component(_ name: String) -> MemoryComponent? { components.first { $0.name == name } }
 
+    /// Activation bytes per decoder layer and in total, with and without gradient checkpointing,
+    /// at the options' tokens.
+    public var activationSummary: [String: Int] {
+        let a = architecture, o = options
+        let head = Self.headActivationBytesPerToken(a, o)
+        return [
+            "per_layer_bytes": o.tokens * activationBytesPerLayerPerToken,
+            "head_bytes": o.tokens * head,
+            "total_without_checkpointing_bytes": o.tokens * (a.layers * activationBytesPerLayerPerToken + head),
+            "total_with_checkpointing_bytes": o.tokens * (a.layers * 2 * a.hiddenSize + activationBytesPerLayerPerToken + head),
+        ]
+    }
+
     public init(model a: ModelArchitecture, options o: MemoryOptions) throws {
         guard o.rank > 0, o.seqLen > 0, o.batch > 0 else { throw MemoryError.badOption("rank, seq-len and batch must be positive") }
         for t in o.targets where !ModelArchitecture.projections.contains(t) {
             throw MemoryError.badOption("unknown target '\(t)'; targets are \(ModelArchitecture.projections.joined(separator: ", "))")
         }
         model = a.name
+        architecture = a
         method = o.method
         options = o
         let groups = a.tensorGroups

@@ -109,6 +109,7 @@ func memoryJSON(_ m: MemoryEstimate, scope: String?) -> [String: Any] {
             if let rss = c.measuredRSSBytes { d["measured_rss_bytes"] = rss }
             return d
         },
+        "activations": m.activationSummary,
         "total_estimated_bytes": m.totalEstimatedBytes,
         "total_measured_bytes": m.totalMeasuredBytes.map { $0 as Any } ?? NSNull(),
         "measurement_scope": scope.map { $0 as Any } ?? NSNull(),

@@ -158,6 +158,9 @@ final class CLITests: XCTestCase {
         XCTAssertTrue(components.allSatisfy { $0["estimated_bytes"] is Int && $0.keys.contains("measured_bytes") })
         XCTAssertTrue(m["total_measured_bytes"] is NSNull)
         XCTAssertTrue(m["total_estimated_bytes"] is Int)
+        let act = m["activations"] as! [String: Int]
+        XCTAssertEqual(Set(act.keys), ["per_layer_bytes", "head_bytes", "total_with_checkpointing_bytes", "total_without_checkpointing_bytes"])
+        XCTAssertEqual(act["total_with_checkpointing_bytes"], components.first { $0["name"] as? String == "activations" }?["estimated_bytes"] as? Int)
 
         r = try run(["claims", "--json"])
         XCTAssertEqual(r.status, 0, r.stderr)
