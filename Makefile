@@ -45,6 +45,7 @@ vectors:
 	.venv/bin/python Vectors/generate.py
 	.venv/bin/python Vectors/generate_safetensors.py
 	.venv/bin/python Vectors/generate_presets.py
+	.venv/bin/python Vectors/generate_llama.py
 
 clean:
 	rm -rf .build $(DEMO)

@@ -114,8 +114,14 @@ final class GoldenQuantizationTests: XCTestCase {
     /// The 8-bit LUT quantizer over every one of its 65,536 bins, bin edges and random values.
     func testBlockwise8BitMatchesBitsandbytesLUTKernel() throws {
         let v = try VectorFile("blockwise8")
+        // The sweep's input as generate.py builds it: every bin centre, every edge and one ulp
+        // above it (float64, rounded once), the stored random values; blocks of 1.0 + 255 values.
+        let centres = (0..<65536).map { Float(-1.0 + 2.0 * Double($0) / 65535.0) }
+        let edges = (0..<65535).map { Float(-1.0 + (2.0 * Double($0) + 1.0) / 65535.0) }
+        let sweep = centres + edges + edges.map(\.nextUp) + v.floats("sweep.random_input")
+        let sweepInput = stride(from: 0, to: sweep.count, by: 255).flatMap { [Float(1)] + sweep[$0..<min(sweep.count, $0 + 255)] }
         for c in ["sweep", "random"] {
-            let (q, am) = Blockwise8Bit.quantize(v.floats(c + ".input"), blocksize: 256)
+            let (q, am) = Blockwise8Bit.quantize(c == "sweep" ? sweepInput : v.floats(c + ".input"), blocksize: 256)
             XCTAssertNil(byteMismatch(q, v.bytes(c + ".quantized"), name: c + " quantized"))
             XCTAssertNil(byteMismatch(rawBytes(am), v.bytes(c + ".absmax"), name: c + " absmax", elementSize: 4))
         }

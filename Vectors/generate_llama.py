@@ -1,0 +1,104 @@
+"""Golden vectors for a QLoRA training step through a whole Llama decoder stack (issue 7).
+
+A tiny random Llama from transformers (2 layers, hidden 64, 4 heads, 2 KV heads, intermediate
+128, vocab 256, Llama-3 rope scaling, untied lm_head), saved as a bf16 checkpoint; then loaded by
+transformers with bitsandbytes NF4 + double quant (bf16 compute, eager attention) and wrapped by
+PEFT with LoRA r=8 on all seven projections (fp32 adapters, B drawn non-zero so every gradient
+is non-trivial). Recorded: the logits and loss of one batch, every LoRA gradient, and the
+adapter after 3 AdamW steps on that batch. Torch runs with one thread.
+
+Run: .venv/bin/python Vectors/generate_llama.py   (writes Vectors/llama/)
+"""
+import json
+import os
+import shutil
+
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+import torch
+import transformers
+import peft
+import bitsandbytes
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM, BitsAndBytesConfig
+from peft import LoraConfig, get_peft_model
+
+torch.set_num_threads(1)
+HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "llama")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def main():
+    shutil.rmtree(HERE, ignore_errors=True)
+    os.makedirs(HERE)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=256, rms_norm_eps=1e-5,
+                      rope_theta=500000.0, tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                    "original_max_position_embeddings": 32},
+                      torch_dtype="bfloat16")
+    dense = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # norms away from 1 so that their weights matter
+        for n, p in dense.named_parameters():
+            if "norm" in n:
+                p.copy_(1 + 0.1 * torch.randn(p.shape))
+    dense = dense.to(torch.bfloat16)
+    base_dir = os.path.join(HERE, "tiny")
+    dense.save_pretrained(base_dir, safe_serialization=True)
+
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16)
+    model = LlamaForCausalLM.from_pretrained(base_dir, quantization_config=bnb, torch_dtype=torch.bfloat16,
+                                             attn_implementation="eager", device_map="cpu")
+    model.save_pretrained(os.path.join(HERE, "tiny-nf4"), safe_serialization=True)  # the bnb-4bit layout transformers writes
+
+    pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0, bias="none"))
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    tensors = {}
+    lora = {n: p for n, p in pm.named_parameters() if p.requires_grad}
+    for n, p in lora.items():
+        tensors["init." + n.replace("base_model.model.", "").replace(".default", "")] = p.detach().float().clone()
+
+    ids = torch.randint(0, 256, (2, 16), generator=g)
+    labels = ids.clone()
+    labels[0, :3] = -100
+    labels[1, 10:] = -100
+    tensors["input_ids"] = ids.to(torch.int64)
+    tensors["labels"] = labels.to(torch.int64)
+
+    out = pm(input_ids=ids, labels=labels)
+    tensors["logits"] = out.logits.detach().float()
+    tensors["logits_dtype_is_bf16"] = torch.tensor([1 if out.logits.dtype == torch.bfloat16 else 0])
+    tensors["loss"] = out.loss.detach().float().reshape(1)
+    out.loss.backward()
+    for n, p in lora.items():
+        tensors["grad." + n.replace("base_model.model.", "").replace(".default", "")] = p.grad.detach().float().clone()
+
+    opt = torch.optim.AdamW(list(lora.values()), lr=1e-3)  # weight decay 0.01, torch's defaults
+    losses = []
+    for step in range(3):
+        if step > 0:
+            opt.zero_grad()
+            o = pm(input_ids=ids, labels=labels)
+            o.loss.backward()
+            losses.append(o.loss.item())
+        else:
+            losses.append(out.loss.item())
+        opt.step()
+    for n, p in lora.items():
+        tensors["step3." + n.replace("base_model.model.", "").replace(".default", "")] = p.detach().float().clone()
+    tensors["step_losses"] = torch.tensor(losses, dtype=torch.float32)
+
+    meta = {"transformers": transformers.__version__, "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__,
+            "torch": torch.__version__, "r": "8", "lora_alpha": "16", "lr": "0.001", "weight_decay": "0.01", "attn": "eager",
+            "targets": json.dumps(TARGETS)}
+    save_file(tensors, os.path.join(HERE, "golden.safetensors"), metadata=meta)
+    print("llama: loss", out.loss.item(), "losses", losses, len(tensors), "tensors")
+
+
+if __name__ == "__main__":
+    main()
