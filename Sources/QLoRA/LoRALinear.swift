@@ -56,6 +56,11 @@ public final class LoRALinear {
     /// Accumulated gradients (zero them with `zeroGrad`).
     public var gradA: [Float]
     public var gradB: [Float]
+    /// The layer sits in a bf16 model (inputs, outputs and gradients are bf16 tensors): PEFT then
+    /// casts the adapter's output to bf16 before adding it to the base's bf16 result, and the
+    /// input's gradient is the bf16 sum of the base's and the adapter's bf16 gradients. Off: the
+    /// fp32-input semantics of issue 4 (fp32 result, fp32 sum).
+    public var bf16Activations = false
     let scratch = Matmul4BitScratch()
 
     public var inFeatures: Int { base.inFeatures }
@@ -149,7 +154,11 @@ public final class LoRALinear {
         let s = Float(config.scaling)
         for i in l.indices { l[i] = l[i] * s }
         round(&l)
-        for i in y.indices { y[i] = y[i] + l[i] }  // result + lora_B(lora_A(x)) * scaling
+        if bf16Activations {
+            for i in y.indices { y[i] = HalfPrecision.roundedToBFloat16(y[i] + HalfPrecision.roundedToBFloat16(l[i])) }
+        } else {
+            for i in y.indices { y[i] = y[i] + l[i] }  // result + lora_B(lora_A(x)) * scaling
+        }
         return (y, Saved(tokens: tokens, xDropped: xd, h: h, mask: mask))
     }
 
@@ -193,7 +202,11 @@ public final class LoRALinear {
             for i in dxd.indices { dxd[i] *= saved.mask[i] }
             round(&dxd)
         }
-        for i in dx.indices { dx[i] += dxd[i] }
+        if bf16Activations {
+            for i in dx.indices { dx[i] = HalfPrecision.roundedToBFloat16(dx[i] + HalfPrecision.roundedToBFloat16(dxd[i])) }
+        } else {
+            for i in dx.indices { dx[i] += dxd[i] }
+        }
         return dx
     }
 

@@ -1,0 +1,201 @@
+import Foundation
+
+/// The shape and numerics fields of a Llama config.json.
+public struct LlamaConfig: Sendable, Equatable, Codable {
+    public struct Llama3RopeScaling: Sendable, Equatable, Codable {
+        public var factor: Double
+        public var lowFreqFactor: Double
+        public var highFreqFactor: Double
+        public var originalMaxPositions: Int
+        public init(factor: Double, lowFreqFactor: Double, highFreqFactor: Double, originalMaxPositions: Int) {
+            (self.factor, self.lowFreqFactor, self.highFreqFactor, self.originalMaxPositions) = (factor, lowFreqFactor, highFreqFactor, originalMaxPositions)
+        }
+    }
+
+    public var hiddenSize: Int
+    public var intermediateSize: Int
+    public var layers: Int
+    public var heads: Int
+    public var kvHeads: Int
+    public var vocabSize: Int
+    public var rmsNormEps: Double = 1e-6
+    public var ropeTheta: Double = 10000
+    public var llama3RopeScaling: Llama3RopeScaling? = nil
+    public var tiedEmbeddings = false
+
+    public init(hiddenSize: Int, intermediateSize: Int, layers: Int, heads: Int, kvHeads: Int, vocabSize: Int) {
+        (self.hiddenSize, self.intermediateSize, self.layers, self.heads, self.kvHeads, self.vocabSize) = (hiddenSize, intermediateSize, layers, heads, kvHeads, vocabSize)
+    }
+
+    public var headDim: Int { hiddenSize / heads }
+    public var kvDim: Int { kvHeads * headDim }
+}
+
+/// One decoder layer: two RMSNorm weights (bf16 values) and seven LoRA projections on 4-bit bases.
+public final class LlamaLayer {
+    public let inputNorm: [Float]
+    public let postAttentionNorm: [Float]
+    /// q, k, v, o, gate, up, down (`ModelArchitecture.projections` order).
+    public let projections: [LoRALinear]
+    public init(inputNorm: [Float], postAttentionNorm: [Float], projections: [LoRALinear]) {
+        precondition(projections.count == 7, "a Llama layer has seven projections")
+        self.inputNorm = inputNorm
+        self.postAttentionNorm = postAttentionNorm
+        self.projections = projections
+        for p in projections { p.bf16Activations = true }
+    }
+    public var q: LoRALinear { projections[0] }
+    public var k: LoRALinear { projections[1] }
+    public var v: LoRALinear { projections[2] }
+    public var o: LoRALinear { projections[3] }
+    public var gate: LoRALinear { projections[4] }
+    public var up: LoRALinear { projections[5] }
+    public var down: LoRALinear { projections[6] }
+}
+
+/// A Llama causal LM for QLoRA training: bf16 embeddings, norms and lm_head (frozen), 4-bit
+/// projections with LoRA adapters (trained), bf16 activations. Forward and backward follow
+/// transformers' LlamaForCausalLM with eager attention and PEFT's LoRA, op by op (`LlamaOps`).
+public final class LlamaModel {
+    public static let projectionNames = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+    public let config: LlamaConfig
+    /// [vocab, hidden], bf16 values.
+    public let embedTokens: [Float]
+    public let layers: [LlamaLayer]
+    public let finalNorm: [Float]
+    /// [vocab, hidden], bf16 values (the embedding matrix when tied).
+    public let lmHead: [Float]
+    let inverseFrequencies: [Float]
+
+    public init(config: LlamaConfig, embedTokens: [Float], layers: [LlamaLayer], finalNorm: [Float], lmHead: [Float]?) {
+        precondition(embedTokens.count == config.vocabSize * config.hiddenSize && layers.count == config.layers)
+        self.config = config
+        self.embedTokens = embedTokens
+        self.layers = layers
+        self.finalNorm = finalNorm
+        self.lmHead = lmHead ?? embedTokens
+        inverseFrequencies = LlamaOps.ropeInverseFrequencies(headDim: config.headDim, theta: config.ropeTheta, llama3: config.llama3RopeScaling)
+    }
+
+    /// Module path of layer l's projection p (`model.layers.l.self_attn.q_proj`).
+    public static func modulePath(layer l: Int, projection p: Int) -> String {
+        "model.layers.\(l)." + (p < 4 ? "self_attn." : "mlp.") + projectionNames[p]
+    }
+
+    /// Everything one layer's backward needs.
+    struct LayerCache {
+        var x: [Float], rstd1: [Float]
+        var saved: [LoRALinear.Saved]
+        var qr: [Float], kr: [Float], v: [Float], probs: [Float]
+        var h: [Float], rstd2: [Float], gate: [Float], up: [Float]
+    }
+
+    /// What `backward` needs from `forward`.
+    public struct Activations {
+        public let batch: Int, seq: Int
+        var caches: [LayerCache?]
+        /// With checkpointing: each layer's input, recomputed from in backward.
+        var layerInputs: [[Float]]
+        var finalInput: [Float], finalRstd: [Float]
+        var dlogits: [Float]
+        /// Bytes held for backward (exact count of the arrays above).
+        public var byteCount: Int {
+            var n = layerInputs.reduce(0) { $0 + $1.count } + finalInput.count + finalRstd.count + dlogits.count
+            for c in caches.compactMap({ $0 }) {
+                n += c.x.count + c.rstd1.count + c.qr.count + c.kr.count + c.v.count + c.probs.count + c.h.count + c.rstd2.count + c.gate.count + c.up.count
+                n += c.saved.reduce(0) { $0 + $1.byteCount / 4 }
+            }
+            return 4 * n
+        }
+    }
+
+    func layerForward(_ l: LlamaLayer, _ x: [Float], batch: Int, seq: Int, cos: [Float], sin: [Float]) throws -> ([Float], LayerCache) {
+        let c = config, t = batch * seq
+        let (n1, rstd1) = LlamaOps.rmsnormForward(x, l.inputNorm, tokens: t, eps: Float(c.rmsNormEps))
+        let (q, sq) = try l.q.forward(n1, tokens: t)
+        let (k, sk) = try l.k.forward(n1, tokens: t)
+        let (v, sv) = try l.v.forward(n1, tokens: t)
+        let qr = LlamaOps.ropeForward(q, heads: c.heads, headDim: c.headDim, seq: seq, cos: cos, sin: sin)
+        let kr = LlamaOps.ropeForward(k, heads: c.kvHeads, headDim: c.headDim, seq: seq, cos: cos, sin: sin)
+        let (att, probs) = LlamaOps.attentionForward(q: qr, k: kr, v: v, batch: batch, seq: seq, heads: c.heads, kvHeads: c.kvHeads, headDim: c.headDim)
+        let (o, so) = try l.o.forward(att, tokens: t)
+        let h = (0..<x.count).map { LlamaOps.bf16(x[$0] + o[$0]) }
+        let (n2, rstd2) = LlamaOps.rmsnormForward(h, l.postAttentionNorm, tokens: t, eps: Float(c.rmsNormEps))
+        let (g, sg) = try l.gate.forward(n2, tokens: t)
+        let (u, su) = try l.up.forward(n2, tokens: t)
+        let m = LlamaOps.swigluForward(gate: g, up: u)
+        let (d, sd) = try l.down.forward(m, tokens: t)
+        let out = (0..<h.count).map { LlamaOps.bf16(h[$0] + d[$0]) }
+        return (out, LayerCache(x: x, rstd1: rstd1, saved: [sq, sk, sv, so, sg, su, sd], qr: qr, kr: kr, v: v, probs: probs,
+                                h: h, rstd2: rstd2, gate: g, up: u))
+    }
+
+    func layerBackward(_ l: LlamaLayer, _ dout: [Float], _ cache: LayerCache, batch: Int, seq: Int, cos: [Float], sin: [Float]) throws -> [Float] {
+        let c = config, t = batch * seq
+        let s = cache.saved
+        let dm = try l.down.backward(dout, saved: s[6])
+        let (dg, du) = LlamaOps.swigluBackward(dm, gate: cache.gate, up: cache.up)
+        let dnUp = try l.up.backward(du, saved: s[5]), dnGate = try l.gate.backward(dg, saved: s[4])
+        let dn2 = (0..<dnUp.count).map { LlamaOps.bf16(dnUp[$0] + dnGate[$0]) }
+        let dNorm2 = LlamaOps.rmsnormBackward(dn2, cache.h, l.postAttentionNorm, rstd: cache.rstd2, tokens: t)
+        let dh = (0..<dout.count).map { LlamaOps.bf16(dout[$0] + dNorm2[$0]) }
+        let datt = try l.o.backward(dh, saved: s[3])
+        let (dqr, dkr, dv) = LlamaOps.attentionBackward(dout: datt, q: cache.qr, k: cache.kr, v: cache.v, probs: cache.probs, batch: batch, seq: seq,
+                                                        heads: c.heads, kvHeads: c.kvHeads, headDim: c.headDim)
+        let dq = LlamaOps.ropeBackward(dqr, heads: c.heads, headDim: c.headDim, seq: seq, cos: cos, sin: sin)
+        let dk = LlamaOps.ropeBackward(dkr, heads: c.kvHeads, headDim: c.headDim, seq: seq, cos: cos, sin: sin)
+        let dnV = try l.v.backward(dv, saved: s[2]), dnK = try l.k.backward(dk, saved: s[1]), dnQ = try l.q.backward(dq, saved: s[0])
+        let dn1 = (0..<dnV.count).map { LlamaOps.bf16(LlamaOps.bf16(dnV[$0] + dnK[$0]) + dnQ[$0]) }
+        let dNorm1 = LlamaOps.rmsnormBackward(dn1, cache.x, l.inputNorm, rstd: cache.rstd1, tokens: t)
+        return (0..<dh.count).map { LlamaOps.bf16(dh[$0] + dNorm1[$0]) }
+    }
+
+    /// Forward through the whole model and the loss.
+    ///
+    ///     // ids, labels: [batch, seq] -> logits: [batch·seq, vocab] (bf16 values), loss (fp32)
+    /// - Parameter checkpointing: keep only each layer's input; `backward` recomputes the layer.
+    public func forward(ids: [Int], labels: [Int], batch: Int, seq: Int, checkpointing: Bool = false) throws -> (loss: Float, logits: [Float], activations: Activations) {
+        let c = config, h = c.hiddenSize, t = batch * seq
+        precondition(ids.count == t && labels.count == t, "ids and labels must be [batch, seq]")
+        var x = [Float](repeating: 0, count: t * h)
+        for i in 0..<t {
+            guard ids[i] >= 0 && ids[i] < c.vocabSize else { throw LoRAError.shapeMismatch("token id \(ids[i]) outside the vocabulary (\(c.vocabSize))") }
+            for j in 0..<h { x[i * h + j] = embedTokens[ids[i] * h + j] }
+        }
+        let (cos, sin) = LlamaOps.ropeTables(seq: seq, inverseFrequencies: inverseFrequencies)
+        var caches: [LayerCache?] = []
+        var inputs: [[Float]] = []
+        for l in layers {
+            let (y, cache) = try layerForward(l, x, batch: batch, seq: seq, cos: cos, sin: sin)
+            if checkpointing { inputs.append(x); caches.append(nil) } else { caches.append(cache) }
+            x = y
+        }
+        let (n, rstd) = LlamaOps.rmsnormForward(x, finalNorm, tokens: t, eps: Float(c.rmsNormEps))
+        let logits = LlamaOps.linearForward(n, lmHead, tokens: t, inFeatures: h, outFeatures: c.vocabSize)
+        let (loss, dlogits, _) = LlamaOps.crossEntropy(logits: logits, labels: labels, batch: batch, seq: seq, vocab: c.vocabSize)
+        return (loss, logits, Activations(batch: batch, seq: seq, caches: caches, layerInputs: inputs, finalInput: x, finalRstd: rstd, dlogits: dlogits))
+    }
+
+    /// Backward from the loss: adds every LoRA gradient into the layers' `gradA` / `gradB`.
+    public func backward(_ a: Activations) throws {
+        let c = config, t = a.batch * a.seq
+        let (cos, sin) = LlamaOps.ropeTables(seq: a.seq, inverseFrequencies: inverseFrequencies)
+        let dn = LlamaOps.linearBackwardInput(a.dlogits, lmHead, tokens: t, inFeatures: c.hiddenSize, outFeatures: c.vocabSize)
+        var dx = LlamaOps.rmsnormBackward(dn, a.finalInput, finalNorm, rstd: a.finalRstd, tokens: t)
+        for i in layers.indices.reversed() {
+            let cache: LayerCache
+            if let kept = a.caches[i] { cache = kept } else {
+                cache = try layerForward(layers[i], a.layerInputs[i], batch: a.batch, seq: a.seq, cos: cos, sin: sin).1
+            }
+            dx = try layerBackward(layers[i], dx, cache, batch: a.batch, seq: a.seq, cos: cos, sin: sin)
+        }
+    }
+
+    /// Every trainable adapter, with its module path.
+    public var adapters: [(path: String, layer: LoRALinear)] {
+        layers.enumerated().flatMap { l, layer in layer.projections.enumerated().map { (Self.modulePath(layer: l, projection: $0.offset), $0.element) } }
+    }
+
+    public func zeroGrad() { for a in adapters { a.layer.zeroGrad() } }
+}

@@ -1,0 +1,94 @@
+import XCTest
+import Checkpoint
+import QLoRA
+import SafeTensors
+import TestSupport
+
+/// A QLoRA step through the tiny Llama against transformers + bitsandbytes + PEFT
+/// (Vectors/llama, made by Vectors/generate_llama.py).
+final class LlamaTests: XCTestCase {
+    func golden() throws -> VectorFile { try VectorFile("golden", directory: "Vectors/llama") }
+
+    func ints(_ v: VectorFile, _ name: String) -> [Int] {
+        v.bytes(name).withUnsafeBytes { raw in (0..<(raw.count / 8)).map { Int(raw.loadUnaligned(fromByteOffset: 8 * $0, as: Int64.self)) } }
+    }
+
+    /// The model of Vectors/llama/tiny-nf4 (transformers' own bnb-4bit file) with PEFT's initial adapters.
+    func model(_ v: VectorFile, directory: String = "Vectors/llama/tiny-nf4") throws -> LlamaModel {
+        var adapter = PEFTAdapter(rank: 8, loraAlpha: 16, targetModules: LlamaModel.projectionNames)
+        for l in 0..<2 {
+            for p in 0..<7 {
+                let path = LlamaModel.modulePath(layer: l, projection: p)
+                let a = v.info("init.\(path).lora_A.weight"), b = v.info("init.\(path).lora_B.weight")
+                adapter.modules[path] = .init(path: path, rank: 8, inFeatures: a.shape[1], outFeatures: b.shape[0],
+                                              loraA: v.floats("init.\(path).lora_A.weight"), loraB: v.floats("init.\(path).lora_B.weight"))
+            }
+        }
+        return try LlamaCheckpoint.load(directory: repositoryRoot.appendingPathComponent(directory).path, adapter: adapter)
+    }
+
+    /// max |a - b| / max |b|, and how many elements differ by more than `ulps` bf16 ulps of their value.
+    func compare(_ got: [Float], _ want: [Float]) -> (relMax: Double, scale: Double) {
+        var d = 0.0, s = 0.0
+        for i in want.indices { d = max(d, Double(abs(got[i] - want[i]))); s = max(s, Double(abs(want[i]))) }
+        return (d / s, s)
+    }
+
+    func testForwardBackwardAndThreeAdamWStepsMatchTransformersPEFT() throws {
+        let v = try golden()
+        let m = try model(v)
+        let ids = ints(v, "input_ids"), labels = ints(v, "labels")
+        let (loss, logits, acts) = try m.forward(ids: ids, labels: labels, batch: 2, seq: 16)
+        let wantLoss = v.floats("loss")[0]
+        // bf16 activations through two layers: values agree to a few bf16 ulps (2^-8 relative).
+        let lc = compare(logits, v.floats("logits"))
+        print("logits: max error \(lc.relMax) of max |logit| \(lc.scale); loss \(loss) vs \(wantLoss)")
+        XCTAssertLessThan(lc.relMax, 0.02)
+        XCTAssertEqual(loss, wantLoss, accuracy: 2e-3 * abs(wantLoss))
+
+        try m.backward(acts)
+        for (path, layer) in m.adapters {
+            for (name, got) in [("lora_A", layer.gradA), ("lora_B", layer.gradB)] {
+                let c = compare(got, v.floats("grad.\(path).\(name).weight"))
+                XCTAssertLessThan(c.relMax, 0.05, "grad \(path) \(name)")
+            }
+        }
+
+        // Two more steps on the same batch, AdamW as torch (lr 1e-3, weight decay 0.01).
+        var config = AdamWConfig()
+        config.lr = 1e-3
+        var states = m.adapters.map { (AdamWState(count: $0.layer.loraA.count), AdamWState(count: $0.layer.loraB.count)) }
+        var losses = [loss]
+        for step in 0..<3 {
+            if step > 0 {
+                m.zeroGrad()
+                let (l, _, a) = try m.forward(ids: ids, labels: labels, batch: 2, seq: 16)
+                losses.append(l)
+                try m.backward(a)
+            }
+            for (i, (_, layer)) in m.adapters.enumerated() {
+                AdamW.step(param: &layer.loraA, grad: layer.gradA, state: &states[i].0, config: config)
+                AdamW.step(param: &layer.loraB, grad: layer.gradB, state: &states[i].1, config: config)
+            }
+        }
+        let wantLosses = v.floats("step_losses")
+        for (g, w) in zip(losses, wantLosses) { XCTAssertEqual(g, w, accuracy: 2e-3 * abs(w)) }
+        // Adam divides each gradient by its own running RMS, so an element whose gradient is near
+        // zero moves by about ±lr whichever sign bf16 noise gives it. Elements with a gradient of
+        // at least 10% of their tensor's largest must agree within 0.3 lr after 3 steps; of the
+        // rest, at most 1% may differ by more.
+        var total = 0, far = 0
+        for (path, layer) in m.adapters {
+            for (name, got) in [("lora_A", layer.loraA), ("lora_B", layer.loraB)] {
+                let want = v.floats("step3.\(path).\(name).weight"), grad = v.floats("grad.\(path).\(name).weight")
+                let gmax = grad.map { abs($0) }.max()!
+                for i in want.indices {
+                    let d = Double(abs(got[i] - want[i])) / 1e-3  // in units of lr
+                    total += 1
+                    if abs(grad[i]) >= 0.1 * gmax { XCTAssertLessThan(d, 0.3, "step 3 \(path) \(name)[\(i)]") } else if d > 0.3 { far += 1 }
+                }
+            }
+        }
+        XCTAssertLessThan(Double(far), 0.01 * Double(total), "\(far) of \(total) small-gradient elements beyond 0.3 lr")
+    }
+}
