@@ -92,3 +92,22 @@ final class LlamaTests: XCTestCase {
         XCTAssertLessThan(Double(far), 0.01 * Double(total), "\(far) of \(total) small-gradient elements beyond 0.3 lr")
     }
 }
+
+extension LlamaTests {
+    /// Checkpointing recomputes each layer in backward: the same gradients to the bit. The dense
+    /// bf16 checkpoint, quantized on load, is the same model as transformers' bnb-4bit file.
+    func testCheckpointingAndDenseLoadGiveTheSameStep() throws {
+        let v = try golden()
+        let ids = ints(v, "input_ids"), labels = ints(v, "labels")
+        var grads: [[Float]] = []
+        for (dir, gc) in [("Vectors/llama/tiny-nf4", false), ("Vectors/llama/tiny-nf4", true), ("Vectors/llama/tiny", false)] {
+            let m = try model(v, directory: dir)
+            let (_, _, a) = try m.forward(ids: ids, labels: labels, batch: 2, seq: 16, checkpointing: gc)
+            try m.backward(a)
+            grads.append(m.adapters.flatMap { $0.layer.gradA + $0.layer.gradB })
+            if gc { XCTAssertLessThan(a.byteCount * 3, try m.forward(ids: ids, labels: labels, batch: 2, seq: 16).activations.byteCount) }
+        }
+        XCTAssertEqual(grads[0].map(\.bitPattern), grads[1].map(\.bitPattern), "checkpointing")
+        XCTAssertEqual(grads[0].map(\.bitPattern), grads[2].map(\.bitPattern), "dense checkpoint quantized on load")
+    }
+}

@@ -1,0 +1,72 @@
+import Foundation
+
+/// One tokenized training example: `labels` -100 where no loss is taken.
+public struct TrainingExample: Sendable, Equatable {
+    public var inputIds: [Int]
+    public var labels: [Int]
+    public init(inputIds: [Int], labels: [Int]) {
+        self.inputIds = inputIds
+        self.labels = labels
+    }
+}
+
+/// QLoRA training of a `LlamaModel`'s adapters: batches of fixed-length sequences, gradient
+/// accumulation (the loss of each micro-batch divided by their count, as HF's Trainer does),
+/// AdamW on every lora_A and lora_B.
+public final class LlamaTrainer {
+    public let model: LlamaModel
+    public var optimizer: AdamWConfig
+    /// AdamW state per adapter tensor, named `<module path>.lora_A.weight` / `.lora_B.weight`.
+    public var states: [String: AdamWState]
+    public var checkpointing: Bool
+
+    public init(model: LlamaModel, optimizer: AdamWConfig, checkpointing: Bool = false, states: [String: AdamWState] = [:]) {
+        self.model = model
+        self.optimizer = optimizer
+        self.checkpointing = checkpointing
+        var s = states
+        for (path, l) in model.adapters {
+            if s[path + ".lora_A.weight"] == nil { s[path + ".lora_A.weight"] = AdamWState(count: l.loraA.count) }
+            if s[path + ".lora_B.weight"] == nil { s[path + ".lora_B.weight"] = AdamWState(count: l.loraB.count) }
+        }
+        self.states = s
+    }
+
+    /// Pads with token 0 / label -100 or truncates to `seq`.
+    public static func batch(_ examples: [TrainingExample], seq: Int) -> (ids: [Int], labels: [Int]) {
+        var ids: [Int] = [], labels: [Int] = []
+        for e in examples {
+            let n = min(seq, e.inputIds.count)
+            ids += e.inputIds[0..<n] + Array(repeating: 0, count: seq - n)
+            labels += e.labels[0..<min(n, e.labels.count)] + Array(repeating: -100, count: seq - min(n, e.labels.count))
+        }
+        return (ids, labels)
+    }
+
+    /// One optimizer step over `microBatches` (each [batch] examples of length `seq`); returns
+    /// the mean loss and the bytes the largest forward kept for backward.
+    public func step(_ microBatches: [[TrainingExample]], seq: Int) throws -> (loss: Float, activationBytes: Int) {
+        model.zeroGrad()
+        var total: Float = 0, counted = 0, peak = 0
+        for mb in microBatches {
+            let (ids, labels) = Self.batch(mb, seq: seq)
+            let (loss, _, acts) = try model.forward(ids: ids, labels: labels, batch: mb.count, seq: seq, checkpointing: checkpointing)
+            peak = max(peak, acts.byteCount)
+            guard loss.isFinite else { continue }  // a micro-batch with no counted labels
+            try model.backward(acts)
+            total += loss
+            counted += 1
+        }
+        guard counted > 0 else { return (.nan, peak) }
+        let scale = 1 / Float(counted)
+        for (path, l) in model.adapters {
+            if counted > 1 {
+                for i in l.gradA.indices { l.gradA[i] *= scale }
+                for i in l.gradB.indices { l.gradB[i] *= scale }
+            }
+            AdamW.step(param: &l.loraA, grad: l.gradA, state: &states[path + ".lora_A.weight"]!, config: optimizer)
+            AdamW.step(param: &l.loraB, grad: l.gradB, state: &states[path + ".lora_B.weight"]!, config: optimizer)
+        }
+        return (total / Float(counted), peak)
+    }
+}

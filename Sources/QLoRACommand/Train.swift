@@ -1,0 +1,76 @@
+import ArgumentParser
+import Checkpoint
+import Dispatch
+import Foundation
+import Memory
+import QLoRA
+
+struct Train: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "QLoRA fine-tuning of a Llama checkpoint (dense or bnb-4bit) on pre-tokenized JSONL data.",
+        discussion: """
+            The seven projections of every layer are NF4 (double quant, bf16 compute) with LoRA adapters on all of them; \
+            embeddings, norms and lm_head stay frozen in bf16. DATA has one {"input_ids": [...], "labels": [...]} per line \
+            (labels -100 are not trained on). A resumable checkpoint (adapter + AdamW state) goes to OUT/checkpoint-N every \
+            --save-every steps and on Ctrl-C; the final adapter (PEFT format) to OUT.
+            """)
+
+    @Option(help: "A Llama checkpoint directory (config.json + safetensors).") var model: String
+    @Option(help: "Pre-tokenized JSONL.") var data: String
+    @Option(help: "LoRA rank.") var rank = 16
+    @Option(help: "LoRA alpha.") var alpha = 32.0
+    @Option(help: "AdamW learning rate.") var lr = 2e-4
+    @Option(help: "Optimizer steps.") var steps = 100
+    @Option(help: "Sequences per micro-batch.") var batch = 1
+    @Option(help: "Micro-batches per optimizer step.") var gradAccum = 1
+    @Option(help: "Tokens per sequence (longer examples are cut, shorter padded).") var seqLen = 512
+    @Flag(help: "Recompute each layer in backward instead of keeping its activations.") var gradCheckpointing = false
+    @Option(help: "Save a resumable checkpoint every N steps (0: only on Ctrl-C).") var saveEvery = 50
+    @Option(help: "Continue from OUT/checkpoint-N.") var resume: String?
+    @Option(help: "Seed of the new adapters' initialization.") var seed: UInt64 = 0
+    @Option(help: "Output directory for the adapter and checkpoints.") var out = "qlora-adapter"
+
+    func run() {
+        runReportingErrors {
+            guard rank > 0, steps > 0, batch > 0, gradAccum > 0, seqLen > 1, lr > 0, saveEvery >= 0 else {
+                throw ValidationError("rank, steps, batch, grad-accum must be positive, seq-len above 1, lr positive")
+            }
+            var o = TrainOptions()
+            (o.rank, o.alpha, o.lr, o.steps, o.batch, o.gradAccum, o.seqLen) = (rank, alpha, lr, steps, batch, gradAccum, seqLen)
+            (o.gradientCheckpointing, o.saveEvery, o.seed) = (gradCheckpointing, saveEvery, seed)
+            let job = try TrainingRun(model: model, data: data, out: out, options: o, resume: resume)
+
+            // Ctrl-C: finish the step at hand, save a checkpoint, exit 130.
+            signal(SIGINT, SIG_IGN)
+            let interrupted = StopFlag()
+            let source = DispatchSource.makeSignalSource(signal: SIGINT, queue: DispatchQueue.global())
+            source.setEventHandler { interrupted.set() }
+            source.resume()
+
+            let tty = isatty(2) != 0
+            let start = Date()
+            try job.run(progress: { step, loss, tps in
+                let line = String(format: "step %d/%d  loss %.4f  %.0f tokens/s  peak RSS %@", step, steps, loss, tps, formatBytes(MemoryProbe.resident().peak))
+                if tty { FileHandle.standardError.write(Data(("\r\u{1B}[K" + line).utf8)) } else { FileHandle.standardError.write(Data((line + "\n").utf8)) }
+            }, shouldStop: { interrupted.isSet })
+            if tty { FileHandle.standardError.write(Data("\n".utf8)) }
+            if interrupted.isSet {
+                let dir = try job.saveCheckpoint()
+                FileHandle.standardError.write(Data("interrupted: saved \(dir); continue with --resume \(dir)\n".utf8))
+                throw ExitCode(130)
+            }
+            try job.saveAdapter()
+            let losses = job.state.losses
+            print(String(format: "trained %d steps in %.1f s: loss %.4f -> %.4f; adapter in %@", losses.count, Date().timeIntervalSince(start),
+                         losses.first ?? .nan, losses.last ?? .nan, out))
+        }
+    }
+}
+
+/// A flag set from a signal handler's queue and read by the training loop.
+final class StopFlag: @unchecked Sendable {
+    private let lock = NSLock()
+    private var value = false
+    func set() { lock.lock(); value = true; lock.unlock() }
+    var isSet: Bool { lock.lock(); defer { lock.unlock() }; return value }
+}
