@@ -156,9 +156,8 @@ public struct MemoryEstimate: Sendable, Codable {
                                     ? "tokens × (layers × 2h (checkpointed layer inputs) + one layer recomputed (\(perLayer) B/token) + head (\(head) B/token))"
                                     : "tokens × (layers × \(perLayer) B/token + head \(head) B/token)"))
         if o.isLoRA {
-            let lora = Self.loraActivationBytesPerToken(a, o)
-            c.append(MemoryComponent(name: "(activations: LoRA inputs, one layer)", estimatedBytes: o.tokens * lora,
-                                     basis: "tokens × Σ targets (4·in + 4·r\(o.loraDropout > 0 ? " + 4·in mask" : "")): fp32 adapter inputs and A·x; part of activations"))
+            c.append(MemoryComponent(name: "(activations: qlora's decoder layer, one layer)", estimatedBytes: o.tokens * Self.qloraLayerActivationBytesPerToken(a, o),
+                                     basis: "what qlora's own Llama layer keeps (LlamaModel): tokens × (bf16 x, q, k, v, h, gate, up; fp32 adapter inputs, one per distinct input, and A·x; 2 × 4 B of 1/rms)"))
         }
         components = c
     }
@@ -178,6 +177,19 @@ public struct MemoryEstimate: Sendable, Codable {
             let s = a.projectionShape(p)
             return t + 4 * s.in + 4 * o.rank + (o.loraDropout > 0 ? 4 * s.in : 0)
         }
+    }
+
+    /// What qlora's own decoder layer (`LlamaModel`) keeps per token for backward: bf16 x, q and
+    /// k after RoPE, v, the attention residual h, gate and up (2 B each); the adapters' fp32 inputs
+    /// and A·x (`loraActivationBytesPerToken`); 1/rms of both norms (fp32). Attention
+    /// probabilities are recomputed in backward; silu(gate) too.
+    public static func qloraLayerActivationBytesPerToken(_ a: ModelArchitecture, _ o: MemoryOptions) -> Int {
+        // Adapters fed the same tensor keep one fp32 copy of it (without dropout): q/k/v share
+        // the normed input, gate/up theirs.
+        let t = Set(o.targets)
+        let groups: [[String]] = o.loraDropout > 0 ? o.targets.map { [$0] } : [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+        let inputs = groups.filter { !t.isDisjoint(with: $0) }.reduce(0) { n, g in n + 4 * a.projectionShape(g.first { t.contains($0) }!).in * (o.loraDropout > 0 ? 2 : 1) }
+        return 2 * a.hiddenSize + 4 + 2 * (a.hiddenSize + 2 * a.keyValueDim) + 2 * a.hiddenSize + 4 + 4 * a.intermediateSize + inputs + 4 * o.rank * o.targets.count
     }
 
     /// Activation bytes one decoder layer keeps per token for backward (bf16 compute, SDPA /

@@ -17,6 +17,14 @@ public enum MemoryProbe {
         return (field("VmRSS"), field("VmHWM"))
     }
 
+    /// Resets the peak resident set (VmHWM) to the current RSS (Linux: /proc/self/clear_refs).
+    public static func resetPeak() {
+        if let h = FileHandle(forWritingAtPath: "/proc/self/clear_refs") {
+            h.write(Data("5".utf8))
+            try? h.close()
+        }
+    }
+
     /// `MemAvailable` of /proc/meminfo, bytes (nil when unknown).
     public static func availableBytes() -> Int? {
         guard let s = try? String(contentsOfFile: "/proc/meminfo", encoding: .utf8),
@@ -33,6 +41,8 @@ public struct MemoryMeasurement {
     /// per-layer figures multiplied by the layer count.
     public var scope: String
     public var peakRSSBytes: Int
+    /// The real decoder layer's step (LoRA methods).
+    public var layerStep: LayerStep?
 
     /// Measures in place: fills `measuredBytes`, `measuredBy` and `measuredRSSBytes` of each
     /// component of `estimate` that can be built here. `progress` gets a line per step.
@@ -64,6 +74,7 @@ public struct MemoryMeasurement {
         // Base weights (and constants): kept alive until the end so that every later component
         // is measured on top of them, as in training.
         var keep: [Any] = []
+        var measuredStep: LayerStep? = nil
         if o.method == .qlora {
             progress?("quantizing \(builtLayers) layer(s) of projections to NF4")
             var (q, all, rssAll) = try probe { () -> [Quantized4Bit] in
@@ -144,33 +155,14 @@ public struct MemoryMeasurement {
             }
         }
 
-        // What the LoRA projections of one layer keep for backward, from a real forward at the
-        // requested tokens (LoRALinear.Saved: fp32 inputs and A·x), then a real backward.
+        // One real decoder layer of this architecture (4-bit projections with adapters): a
+        // forward at the requested tokens, measuring what it keeps for backward, then backward.
         if o.isLoRA {
-            progress?("LoRA forward + backward through one layer's projections at \(o.tokens) tokens")
-            let layers = try o.targets.map { p -> LoRALinear in
-                let s = a.projectionShape(p)
-                let q = try source.withUnsafeBufferPointer {
-                    try quantize4Bit(.float32(UnsafeBufferPointer(rebasing: $0[0..<(s.out * s.in)])), shape: [s.out, s.in], blocksize: o.blocksize, doubleQuant: o.doubleQuant)
-                }
-                return try LoRALinear(base: try Linear4BitWeight(q), config: LoRAConfig(rank: o.rank, alpha: o.alpha, dropout: o.loraDropout), seed: seed)
-            }
-            var rng2 = SplitMix64(seed: seed &+ 7)
-            let inputs = o.targets.map { p in (0..<(o.tokens * a.projectionShape(p).in)).map { _ in rng2.normal() } }
-            var saved: [LoRALinear.Saved] = []
-            var outputs: [[Float]] = []
-            let r0 = MemoryProbe.resident().rss
-            for (layer, x) in zip(layers, inputs) {
-                let (y, sv) = try layer.forward(x, tokens: o.tokens, seed: o.loraDropout > 0 ? seed : nil)
-                saved.append(sv)
-                outputs.append(y)
-            }
-            let heldRSS = MemoryProbe.resident().rss - r0
-            let counted = saved.reduce(0) { $0 + $1.byteCount }
-            for (layer, (sv, y)) in zip(layers, zip(saved, outputs)) {
-                _ = try layer.backward(y.map { $0 * 0.01 }, saved: sv)
-            }
-            results["(activations: LoRA inputs, one layer)"] = (counted, heldRSS, "LoRALinear.Saved after a real forward and backward (its exact byte count)")
+            progress?("decoder layer forward + backward at \(o.tokens) tokens")
+            let step = try Self.layerStep(a, o, source: source, seed: seed)
+            results["(activations: qlora's decoder layer, one layer)"] = (step.keptAllocated, step.keptRSS,
+                "allocator growth over a real forward of one decoder layer, less the matmuls' scratch growth (LlamaModel.layerStep; exact count \(step.keptExact) B)")
+            measuredStep = step
         }
 
         for i in estimate.components.indices {
@@ -184,6 +176,54 @@ public struct MemoryMeasurement {
             }
         }
         withExtendedLifetime(keep) {}
-        return MemoryMeasurement(scope: scope, peakRSSBytes: MemoryProbe.resident().peak)
+        return MemoryMeasurement(scope: scope, peakRSSBytes: MemoryProbe.resident().peak, layerStep: measuredStep)
+    }
+
+    /// One decoder layer's training step, measured.
+    public struct LayerStep: Sendable {
+        /// Bytes the forward kept for backward: exact count, allocator growth, RSS growth.
+        public var keptExact: Int, keptAllocated: Int, keptRSS: Int
+        /// Peak resident-set growth over the whole step (forward + backward), from a reset VmHWM.
+        public var stepPeakRSS: Int
+        /// Tokens per second of forward + backward (adapter gradients included).
+        public var tokensPerSecond: Double
+        public var seconds: Double
+    }
+
+    /// Builds one decoder layer of `a` (NF4 projections from `source`, adapters of `o.rank`) and
+    /// runs a forward + backward at `o.tokens` tokens (batch × seq), measuring memory and time.
+    public static func layerStep(_ a: ModelArchitecture, _ o: MemoryOptions, source: [Float], seed: UInt64 = 1) throws -> LayerStep {
+        let layer = LlamaLayer(inputNorm: [Float](repeating: 1, count: a.hiddenSize), postAttentionNorm: [Float](repeating: 1, count: a.hiddenSize),
+                               projections: try ModelArchitecture.projections.map { p in
+            let s = a.projectionShape(p)
+            let q = try source.withUnsafeBufferPointer {
+                try quantize4Bit(.float32(UnsafeBufferPointer(rebasing: $0[0..<(s.out * s.in)])), shape: [s.out, s.in], blocksize: o.blocksize, doubleQuant: o.doubleQuant)
+            }
+            return try LoRALinear(base: try Linear4BitWeight(q), config: LoRAConfig(rank: o.rank, alpha: o.alpha, dropout: o.loraDropout), seed: seed)
+        })
+        var cfg = LlamaConfig(hiddenSize: a.hiddenSize, intermediateSize: a.intermediateSize, layers: 1, heads: a.attentionHeads,
+                              kvHeads: a.keyValueHeads, vocabSize: a.vocabSize)
+        cfg.rmsNormEps = 1e-5
+        var rng = SplitMix64(seed: seed &+ 7)
+        let x = (0..<(o.tokens * a.hiddenSize)).map { _ in HalfPrecision.roundedToBFloat16(rng.normal()) }
+        let dout = (0..<(o.tokens * a.hiddenSize)).map { _ in HalfPrecision.roundedToBFloat16(rng.normal() * 1e-3) }
+        // A short step first: each projection allocates its dequantization panel scratch
+        // (Matmul4BitScratch) once; that is working memory of the weights, not activations.
+        let warm = 16 * a.hiddenSize
+        _ = try LlamaModel.layerStep(layer, config: cfg, x: Array(x[0..<warm]), dout: Array(dout[0..<warm]), batch: 1, seq: 16)
+        let a0 = MemoryProbe.allocatedBytes(), r0 = MemoryProbe.resident().rss
+        MemoryProbe.resetPeak()
+        var kept = (exact: 0, allocated: 0, rss: 0)
+        let scratch0 = layer.projections.reduce(0) { $0 + $1.scratchByteCount }
+        let start = Date()
+        _ = try LlamaModel.layerStep(layer, config: cfg, x: x, dout: dout, batch: o.batch, seq: o.seqLen, checkpointing: false) { bytes in
+            // The matmuls' scratch grows with the tokens; it is reused, not kept for backward.
+            let scratch = layer.projections.reduce(0) { $0 + $1.scratchByteCount } - scratch0
+            kept = (bytes, MemoryProbe.allocatedBytes() - a0 - scratch, MemoryProbe.resident().rss - r0 - scratch)
+        }
+        let seconds = Date().timeIntervalSince(start)
+        let peak = MemoryProbe.resident().peak - r0
+        return LayerStep(keptExact: kept.exact, keptAllocated: kept.allocated, keptRSS: kept.rss, stepPeakRSS: peak,
+                         tokensPerSecond: Double(o.tokens) / seconds, seconds: seconds)
     }
 }

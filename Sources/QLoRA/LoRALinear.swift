@@ -62,6 +62,8 @@ public final class LoRALinear {
     /// fp32-input semantics of issue 4 (fp32 result, fp32 sum).
     public var bf16Activations = false
     let scratch = Matmul4BitScratch()
+    /// Bytes of the base matmul's reusable scratch (activation copy and weight panel) held now.
+    public var scratchByteCount: Int { scratch.byteCount }
 
     public var inFeatures: Int { base.inFeatures }
     public var outFeatures: Int { base.outFeatures }
@@ -112,6 +114,13 @@ public final class LoRALinear {
 
         /// Bytes held for backward (exact).
         public var byteCount: Int { (xDropped.count + h.count + mask.count) * MemoryLayout<Float>.size }
+
+        /// The address of the kept input: layers fed the same tensor without dropout keep one
+        /// buffer between them (the input array itself, shared copy-on-write).
+        var inputAddress: UnsafeRawPointer? { xDropped.withUnsafeBytes { $0.baseAddress } }
+
+        /// Bytes of this layer's own arrays, its input excluded.
+        var byteCountWithoutInput: Int { (h.count + mask.count) * MemoryLayout<Float>.size }
     }
 
     /// Forward.

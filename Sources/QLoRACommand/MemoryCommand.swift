@@ -43,6 +43,10 @@ struct MemoryCommand: ParsableCommand {
                 let r = try MemoryMeasurement.measure(&m, model: arch) { line.note($0) }
                 line.finish()
                 scope = r.scope + "; peak RSS \(formatBytes(r.peakRSSBytes))"
+                if let st = r.layerStep {
+                    scope! += String(format: "\ndecoder layer step (forward + backward, %d tokens): %.0f tokens/s (%.2f s); kept for backward %@; peak RSS growth over the step %@",
+                                     o.tokens, st.tokensPerSecond, st.seconds, formatBytes(st.keptAllocated), formatBytes(st.stepPeakRSS))
+                }
             }
             if json {
                 print(String(decoding: try JSONSerialization.data(withJSONObject: memoryJSON(m, scope: scope), options: [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]), as: UTF8.self))

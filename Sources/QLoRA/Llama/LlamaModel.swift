@@ -83,12 +83,29 @@ public final class LlamaModel {
         "model.layers.\(l)." + (p < 4 ? "self_attn." : "mlp.") + projectionNames[p]
     }
 
-    /// Everything one layer's backward needs.
+    /// bf16 values held in 2 bytes each, as torch holds a bf16 tensor.
+    struct BF16Array {
+        let bits: [UInt16]
+        init(_ values: [Float]) { bits = values.map { HalfPrecision.bfloat16Bits($0) } }
+        var floats: [Float] { bits.map { HalfPrecision.float(bfloat16Bits: $0) } }
+        var byteCount: Int { 2 * bits.count }
+    }
+
+    /// Everything one layer's backward needs: bf16 tensors in 2 bytes, the adapters' fp32 inputs
+    /// (`LoRALinear.Saved`), the two norms' 1/rms in fp32. Attention probabilities are recomputed.
     struct LayerCache {
-        var x: [Float], rstd1: [Float]
+        var x: BF16Array, rstd1: [Float]
         var saved: [LoRALinear.Saved]
-        var qr: [Float], kr: [Float], v: [Float], probs: [Float]
-        var h: [Float], rstd2: [Float], gate: [Float], up: [Float]
+        var qr: BF16Array, kr: BF16Array, v: BF16Array
+        var h: BF16Array, rstd2: [Float], gate: BF16Array, up: BF16Array
+
+        /// Exact bytes kept; an input buffer the adapters share is counted once.
+        var byteCount: Int {
+            var inputs: [UnsafeRawPointer?: Int] = [:]
+            for s in saved { inputs[s.inputAddress] = 4 * s.xDropped.count }
+            return x.byteCount + 4 * rstd1.count + saved.reduce(0) { $0 + $1.byteCountWithoutInput } + inputs.values.reduce(0, +)
+                + qr.byteCount + kr.byteCount + v.byteCount + h.byteCount + 4 * rstd2.count + gate.byteCount + up.byteCount
+        }
     }
 
     /// What `backward` needs from `forward`.
@@ -96,29 +113,29 @@ public final class LlamaModel {
         public let batch: Int, seq: Int
         var caches: [LayerCache?]
         /// With checkpointing: each layer's input, recomputed from in backward.
-        var layerInputs: [[Float]]
-        var finalInput: [Float], finalRstd: [Float]
+        var layerInputs: [BF16Array]
+        var finalInput: BF16Array, finalRstd: [Float]
         var dlogits: [Float]
-        /// Bytes held for backward (exact count of the arrays above).
-        public var byteCount: Int {
-            var n = layerInputs.reduce(0) { $0 + $1.count } + finalInput.count + finalRstd.count + dlogits.count
-            for c in caches.compactMap({ $0 }) {
-                n += c.x.count + c.rstd1.count + c.qr.count + c.kr.count + c.v.count + c.probs.count + c.h.count + c.rstd2.count + c.gate.count + c.up.count
-                n += c.saved.reduce(0) { $0 + $1.byteCount / 4 }
-            }
-            return 4 * n
-        }
+        /// Bytes held for backward by the decoder layers (exact count of the arrays kept).
+        public var layerBytes: Int { layerInputs.reduce(0) { $0 + $1.byteCount } + caches.reduce(0) { $0 + ($1?.byteCount ?? 0) } }
+        /// All bytes held for backward: the layers, the final norm's input and 1/rms, and the
+        /// gradient of the logits (kept in place of the fp32 log-softmax torch keeps: the same size).
+        public var byteCount: Int { layerBytes + finalInput.byteCount + 4 * finalRstd.count + 4 * dlogits.count }
     }
 
     func layerForward(_ l: LlamaLayer, _ x: [Float], batch: Int, seq: Int, cos: [Float], sin: [Float]) throws -> ([Float], LayerCache) {
-        let c = config, t = batch * seq
+        try Self.layerForward(l, x, config: config, batch: batch, seq: seq, cos: cos, sin: sin)
+    }
+
+    static func layerForward(_ l: LlamaLayer, _ x: [Float], config c: LlamaConfig, batch: Int, seq: Int, cos: [Float], sin: [Float]) throws -> ([Float], LayerCache) {
+        let t = batch * seq
         let (n1, rstd1) = LlamaOps.rmsnormForward(x, l.inputNorm, tokens: t, eps: Float(c.rmsNormEps))
         let (q, sq) = try l.q.forward(n1, tokens: t)
         let (k, sk) = try l.k.forward(n1, tokens: t)
         let (v, sv) = try l.v.forward(n1, tokens: t)
         let qr = LlamaOps.ropeForward(q, heads: c.heads, headDim: c.headDim, seq: seq, cos: cos, sin: sin)
         let kr = LlamaOps.ropeForward(k, heads: c.kvHeads, headDim: c.headDim, seq: seq, cos: cos, sin: sin)
-        let (att, probs) = LlamaOps.attentionForward(q: qr, k: kr, v: v, batch: batch, seq: seq, heads: c.heads, kvHeads: c.kvHeads, headDim: c.headDim)
+        let att = LlamaOps.attentionForward(q: qr, k: kr, v: v, batch: batch, seq: seq, heads: c.heads, kvHeads: c.kvHeads, headDim: c.headDim)
         let (o, so) = try l.o.forward(att, tokens: t)
         let h = (0..<x.count).map { LlamaOps.bf16(x[$0] + o[$0]) }
         let (n2, rstd2) = LlamaOps.rmsnormForward(h, l.postAttentionNorm, tokens: t, eps: Float(c.rmsNormEps))
@@ -127,27 +144,31 @@ public final class LlamaModel {
         let m = LlamaOps.swigluForward(gate: g, up: u)
         let (d, sd) = try l.down.forward(m, tokens: t)
         let out = (0..<h.count).map { LlamaOps.bf16(h[$0] + d[$0]) }
-        return (out, LayerCache(x: x, rstd1: rstd1, saved: [sq, sk, sv, so, sg, su, sd], qr: qr, kr: kr, v: v, probs: probs,
-                                h: h, rstd2: rstd2, gate: g, up: u))
+        return (out, LayerCache(x: BF16Array(x), rstd1: rstd1, saved: [sq, sk, sv, so, sg, su, sd], qr: BF16Array(qr), kr: BF16Array(kr),
+                                v: BF16Array(v), h: BF16Array(h), rstd2: rstd2, gate: BF16Array(g), up: BF16Array(u)))
     }
 
     func layerBackward(_ l: LlamaLayer, _ dout: [Float], _ cache: LayerCache, batch: Int, seq: Int, cos: [Float], sin: [Float]) throws -> [Float] {
-        let c = config, t = batch * seq
+        try Self.layerBackward(l, dout, cache, config: config, batch: batch, seq: seq, cos: cos, sin: sin)
+    }
+
+    static func layerBackward(_ l: LlamaLayer, _ dout: [Float], _ cache: LayerCache, config c: LlamaConfig, batch: Int, seq: Int, cos: [Float], sin: [Float]) throws -> [Float] {
+        let t = batch * seq
         let s = cache.saved
         let dm = try l.down.backward(dout, saved: s[6])
-        let (dg, du) = LlamaOps.swigluBackward(dm, gate: cache.gate, up: cache.up)
+        let (dg, du) = LlamaOps.swigluBackward(dm, gate: cache.gate.floats, up: cache.up.floats)
         let dnUp = try l.up.backward(du, saved: s[5]), dnGate = try l.gate.backward(dg, saved: s[4])
         let dn2 = (0..<dnUp.count).map { LlamaOps.bf16(dnUp[$0] + dnGate[$0]) }
-        let dNorm2 = LlamaOps.rmsnormBackward(dn2, cache.h, l.postAttentionNorm, rstd: cache.rstd2, tokens: t)
+        let dNorm2 = LlamaOps.rmsnormBackward(dn2, cache.h.floats, l.postAttentionNorm, rstd: cache.rstd2, tokens: t)
         let dh = (0..<dout.count).map { LlamaOps.bf16(dout[$0] + dNorm2[$0]) }
         let datt = try l.o.backward(dh, saved: s[3])
-        let (dqr, dkr, dv) = LlamaOps.attentionBackward(dout: datt, q: cache.qr, k: cache.kr, v: cache.v, probs: cache.probs, batch: batch, seq: seq,
+        let (dqr, dkr, dv) = LlamaOps.attentionBackward(dout: datt, q: cache.qr.floats, k: cache.kr.floats, v: cache.v.floats, batch: batch, seq: seq,
                                                         heads: c.heads, kvHeads: c.kvHeads, headDim: c.headDim)
         let dq = LlamaOps.ropeBackward(dqr, heads: c.heads, headDim: c.headDim, seq: seq, cos: cos, sin: sin)
         let dk = LlamaOps.ropeBackward(dkr, heads: c.kvHeads, headDim: c.headDim, seq: seq, cos: cos, sin: sin)
         let dnV = try l.v.backward(dv, saved: s[2]), dnK = try l.k.backward(dk, saved: s[1]), dnQ = try l.q.backward(dq, saved: s[0])
         let dn1 = (0..<dnV.count).map { LlamaOps.bf16(LlamaOps.bf16(dnV[$0] + dnK[$0]) + dnQ[$0]) }
-        let dNorm1 = LlamaOps.rmsnormBackward(dn1, cache.x, l.inputNorm, rstd: cache.rstd1, tokens: t)
+        let dNorm1 = LlamaOps.rmsnormBackward(dn1, cache.x.floats, l.inputNorm, rstd: cache.rstd1, tokens: t)
         return (0..<dh.count).map { LlamaOps.bf16(dh[$0] + dNorm1[$0]) }
     }
 
@@ -165,16 +186,16 @@ public final class LlamaModel {
         }
         let (cos, sin) = LlamaOps.ropeTables(seq: seq, inverseFrequencies: inverseFrequencies)
         var caches: [LayerCache?] = []
-        var inputs: [[Float]] = []
+        var inputs: [BF16Array] = []
         for l in layers {
             let (y, cache) = try layerForward(l, x, batch: batch, seq: seq, cos: cos, sin: sin)
-            if checkpointing { inputs.append(x); caches.append(nil) } else { caches.append(cache) }
+            if checkpointing { inputs.append(BF16Array(x)); caches.append(nil) } else { caches.append(cache) }
             x = y
         }
         let (n, rstd) = LlamaOps.rmsnormForward(x, finalNorm, tokens: t, eps: Float(c.rmsNormEps))
         let logits = LlamaOps.linearForward(n, lmHead, tokens: t, inFeatures: h, outFeatures: c.vocabSize)
         let (loss, dlogits, _) = LlamaOps.crossEntropy(logits: logits, labels: labels, batch: batch, seq: seq, vocab: c.vocabSize)
-        return (loss, logits, Activations(batch: batch, seq: seq, caches: caches, layerInputs: inputs, finalInput: x, finalRstd: rstd, dlogits: dlogits))
+        return (loss, logits, Activations(batch: batch, seq: seq, caches: caches, layerInputs: inputs, finalInput: BF16Array(x), finalRstd: rstd, dlogits: dlogits))
     }
 
     /// Backward from the loss: adds every LoRA gradient into the layers' `gradA` / `gradB`.
@@ -182,11 +203,11 @@ public final class LlamaModel {
         let c = config, t = a.batch * a.seq
         let (cos, sin) = LlamaOps.ropeTables(seq: a.seq, inverseFrequencies: inverseFrequencies)
         let dn = LlamaOps.linearBackwardInput(a.dlogits, lmHead, tokens: t, inFeatures: c.hiddenSize, outFeatures: c.vocabSize)
-        var dx = LlamaOps.rmsnormBackward(dn, a.finalInput, finalNorm, rstd: a.finalRstd, tokens: t)
+        var dx = LlamaOps.rmsnormBackward(dn, a.finalInput.floats, finalNorm, rstd: a.finalRstd, tokens: t)
         for i in layers.indices.reversed() {
             let cache: LayerCache
             if let kept = a.caches[i] { cache = kept } else {
-                cache = try layerForward(layers[i], a.layerInputs[i], batch: a.batch, seq: a.seq, cos: cos, sin: sin).1
+                cache = try layerForward(layers[i], a.layerInputs[i].floats, batch: a.batch, seq: a.seq, cos: cos, sin: sin).1
             }
             dx = try layerBackward(layers[i], dx, cache, batch: a.batch, seq: a.seq, cos: cos, sin: sin)
         }
@@ -198,4 +219,23 @@ public final class LlamaModel {
     }
 
     public func zeroGrad() { for a in adapters { a.layer.zeroGrad() } }
+
+    /// One decoder layer's training step on its own (forward, backward from `dout`), for
+    /// measuring: returns dx and the bytes the forward kept for backward (with `checkpointing`,
+    /// only the layer's bf16 input; the recomputed activations are held during backward).
+    ///
+    ///     // x, dout: [batch·seq, hidden] -> dx: [batch·seq, hidden]
+    public static func layerStep(_ l: LlamaLayer, config: LlamaConfig, x: [Float], dout: [Float], batch: Int, seq: Int,
+                                 checkpointing: Bool = false, afterForward: ((Int) -> Void)? = nil) throws -> (dx: [Float], keptBytes: Int) {
+        let inv = LlamaOps.ropeInverseFrequencies(headDim: config.headDim, theta: config.ropeTheta, llama3: config.llama3RopeScaling)
+        let (cos, sin) = LlamaOps.ropeTables(seq: seq, inverseFrequencies: inv)
+        var (_, cache) = try layerForward(l, x, config: config, batch: batch, seq: seq, cos: cos, sin: sin)
+        let kept = checkpointing ? BF16Array(x).byteCount : cache.byteCount
+        if checkpointing {
+            let input = BF16Array(x)
+            cache = try layerForward(l, input.floats, config: config, batch: batch, seq: seq, cos: cos, sin: sin).1
+        }
+        afterForward?(kept)
+        return (try layerBackward(l, dout, cache, config: config, batch: batch, seq: seq, cos: cos, sin: sin), kept)
+    }
 }

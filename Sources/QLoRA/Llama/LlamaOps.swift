@@ -113,70 +113,80 @@ public enum LlamaOps {
 
     // MARK: Causal grouped-query attention (HF eager attention)
 
-    /// q: [T, H·d], k, v: [T, KV·d] -> out: [T, H·d]; saves probs: [B, H, S, S] (fp32 softmax).
+    /// One query row's softmax probabilities over keys 0...i, as the forward computes them:
+    /// scores bf16(bf16(q·k) · 1/√d), fp32 softmax. Returns (max, sum) and fills `row`.
+    @inline(__always)
+    static func attentionRow(q: [Float], k: [Float], qo: Int, b: Int, i: Int, kh: Int, seq: Int, kvHeads: Int, d: Int,
+                             scale: Float, row: inout [Float]) -> (mx: Float, sum: Float) {
+        var mx = -Float.infinity
+        for j in 0...i {
+            let ko = ((b * seq + j) * kvHeads + kh) * d
+            var s: Float = 0
+            for e in 0..<d { s += q[qo + e] * k[ko + e] }
+            row[j] = bf16(bf16(s) * scale)
+            mx = max(mx, row[j])
+        }
+        var sum: Float = 0
+        for j in 0...i { row[j] = Foundation.exp(row[j] - mx); sum += row[j] }
+        for j in 0...i { row[j] = row[j] / sum }
+        return (mx, sum)
+    }
+
+    /// q: [T, H·d], k, v: [T, KV·d] -> out: [T, H·d], as HF's eager attention (causal, grouped
+    /// keys/values). Nothing of size seq² is kept: backward recomputes each row's probabilities
+    /// from q and k with the same operations (the same bits), as flash attention does.
     public static func attentionForward(q: [Float], k: [Float], v: [Float], batch: Int, seq: Int, heads: Int, kvHeads: Int,
-                                        headDim d: Int) -> (out: [Float], probs: [Float]) {
+                                        headDim d: Int) -> [Float] {
         let rep = heads / kvHeads, scale = 1 / Float(d).squareRoot()
         var out = [Float](repeating: 0, count: batch * seq * heads * d)
-        var probs = [Float](repeating: 0, count: batch * heads * seq * seq)
         var row = [Float](repeating: 0, count: seq)
         for b in 0..<batch {
             for hh in 0..<heads {
                 let kh = hh / rep
                 for i in 0..<seq {
                     let qo = ((b * seq + i) * heads + hh) * d
-                    var mx = -Float.infinity
-                    for j in 0...i {
-                        let ko = ((b * seq + j) * kvHeads + kh) * d
-                        var s: Float = 0
-                        for e in 0..<d { s += q[qo + e] * k[ko + e] }
-                        row[j] = bf16(bf16(s) * scale)
-                        mx = max(mx, row[j])
-                    }
-                    var sum: Float = 0
-                    for j in 0...i { row[j] = Foundation.exp(row[j] - mx); sum += row[j] }
-                    let po = ((b * heads + hh) * seq + i) * seq
-                    for j in 0...i { probs[po + j] = row[j] / sum }
+                    _ = attentionRow(q: q, k: k, qo: qo, b: b, i: i, kh: kh, seq: seq, kvHeads: kvHeads, d: d, scale: scale, row: &row)
                     for e in 0..<d {
                         var acc: Float = 0
-                        for j in 0...i { acc += bf16(probs[po + j]) * v[((b * seq + j) * kvHeads + kh) * d + e] }
+                        for j in 0...i { acc += bf16(row[j]) * v[((b * seq + j) * kvHeads + kh) * d + e] }
                         out[qo + e] = bf16(acc)
                     }
                 }
             }
         }
-        return (out, probs)
+        return out
     }
 
     /// dout: [T, H·d] -> dq: [T, H·d], dk, dv: [T, KV·d].
-    public static func attentionBackward(dout: [Float], q: [Float], k: [Float], v: [Float], probs: [Float], batch: Int, seq: Int,
+    public static func attentionBackward(dout: [Float], q: [Float], k: [Float], v: [Float], batch: Int, seq: Int,
                                          heads: Int, kvHeads: Int, headDim d: Int) -> (dq: [Float], dk: [Float], dv: [Float]) {
         let rep = heads / kvHeads, scale = 1 / Float(d).squareRoot()
         var dq = [Float](repeating: 0, count: q.count)
         // Per query head, then summed over the heads sharing a key/value head (repeat_kv's backward).
         var dkHead = [Float](repeating: 0, count: batch * seq * heads * d), dvHead = dkHead
-        var dp = [Float](repeating: 0, count: seq)
+        var dp = [Float](repeating: 0, count: seq), probs = dp
         for b in 0..<batch {
             for hh in 0..<heads {
                 let kh = hh / rep
                 for i in 0..<seq {
                     let qo = ((b * seq + i) * heads + hh) * d
-                    let po = ((b * heads + hh) * seq + i) * seq
+                    _ = attentionRow(q: q, k: k, qo: qo, b: b, i: i, kh: kh, seq: seq, kvHeads: kvHeads, d: d, scale: scale, row: &probs)
                     var dot: Float = 0
                     for j in 0...i {
                         var s: Float = 0
                         for e in 0..<d { s += dout[qo + e] * v[((b * seq + j) * kvHeads + kh) * d + e] }
                         dp[j] = bf16(s)
-                        dot += dp[j] * probs[po + j]
+                        dot += dp[j] * probs[j]
                     }
                     for j in 0...i {
-                        let ds = bf16(probs[po + j] * (dp[j] - dot)) * scale  // softmax backward in fp32, cast to bf16; × 2^-k exact
+                        let ds = bf16(probs[j] * (dp[j] - dot)) * scale  // softmax backward in fp32, cast to bf16; × 2^-k exact
                         let ko = ((b * seq + j) * kvHeads + kh) * d
                         let jo = ((b * seq + j) * heads + hh) * d
+                        let pb = bf16(probs[j])
                         for e in 0..<d {
                             dq[qo + e] += ds * k[ko + e]
                             dkHead[jo + e] += ds * q[qo + e]
-                            dvHead[jo + e] += bf16(probs[po + j]) * dout[qo + e]
+                            dvHead[jo + e] += pb * dout[qo + e]
                         }
                     }
                 }
