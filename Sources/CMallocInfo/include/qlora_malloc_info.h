@@ -7,4 +7,8 @@
 /// (mallinfo2 uordblks + hblkhd); -1 where glibc's mallinfo2 is not available.
 int64_t qlora_malloc_in_use(void);
 
+/// Gives every free page of malloc's heap back to the kernel (glibc malloc_trim(0)), so that the
+/// resident set counts live allocations only. A no-op elsewhere.
+void qlora_malloc_trim(void);
+
 #endif

@@ -75,6 +75,8 @@ public final class LlamaModel {
         self.layers = layers
         self.finalNorm = finalNorm
         self.lmHead = lmHead ?? embedTokens
+        let shared = Matmul4BitScratch()
+        for l in layers { for p in l.projections { p.scratch = shared } }
         inverseFrequencies = LlamaOps.ropeInverseFrequencies(headDim: config.headDim, theta: config.ropeTheta, llama3: config.llama3RopeScaling)
     }
 
@@ -129,23 +131,32 @@ public final class LlamaModel {
 
     static func layerForward(_ l: LlamaLayer, _ x: [Float], config c: LlamaConfig, batch: Int, seq: Int, cos: [Float], sin: [Float]) throws -> ([Float], LayerCache) {
         let t = batch * seq
+        // Scopes end each fp32 temporary's life as soon as its bf16 copy is kept.
         let (n1, rstd1) = LlamaOps.rmsnormForward(x, l.inputNorm, tokens: t, eps: Float(c.rmsNormEps))
-        let (q, sq) = try l.q.forward(n1, tokens: t)
-        let (k, sk) = try l.k.forward(n1, tokens: t)
-        let (v, sv) = try l.v.forward(n1, tokens: t)
-        let qr = LlamaOps.ropeForward(q, heads: c.heads, headDim: c.headDim, seq: seq, cos: cos, sin: sin)
-        let kr = LlamaOps.ropeForward(k, heads: c.kvHeads, headDim: c.headDim, seq: seq, cos: cos, sin: sin)
-        let att = LlamaOps.attentionForward(q: qr, k: kr, v: v, batch: batch, seq: seq, heads: c.heads, kvHeads: c.kvHeads, headDim: c.headDim)
+        let sq, sk, sv: LoRALinear.Saved, att: [Float], qrB, krB, vB: BF16Array
+        do {
+            let (q, sq1) = try l.q.forward(n1, tokens: t)
+            let (k, sk1) = try l.k.forward(n1, tokens: t)
+            let (v, sv1) = try l.v.forward(n1, tokens: t)
+            let qr = LlamaOps.ropeForward(q, heads: c.heads, headDim: c.headDim, seq: seq, cos: cos, sin: sin)
+            let kr = LlamaOps.ropeForward(k, heads: c.kvHeads, headDim: c.headDim, seq: seq, cos: cos, sin: sin)
+            att = LlamaOps.attentionForward(q: qr, k: kr, v: v, batch: batch, seq: seq, heads: c.heads, kvHeads: c.kvHeads, headDim: c.headDim)
+            (sq, sk, sv, qrB, krB, vB) = (sq1, sk1, sv1, BF16Array(qr), BF16Array(kr), BF16Array(v))
+        }
         let (o, so) = try l.o.forward(att, tokens: t)
         let h = (0..<x.count).map { LlamaOps.bf16(x[$0] + o[$0]) }
         let (n2, rstd2) = LlamaOps.rmsnormForward(h, l.postAttentionNorm, tokens: t, eps: Float(c.rmsNormEps))
-        let (g, sg) = try l.gate.forward(n2, tokens: t)
-        let (u, su) = try l.up.forward(n2, tokens: t)
-        let m = LlamaOps.swigluForward(gate: g, up: u)
+        let sg, su: LoRALinear.Saved, m: [Float], gB, uB: BF16Array
+        do {
+            let (g, sg1) = try l.gate.forward(n2, tokens: t)
+            let (u, su1) = try l.up.forward(n2, tokens: t)
+            m = LlamaOps.swigluForward(gate: g, up: u)
+            (sg, su, gB, uB) = (sg1, su1, BF16Array(g), BF16Array(u))
+        }
         let (d, sd) = try l.down.forward(m, tokens: t)
         let out = (0..<h.count).map { LlamaOps.bf16(h[$0] + d[$0]) }
-        return (out, LayerCache(x: BF16Array(x), rstd1: rstd1, saved: [sq, sk, sv, so, sg, su, sd], qr: BF16Array(qr), kr: BF16Array(kr),
-                                v: BF16Array(v), h: BF16Array(h), rstd2: rstd2, gate: BF16Array(g), up: BF16Array(u)))
+        return (out, LayerCache(x: BF16Array(x), rstd1: rstd1, saved: [sq, sk, sv, so, sg, su, sd], qr: qrB, kr: krB,
+                                v: vB, h: BF16Array(h), rstd2: rstd2, gate: gB, up: uB))
     }
 
     func layerBackward(_ l: LlamaLayer, _ dout: [Float], _ cache: LayerCache, batch: Int, seq: Int, cos: [Float], sin: [Float]) throws -> [Float] {
@@ -155,10 +166,13 @@ public final class LlamaModel {
     static func layerBackward(_ l: LlamaLayer, _ dout: [Float], _ cache: LayerCache, config c: LlamaConfig, batch: Int, seq: Int, cos: [Float], sin: [Float]) throws -> [Float] {
         let t = batch * seq
         let s = cache.saved
-        let dm = try l.down.backward(dout, saved: s[6])
-        let (dg, du) = LlamaOps.swigluBackward(dm, gate: cache.gate.floats, up: cache.up.floats)
-        let dnUp = try l.up.backward(du, saved: s[5]), dnGate = try l.gate.backward(dg, saved: s[4])
-        let dn2 = (0..<dnUp.count).map { LlamaOps.bf16(dnUp[$0] + dnGate[$0]) }
+        let dn2: [Float]
+        do {
+            let dm = try l.down.backward(dout, saved: s[6])
+            let (dg, du) = LlamaOps.swigluBackward(dm, gate: cache.gate.bits, up: cache.up.bits)
+            let dnUp = try l.up.backward(du, saved: s[5]), dnGate = try l.gate.backward(dg, saved: s[4])
+            dn2 = (0..<dnUp.count).map { LlamaOps.bf16(dnUp[$0] + dnGate[$0]) }
+        }
         let dNorm2 = LlamaOps.rmsnormBackward(dn2, cache.h.floats, l.postAttentionNorm, rstd: cache.rstd2, tokens: t)
         let dh = (0..<dout.count).map { LlamaOps.bf16(dout[$0] + dNorm2[$0]) }
         let datt = try l.o.backward(dh, saved: s[3])

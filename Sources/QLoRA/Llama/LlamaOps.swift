@@ -218,14 +218,16 @@ public enum LlamaOps {
         (0..<gate.count).map { i in bf16(bf16(gate[i] / (1 + Foundation.exp(-gate[i]))) * up[i]) }
     }
 
-    public static func swigluBackward(_ dy: [Float], gate: [Float], up: [Float]) -> (dgate: [Float], dup: [Float]) {
-        var dg = [Float](repeating: 0, count: gate.count), du = dg
-        for i in gate.indices {
-            let sg = 1 / (1 + Foundation.exp(-gate[i]))
-            let a = bf16(gate[i] * sg)
+    /// gate and up as kept: bf16 bit patterns.
+    public static func swigluBackward(_ dy: [Float], gate gateBits: [UInt16], up upBits: [UInt16]) -> (dgate: [Float], dup: [Float]) {
+        var dg = [Float](repeating: 0, count: gateBits.count), du = dg
+        for i in gateBits.indices {
+            let gate = HalfPrecision.float(bfloat16Bits: gateBits[i]), up = HalfPrecision.float(bfloat16Bits: upBits[i])
+            let sg = 1 / (1 + Foundation.exp(-gate))
+            let a = bf16(gate / (1 + Foundation.exp(-gate)))
             du[i] = bf16(dy[i] * a)
-            let da = bf16(dy[i] * up[i])
-            dg[i] = bf16(da * sg * (1 + gate[i] * (1 - sg)))
+            let da = bf16(dy[i] * up)
+            dg[i] = bf16(da * sg * (1 + gate * (1 - sg)))
         }
         return (dg, du)
     }
