@@ -12,6 +12,11 @@ public struct SampleCheckpointSpec: Sendable {
     public var heads = 16
     /// Key/value heads (grouped-query attention when fewer than `heads`); nil = `heads`.
     public var kvHeads: Int? = nil
+    /// Standard deviation of the embeddings and lm_head. Real models' rows have norms near 1;
+    /// training through a frozen lm_head needs that scale.
+    public var embeddingStd: Float = 0.02
+    /// Standard deviation of the decoder layers' projections.
+    public var weightStd: Float = 0.02
     public var dtype: ElementType = .bfloat16
     public var seed: UInt64 = 0
     /// Shard size in bytes; a directory with an index is written when the model is larger.
@@ -53,7 +58,8 @@ public func writeSampleCheckpoint(output: String, spec: SampleCheckpointSpec) th
         let isNorm = t.shape.count == 1
         var bytes = [UInt8](repeating: 0, count: n * spec.dtype.byteSize)
         bytes.withUnsafeMutableBytes { raw in
-            let values = (0..<n).map { _ in isNorm ? 1 : rng.normal() * 0.02 }
+            let std: Float = t.name.contains("embed") || t.name.contains("lm_head") ? spec.embeddingStd : spec.weightStd
+            let values = (0..<n).map { _ in isNorm ? 1 : rng.normal() * std }
             switch spec.dtype {
             case .float32: for k in 0..<n { raw.storeBytes(of: values[k], toByteOffset: k * 4, as: Float.self) }
             case .bfloat16: for k in 0..<n { raw.storeBytes(of: HalfPrecision.bfloat16Bits(values[k]), toByteOffset: k * 2, as: UInt16.self) }
@@ -76,6 +82,19 @@ public func writeSampleCheckpoint(output: String, spec: SampleCheckpointSpec) th
 extension SampleCheckpointSpec {
     /// Rows of k_proj and v_proj: key/value heads × head dim.
     var kvDim: Int { kvHeads.map { $0 * (hidden / heads) } ?? hidden }
+}
+
+/// A copy task for `qlora train`: `count` lines of [1, a₁…a₅, 2, a₁…a₅] over tokens 10–25, with
+/// the loss on the copy only (labels -100 elsewhere), as JSONL.
+public func writeCopyTaskData(path: String, count: Int, seed: UInt64 = 11) throws {
+    var rng = SplitMix64(seed: seed)
+    var lines: [String] = []
+    for _ in 0..<count {
+        let a = (0..<5).map { _ in 10 + Int(rng.next() % 16) }
+        let ids = [1] + a + [2] + a, labels = Array(repeating: -100, count: 7) + a
+        lines.append("{\"input_ids\": \(ids), \"labels\": \(labels)}")
+    }
+    try Data((lines.joined(separator: "\n") + "\n").utf8).write(to: URL(fileURLWithPath: path), options: .atomic)
 }
 
 func dt(_ t: ElementType) -> DType { t == .float32 ? .f32 : t == .bfloat16 ? .bf16 : .f16 }

@@ -16,6 +16,9 @@ struct Sample: ParsableCommand {
     @Option(help: "Seed.") var seed: UInt64 = 0
     @Option(help: "Largest shard, MiB.") var maxShardMib = 64
     @Option(help: "Also write a PEFT LoRA adapter of this rank (all seven projections) to DIR-adapter.") var adapterRank: Int?
+    @Option(help: "Standard deviation of the embeddings and lm_head.") var embeddingStd: Float = 0.02
+    @Option(help: "Standard deviation of the decoder layers' projections.") var weightStd: Float = 0.02
+    @Option(help: "Also write N examples of a copy task for qlora train to DIR-copy.jsonl.") var copyTask: Int?
 
     func run() {
         runReportingErrors {
@@ -24,10 +27,14 @@ struct Sample: ParsableCommand {
             guard heads > 0, hidden % heads == 0, (kvHeads ?? heads) > 0, heads % (kvHeads ?? heads) == 0 else {
                 throw ValidationError("--hidden must be a multiple of --heads, and --heads a multiple of --kv-heads")
             }
-            s.heads = heads; s.kvHeads = kvHeads
+            s.heads = heads; s.kvHeads = kvHeads; s.embeddingStd = embeddingStd; s.weightStd = weightStd
             s.maxShardSize = maxShardMib << 20
             let bytes = try writeSampleCheckpoint(output: output, spec: s)
             print("wrote a \(layers)-layer sample checkpoint (hidden \(hidden), \(bytes) bytes of bf16 weights) to \(output)")
+            if let n = copyTask {
+                try writeCopyTaskData(path: output + "-copy.jsonl", count: n)
+                print("wrote \(n) copy-task examples to \(output)-copy.jsonl")
+            }
             if let r = adapterRank {
                 try writeSampleAdapter(directory: output + "-adapter", spec: s, rank: r)
                 print("wrote a rank-\(r) PEFT adapter for it to \(output)-adapter")

@@ -180,6 +180,48 @@ final class CLITests: XCTestCase {
         try expectFailure(["memory", "--config", none], mentions: [none], noOutput: none)
     }
 
+    /// `qlora train` as documented: a sample model and copy task, a short run that writes the
+    /// adapter; Ctrl-C saves a checkpoint and exits 130, and --resume continues from it.
+    func testTrainAndCtrlC() throws {
+        let model = tmp.appendingPathComponent("tiny").path
+        var r = try run(["sample", model, "--layers", "1", "--hidden", "64", "--intermediate", "128", "--vocab", "64", "--heads", "4",
+                         "--kv-heads", "2", "--embedding-std", "1", "--weight-std", "0.1", "--copy-task", "64"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let out = tmp.appendingPathComponent("adapter").path
+        r = try run(["train", "--model", model, "--data", model + "-copy.jsonl", "--steps", "3", "--batch", "2", "--seq-len", "12", "--out", out])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertTrue(r.stdout.contains("trained 3 steps"), r.stdout)
+        XCTAssertTrue(r.stderr.contains("step 3/3"), r.stderr)
+        XCTAssertTrue(FileManager.default.fileExists(atPath: out + "/adapter_model.safetensors"))
+
+        let p = Process()
+        p.executableURL = binary
+        let out2 = tmp.appendingPathComponent("interrupted").path
+        p.arguments = ["train", "--model", model, "--data", model + "-copy.jsonl", "--steps", "1000000", "--batch", "2", "--seq-len", "12",
+                       "--save-every", "0", "--out", out2]
+        let err = Pipe()
+        p.standardError = err
+        p.standardOutput = Pipe()
+        try p.run()
+        // Let it load and take some steps (the tiny model loads in milliseconds), then Ctrl-C.
+        Thread.sleep(forTimeInterval: 2)
+        p.interrupt()
+        p.waitUntilExit()
+        let stderr = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        XCTAssertEqual(p.terminationStatus, 130, stderr)
+        XCTAssertTrue(stderr.contains("interrupted: saved"), stderr)
+        let checkpoint = try XCTUnwrap(try FileManager.default.contentsOfDirectory(atPath: out2).first { $0.hasPrefix("checkpoint-") })
+        for f in ["adapter_config.json", "adapter_model.safetensors", "optimizer.safetensors", "trainer_state.json"] {
+            XCTAssertTrue(FileManager.default.fileExists(atPath: out2 + "/" + checkpoint + "/" + f), f)
+        }
+        let done = Int(checkpoint.dropFirst("checkpoint-".count))!
+        r = try run(["train", "--model", model, "--data", model + "-copy.jsonl", "--steps", "\(done + 2)", "--batch", "2", "--seq-len", "12",
+                     "--out", out2, "--resume", out2 + "/" + checkpoint])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertTrue(r.stdout.contains("trained \(done + 2) steps"), r.stdout)
+        try expectFailure(["train", "--model", model, "--data", model, "--out", tmp.appendingPathComponent("x").path], mentions: [model], noOutput: tmp.appendingPathComponent("x").path)
+    }
+
     /// `qlora bench --quick --json` reports the documented fields, and picks OpenBLAS's
     /// AVX-512 kernels itself only when the user has not chosen a core.
     func testBenchQuickJSON() throws {
