@@ -177,7 +177,7 @@ public struct MemoryMeasurement {
                 estimate.components[i].measuredRSSBytes = r.rss
                 estimate.components[i].measuredBy = r.how
             } else if name == "activations" {
-                estimate.components[i].measuredBy = "not measured here: needs a real decoder layer (issue 7); the LoRA inputs row is measured"
+                estimate.components[i].measuredBy = "not measured: this is what transformers + PEFT keep (needs torch); qlora's own layer is measured in the rows below"
             }
         }
         withExtendedLifetime(keep) {}
