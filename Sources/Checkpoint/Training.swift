@@ -58,8 +58,9 @@ public final class TrainingRun {
     let modelDirectory: String
 
     /// `resume`: a `checkpoint-N` directory of an earlier run, continued bit-identically.
-    public init(model dir: String, data path: String, out: String, options o: TrainOptions, resume: String? = nil) throws {
-        var adapter: PEFTAdapter? = nil
+    /// `adapter`: a PEFT adapter to start from (its rank and alpha), with fresh optimizer state.
+    public init(model dir: String, data path: String, out: String, options o: TrainOptions, resume: String? = nil, adapter start: String? = nil) throws {
+        var adapter: PEFTAdapter? = try start.map { try PEFTAdapter.load(directory: $0) }
         var states: [String: AdamWState] = [:]
         var state = TrainingState(step: 0, nextExample: 0, losses: [])
         if let r = resume {

@@ -158,6 +158,8 @@ public struct MemoryEstimate: Sendable, Codable {
         if o.isLoRA {
             c.append(MemoryComponent(name: "(qlora layer step peak, one layer)", estimatedBytes: o.tokens * Self.qloraLayerStepPeakBytesPerToken(a, o),
                                      basis: "kept activations + the backward's live fp32 gradients at its high-water mark (16h + 16i per token) + the matmul scratch (4·max(h, i))"))
+            c.append(MemoryComponent(name: "(activations with checkpointing: qlora's decoder layer, one layer)", estimatedBytes: o.tokens * 2 * a.hiddenSize,
+                                     basis: "tokens × 2h: the layer's bf16 input; backward recomputes the rest"))
             c.append(MemoryComponent(name: "(activations: qlora's decoder layer, one layer)", estimatedBytes: o.tokens * Self.qloraLayerActivationBytesPerToken(a, o),
                                      basis: "what qlora's own Llama layer keeps (LlamaModel): tokens × (bf16 x, q, k, v, h, gate, up; fp32 adapter inputs, one per distinct input, and A·x; 2 × 4 B of 1/rms)"))
         }

@@ -165,6 +165,8 @@ public struct MemoryMeasurement {
             let step = try Self.layerStep(a, o, source: source, seed: seed)
             results["(activations: qlora's decoder layer, one layer)"] = (step.keptAllocated, step.keptRSS,
                 "allocator growth over a real forward of one decoder layer, less the matmuls' scratch growth (LlamaModel.layerStep; exact count \(step.keptExact) B)")
+            results["(activations with checkpointing: qlora's decoder layer, one layer)"] = (step.checkpointedAllocated, 0,
+                "allocator growth over a real forward with checkpointing (exact count \(step.checkpointedExact) B)")
             results["(qlora layer step peak, one layer)"] = (step.stepPeakRSS, step.stepPeakRSS,
                 String(format: "peak RSS growth over a real forward + backward of one decoder layer (free heap returned first; %.0f tokens/s)", step.tokensPerSecond))
             measuredStep = step
@@ -190,6 +192,8 @@ public struct MemoryMeasurement {
         public var keptExact: Int, keptAllocated: Int, keptRSS: Int
         /// Peak resident-set growth over the whole step (forward + backward), from a reset VmHWM.
         public var stepPeakRSS: Int
+        /// With per-layer checkpointing, what the forward keeps: exact count and allocator growth.
+        public var checkpointedExact: Int, checkpointedAllocated: Int
         /// Tokens per second of forward + backward (adapter gradients included).
         public var tokensPerSecond: Double
         public var seconds: Double
@@ -230,7 +234,16 @@ public struct MemoryMeasurement {
         }
         let seconds = Date().timeIntervalSince(start)
         let peak = MemoryProbe.resident().peak - r0
+        // The same forward with checkpointing: only the layer's input stays.
+        MemoryProbe.resetPeak()
+        var c0 = 0
+        var checkpointed = (exact: 0, allocated: 0)
+        try LlamaModel.layerForwardKeeping(layer, config: cfg, x: x, batch: o.batch, seq: o.seqLen, checkpointing: true,
+                                           beforeForward: { c0 = MemoryProbe.allocatedBytes() }) { bytes in
+            checkpointed = (bytes, MemoryProbe.allocatedBytes() - c0)
+        }
         return LayerStep(keptExact: kept.exact, keptAllocated: kept.allocated, keptRSS: kept.rss, stepPeakRSS: peak,
+                         checkpointedExact: checkpointed.exact, checkpointedAllocated: checkpointed.allocated,
                          tokensPerSecond: Double(o.tokens) / seconds, seconds: seconds)
     }
 }

@@ -27,6 +27,7 @@ struct Train: ParsableCommand {
     @Flag(help: "Recompute each layer in backward instead of keeping its activations.") var gradCheckpointing = false
     @Option(help: "Save a resumable checkpoint every N steps (0: only on Ctrl-C).") var saveEvery = 50
     @Option(help: "Continue from OUT/checkpoint-N.") var resume: String?
+    @Option(help: "Start from this PEFT adapter (its rank and alpha; new optimizer state).") var adapter: String?
     @Option(help: "Seed of the new adapters' initialization.") var seed: UInt64 = 0
     @Option(help: "Output directory for the adapter and checkpoints.") var out = "qlora-adapter"
 
@@ -38,7 +39,8 @@ struct Train: ParsableCommand {
             var o = TrainOptions()
             (o.rank, o.alpha, o.lr, o.steps, o.batch, o.gradAccum, o.seqLen) = (rank, alpha, lr, steps, batch, gradAccum, seqLen)
             (o.gradientCheckpointing, o.saveEvery, o.seed) = (gradCheckpointing, saveEvery, seed)
-            let job = try TrainingRun(model: model, data: data, out: out, options: o, resume: resume)
+            guard resume == nil || adapter == nil else { throw ValidationError("give --resume or --adapter, not both") }
+            let job = try TrainingRun(model: model, data: data, out: out, options: o, resume: resume, adapter: adapter)
 
             // Ctrl-C: finish the step at hand, save a checkpoint, exit 130.
             signal(SIGINT, SIG_IGN)

@@ -252,4 +252,24 @@ public final class LlamaModel {
         afterForward?(kept)
         return (try layerBackward(l, dout, cache, config: config, batch: batch, seq: seq, cos: cos, sin: sin), kept)
     }
+
+    /// One decoder layer's forward on its own, returning the bytes it keeps for backward: the
+    /// whole cache, or with `checkpointing` only the layer's bf16 input (the cache is dropped;
+    /// backward would recompute it). `whileKept` runs while those bytes are held.
+    public static func layerForwardKeeping(_ l: LlamaLayer, config: LlamaConfig, x: [Float], batch: Int, seq: Int, checkpointing: Bool,
+                                           beforeForward: () -> Void = {}, whileKept: (Int) -> Void) throws {
+        let inv = LlamaOps.ropeInverseFrequencies(headDim: config.headDim, theta: config.ropeTheta, llama3: config.llama3RopeScaling)
+        let (cos, sin) = LlamaOps.ropeTables(seq: seq, inverseFrequencies: inv)
+        beforeForward()
+        if checkpointing {
+            let input = BF16Array(x)
+            _ = try layerForward(l, x, config: config, batch: batch, seq: seq, cos: cos, sin: sin)
+            whileKept(input.byteCount)
+            withExtendedLifetime(input) {}
+        } else {
+            let (_, cache) = try layerForward(l, x, config: config, batch: batch, seq: seq, cos: cos, sin: sin)
+            whileKept(cache.byteCount)
+            withExtendedLifetime(cache) {}
+        }
+    }
 }
