@@ -34,17 +34,10 @@ final class TrainingTests: XCTestCase {
         return dir.path
     }
 
-    /// [1, a b c d e, 2, a b c d e] over 16 symbols; loss only on the copy.
+    /// [1, a b c d e, 2, a b c d e] over 16 symbols; loss only on the copy (`qlora sample --copy-task`).
     func writeCopyData(_ count: Int) throws -> String {
-        var rng = SplitMix64(seed: 11)
-        var lines: [String] = []
-        for _ in 0..<count {
-            let a = (0..<5).map { _ in 10 + Int(rng.next() % 16) }
-            let ids = [1] + a + [2] + a, labels = Array(repeating: -100, count: 7) + a
-            lines.append("{\"input_ids\": \(ids), \"labels\": \(labels)}")
-        }
         let path = tmp.appendingPathComponent("copy.jsonl").path
-        try lines.joined(separator: "\n").write(toFile: path, atomically: true, encoding: .utf8)
+        try writeCopyTaskData(path: path, count: count)
         return path
     }
 
