@@ -184,8 +184,8 @@ public struct MemoryEstimate: Sendable, Codable {
     }
 
     /// What qlora's own decoder layer (`LlamaModel`) keeps per token for backward: bf16 x, q and
-    /// k after RoPE, v, the attention residual h, gate and up (2 B each); the adapters' fp32 inputs
-    /// and A·x (`loraActivationBytesPerToken`); 1/rms of both norms (fp32). Attention
+    /// k after RoPE, v, the attention residual h, gate and up (2 B each); the adapters' fp32
+    /// inputs, one per distinct input tensor, and A·x; 1/rms of both norms (fp32). Attention
     /// probabilities are recomputed in backward; silu(gate) too.
     public static func qloraLayerActivationBytesPerToken(_ a: ModelArchitecture, _ o: MemoryOptions) -> Int {
         // Adapters fed the same tensor keep one fp32 copy of it (without dropout): q/k/v share

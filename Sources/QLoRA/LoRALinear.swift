@@ -65,8 +65,6 @@ public final class LoRALinear {
     /// (`LlamaModel` gives all its projections the same), so it holds one activation copy and
     /// one weight panel instead of one per layer.
     public var scratch = Matmul4BitScratch()
-    /// Bytes of the base matmul's reusable scratch (activation copy and weight panel) held now.
-    public var scratchByteCount: Int { scratch.byteCount }
 
     public var inFeatures: Int { base.inFeatures }
     public var outFeatures: Int { base.outFeatures }
