@@ -227,7 +227,7 @@ public struct MemoryMeasurement {
         var kept = (exact: 0, allocated: 0, rss: 0)
         let scratch0 = shared.byteCount
         let start = Date()
-        _ = try LlamaModel.layerStep(layer, config: cfg, x: x, dout: dout, batch: o.batch, seq: o.seqLen, checkpointing: false) { bytes in
+        _ = try LlamaModel.layerStep(layer, config: cfg, x: x, dout: dout, batch: o.batch, seq: o.seqLen) { bytes in
             // The matmuls' scratch grows with the tokens; it is reused, not kept for backward.
             let scratch = shared.byteCount - scratch0
             kept = (bytes, MemoryProbe.allocatedBytes() - a0 - scratch, MemoryProbe.resident().rss - r0 - scratch)

@@ -38,16 +38,7 @@ struct MemoryCommand: ParsableCommand {
             o.doubleQuant = doubleQuant
             var m = try MemoryEstimate(model: arch, options: o)
             var scope: String? = nil
-            if measure {
-                let line = ProgressLine("measure")
-                let r = try MemoryMeasurement.measure(&m, model: arch) { line.note($0) }
-                line.finish()
-                scope = r.scope + "; peak RSS \(formatBytes(r.peakRSSBytes))"
-                if let st = r.layerStep {
-                    scope! += String(format: "\ndecoder layer step (forward + backward, %d tokens): %.0f tokens/s (%.2f s); kept for backward %@; peak RSS growth over the step %@",
-                                     o.tokens, st.tokensPerSecond, st.seconds, formatBytes(st.keptAllocated), formatBytes(st.stepPeakRSS))
-                }
-            }
+            if measure { scope = try measureWithProgress(&m, model: arch) }
             if json {
                 print(String(decoding: try JSONSerialization.data(withJSONObject: memoryJSON(m, scope: scope), options: [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]), as: UTF8.self))
             } else {
@@ -58,6 +49,19 @@ struct MemoryCommand: ParsableCommand {
 }
 
 extension TrainingMethod: ExpressibleByArgument {}
+
+/// `MemoryMeasurement.measure` with a progress line; returns the measurement's scope line(s).
+func measureWithProgress(_ m: inout MemoryEstimate, model arch: ModelArchitecture) throws -> String {
+    let line = ProgressLine("measure")
+    let r = try MemoryMeasurement.measure(&m, model: arch) { line.note($0) }
+    line.finish()
+    var scope = r.scope + "; peak RSS \(formatBytes(r.peakRSSBytes))"
+    if let st = r.layerStep {
+        scope += String(format: "\ndecoder layer step (forward + backward, %d tokens): %.0f tokens/s (%.2f s); kept for backward %@; peak RSS growth over the step %@",
+                        m.options.tokens, st.tokensPerSecond, st.seconds, formatBytes(st.keptAllocated), formatBytes(st.stepPeakRSS))
+    }
+    return scope
+}
 
 func architecture(model: String?, config: String?) throws -> ModelArchitecture {
     switch (model, config) {

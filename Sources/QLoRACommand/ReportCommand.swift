@@ -14,20 +14,14 @@ struct ReportCommand: ParsableCommand {
         runReportingErrors {
             let arch = ModelArchitecture.preset("llama-2-7b")!
             var m = try MemoryEstimate(model: arch, options: MemoryOptions())
-            var scope: String? = nil
-            if !noMeasure {
-                let line = ProgressLine("measure")
-                let r = try MemoryMeasurement.measure(&m, model: arch) { line.note($0) }
-                line.finish()
-                scope = r.scope + "; peak RSS \(formatBytes(r.peakRSSBytes))"
-            }
-            let claims = try Claims.check(precision: try PrecisionFigures.measure(realWeights: try PrecisionFigures.loadRealWeights()))
-            let panels = try MemoryReport.chartEstimates()
             let fm = FileManager.default
             var isDir: ObjCBool = false
             if fm.fileExists(atPath: out, isDirectory: &isDir), !isDir.boolValue {
                 throw ValidationError("\(out): exists and is not a directory")
             }
+            let scope = noMeasure ? nil : try measureWithProgress(&m, model: arch)
+            let claims = try Claims.check(precision: try PrecisionFigures.measure(realWeights: try PrecisionFigures.loadRealWeights()))
+            let panels = try MemoryReport.chartEstimates()
             try fm.createDirectory(atPath: out, withIntermediateDirectories: true)
             try writeAtomically(MemoryReport.svg(panels), to: out + "/memory.svg")
             try writeAtomically(MemoryReport.markdown(defaultEstimate: m, measurementScope: scope, claims: claims, chartFile: "memory.svg", panels: panels),

@@ -235,22 +235,17 @@ public final class LlamaModel {
     public func zeroGrad() { for a in adapters { a.layer.zeroGrad() } }
 
     /// One decoder layer's training step on its own (forward, backward from `dout`), for
-    /// measuring: returns dx and the bytes the forward kept for backward (with `checkpointing`,
-    /// only the layer's bf16 input; the recomputed activations are held during backward).
+    /// measuring: returns dx and the bytes the forward kept for backward (`afterForward` runs
+    /// while they are held). `layerForwardKeeping` measures the checkpointed forward.
     ///
     ///     // x, dout: [batch·seq, hidden] -> dx: [batch·seq, hidden]
     public static func layerStep(_ l: LlamaLayer, config: LlamaConfig, x: [Float], dout: [Float], batch: Int, seq: Int,
-                                 checkpointing: Bool = false, afterForward: ((Int) -> Void)? = nil) throws -> (dx: [Float], keptBytes: Int) {
+                                 afterForward: ((Int) -> Void)? = nil) throws -> (dx: [Float], keptBytes: Int) {
         let inv = LlamaOps.ropeInverseFrequencies(headDim: config.headDim, theta: config.ropeTheta, llama3: config.llama3RopeScaling)
         let (cos, sin) = LlamaOps.ropeTables(seq: seq, inverseFrequencies: inv)
-        var (_, cache) = try layerForward(l, x, config: config, batch: batch, seq: seq, cos: cos, sin: sin)
-        let kept = checkpointing ? BF16Array(x).byteCount : cache.byteCount
-        if checkpointing {
-            let input = BF16Array(x)
-            cache = try layerForward(l, input.floats, config: config, batch: batch, seq: seq, cos: cos, sin: sin).1
-        }
-        afterForward?(kept)
-        return (try layerBackward(l, dout, cache, config: config, batch: batch, seq: seq, cos: cos, sin: sin), kept)
+        let (_, cache) = try layerForward(l, x, config: config, batch: batch, seq: seq, cos: cos, sin: sin)
+        afterForward?(cache.byteCount)
+        return (try layerBackward(l, dout, cache, config: config, batch: batch, seq: seq, cos: cos, sin: sin), cache.byteCount)
     }
 
     /// One decoder layer's forward on its own, returning the bytes it keeps for backward: the
