@@ -8,7 +8,9 @@ let package = Package(
         .executable(name: "qlora", targets: ["QLoRACommand"]),
         .library(name: "QLoRA", targets: ["QLoRA"]),
         .library(name: "SafeTensors", targets: ["SafeTensors"]),
-        .library(name: "Checkpoint", targets: ["Checkpoint"]),
+        .library(name: "CheckpointFormats", targets: ["CheckpointFormats"]),
+        .library(name: "CheckpointJobs", targets: ["CheckpointJobs"]),
+        .library(name: "Training", targets: ["Training"]),
         .library(name: "Memory", targets: ["Memory"]),
     ],
     dependencies: [
@@ -17,23 +19,35 @@ let package = Package(
     targets: [
         // MARK: Public API
 
-        /// Numerics: bf16/fp16, 4-bit and 8-bit codes, blockwise quantization. No file I/O.
+        /// The numerics core, no file I/O: bf16/fp16 (Numerics/), 4-bit and 8-bit blockwise
+        /// quantization and the 4-bit matmul (Quantization/), LoRA layers and PEFT's merge (LoRA/),
+        /// AdamW and gradient clipping (Optimizer/), the one model-architecture type (Model/), and
+        /// the Llama decoder's ops, model and trainer (Llama/).
         .target(name: "QLoRA", dependencies: ["CQLoRAKernels", "COpenBLAS"], linkerSettings: [.linkedLibrary("m")]),
         /// The safetensors format: mmap reader, streaming writer, sharded index. Foundation only,
         /// so the fuzz harness (Fuzz/) compiles it on its own.
         .target(name: "SafeTensors"),
-        /// Whole checkpoints: the bitsandbytes 4-bit layout, quantize/dequantize/inspect, streamed.
-        .target(name: "Checkpoint", dependencies: ["QLoRA", "SafeTensors"]),
-        /// Memory per component (estimated from exact parameter counts, and measured), the
-        /// published claims checked, and the report.
-        .target(name: "Memory", dependencies: ["QLoRA", "SafeTensors", "Checkpoint", "CMallocInfo"]),
+        /// Stage-then-rename for every file and directory the tool writes (`StagedOutput`).
+        .target(name: "FileOutput"),
+        /// The file formats above safetensors: bitsandbytes' 4-bit layout, PEFT adapters, AdamW
+        /// state, config.json (the architecture reader, `quantization_config`), the dtype bridge.
+        .target(name: "CheckpointFormats", dependencies: ["QLoRA", "SafeTensors", "FileOutput"]),
+        /// Whole-checkpoint jobs on one streaming engine (`CheckpointRewrite`): quantize,
+        /// dequantize, merge (Merge/), plus inspect, compare and the synthetic sample writer.
+        .target(name: "CheckpointJobs", dependencies: ["CheckpointFormats", "QLoRA", "SafeTensors", "FileOutput"]),
+        /// `qlora train`: the Llama checkpoint loader, JSONL data, the run with its resumable
+        /// checkpoints and final adapter.
+        .target(name: "Training", dependencies: ["CheckpointFormats", "QLoRA", "SafeTensors", "FileOutput"]),
+        /// Memory per component: estimated from exact parameter counts, and measured (allocator,
+        /// RSS, a real decoder layer's step).
+        .target(name: "Memory", dependencies: ["QLoRA", "SafeTensors", "CMallocInfo"]),
         /// `qlora bench`: the kernels timed against memcpy/sgemm/sgemv in one run.
         .target(name: "KernelBench", dependencies: ["QLoRA", "COpenBLAS"]),
         /// The `qlora` command: parses, calls the libraries, prints.
         .executableTarget(
             name: "QLoRACommand",
             dependencies: [
-                "QLoRA", "SafeTensors", "Checkpoint", "KernelBench", "Memory",
+                "QLoRA", "SafeTensors", "FileOutput", "CheckpointFormats", "CheckpointJobs", "Training", "KernelBench", "Memory",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -56,8 +70,10 @@ let package = Package(
         .target(name: "TestSupport", dependencies: ["QLoRA", "SafeTensors"], path: "Tests/TestSupport"),
         .testTarget(name: "QLoRATests", dependencies: ["QLoRA", "TestSupport", "SafeTensors", "COpenBLAS"]),
         .testTarget(name: "SafeTensorsTests", dependencies: ["SafeTensors"]),
-        .testTarget(name: "CheckpointTests", dependencies: ["Checkpoint", "QLoRA", "SafeTensors", "TestSupport"]),
-        .testTarget(name: "MemoryTests", dependencies: ["Memory", "QLoRA", "Checkpoint", "SafeTensors", "TestSupport"]),
+        .testTarget(name: "CheckpointFormatsTests", dependencies: ["CheckpointFormats", "QLoRA", "SafeTensors", "TestSupport"]),
+        .testTarget(name: "CheckpointJobsTests", dependencies: ["CheckpointJobs", "CheckpointFormats", "QLoRA", "SafeTensors", "TestSupport"]),
+        .testTarget(name: "TrainingTests", dependencies: ["Training", "CheckpointJobs", "CheckpointFormats", "QLoRA", "SafeTensors", "TestSupport"]),
+        .testTarget(name: "MemoryTests", dependencies: ["Memory", "QLoRA", "CheckpointFormats", "CheckpointJobs", "SafeTensors", "TestSupport"]),
         .testTarget(name: "CLITests", dependencies: ["TestSupport", "QLoRA", "SafeTensors"]),
     ]
 )

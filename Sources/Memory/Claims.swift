@@ -123,7 +123,7 @@ public enum Claims {
     static func pct(_ x: Double) -> String { String(format: "%+.0f%%", 100 * x) }
 
     /// Estimate helper: totals in bytes.
-    static func estimate(_ model: String, _ method: TrainingMethod, rank: Int = 16, targets: [String] = ModelArchitecture.projections,
+    static func estimate(_ model: String, _ method: TrainingMethod, rank: Int = 16, targets: [String] = ModelArchitecture.projectionNames,
                          seq: Int = 2048, batch: Int = 1, gc: Bool = true) throws -> MemoryEstimate {
         var o = MemoryOptions()
         o.method = method

@@ -1,4 +1,5 @@
 import Foundation
+import QLoRA
 
 /// How a model is fine-tuned, for memory accounting.
 public enum TrainingMethod: String, Sendable, CaseIterable, Codable {
@@ -20,7 +21,7 @@ public struct MemoryOptions: Sendable, Codable {
     public var rank = 16
     public var alpha = 32.0
     /// Projections with adapters (HF names).
-    public var targets = ModelArchitecture.projections
+    public var targets = ModelArchitecture.projectionNames
     public var seqLen = 2048
     public var batch = 1
     public var gradientCheckpointing = false
@@ -28,7 +29,13 @@ public struct MemoryOptions: Sendable, Codable {
     public var blocksize = 64
     /// LoRA dropout > 0 keeps a mask per adapter input.
     public var loraDropout = 0.0
-    public init() {}
+
+    public init(method: TrainingMethod = .qlora, rank: Int = 16, alpha: Double = 32, targets: [String] = ModelArchitecture.projectionNames,
+                seqLen: Int = 2048, batch: Int = 1, gradientCheckpointing: Bool = false, doubleQuant: Bool = true, blocksize: Int = 64,
+                loraDropout: Double = 0) {
+        (self.method, self.rank, self.alpha, self.targets, self.seqLen, self.batch) = (method, rank, alpha, targets, seqLen, batch)
+        (self.gradientCheckpointing, self.doubleQuant, self.blocksize, self.loraDropout) = (gradientCheckpointing, doubleQuant, blocksize, loraDropout)
+    }
 
     public var tokens: Int { seqLen * batch }
     public var isLoRA: Bool { method == .lora || method == .qlora }
@@ -96,8 +103,8 @@ public struct MemoryEstimate: Sendable, Codable {
 
     public init(model a: ModelArchitecture, options o: MemoryOptions) throws {
         guard o.rank > 0, o.seqLen > 0, o.batch > 0 else { throw MemoryError.badOption("rank, seq-len and batch must be positive") }
-        for t in o.targets where !ModelArchitecture.projections.contains(t) {
-            throw MemoryError.badOption("unknown target '\(t)'; targets are \(ModelArchitecture.projections.joined(separator: ", "))")
+        for t in o.targets where !ModelArchitecture.projectionNames.contains(t) {
+            throw MemoryError.badOption("unknown target '\(t)'; targets are \(ModelArchitecture.projectionNames.joined(separator: ", "))")
         }
         model = a.name
         architecture = a
@@ -224,5 +231,16 @@ public struct MemoryEstimate: Sendable, Codable {
     /// (4·vocab) that cross-entropy keeps; a trained lm_head also keeps its bf16 input (2h).
     public static func headActivationBytesPerToken(_ a: ModelArchitecture, _ o: MemoryOptions) -> Int {
         4 * a.hiddenSize + 4 + 4 * a.vocabSize + (o.isLoRA ? 0 : 2 * a.hiddenSize)
+    }
+}
+
+/// A bad memory option: one line.
+public enum MemoryError: Error, CustomStringConvertible {
+    case badOption(String)
+
+    public var description: String {
+        switch self {
+        case .badOption(let problem): return problem
+        }
     }
 }

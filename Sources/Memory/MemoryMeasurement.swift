@@ -62,7 +62,7 @@ public struct MemoryMeasurement {
 
         // Synthetic N(0, 0.02²) weights, one buffer as large as the largest projection; every
         // weight is quantized from a prefix of it (the values do not change the bytes).
-        let largest = ModelArchitecture.projections.map { let s = a.projectionShape($0); return s.out * s.in }.max()!
+        let largest = ModelArchitecture.projectionNames.map { let s = a.projectionShape($0); return s.out * s.in }.max()!
         var rng = SplitMix64(seed: seed)
         let source = (0..<largest).map { _ in rng.normal() * 0.02 }
 
@@ -82,7 +82,7 @@ public struct MemoryMeasurement {
             progress?("quantizing \(builtLayers) layer(s) of projections to NF4")
             var (q, all, rssAll) = try probe { () -> [Quantized4Bit] in
                 try (0..<builtLayers).flatMap { _ in
-                    try ModelArchitecture.projections.map { p in
+                    try ModelArchitecture.projectionNames.map { p in
                         let s = a.projectionShape(p)
                         return try source.withUnsafeBufferPointer {
                             try quantize4Bit(.float32(UnsafeBufferPointer(rebasing: $0[0..<(s.out * s.in)])), shape: [s.out, s.in],
@@ -103,7 +103,7 @@ public struct MemoryMeasurement {
         } else {
             progress?("allocating \(builtLayers) layer(s) of bf16 projection weights")
             let (w, bytes, rss) = probe { () -> [[UInt16]] in
-                (0..<builtLayers).flatMap { _ in ModelArchitecture.projections.map { p in
+                (0..<builtLayers).flatMap { _ in ModelArchitecture.projectionNames.map { p in
                     let s = a.projectionShape(p)
                     return [UInt16](repeating: 1, count: s.out * s.in)
                 } }
@@ -203,7 +203,7 @@ public struct MemoryMeasurement {
     /// runs a forward + backward at `o.tokens` tokens (batch × seq), measuring memory and time.
     public static func layerStep(_ a: ModelArchitecture, _ o: MemoryOptions, source: [Float], seed: UInt64 = 1) throws -> LayerStep {
         let layer = LlamaLayer(inputNorm: [Float](repeating: 1, count: a.hiddenSize), postAttentionNorm: [Float](repeating: 1, count: a.hiddenSize),
-                               projections: try ModelArchitecture.projections.map { p in
+                               projections: try ModelArchitecture.projectionNames.map { p in
             let s = a.projectionShape(p)
             let q = try source.withUnsafeBufferPointer {
                 try quantize4Bit(.float32(UnsafeBufferPointer(rebasing: $0[0..<(s.out * s.in)])), shape: [s.out, s.in], blocksize: o.blocksize, doubleQuant: o.doubleQuant)
@@ -212,8 +212,8 @@ public struct MemoryMeasurement {
         })
         let shared = Matmul4BitScratch()  // as LlamaModel shares one between all its projections
         for p in layer.projections { p.scratch = shared }
-        var cfg = LlamaConfig(hiddenSize: a.hiddenSize, intermediateSize: a.intermediateSize, layers: 1, heads: a.attentionHeads,
-                              kvHeads: a.keyValueHeads, vocabSize: a.vocabSize)
+        var cfg = a
+        cfg.layers = 1
         cfg.rmsNormEps = 1e-5
         var rng = SplitMix64(seed: seed &+ 7)
         let x = (0..<(o.tokens * a.hiddenSize)).map { _ in HalfPrecision.roundedToBFloat16(rng.normal()) }

@@ -1,4 +1,5 @@
 import Foundation
+import QLoRA
 
 /// The project's main report: the default component table (estimated and measured), the claims
 /// table and a chart of memory per method per model size, as Markdown and SVG text.

@@ -23,10 +23,7 @@ struct Bench: ParsableCommand {
             let r = try KernelBench.run(o) { line.update(done: 0, total: 0, tensor: $0) }
             line.finish()
             if json {
-                let enc = JSONEncoder()
-                enc.outputFormatting = [.prettyPrinted, .sortedKeys]
-                enc.keyEncodingStrategy = .convertToSnakeCase
-                print(String(decoding: try enc.encode(r), as: UTF8.self))
+                try printJSON(r, escapeSlashes: true)
                 return
             }
             print("OpenBLAS core \(r.openblasCore), \(r.threads) thread(s); qlora kernels \(r.kernelLevel); last-level cache \(r.lastLevelCacheBytes >> 20) MiB")

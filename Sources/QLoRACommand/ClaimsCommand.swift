@@ -13,10 +13,7 @@ struct ClaimsCommand: ParsableCommand {
         runReportingErrors {
             let checks = try Claims.check(precision: try PrecisionFigures.measure(realWeights: try PrecisionFigures.loadRealWeights()))
             if json {
-                let enc = JSONEncoder()
-                enc.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
-                enc.keyEncodingStrategy = .convertToSnakeCase
-                print(String(decoding: try enc.encode(checks), as: UTF8.self))
+                try printJSON(checks)
             } else {
                 print(claimsTable(checks))
             }

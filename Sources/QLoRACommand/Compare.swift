@@ -1,5 +1,5 @@
 import ArgumentParser
-import Checkpoint
+import CheckpointJobs
 import Foundation
 
 struct Compare: ParsableCommand {
@@ -14,9 +14,7 @@ struct Compare: ParsableCommand {
         runReportingErrors {
             let rows = try compareCheckpoints(reference: reference, actual: actual)
             if json {
-                let enc = JSONEncoder()
-                enc.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
-                print(String(decoding: try enc.encode(rows), as: UTF8.self))
+                try printJSON(rows, snakeCase: false)
                 return
             }
             let width = max(6, rows.map(\.name.count).max() ?? 0)

@@ -1,5 +1,5 @@
 import ArgumentParser
-import Checkpoint
+import CheckpointJobs
 import Foundation
 import QLoRA
 
@@ -8,14 +8,9 @@ struct Dequantize: ParsableCommand {
         abstract: "Turn a bitsandbytes 4-bit checkpoint back into dense tensors.",
         discussion: "Non-quantized tensors pass through. OUTPUT appears only when complete.")
 
-    enum DType: String, ExpressibleByArgument, CaseIterable {
-        case f32, bf16, f16
-        var elementType: ElementType { self == .f32 ? .float32 : self == .bf16 ? .bfloat16 : .float16 }
-    }
-
     @Argument(help: "A .safetensors file or a checkpoint directory.") var input: String
     @Argument(help: "Output file (for a file INPUT) or new directory (for a directory INPUT).") var output: String
-    @Option(help: "Output dtype: f32, bf16 or f16 (default: each tensor's recorded dtype).") var dtype: DType?
+    @Option(help: "Output dtype: f32, bf16 or f16 (default: each tensor's recorded dtype).") var dtype: OutputDType?
 
     func run() {
         runReportingErrors {

@@ -1,5 +1,5 @@
 import ArgumentParser
-import Checkpoint
+import CheckpointJobs
 import Foundation
 
 struct Inspect: ParsableCommand {
@@ -13,10 +13,7 @@ struct Inspect: ParsableCommand {
         runReportingErrors {
             let r = try inspectCheckpoint(path: path)
             if json {
-                let enc = JSONEncoder()
-                enc.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
-                enc.keyEncodingStrategy = .convertToSnakeCase
-                print(String(decoding: try enc.encode(r), as: UTF8.self))
+                try printJSON(r)
                 return
             }
             let width = max(6, r.tensors.map(\.name.count).max() ?? 0)

@@ -1,6 +1,8 @@
 import ArgumentParser
+import CheckpointFormats
 import Foundation
 import Memory
+import QLoRA
 
 struct MemoryCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -27,20 +29,13 @@ struct MemoryCommand: ParsableCommand {
     func run() {
         runReportingErrors {
             let arch = try architecture(model: model, config: config)
-            var o = MemoryOptions()
-            o.method = method
-            o.rank = rank
-            o.alpha = alpha
-            o.targets = try parseTargets(targets)
-            o.seqLen = seqLen
-            o.batch = batch
-            o.gradientCheckpointing = gradCheckpointing
-            o.doubleQuant = doubleQuant
+            let o = MemoryOptions(method: method, rank: rank, alpha: alpha, targets: try ModelArchitecture.targetProjections(targets), seqLen: seqLen,
+                                  batch: batch, gradientCheckpointing: gradCheckpointing, doubleQuant: doubleQuant)
             var m = try MemoryEstimate(model: arch, options: o)
             var scope: String? = nil
             if measure { scope = try measureWithProgress(&m, model: arch) }
             if json {
-                print(String(decoding: try JSONSerialization.data(withJSONObject: memoryJSON(m, scope: scope), options: [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]), as: UTF8.self))
+                try printJSON(MemoryEstimateJSON(m, measurementScope: scope), snakeCase: false)
             } else {
                 print(memoryTable(m, scope: scope))
             }
@@ -76,53 +71,12 @@ func architecture(model: String?, config: String?) throws -> ModelArchitecture {
     }
 }
 
-func parseTargets(_ text: String) throws -> [String] {
-    switch text.lowercased() {
-    case "all": return ModelArchitecture.projections
-    case "attention": return ["q_proj", "k_proj", "v_proj", "o_proj"]
-    case "mlp": return ["gate_proj", "up_proj", "down_proj"]
-    default:
-        let names = try text.split(separator: ",").map { part -> String in
-            let t = part.trimmingCharacters(in: .whitespaces).lowercased()
-            let name = t.hasSuffix("_proj") ? t : t + "_proj"
-            guard ModelArchitecture.projections.contains(name) else {
-                throw ValidationError("unknown target '\(part)'; use all, attention, mlp or names from \(ModelArchitecture.projections.joined(separator: ", "))")
-            }
-            return name
-        }
-        guard !names.isEmpty else { throw ValidationError("--targets is empty") }
-        return ModelArchitecture.projections.filter(names.contains)
-    }
-}
-
 func formatBytes(_ b: Int) -> String {
     let v = Double(b)
     if abs(v) >= 1e9 { return String(format: "%.2f GB", v / 1e9) }
     if abs(v) >= 1e6 { return String(format: "%.1f MB", v / 1e6) }
     if abs(v) >= 1e3 { return String(format: "%.1f kB", v / 1e3) }
     return "\(b) B"
-}
-
-/// The `--json` object of issue 6: model, method, params, components, totals.
-func memoryJSON(_ m: MemoryEstimate, scope: String?) -> [String: Any] {
-    [
-        "model": m.model, "method": m.method.rawValue,
-        "params": ["total": m.params.total, "quantized": m.params.quantized, "trainable": m.params.trainable],
-        "options": ["rank": m.options.rank, "alpha": m.options.alpha, "targets": m.options.targets, "seq_len": m.options.seqLen,
-                    "batch": m.options.batch, "gradient_checkpointing": m.options.gradientCheckpointing, "double_quant": m.options.doubleQuant],
-        "components": m.components.map { c -> [String: Any] in
-            var d: [String: Any] = ["name": c.name, "estimated_bytes": c.estimatedBytes, "measured_bytes": c.measuredBytes.map { $0 as Any } ?? NSNull(),
-                                    "basis": c.basis, "counted_in_total": !c.name.hasPrefix("(")]
-            if let how = c.measuredBy { d["measured_by"] = how }
-            if let rss = c.measuredRSSBytes { d["measured_rss_bytes"] = rss }
-            return d
-        },
-        "activations": m.activationSummary,
-        "total_estimated_bytes": m.totalEstimatedBytes,
-        "total_measured_bytes": m.totalMeasuredBytes.map { $0 as Any } ?? NSNull(),
-        "measurement_scope": scope.map { $0 as Any } ?? NSNull(),
-        "not_modelled": MemoryEstimate.notModelledText,
-    ]
 }
 
 func memoryTable(_ m: MemoryEstimate, scope: String?) -> String {

@@ -1,5 +1,5 @@
 import ArgumentParser
-import Checkpoint
+import CheckpointJobs
 import Foundation
 import QLoRA
 
@@ -14,18 +14,13 @@ struct Merge: ParsableCommand {
             --adapter in order; DIR=WEIGHT scales that adapter's delta. OUTPUT appears only when complete.
             """)
 
-    enum DType: String, ExpressibleByArgument, CaseIterable {
-        case bf16, f16, f32
-        var elementType: ElementType { self == .f32 ? .float32 : self == .bf16 ? .bfloat16 : .float16 }
-    }
-
     @Argument(help: "Base: a .safetensors file or a checkpoint directory (dense or bnb-4bit).") var base: String
     @Argument(help: ArgumentHelp("A PEFT adapter directory (adapter_config.json + adapter_model.safetensors), optionally DIR=WEIGHT.", valueName: "adapter"))
     var adapter: String
     @Argument(help: "Output file (for a file BASE) or new directory (for a directory BASE or --max-shard-size).") var output: String
     @Option(name: .customLong("adapter"), help: ArgumentHelp("Another adapter (DIR or DIR=WEIGHT), merged after the ones before it.", valueName: "dir[=weight]"))
     var moreAdapters: [String] = []
-    @Option(help: "Output dtype of merged 4-bit weights: bf16, f16 or f32.") var dtype: DType = .bf16
+    @Option(help: "Output dtype of merged 4-bit weights: bf16, f16 or f32.") var dtype: OutputDType = .bf16
     @Flag(help: "Re-quantize merged 4-bit weights to the base's 4-bit format.") var requantize = false
     @Flag(help: "Per merged tensor: the error writing adds relative to ΔW and to W+ΔW, and how much of ΔW survives.") var report = false
     @Option(help: ArgumentHelp("With a 4-bit BASE: the 16-bit checkpoint it was quantized from. Reports how far merging into it, into the dequantized base (--dtype) and re-quantizing land from dequant(W4)+ΔW.", valueName: "original-base"))
@@ -36,21 +31,14 @@ struct Merge: ParsableCommand {
 
     func run() {
         runReportingErrors {
-            var o = MergeOptions()
-            o.dtype = dtype.elementType
-            o.requantize = requantize
-            o.report = report
-            o.compareOriginal = compareOriginal
-            if let maxShardSize { o.maxShardSize = try parseByteSize(maxShardSize) }
+            let o = MergeOptions(dtype: dtype.elementType, requantize: requantize, report: report, compareOriginal: compareOriginal,
+                                 maxShardSize: try maxShardSize.map(parseByteSize))
             let adapters = try ([adapter] + moreAdapters).map(parseAdapter)
             let line = ProgressLine("merge")
             let s = try mergeCheckpoint(base: base, adapters: adapters, output: output, options: o, progress: line.update)
             line.finish()
             if json && (report || compareOriginal != nil) {
-                let enc = JSONEncoder()
-                enc.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
-                enc.keyEncodingStrategy = .convertToSnakeCase
-                print(String(decoding: try enc.encode(s), as: UTF8.self))
+                try printJSON(s)
                 return
             }
             print("merged \(s.merged) tensors, copied \(s.copied); wrote \(s.bytesWritten) bytes to \(output)")

@@ -44,6 +44,26 @@ func runReportingErrors(_ body: () throws -> Void) {
     do { try body() } catch let e as ExitCode { exit(e.rawValue) } catch { fail("\(error)") }
 }
 
+/// A 16- or 32-bit float output type, by its short name.
+enum OutputDType: String, ExpressibleByArgument, CaseIterable {
+    case f32, bf16, f16
+    var elementType: ElementType {
+        switch self {
+        case .f32: return .float32
+        case .bf16: return .bfloat16
+        case .f16: return .float16
+        }
+    }
+}
+
+/// Prints `value` as pretty JSON with sorted keys (snake_case keys unless told otherwise).
+func printJSON<T: Encodable>(_ value: T, snakeCase: Bool = true, escapeSlashes: Bool = false) throws {
+    let enc = JSONEncoder()
+    enc.outputFormatting = escapeSlashes ? [.prettyPrinted, .sortedKeys] : [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+    if snakeCase { enc.keyEncodingStrategy = .convertToSnakeCase }
+    print(String(decoding: try enc.encode(value), as: UTF8.self))
+}
+
 /// A progress line on stderr, only when stderr is a terminal, at most ~10 times a second.
 final class ProgressLine {
     let enabled = isatty(2) != 0

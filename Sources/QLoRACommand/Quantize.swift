@@ -1,5 +1,5 @@
 import ArgumentParser
-import Checkpoint
+import CheckpointJobs
 import Foundation
 import QLoRA
 
@@ -32,12 +32,7 @@ struct Quantize: ParsableCommand {
 
     func run() {
         runReportingErrors {
-            var options = QuantizeOptions()
-            options.quantType = quantType
-            options.blocksize = blocksize
-            options.doubleQuant = doubleQuant
-            options.include = include
-            options.exclude = exclude
+            let options = QuantizeOptions(quantType: quantType, blocksize: blocksize, doubleQuant: doubleQuant, include: include, exclude: exclude)
             let progress = ProgressLine("quantize")
             let s = try quantizeCheckpoint(input: input, output: output, options: options, progress: progress.update)
             progress.finish()

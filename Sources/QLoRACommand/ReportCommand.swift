@@ -1,6 +1,8 @@
 import ArgumentParser
+import FileOutput
 import Foundation
 import Memory
+import QLoRA
 
 struct ReportCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -22,26 +24,15 @@ struct ReportCommand: ParsableCommand {
             let scope = noMeasure ? nil : try measureWithProgress(&m, model: arch)
             let claims = try Claims.check(precision: try PrecisionFigures.measure(realWeights: try PrecisionFigures.loadRealWeights()))
             let panels = try MemoryReport.chartEstimates()
-            try fm.createDirectory(atPath: out, withIntermediateDirectories: true)
-            try writeAtomically(MemoryReport.svg(panels), to: out + "/memory.svg")
-            try writeAtomically(MemoryReport.markdown(defaultEstimate: m, measurementScope: scope, claims: claims, chartFile: "memory.svg", panels: panels),
-                                to: out + "/report.md")
+            let staged = try StagedOutput(out, kind: .filesInDirectory, ifExists: .replace, createParent: true)
+            try Data(MemoryReport.svg(panels).utf8).write(to: staged.url(for: "memory.svg"))
+            try Data(MemoryReport.markdown(defaultEstimate: m, measurementScope: scope, claims: claims, chartFile: "memory.svg", panels: panels).utf8)
+                .write(to: staged.url(for: "report.md"))
+            try staged.commit()
             print(memoryTable(m, scope: scope))
             print("")
             print(claimsTable(claims))
             print("\nwrote \(out)/report.md and \(out)/memory.svg")
         }
-    }
-}
-
-/// Writes `text` to a temporary file beside `path` and renames it into place.
-func writeAtomically(_ text: String, to path: String) throws {
-    let tmp = path + ".tmp-\(getpid())"
-    do {
-        try Data(text.utf8).write(to: URL(fileURLWithPath: tmp))
-        guard rename(tmp, path) == 0 else { throw ValidationError("\(path): cannot rename into place: \(String(cString: strerror(errno)))") }
-    } catch {
-        try? FileManager.default.removeItem(atPath: tmp)
-        throw error
     }
 }

@@ -1,6 +1,8 @@
 import ArgumentParser
-import Checkpoint
+import CheckpointJobs
 import Foundation
+import QLoRA
+import Training
 
 struct Sample: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -22,13 +24,12 @@ struct Sample: ParsableCommand {
 
     func run() {
         runReportingErrors {
-            var s = SampleCheckpointSpec()
-            s.layers = layers; s.hidden = hidden; s.intermediate = intermediate; s.vocab = vocab; s.seed = seed
             guard heads > 0, hidden % heads == 0, (kvHeads ?? heads) > 0, heads % (kvHeads ?? heads) == 0 else {
                 throw ValidationError("--hidden must be a multiple of --heads, and --heads a multiple of --kv-heads")
             }
-            s.heads = heads; s.kvHeads = kvHeads; s.embeddingStd = embeddingStd; s.weightStd = weightStd
-            s.maxShardSize = maxShardMib << 20
+            let architecture = ModelArchitecture(name: "sample", hiddenSize: hidden, intermediateSize: intermediate, layers: layers,
+                                                 attentionHeads: heads, keyValueHeads: kvHeads, vocabSize: vocab)
+            let s = SampleCheckpointSpec(architecture: architecture, embeddingStd: embeddingStd, weightStd: weightStd, seed: seed, maxShardSize: maxShardMib << 20)
             let bytes = try writeSampleCheckpoint(output: output, spec: s)
             print("wrote a \(layers)-layer sample checkpoint (hidden \(hidden), \(bytes) bytes of bf16 weights) to \(output)")
             if let n = copyTask {

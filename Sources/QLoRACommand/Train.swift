@@ -1,5 +1,5 @@
 import ArgumentParser
-import Checkpoint
+import Training
 import Dispatch
 import Foundation
 import Memory
@@ -36,9 +36,8 @@ struct Train: ParsableCommand {
             guard rank > 0, steps > 0, batch > 0, gradAccum > 0, seqLen > 1, lr > 0, saveEvery >= 0 else {
                 throw ValidationError("rank, steps, batch, grad-accum must be positive, seq-len above 1, lr positive")
             }
-            var o = TrainOptions()
-            (o.rank, o.alpha, o.lr, o.steps, o.batch, o.gradAccum, o.seqLen) = (rank, alpha, lr, steps, batch, gradAccum, seqLen)
-            (o.gradientCheckpointing, o.saveEvery, o.seed) = (gradCheckpointing, saveEvery, seed)
+            let o = TrainOptions(rank: rank, alpha: alpha, lr: lr, steps: steps, batch: batch, gradAccum: gradAccum, seqLen: seqLen,
+                                 gradientCheckpointing: gradCheckpointing, saveEvery: saveEvery, seed: seed)
             guard resume == nil || adapter == nil else { throw ValidationError("give --resume or --adapter, not both") }
             let job = try TrainingRun(model: model, data: data, out: out, options: o, resume: resume, adapter: adapter)
 

@@ -1,5 +1,6 @@
 import XCTest
-import Checkpoint
+import CheckpointFormats
+import CheckpointJobs
 import Memory
 import QLoRA
 import SafeTensors
@@ -34,10 +35,8 @@ final class MemoryEstimateTests: XCTestCase {
         let tmp = FileManager.default.temporaryDirectory.appendingPathComponent("qlora-memory-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: tmp, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(at: tmp) }
-        var spec = SampleCheckpointSpec()
-        (spec.layers, spec.hidden, spec.intermediate, spec.vocab, spec.heads, spec.kvHeads) = (2, 192, 520, 300, 6, 2)
-        try writeSampleCheckpoint(output: tmp.appendingPathComponent("dense").path, spec: spec)
         let arch = ModelArchitecture(name: "sample", hiddenSize: 192, intermediateSize: 520, layers: 2, attentionHeads: 6, keyValueHeads: 2, vocabSize: 300)
+        try writeSampleCheckpoint(output: tmp.appendingPathComponent("dense").path, spec: SampleCheckpointSpec(architecture: arch))
         for dq in [true, false] {
             var qo = QuantizeOptions()
             qo.doubleQuant = dq

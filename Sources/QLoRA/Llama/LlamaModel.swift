@@ -1,41 +1,10 @@
 import Foundation
 
-/// The shape and numerics fields of a Llama config.json.
-public struct LlamaConfig: Sendable, Equatable, Codable {
-    public struct Llama3RopeScaling: Sendable, Equatable, Codable {
-        public var factor: Double
-        public var lowFreqFactor: Double
-        public var highFreqFactor: Double
-        public var originalMaxPositions: Int
-        public init(factor: Double, lowFreqFactor: Double, highFreqFactor: Double, originalMaxPositions: Int) {
-            (self.factor, self.lowFreqFactor, self.highFreqFactor, self.originalMaxPositions) = (factor, lowFreqFactor, highFreqFactor, originalMaxPositions)
-        }
-    }
-
-    public var hiddenSize: Int
-    public var intermediateSize: Int
-    public var layers: Int
-    public var heads: Int
-    public var kvHeads: Int
-    public var vocabSize: Int
-    public var rmsNormEps: Double = 1e-6
-    public var ropeTheta: Double = 10000
-    public var llama3RopeScaling: Llama3RopeScaling? = nil
-    public var tiedEmbeddings = false
-
-    public init(hiddenSize: Int, intermediateSize: Int, layers: Int, heads: Int, kvHeads: Int, vocabSize: Int) {
-        (self.hiddenSize, self.intermediateSize, self.layers, self.heads, self.kvHeads, self.vocabSize) = (hiddenSize, intermediateSize, layers, heads, kvHeads, vocabSize)
-    }
-
-    public var headDim: Int { hiddenSize / heads }
-    public var kvDim: Int { kvHeads * headDim }
-}
-
 /// One decoder layer: two RMSNorm weights (bf16 values) and seven LoRA projections on 4-bit bases.
 public final class LlamaLayer {
     public let inputNorm: [Float]
     public let postAttentionNorm: [Float]
-    /// q, k, v, o, gate, up, down (`ModelArchitecture.projections` order).
+    /// q, k, v, o, gate, up, down (`ModelArchitecture.projectionNames` order).
     public let projections: [LoRALinear]
     public init(inputNorm: [Float], postAttentionNorm: [Float], projections: [LoRALinear]) {
         precondition(projections.count == 7, "a Llama layer has seven projections")
@@ -57,9 +26,7 @@ public final class LlamaLayer {
 /// projections with LoRA adapters (trained), bf16 activations. Forward and backward follow
 /// transformers' LlamaForCausalLM with eager attention and PEFT's LoRA, op by op (`LlamaOps`).
 public final class LlamaModel {
-    public static let projectionNames = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-    public let config: LlamaConfig
+    public let config: ModelArchitecture
     /// [vocab, hidden], bf16 values.
     public let embedTokens: [Float]
     public let layers: [LlamaLayer]
@@ -68,7 +35,7 @@ public final class LlamaModel {
     public let lmHead: [Float]
     let inverseFrequencies: [Float]
 
-    public init(config: LlamaConfig, embedTokens: [Float], layers: [LlamaLayer], finalNorm: [Float], lmHead: [Float]?) {
+    public init(config: ModelArchitecture, embedTokens: [Float], layers: [LlamaLayer], finalNorm: [Float], lmHead: [Float]?) {
         precondition(embedTokens.count == config.vocabSize * config.hiddenSize && layers.count == config.layers)
         self.config = config
         self.embedTokens = embedTokens
@@ -78,11 +45,6 @@ public final class LlamaModel {
         let shared = Matmul4BitScratch()
         for l in layers { for p in l.projections { p.scratch = shared } }
         inverseFrequencies = LlamaOps.ropeInverseFrequencies(headDim: config.headDim, theta: config.ropeTheta, llama3: config.llama3RopeScaling)
-    }
-
-    /// Module path of layer l's projection p (`model.layers.l.self_attn.q_proj`).
-    public static func modulePath(layer l: Int, projection p: Int) -> String {
-        "model.layers.\(l)." + (p < 4 ? "self_attn." : "mlp.") + projectionNames[p]
     }
 
     /// bf16 values held in 2 bytes each, as torch holds a bf16 tensor.
@@ -129,7 +91,7 @@ public final class LlamaModel {
         try Self.layerForward(l, x, config: config, batch: batch, seq: seq, cos: cos, sin: sin)
     }
 
-    static func layerForward(_ l: LlamaLayer, _ x: [Float], config c: LlamaConfig, batch: Int, seq: Int, cos: [Float], sin: [Float]) throws -> ([Float], LayerCache) {
+    static func layerForward(_ l: LlamaLayer, _ x: [Float], config c: ModelArchitecture, batch: Int, seq: Int, cos: [Float], sin: [Float]) throws -> ([Float], LayerCache) {
         let t = batch * seq
         // Scopes end each fp32 temporary's life as soon as its bf16 copy is kept.
         let (n1, rstd1) = LlamaOps.rmsnormForward(x, l.inputNorm, tokens: t, eps: Float(c.rmsNormEps))
@@ -138,9 +100,9 @@ public final class LlamaModel {
             let (q, sq1) = try l.q.forward(n1, tokens: t)
             let (k, sk1) = try l.k.forward(n1, tokens: t)
             let (v, sv1) = try l.v.forward(n1, tokens: t)
-            let qr = LlamaOps.ropeForward(q, heads: c.heads, headDim: c.headDim, seq: seq, cos: cos, sin: sin)
-            let kr = LlamaOps.ropeForward(k, heads: c.kvHeads, headDim: c.headDim, seq: seq, cos: cos, sin: sin)
-            att = LlamaOps.attentionForward(q: qr, k: kr, v: v, batch: batch, seq: seq, heads: c.heads, kvHeads: c.kvHeads, headDim: c.headDim)
+            let qr = LlamaOps.ropeForward(q, heads: c.attentionHeads, headDim: c.headDim, seq: seq, cos: cos, sin: sin)
+            let kr = LlamaOps.ropeForward(k, heads: c.keyValueHeads, headDim: c.headDim, seq: seq, cos: cos, sin: sin)
+            att = LlamaOps.attentionForward(q: qr, k: kr, v: v, batch: batch, seq: seq, heads: c.attentionHeads, kvHeads: c.keyValueHeads, headDim: c.headDim)
             (sq, sk, sv, qrB, krB, vB) = (sq1, sk1, sv1, BF16Array(qr), BF16Array(kr), BF16Array(v))
         }
         let (o, so) = try l.o.forward(att, tokens: t)
@@ -163,7 +125,7 @@ public final class LlamaModel {
         try Self.layerBackward(l, dout, cache, config: config, batch: batch, seq: seq, cos: cos, sin: sin)
     }
 
-    static func layerBackward(_ l: LlamaLayer, _ dout: [Float], _ cache: LayerCache, config c: LlamaConfig, batch: Int, seq: Int, cos: [Float], sin: [Float]) throws -> [Float] {
+    static func layerBackward(_ l: LlamaLayer, _ dout: [Float], _ cache: LayerCache, config c: ModelArchitecture, batch: Int, seq: Int, cos: [Float], sin: [Float]) throws -> [Float] {
         let t = batch * seq
         let s = cache.saved
         let dn2: [Float]
@@ -177,9 +139,9 @@ public final class LlamaModel {
         let dh = (0..<dout.count).map { LlamaOps.bf16(dout[$0] + dNorm2[$0]) }
         let datt = try l.o.backward(dh, saved: s[3])
         let (dqr, dkr, dv) = LlamaOps.attentionBackward(dout: datt, q: cache.qr.floats, k: cache.kr.floats, v: cache.v.floats, batch: batch, seq: seq,
-                                                        heads: c.heads, kvHeads: c.kvHeads, headDim: c.headDim)
-        let dq = LlamaOps.ropeBackward(dqr, heads: c.heads, headDim: c.headDim, seq: seq, cos: cos, sin: sin)
-        let dk = LlamaOps.ropeBackward(dkr, heads: c.kvHeads, headDim: c.headDim, seq: seq, cos: cos, sin: sin)
+                                                        heads: c.attentionHeads, kvHeads: c.keyValueHeads, headDim: c.headDim)
+        let dq = LlamaOps.ropeBackward(dqr, heads: c.attentionHeads, headDim: c.headDim, seq: seq, cos: cos, sin: sin)
+        let dk = LlamaOps.ropeBackward(dkr, heads: c.keyValueHeads, headDim: c.headDim, seq: seq, cos: cos, sin: sin)
         let dnV = try l.v.backward(dv, saved: s[2]), dnK = try l.k.backward(dk, saved: s[1]), dnQ = try l.q.backward(dq, saved: s[0])
         let dn1 = (0..<dnV.count).map { LlamaOps.bf16(LlamaOps.bf16(dnV[$0] + dnK[$0]) + dnQ[$0]) }
         let dNorm1 = LlamaOps.rmsnormBackward(dn1, cache.x.floats, l.inputNorm, rstd: cache.rstd1, tokens: t)
@@ -229,7 +191,7 @@ public final class LlamaModel {
 
     /// Every trainable adapter, with its module path.
     public var adapters: [(path: String, layer: LoRALinear)] {
-        layers.enumerated().flatMap { l, layer in layer.projections.enumerated().map { (Self.modulePath(layer: l, projection: $0.offset), $0.element) } }
+        layers.enumerated().flatMap { l, layer in layer.projections.enumerated().map { (ModelArchitecture.modulePath(layer: l, projection: $0.offset), $0.element) } }
     }
 
     public func zeroGrad() { for a in adapters { a.layer.zeroGrad() } }
@@ -239,7 +201,7 @@ public final class LlamaModel {
     /// while they are held). `layerForwardKeeping` measures the checkpointed forward.
     ///
     ///     // x, dout: [batch·seq, hidden] -> dx: [batch·seq, hidden]
-    public static func layerStep(_ l: LlamaLayer, config: LlamaConfig, x: [Float], dout: [Float], batch: Int, seq: Int,
+    public static func layerStep(_ l: LlamaLayer, config: ModelArchitecture, x: [Float], dout: [Float], batch: Int, seq: Int,
                                  afterForward: ((Int) -> Void)? = nil) throws -> (dx: [Float], keptBytes: Int) {
         let inv = LlamaOps.ropeInverseFrequencies(headDim: config.headDim, theta: config.ropeTheta, llama3: config.llama3RopeScaling)
         let (cos, sin) = LlamaOps.ropeTables(seq: seq, inverseFrequencies: inv)
@@ -251,7 +213,7 @@ public final class LlamaModel {
     /// One decoder layer's forward on its own, returning the bytes it keeps for backward: the
     /// whole cache, or with `checkpointing` only the layer's bf16 input (the cache is dropped;
     /// backward would recompute it). `whileKept` runs while those bytes are held.
-    public static func layerForwardKeeping(_ l: LlamaLayer, config: LlamaConfig, x: [Float], batch: Int, seq: Int, checkpointing: Bool,
+    public static func layerForwardKeeping(_ l: LlamaLayer, config: ModelArchitecture, x: [Float], batch: Int, seq: Int, checkpointing: Bool,
                                            beforeForward: () -> Void = {}, whileKept: (Int) -> Void) throws {
         let inv = LlamaOps.ropeInverseFrequencies(headDim: config.headDim, theta: config.ropeTheta, llama3: config.llama3RopeScaling)
         let (cos, sin) = LlamaOps.ropeTables(seq: seq, inverseFrequencies: inv)

@@ -45,7 +45,7 @@ public enum LlamaOps {
     // MARK: Rotary embeddings
 
     /// Inverse frequencies [headDim/2] (fp32), with Llama-3 scaling when given.
-    public static func ropeInverseFrequencies(headDim d: Int, theta: Double, llama3: LlamaConfig.Llama3RopeScaling?) -> [Float] {
+    public static func ropeInverseFrequencies(headDim d: Int, theta: Double, llama3: ModelArchitecture.Llama3RopeScaling?) -> [Float] {
         var inv = (0..<(d / 2)).map { i -> Float in 1 / Float(pow(theta, Double(Float(2 * i) / Float(d)))) }
         guard let s = llama3 else { return inv }
         let lowWavelen = Float(s.originalMaxPositions) / Float(s.lowFreqFactor)

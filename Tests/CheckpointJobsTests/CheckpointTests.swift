@@ -1,5 +1,6 @@
 import XCTest
-import Checkpoint
+import CheckpointFormats
+import CheckpointJobs
 import QLoRA
 import SafeTensors
 import TestSupport

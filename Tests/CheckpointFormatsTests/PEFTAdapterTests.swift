@@ -1,5 +1,5 @@
 import XCTest
-import Checkpoint
+import CheckpointFormats
 import QLoRA
 import SafeTensors
 import TestSupport

@@ -103,6 +103,13 @@ public enum BnB4BitFormat {
 
     /// Reads and checks one 4-bit weight from a checkpoint. Errors name the file and tensor.
     public static func load(_ g: Group, from reader: CheckpointReader) throws -> Quantized4Bit {
+        let state = try state(of: g, from: reader)
+        return Quantized4Bit(packed: reader.withBytes(of: g.name) { Array($0) }, state: state)
+    }
+
+    /// Reads and checks one 4-bit weight's quant state (everything but the packed data, whose
+    /// size is checked): what planning a job needs before any output is written.
+    public static func state(of g: Group, from reader: CheckpointReader) throws -> QuantState {
         func file(_ t: String) -> String { reader.entry(named: t).map { reader.directory + "/" + $0.shard } ?? reader.path }
         func fail(_ t: String, _ problem: String) -> CheckpointError { .invalidTensor(file: file(t), tensor: t, problem: problem) }
         func bytes(_ t: String) throws -> [UInt8] {
@@ -144,7 +151,6 @@ public enum BnB4BitFormat {
         guard packedInfo.elementCount == (n + 1) / 2 else {
             throw fail(g.name, "packed weight has \(packedInfo.elementCount) bytes, expected \((n + 1) / 2) for shape \(shape)")
         }
-        let packed = try bytes(g.name)
         let code = try floats(g.name + ".quant_map", count: 16)
         guard code.map(\.bitPattern) == qt.code.map(\.bitPattern) else { throw fail(g.name + ".quant_map", "is not bitsandbytes' \(qt.rawValue) code") }
         let absmax: QuantState.Absmax
@@ -164,21 +170,6 @@ public enum BnB4BitFormat {
         }
         let state = QuantState(quantType: qt, blocksize: bs, dtype: dt, shape: shape, absmax: absmax)
         do { try state.validate() } catch { throw fail(key, "\(error)") }
-        return Quantized4Bit(packed: packed, state: state)
-    }
-}
-
-/// Errors about checkpoints: one line, naming the file and the problem.
-public enum CheckpointError: Error, CustomStringConvertible {
-    case invalidTensor(file: String, tensor: String, problem: String)
-    case invalidPath(path: String, problem: String)
-    case quantization(file: String, tensor: String, error: QuantizationError)
-
-    public var description: String {
-        switch self {
-        case .invalidTensor(let f, let t, let p): return "\(f): tensor '\(t)': \(p)"
-        case .invalidPath(let f, let p): return "\(f): \(p)"
-        case .quantization(let f, let t, let e): return "\(f): tensor '\(t)': \(e)"
-        }
+        return state
     }
 }

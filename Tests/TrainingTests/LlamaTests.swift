@@ -1,5 +1,7 @@
 import XCTest
-import Checkpoint
+import CheckpointFormats
+import CheckpointJobs
+import Training
 import QLoRA
 import SafeTensors
 import TestSupport
@@ -15,10 +17,10 @@ final class LlamaTests: XCTestCase {
 
     /// The model of Vectors/llama/tiny-nf4 (transformers' own bnb-4bit file) with PEFT's initial adapters.
     func model(_ v: VectorFile, directory: String = "Vectors/llama/tiny-nf4") throws -> LlamaModel {
-        var adapter = PEFTAdapter(rank: 8, loraAlpha: 16, targetModules: LlamaModel.projectionNames)
+        var adapter = PEFTAdapter(rank: 8, loraAlpha: 16, targetModules: ModelArchitecture.projectionNames)
         for l in 0..<2 {
             for p in 0..<7 {
-                let path = LlamaModel.modulePath(layer: l, projection: p)
+                let path = ModelArchitecture.modulePath(layer: l, projection: p)
                 let a = v.info("init.\(path).lora_A.weight"), b = v.info("init.\(path).lora_B.weight")
                 adapter.modules[path] = .init(path: path, rank: 8, inFeatures: a.shape[1], outFeatures: b.shape[0],
                                               loraA: v.floats("init.\(path).lora_A.weight"), loraB: v.floats("init.\(path).lora_B.weight"))

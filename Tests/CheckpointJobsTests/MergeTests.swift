@@ -1,5 +1,6 @@
 import XCTest
-import Checkpoint
+import CheckpointFormats
+import CheckpointJobs
 import QLoRA
 import SafeTensors
 import TestSupport
@@ -187,8 +188,7 @@ final class MergeTests: XCTestCase {
 
     /// --max-shard-size re-shards the output (with an index) without changing a byte of any tensor.
     func testMaxShardSizeReshardsTheSameTensors() throws {
-        var spec = SampleCheckpointSpec()
-        (spec.layers, spec.hidden, spec.intermediate, spec.vocab) = (2, 64, 128, 256)
+        let spec = SampleCheckpointSpec(architecture: ModelArchitecture(name: "sample", hiddenSize: 64, intermediateSize: 128, layers: 2, attentionHeads: 16, vocabSize: 256))
         let base = tmp.appendingPathComponent("sample").path
         try writeSampleCheckpoint(output: base, spec: spec)
         let adapterDir = tmp.appendingPathComponent("sample-adapter").path

@@ -1,3 +1,4 @@
+import FileOutput
 import Foundation
 import QLoRA
 import SafeTensors
@@ -112,7 +113,7 @@ public struct PEFTAdapter: Sendable {
             guard ta.shape[0] == expected, tb.shape[1] == expected else {
                 throw badTensor(ta.name, "rank \(ta.shape[0]) (lora_B \(tb.shape[1])) disagrees with the config's r = \(expected)")
             }
-            let stored: ElementType = ta.dtype == .bf16 ? .bfloat16 : ta.dtype == .f16 ? .float16 : .float32
+            let stored = ElementType(ta.dtype) ?? .float32
             a.modules[path] = Module(path: path, rank: expected, inFeatures: ta.shape[1], outFeatures: tb.shape[0],
                                      loraA: try floats(file, ta, weightsPath), loraB: try floats(file, tb, weightsPath), storedType: stored)
         }
@@ -121,12 +122,10 @@ public struct PEFTAdapter: Sendable {
     }
 
     static func floats(_ f: SafeTensorsFile, _ t: TensorInfo, _ path: String) throws -> [Float] {
-        switch t.dtype {
-        case .f32: return f.withBytes(of: t.name) { loadFloats($0) }
-        case .bf16: return f.withBytes(of: t.name) { raw in (0..<(raw.count / 2)).map { HalfPrecision.float(bfloat16Bits: raw.loadUnaligned(fromByteOffset: $0 * 2, as: UInt16.self)) } }
-        case .f16: return f.withBytes(of: t.name) { raw in (0..<(raw.count / 2)).map { HalfPrecision.float(float16Bits: raw.loadUnaligned(fromByteOffset: $0 * 2, as: UInt16.self)) } }
-        default: throw CheckpointError.invalidTensor(file: path, tensor: t.name, problem: "dtype \(t.dtype.rawValue) is not a float type")
+        guard let type = ElementType(t.dtype) else {
+            throw CheckpointError.invalidTensor(file: path, tensor: t.name, problem: "dtype \(t.dtype.rawValue) is not a float type")
         }
+        return f.withBytes(of: t.name) { loadFloats($0, as: type) }
     }
 
     /// Checks every module against the base's linear shapes ([out, in] by module path, whatever
@@ -143,39 +142,30 @@ public struct PEFTAdapter: Sendable {
         }
     }
 
-    /// Writes `adapter_config.json` and `adapter_model.safetensors` (each module in its `storedType`) into a new directory,
-    /// staged beside it and renamed into place when complete.
+    /// Writes `adapter_config.json` and `adapter_model.safetensors` (each module in its
+    /// `storedType`) into a new directory, staged beside it and renamed into place when complete.
     public func save(directory: String) throws {
-        let out = URL(fileURLWithPath: directory).standardizedFileURL
-        let fm = FileManager.default
-        if fm.fileExists(atPath: out.path), !((try? fm.contentsOfDirectory(atPath: out.path))?.isEmpty ?? false) {
-            throw CheckpointError.invalidPath(path: directory, problem: "already exists and is not empty")
+        let out = try StagedOutput(directory, kind: .directory, ifExists: .refuse)
+        try write(into: out.url)
+        try out.commit()
+    }
+
+    /// Writes the two files into `directory` (an output being staged).
+    public func write(into directory: URL) throws {
+        let config: [String: Any] = [
+            "peft_type": "LORA", "r": rank, "lora_alpha": loraAlpha, "lora_dropout": loraDropout,
+            "target_modules": targetModules, "use_rslora": useRSLoRA, "rank_pattern": rankPattern, "alpha_pattern": alphaPattern,
+            "bias": "none", "fan_in_fan_out": fanInFanOut, "inference_mode": true, "init_lora_weights": true,
+            "use_dora": false, "modules_to_save": NSNull(), "task_type": NSNull(),
+            "base_model_name_or_path": baseModelNameOrPath.map { $0 as Any } ?? NSNull(),
+        ]
+        try JSONSerialization.data(withJSONObject: config, options: [.prettyPrinted, .sortedKeys])
+            .write(to: directory.appendingPathComponent(Self.configFile))
+        var tensors: [(name: String, dtype: DType, shape: [Int], bytes: [UInt8])] = []
+        for m in modules.values.sorted(by: { $0.path < $1.path }) {
+            tensors.append((Self.prefix + m.path + ".lora_A.weight", DType(m.storedType), [m.rank, m.inFeatures], encode(m.loraA, as: m.storedType)))
+            tensors.append((Self.prefix + m.path + ".lora_B.weight", DType(m.storedType), [m.outFeatures, m.rank], encode(m.loraB, as: m.storedType)))
         }
-        let staging = out.deletingLastPathComponent().appendingPathComponent(".\(out.lastPathComponent).tmp-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
-        try fm.createDirectory(at: staging, withIntermediateDirectories: false)
-        do {
-            let config: [String: Any] = [
-                "peft_type": "LORA", "r": rank, "lora_alpha": loraAlpha, "lora_dropout": loraDropout,
-                "target_modules": targetModules, "use_rslora": useRSLoRA, "rank_pattern": rankPattern, "alpha_pattern": alphaPattern,
-                "bias": "none", "fan_in_fan_out": fanInFanOut, "inference_mode": true, "init_lora_weights": true,
-                "use_dora": false, "modules_to_save": NSNull(), "task_type": NSNull(),
-                "base_model_name_or_path": baseModelNameOrPath.map { $0 as Any } ?? NSNull(),
-            ]
-            try JSONSerialization.data(withJSONObject: config, options: [.prettyPrinted, .sortedKeys])
-                .write(to: staging.appendingPathComponent(Self.configFile))
-            var tensors: [(name: String, dtype: DType, shape: [Int], bytes: [UInt8])] = []
-            for m in modules.values.sorted(by: { $0.path < $1.path }) {
-                tensors.append((Self.prefix + m.path + ".lora_A.weight", dt(m.storedType), [m.rank, m.inFeatures], encode(m.loraA, as: m.storedType)))
-                tensors.append((Self.prefix + m.path + ".lora_B.weight", dt(m.storedType), [m.outFeatures, m.rank], encode(m.loraB, as: m.storedType)))
-            }
-            try SafeTensorsWriter.write(url: staging.appendingPathComponent(Self.weightsFile), tensors: tensors, metadata: ["format": "pt"])
-            if fm.fileExists(atPath: out.path) { try fm.removeItem(at: out) }
-            guard rename(staging.path, out.path) == 0 else {
-                throw CheckpointError.invalidPath(path: directory, problem: "cannot rename into place: \(String(cString: strerror(errno)))")
-            }
-        } catch {
-            try? fm.removeItem(at: staging)
-            throw error
-        }
+        try SafeTensorsWriter.write(url: directory.appendingPathComponent(Self.weightsFile), tensors: tensors, metadata: ["format": "pt"])
     }
 }

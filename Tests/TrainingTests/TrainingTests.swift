@@ -1,5 +1,7 @@
 import XCTest
-import Checkpoint
+import CheckpointFormats
+import CheckpointJobs
+import Training
 import QLoRA
 import SafeTensors
 import TestSupport

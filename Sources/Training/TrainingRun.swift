@@ -1,27 +1,8 @@
+import CheckpointFormats
+import FileOutput
 import Foundation
 import QLoRA
 import SafeTensors
-
-/// Pre-tokenized training data: one JSON object per line, `{"input_ids": [...], "labels": [...]}`
-/// (labels optional: then equal to input_ids; -100 marks positions without loss).
-public func loadTrainingData(path: String, vocabSize: Int) throws -> [TrainingExample] {
-    guard let data = FileManager.default.contents(atPath: path) else { throw CheckpointError.invalidPath(path: path, problem: "cannot be read") }
-    var examples: [TrainingExample] = []
-    for (n, line) in String(decoding: data, as: UTF8.self).split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
-        let text = line.trimmingCharacters(in: .whitespaces)
-        if text.isEmpty { continue }
-        func bad(_ p: String) -> CheckpointError { .invalidPath(path: "\(path):\(n + 1)", problem: p) }
-        guard let obj = try? JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any] else { throw bad("not a JSON object") }
-        guard let ids = obj["input_ids"] as? [Int], !ids.isEmpty else { throw bad("input_ids missing, empty, or not integers") }
-        if let bad1 = ids.first(where: { $0 < 0 || $0 >= vocabSize }) { throw bad("token id \(bad1) outside the vocabulary (\(vocabSize))") }
-        let labels = (obj["labels"] as? [Int]) ?? ids
-        guard labels.count == ids.count else { throw bad("labels has \(labels.count) entries, input_ids \(ids.count)") }
-        if let b = labels.first(where: { $0 != -100 && ($0 < 0 || $0 >= vocabSize) }) { throw bad("label \(b) is neither -100 nor a token id") }
-        examples.append(TrainingExample(inputIds: ids, labels: labels))
-    }
-    guard !examples.isEmpty else { throw CheckpointError.invalidPath(path: path, problem: "holds no examples") }
-    return examples
-}
 
 public struct TrainOptions: Sendable {
     public var rank = 16
@@ -36,7 +17,12 @@ public struct TrainOptions: Sendable {
     /// Save a resumable checkpoint (adapter + optimizer state) every this many steps (0: never).
     public var saveEvery = 50
     public var seed: UInt64 = 0
-    public init() {}
+
+    public init(rank: Int = 16, alpha: Double = 32, lr: Double = 2e-4, weightDecay: Double = 0.01, steps: Int = 100, batch: Int = 1,
+                gradAccum: Int = 1, seqLen: Int = 512, gradientCheckpointing: Bool = false, saveEvery: Int = 50, seed: UInt64 = 0) {
+        (self.rank, self.alpha, self.lr, self.weightDecay, self.steps, self.batch) = (rank, alpha, lr, weightDecay, steps, batch)
+        (self.gradAccum, self.seqLen, self.gradientCheckpointing, self.saveEvery, self.seed) = (gradAccum, seqLen, gradientCheckpointing, saveEvery, seed)
+    }
 }
 
 /// The state of a run on disk: `DIR/checkpoint-N/` holds the adapter (PEFT format), the AdamW
@@ -108,34 +94,23 @@ public final class TrainingRun {
         }
     }
 
-    /// `out/checkpoint-<step>/`, staged and renamed into place.
+    /// `out/checkpoint-<step>/` (an existing one replaced), staged and renamed into place.
     @discardableResult
     public func saveCheckpoint() throws -> String {
         let dir = out + "/checkpoint-\(state.step)"
-        let fm = FileManager.default
-        try fm.createDirectory(atPath: out, withIntermediateDirectories: true)
-        let staging = out + "/.checkpoint-\(state.step).tmp-\(getpid())"
-        try? fm.removeItem(atPath: staging)
-        try LlamaCheckpoint.adapter(of: model, baseModel: modelDirectory).save(directory: staging)
-        try OptimizerCheckpoint(config: trainer.optimizer, states: trainer.states).save(to: staging + "/optimizer.safetensors")
-        try JSONEncoder().encode(state).write(to: URL(fileURLWithPath: staging + "/trainer_state.json"))
-        if fm.fileExists(atPath: dir) { try fm.removeItem(atPath: dir) }
-        guard rename(staging, dir) == 0 else { throw CheckpointError.invalidPath(path: dir, problem: "cannot rename into place") }
+        let staged = try StagedOutput(dir, kind: .directory, ifExists: .replace, createParent: true)
+        try LlamaCheckpoint.adapter(of: model, baseModel: modelDirectory).write(into: staged.url)
+        try OptimizerCheckpoint(config: trainer.optimizer, states: trainer.states).save(to: staged.url(for: "optimizer.safetensors").path)
+        try JSONEncoder().encode(state).write(to: staged.url(for: "trainer_state.json"))
+        try staged.commit()
         return dir
     }
 
-    /// The final adapter in `out` (PEFT format: adapter_config.json + adapter_model.safetensors).
+    /// The final adapter in `out` (PEFT format: adapter_config.json + adapter_model.safetensors,
+    /// replacing earlier ones), beside the checkpoints.
     public func saveAdapter() throws {
-        let fm = FileManager.default
-        try fm.createDirectory(atPath: out, withIntermediateDirectories: true)
-        let staging = out + "/.adapter.tmp-\(getpid())"
-        try? fm.removeItem(atPath: staging)
-        try LlamaCheckpoint.adapter(of: model, baseModel: modelDirectory).save(directory: staging)
-        for f in [PEFTAdapter.configFile, PEFTAdapter.weightsFile] {
-            let dst = out + "/" + f
-            if fm.fileExists(atPath: dst) { try fm.removeItem(atPath: dst) }
-            guard rename(staging + "/" + f, dst) == 0 else { throw CheckpointError.invalidPath(path: dst, problem: "cannot rename into place") }
-        }
-        try? fm.removeItem(atPath: staging)
+        let staged = try StagedOutput(out, kind: .filesInDirectory, ifExists: .replace, createParent: true)
+        try LlamaCheckpoint.adapter(of: model, baseModel: modelDirectory).write(into: staged.url)
+        try staged.commit()
     }
 }

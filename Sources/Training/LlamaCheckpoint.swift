@@ -1,3 +1,4 @@
+import CheckpointFormats
 import Foundation
 import QLoRA
 import SafeTensors
@@ -6,44 +7,16 @@ import SafeTensors
 /// bitsandbytes-4bit) as a QLoRA `LlamaModel`: dense projections are quantized to NF4 with
 /// double quantization (bitsandbytes' defaults), everything else is held as bf16 values.
 public enum LlamaCheckpoint {
-    /// Reads config.json. Errors name the file and the field.
-    public static func config(directory: String) throws -> LlamaConfig {
+    /// Reads config.json and checks that qlora's decoder implements the architecture. Errors
+    /// name the file and the field or feature.
+    public static func config(directory: String) throws -> ModelArchitecture {
         let path = directory + "/config.json"
-        guard let data = FileManager.default.contents(atPath: path) else { throw CheckpointError.invalidPath(path: path, problem: "missing (a Llama checkpoint directory has a config.json)") }
-        guard let c = try? JSONSerialization.jsonObject(with: data) as? [String: Any] else { throw CheckpointError.invalidPath(path: path, problem: "is not a JSON object") }
-        func int(_ k: String) throws -> Int {
-            guard let v = c[k] as? Int, v > 0 else { throw CheckpointError.invalidPath(path: path, problem: "\(k) is missing or not a positive integer") }
-            return v
+        guard FileManager.default.fileExists(atPath: path) else {
+            throw CheckpointError.invalidPath(path: path, problem: "missing (a Llama checkpoint directory has a config.json)")
         }
-        if let t = c["model_type"] as? String, !["llama", "mistral"].contains(t) {
-            throw CheckpointError.invalidPath(path: path, problem: "model_type \(t) is not a Llama architecture")
-        }
-        let heads = try int("num_attention_heads")
-        var cfg = LlamaConfig(hiddenSize: try int("hidden_size"), intermediateSize: try int("intermediate_size"), layers: try int("num_hidden_layers"),
-                              heads: heads, kvHeads: (c["num_key_value_heads"] as? Int) ?? heads, vocabSize: try int("vocab_size"))
-        guard cfg.hiddenSize % cfg.heads == 0, cfg.heads % cfg.kvHeads == 0 else {
-            throw CheckpointError.invalidPath(path: path, problem: "hidden_size must be a multiple of num_attention_heads, and that of num_key_value_heads")
-        }
-        cfg.rmsNormEps = (c["rms_norm_eps"] as? NSNumber)?.doubleValue ?? 1e-6
-        cfg.tiedEmbeddings = (c["tie_word_embeddings"] as? Bool) ?? false
-        if (c["attention_bias"] as? Bool) == true || (c["mlp_bias"] as? Bool) == true {
-            throw CheckpointError.invalidPath(path: path, problem: "attention_bias / mlp_bias are not supported")
-        }
-        // transformers 5 writes rope_parameters; earlier versions rope_theta + rope_scaling.
-        let rope = (c["rope_parameters"] as? [String: Any]) ?? (c["rope_scaling"] as? [String: Any]) ?? [:]
-        cfg.ropeTheta = (rope["rope_theta"] as? NSNumber)?.doubleValue ?? (c["rope_theta"] as? NSNumber)?.doubleValue ?? 10000
-        let type = (rope["rope_type"] as? String) ?? (rope["type"] as? String) ?? "default"
-        switch type {
-        case "default": break
-        case "llama3":
-            guard let f = (rope["factor"] as? NSNumber)?.doubleValue, let lo = (rope["low_freq_factor"] as? NSNumber)?.doubleValue,
-                  let hi = (rope["high_freq_factor"] as? NSNumber)?.doubleValue, let orig = rope["original_max_position_embeddings"] as? Int else {
-                throw CheckpointError.invalidPath(path: path, problem: "llama3 rope scaling needs factor, low_freq_factor, high_freq_factor and original_max_position_embeddings")
-            }
-            cfg.llama3RopeScaling = .init(factor: f, lowFreqFactor: lo, highFreqFactor: hi, originalMaxPositions: orig)
-        default: throw CheckpointError.invalidPath(path: path, problem: "rope type \(type) is not supported (default and llama3 are)")
-        }
-        return cfg
+        let architecture = try ModelArchitecture(configFile: path)
+        if let problem = architecture.unsupportedForTraining.first { throw CheckpointError.invalidPath(path: path, problem: problem) }
+        return architecture
     }
 
     /// Loads the model. `adapter`: a PEFT adapter for its A and B (rank and alpha per module from
@@ -57,7 +30,7 @@ public enum LlamaCheckpoint {
         func file(_ name: String) -> String { reader.entry(named: name).map { reader.directory + "/" + $0.shard } ?? directory }
         func dense(_ name: String, _ shape: [Int]) throws -> [Float] {
             guard let info = reader.info(named: name) else { throw CheckpointError.invalidTensor(file: directory, tensor: name, problem: "missing") }
-            guard info.shape == shape, let type = elementType(info.dtype) else {
+            guard info.shape == shape, let type = ElementType(info.dtype) else {
                 throw CheckpointError.invalidTensor(file: file(name), tensor: name, problem: "expected a float tensor of shape \(shape), found \(info.dtype.rawValue) \(info.shape)")
             }
             return reader.withBytes(of: name) { raw in
@@ -71,10 +44,10 @@ public enum LlamaCheckpoint {
         var layers: [LlamaLayer] = []
         for l in 0..<cfg.layers {
             var projections: [LoRALinear] = []
-            for p in 0..<7 {
-                let path = LlamaModel.modulePath(layer: l, projection: p)
+            for (p, projection) in cfg.projections.enumerated() {
+                let path = projection.modulePath(layer: l)
                 let name = path + ".weight"
-                let (out, inF) = [(h, h), (cfg.kvDim, h), (cfg.kvDim, h), (h, h), (cfg.intermediateSize, h), (cfg.intermediateSize, h), (h, cfg.intermediateSize)][p]
+                let (out, inF) = (projection.outFeatures, projection.inFeatures)
                 let base: Linear4BitWeight
                 if let g = groups[name] {
                     let q = try BnB4BitFormat.load(g, from: reader)
@@ -129,7 +102,7 @@ public enum LlamaCheckpoint {
     /// The model's adapters as a PEFT adapter (fp32, r and alpha of the first module).
     public static func adapter(of model: LlamaModel, baseModel: String? = nil) -> PEFTAdapter {
         let first = model.layers[0].q.config
-        var a = PEFTAdapter(rank: first.rank, loraAlpha: first.alpha, targetModules: LlamaModel.projectionNames)
+        var a = PEFTAdapter(rank: first.rank, loraAlpha: first.alpha, targetModules: ModelArchitecture.projectionNames)
         a.useRSLoRA = first.useRSLoRA
         a.loraDropout = first.dropout
         a.baseModelNameOrPath = baseModel

@@ -1,3 +1,4 @@
+import CheckpointFormats
 import Foundation
 import QLoRA
 import SafeTensors

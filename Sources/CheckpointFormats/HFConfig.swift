@@ -1,0 +1,79 @@
+import Foundation
+import QLoRA
+
+// config.json, as transformers reads and writes it: the one reader of a model's architecture,
+// and the `quantization_config` a bitsandbytes 4-bit checkpoint carries.
+
+extension ModelArchitecture {
+    /// Reads a Hugging Face config.json (`model_type` llama, mistral or qwen2, or any config with
+    /// the same fields). Errors name the file and the field. Features qlora's decoder does not
+    /// implement are recorded, not refused (`unsupportedForTraining` names them).
+    public init(configFile path: String) throws {
+        func bad(_ problem: String) -> CheckpointError { .invalidPath(path: path, problem: problem) }
+        guard let data = FileManager.default.contents(atPath: path) else { throw bad("cannot be read") }
+        guard let c = try? JSONSerialization.jsonObject(with: data) as? [String: Any] else { throw bad("is not a JSON object") }
+        func int(_ k: String) throws -> Int {
+            guard let v = c[k] as? Int, v > 0 else { throw bad("\(k) is missing or not a positive integer") }
+            return v
+        }
+        func number(_ v: Any?) -> Double? { (v as? NSNumber)?.doubleValue }
+        let type = (c["model_type"] as? String) ?? "llama"
+        let hidden = try int("hidden_size"), intermediate = try int("intermediate_size"), layers = try int("num_hidden_layers")
+        let heads = try int("num_attention_heads"), vocab = try int("vocab_size")
+        self.init(name: (c["_name_or_path"] as? String) ?? (path as NSString).lastPathComponent, modelType: type,
+                  hiddenSize: hidden, intermediateSize: intermediate, layers: layers, attentionHeads: heads,
+                  keyValueHeads: (c["num_key_value_heads"] as? Int) ?? heads, headDim: c["head_dim"] as? Int, vocabSize: vocab,
+                  tiedEmbeddings: (c["tie_word_embeddings"] as? Bool) ?? false, attentionQKVBias: type == "qwen2")
+        attentionBias = (c["attention_bias"] as? Bool) ?? false
+        mlpBias = (c["mlp_bias"] as? Bool) ?? false
+        guard hiddenSize % attentionHeads == 0, attentionHeads % keyValueHeads == 0, headDim > 0 else {
+            throw bad("hidden_size must be a multiple of num_attention_heads, and that of num_key_value_heads")
+        }
+        rmsNormEps = number(c["rms_norm_eps"]) ?? 1e-6
+        // transformers 5 writes rope_parameters; earlier versions rope_theta + rope_scaling.
+        let rope = (c["rope_parameters"] as? [String: Any]) ?? (c["rope_scaling"] as? [String: Any]) ?? [:]
+        ropeTheta = number(rope["rope_theta"]) ?? number(c["rope_theta"]) ?? 10000
+        switch (rope["rope_type"] as? String) ?? (rope["type"] as? String) ?? "default" {
+        case "default": ropeScaling = nil
+        case "llama3":
+            guard let f = number(rope["factor"]), let lo = number(rope["low_freq_factor"]), let hi = number(rope["high_freq_factor"]),
+                  let orig = rope["original_max_position_embeddings"] as? Int else {
+                throw bad("llama3 rope scaling needs factor, low_freq_factor, high_freq_factor and original_max_position_embeddings")
+            }
+            ropeScaling = .llama3(.init(factor: f, lowFreqFactor: lo, highFreqFactor: hi, originalMaxPositions: orig))
+        case let other: ropeScaling = .unsupported(other)
+        }
+    }
+}
+
+/// The `quantization_config` transformers writes into config.json for a bitsandbytes 4-bit
+/// checkpoint (`BitsAndBytesConfig.to_dict()` with bf16 compute and uint8 storage).
+public struct BnBQuantizationConfig: Sendable, Equatable {
+    public var quantType: QuantType
+    public var doubleQuant: Bool
+    public init(quantType: QuantType, doubleQuant: Bool) {
+        self.quantType = quantType
+        self.doubleQuant = doubleQuant
+    }
+
+    /// The 4-bit format of a loaded weight.
+    public init(_ state: QuantState) { self.init(quantType: state.quantType, doubleQuant: state.isDoubleQuantized) }
+
+    public var json: [String: Any] {
+        [
+            "quant_method": "bitsandbytes", "load_in_4bit": true, "load_in_8bit": false,
+            "bnb_4bit_quant_type": quantType.rawValue, "bnb_4bit_use_double_quant": doubleQuant,
+            "bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_quant_storage": "uint8",
+            "llm_int8_skip_modules": NSNull(), "llm_int8_has_fp16_weight": false,
+            "llm_int8_threshold": 6.0, "llm_int8_enable_fp32_cpu_offload": false,
+        ]
+    }
+
+    /// config.json's bytes with `quantization_config` set to `quantization`, or removed when nil;
+    /// nil when `config` is not a JSON object (then it is copied as it is).
+    public static func rewrite(config: Data, quantization: BnBQuantizationConfig?) -> Data? {
+        guard var object = try? JSONSerialization.jsonObject(with: config) as? [String: Any] else { return nil }
+        if let quantization { object["quantization_config"] = quantization.json } else { object.removeValue(forKey: "quantization_config") }
+        return try? JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys])
+    }
+}

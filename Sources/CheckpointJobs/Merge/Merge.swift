@@ -1,0 +1,71 @@
+import CheckpointFormats
+import Foundation
+import QLoRA
+import SafeTensors
+
+/// Merges one PEFT LoRA adapter; see `mergeCheckpoint(base:adapters:output:options:progress:)`.
+@discardableResult
+public func mergeCheckpoint(base: String, adapter: String, output: String, options: MergeOptions,
+                            progress: ProgressHandler? = nil) throws -> MergeSummary {
+    try mergeCheckpoint(base: base, adapters: [MergeAdapter(adapter)], output: output, options: options, progress: progress)
+}
+
+/// Merges PEFT LoRA adapters, in order, into a base checkpoint (a .safetensors file or a
+/// directory, dense or bitsandbytes-4bit) with PEFT's numerics (`LoRAMerge`), streaming tensor
+/// by tensor on `CheckpointRewrite`.
+///
+/// Several adapters on one weight are merged one after another as PEFT does: the weight is
+/// rounded to its type (re-quantized, for `requantize`) after each. Every adapter module must
+/// match a base weight of the right shape, and a merged value that is not finite stops the merge
+/// (PEFT's safe_merge check); nothing is written then.
+///
+/// Memory: the tensor at hand, its merged form and the delta (with a report or comparison, a few
+/// fp32 copies of it), plus the adapters. With `requantize` and double quantization each merged
+/// weight is computed twice: its quant-state JSON length (in the header, written first) depends
+/// on the new offset.
+@discardableResult
+public func mergeCheckpoint(base: String, adapters specs: [MergeAdapter], output: String, options: MergeOptions,
+                            progress: ProgressHandler? = nil) throws -> MergeSummary {
+    precondition(!specs.isEmpty, "mergeCheckpoint needs at least one adapter")
+    if let m = options.maxShardSize, m <= 0 { throw CheckpointError.invalidPath(path: output, problem: "max shard size must be positive") }
+    let job = try CheckpointRewrite(input: base)
+    let plan = try MergePlan(reader: job.reader, base: base, adapters: specs)
+    let original = try options.compareOriginal.map { try plan.original($0, base: base) }
+    let context = MergeContext(reader: job.reader, original: original, options: options)
+    let requantizing = options.requantize && plan.weights.values.contains { $0.quantized != nil }
+    var summary = MergeSummary()
+    summary.bytesWritten = try job.run(output: output, layout: options.maxShardSize.map { .shards(maxBytes: $0) } ?? .input, progress: progress,
+                                       planningCost: { e in requantizing && plan.weights[e.name] != nil ? e.info.byteCount : 0 }, plan: { e in
+        if plan.isRegenerated(e.name) { return .drop }
+        guard let weight = plan.weights[e.name] else {
+            summary.copied += 1
+            return .copy(e.info)
+        }
+        let file = job.file(of: e)
+        var outputs = [OutputTensor(name: e.name, dtype: e.info.dtype, shape: e.info.shape)]
+        if let q = weight.quantized {
+            if options.requantize {
+                // Merged once here to learn its quant-state JSON length, then dropped.
+                let json = try context.merge(e, weight, file: file, sizingOnly: true).payloads.last!.count
+                outputs = BnB4BitFormat.declarations(name: e.name, quantType: q.type, blocksize: q.blocksize, elementCount: weight.out * weight.in,
+                                                     doubleQuant: q.doubleQuant, jsonByteCount: json).map { OutputTensor(name: $0.name, dtype: $0.dtype, shape: $0.shape) }
+            } else {
+                outputs = [OutputTensor(name: e.name, dtype: DType(options.dtype), shape: [weight.out, weight.in])]
+            }
+        }
+        return TensorPlan(outputs: outputs) { sink in
+            let merged = try context.merge(e, weight, file: file, sizingOnly: false)
+            for bytes in merged.payloads { try sink.write(bytes) }
+            if let row = merged.report {
+                summary.report.append(row)
+                summary.total.add(row)
+            }
+            if let row = merged.comparison {
+                summary.comparison.append(row)
+                summary.comparisonTotal.add(row)
+            }
+            summary.merged += 1
+        }
+    }, quantization: { try? plan.outputQuantization(requantize: options.requantize) })
+    return summary
+}

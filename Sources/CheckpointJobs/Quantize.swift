@@ -1,0 +1,113 @@
+import CheckpointFormats
+import Foundation
+import QLoRA
+import SafeTensors
+
+/// Which tensors `quantizeCheckpoint` turns into 4-bit, and how.
+public struct QuantizeOptions: Sendable {
+    public var quantType: QuantType = .nf4
+    public var blocksize: Int = 64
+    public var doubleQuant: Bool = true
+    /// When set, only 2-D float tensors whose name matches are quantized (the default
+    /// name exclusions then do not apply).
+    public var include: String? = nil
+    /// 2-D float tensors whose name matches are copied unchanged.
+    public var exclude: String? = nil
+    /// Name fragments left unquantized by default: embeddings, the output head and norms.
+    public static let defaultSkipFragments = ["embed", "lm_head", "norm"]
+
+    public init(quantType: QuantType = .nf4, blocksize: Int = 64, doubleQuant: Bool = true, include: String? = nil, exclude: String? = nil) {
+        (self.quantType, self.blocksize, self.doubleQuant, self.include, self.exclude) = (quantType, blocksize, doubleQuant, include, exclude)
+    }
+
+    /// Whether tensor `info` is quantized under these options.
+    public func selects(_ info: TensorInfo) throws -> Bool {
+        guard info.shape.count == 2, [DType.f32, .bf16, .f16].contains(info.dtype) else { return false }
+        if let include {
+            guard try matches(include, info.name) else { return false }
+        } else if Self.defaultSkipFragments.contains(where: { info.name.contains($0) }) {
+            return false
+        }
+        if let exclude, try matches(exclude, info.name) { return false }
+        return true
+    }
+
+    func matches(_ pattern: String, _ name: String) throws -> Bool {
+        let re: NSRegularExpression
+        do { re = try NSRegularExpression(pattern: pattern) } catch {
+            throw CheckpointError.invalidPath(path: pattern, problem: "invalid regular expression")
+        }
+        return re.firstMatch(in: name, range: NSRange(name.startIndex..., in: name)) != nil
+    }
+}
+
+/// Quantizes every selected tensor of a checkpoint (a .safetensors file, or a directory with
+/// a sharded or single checkpoint) into bitsandbytes' 4-bit layout, copying the rest.
+///
+/// Streams one tensor at a time on `CheckpointRewrite`; peak memory is about the largest tensor
+/// plus its 4-bit form. The safetensors header is written first and a quant-state tensor's
+/// byte length depends on the double-quant offset, so with double quantization each selected
+/// tensor is read once more beforehand, while planning, to compute its absmax
+/// (`blockAbsmax4Bit`, no quantization). Output appears only when complete.
+/// - Returns: a summary of what was written.
+@discardableResult
+public func quantizeCheckpoint(input: String, output: String, options: QuantizeOptions,
+                               progress: ProgressHandler? = nil) throws -> JobSummary {
+    let job = try CheckpointRewrite(input: input)
+    let reader = job.reader
+    guard BnB4BitFormat.groups(in: reader.tensorNames).isEmpty else {
+        throw CheckpointError.invalidPath(path: input, problem: "already holds 4-bit quantized tensors")
+    }
+    var summary = JobSummary()
+    summary.bytesWritten = try job.run(output: output, layout: .input, progress: progress, planningCost: { e in
+        (try? options.selects(e.info)) == true && options.doubleQuant ? e.info.byteCount : 0
+    }, plan: { e in
+        guard try options.selects(e.info) else {
+            summary.copied += 1
+            return .copy(e.info)
+        }
+        let file = job.file(of: e)
+        // The offset decides the quant-state JSON's length, which the header holds.
+        let offset = options.doubleQuant ? try doubleQuantOffset(e.info, reader: reader, file: file, options: options) : nil
+        let json = BnB4BitFormat.quantStateJSON(quantType: options.quantType, blocksize: options.blocksize,
+                                                dtype: ElementType(e.info.dtype)!, shape: e.info.shape, nestedOffset: offset)
+        let outputs = BnB4BitFormat.declarations(name: e.name, quantType: options.quantType, blocksize: options.blocksize,
+                                                 elementCount: e.info.elementCount, doubleQuant: options.doubleQuant, jsonByteCount: json.count)
+        return TensorPlan(outputs: outputs.map { OutputTensor(name: $0.name, dtype: $0.dtype, shape: $0.shape) }) { sink in
+            let q = try quantize(e.info, reader: reader, file: file, options: options)
+            for bytes in BnB4BitFormat.payloads(q) { try sink.write(bytes) }
+            summary.quantized += 1
+            summary.parameters4Bit += q.state.elementCount
+        }
+    }, quantization: { BnBQuantizationConfig(quantType: options.quantType, doubleQuant: options.doubleQuant) })
+    return summary
+}
+
+/// The double-quant offset `quantize` will record for this tensor, from a read-only pass.
+func doubleQuantOffset(_ info: TensorInfo, reader: CheckpointReader, file: String, options: QuantizeOptions) throws -> Float {
+    let type = ElementType(info.dtype)!
+    do {
+        let absmax = try reader.withBytes(of: info.name) { unaligned in
+            try withAlignedBytes(unaligned, alignment: type.byteSize) { raw in
+                try blockAbsmax4Bit(.view(raw, as: type), blocksize: options.blocksize)
+            }
+        }
+        return TorchMean.mean(absmax)
+    } catch let e as QuantizationError {
+        throw CheckpointError.quantization(file: file, tensor: info.name, error: e)
+    }
+}
+
+func quantize(_ info: TensorInfo, reader: CheckpointReader, file: String, options: QuantizeOptions) throws -> Quantized4Bit {
+    let type = ElementType(info.dtype)!
+    do {
+        return try reader.withBytes(of: info.name) { unaligned in
+            try withAlignedBytes(unaligned, alignment: type.byteSize) { raw in
+                try quantize4Bit(.view(raw, as: type), shape: info.shape, quantType: options.quantType,
+                                 blocksize: options.blocksize, doubleQuant: options.doubleQuant)
+            }
+        }
+    } catch let e as QuantizationError {
+        throw CheckpointError.quantization(file: file, tensor: info.name, error: e)
+    }
+}

@@ -1,0 +1,238 @@
+import Foundation
+
+/// A decoder-only transformer (Llama, Mistral, Qwen2 families) as its config.json describes it:
+/// the one description of a model that the decoder (`LlamaModel`), the memory estimate, the
+/// checkpoint loader and the sample writer share. Every parameter tensor, its shape and its
+/// module path follow from these fields (`projections`, `tensorGroups`, `layerTensors`).
+///
+/// The config.json reader lives beside the file formats (`ModelArchitecture(configFile:)` in
+/// CheckpointFormats); this type does no I/O.
+public struct ModelArchitecture: Sendable, Equatable, Codable {
+    /// Llama 3's frequency-dependent rope scaling (`rope_type: "llama3"`).
+    public struct Llama3RopeScaling: Sendable, Equatable, Codable {
+        public var factor: Double
+        public var lowFreqFactor: Double
+        public var highFreqFactor: Double
+        public var originalMaxPositions: Int
+        public init(factor: Double, lowFreqFactor: Double, highFreqFactor: Double, originalMaxPositions: Int) {
+            (self.factor, self.lowFreqFactor, self.highFreqFactor, self.originalMaxPositions) = (factor, lowFreqFactor, highFreqFactor, originalMaxPositions)
+        }
+    }
+
+    /// Rotary-embedding scaling of the config.
+    public enum RopeScaling: Sendable, Equatable, Codable {
+        case llama3(Llama3RopeScaling)
+        /// A rope type this project does not implement, by its config name.
+        case unsupported(String)
+    }
+
+    public var name: String
+    /// config.json's `model_type` ("llama", "mistral", "qwen2", ...).
+    public var modelType = "llama"
+    public var hiddenSize: Int
+    public var intermediateSize: Int
+    public var layers: Int
+    public var attentionHeads: Int
+    public var keyValueHeads: Int
+    /// Per-head width (`head_dim`; hidden / heads unless the config says otherwise).
+    public var headDim: Int
+    public var vocabSize: Int
+    /// lm_head shares the embedding matrix (no separate tensor).
+    public var tiedEmbeddings = false
+    public var rmsNormEps = 1e-6
+    public var ropeTheta = 10000.0
+    public var ropeScaling: RopeScaling? = nil
+    /// q/k/v projections carry biases (Qwen2).
+    public var attentionQKVBias = false
+    /// Every attention projection carries a bias (Llama's `attention_bias`).
+    public var attentionBias = false
+    /// MLP projections carry biases (Llama's `mlp_bias`).
+    public var mlpBias = false
+
+    public init(name: String, modelType: String = "llama", hiddenSize: Int, intermediateSize: Int, layers: Int, attentionHeads: Int,
+                keyValueHeads: Int? = nil, headDim: Int? = nil, vocabSize: Int, tiedEmbeddings: Bool = false, attentionQKVBias: Bool = false) {
+        self.name = name
+        self.modelType = modelType
+        self.hiddenSize = hiddenSize
+        self.intermediateSize = intermediateSize
+        self.layers = layers
+        self.attentionHeads = attentionHeads
+        self.keyValueHeads = keyValueHeads ?? attentionHeads
+        self.headDim = headDim ?? (attentionHeads > 0 ? hiddenSize / attentionHeads : 0)
+        self.vocabSize = vocabSize
+        self.tiedEmbeddings = tiedEmbeddings
+        self.attentionQKVBias = attentionQKVBias
+    }
+
+    /// Rows of k_proj and v_proj.
+    public var keyValueDim: Int { keyValueHeads * headDim }
+
+    /// Llama 3 rope scaling, when the config has it.
+    public var llama3RopeScaling: Llama3RopeScaling? {
+        if case .llama3(let s) = ropeScaling { return s }
+        return nil
+    }
+
+    // MARK: Projections
+
+    /// The seven projections of a decoder layer, in HF's names and in forward order.
+    public static let projectionNames = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    /// Named groups of projections for `targetProjections(_:)`.
+    public static let attentionProjections = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    public static let mlpProjections = ["gate_proj", "up_proj", "down_proj"]
+
+    /// One linear layer of a decoder layer.
+    public struct Projection: Sendable, Equatable {
+        /// HF's name (`q_proj`).
+        public var name: String
+        /// The submodule holding it: `self_attn` or `mlp`.
+        public var block: String
+        public var outFeatures: Int
+        public var inFeatures: Int
+        public var hasBias: Bool
+
+        /// `model.layers.<layer>.self_attn.q_proj`: the module path PEFT and the checkpoint use.
+        public func modulePath(layer: Int) -> String { "model.layers.\(layer).\(block).\(name)" }
+    }
+
+    /// The seven projections with their shapes and biases, in `projectionNames` order.
+    public var projections: [Projection] { Self.projectionNames.map(projection) }
+
+    /// Projection `name` (one of `projectionNames`).
+    public func projection(_ name: String) -> Projection {
+        let h = hiddenSize, i = intermediateSize
+        let attention = Self.attentionProjections.contains(name)
+        let (out, inF): (Int, Int)
+        switch name {
+        case "q_proj": (out, inF) = (attentionHeads * headDim, h)
+        case "o_proj": (out, inF) = (h, attentionHeads * headDim)
+        case "k_proj", "v_proj": (out, inF) = (keyValueDim, h)
+        case "gate_proj", "up_proj": (out, inF) = (i, h)
+        case "down_proj": (out, inF) = (h, i)
+        default: preconditionFailure("unknown projection \(name)")
+        }
+        let bias = attention ? (attentionBias || (attentionQKVBias && name != "o_proj")) : mlpBias
+        return Projection(name: name, block: attention ? "self_attn" : "mlp", outFeatures: out, inFeatures: inF, hasBias: bias)
+    }
+
+    /// [out, in] of projection `p`.
+    public func projectionShape(_ p: String) -> (out: Int, in: Int) {
+        let s = projection(p)
+        return (s.outFeatures, s.inFeatures)
+    }
+
+    /// Module path of layer `l`'s projection number `p` (`projectionNames` order).
+    public static func modulePath(layer l: Int, projection p: Int) -> String {
+        "model.layers.\(l)." + (p < 4 ? "self_attn." : "mlp.") + projectionNames[p]
+    }
+
+    /// The projections a target list names: `all`, `attention`, `mlp`, or a comma-separated list
+    /// such as `q,v` or `q_proj,v_proj`; returned in `projectionNames` order.
+    public static func targetProjections(_ text: String) throws -> [String] {
+        switch text.lowercased() {
+        case "all": return projectionNames
+        case "attention": return attentionProjections
+        case "mlp": return mlpProjections
+        default:
+            let names = try text.split(separator: ",").map { part -> String in
+                let t = part.trimmingCharacters(in: .whitespaces).lowercased()
+                let name = t.hasSuffix("_proj") ? t : t + "_proj"
+                guard projectionNames.contains(name) else {
+                    throw ArchitectureError("unknown target '\(part)'; use all, attention, mlp or names from \(projectionNames.joined(separator: ", "))")
+                }
+                return name
+            }
+            guard !names.isEmpty else { throw ArchitectureError("--targets is empty") }
+            return projectionNames.filter(names.contains)
+        }
+    }
+
+    // MARK: Parameter tensors
+
+    public enum TensorKind: String, Sendable, Codable {
+        /// A decoder layer's linear weight (quantized by QLoRA).
+        case projection
+        case embedding
+        case lmHead = "lm_head"
+        case norm
+        case bias
+    }
+
+    /// One parameter tensor pattern (`*` for the layer index) and how many times it occurs.
+    public struct TensorGroup: Sendable, Equatable {
+        public var name: String
+        public var shape: [Int]
+        public var count: Int
+        public var kind: TensorKind
+        /// The projection this weight or bias belongs to.
+        public var projection: String?
+        public var elements: Int { shape.reduce(1, *) * count }
+    }
+
+    /// The parameter tensors of decoder layer `l`, named, in forward order: the input norm, the
+    /// attention projections (each weight then its bias), the post-attention norm, the MLP.
+    public func layerTensors(_ l: Int) -> [TensorGroup] {
+        func norm(_ n: String) -> TensorGroup { TensorGroup(name: "model.layers.\(l).\(n).weight", shape: [hiddenSize], count: 1, kind: .norm) }
+        func block(_ names: [String]) -> [TensorGroup] {
+            names.flatMap { p -> [TensorGroup] in
+                let s = projection(p)
+                let path = s.modulePath(layer: l)
+                let w = TensorGroup(name: path + ".weight", shape: [s.outFeatures, s.inFeatures], count: 1, kind: .projection, projection: p)
+                return s.hasBias ? [w, TensorGroup(name: path + ".bias", shape: [s.outFeatures], count: 1, kind: .bias, projection: p)] : [w]
+            }
+        }
+        return [norm("input_layernorm")] + block(Self.attentionProjections) + [norm("post_attention_layernorm")] + block(Self.mlpProjections)
+    }
+
+    /// Every parameter, layer tensors as patterns with `*` for the layer, as transformers' model
+    /// class creates them (`Vectors/memory/presets.json` pins the presets to transformers' own counts).
+    public var tensorGroups: [TensorGroup] {
+        var g = [TensorGroup(name: "model.embed_tokens.weight", shape: [vocabSize, hiddenSize], count: 1, kind: .embedding)]
+        for t in layerTensors(0) {
+            g.append(TensorGroup(name: t.name.replacingOccurrences(of: "model.layers.0.", with: "model.layers.*."), shape: t.shape,
+                                 count: layers, kind: t.kind, projection: t.projection))
+        }
+        g.append(TensorGroup(name: "model.norm.weight", shape: [hiddenSize], count: 1, kind: .norm))
+        if !tiedEmbeddings { g.append(TensorGroup(name: "lm_head.weight", shape: [vocabSize, hiddenSize], count: 1, kind: .lmHead)) }
+        return g
+    }
+
+    public var totalParameters: Int { tensorGroups.reduce(0) { $0 + $1.elements } }
+
+    // MARK: What qlora implements
+
+    /// What qlora's decoder (`LlamaModel`) cannot run in this architecture, one problem per
+    /// feature, by its config name; empty when it can be trained. The memory estimate counts
+    /// biases and every model_type with these fields; the next families extend this list.
+    public var unsupportedForTraining: [String] {
+        var problems: [String] = []
+        if !["llama", "mistral"].contains(modelType) { problems.append("model_type \(modelType) is not a Llama architecture") }
+        if attentionBias || mlpBias || attentionQKVBias { problems.append("attention_bias / mlp_bias are not supported") }
+        if case .unsupported(let type) = ropeScaling { problems.append("rope type \(type) is not supported (default and llama3 are)") }
+        return problems
+    }
+
+    // MARK: Presets
+
+    /// Built-in presets with their exact published configs.
+    public static let presets: [ModelArchitecture] = [
+        ModelArchitecture(name: "llama-2-7b", hiddenSize: 4096, intermediateSize: 11008, layers: 32, attentionHeads: 32, vocabSize: 32000),
+        ModelArchitecture(name: "llama-2-13b", hiddenSize: 5120, intermediateSize: 13824, layers: 40, attentionHeads: 40, vocabSize: 32000),
+        ModelArchitecture(name: "llama-2-70b", hiddenSize: 8192, intermediateSize: 28672, layers: 80, attentionHeads: 64, keyValueHeads: 8, vocabSize: 32000),
+        ModelArchitecture(name: "llama-65b", hiddenSize: 8192, intermediateSize: 22016, layers: 80, attentionHeads: 64, vocabSize: 32000),
+        ModelArchitecture(name: "llama-3.1-8b", hiddenSize: 4096, intermediateSize: 14336, layers: 32, attentionHeads: 32, keyValueHeads: 8, vocabSize: 128256),
+        ModelArchitecture(name: "llama-3.1-70b", hiddenSize: 8192, intermediateSize: 28672, layers: 80, attentionHeads: 64, keyValueHeads: 8, vocabSize: 128256),
+        ModelArchitecture(name: "mistral-7b", modelType: "mistral", hiddenSize: 4096, intermediateSize: 14336, layers: 32, attentionHeads: 32, keyValueHeads: 8, vocabSize: 32000),
+        ModelArchitecture(name: "qwen2.5-7b", modelType: "qwen2", hiddenSize: 3584, intermediateSize: 18944, layers: 28, attentionHeads: 28, keyValueHeads: 4, vocabSize: 152064, attentionQKVBias: true),
+        ModelArchitecture(name: "qwen2.5-14b", modelType: "qwen2", hiddenSize: 5120, intermediateSize: 13824, layers: 48, attentionHeads: 40, keyValueHeads: 8, vocabSize: 152064, attentionQKVBias: true),
+        ModelArchitecture(name: "qwen2.5-32b", modelType: "qwen2", hiddenSize: 5120, intermediateSize: 27648, layers: 64, attentionHeads: 40, keyValueHeads: 8, vocabSize: 152064, attentionQKVBias: true),
+    ]
+
+    public static func preset(_ name: String) -> ModelArchitecture? { presets.first { $0.name == name.lowercased() } }
+}
+
+/// A bad architecture or target list: one line.
+public struct ArchitectureError: Error, CustomStringConvertible {
+    public var description: String
+    public init(_ description: String) { self.description = description }
+}
