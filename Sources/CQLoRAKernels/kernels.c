@@ -1,6 +1,8 @@
-// 4-bit blockwise quantize/dequantize kernels: a scalar version and an AVX-512 version of
-// each, picked at run time. The scalar Swift reference (Sources/QLoRA) defines the answer.
+// 4-bit blockwise quantize/dequantize/matmul kernels: a scalar version of each, an AVX-512
+// version of each, and AVX2 versions of the two the matmul uses (range dequantize, GEMV),
+// picked at run time. The scalar Swift reference (Sources/QLoRA) defines the answer.
 #include "qlora_kernels.h"
+#include "conversions.h"
 #include <math.h>
 #include <string.h>
 #include <stdlib.h>
@@ -11,7 +13,7 @@
 
 static _Atomic int max_level = QLORA_LEVEL_AVX512;
 
-int qlora_cpu_level(void) {
+static int probe_cpu_level(void) {
 #if defined(__x86_64__)
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -21,6 +23,19 @@ int qlora_cpu_level(void) {
         return QLORA_LEVEL_AVX2;
 #endif
     return QLORA_LEVEL_SCALAR;
+}
+
+// Every kernel call asks for the level, so the CPU is probed once. -1 until then; threads
+// that race to the first call each probe and store the same value, so relaxed order is enough.
+static _Atomic int cpu_level = -1;
+
+int qlora_cpu_level(void) {
+    int level = atomic_load_explicit(&cpu_level, memory_order_relaxed);
+    if (level < 0) {
+        level = probe_cpu_level();
+        atomic_store_explicit(&cpu_level, level, memory_order_relaxed);
+    }
+    return level;
 }
 
 int qlora_cpu_has_skylakex_features(void) {
@@ -35,13 +50,13 @@ int qlora_cpu_has_skylakex_features(void) {
 
 void qlora_set_max_level(int level) { atomic_store(&max_level, level); }
 
+// The cap is read on every call (tests move it between calls); an entry point reads the level
+// once and dispatches on that.
 int qlora_active_level(void) {
     int cpu = qlora_cpu_level();
-    int cap = atomic_load(&max_level);
+    int cap = atomic_load_explicit(&max_level, memory_order_relaxed);
     return cpu < cap ? cpu : cap;
 }
-
-#include "conversions.h"
 
 static const float kAbsmaxFloor = 1e-38f;  // bitsandbytes: absmax.clamp(min=1e-38)
 
@@ -96,8 +111,6 @@ DEFINE_QUANT_SCALAR(quant4_scalar_bf16, uint16_t, LOAD_BF16, block_absmax_scalar
 DEFINE_QUANT_SCALAR(quant4_scalar_f16, uint16_t, LOAD_F16, block_absmax_scalar_f16)
 
 // MARK: - Quantize, AVX-512
-
-#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")))
 
 AVX512 static inline __m512 load16_f32(const float *p) { return _mm512_loadu_ps(p); }
 AVX512 static inline __m512 load16_bf16(const uint16_t *p) {
@@ -242,12 +255,8 @@ AVX512 static inline __m512i unpack16(const uint8_t *p) {
 
 AVX512 static inline void store16_f32(float *o, __m512 v) { _mm512_storeu_ps(o, v); }
 AVX512 static inline void store16_bf16(uint16_t *o, __m512 v) {
-    __m512i u = _mm512_castps_si512(v);
-    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-    __mmask16 ordered = _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q);
-    r = _mm512_mask_blend_epi32(ordered, _mm512_set1_epi32(0x7FC0), r);
-    _mm256_storeu_si256((__m256i *)o, _mm512_cvtepi32_epi16(r));
+    vu16_avx512 h = f32_to_bf16_avx512(v);
+    memcpy(o, &h, sizeof h);
 }
 AVX512 static inline void store16_f16(uint16_t *o, __m512 v) {
     _mm256_storeu_si256((__m256i *)o, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
@@ -296,16 +305,11 @@ DEFINE_DEQUANT_ENTRY(qlora_dequantize4_f16, uint16_t, dequant4_scalar_f16, dequa
 
 // MARK: - AVX2 versions of the matmul kernels
 
-static inline float round_bf16_f32(float v) { return bf16_to_f32(f32_to_bf16(v)); }
-
 static inline float nibble_value(const uint8_t *packed, int64_t i, int64_t bs, const float *code, const float *absmax) {
     uint8_t byte = packed[i >> 1];
     uint8_t nib = (i & 1) ? (byte & 0x0F) : (byte >> 4);
     return code[nib] * absmax[i / bs];
 }
-
-
-#define AVX2 __attribute__((target("avx2,fma,f16c")))
 
 // 8 nibble indices (int32 lanes) from 4 packed bytes, element order.
 AVX2 static inline __m256i unpack8_avx2(const uint8_t *p) {
@@ -324,15 +328,6 @@ AVX2 static inline __m256 lookup16_avx2(__m256i idx, __m256 lo, __m256 hi) {
     return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
 }
 
-AVX2 static inline __m256 round_bf16_8(__m256 v) {
-    __m256i u = _mm256_castps_si256(v);
-    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
-    r = _mm256_and_si256(r, _mm256_set1_epi32((int)0xFFFF0000u));
-    __m256 ordered = _mm256_cmp_ps(v, v, _CMP_ORD_Q);
-    return _mm256_blendv_ps(_mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)), _mm256_castsi256_ps(r), ordered);
-}
-
 AVX2 static void dequant_range_avx2(const uint8_t *packed, int64_t start, int64_t count, int64_t bs,
                                     const float *code16, const float *absmax, int rb, float *out) {
     const __m256 lo = _mm256_loadu_ps(code16), hi = _mm256_loadu_ps(code16 + 8);
@@ -340,7 +335,7 @@ AVX2 static void dequant_range_avx2(const uint8_t *packed, int64_t start, int64_
     for (; i < end && (i & 7); i++) { float v = nibble_value(packed, i, bs, code16, absmax); out[i - start] = rb ? round_bf16_f32(v) : v; }
     for (; i + 8 <= end; i += 8) {
         __m256 v = _mm256_mul_ps(lookup16_avx2(unpack8_avx2(packed + i / 2), lo, hi), _mm256_set1_ps(absmax[i / bs]));
-        _mm256_storeu_ps(out + (i - start), rb ? round_bf16_8(v) : v);
+        _mm256_storeu_ps(out + (i - start), rb ? round_bf16_avx2(v) : v);
     }
     for (; i < end; i++) { float v = nibble_value(packed, i, bs, code16, absmax); out[i - start] = rb ? round_bf16_f32(v) : v; }
 }
@@ -356,14 +351,14 @@ AVX2 static void gemv4_avx2(const uint8_t *packed, int64_t r0, int64_t r1, int64
         const int64_t base = r * in;
         int64_t block = base / bs, left = bs - base % bs;
         __m256 s = _mm256_set1_ps(absmax[block]);
-        __m256 tlo = round_bf16_8(_mm256_mul_ps(clo, s)), thi = round_bf16_8(_mm256_mul_ps(chi, s));
+        __m256 tlo = round_bf16_avx2(_mm256_mul_ps(clo, s)), thi = round_bf16_avx2(_mm256_mul_ps(chi, s));
         for (int64_t k = 0, u = 0; k < in; k += 8, u = (u + 1) & 3) {
             if (left == 0) {
                 block++;
                 left = bs;
                 s = _mm256_set1_ps(absmax[block]);
-                tlo = round_bf16_8(_mm256_mul_ps(clo, s));
-                thi = round_bf16_8(_mm256_mul_ps(chi, s));
+                tlo = round_bf16_avx2(_mm256_mul_ps(clo, s));
+                thi = round_bf16_avx2(_mm256_mul_ps(chi, s));
             }
             left -= 8;
             __m256 w = lookup16_avx2(unpack8_avx2(packed + (base + k) / 2), tlo, thi);
@@ -385,15 +380,6 @@ AVX2 static void gemv4_avx2(const uint8_t *packed, int64_t r0, int64_t r1, int64
 
 // MARK: - Dequantize a range, fp32 out (optionally bf16-rounded)
 
-AVX512 static inline __m512 round_bf16_16(__m512 v) {
-    __m512i u = _mm512_castps_si512(v);
-    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-    r = _mm512_and_si512(r, _mm512_set1_epi32((int)0xFFFF0000u));
-    __mmask16 ordered = _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q);
-    return _mm512_castsi512_ps(_mm512_mask_blend_epi32(ordered, _mm512_set1_epi32(0x7FC00000), r));
-}
-
 // 16 values starting at element i (i % 16 == 0, so one block and 8 whole bytes).
 AVX512 static inline __m512 dequant16_at(const uint8_t *packed, int64_t i, int64_t bs, __m512 code, const float *absmax) {
     return _mm512_mul_ps(_mm512_permutexvar_ps(unpack16(packed + i / 2), code), _mm512_set1_ps(absmax[i / bs]));
@@ -406,18 +392,19 @@ AVX512 static void dequant_range_avx512(const uint8_t *packed, int64_t start, in
     for (; i < end && (i & 15); i++) { float v = nibble_value(packed, i, bs, code16, absmax); out[i - start] = rb ? round_bf16_f32(v) : v; }
     for (; i + 16 <= end; i += 16) {
         __m512 v = dequant16_at(packed, i, bs, code, absmax);
-        _mm512_storeu_ps(out + (i - start), rb ? round_bf16_16(v) : v);
+        _mm512_storeu_ps(out + (i - start), rb ? round_bf16_avx512(v) : v);
     }
     for (; i < end; i++) { float v = nibble_value(packed, i, bs, code16, absmax); out[i - start] = rb ? round_bf16_f32(v) : v; }
 }
 
 void qlora_dequantize4_range_f32(const uint8_t *packed, int64_t start, int64_t count, int64_t bs,
                                  const float *code16, const float *absmax, int round_bf16, float *out) {
-    if (qlora_active_level() >= QLORA_LEVEL_AVX512 && bs % 16 == 0) {
+    const int level = qlora_active_level();
+    if (level >= QLORA_LEVEL_AVX512 && bs % 16 == 0) {
         dequant_range_avx512(packed, start, count, bs, code16, absmax, round_bf16, out);
         return;
     }
-    if (qlora_active_level() >= QLORA_LEVEL_AVX2 && bs % 8 == 0) {
+    if (level >= QLORA_LEVEL_AVX2 && bs % 8 == 0) {
         dequant_range_avx2(packed, start, count, bs, code16, absmax, round_bf16, out);
         return;
     }
@@ -428,6 +415,11 @@ void qlora_dequantize4_range_f32(const uint8_t *packed, int64_t start, int64_t c
 }
 
 // MARK: - Fused GEMV, bf16 semantics
+
+// The 16 weights a block can hold, bf16(code[j] * absmax): a table for vpermps.
+AVX512 static inline __m512 block_table16(__m512 code, float absmax) {
+    return round_bf16_avx512(_mm512_mul_ps(code, _mm512_set1_ps(absmax)));
+}
 
 static void gemv4_scalar(const uint8_t *packed, int64_t r0, int64_t r1, int64_t in, int64_t bs,
                          const float *code, const float *absmax, const float *x, int64_t tokens, float *y, int64_t ldy) {
@@ -455,12 +447,12 @@ AVX512 static void gemv4_avx512(const uint8_t *packed, int64_t r0, int64_t r1, i
             const int64_t base = r * in;
             int64_t block = base / bs;
             int64_t left = bs - base % bs;
-            __m512 table = round_bf16_16(_mm512_mul_ps(code, _mm512_set1_ps(absmax[block])));
+            __m512 table = block_table16(code, absmax[block]);
             for (int64_t k = 0, u = 0; k < in; k += 16, u = (u + 1) & 3) {
                 if (left == 0) {
                     block++;
                     left = bs;
-                    table = round_bf16_16(_mm512_mul_ps(code, _mm512_set1_ps(absmax[block])));
+                    table = block_table16(code, absmax[block]);
                 }
                 left -= 16;
                 __m512 w = _mm512_permutexvar_ps(unpack16(packed + (base + k) / 2), table);
@@ -476,12 +468,12 @@ AVX512 static void gemv4_avx512(const uint8_t *packed, int64_t r0, int64_t r1, i
         const int64_t base = r * in;
         int64_t block = base / bs;
         int64_t left = bs - base % bs;  // elements until the next block starts (a multiple of 16)
-        __m512 table = round_bf16_16(_mm512_mul_ps(code, _mm512_set1_ps(absmax[block])));
+        __m512 table = block_table16(code, absmax[block]);
         for (int64_t k = 0; k < in; k += 16) {
             if (left == 0) {
                 block++;
                 left = bs;
-                table = round_bf16_16(_mm512_mul_ps(code, _mm512_set1_ps(absmax[block])));
+                table = block_table16(code, absmax[block]);
             }
             left -= 16;
             __m512 w = _mm512_permutexvar_ps(unpack16(packed + (base + k) / 2), table);
@@ -511,12 +503,12 @@ AVX512 static void gemv4_avx512_pairs(const uint8_t *packed, int64_t r0, int64_t
         const int64_t base = r * in;
         int64_t block = base / bs;
         int64_t left = bs - base % bs;  // a multiple of 32
-        __m512 table = round_bf16_16(_mm512_mul_ps(code, _mm512_set1_ps(absmax[block])));
+        __m512 table = block_table16(code, absmax[block]);
         for (int64_t k = 0; k < in; k += 32) {
             if (left == 0) {
                 block++;
                 left = bs;
-                table = round_bf16_16(_mm512_mul_ps(code, _mm512_set1_ps(absmax[block])));
+                table = block_table16(code, absmax[block]);
             }
             left -= 32;
             __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(packed + (base + k) / 2)));
@@ -534,7 +526,8 @@ AVX512 static void gemv4_avx512_pairs(const uint8_t *packed, int64_t r0, int64_t
 void qlora_gemv4_bf16(const uint8_t *packed, int64_t r0, int64_t r1, int64_t in, int64_t bs,
                       const float *code16, const float *absmax, const float *x, int64_t tokens, float *y, int64_t ldy) {
     if (tokens < 1 || tokens > 8) return;
-    if (qlora_active_level() >= QLORA_LEVEL_AVX512 && bs % 32 == 0 && in % 32 == 0) {
+    const int level = qlora_active_level();
+    if (level >= QLORA_LEVEL_AVX512 && bs % 32 == 0 && in % 32 == 0) {
         float *xd = (float *)malloc((size_t)(tokens * in) * sizeof(float));
         if (xd) {
             gemv4_avx512_pairs(packed, r0, r1, in, bs, code16, absmax, x, tokens, y, ldy, xd);
@@ -542,9 +535,9 @@ void qlora_gemv4_bf16(const uint8_t *packed, int64_t r0, int64_t r1, int64_t in,
             return;
         }
     }
-    if (qlora_active_level() >= QLORA_LEVEL_AVX512 && bs % 16 == 0 && in % 16 == 0)
+    if (level >= QLORA_LEVEL_AVX512 && bs % 16 == 0 && in % 16 == 0)
         gemv4_avx512(packed, r0, r1, in, bs, code16, absmax, x, tokens, y, ldy);
-    else if (qlora_active_level() >= QLORA_LEVEL_AVX2 && bs % 8 == 0 && in % 8 == 0)
+    else if (level >= QLORA_LEVEL_AVX2 && bs % 8 == 0 && in % 8 == 0)
         gemv4_avx2(packed, r0, r1, in, bs, code16, absmax, x, tokens, y, ldy);
     else
         gemv4_scalar(packed, r0, r1, in, bs, code16, absmax, x, tokens, y, ldy);
@@ -552,13 +545,13 @@ void qlora_gemv4_bf16(const uint8_t *packed, int64_t r0, int64_t r1, int64_t in,
 
 // MARK: - Round an activation to bf16 values
 
-AVX512 static void round_bf16_avx512(const float *in, int64_t n, float *out) {
+AVX512 static void round_bf16_array_avx512(const float *in, int64_t n, float *out) {
     int64_t i = 0;
-    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(out + i, round_bf16_16(_mm512_loadu_ps(in + i)));
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(out + i, round_bf16_avx512(_mm512_loadu_ps(in + i)));
     for (; i < n; i++) out[i] = round_bf16_f32(in[i]);
 }
 
 void qlora_round_bf16_f32(const float *in, int64_t n, float *out) {
-    if (qlora_active_level() >= QLORA_LEVEL_AVX512) { round_bf16_avx512(in, n, out); return; }
+    if (qlora_active_level() >= QLORA_LEVEL_AVX512) { round_bf16_array_avx512(in, n, out); return; }
     for (int64_t i = 0; i < n; i++) out[i] = round_bf16_f32(in[i]);
 }

@@ -32,7 +32,7 @@ static inline int store_scalar(void *p, int type, int64_t i, float v) {
 
 static inline float cast_scalar(float v, int type) {
     switch (type) {
-    case QLORA_TYPE_BF16: return bf16_to_f32(f32_to_bf16(v));
+    case QLORA_TYPE_BF16: return round_bf16_f32(v);
     case QLORA_TYPE_F16: return f16_to_f32(f32_to_f16(v));
     default: return v;
     }
@@ -77,31 +77,17 @@ static void report_sums_scalar(const void *base, int bt, const float *delta, con
 
 // MARK: - Vector versions
 
-#define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")))
-#define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
-
+// vf_, vu32_, vu16_ and the bf16 conversions of each level come from conversions.h.
 #define DEFINE_MERGE_VECTOR(SUFFIX, TARGET, W, RT)                                                         \
-typedef float vf_##SUFFIX __attribute__((ext_vector_type(W)));                                         \
-typedef uint32_t vu32_##SUFFIX __attribute__((ext_vector_type(W)));                                    \
 typedef int32_t vi32_##SUFFIX __attribute__((ext_vector_type(W)));                                     \
-typedef uint16_t vu16_##SUFFIX __attribute__((ext_vector_type(W)));                                    \
 typedef _Float16 vh_##SUFFIX __attribute__((ext_vector_type(W)));                                     \
 typedef double vd_##SUFFIX __attribute__((ext_vector_type(W)));                                        \
                                                                                                        \
-TARGET static inline vu16_##SUFFIX to_bf16_##SUFFIX(vf_##SUFFIX v) {                                   \
-    vu32_##SUFFIX u = __builtin_bit_cast(vu32_##SUFFIX, v);                                            \
-    vu32_##SUFFIX rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;                                    \
-    vu32_##SUFFIX ordered = __builtin_bit_cast(vu32_##SUFFIX, v == v);                                 \
-    return __builtin_convertvector((rounded & ordered) | (0x7FC0u & ~ordered), vu16_##SUFFIX);         \
-}                                                                                                      \
-TARGET static inline vf_##SUFFIX from_bf16_##SUFFIX(vu16_##SUFFIX b) {                                 \
-    return __builtin_bit_cast(vf_##SUFFIX, __builtin_convertvector(b, vu32_##SUFFIX) << 16);           \
-}                                                                                                      \
 TARGET static inline vf_##SUFFIX load_##SUFFIX(const void *p, int type, int64_t i) {                   \
     if (type == QLORA_TYPE_F32) { vf_##SUFFIX v; memcpy(&v, (const float *)p + i, sizeof v); return v; } \
     vu16_##SUFFIX h;                                                                                   \
     memcpy(&h, (const uint16_t *)p + i, sizeof h);                                                     \
-    if (type == QLORA_TYPE_BF16) return from_bf16_##SUFFIX(h);                                         \
+    if (type == QLORA_TYPE_BF16) return bf16_to_f32_##SUFFIX(h);                                       \
     return __builtin_convertvector(__builtin_bit_cast(vh_##SUFFIX, h), vf_##SUFFIX);                   \
 }                                                                                                      \
 /* Stores v rounded to type; returns an all-ones lane where the stored value is not finite. */       \
@@ -112,14 +98,14 @@ TARGET static inline vi32_##SUFFIX store_##SUFFIX(void *p, int type, int64_t i, 
     }                                                                                                  \
     vu16_##SUFFIX h;                                                                                   \
     vu32_##SUFFIX bits, mask;                                                                          \
-    if (type == QLORA_TYPE_BF16) { h = to_bf16_##SUFFIX(v); mask = 0x7F80u; }                          \
+    if (type == QLORA_TYPE_BF16) { h = f32_to_bf16_##SUFFIX(v); mask = 0x7F80u; }                      \
     else { h = __builtin_bit_cast(vu16_##SUFFIX, __builtin_convertvector(v, vh_##SUFFIX)); mask = 0x7C00u; } \
     memcpy((uint16_t *)p + i, &h, sizeof h);                                                           \
     bits = __builtin_convertvector(h, vu32_##SUFFIX);                                                  \
     return (bits & mask) == mask;                                                                      \
 }                                                                                                      \
 TARGET static inline vf_##SUFFIX cast_##SUFFIX(vf_##SUFFIX v, int type) {                              \
-    if (type == QLORA_TYPE_BF16) return from_bf16_##SUFFIX(to_bf16_##SUFFIX(v));                       \
+    if (type == QLORA_TYPE_BF16) return round_bf16_##SUFFIX(v);                                        \
     if (type == QLORA_TYPE_F16) return __builtin_convertvector(__builtin_convertvector(v, vh_##SUFFIX), vf_##SUFFIX); \
     return v;                                                                                          \
 }                                                                                                      \
@@ -197,8 +183,8 @@ TARGET static void report_sums_##SUFFIX(const void *base, int bt, const float *d
     report_sums_scalar(base, bt, delta, written, wt, i, n, acc);                                       \
 }
 
-DEFINE_MERGE_VECTOR(avx512, AVX512_TARGET, 16, 4)  // 16 accumulators + 4 loads of 32 registers
-DEFINE_MERGE_VECTOR(avx2, AVX2_TARGET, 8, 2)  // 8 accumulators + 4 loads of 16 registers
+DEFINE_MERGE_VECTOR(avx512, AVX512, 16, 4)  // 16 accumulators + 4 loads of 32 registers
+DEFINE_MERGE_VECTOR(avx2, AVX2, 8, 2)  // 8 accumulators + 4 loads of 16 registers
 
 // MARK: - Entry points
 

@@ -4,6 +4,10 @@
 // Sources/QLoRA (the reference defines the answer; tests hold these equal to it).
 // Packing layout (bitsandbytes): element 2j goes in the HIGH nibble of byte j,
 // element 2j+1 in the low nibble.
+//
+// Each function's comment says which versions it has ("Levels:"). A call runs the best one
+// at or below qlora_active_level() whose shape condition holds, else the scalar one.
+// bf16 rounding, everywhere: round to nearest even, NaN -> 0x7FC0, as torch's c10::BFloat16.
 #ifndef QLORA_KERNELS_H
 #define QLORA_KERNELS_H
 
@@ -21,13 +25,15 @@ typedef enum {
     QLORA_LEVEL_AVX512 = 2,
 } qlora_level;
 
-/// The highest level this CPU supports (AVX-512 means F+BW+VL+DQ).
+/// The highest level this CPU supports (AVX-512 means F+BW+VL+DQ; AVX2 means AVX2+FMA+F16C).
+/// Probed on the first call (from any kernel or thread) and cached.
 int qlora_cpu_level(void);
 /// Whether the CPU has everything OpenBLAS's SkylakeX kernels use (AVX-512 F, CD, BW, DQ, VL).
 int qlora_cpu_has_skylakex_features(void);
-/// Cap the level used by every kernel (e.g. QLORA_LEVEL_SCALAR to test the fallback).
+/// Cap the level used by every kernel (e.g. QLORA_LEVEL_SCALAR to test the fallback); kernel
+/// calls that start afterwards use the new cap.
 void qlora_set_max_level(int level);
-/// The level kernels use now: min(cpu level, cap).
+/// The level kernels use now: min(cpu level, cap). Each kernel call reads it once.
 int qlora_active_level(void);
 
 /// Quantize `nblocks` consecutive FULL blocks of `blocksize` fp32 values to 4-bit.
@@ -40,6 +46,7 @@ int qlora_active_level(void);
 /// (count of midpoints strictly below the scaled value), mapped through order16.
 /// blocksize must be even and >= 2. Returns -1, or the index of the first block holding a
 /// NaN or infinity (quantization stops there; bitsandbytes would emit NaN scales).
+/// Levels: scalar; AVX-512 (blocksize % 16 == 0). Same bits at both.
 int64_t qlora_quantize4_blocks_f32(const float *x, int64_t nblocks, int64_t blocksize,
                                 const float *midpoints16, const uint8_t *order16,
                                 float *absmax, uint8_t *packed);
@@ -57,6 +64,7 @@ int64_t qlora_quantize4_blocks_f16(const uint16_t *x, int64_t nblocks, int64_t b
 /// Absmax of `nblocks` FULL blocks only (max |x|, unclamped), as qlora_quantize4_blocks_*
 /// computes it, without quantizing: sizing pass for streamed checkpoint writes.
 /// Returns -1, or the index of the first block holding a NaN or infinity.
+/// Levels: scalar; AVX-512 (blocksize % 16 == 0). Same bits at both.
 int64_t qlora_absmax_blocks_f32(const float *x, int64_t nblocks, int64_t blocksize, float *absmax);
 int64_t qlora_absmax_blocks_bf16(const uint16_t *x, int64_t nblocks, int64_t blocksize, float *absmax);
 int64_t qlora_absmax_blocks_f16(const uint16_t *x, int64_t nblocks, int64_t blocksize, float *absmax);
@@ -64,29 +72,38 @@ int64_t qlora_absmax_blocks_f16(const uint16_t *x, int64_t nblocks, int64_t bloc
 /// Dequantize `n` 4-bit values (n even or odd) starting at element 0 of `packed`.
 ///   code16: the 16-entry code (fp32); absmax: one fp32 scale per block;
 ///   out[i] = code16[nibble(i)] * absmax[i / blocksize]  (one fp32 multiply).
+/// Levels (all three types): scalar; AVX-512 (blocksize % 16 == 0) for the full blocks, the
+/// scalar one for a partial last block. Same bits at both.
 void qlora_dequantize4_f32(const uint8_t *packed, int64_t n, int64_t blocksize,
                            const float *code16, const float *absmax, float *out);
-/// As above, then rounded to bf16 (round to nearest even; NaN -> 0x7FC0, as torch).
+/// As above, then rounded to bf16 (round to nearest even; NaN -> 0x7FC0).
 void qlora_dequantize4_bf16(const uint8_t *packed, int64_t n, int64_t blocksize,
                             const float *code16, const float *absmax, uint16_t *out);
-/// As above, then rounded to fp16 (IEEE round to nearest even).
+/// As above, then rounded to fp16 (IEEE round to nearest even). Not bit-identical across levels
+/// for a NaN (from a NaN absmax): the scalar version gives 0x7E00 with its sign; AVX-512
+/// (vcvtps2ph), like the Swift reference's Float16(_:), also keeps its top payload bits.
 void qlora_dequantize4_f16(const uint8_t *packed, int64_t n, int64_t blocksize,
                            const float *code16, const float *absmax, uint16_t *out);
 
 /// Dequantize elements [start, start + count) of a packed 4-bit tensor (any start) into
 /// out[0 ..< count] as fp32; with round_bf16 != 0 each value is rounded to bf16 (nearest
-/// even) and kept in fp32: the operand of a bf16-compute matmul done with sgemm.
+/// even, NaN -> 0x7FC00000) and kept in fp32: the operand of a bf16-compute matmul done with sgemm.
+/// Levels: scalar; AVX2 (blocksize % 8 == 0); AVX-512 (blocksize % 16 == 0). Same bits at all.
 void qlora_dequantize4_range_f32(const uint8_t *packed, int64_t start, int64_t count, int64_t blocksize,
                                  const float *code16, const float *absmax, int round_bf16, float *out);
 
-/// out[i] = in[i] rounded to bf16 (nearest even, NaN -> quiet NaN), kept in fp32.
+/// out[i] = in[i] rounded to bf16 (nearest even, NaN -> 0x7FC00000), kept in fp32. in == out
+/// is allowed. Levels: scalar; AVX-512 (AVX2 runs the scalar one). Same bits at both.
 void qlora_round_bf16_f32(const float *in, int64_t n, float *out);
 
 /// Fused 4-bit GEMV/GEMM for few tokens, bf16 compute semantics, no scratch:
 ///   y[t * ldy + r] = sum_i x[t * in + i] * bf16(code16[w(r, i)] * absmax[(r * in + i) / blocksize])
 /// for rows r in [row_begin, row_end) of W [out, in], t < tokens (1...8). x must hold
 /// bf16-representable values (already rounded); products are exact in fp32 and accumulate in
-/// fp32 (order differs from sgemm).
+/// fp32 (order differs from sgemm, and between levels).
+/// Levels: scalar; AVX2 (blocksize % 8 == 0 and in % 8 == 0); AVX-512 (blocksize % 16 == 0 and
+/// in % 16 == 0; with both % 32 == 0, a paired version that needs a tokens * in fp32 scratch
+/// and falls back to the 16-wide one if it cannot allocate it).
 void qlora_gemv4_bf16(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t in, int64_t blocksize,
                       const float *code16, const float *absmax, const float *x, int64_t tokens,
                       float *y, int64_t ldy);
@@ -109,6 +126,9 @@ typedef enum {
 /// coef = A transposed [in, r], m = B transposed [r, out].
 /// Every row is written. Returns -1, or the flat index of the first output element that is not
 /// finite.
+/// Levels: scalar; AVX2; AVX-512 (any cols: a scalar tail per row). Same bits at all three,
+/// but for a NaN rounded to fp16: 0x7E00 with its sign at the scalar level, its top payload bits
+/// kept too at the vector ones (as in qlora_dequantize4_f16).
 int64_t qlora_lora_merge_rows(const float *coef, const float *m, int64_t r, int64_t cols,
                               int64_t row_begin, int64_t row_end, float scaling, int adapter_type,
                               const void *base, int base_type, void *out, int out_type, float *delta_out);
@@ -116,8 +136,8 @@ int64_t qlora_lora_merge_rows(const float *coef, const float *m, int64_t r, int6
 /// Adds the merge report's sums over n elements to acc (Float64). base (base_type) and written
 /// (written_type) may be unaligned; with b, w their fp32 values and s = fl(b + delta),
 /// acc[0] += (w - s)^2, acc[1] += delta^2, acc[2] += s^2, acc[3] += (w - b) * delta,
-/// acc[4] += (w - b)^2. Lane order depends on the level, so results agree across levels to
-/// Float64 rounding, not bit for bit.
+/// acc[4] += (w - b)^2. Levels: scalar; AVX2; AVX-512. Lane order depends on the level, so
+/// results agree across levels to Float64 rounding, not bit for bit.
 void qlora_merge_report_sums(const void *base, int base_type, const float *delta, const void *written, int written_type,
                              int64_t n, double *acc);
 
