@@ -28,8 +28,9 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def main():
-    shutil.rmtree(HERE, ignore_errors=True)
-    os.makedirs(HERE)
+    for d in ("tiny", "tiny-nf4"):  # only what this script writes: ops.safetensors is generate_llama_ops.py's
+        shutil.rmtree(os.path.join(HERE, d), ignore_errors=True)
+    os.makedirs(HERE, exist_ok=True)
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=256, max_position_embeddings=256, rms_norm_eps=1e-5,

@@ -50,9 +50,13 @@ public enum LlamaOps {
         guard let s = llama3 else { return inv }
         let lowWavelen = Float(s.originalMaxPositions) / Float(s.lowFreqFactor)
         let highWavelen = Float(s.originalMaxPositions) / Float(s.highFreqFactor)
+        // transformers' `2 * math.pi / inv_freq`: torch rounds Python's 2π to the nearest fp32.
+        // (Swift's Float.pi is rounded toward zero, one ulp lower, which moved the medium
+        // frequencies by up to 2 ulps.)
+        let twoPi = Float(2 * Double.pi)
         for i in inv.indices {
             let f = inv[i]
-            let wavelen = 2 * Float.pi / f
+            let wavelen = twoPi / f
             var v = wavelen > lowWavelen ? f / Float(s.factor) : f
             let smooth = (Float(s.originalMaxPositions) / wavelen - Float(s.lowFreqFactor)) / (Float(s.highFreqFactor) - Float(s.lowFreqFactor))
             let medium = !(wavelen < highWavelen) && !(wavelen > lowWavelen)
