@@ -93,7 +93,7 @@ final class LlamaOpsTests: XCTestCase {
 
     // MARK: RoPE
 
-    static let llama3 = LlamaConfig.Llama3RopeScaling(factor: 8, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositions: 8192)
+    static let llama3 = ModelArchitecture.Llama3RopeScaling(factor: 8, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositions: 8192)
 
     /// fp32 inverse frequencies, exact: the same fp32 operations as transformers'
     /// `_compute_llama3_parameters` (Llama 3.1's scaling at head_dim 16 and 128) and the default

@@ -3,7 +3,8 @@
 /// bf16 and fp16 values are carried as their raw `UInt16` bit patterns (the layout they
 /// have in a safetensors file), so no Swift type stands between the bits and the file.
 public enum HalfPrecision {
-    /// fp32 -> bf16 bits, round to nearest even; NaN -> 0x7FC0 (as torch's `c10::BFloat16`).
+    /// fp32 -> bf16 bits, round to nearest even; NaN -> 0x7FC0 (as torch's scalar `c10::BFloat16`; its
+    /// vectorized CPU cast writes 0xFFFF instead: both are NaN, LlamaOpsTests pins the difference).
     @inline(__always)
     public static func bfloat16Bits(_ x: Float) -> UInt16 {
         if x.isNaN { return 0x7FC0 }
