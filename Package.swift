@@ -69,7 +69,7 @@ let package = Package(
 
         .target(name: "TestSupport", dependencies: ["QLoRA", "SafeTensors"], path: "Tests/TestSupport"),
         .testTarget(name: "QLoRATests", dependencies: ["QLoRA", "TestSupport", "SafeTensors", "COpenBLAS"]),
-        .testTarget(name: "SafeTensorsTests", dependencies: ["SafeTensors"]),
+        .testTarget(name: "SafeTensorsTests", dependencies: ["SafeTensors", "TestSupport"]),
         .testTarget(name: "CheckpointFormatsTests", dependencies: ["CheckpointFormats", "QLoRA", "SafeTensors", "TestSupport"]),
         .testTarget(name: "CheckpointJobsTests", dependencies: ["CheckpointJobs", "CheckpointFormats", "QLoRA", "SafeTensors", "TestSupport"]),
         .testTarget(name: "TrainingTests", dependencies: ["Training", "CheckpointJobs", "CheckpointFormats", "QLoRA", "SafeTensors", "TestSupport"]),

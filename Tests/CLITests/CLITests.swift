@@ -6,15 +6,7 @@ import TestSupport
 
 /// The `qlora` executable as a user runs it: exit codes, one-line errors on stderr naming
 /// the file, and no output file on failure.
-final class CLITests: XCTestCase {
-    var tmp: URL!
-
-    override func setUpWithError() throws {
-        tmp = FileManager.default.temporaryDirectory.appendingPathComponent("qlora-cli-\(UUID().uuidString)")
-        try FileManager.default.createDirectory(at: tmp, withIntermediateDirectories: true)
-    }
-
-    override func tearDownWithError() throws { try? FileManager.default.removeItem(at: tmp) }
+final class CLITests: TemporaryDirectoryTestCase {
 
     /// `swift test` builds every product; the test runner sits beside the `qlora` binary.
     var binary: URL {

@@ -3,12 +3,10 @@ import CheckpointFormats
 import QLoRA
 import TestSupport
 
-final class OptimizerCheckpointTests: XCTestCase {
+final class OptimizerCheckpointTests: TemporaryDirectoryTestCase {
     /// Five steps, save, load, five more == ten uninterrupted steps, to the bit.
     func testResumeIsBitIdentical() throws {
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("qlora-opt-\(UUID().uuidString)")
-        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(at: dir) }
+        let dir: URL = tmp
         var rng = SplitMix64(seed: 4)
         let p0 = (0..<300).map { _ in rng.normal() }
         let grads = (0..<10).map { _ in (0..<300).map { _ in rng.normal() } }

@@ -4,18 +4,7 @@ import QLoRA
 import SafeTensors
 import TestSupport
 
-final class PEFTAdapterTests: XCTestCase {
-    var tmp: URL!
-    override func setUpWithError() throws {
-        tmp = FileManager.default.temporaryDirectory.appendingPathComponent("qlora-peft-\(UUID().uuidString)")
-        try FileManager.default.createDirectory(at: tmp, withIntermediateDirectories: true)
-    }
-    /// QLORA_KEEP_TEST_FILES=1 keeps the written adapter (to check it with PEFT by hand).
-    override func tearDownWithError() throws {
-        if ProcessInfo.processInfo.environment["QLORA_KEEP_TEST_FILES"] != nil { print("kept \(tmp.path)"); return }
-        try? FileManager.default.removeItem(at: tmp)
-    }
-
+final class PEFTAdapterTests: TemporaryDirectoryTestCase {
     var peftDir: String { repositoryRoot.appendingPathComponent("Vectors/peft_adapter").path }
 
     /// The adapter PEFT's save_pretrained wrote (Vectors/peft_adapter) loads with the same A and B

@@ -5,15 +5,7 @@ import QLoRA
 import SafeTensors
 import TestSupport
 
-final class CheckpointTests: XCTestCase {
-    var tmp: URL!
-
-    override func setUpWithError() throws {
-        tmp = FileManager.default.temporaryDirectory.appendingPathComponent("qlora-ckpt-\(UUID().uuidString)")
-        try FileManager.default.createDirectory(at: tmp, withIntermediateDirectories: true)
-    }
-
-    override func tearDownWithError() throws { try? FileManager.default.removeItem(at: tmp) }
+final class CheckpointTests: TemporaryDirectoryTestCase {
 
     var dense: String { repositoryRoot.appendingPathComponent("Vectors/checkpoint/model.safetensors").path }
 

@@ -6,13 +6,7 @@ import SafeTensors
 import TestSupport
 
 /// `mergeCheckpoint` end to end against PEFT's merge_and_unload (Vectors/quant/merge.safetensors).
-final class MergeTests: XCTestCase {
-    var tmp: URL!
-    override func setUpWithError() throws {
-        tmp = FileManager.default.temporaryDirectory.appendingPathComponent("qlora-merge-\(UUID().uuidString)")
-        try FileManager.default.createDirectory(at: tmp, withIntermediateDirectories: true)
-    }
-    override func tearDownWithError() throws { try? FileManager.default.removeItem(at: tmp) }
+final class MergeTests: TemporaryDirectoryTestCase {
 
     func adapter(_ v: VectorFile, _ id: String, modules: [String], p: [String: Any]) -> PEFTAdapter {
         var a = PEFTAdapter(rank: p["r"] as! Int, loraAlpha: Double(p["lora_alpha"] as! Int), targetModules: modules)

@@ -8,7 +8,7 @@ import TestSupport
 
 /// Exact parameter counts against transformers (Vectors/memory/presets.json), and the 4-bit
 /// bytes against what `qlora quantize` writes.
-final class MemoryEstimateTests: XCTestCase {
+final class MemoryEstimateTests: TemporaryDirectoryTestCase {
     func testPresetsMatchTransformersTensorByTensor() throws {
         let data = try Data(contentsOf: repositoryRoot.appendingPathComponent("Vectors/memory/presets.json"))
         let json = try JSONSerialization.jsonObject(with: data) as! [String: Any]
@@ -32,9 +32,6 @@ final class MemoryEstimateTests: XCTestCase {
     /// for the same projection shapes (a scaled-down model so the test is quick; the formula is
     /// per tensor), with and without double quantization.
     func testFourBitBytesMatchQuantizedCheckpoint() throws {
-        let tmp = FileManager.default.temporaryDirectory.appendingPathComponent("qlora-memory-\(UUID().uuidString)")
-        try FileManager.default.createDirectory(at: tmp, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(at: tmp) }
         let arch = ModelArchitecture(name: "sample", hiddenSize: 192, intermediateSize: 520, layers: 2, attentionHeads: 6, keyValueHeads: 2, vocabSize: 300)
         try writeSampleCheckpoint(output: tmp.appendingPathComponent("dense").path, spec: SampleCheckpointSpec(architecture: arch))
         for dq in [true, false] {
@@ -80,13 +77,12 @@ final class MemoryEstimateTests: XCTestCase {
     }
 
     func testConfigFileAndBadOptions() throws {
-        let tmp = FileManager.default.temporaryDirectory.appendingPathComponent("qlora-config-\(UUID().uuidString).json")
-        defer { try? FileManager.default.removeItem(at: tmp) }
-        try Data(#"{"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064, "tie_word_embeddings": false}"#.utf8).write(to: tmp)
-        let a = try ModelArchitecture(configFile: tmp.path)
+        let config = tmp.appendingPathComponent("config.json")
+        try Data(#"{"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064, "tie_word_embeddings": false}"#.utf8).write(to: config)
+        let a = try ModelArchitecture(configFile: config.path)
         XCTAssertEqual(a.totalParameters, ModelArchitecture.preset("qwen2.5-7b")!.totalParameters)
-        try Data(#"{"hidden_size": 64}"#.utf8).write(to: tmp)
-        XCTAssertThrowsError(try ModelArchitecture(configFile: tmp.path)) { XCTAssertTrue("\($0)".contains("intermediate_size"), "\($0)") }
+        try Data(#"{"hidden_size": 64}"#.utf8).write(to: config)
+        XCTAssertThrowsError(try ModelArchitecture(configFile: config.path)) { XCTAssertTrue("\($0)".contains("intermediate_size"), "\($0)") }
         var o = MemoryOptions()
         o.targets = ["q_proj", "wq"]
         XCTAssertThrowsError(try MemoryEstimate(model: a, options: o)) { XCTAssertTrue("\($0)".contains("wq"), "\($0)") }

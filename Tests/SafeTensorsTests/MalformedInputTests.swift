@@ -1,5 +1,6 @@
 import Foundation
 import SafeTensors
+import TestSupport
 import XCTest
 
 /// One test per class of bad input the header parser must reject, each checking the error case

@@ -1,5 +1,6 @@
 import Foundation
 import SafeTensors
+import TestSupport
 import XCTest
 
 /// Files written by the reference Python/Rust library (`Vectors/generate_safetensors.py`),

@@ -1,5 +1,6 @@
 import Foundation
 import SafeTensors
+import TestSupport
 import XCTest
 
 /// Paths of the committed vectors, found from this source file (symlinks resolved, so the
@@ -18,28 +19,7 @@ enum Vectors {
     }
 }
 
-/// A test case with a fresh temporary directory, removed afterwards.
-class TemporaryDirectoryTestCase: XCTestCase {
-    var tmp: URL!
-
-    override func setUpWithError() throws {
-        try super.setUpWithError()
-        tmp = FileManager.default.temporaryDirectory
-            .appendingPathComponent("safetensors-tests-\(getpid())-\(UUID().uuidString)")
-        try FileManager.default.createDirectory(at: tmp, withIntermediateDirectories: true)
-    }
-
-    override func tearDownWithError() throws {
-        if let tmp { try? FileManager.default.removeItem(at: tmp) }
-        try super.tearDownWithError()
-    }
-
-    /// Names of the entries in `directory` (default: the temporary directory), sorted, hidden
-    /// files included (temporary files are hidden).
-    func listing(_ directory: URL? = nil) throws -> [String] {
-        try FileManager.default.contentsOfDirectory(atPath: (directory ?? tmp).path).sorted()
-    }
-
+extension TemporaryDirectoryTestCase {
     /// Writes raw bytes to `tmp/name` and returns its URL.
     @discardableResult
     func writeRaw(_ bytes: [UInt8], name: String) throws -> URL {
@@ -68,6 +48,7 @@ class TemporaryDirectoryTestCase: XCTestCase {
         }
     }
 }
+
 
 /// The enum case name of an error (`fileTooShort`, ...).
 func caseName(_ error: SafeTensorsError) -> String {

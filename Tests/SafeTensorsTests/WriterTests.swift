@@ -1,5 +1,6 @@
 import Foundation
 import SafeTensors
+import TestSupport
 import XCTest
 
 final class WriterTests: TemporaryDirectoryTestCase {

@@ -1,6 +1,7 @@
 import Foundation
 import QLoRA
 import SafeTensors
+import XCTest
 
 /// The repository root, found from this source file's path.
 public let repositoryRoot: URL = URL(fileURLWithPath: #filePath)
@@ -56,6 +57,32 @@ public final class VectorFile {
         }
         let bytes = file.withBytes(of: tensor) { Array($0) }  // an aligned copy: file offsets need not be
         return try bytes.withUnsafeBytes { try body(.view($0, as: type)) }
+    }
+}
+
+/// A test case with a fresh temporary directory, `tmp`, removed after each test
+/// (`QLORA_KEEP_TEST_FILES=1` keeps it and prints its path, e.g. to load what a test wrote with
+/// the Python stack by hand).
+open class TemporaryDirectoryTestCase: XCTestCase {
+    public var tmp: URL!
+
+    open override func setUpWithError() throws {
+        try super.setUpWithError()
+        tmp = FileManager.default.temporaryDirectory.appendingPathComponent("qlora-tests-\(getpid())-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: tmp, withIntermediateDirectories: true)
+    }
+
+    open override func tearDownWithError() throws {
+        if let tmp {
+            if ProcessInfo.processInfo.environment["QLORA_KEEP_TEST_FILES"] != nil { print("kept \(tmp.path)") } else { try? FileManager.default.removeItem(at: tmp) }
+        }
+        try super.tearDownWithError()
+    }
+
+    /// Names of the entries in `directory` (default: the temporary directory), sorted, hidden
+    /// files included (temporary files are hidden).
+    public func listing(_ directory: URL? = nil) throws -> [String] {
+        try FileManager.default.contentsOfDirectory(atPath: (directory ?? tmp).path).sorted()
     }
 }
 

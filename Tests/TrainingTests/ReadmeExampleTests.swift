@@ -6,11 +6,9 @@ import QLoRA
 import TestSupport
 
 /// The README's "one training step" example, as written there (so it compiles and runs).
-final class ReadmeExampleTests: XCTestCase {
+final class ReadmeExampleTests: TemporaryDirectoryTestCase {
     func testOneTrainingStep() throws {
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("qlora-readme-\(UUID().uuidString)")
-        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(at: dir) }
+        let dir: URL = tmp
         var rng = SplitMix64(seed: 2)
         let w = (0..<(64 * 128)).map { _ in rng.normal() * 0.05 }
         let q = try w.withUnsafeBufferPointer { try quantize4Bit(.float32($0), shape: [64, 128]) }

@@ -8,13 +8,7 @@ import TestSupport
 
 /// `qlora train`'s job end to end: a real fine-tune of the tiny Llama on a copy task, and a
 /// resumed run equal to the bit to an uninterrupted one.
-final class TrainingTests: XCTestCase {
-    var tmp: URL!
-    override func setUpWithError() throws {
-        tmp = FileManager.default.temporaryDirectory.appendingPathComponent("qlora-train-\(UUID().uuidString)")
-        try FileManager.default.createDirectory(at: tmp, withIntermediateDirectories: true)
-    }
-    override func tearDownWithError() throws { try? FileManager.default.removeItem(at: tmp) }
+final class TrainingTests: TemporaryDirectoryTestCase {
 
     /// The tiny Llama's architecture (Vectors/llama/tiny/config.json) with weights at the scale
     /// of a real model's: embeddings and lm_head N(0, 1), projections N(0, 0.1²), norms 1. (The
