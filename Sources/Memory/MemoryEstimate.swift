@@ -198,7 +198,7 @@ public struct MemoryEstimate: Sendable, Codable {
         // Adapters fed the same tensor keep one fp32 copy of it (without dropout): q/k/v share
         // the normed input, gate/up theirs.
         let t = Set(o.targets)
-        let groups: [[String]] = o.loraDropout > 0 ? o.targets.map { [$0] } : [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+        let groups: [[String]] = o.loraDropout > 0 ? o.targets.map { [$0] } : ModelArchitecture.sharedInputGroups
         let inputs = groups.filter { !t.isDisjoint(with: $0) }.reduce(0) { n, g in n + 4 * a.projectionShape(g.first { t.contains($0) }!).in * (o.loraDropout > 0 ? 2 : 1) }
         return 2 * a.hiddenSize + 4 + 2 * (a.hiddenSize + 2 * a.keyValueDim) + 2 * a.hiddenSize + 4 + 4 * a.intermediateSize + inputs + 4 * o.rank * o.targets.count
     }

@@ -80,6 +80,9 @@ public struct ModelArchitecture: Sendable, Equatable, Codable {
     /// Named groups of projections for `targetProjections(_:)`.
     public static let attentionProjections = ["q_proj", "k_proj", "v_proj", "o_proj"]
     public static let mlpProjections = ["gate_proj", "up_proj", "down_proj"]
+    /// Projections fed the same tensor: q/k/v the normed input, o the attention output, gate/up
+    /// the normed residual, down the SwiGLU product.
+    public static let sharedInputGroups = [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
 
     /// One linear layer of a decoder layer.
     public struct Projection: Sendable, Equatable {
