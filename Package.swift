@@ -12,6 +12,8 @@ let package = Package(
         .library(name: "CheckpointJobs", targets: ["CheckpointJobs"]),
         .library(name: "Training", targets: ["Training"]),
         .library(name: "Memory", targets: ["Memory"]),
+        .library(name: "Claims", targets: ["Claims"]),
+        .library(name: "Report", targets: ["Report"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -40,14 +42,18 @@ let package = Package(
         .target(name: "Training", dependencies: ["CheckpointFormats", "QLoRA", "SafeTensors", "FileOutput"]),
         /// Memory per component: estimated from exact parameter counts, and measured (allocator,
         /// RSS, a real decoder layer's step).
-        .target(name: "Memory", dependencies: ["QLoRA", "SafeTensors", "CMallocInfo"]),
+        .target(name: "Memory", dependencies: ["QLoRA", "CMallocInfo"]),
+        /// The published claims (../shared/claims.md) as data, the checks that give each a verdict, and the precision figures.
+        .target(name: "Claims", dependencies: ["Memory", "QLoRA", "SafeTensors"]),
+        /// The main report: the component table, the claims and the memory chart, as Markdown and SVG text.
+        .target(name: "Report", dependencies: ["Memory", "Claims", "QLoRA"]),
         /// `qlora bench`: the kernels timed against memcpy/sgemm/sgemv in one run.
         .target(name: "KernelBench", dependencies: ["QLoRA", "COpenBLAS"]),
         /// The `qlora` command: parses, calls the libraries, prints.
         .executableTarget(
             name: "QLoRACommand",
             dependencies: [
-                "QLoRA", "SafeTensors", "FileOutput", "CheckpointFormats", "CheckpointJobs", "Training", "KernelBench", "Memory",
+                "QLoRA", "SafeTensors", "FileOutput", "CheckpointFormats", "CheckpointJobs", "Training", "KernelBench", "Memory", "Claims", "Report",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -74,6 +80,7 @@ let package = Package(
         .testTarget(name: "CheckpointJobsTests", dependencies: ["CheckpointJobs", "CheckpointFormats", "QLoRA", "SafeTensors", "TestSupport"]),
         .testTarget(name: "TrainingTests", dependencies: ["Training", "CheckpointJobs", "CheckpointFormats", "QLoRA", "SafeTensors", "TestSupport"]),
         .testTarget(name: "MemoryTests", dependencies: ["Memory", "QLoRA", "CheckpointFormats", "CheckpointJobs", "SafeTensors", "TestSupport"]),
+        .testTarget(name: "ClaimsTests", dependencies: ["Claims", "Memory", "QLoRA", "TestSupport"]),
         .testTarget(name: "CLITests", dependencies: ["TestSupport", "QLoRA", "SafeTensors"]),
     ]
 )

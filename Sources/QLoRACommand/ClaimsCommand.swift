@@ -1,6 +1,6 @@
 import ArgumentParser
+import Claims
 import Foundation
-import Memory
 
 struct ClaimsCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -11,7 +11,7 @@ struct ClaimsCommand: ParsableCommand {
 
     func run() {
         runReportingErrors {
-            let checks = try Claims.check(precision: try PrecisionFigures.measure(realWeights: try PrecisionFigures.loadRealWeights()))
+            let checks = try Claims.check(precision: try measurePrecisionFigures())
             if json {
                 try printJSON(checks)
             } else {
@@ -19,6 +19,27 @@ struct ClaimsCommand: ParsableCommand {
             }
         }
     }
+}
+
+/// The precision figures, with the committed slice of real weights when it can be found.
+func measurePrecisionFigures() throws -> PrecisionFigures {
+    try PrecisionFigures.measure(realWeights: try PrecisionFigures.loadRealWeights(path: committedSlicePath()))
+}
+
+/// The committed slice of all-MiniLM-L6-v2 (Data/all-MiniLM-L6-v2/slice.safetensors), found
+/// under `$QLORA_DATA`, the current directory, or a parent of the executable's directory, in
+/// that order; nil when none has it.
+func committedSlicePath() -> String? {
+    let relative = "all-MiniLM-L6-v2/slice.safetensors"
+    var candidates: [String] = []
+    if let d = ProcessInfo.processInfo.environment["QLORA_DATA"] { candidates.append(d + "/" + relative) }
+    candidates.append(FileManager.default.currentDirectoryPath + "/Data/" + relative)
+    var dir = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath().deletingLastPathComponent()
+    for _ in 0..<6 {
+        candidates.append(dir.appendingPathComponent("Data/" + relative).path)
+        dir = dir.deletingLastPathComponent()
+    }
+    return candidates.first { FileManager.default.fileExists(atPath: $0) }
 }
 
 func claimsTable(_ checks: [ClaimCheck]) -> String {

@@ -1,8 +1,10 @@
 import ArgumentParser
+import Claims
 import FileOutput
 import Foundation
 import Memory
 import QLoRA
+import Report
 
 struct ReportCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -22,7 +24,7 @@ struct ReportCommand: ParsableCommand {
                 throw ValidationError("\(out): exists and is not a directory")
             }
             let scope = noMeasure ? nil : try measureWithProgress(&m, model: arch)
-            let claims = try Claims.check(precision: try PrecisionFigures.measure(realWeights: try PrecisionFigures.loadRealWeights()))
+            let claims = try Claims.check(precision: try measurePrecisionFigures())
             let panels = try MemoryReport.chartEstimates()
             let staged = try StagedOutput(out, kind: .filesInDirectory, ifExists: .replace, createParent: true)
             try Data(MemoryReport.svg(panels).utf8).write(to: staged.url(for: "memory.svg"))

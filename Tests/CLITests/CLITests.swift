@@ -157,7 +157,7 @@ final class CLITests: TemporaryDirectoryTestCase {
         r = try run(["claims", "--json"])
         XCTAssertEqual(r.status, 0, r.stderr)
         let claims = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as! [[String: Any]]
-        XCTAssertEqual(claims.map { $0["id"] as! String }, (1...6).map { "Q\($0)" } + (1...22).map { "M\($0)" })
+        XCTAssertEqual(claims.map { $0["id"] as! String }, (1...6).map { "Q\($0)" } + (1...30).map { "M\($0)" })
 
         let out = tmp.appendingPathComponent("report").path
         r = try run(["report", "--out", out, "--no-measure"])

@@ -1,4 +1,6 @@
+import Claims
 import Foundation
+import Memory
 import QLoRA
 
 /// The project's main report: the default component table (estimated and measured), the claims
