@@ -122,14 +122,8 @@ public enum Claims {
 
     static func estimate(_ model: ModelArchitecture, _ method: TrainingMethod, rank: Int = 16, targets: [String] = ModelArchitecture.projectionNames,
                          seq: Int = 2048, batch: Int = 1, gc: Bool = true) throws -> MemoryEstimate {
-        var o = MemoryOptions()
-        o.method = method
-        o.rank = rank
-        o.targets = targets
-        o.seqLen = seq
-        o.batch = batch
-        o.gradientCheckpointing = gc
-        return try MemoryEstimate(model: model, options: o)
+        try MemoryEstimate(model: model, options: MemoryOptions(method: method, rank: rank, targets: targets, seqLen: seq, batch: batch,
+                                                                gradientCheckpointing: gc))
     }
 
     static func bytes(_ m: MemoryEstimate, _ names: String...) -> Int { names.reduce(0) { $0 + (m.component($1)?.estimatedBytes ?? 0) } }
