@@ -2,7 +2,7 @@
 """Golden vectors for qlora, made by the real bitsandbytes 0.50.2 on CPU.
 
 Writes Vectors/quant/*.safetensors. Every case stores its input and everything bitsandbytes
-produced from it; the Swift tests compare every byte (Tests/QLoRATests, Tests/CheckpointTests).
+produced from it; the Swift tests compare every byte (Tests/QLoRATests, Tests/CheckpointJobsTests).
 
     python3 -m venv .venv && .venv/bin/pip install -r Vectors/requirements.txt
     .venv/bin/python Vectors/generate.py

@@ -166,7 +166,6 @@ final class CheckpointRewrite {
 final class TensorSink {
     private let rewrite: CheckpointRewrite
     private let staged: StagedOutput
-    private let layout: OutputLayout
     private let outputs: [OutputTensor]
     /// Input shard of each output tensor.
     private let outputShard: [Int]
@@ -184,7 +183,6 @@ final class TensorSink {
     init(rewrite: CheckpointRewrite, staged: StagedOutput, layout: OutputLayout, plans: [TensorPlan]) throws {
         self.rewrite = rewrite
         self.staged = staged
-        self.layout = layout
         var outputs: [OutputTensor] = [], shard: [Int] = [], ends: [Int] = []
         for (e, p) in zip(rewrite.reader.entries, plans) {
             outputs += p.outputs
