@@ -60,9 +60,7 @@ public final class TrainingRun {
         let cfg = try LlamaCheckpoint.config(directory: dir)
         model = try LlamaCheckpoint.load(directory: dir, adapter: adapter, rank: o.rank, alpha: o.alpha, seed: o.seed)
         data = try loadTrainingData(path: path, vocabSize: cfg.vocabSize)
-        var adam = AdamWConfig()
-        adam.lr = o.lr
-        adam.weightDecay = o.weightDecay
+        let adam = AdamWConfig(lr: o.lr, weightDecay: o.weightDecay)
         trainer = LlamaTrainer(model: model, optimizer: adam, checkpointing: o.gradientCheckpointing, states: states)
         options = o
         self.out = out

@@ -17,7 +17,7 @@ final class ReadmeExampleTests: TemporaryDirectoryTestCase {
         let base = try Linear4BitWeight(q)                        // q: Quantized4Bit [out, in]
         let layer = try LoRALinear(base: base, config: LoRAConfig(rank: 16, alpha: 32), seed: 0)  // A ~ U(±1/√in), B = 0
         var stateA = AdamWState(count: layer.loraA.count), stateB = AdamWState(count: layer.loraB.count)
-        var adamw = AdamWConfig(); adamw.lr = 2e-4                // torch defaults otherwise
+        let adamw = AdamWConfig(lr: 2e-4)                        // torch defaults otherwise
 
         layer.zeroGrad()
         let (y, saved) = try layer.forward(x, tokens: 512)        // x: [512, in] -> y: [512, out]

@@ -5,7 +5,9 @@ public struct AdamWConfig: Sendable, Equatable, Codable {
     public var beta2: Double = 0.999
     public var eps: Double = 1e-8
     public var weightDecay: Double = 1e-2
-    public init() {}
+    public init(lr: Double = 1e-3, beta1: Double = 0.9, beta2: Double = 0.999, eps: Double = 1e-8, weightDecay: Double = 1e-2) {
+        (self.lr, self.beta1, self.beta2, self.eps, self.weightDecay) = (lr, beta1, beta2, eps, weightDecay)
+    }
 }
 
 /// One parameter tensor's AdamW state: the step count and the fp32 moments.
