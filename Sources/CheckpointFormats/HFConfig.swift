@@ -6,8 +6,8 @@ import SafeTensors
 // and the `quantization_config` a bitsandbytes 4-bit checkpoint carries.
 
 extension ModelArchitecture {
-    /// Reads a Hugging Face config.json (`model_type` llama, mistral or qwen2, or any config with
-    /// the same fields). Errors name the file and the field. Features qlora's decoder does not
+    /// Reads a Hugging Face config.json (`model_type` llama, mistral, qwen2, qwen3 or phi3, or any
+    /// config with the same fields). Errors name the file and the field. Features qlora's decoder does not
     /// implement are recorded, not refused (`unsupportedForTraining` names them).
     public init(configFile path: String) throws {
         func bad(_ problem: String) -> CheckpointError { .invalidPath(path: path, problem: problem) }
@@ -27,9 +27,19 @@ extension ModelArchitecture {
                   tiedEmbeddings: (c["tie_word_embeddings"] as? Bool) ?? false, attentionQKVBias: type == "qwen2")
         attentionBias = (c["attention_bias"] as? Bool) ?? false
         mlpBias = (c["mlp_bias"] as? Bool) ?? false
-        guard hiddenSize % attentionHeads == 0, attentionHeads % keyValueHeads == 0, headDim > 0 else {
-            throw bad("hidden_size must be a multiple of num_attention_heads, and that of num_key_value_heads")
+        qkNorm = type == "qwen3"
+        fusedProjections = type == "phi3"
+        guard attentionHeads % keyValueHeads == 0, c["head_dim"] != nil || hiddenSize % attentionHeads == 0, headDim > 0 else {
+            throw bad("hidden_size must be a multiple of num_attention_heads (unless head_dim is given), and that of num_key_value_heads")
         }
+        // Qwen2/Qwen3 configs carry a sliding_window that applies only with use_sliding_window.
+        let windowed = ["qwen2", "qwen3"].contains(type) ? ((c["use_sliding_window"] as? Bool) ?? false) : true
+        if windowed, let w = c["sliding_window"] as? Int, w > 0 { slidingWindow = w }
+        partialRotaryFactor = number(c["partial_rotary_factor"]) ?? 1
+        for key in ["num_experts", "num_local_experts", "n_routed_experts"] {
+            if let n = c[key] as? Int, n > 0 { unmodelledFeatures.append("mixture of experts (\(key) \(n))") }
+        }
+        if c["vision_config"] != nil { unmodelledFeatures.append("a vision tower (vision_config)") }
         rmsNormEps = number(c["rms_norm_eps"]) ?? 1e-6
         // transformers 5 writes rope_parameters; earlier versions rope_theta + rope_scaling.
         let rope = (c["rope_parameters"] as? [String: Any]) ?? (c["rope_scaling"] as? [String: Any]) ?? [:]

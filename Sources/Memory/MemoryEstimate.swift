@@ -103,8 +103,9 @@ public struct MemoryEstimate: Sendable, Codable {
 
     public init(model a: ModelArchitecture, options o: MemoryOptions) throws {
         guard o.rank > 0, o.seqLen > 0, o.batch > 0 else { throw MemoryError.badOption("rank, seq-len and batch must be positive") }
-        for t in o.targets where !ModelArchitecture.projectionNames.contains(t) {
-            throw MemoryError.badOption("unknown target '\(t)'; targets are \(ModelArchitecture.projectionNames.joined(separator: ", "))")
+        let known = ModelArchitecture.projectionNames + ModelArchitecture.fusedModules.map(\.name)
+        for t in o.targets where !known.contains(t) {
+            throw MemoryError.badOption("unknown target '\(t)'; targets are \(known.joined(separator: ", "))")
         }
         model = a.name
         architecture = a
@@ -115,7 +116,7 @@ public struct MemoryEstimate: Sendable, Codable {
         let others = groups.filter { $0.kind != .projection }
         let projectionElements = projections.reduce(0) { $0 + $1.elements }
         let otherElements = others.reduce(0) { $0 + $1.elements }
-        let loraElements = o.isLoRA ? o.targets.reduce(0) { t, p in let s = a.projectionShape(p); return t + o.rank * (s.in + s.out) } * a.layers : 0
+        let loraElements = o.isLoRA ? a.adaptedModules(o.targets).reduce(0) { t, p in let s = a.projectionShape(p); return t + o.rank * (s.in + s.out) } * a.layers : 0
         params = Parameters(total: a.totalParameters, quantized: o.method == .qlora ? projectionElements : 0,
                             trainable: o.isLoRA ? loraElements : a.totalParameters)
         activationBytesPerLayerPerToken = Self.activationBytesPerToken(a, o)
@@ -184,23 +185,26 @@ public struct MemoryEstimate: Sendable, Codable {
     /// The fp32 inputs and A·x results LoRA keeps per token in one layer (PEFT casts the
     /// input to the adapter's fp32 for each adapter; `LoRALinear.Saved` holds the same).
     public static func loraActivationBytesPerToken(_ a: ModelArchitecture, _ o: MemoryOptions) -> Int {
-        o.targets.reduce(0) { t, p in
+        a.adaptedModules(o.targets).reduce(0) { t, p in
             let s = a.projectionShape(p)
             return t + 4 * s.in + 4 * o.rank + (o.loraDropout > 0 ? 4 * s.in : 0)
         }
     }
 
     /// What qlora's own decoder layer (`LlamaModel`) keeps per token for backward: bf16 x, q and
-    /// k after RoPE, v, the attention residual h, gate and up (2 B each); the adapters' fp32
-    /// inputs, one per distinct input tensor, and A·x; 1/rms of both norms (fp32). Attention
-    /// probabilities are recomputed in backward; silu(gate) too.
+    /// k after RoPE, v, the attention residual h, gate and up (2 B each); with q/k norms also q
+    /// and k before them and their 1/rms per head; the adapters' fp32 inputs, one per distinct
+    /// input tensor, and A·x; 1/rms of both norms (fp32). Attention probabilities are recomputed
+    /// in backward; silu(gate) too.
     public static func qloraLayerActivationBytesPerToken(_ a: ModelArchitecture, _ o: MemoryOptions) -> Int {
         // Adapters fed the same tensor keep one fp32 copy of it (without dropout): q/k/v share
         // the normed input, gate/up theirs.
-        let t = Set(o.targets)
-        let groups: [[String]] = o.loraDropout > 0 ? o.targets.map { [$0] } : ModelArchitecture.sharedInputGroups
+        let modules = a.adaptedModules(o.targets)
+        let t = Set(modules)
+        let groups: [[String]] = o.loraDropout > 0 ? modules.map { [$0] } : a.sharedInputGroups
         let inputs = groups.filter { !t.isDisjoint(with: $0) }.reduce(0) { n, g in n + 4 * a.projectionShape(g.first { t.contains($0) }!).in * (o.loraDropout > 0 ? 2 : 1) }
-        return 2 * a.hiddenSize + 4 + 2 * (a.hiddenSize + 2 * a.keyValueDim) + 2 * a.hiddenSize + 4 + 4 * a.intermediateSize + inputs + 4 * o.rank * o.targets.count
+        let qkNorm = a.qkNorm ? 2 * (a.queryDim + a.keyValueDim) + 4 * (a.attentionHeads + a.keyValueHeads) : 0
+        return 2 * a.hiddenSize + 4 + 2 * (a.queryDim + 2 * a.keyValueDim) + qkNorm + 2 * a.hiddenSize + 4 + 4 * a.intermediateSize + inputs + 4 * o.rank * modules.count
     }
 
     /// The peak memory of one decoder layer's training step in qlora, per token, above its
@@ -213,16 +217,19 @@ public struct MemoryEstimate: Sendable, Codable {
     }
 
     /// Activation bytes one decoder layer keeps per token for backward (bf16 compute, SDPA /
-    /// flash attention, HF Llama layer). h hidden, kv key/value dim, i intermediate, a heads:
-    /// - each RMSNorm: its fp32 input and 1/rms: 4h + 4 (two per layer);
-    /// - attention: q, k, v after RoPE 2(h + 2kv), the output 2h and the fp32 log-sum-exp 4a;
+    /// flash attention, HF Llama layer). h hidden, q query dim (h unless head_dim says otherwise),
+    /// kv key/value dim, i intermediate, a heads:
+    /// - each RMSNorm: its fp32 input and 1/rms: 4h + 4 (two per layer); with per-head q/k norms
+    ///   (Qwen3) also 4(q + kv) + 4(a + kv heads);
+    /// - attention: q, k, v after RoPE 2(q + 2kv), the output 2q and the fp32 log-sum-exp 4a;
     /// - SwiGLU: gate, silu(gate), up: 6i;
     /// - trained projections (full fine-tune): their bf16 inputs not already kept, normed x 2h
     ///   (q/k/v share it), normed x 2h (gate/up) and silu(gate)·up 2i;
     /// - LoRA: `loraActivationBytesPerToken`.
     public static func activationBytesPerToken(_ a: ModelArchitecture, _ o: MemoryOptions) -> Int {
-        let h = a.hiddenSize, kv = a.keyValueDim, i = a.intermediateSize
-        var bytes = 2 * (4 * h + 4) + 2 * (h + 2 * kv) + 2 * h + 4 * a.attentionHeads + 6 * i
+        let h = a.hiddenSize, q = a.queryDim, kv = a.keyValueDim, i = a.intermediateSize
+        var bytes = 2 * (4 * h + 4) + 2 * (q + 2 * kv) + 2 * q + 4 * a.attentionHeads + 6 * i
+        if a.qkNorm { bytes += 4 * (q + kv) + 4 * (a.attentionHeads + a.keyValueHeads) }
         if o.isLoRA { bytes += loraActivationBytesPerToken(a, o) } else { bytes += 2 * h + 2 * h + 2 * i }
         return bytes
     }

@@ -62,7 +62,7 @@ public struct MemoryMeasurement {
 
         // Synthetic N(0, 0.02²) weights, one buffer as large as the largest projection; every
         // weight is quantized from a prefix of it (the values do not change the bytes).
-        let largest = ModelArchitecture.projectionNames.map { let s = a.projectionShape($0); return s.out * s.in }.max()!
+        let largest = a.projections.map { $0.outFeatures * $0.inFeatures }.max()!
         var rng = SplitMix64(seed: seed)
         let source = (0..<largest).map { _ in rng.normal() * 0.02 }
 
@@ -82,7 +82,7 @@ public struct MemoryMeasurement {
             progress?("quantizing \(builtLayers) layer(s) of projections to NF4")
             var (q, all, rssAll) = try probe { () -> [Quantized4Bit] in
                 try (0..<builtLayers).flatMap { _ in
-                    try ModelArchitecture.projectionNames.map { p in
+                    try a.moduleNames.map { p in
                         let s = a.projectionShape(p)
                         return try source.withUnsafeBufferPointer {
                             try quantize4Bit(.float32(UnsafeBufferPointer(rebasing: $0[0..<(s.out * s.in)])), shape: [s.out, s.in],
@@ -103,7 +103,7 @@ public struct MemoryMeasurement {
         } else {
             progress?("allocating \(builtLayers) layer(s) of bf16 projection weights")
             let (w, bytes, rss) = probe { () -> [[UInt16]] in
-                (0..<builtLayers).flatMap { _ in ModelArchitecture.projectionNames.map { p in
+                (0..<builtLayers).flatMap { _ in a.moduleNames.map { p in
                     let s = a.projectionShape(p)
                     return [UInt16](repeating: 1, count: s.out * s.in)
                 } }
@@ -126,7 +126,7 @@ public struct MemoryMeasurement {
 
         if o.isLoRA {
             // LoRA A [r, in] and B [out, r] for each target, fp32; then gradients; then AdamW states.
-            let shapes = (0..<builtLayers).flatMap { _ in o.targets.map { a.projectionShape($0) } }
+            let shapes = (0..<builtLayers).flatMap { _ in a.adaptedModules(o.targets).map { a.projectionShape($0) } }
             progress?("allocating LoRA parameters, gradients and AdamW states")
             let (params, pBytes, pRSS) = probe { shapes.flatMap { [[Float](repeating: 0.01, count: o.rank * $0.in), [Float](repeating: 0.01, count: $0.out * o.rank)] } }
             let (grads, gBytes, gRSS) = probe { params.map { [Float](repeating: 0, count: $0.count) } }
@@ -203,13 +203,15 @@ public struct MemoryMeasurement {
     /// runs a forward + backward at `o.tokens` tokens (batch × seq), measuring memory and time.
     public static func layerStep(_ a: ModelArchitecture, _ o: MemoryOptions, source: [Float], seed: UInt64 = 1) throws -> LayerStep {
         let layer = LlamaLayer(inputNorm: [Float](repeating: 1, count: a.hiddenSize), postAttentionNorm: [Float](repeating: 1, count: a.hiddenSize),
-                               projections: try ModelArchitecture.projectionNames.map { p in
+                               projections: try a.moduleNames.map { p in
             let s = a.projectionShape(p)
             let q = try source.withUnsafeBufferPointer {
                 try quantize4Bit(.float32(UnsafeBufferPointer(rebasing: $0[0..<(s.out * s.in)])), shape: [s.out, s.in], blocksize: o.blocksize, doubleQuant: o.doubleQuant)
             }
-            return try LoRALinear(base: try Linear4BitWeight(q), config: LoRAConfig(rank: o.rank, alpha: o.alpha, dropout: o.loraDropout), seed: seed)
-        })
+            let l = try LoRALinear(base: try Linear4BitWeight(q), config: LoRAConfig(rank: o.rank, alpha: o.alpha, dropout: o.loraDropout), seed: seed)
+            if a.projection(p).hasBias { l.bias = [Float](repeating: 0, count: s.out) }
+            return l
+        }, qNorm: a.qkNorm ? [Float](repeating: 1, count: a.headDim) : nil, kNorm: a.qkNorm ? [Float](repeating: 1, count: a.headDim) : nil)
         let shared = Matmul4BitScratch()  // as LlamaModel shares one between all its projections
         for p in layer.projections { p.scratch = shared }
         var cfg = a

@@ -3,9 +3,10 @@ import Foundation
 import QLoRA
 import SafeTensors
 
-/// Loads a Hugging Face Llama checkpoint directory (config.json + safetensors, dense or
-/// bitsandbytes-4bit) as a QLoRA `LlamaModel`: dense projections are quantized to NF4 with
-/// double quantization (bitsandbytes' defaults), everything else is held as bf16 values.
+/// Loads a Hugging Face checkpoint directory (config.json + safetensors, dense or
+/// bitsandbytes-4bit) of a family `LlamaModel` runs (Llama, Mistral, Qwen2, Qwen3, Phi-3) as a
+/// QLoRA `LlamaModel`: dense projections are quantized to NF4 with double quantization
+/// (bitsandbytes' defaults), everything else (norms, biases, embeddings) is held as bf16 values.
 public enum LlamaCheckpoint {
     /// Reads config.json and checks that qlora's decoder implements the architecture. Errors
     /// name the file and the field or feature.
@@ -58,21 +59,24 @@ public enum LlamaCheckpoint {
                 } else {
                     base = try quantized(try dense(name, [out, inF]), shape: [out, inF], file: file(name), tensor: name)
                 }
+                let layer: LoRALinear
                 if let adapter {
                     guard let m = adapter.modules[path] else {
-                        throw CheckpointError.invalidPath(path: directory, problem: "the adapter has no \(path); qlora train adapts all seven projections of every layer")
+                        throw CheckpointError.invalidPath(path: directory, problem: "the adapter has no \(path); qlora train adapts all \(cfg.moduleNames.count) linear modules of every layer (\(cfg.moduleNames.joined(separator: ", ")))")
                     }
                     let c = adapter.config(for: path)
-                    projections.append(try LoRALinear(base: base, config: LoRAConfig(rank: c.rank, alpha: c.alpha, useRSLoRA: c.useRSLoRA, dropout: dropout),
-                                                      loraA: m.loraA, loraB: m.loraB))
+                    layer = try LoRALinear(base: base, config: LoRAConfig(rank: c.rank, alpha: c.alpha, useRSLoRA: c.useRSLoRA, dropout: dropout),
+                                           loraA: m.loraA, loraB: m.loraB)
                 } else {
-                    projections.append(try LoRALinear(base: base, config: LoRAConfig(rank: rank, alpha: alpha, dropout: dropout),
-                                                      seed: seed &+ UInt64(l * 7 + p)))
+                    layer = try LoRALinear(base: base, config: LoRAConfig(rank: rank, alpha: alpha, dropout: dropout), seed: seed &+ UInt64(l * 7 + p))
                 }
+                if projection.hasBias { layer.bias = try dense(path + ".bias", [out]) }
+                projections.append(layer)
             }
+            let norms = cfg.qkNorm ? (try dense("model.layers.\(l).self_attn.q_norm.weight", [cfg.headDim]), try dense("model.layers.\(l).self_attn.k_norm.weight", [cfg.headDim])) : nil
             layers.append(LlamaLayer(inputNorm: try dense("model.layers.\(l).input_layernorm.weight", [h]),
                                      postAttentionNorm: try dense("model.layers.\(l).post_attention_layernorm.weight", [h]),
-                                     projections: projections))
+                                     projections: projections, qNorm: norms?.0, kNorm: norms?.1))
         }
         let embed = try dense("model.embed_tokens.weight", [cfg.vocabSize, h])
         let head = cfg.tiedEmbeddings ? nil : try dense("lm_head.weight", [cfg.vocabSize, h])
@@ -101,8 +105,8 @@ public enum LlamaCheckpoint {
 
     /// The model's adapters as a PEFT adapter (fp32, r and alpha of the first module).
     public static func adapter(of model: LlamaModel, baseModel: String? = nil) -> PEFTAdapter {
-        let first = model.layers[0].q.config
-        var a = PEFTAdapter(rank: first.rank, loraAlpha: first.alpha, targetModules: ModelArchitecture.projectionNames)
+        let first = model.layers[0].projections[0].config
+        var a = PEFTAdapter(rank: first.rank, loraAlpha: first.alpha, targetModules: model.config.moduleNames)
         a.useRSLoRA = first.useRSLoRA
         a.loraDropout = first.dropout
         a.baseModelNameOrPath = baseModel

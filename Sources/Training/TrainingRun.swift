@@ -58,6 +58,9 @@ public final class TrainingRun {
             state = s
         }
         let cfg = try LlamaCheckpoint.config(directory: dir)
+        if let problem = cfg.slidingWindowProblem(seqLen: o.seqLen) {
+            throw CheckpointError.invalidPath(path: dir + "/config.json", problem: problem)
+        }
         model = try LlamaCheckpoint.load(directory: dir, adapter: adapter, rank: o.rank, alpha: o.alpha, seed: o.seed)
         data = try loadTrainingData(path: path, vocabSize: cfg.vocabSize)
         let adam = AdamWConfig(lr: o.lr, weightDecay: o.weightDecay)

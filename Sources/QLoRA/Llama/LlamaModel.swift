@@ -1,30 +1,35 @@
 import Foundation
 
-/// One decoder layer: two RMSNorm weights (bf16 values) and seven LoRA projections on 4-bit bases.
+/// One decoder layer: two RMSNorm weights (bf16 values), Qwen3's per-head q/k norms, and the
+/// LoRA projections on 4-bit bases (biases, where the family has them, on the projections).
 public final class LlamaLayer {
     public let inputNorm: [Float]
     public let postAttentionNorm: [Float]
-    /// q, k, v, o, gate, up, down (`ModelArchitecture.projectionNames` order).
+    /// RMSNorm weights [headDim] of each head's query and key before rope (Qwen3), or nil.
+    public let qNorm: [Float]?, kNorm: [Float]?
+    /// In `ModelArchitecture.moduleNames` order: q, k, v, o, gate, up, down, or with fused
+    /// projections (Phi-3) qkv, o, gate_up, down.
     public let projections: [LoRALinear]
-    public init(inputNorm: [Float], postAttentionNorm: [Float], projections: [LoRALinear]) {
-        precondition(projections.count == 7, "a Llama layer has seven projections")
+    public var isFused: Bool { projections.count == 4 }
+
+    public init(inputNorm: [Float], postAttentionNorm: [Float], projections: [LoRALinear], qNorm: [Float]? = nil, kNorm: [Float]? = nil) {
+        precondition(projections.count == 7 || projections.count == 4, "a decoder layer has seven projections, or four when fused")
+        precondition((qNorm == nil) == (kNorm == nil), "q and k norms come together")
         self.inputNorm = inputNorm
         self.postAttentionNorm = postAttentionNorm
         self.projections = projections
+        self.qNorm = qNorm
+        self.kNorm = kNorm
         for p in projections { p.bf16Activations = true }
     }
-    public var q: LoRALinear { projections[0] }
-    public var k: LoRALinear { projections[1] }
-    public var v: LoRALinear { projections[2] }
-    public var o: LoRALinear { projections[3] }
-    public var gate: LoRALinear { projections[4] }
-    public var up: LoRALinear { projections[5] }
-    public var down: LoRALinear { projections[6] }
+    public var o: LoRALinear { projections[isFused ? 1 : 3] }
+    public var down: LoRALinear { projections[isFused ? 3 : 6] }
 }
 
-/// A Llama causal LM for QLoRA training: bf16 embeddings, norms and lm_head (frozen), 4-bit
-/// projections with LoRA adapters (trained), bf16 activations. Forward and backward follow
-/// transformers' LlamaForCausalLM with eager attention and PEFT's LoRA, op by op (`LlamaOps`).
+/// A Llama-style causal LM for QLoRA training (Llama, Mistral, Qwen2, Qwen3, Phi-3: see
+/// `ModelArchitecture.unsupportedForTraining`): bf16 embeddings, norms and lm_head (frozen),
+/// 4-bit projections with LoRA adapters (trained), bf16 activations. Forward and backward follow
+/// transformers' model classes with eager attention and PEFT's LoRA, op by op (`LlamaOps`).
 public final class LlamaModel {
     public let config: ModelArchitecture
     /// [vocab, hidden], bf16 values.
@@ -56,10 +61,12 @@ public final class LlamaModel {
     }
 
     /// Everything one layer's backward needs: bf16 tensors in 2 bytes, the adapters' fp32 inputs
-    /// (`LoRALinear.Saved`), the two norms' 1/rms in fp32. Attention probabilities are recomputed.
+    /// (`LoRALinear.Saved`), the norms' 1/rms in fp32. Attention probabilities are recomputed.
     struct LayerCache {
         var x: BF16Array, rstd1: [Float]
         var saved: [LoRALinear.Saved]
+        /// q and k before their per-head norms, and the norms' 1/rms (Qwen3); empty otherwise.
+        var qPre: BF16Array, kPre: BF16Array, qRstd: [Float], kRstd: [Float]
         var qr: BF16Array, kr: BF16Array, v: BF16Array
         var h: BF16Array, rstd2: [Float], gate: BF16Array, up: BF16Array
 
@@ -68,8 +75,33 @@ public final class LlamaModel {
             var inputs: [UnsafeRawPointer?: Int] = [:]
             for s in saved { inputs[s.inputAddress] = 4 * s.xDropped.count }
             return x.byteCount + 4 * rstd1.count + saved.reduce(0) { $0 + $1.byteCountWithoutInput } + inputs.values.reduce(0, +)
+                + qPre.byteCount + kPre.byteCount + 4 * (qRstd.count + kRstd.count)
                 + qr.byteCount + kr.byteCount + v.byteCount + h.byteCount + 4 * rstd2.count + gate.byteCount + up.byteCount
         }
+    }
+
+    /// Splits rows of `x` ([tokens, Σwidths]) into one array per width.
+    static func splitColumns(_ x: [Float], tokens: Int, widths: [Int]) -> [[Float]] {
+        let total = widths.reduce(0, +)
+        var offset = 0
+        return widths.map { w in
+            defer { offset += w }
+            var part = [Float](repeating: 0, count: tokens * w)
+            for t in 0..<tokens { for j in 0..<w { part[t * w + j] = x[t * total + offset + j] } }
+            return part
+        }
+    }
+
+    /// The inverse of `splitColumns`.
+    static func joinColumns(_ parts: [[Float]], tokens: Int) -> [Float] {
+        let widths = parts.map { $0.count / max(tokens, 1) }, total = widths.reduce(0, +)
+        var x = [Float](repeating: 0, count: tokens * total)
+        var offset = 0
+        for (p, w) in zip(parts, widths) {
+            for t in 0..<tokens { for j in 0..<w { x[t * total + offset + j] = p[t * w + j] } }
+            offset += w
+        }
+        return x
     }
 
     /// What `backward` needs from `forward`.
@@ -93,32 +125,65 @@ public final class LlamaModel {
 
     static func layerForward(_ l: LlamaLayer, _ x: [Float], config c: ModelArchitecture, batch: Int, seq: Int, cos: [Float], sin: [Float]) throws -> ([Float], LayerCache) {
         let t = batch * seq
+        let eps = Float(c.rmsNormEps)
         // Scopes end each fp32 temporary's life as soon as its bf16 copy is kept.
-        let (n1, rstd1) = LlamaOps.rmsnormForward(x, l.inputNorm, tokens: t, eps: Float(c.rmsNormEps))
-        let sq, sk, sv: LoRALinear.Saved, att: [Float], qrB, krB, vB: BF16Array
+        let (n1, rstd1) = LlamaOps.rmsnormForward(x, l.inputNorm, tokens: t, eps: eps)
+        var saved: [LoRALinear.Saved] = []
+        let att: [Float], qrB, krB, vB: BF16Array
+        var qPre = BF16Array([]), kPre = BF16Array([]), qRstd: [Float] = [], kRstd: [Float] = []
         do {
-            let (q, sq1) = try l.q.forward(n1, tokens: t)
-            let (k, sk1) = try l.k.forward(n1, tokens: t)
-            let (v, sv1) = try l.v.forward(n1, tokens: t)
+            var q: [Float], k: [Float], v: [Float]
+            if l.isFused {
+                // Phi-3: one qkv_proj, its rows [q | k | v].
+                let (qkv, s) = try l.projections[0].forward(n1, tokens: t)
+                saved.append(s)
+                let parts = splitColumns(qkv, tokens: t, widths: [c.queryDim, c.keyValueDim, c.keyValueDim])
+                (q, k, v) = (parts[0], parts[1], parts[2])
+            } else {
+                let (q1, sq) = try l.projections[0].forward(n1, tokens: t)
+                let (k1, sk) = try l.projections[1].forward(n1, tokens: t)
+                let (v1, sv) = try l.projections[2].forward(n1, tokens: t)
+                saved += [sq, sk, sv]
+                (q, k, v) = (q1, k1, v1)
+            }
+            if let qn = l.qNorm, let kn = l.kNorm {
+                // Qwen3: RMSNorm over each head's dimensions, before rope.
+                (qPre, kPre) = (BF16Array(q), BF16Array(k))
+                (q, qRstd) = LlamaOps.rmsnormForward(q, qn, tokens: t * c.attentionHeads, eps: eps)
+                (k, kRstd) = LlamaOps.rmsnormForward(k, kn, tokens: t * c.keyValueHeads, eps: eps)
+            }
             let qr = LlamaOps.ropeForward(q, heads: c.attentionHeads, headDim: c.headDim, seq: seq, cos: cos, sin: sin)
             let kr = LlamaOps.ropeForward(k, heads: c.keyValueHeads, headDim: c.headDim, seq: seq, cos: cos, sin: sin)
             att = LlamaOps.attentionForward(q: qr, k: kr, v: v, batch: batch, seq: seq, heads: c.attentionHeads, kvHeads: c.keyValueHeads, headDim: c.headDim)
-            (sq, sk, sv, qrB, krB, vB) = (sq1, sk1, sv1, BF16Array(qr), BF16Array(kr), BF16Array(v))
+            (qrB, krB, vB) = (BF16Array(qr), BF16Array(kr), BF16Array(v))
         }
         let (o, so) = try l.o.forward(att, tokens: t)
+        saved.append(so)
         let h = (0..<x.count).map { LlamaOps.bf16(x[$0] + o[$0]) }
-        let (n2, rstd2) = LlamaOps.rmsnormForward(h, l.postAttentionNorm, tokens: t, eps: Float(c.rmsNormEps))
-        let sg, su: LoRALinear.Saved, m: [Float], gB, uB: BF16Array
+        let (n2, rstd2) = LlamaOps.rmsnormForward(h, l.postAttentionNorm, tokens: t, eps: eps)
+        let m: [Float], gB, uB: BF16Array
         do {
-            let (g, sg1) = try l.gate.forward(n2, tokens: t)
-            let (u, su1) = try l.up.forward(n2, tokens: t)
+            let g: [Float], u: [Float]
+            if l.isFused {
+                // Phi-3: one gate_up_proj, its rows [gate | up].
+                let (gu, s) = try l.projections[2].forward(n2, tokens: t)
+                saved.append(s)
+                let parts = splitColumns(gu, tokens: t, widths: [c.intermediateSize, c.intermediateSize])
+                (g, u) = (parts[0], parts[1])
+            } else {
+                let (g1, sg) = try l.projections[4].forward(n2, tokens: t)
+                let (u1, su) = try l.projections[5].forward(n2, tokens: t)
+                saved += [sg, su]
+                (g, u) = (g1, u1)
+            }
             m = LlamaOps.swigluForward(gate: g, up: u)
-            (sg, su, gB, uB) = (sg1, su1, BF16Array(g), BF16Array(u))
+            (gB, uB) = (BF16Array(g), BF16Array(u))
         }
         let (d, sd) = try l.down.forward(m, tokens: t)
+        saved.append(sd)
         let out = (0..<h.count).map { LlamaOps.bf16(h[$0] + d[$0]) }
-        return (out, LayerCache(x: BF16Array(x), rstd1: rstd1, saved: [sq, sk, sv, so, sg, su, sd], qr: qrB, kr: krB,
-                                v: vB, h: BF16Array(h), rstd2: rstd2, gate: gB, up: uB))
+        return (out, LayerCache(x: BF16Array(x), rstd1: rstd1, saved: saved, qPre: qPre, kPre: kPre, qRstd: qRstd, kRstd: kRstd,
+                                qr: qrB, kr: krB, v: vB, h: BF16Array(h), rstd2: rstd2, gate: gB, up: uB))
     }
 
     func layerBackward(_ l: LlamaLayer, _ dout: [Float], _ cache: LayerCache, batch: Int, seq: Int, cos: [Float], sin: [Float]) throws -> [Float] {
@@ -130,20 +195,34 @@ public final class LlamaModel {
         let s = cache.saved
         let dn2: [Float]
         do {
-            let dm = try l.down.backward(dout, saved: s[6])
+            let dm = try l.down.backward(dout, saved: s[s.count - 1])
             let (dg, du) = LlamaOps.swigluBackward(dm, gate: cache.gate.bits, up: cache.up.bits)
-            let dnUp = try l.up.backward(du, saved: s[5]), dnGate = try l.gate.backward(dg, saved: s[4])
-            dn2 = (0..<dnUp.count).map { LlamaOps.bf16(dnUp[$0] + dnGate[$0]) }
+            if l.isFused {
+                dn2 = try l.projections[2].backward(joinColumns([dg, du], tokens: t), saved: s[2])
+            } else {
+                let dnUp = try l.projections[5].backward(du, saved: s[5]), dnGate = try l.projections[4].backward(dg, saved: s[4])
+                dn2 = (0..<dnUp.count).map { LlamaOps.bf16(dnUp[$0] + dnGate[$0]) }
+            }
         }
         let dNorm2 = LlamaOps.rmsnormBackward(dn2, cache.h.floats, l.postAttentionNorm, rstd: cache.rstd2, tokens: t)
         let dh = (0..<dout.count).map { LlamaOps.bf16(dout[$0] + dNorm2[$0]) }
-        let datt = try l.o.backward(dh, saved: s[3])
+        let datt = try l.o.backward(dh, saved: s[l.isFused ? 1 : 3])
         let (dqr, dkr, dv) = LlamaOps.attentionBackward(dout: datt, q: cache.qr.floats, k: cache.kr.floats, v: cache.v.floats, batch: batch, seq: seq,
                                                         heads: c.attentionHeads, kvHeads: c.keyValueHeads, headDim: c.headDim)
-        let dq = LlamaOps.ropeBackward(dqr, heads: c.attentionHeads, headDim: c.headDim, seq: seq, cos: cos, sin: sin)
-        let dk = LlamaOps.ropeBackward(dkr, heads: c.keyValueHeads, headDim: c.headDim, seq: seq, cos: cos, sin: sin)
-        let dnV = try l.v.backward(dv, saved: s[2]), dnK = try l.k.backward(dk, saved: s[1]), dnQ = try l.q.backward(dq, saved: s[0])
-        let dn1 = (0..<dnV.count).map { LlamaOps.bf16(LlamaOps.bf16(dnV[$0] + dnK[$0]) + dnQ[$0]) }
+        var dq = LlamaOps.ropeBackward(dqr, heads: c.attentionHeads, headDim: c.headDim, seq: seq, cos: cos, sin: sin)
+        var dk = LlamaOps.ropeBackward(dkr, heads: c.keyValueHeads, headDim: c.headDim, seq: seq, cos: cos, sin: sin)
+        if let qn = l.qNorm, let kn = l.kNorm {
+            dq = LlamaOps.rmsnormBackward(dq, cache.qPre.floats, qn, rstd: cache.qRstd, tokens: t * c.attentionHeads)
+            dk = LlamaOps.rmsnormBackward(dk, cache.kPre.floats, kn, rstd: cache.kRstd, tokens: t * c.keyValueHeads)
+        }
+        let dn1: [Float]
+        if l.isFused {
+            dn1 = try l.projections[0].backward(joinColumns([dq, dk, dv], tokens: t), saved: s[0])
+        } else {
+            let dnV = try l.projections[2].backward(dv, saved: s[2]), dnK = try l.projections[1].backward(dk, saved: s[1])
+            let dnQ = try l.projections[0].backward(dq, saved: s[0])
+            dn1 = (0..<dnV.count).map { LlamaOps.bf16(LlamaOps.bf16(dnV[$0] + dnK[$0]) + dnQ[$0]) }
+        }
         let dNorm1 = LlamaOps.rmsnormBackward(dn1, cache.x.floats, l.inputNorm, rstd: cache.rstd1, tokens: t)
         return (0..<dh.count).map { LlamaOps.bf16(dh[$0] + dNorm1[$0]) }
     }
@@ -191,7 +270,8 @@ public final class LlamaModel {
 
     /// Every trainable adapter, with its module path.
     public var adapters: [(path: String, layer: LoRALinear)] {
-        layers.enumerated().flatMap { l, layer in layer.projections.enumerated().map { (ModelArchitecture.modulePath(layer: l, projection: $0.offset), $0.element) } }
+        let modules = config.projections
+        return layers.enumerated().flatMap { l, layer in zip(modules, layer.projections).map { ($0.modulePath(layer: l), $1) } }
     }
 
     public func zeroGrad() { for a in adapters { a.layer.zeroGrad() } }

@@ -61,6 +61,9 @@ public final class LoRALinear {
     /// input's gradient is the bf16 sum of the base's and the adapter's bf16 gradients. Off: the
     /// fp32-input semantics of issue 4 (fp32 result, fp32 sum).
     public var bf16Activations = false
+    /// The base layer's bias [out] (bf16 values, frozen), or nil: added to the base matmul's
+    /// fp32 sum before its one rounding to bf16, as torch's bf16 `linear` with a bias does.
+    public var bias: [Float]? = nil
     /// The base matmul's reusable buffers. Layers that run one after another can share one
     /// (`LlamaModel` gives all its projections the same), so it holds one activation copy and
     /// one weight panel instead of one per layer.
@@ -135,7 +138,10 @@ public final class LoRALinear {
         guard x.count == tokens * k else { throw .shapeMismatch("x has \(x.count) values, expected [\(tokens), \(k)]") }
         var y = [Float](repeating: 0, count: tokens * n)
         x.withUnsafeBufferPointer { xp in
-            y.withUnsafeMutableBufferPointer { Matmul4Bit.forward(x: xp, tokens: tokens, weight: base, y: $0, scratch: scratch, roundOutputToBF16: true) }
+            y.withUnsafeMutableBufferPointer { Matmul4Bit.forward(x: xp, tokens: tokens, weight: base, y: $0, scratch: scratch, roundOutputToBF16: bias == nil) }
+        }
+        if let bias {
+            for t in 0..<tokens { for j in 0..<n { y[t * n + j] = HalfPrecision.roundedToBFloat16(y[t * n + j] + bias[j]) } }
         }
         var mask: [Float] = []
         var xd = x

@@ -1,6 +1,7 @@
 import Foundation
 
-/// A decoder-only transformer (Llama, Mistral, Qwen2 families) as its config.json describes it:
+/// A decoder-only transformer (Llama, Mistral, Qwen2, Qwen3 and Phi-3 families) as its
+/// config.json describes it:
 /// the one description of a model that the decoder (`LlamaModel`), the memory estimate, the
 /// checkpoint loader and the sample writer share. Every parameter tensor, its shape and its
 /// module path follow from these fields (`projections`, `tensorGroups`, `layerTensors`).
@@ -48,6 +49,17 @@ public struct ModelArchitecture: Sendable, Equatable, Codable {
     public var attentionBias = false
     /// MLP projections carry biases (Llama's `mlp_bias`).
     public var mlpBias = false
+    /// RMSNorm of each head's query and key before rope (Qwen3's `q_norm`, `k_norm`, [headDim]).
+    public var qkNorm = false
+    /// q/k/v in one `qkv_proj` and gate/up in one `gate_up_proj` (Phi-3, Phi-4).
+    public var fusedProjections = false
+    /// Attention sees only this many previous tokens (Mistral v0.1, Phi-3 mini); nil: all.
+    public var slidingWindow: Int? = nil
+    /// Share of each head's dimensions that rope rotates (Phi-4-mini: 0.75).
+    public var partialRotaryFactor = 1.0
+    /// Features of the config that no part of qlora models, by name (mixture of experts, a
+    /// vision tower), found by the config reader.
+    public var unmodelledFeatures: [String] = []
 
     public init(name: String, modelType: String = "llama", hiddenSize: Int, intermediateSize: Int, layers: Int, attentionHeads: Int,
                 keyValueHeads: Int? = nil, headDim: Int? = nil, vocabSize: Int, tiedEmbeddings: Bool = false, attentionQKVBias: Bool = false) {
@@ -66,6 +78,8 @@ public struct ModelArchitecture: Sendable, Equatable, Codable {
 
     /// Rows of k_proj and v_proj.
     public var keyValueDim: Int { keyValueHeads * headDim }
+    /// Rows of q_proj (columns of o_proj): hidden size unless head_dim says otherwise (Qwen3).
+    public var queryDim: Int { attentionHeads * headDim }
 
     /// Llama 3 rope scaling, when the config has it.
     public var llama3RopeScaling: Llama3RopeScaling? {
@@ -80,13 +94,10 @@ public struct ModelArchitecture: Sendable, Equatable, Codable {
     /// Named groups of projections for `targetProjections(_:)`.
     public static let attentionProjections = ["q_proj", "k_proj", "v_proj", "o_proj"]
     public static let mlpProjections = ["gate_proj", "up_proj", "down_proj"]
-    /// Projections fed the same tensor: q/k/v the normed input, o the attention output, gate/up
-    /// the normed residual, down the SwiGLU product.
-    public static let sharedInputGroups = [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
 
     /// One linear layer of a decoder layer.
     public struct Projection: Sendable, Equatable {
-        /// HF's name (`q_proj`).
+        /// HF's name (`q_proj`, or `qkv_proj` when fused).
         public var name: String
         /// The submodule holding it: `self_attn` or `mlp`.
         public var block: String
@@ -98,19 +109,28 @@ public struct ModelArchitecture: Sendable, Equatable, Codable {
         public func modulePath(layer: Int) -> String { "model.layers.\(layer).\(block).\(name)" }
     }
 
-    /// The seven projections with their shapes and biases, in `projectionNames` order.
-    public var projections: [Projection] { Self.projectionNames.map(projection) }
+    /// The fused modules and what each holds, in order along its output rows.
+    public static let fusedModules: [(name: String, parts: [String])] = [("qkv_proj", ["q_proj", "k_proj", "v_proj"]), ("gate_up_proj", ["gate_proj", "up_proj"])]
 
-    /// Projection `name` (one of `projectionNames`).
+    /// The names of this architecture's linear modules in a decoder layer, in forward order: the
+    /// seven projections, or with `fusedProjections` qkv_proj, o_proj, gate_up_proj, down_proj.
+    public var moduleNames: [String] { fusedProjections ? ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] : Self.projectionNames }
+
+    /// The linear modules with their shapes and biases, in `moduleNames` order.
+    public var projections: [Projection] { moduleNames.map(projection) }
+
+    /// Projection `name` (one of `projectionNames`, or a fused module).
     public func projection(_ name: String) -> Projection {
         let h = hiddenSize, i = intermediateSize
-        let attention = Self.attentionProjections.contains(name)
+        let attention = Self.attentionProjections.contains(name) || name == "qkv_proj"
         let (out, inF): (Int, Int)
         switch name {
-        case "q_proj": (out, inF) = (attentionHeads * headDim, h)
-        case "o_proj": (out, inF) = (h, attentionHeads * headDim)
+        case "q_proj": (out, inF) = (queryDim, h)
+        case "o_proj": (out, inF) = (h, queryDim)
         case "k_proj", "v_proj": (out, inF) = (keyValueDim, h)
+        case "qkv_proj": (out, inF) = (queryDim + 2 * keyValueDim, h)
         case "gate_proj", "up_proj": (out, inF) = (i, h)
+        case "gate_up_proj": (out, inF) = (2 * i, h)
         case "down_proj": (out, inF) = (h, i)
         default: preconditionFailure("unknown projection \(name)")
         }
@@ -129,6 +149,28 @@ public struct ModelArchitecture: Sendable, Equatable, Codable {
         "model.layers.\(l)." + (p < 4 ? "self_attn." : "mlp.") + projectionNames[p]
     }
 
+    /// The modules of this architecture that a target list (projection names, fused or not)
+    /// adapts, in `moduleNames` order: with fused projections q/k/v select qkv_proj and gate/up
+    /// gate_up_proj; without, a fused name selects its parts.
+    public func adaptedModules(_ targets: [String]) -> [String] {
+        var wanted = Set<String>()
+        for t in targets {
+            if let fused = Self.fusedModules.first(where: { $0.name == t || $0.parts.contains(t) }) {
+                if fusedProjections { wanted.insert(fused.name) } else { wanted.formUnion(t == fused.name ? fused.parts : [t]) }
+            } else {
+                wanted.insert(t)
+            }
+        }
+        return moduleNames.filter(wanted.contains)
+    }
+
+    /// Modules fed the same tensor: q/k/v (or qkv) the normed input, o the attention output,
+    /// gate/up (or gate_up) the normed residual, down the SwiGLU product.
+    public var sharedInputGroups: [[String]] {
+        fusedProjections ? [["qkv_proj"], ["o_proj"], ["gate_up_proj"], ["down_proj"]]
+                         : [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+    }
+
     /// The projections a target list names: `all`, `attention`, `mlp`, or a comma-separated list
     /// such as `q,v` or `q_proj,v_proj`; returned in `projectionNames` order.
     public static func targetProjections(_ text: String) throws -> [String] {
@@ -140,13 +182,13 @@ public struct ModelArchitecture: Sendable, Equatable, Codable {
             let names = try text.split(separator: ",").map { part -> String in
                 let t = part.trimmingCharacters(in: .whitespaces).lowercased()
                 let name = t.hasSuffix("_proj") ? t : t + "_proj"
-                guard projectionNames.contains(name) else {
-                    throw ArchitectureError("unknown target '\(part)'; use all, attention, mlp or names from \(projectionNames.joined(separator: ", "))")
+                guard projectionNames.contains(name) || fusedModules.contains(where: { $0.name == name }) else {
+                    throw ArchitectureError("unknown target '\(part)'; use all, attention, mlp or names from \(projectionNames.joined(separator: ", ")) (qkv_proj, gate_up_proj when fused)")
                 }
                 return name
             }
             guard !names.isEmpty else { throw ArchitectureError("--targets is empty") }
-            return projectionNames.filter(names.contains)
+            return (projectionNames + fusedModules.map(\.name)).filter(names.contains)
         }
     }
 
@@ -175,7 +217,7 @@ public struct ModelArchitecture: Sendable, Equatable, Codable {
     /// The parameter tensors of decoder layer `l`, named, in forward order: the input norm, the
     /// attention projections (each weight then its bias), the post-attention norm, the MLP.
     public func layerTensors(_ l: Int) -> [TensorGroup] {
-        func norm(_ n: String) -> TensorGroup { TensorGroup(name: "model.layers.\(l).\(n).weight", shape: [hiddenSize], count: 1, kind: .norm) }
+        func norm(_ n: String, _ size: Int) -> TensorGroup { TensorGroup(name: "model.layers.\(l).\(n).weight", shape: [size], count: 1, kind: .norm) }
         func block(_ names: [String]) -> [TensorGroup] {
             names.flatMap { p -> [TensorGroup] in
                 let s = projection(p)
@@ -184,7 +226,9 @@ public struct ModelArchitecture: Sendable, Equatable, Codable {
                 return s.hasBias ? [w, TensorGroup(name: path + ".bias", shape: [s.outFeatures], count: 1, kind: .bias, projection: p)] : [w]
             }
         }
-        return [norm("input_layernorm")] + block(Self.attentionProjections) + [norm("post_attention_layernorm")] + block(Self.mlpProjections)
+        let attention = moduleNames.filter { projection($0).block == "self_attn" }, mlp = moduleNames.filter { projection($0).block == "mlp" }
+        let qk = qkNorm ? [norm("self_attn.q_norm", headDim), norm("self_attn.k_norm", headDim)] : []
+        return [norm("input_layernorm", hiddenSize)] + block(attention) + qk + [norm("post_attention_layernorm", hiddenSize)] + block(mlp)
     }
 
     /// Every parameter, layer tensors as patterns with `*` for the layer, as transformers' model
@@ -204,15 +248,28 @@ public struct ModelArchitecture: Sendable, Equatable, Codable {
 
     // MARK: What qlora implements
 
+    /// The model types qlora's decoder (`LlamaModel`) runs.
+    public static let trainableModelTypes = ["llama", "mistral", "qwen2", "qwen3", "phi3"]
+
     /// What qlora's decoder (`LlamaModel`) cannot run in this architecture, one problem per
     /// feature, by its config name; empty when it can be trained. The memory estimate counts
-    /// biases and every model_type with these fields; the next families extend this list.
+    /// every architecture these fields describe; a new family extends this list.
     public var unsupportedForTraining: [String] {
         var problems: [String] = []
-        if !["llama", "mistral"].contains(modelType) { problems.append("model_type \(modelType) is not a Llama architecture") }
-        if attentionBias || mlpBias || attentionQKVBias { problems.append("attention_bias / mlp_bias are not supported") }
+        if !Self.trainableModelTypes.contains(modelType) {
+            problems.append("model_type \(modelType) is not supported for training (\(Self.trainableModelTypes.joined(separator: ", ")) are)")
+        }
+        problems += unmodelledFeatures.map { "\($0) is not supported" }
         if case .unsupported(let type) = ropeScaling { problems.append("rope type \(type) is not supported (default and llama3 are)") }
+        if partialRotaryFactor != 1 { problems.append("partial_rotary_factor \(partialRotaryFactor) is not supported (rope on whole heads only)") }
         return problems
+    }
+
+    /// Why training at `seqLen` tokens would differ from the model's own attention, or nil:
+    /// sliding-window attention only matters beyond its window.
+    public func slidingWindowProblem(seqLen: Int) -> String? {
+        guard let w = slidingWindow, seqLen > w else { return nil }
+        return "sliding-window attention (sliding_window \(w)) is not supported beyond \(w) tokens; use --seq-len \(w) or less"
     }
 
     // MARK: Presets
