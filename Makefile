@@ -46,6 +46,7 @@ vectors:
 	.venv/bin/python Vectors/generate_safetensors.py
 	.venv/bin/python Vectors/generate_presets.py
 	.venv/bin/python Vectors/generate_llama.py
+	.venv/bin/python Vectors/generate_families.py
 	.venv/bin/python Vectors/generate_llama_ops.py
 
 clean:

@@ -33,9 +33,10 @@ extension ModelArchitecture {
             throw bad("hidden_size must be a multiple of num_attention_heads (unless head_dim is given), and that of num_key_value_heads")
         }
         // Qwen2/Qwen3 configs carry a sliding_window that applies only with use_sliding_window.
-        let windowed = ["qwen2", "qwen3"].contains(type) ? ((c["use_sliding_window"] as? Bool) ?? false) : true
+        // transformers 5 also lists each layer's attention in layer_types.
+        let windowed = ["qwen2", "qwen3"].contains(type)
+            ? ((c["use_sliding_window"] as? Bool) ?? false) || ((c["layer_types"] as? [String]) ?? []).contains("sliding_attention") : true
         if windowed, let w = c["sliding_window"] as? Int, w > 0 { slidingWindow = w }
-        partialRotaryFactor = number(c["partial_rotary_factor"]) ?? 1
         for key in ["num_experts", "num_local_experts", "n_routed_experts"] {
             if let n = c[key] as? Int, n > 0 { unmodelledFeatures.append("mixture of experts (\(key) \(n))") }
         }
@@ -44,6 +45,7 @@ extension ModelArchitecture {
         // transformers 5 writes rope_parameters; earlier versions rope_theta + rope_scaling.
         let rope = (c["rope_parameters"] as? [String: Any]) ?? (c["rope_scaling"] as? [String: Any]) ?? [:]
         ropeTheta = number(rope["rope_theta"]) ?? number(c["rope_theta"]) ?? 10000
+        partialRotaryFactor = number(rope["partial_rotary_factor"]) ?? number(c["partial_rotary_factor"]) ?? 1
         switch (rope["rope_type"] as? String) ?? (rope["type"] as? String) ?? "default" {
         case "default": ropeScaling = nil
         case "llama3":

@@ -1,0 +1,98 @@
+import XCTest
+import CheckpointFormats
+import QLoRA
+import TestSupport
+import Training
+
+/// A QLoRA training step of each family besides Llama against transformers + bitsandbytes +
+/// PEFT (Vectors/families/, made by generate_families.py): logits, loss, every LoRA gradient and
+/// 3 AdamW steps, held to LlamaTests' tolerances, which say why they are that size.
+final class FamilyTests: XCTestCase {
+    func golden(_ family: String) throws -> VectorFile { try VectorFile("golden", directory: "Vectors/families/\(family)") }
+
+    /// transformers' bnb-4bit file of the family, with PEFT's initial adapters.
+    func model(_ family: String, _ v: VectorFile) throws -> LlamaModel {
+        let directory = repositoryRoot.appendingPathComponent("Vectors/families/\(family)/tiny-nf4").path
+        let arch = try LlamaCheckpoint.config(directory: directory)
+        var adapter = PEFTAdapter(rank: 8, loraAlpha: 16, targetModules: arch.moduleNames)
+        for l in 0..<arch.layers {
+            for p in arch.projections {
+                let path = p.modulePath(layer: l)
+                let a = v.info("init.\(path).lora_A.weight"), b = v.info("init.\(path).lora_B.weight")
+                adapter.modules[path] = .init(path: path, rank: 8, inFeatures: a.shape[1], outFeatures: b.shape[0],
+                                              loraA: v.floats("init.\(path).lora_A.weight"), loraB: v.floats("init.\(path).lora_B.weight"))
+            }
+        }
+        return try LlamaCheckpoint.load(directory: directory, adapter: adapter)
+    }
+
+    func ints(_ v: VectorFile, _ name: String) -> [Int] {
+        v.bytes(name).withUnsafeBytes { raw in (0..<(raw.count / 8)).map { Int(raw.loadUnaligned(fromByteOffset: 8 * $0, as: Int64.self)) } }
+    }
+
+    /// max |a - b| / max |b|.
+    func relMax(_ got: [Float], _ want: [Float]) -> Double {
+        var d = 0.0, s = 0.0
+        for i in want.indices { d = max(d, Double(abs(got[i] - want[i]))); s = max(s, Double(abs(want[i]))) }
+        return d / s
+    }
+
+    func check(_ family: String, file: StaticString = #filePath, line: UInt = #line) throws {
+        let v = try golden(family)
+        let m = try model(family, v)
+        let ids = ints(v, "input_ids"), labels = ints(v, "labels")
+        var config = AdamWConfig(lr: 1e-3)
+        config.weightDecay = 0.01
+        var states = m.adapters.map { (AdamWState(count: $0.layer.loraA.count), AdamWState(count: $0.layer.loraB.count)) }
+        var losses: [Float] = []
+        var worstGrad = 0.0
+        for step in 0..<3 {
+            m.zeroGrad()
+            let (loss, logits, acts) = try m.forward(ids: ids, labels: labels, batch: 2, seq: 16)
+            losses.append(loss)
+            try m.backward(acts)
+            if step == 0 {
+                let lc = relMax(logits, v.floats("logits"))
+                XCTAssertLessThan(lc, LlamaTests.logitTolerance, "\(family) logits", file: file, line: line)
+                for (path, layer) in m.adapters {
+                    for (name, got) in [("lora_A", layer.gradA), ("lora_B", layer.gradB)] {
+                        let e = relMax(got, v.floats("grad.\(path).\(name).weight"))
+                        worstGrad = max(worstGrad, e)
+                        XCTAssertLessThan(e, LlamaTests.gradientTolerance, "\(family) grad \(path) \(name)", file: file, line: line)
+                    }
+                }
+                print(String(format: "%@: logits %.2f, worst LoRA gradient %.2f of the tolerance", family, lc / LlamaTests.logitTolerance, worstGrad / LlamaTests.gradientTolerance))
+            }
+            for (i, (_, layer)) in m.adapters.enumerated() {
+                AdamW.step(param: &layer.loraA, grad: layer.gradA, state: &states[i].0, config: config)
+                AdamW.step(param: &layer.loraB, grad: layer.gradB, state: &states[i].1, config: config)
+            }
+        }
+        for (g, w) in zip(losses, v.floats("step_losses")) {
+            XCTAssertEqual(g, w, accuracy: LlamaTests.lossTolerance * abs(w), "\(family) loss", file: file, line: line)
+        }
+        var total = 0, far = 0
+        for (path, layer) in m.adapters {
+            for (name, got) in [("lora_A", layer.loraA), ("lora_B", layer.loraB)] {
+                let want = v.floats("step3.\(path).\(name).weight"), grad = v.floats("grad.\(path).\(name).weight")
+                let gmax = grad.map { abs($0) }.max()!
+                for i in want.indices {
+                    let d = Double(abs(got[i] - want[i])) / config.lr
+                    total += 1
+                    if abs(grad[i]) >= LlamaTests.largeGradient * gmax {
+                        XCTAssertLessThan(d, LlamaTests.adamTolerance, "\(family) step 3 \(path) \(name)[\(i)]", file: file, line: line)
+                    } else if d > LlamaTests.adamTolerance { far += 1 }
+                }
+            }
+        }
+        XCTAssertLessThan(Double(far), LlamaTests.smallGradientOutliers * Double(total), "\(family): \(far) of \(total) small-gradient elements", file: file, line: line)
+    }
+
+    func testMistral() throws { try check("mistral") }
+    /// q/k/v biases, added before the base's one bf16 rounding.
+    func testQwen2() throws { try check("qwen2") }
+    /// Per-head q/k RMSNorm before rope, head_dim 32 against hidden / heads = 16.
+    func testQwen3() throws { try check("qwen3") }
+    /// Fused qkv_proj and gate_up_proj, adapters on the fused modules.
+    func testPhi3() throws { try check("phi3") }
+}

@@ -1,0 +1,129 @@
+"""Golden vectors for a QLoRA training step of each model family besides Llama (issue 12).
+
+For each family a tiny random model from transformers (2 layers, hidden 64, 4 heads, 2 KV heads,
+intermediate 128, vocab 256, untied lm_head), with every weight drawn by torch and norms and
+biases away from their initial 1 and 0 so that they matter, saved in bf16; then loaded by
+transformers with bitsandbytes NF4 + double quant (bf16 compute, eager attention) and saved again
+(the bnb-4bit checkpoint qlora's tests load), and wrapped by PEFT with LoRA r=8 on every linear
+module of the decoder layers (fp32 adapters, B drawn non-zero). Recorded as generate_llama.py
+does: one batch's logits and loss, every LoRA gradient, the adapters after 3 AdamW steps and the
+three losses. Torch runs with one thread.
+
+- mistral: MistralForCausalLM (no sliding window);
+- qwen2: Qwen2ForCausalLM, q/k/v projections with biases;
+- qwen3: Qwen3ForCausalLM, per-head q/k RMSNorm, head_dim 32 (not hidden / heads = 16);
+- phi3: Phi3ForCausalLM, fused qkv_proj and gate_up_proj (PEFT adapters on the fused modules).
+
+Run: .venv/bin/python Vectors/generate_families.py   (writes Vectors/families/)
+"""
+import json
+import os
+import shutil
+
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+import torch
+import transformers
+import peft
+import bitsandbytes
+from safetensors.torch import save_file
+from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, MistralConfig, Phi3Config, Qwen2Config,
+                          Qwen3Config)
+from peft import LoraConfig, get_peft_model
+
+torch.set_num_threads(1)
+HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "families")
+SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=256, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False,
+             bos_token_id=1, eos_token_id=2, pad_token_id=0)
+SEPARATE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+FAMILIES = {
+    "mistral": (MistralConfig(**SHAPE, rope_theta=10000.0, sliding_window=None), SEPARATE),
+    "qwen2": (Qwen2Config(**SHAPE, rope_theta=10000.0, use_sliding_window=False), SEPARATE),
+    "qwen3": (Qwen3Config(**SHAPE, head_dim=32, rope_theta=10000.0, attention_bias=False, use_sliding_window=False), SEPARATE),
+    "phi3": (Phi3Config(**SHAPE, rope_theta=10000.0, original_max_position_embeddings=256, rope_scaling=None,
+                        sliding_window=None, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0), ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
+}
+
+
+def name(n):
+    return n.replace("base_model.model.", "").replace(".default", "")
+
+
+def family(fam, cfg, targets):
+    out_dir = os.path.join(HERE, fam)
+    os.makedirs(out_dir)
+    torch.manual_seed(0)
+    cfg.torch_dtype = "bfloat16"
+    dense = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():  # norms away from 1 and biases away from 0 so that they matter
+        for n, p in dense.named_parameters():
+            if "norm" in n:
+                p.copy_(1 + 0.1 * torch.randn(p.shape))
+            elif n.endswith(".bias"):
+                p.copy_(0.1 * torch.randn(p.shape))
+    dense = dense.to(torch.bfloat16)
+    base_dir = os.path.join(out_dir, "tiny")
+    dense.save_pretrained(base_dir, safe_serialization=True)
+
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=bnb, dtype=torch.bfloat16,
+                                                 attn_implementation="eager", device_map="cpu")
+    model.save_pretrained(os.path.join(out_dir, "tiny-nf4"), safe_serialization=True)
+    shutil.rmtree(base_dir)  # the bnb-4bit file is what the tests load
+
+    pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0, bias="none"))
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    tensors = {}
+    lora = {n: p for n, p in pm.named_parameters() if p.requires_grad}
+    for n, p in lora.items():
+        tensors["init." + name(n)] = p.detach().float().clone()
+
+    ids = torch.randint(0, 256, (2, 16), generator=g)
+    labels = ids.clone()
+    labels[0, :3] = -100
+    labels[1, 10:] = -100
+    tensors["input_ids"] = ids.to(torch.int64)
+    tensors["labels"] = labels.to(torch.int64)
+
+    out = pm(input_ids=ids, labels=labels)
+    tensors["logits"] = out.logits.detach().float()
+    tensors["loss"] = out.loss.detach().float().reshape(1)
+    out.loss.backward()
+    for n, p in lora.items():
+        tensors["grad." + name(n)] = p.grad.detach().float().clone()
+
+    opt = torch.optim.AdamW(list(lora.values()), lr=1e-3)  # weight decay 0.01, torch's defaults
+    losses = [out.loss.item()]
+    opt.step()
+    for step in range(1, 3):
+        opt.zero_grad()
+        o = pm(input_ids=ids, labels=labels)
+        o.loss.backward()
+        losses.append(o.loss.item())
+        opt.step()
+    for n, p in lora.items():
+        tensors["step3." + name(n)] = p.detach().float().clone()
+    tensors["step_losses"] = torch.tensor(losses, dtype=torch.float32)
+
+    meta = {"cases": json.dumps({"family": fam, "transformers": transformers.__version__, "peft": peft.__version__,
+                                 "bitsandbytes": bitsandbytes.__version__, "torch": torch.__version__.split("+")[0],
+                                 "r": 8, "lora_alpha": 16, "lr": 1e-3, "weight_decay": 0.01, "attn": "eager",
+                                 "targets": targets}, sort_keys=True)}
+    save_file(tensors, os.path.join(out_dir, "golden.safetensors"), metadata=meta)
+    print(fam, "loss", out.loss.item(), "losses", losses, len(tensors), "tensors")
+
+
+def main():
+    shutil.rmtree(HERE, ignore_errors=True)
+    os.makedirs(HERE)
+    for fam, (cfg, targets) in FAMILIES.items():
+        family(fam, cfg, targets)
+
+
+if __name__ == "__main__":
+    main()
