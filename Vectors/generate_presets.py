@@ -11,7 +11,7 @@ import re
 
 import torch
 import transformers
-from transformers import LlamaConfig, MistralConfig, Qwen2Config, AutoModelForCausalLM
+from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config, AutoModelForCausalLM
 
 # The shape-deciding fields of each model's published config.json.
 PRESETS = {
@@ -35,6 +35,16 @@ PRESETS = {
                                       num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False)),
     "qwen2.5-32b": (Qwen2Config, dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
                                       num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False)),
+    "qwen3-8b": (Qwen3Config, dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                                   num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False)),
+    "qwen3-32b": (Qwen3Config, dict(hidden_size=5120, intermediate_size=25600, num_hidden_layers=64, num_attention_heads=64,
+                                    num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False)),
+    "phi-4": (Phi3Config, dict(hidden_size=5120, intermediate_size=17920, num_hidden_layers=40, num_attention_heads=40,
+                               num_key_value_heads=10, vocab_size=100352, tie_word_embeddings=False, pad_token_id=100349)),
+    "llama-3.2-1b": (LlamaConfig, dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                                       num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True)),
+    "llama-3.2-3b": (LlamaConfig, dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                                       num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=True)),
 }
 
 
@@ -45,7 +55,7 @@ def main():
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(cfg)
         groups = {}
-        for pname, p in model.named_parameters(remove_duplicate=False):
+        for pname, p in model.named_parameters():  # a tied lm_head is the embedding, counted once
             key = re.sub(r"\.layers\.\d+\.", ".layers.*.", pname)
             g = groups.setdefault(key, {"shape": list(p.shape), "count": 0})
             assert g["shape"] == list(p.shape), pname

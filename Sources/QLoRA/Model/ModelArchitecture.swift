@@ -286,7 +286,15 @@ public struct ModelArchitecture: Sendable, Equatable, Codable {
         ModelArchitecture(name: "qwen2.5-7b", modelType: "qwen2", hiddenSize: 3584, intermediateSize: 18944, layers: 28, attentionHeads: 28, keyValueHeads: 4, vocabSize: 152064, attentionQKVBias: true),
         ModelArchitecture(name: "qwen2.5-14b", modelType: "qwen2", hiddenSize: 5120, intermediateSize: 13824, layers: 48, attentionHeads: 40, keyValueHeads: 8, vocabSize: 152064, attentionQKVBias: true),
         ModelArchitecture(name: "qwen2.5-32b", modelType: "qwen2", hiddenSize: 5120, intermediateSize: 27648, layers: 64, attentionHeads: 40, keyValueHeads: 8, vocabSize: 152064, attentionQKVBias: true),
+        qwen3(ModelArchitecture(name: "qwen3-8b", modelType: "qwen3", hiddenSize: 4096, intermediateSize: 12288, layers: 36, attentionHeads: 32, keyValueHeads: 8, headDim: 128, vocabSize: 151936)),
+        qwen3(ModelArchitecture(name: "qwen3-32b", modelType: "qwen3", hiddenSize: 5120, intermediateSize: 25600, layers: 64, attentionHeads: 64, keyValueHeads: 8, headDim: 128, vocabSize: 151936)),
+        phi3(ModelArchitecture(name: "phi-4", modelType: "phi3", hiddenSize: 5120, intermediateSize: 17920, layers: 40, attentionHeads: 40, keyValueHeads: 10, vocabSize: 100352)),
+        ModelArchitecture(name: "llama-3.2-1b", hiddenSize: 2048, intermediateSize: 8192, layers: 16, attentionHeads: 32, keyValueHeads: 8, vocabSize: 128256, tiedEmbeddings: true),
+        ModelArchitecture(name: "llama-3.2-3b", hiddenSize: 3072, intermediateSize: 8192, layers: 28, attentionHeads: 24, keyValueHeads: 8, vocabSize: 128256, tiedEmbeddings: true),
     ]
+
+    private static func qwen3(_ a: ModelArchitecture) -> ModelArchitecture { var a = a; a.qkNorm = true; return a }
+    private static func phi3(_ a: ModelArchitecture) -> ModelArchitecture { var a = a; a.fusedProjections = true; return a }
 
     public static func preset(_ name: String) -> ModelArchitecture? { presets.first { $0.name == name.lowercased() } }
 }
