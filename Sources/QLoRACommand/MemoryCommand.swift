@@ -81,7 +81,7 @@ func formatBytes(_ b: Int) -> String {
 
 func memoryTable(_ m: MemoryEstimate, scope: String?) -> String {
     let o = m.options
-    var lines = ["\(m.model), \(m.method.rawValue)" + (o.isLoRA ? ", r=\(o.rank) on \(o.targets.joined(separator: ","))" : "")
+    var lines = ["\(m.model), \(m.method.rawValue)" + (o.isLoRA ? ", r=\(o.rank) on \(m.architecture.adaptedModules(o.targets).joined(separator: ","))" : "")
                  + ", seq \(o.seqLen) × batch \(o.batch)" + (o.gradientCheckpointing ? ", gradient checkpointing" : "")
                  + (o.method == .qlora ? (o.doubleQuant ? ", double quant" : ", no double quant") : ""),
                  "parameters: \(m.params.total.formatted()) total, \(m.params.quantized.formatted()) quantized, \(m.params.trainable.formatted()) trainable"

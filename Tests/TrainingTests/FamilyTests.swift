@@ -96,3 +96,49 @@ final class FamilyTests: XCTestCase {
     /// Fused qkv_proj and gate_up_proj, adapters on the fused modules.
     func testPhi3() throws { try check("phi3") }
 }
+
+/// The config reader names what the decoder cannot run, and training refuses it by that name.
+final class UnsupportedFeatureTests: TemporaryDirectoryTestCase {
+    func config(_ edit: (inout [String: Any]) -> Void, from family: String = "qwen3") throws -> String {
+        let src = repositoryRoot.appendingPathComponent("Vectors/families/\(family)/tiny-nf4/config.json")
+        var c = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(contentsOf: src)) as? [String: Any])
+        edit(&c)
+        let dir = tmp.appendingPathComponent(UUID().uuidString)
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        try JSONSerialization.data(withJSONObject: c).write(to: dir.appendingPathComponent("config.json"))
+        return dir.path
+    }
+
+    func testFamiliesAreReadFromTheirConfigs() throws {
+        let qwen3 = try ModelArchitecture(configFile: repositoryRoot.appendingPathComponent("Vectors/families/qwen3/tiny-nf4/config.json").path)
+        XCTAssertTrue(qwen3.qkNorm)
+        XCTAssertEqual(qwen3.headDim, 32)
+        XCTAssertEqual(qwen3.projection("q_proj").outFeatures, 128)
+        let phi3 = try ModelArchitecture(configFile: repositoryRoot.appendingPathComponent("Vectors/families/phi3/tiny-nf4/config.json").path)
+        XCTAssertEqual(phi3.moduleNames, ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+        XCTAssertEqual(phi3.adaptedModules(["q_proj", "v_proj"]), ["qkv_proj"])
+        let qwen2 = try ModelArchitecture(configFile: repositoryRoot.appendingPathComponent("Vectors/families/qwen2/tiny-nf4/config.json").path)
+        XCTAssertEqual(qwen2.projections.filter(\.hasBias).map(\.name), ["q_proj", "k_proj", "v_proj"])
+        for a in [qwen3, phi3, qwen2] { XCTAssertEqual(a.unsupportedForTraining, [], a.modelType) }
+    }
+
+    func testUnsupportedFeaturesAreRefusedByName() throws {
+        let cases: [(String, (inout [String: Any]) -> Void)] = [
+            ("model_type gemma2 is not supported", { $0["model_type"] = "gemma2" }),
+            ("mixture of experts (num_local_experts 8)", { $0["num_local_experts"] = 8 }),
+            ("a vision tower (vision_config)", { $0["vision_config"] = [String: Any]() }),
+            ("rope type yarn is not supported", { $0["rope_parameters"] = ["rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0] }),
+            ("partial_rotary_factor 0.75", { $0["rope_parameters"] = ["rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75] }),
+        ]
+        for (problem, edit) in cases {
+            let dir = try config(edit)
+            XCTAssertThrowsError(try LlamaCheckpoint.config(directory: dir), problem) {
+                XCTAssertTrue("\($0)".contains(problem) && "\($0)".contains("config.json"), "\($0)")
+            }
+        }
+        // A sliding window matters only beyond it.
+        let windowed = try ModelArchitecture(configFile: try config({ $0["model_type"] = "mistral"; $0["sliding_window"] = 8 }) + "/config.json")
+        XCTAssertNil(windowed.slidingWindowProblem(seqLen: 8))
+        XCTAssertTrue(windowed.slidingWindowProblem(seqLen: 9)?.contains("sliding_window 8") == true)
+    }
+}
