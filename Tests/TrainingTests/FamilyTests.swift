@@ -88,6 +88,8 @@ final class FamilyTests: XCTestCase {
         XCTAssertLessThan(Double(far), LlamaTests.smallGradientOutliers * Double(total), "\(family): \(far) of \(total) small-gradient elements", file: file, line: line)
     }
 
+    /// lm_head is the embedding; Llama-3 rope scaling with frequencies in its smoothed and its scaled band.
+    func testLlamaTiedEmbeddings() throws { try check("llama-tied") }
     func testMistral() throws { try check("mistral") }
     /// q/k/v biases, added before the base's one bf16 rounding.
     func testQwen2() throws { try check("qwen2") }
