@@ -48,6 +48,7 @@ vectors:
 	.venv/bin/python Vectors/generate_llama.py
 	.venv/bin/python Vectors/generate_families.py
 	.venv/bin/python Vectors/generate_llama_ops.py
+	.venv/bin/python Vectors/generate_bnb_variants.py
 
 clean:
 	rm -rf .build $(DEMO)
