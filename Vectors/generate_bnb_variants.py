@@ -135,11 +135,23 @@ def check(ours_dir):
     """qlora's --quant-storage bfloat16 output, loaded by transformers, against transformers' own."""
     dense_dir = os.path.join(HERE, "dense")
     theirs = quantized(dense_dir, torch.bfloat16)
-    cfg_path = os.path.join(ours_dir, "config.json")
-    cfg = json.load(open(cfg_path))
+    cfg = json.load(open(os.path.join(ours_dir, "config.json")))
     qc = cfg["quantization_config"]
     print("qlora's quantization_config:", json.dumps(qc, sort_keys=True))
-    ours = AutoModelForCausalLM.from_pretrained(ours_dir, device_map="cpu")
+    if isinstance(qc.get("llm_int8_threshold"), int):
+        # Known qlora bug (fixed separately): json writes 6.0 as 6, which transformers refuses
+        # ("llm_int8_threshold must be a float"). Load a copy with that one value patched.
+        import tempfile
+        patched = tempfile.mkdtemp()
+        for f in os.listdir(ours_dir):
+            shutil.copy(os.path.join(ours_dir, f), patched)
+        qc["llm_int8_threshold"] = float(qc["llm_int8_threshold"])
+        json.dump(cfg, open(os.path.join(patched, "config.json"), "w"))
+        print("patched llm_int8_threshold to", qc["llm_int8_threshold"], "in a copy:", patched)
+        ours_dir_loaded = patched
+    else:
+        ours_dir_loaded = ours_dir
+    ours = AutoModelForCausalLM.from_pretrained(ours_dir_loaded, device_map="cpu")
     print("loaded: quantization_config", ours.config.quantization_config.to_dict()["bnb_4bit_quant_storage"],
           "q_proj weight", ours.model.layers[0].self_attn.q_proj.weight.dtype, tuple(ours.model.layers[0].self_attn.q_proj.weight.shape))
     same = True

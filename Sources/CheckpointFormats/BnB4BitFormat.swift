@@ -7,7 +7,7 @@ import SafeTensors
 ///
 /// | tensor | dtype | shape |
 /// |---|---|---|
-/// | `NAME` | U8 | [ceil(n/2), 1] packed nibbles |
+/// | `NAME` | U8, BF16, F16 or F32 (`quant_storage`) | [ceil(n/2) / itemsize, 1] packed nibbles |
 /// | `NAME.absmax` | U8 (double quant) or F32 | [blocks] |
 /// | `NAME.quant_map` | F32 | [16] |
 /// | `NAME.nested_absmax` | F32 | [ceil(blocks/256)] (double quant only) |
@@ -16,38 +16,61 @@ import SafeTensors
 ///
 /// The JSON is Python's `json.dumps` of {quant_type, blocksize, dtype, shape} plus, with
 /// double quant, {nested_blocksize, nested_dtype, nested_offset}, in that key order.
+///
+/// `quant_storage` (`BitsAndBytesConfig(bnb_4bit_quant_storage=...)`, which FSDP and DeepSpeed
+/// QLoRA use) changes only how the packed bytes are typed: bitsandbytes views the same bytes as
+/// that dtype (`packed.squeeze().view(quant_storage).unsqueeze(1)`), so a byte count that is not a
+/// multiple of its size cannot be stored. `nested_dtype` is float32 unless the model was saved
+/// after a CPU forward pass (`NestedAbsmax.dtype`).
 public enum BnB4BitFormat {
     public static let quantStatePrefix = ".quant_state.bitsandbytes__"
+
+    /// The dtypes bitsandbytes' packed weight may be stored as, by their torch names.
+    public static let quantStorages: [String: DType] = ["uint8": .u8, "bfloat16": .bf16, "float16": .f16, "float32": .f32]
+
+    /// The packed weight's shape when stored as `storage`: [ceil(n/2) / itemsize, 1]; nil when
+    /// ceil(n/2) bytes are not a whole number of `storage` elements (bitsandbytes' view fails too).
+    public static func packedShape(elementCount n: Int, storage: DType) -> [Int]? {
+        let bytes = (n + 1) / 2
+        return bytes % storage.byteSize == 0 ? [bytes / storage.byteSize, 1] : nil
+    }
 
     public static func quantStateKey(_ name: String, _ type: QuantType) -> String { name + quantStatePrefix + type.rawValue }
 
     /// The quant-state JSON bytes, identical to bitsandbytes' `pack_dict_to_tensor`.
     public static func quantStateJSON(_ s: QuantState) -> [UInt8] {
-        var offset: Float? = nil
-        if case .nested(let n) = s.absmax { offset = n.offset }
-        return quantStateJSON(quantType: s.quantType, blocksize: s.blocksize, dtype: s.dtype, shape: s.shape, nestedOffset: offset)
+        guard case .nested(let n) = s.absmax else {
+            return quantStateJSON(quantType: s.quantType, blocksize: s.blocksize, dtype: s.dtype, shape: s.shape, nestedOffset: nil)
+        }
+        return quantStateJSON(quantType: s.quantType, blocksize: s.blocksize, dtype: s.dtype, shape: s.shape, nestedOffset: n.offset,
+                              nestedBlocksize: n.blocksize, nestedDtype: n.dtype)
     }
 
     /// The same from its fields: `nestedOffset` is nil without double quantization (the
     /// nested blocksize is bitsandbytes' 256).
-    public static func quantStateJSON(quantType: QuantType, blocksize: Int, dtype: ElementType, shape: [Int], nestedOffset: Float?) -> [UInt8] {
+    public static func quantStateJSON(quantType: QuantType, blocksize: Int, dtype: ElementType, shape: [Int], nestedOffset: Float?,
+                                      nestedBlocksize: Int = 256, nestedDtype: ElementType = .float32) -> [UInt8] {
         var json = "{\"quant_type\": \"\(quantType.rawValue)\", \"blocksize\": \(blocksize), \"dtype\": \"\(dtype.rawValue)\", "
         json += "\"shape\": [\(shape.map(String.init).joined(separator: ", "))]"
         if let offset = nestedOffset {
             // Python's float repr and Swift's Double.description are both the shortest
-            // round-tripping form, with the same exponent style ("1e-05", "2.5e+37").
-            json += ", \"nested_blocksize\": 256, \"nested_dtype\": \"float32\", \"nested_offset\": \(Double(offset))"
+            // round-tripping form, with the same exponent style ("1e-05", "2.5e+37"). A 16-bit
+            // offset is exact in fp32 and in Python's float alike.
+            json += ", \"nested_blocksize\": \(nestedBlocksize), \"nested_dtype\": \"\(nestedDtype.rawValue)\", \"nested_offset\": \(Double(offset))"
         }
         json += "}"
         return Array(json.utf8)
     }
 
     /// The tensor declarations (name, dtype, shape) a quantized weight expands to, in the
-    /// order they are written.
+    /// order they are written. `quantStorage` must hold the packed bytes (`packedShape` not nil).
     public static func declarations(name: String, quantType: QuantType, blocksize: Int, elementCount n: Int,
-                                    doubleQuant: Bool, jsonByteCount: Int) -> [(name: String, dtype: DType, shape: [Int])] {
+                                    doubleQuant: Bool, jsonByteCount: Int, quantStorage: DType = .u8) -> [(name: String, dtype: DType, shape: [Int])] {
         let blocks = (n + blocksize - 1) / blocksize
-        var d: [(name: String, dtype: DType, shape: [Int])] = [(name, .u8, [(n + 1) / 2, 1])]
+        guard let packed = packedShape(elementCount: n, storage: quantStorage) else {
+            preconditionFailure("\((n + 1) / 2) packed bytes are not a whole number of \(quantStorage.rawValue) elements")
+        }
+        var d: [(name: String, dtype: DType, shape: [Int])] = [(name, quantStorage, packed)]
         if doubleQuant {
             d.append((name + ".absmax", .u8, [blocks]))
             d.append((name + ".quant_map", .f32, [16]))
@@ -61,7 +84,7 @@ public enum BnB4BitFormat {
         return d
     }
 
-    /// The tensors' bytes in `declarations` order.
+    /// The tensors' bytes in `declarations` order (the packed bytes are the same for every storage).
     public static func payloads(_ q: Quantized4Bit) -> [[UInt8]] {
         let s = q.state
         let code = s.quantType.code.withUnsafeBytes { Array($0) }
@@ -101,7 +124,13 @@ public enum BnB4BitFormat {
         return out
     }
 
-    /// Reads and checks one 4-bit weight from a checkpoint. Errors name the file and tensor.
+    /// The dtype a checked weight's packed bytes are stored as (its `quant_storage`).
+    public static func quantStorage(of g: Group, from reader: CheckpointReader) -> DType {
+        reader.info(named: g.name)?.dtype ?? .u8
+    }
+
+    /// Reads and checks one 4-bit weight from a checkpoint, whatever its `quant_storage` (the same
+    /// `Quantized4Bit` for each). Errors name the file and tensor.
     public static func load(_ g: Group, from reader: CheckpointReader) throws -> Quantized4Bit {
         let state = try state(of: g, from: reader)
         return Quantized4Bit(packed: reader.withBytes(of: g.name) { Array($0) }, state: state)
@@ -145,11 +174,11 @@ public enum BnB4BitFormat {
         }
         let blocks = (n + bs - 1) / bs
         guard let packedInfo = reader.info(named: g.name) else { throw fail(g.name, "missing packed weight") }
-        guard packedInfo.dtype == .u8 else {
-            throw fail(g.name, "packed weight is \(packedInfo.dtype.rawValue); only uint8 quant_storage is supported")
+        guard quantStorages.values.contains(packedInfo.dtype) else {
+            throw fail(g.name, "packed weight is \(packedInfo.dtype.rawValue); bitsandbytes' quant_storage is uint8, bfloat16, float16 or float32 (U8, BF16, F16, F32)")
         }
-        guard packedInfo.elementCount == (n + 1) / 2 else {
-            throw fail(g.name, "packed weight has \(packedInfo.elementCount) bytes, expected \((n + 1) / 2) for shape \(shape)")
+        guard packedInfo.byteCount == (n + 1) / 2 else {
+            throw fail(g.name, "packed weight has \(packedInfo.byteCount) bytes (\(packedInfo.dtype.rawValue) \(packedInfo.shape)), expected \((n + 1) / 2) for shape \(shape)")
         }
         let code = try floats(g.name + ".quant_map", count: 16)
         guard code.map(\.bitPattern) == qt.code.map(\.bitPattern) else { throw fail(g.name + ".quant_map", "is not bitsandbytes' \(qt.rawValue) code") }
@@ -157,15 +186,23 @@ public enum BnB4BitFormat {
         if let nestedOffset = obj["nested_offset"] {
             guard let off = (nestedOffset as? NSNumber)?.doubleValue else { throw fail(key, "nested_offset is not a number") }
             guard let nbs = obj["nested_blocksize"] as? Int, nbs > 0 else { throw fail(key, "nested_blocksize missing or invalid") }
-            guard (obj["nested_dtype"] as? String) == "float32" else { throw fail(key, "nested_dtype must be float32") }
+            guard let ndtName = obj["nested_dtype"] as? String, let ndt = ElementType(rawValue: ndtName) else {
+                throw fail(key, "nested_dtype \(obj["nested_dtype"].map { "'\($0)'" } ?? "missing"); expected float32, bfloat16 or float16")
+            }
             guard let ai = reader.info(named: g.name + ".absmax"), ai.dtype == .u8, ai.elementCount == blocks else {
                 throw fail(g.name + ".absmax", "expected U8 with \(blocks) elements (double quantization)")
             }
             let q = try bytes(g.name + ".absmax")
             let nested = try floats(g.name + ".nested_absmax", count: (blocks + nbs - 1) / nbs)
             let ncode = try floats(g.name + ".nested_quant_map", count: 256)
-            absmax = .nested(NestedAbsmax(quantized: q, absmax: nested, blocksize: nbs, offset: Float(off), code: ncode))
+            // torch.tensor(float(nested_offset)): the JSON's double rounded to fp32.
+            absmax = .nested(NestedAbsmax(quantized: q, absmax: nested, blocksize: nbs, offset: Float(off), code: ncode, dtype: ndt))
         } else {
+            if let ai = reader.info(named: g.name + ".absmax"), ai.dtype == .bf16 || ai.dtype == .f16 {
+                throw fail(g.name + ".absmax", "is \(ai.dtype.rawValue) \(ai.shape), not F32: bitsandbytes writes this when a model without double quantization "
+                           + "is saved after a CPU forward pass (its scales transposed to [in/blocksize, out] and rounded to 16 bits) and reads it back "
+                           + "in the wrong order itself; quantize the original weights again")
+            }
             absmax = .plain(try floats(g.name + ".absmax", count: blocks))
         }
         let state = QuantState(quantType: qt, blocksize: bs, dtype: dt, shape: shape, absmax: absmax)

@@ -8,6 +8,9 @@ public struct QuantizeOptions: Sendable {
     public var quantType: QuantType = .nf4
     public var blocksize: Int = 64
     public var doubleQuant: Bool = true
+    /// `bnb_4bit_quant_storage`: the dtype the packed bytes are stored as (U8, BF16, F16 or F32;
+    /// `BnB4BitFormat.quantStorages`). FSDP and DeepSpeed QLoRA need BF16 (or the model's dtype).
+    public var quantStorage: DType = .u8
     /// When set, only 2-D float tensors whose name matches are quantized (the default
     /// name exclusions then do not apply).
     public var include: String? = nil
@@ -16,8 +19,10 @@ public struct QuantizeOptions: Sendable {
     /// Name fragments left unquantized by default: embeddings, the output head and norms.
     public static let defaultSkipFragments = ["embed", "lm_head", "norm"]
 
-    public init(quantType: QuantType = .nf4, blocksize: Int = 64, doubleQuant: Bool = true, include: String? = nil, exclude: String? = nil) {
+    public init(quantType: QuantType = .nf4, blocksize: Int = 64, doubleQuant: Bool = true, include: String? = nil, exclude: String? = nil,
+                quantStorage: DType = .u8) {
         (self.quantType, self.blocksize, self.doubleQuant, self.include, self.exclude) = (quantType, blocksize, doubleQuant, include, exclude)
+        self.quantStorage = quantStorage
     }
 
     /// Whether tensor `info` is quantized under these options.
@@ -58,6 +63,9 @@ public func quantizeCheckpoint(input: String, output: String, options: QuantizeO
     guard BnB4BitFormat.groups(in: reader.tensorNames).isEmpty else {
         throw CheckpointError.invalidPath(path: input, problem: "already holds 4-bit quantized tensors")
     }
+    guard BnB4BitFormat.quantStorages.values.contains(options.quantStorage) else {
+        throw CheckpointError.invalidPath(path: input, problem: "quant storage \(options.quantStorage.rawValue) is not one of uint8, bfloat16, float16, float32")
+    }
     var summary = JobSummary()
     summary.bytesWritten = try job.run(output: output, layout: .input, progress: progress, planningCost: { e in
         (try? options.selects(e.info)) == true && options.doubleQuant ? e.info.byteCount : 0
@@ -67,19 +75,26 @@ public func quantizeCheckpoint(input: String, output: String, options: QuantizeO
             return .copy(e.info)
         }
         let file = job.file(of: e)
+        guard BnB4BitFormat.packedShape(elementCount: e.info.elementCount, storage: options.quantStorage) != nil else {
+            throw CheckpointError.invalidTensor(file: file, tensor: e.name, problem: "its \((e.info.elementCount + 1) / 2) packed bytes are not a whole number of "
+                                                + "\(options.quantStorage.rawValue) elements (bitsandbytes cannot store it so either); use --exclude or another quant storage")
+        }
         // The offset decides the quant-state JSON's length, which the header holds.
         let offset = options.doubleQuant ? try doubleQuantOffset(e.info, reader: reader, file: file, options: options) : nil
         let json = BnB4BitFormat.quantStateJSON(quantType: options.quantType, blocksize: options.blocksize,
                                                 dtype: ElementType(e.info.dtype)!, shape: e.info.shape, nestedOffset: offset)
         let outputs = BnB4BitFormat.declarations(name: e.name, quantType: options.quantType, blocksize: options.blocksize,
-                                                 elementCount: e.info.elementCount, doubleQuant: options.doubleQuant, jsonByteCount: json.count)
+                                                 elementCount: e.info.elementCount, doubleQuant: options.doubleQuant, jsonByteCount: json.count,
+                                                 quantStorage: options.quantStorage)
         return TensorPlan(outputs: outputs.map { OutputTensor(name: $0.name, dtype: $0.dtype, shape: $0.shape) }) { sink in
             let q = try quantize(e.info, reader: reader, file: file, options: options)
             for bytes in BnB4BitFormat.payloads(q) { try sink.write(bytes) }
             summary.quantized += 1
             summary.parameters4Bit += q.state.elementCount
         }
-    }, quantization: { BnBQuantizationConfig(quantType: options.quantType, doubleQuant: options.doubleQuant) })
+    }, quantization: {
+        BnBQuantizationConfig(quantType: options.quantType, doubleQuant: options.doubleQuant, quantStorage: options.quantStorage)
+    })
     return summary
 }
 

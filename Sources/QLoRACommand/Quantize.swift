@@ -1,4 +1,5 @@
 import ArgumentParser
+import CheckpointFormats
 import CheckpointJobs
 import Foundation
 import QLoRA
@@ -20,10 +21,15 @@ struct Quantize: ParsableCommand {
     @Flag(inversion: .prefixedNo, help: "Quantize the absmax again (bnb_4bit_use_double_quant).") var doubleQuant = true
     @Option(help: "Quantize only tensors whose name matches this regular expression.") var include: String?
     @Option(help: "Do not quantize tensors whose name matches this regular expression.") var exclude: String?
+    @Option(help: "dtype the packed 4-bit bytes are stored as (bnb_4bit_quant_storage): uint8, bfloat16, float16 or float32. FSDP and DeepSpeed QLoRA need bfloat16.")
+    var quantStorage: String = "uint8"
 
     func validate() throws {
         guard QuantState.validBlocksizes.contains(blocksize) else {
             throw ValidationError("invalid blocksize \(blocksize); expected one of \(QuantState.validBlocksizes.map(String.init).joined(separator: ", "))")
+        }
+        guard BnB4BitFormat.quantStorages[quantStorage] != nil else {
+            throw ValidationError("invalid quant storage '\(quantStorage)'; expected one of uint8, bfloat16, float16, float32")
         }
         for re in [include, exclude].compactMap({ $0 }) where (try? NSRegularExpression(pattern: re)) == nil {
             throw ValidationError("invalid regular expression '\(re)'")
@@ -32,11 +38,12 @@ struct Quantize: ParsableCommand {
 
     func run() {
         runReportingErrors {
-            let options = QuantizeOptions(quantType: quantType, blocksize: blocksize, doubleQuant: doubleQuant, include: include, exclude: exclude)
+            let options = QuantizeOptions(quantType: quantType, blocksize: blocksize, doubleQuant: doubleQuant, include: include, exclude: exclude,
+                                          quantStorage: BnB4BitFormat.quantStorages[quantStorage]!)
             let progress = ProgressLine("quantize")
             let s = try quantizeCheckpoint(input: input, output: output, options: options, progress: progress.update)
             progress.finish()
-            print("quantized \(s.quantized) tensors (\(s.parameters4Bit) parameters, \(quantType.rawValue), blocksize \(blocksize), double quant \(doubleQuant ? "on" : "off")), copied \(s.copied); wrote \(s.bytesWritten) bytes to \(output)")
+            print("quantized \(s.quantized) tensors (\(s.parameters4Bit) parameters, \(quantType.rawValue), blocksize \(blocksize), double quant \(doubleQuant ? "on" : "off")\(quantStorage == "uint8" ? "" : ", stored as \(quantStorage)")), copied \(s.copied); wrote \(s.bytesWritten) bytes to \(output)")
         }
     }
 }

@@ -48,7 +48,7 @@ public func mergeCheckpoint(base: String, adapters specs: [MergeAdapter], output
                 // Merged once here to learn its quant-state JSON length, then dropped.
                 let json = try context.merge(e, weight, file: file, sizingOnly: true).payloads.last!.count
                 outputs = BnB4BitFormat.declarations(name: e.name, quantType: q.type, blocksize: q.blocksize, elementCount: weight.out * weight.in,
-                                                     doubleQuant: q.doubleQuant, jsonByteCount: json).map { OutputTensor(name: $0.name, dtype: $0.dtype, shape: $0.shape) }
+                                                     doubleQuant: q.doubleQuant, jsonByteCount: json, quantStorage: q.storage).map { OutputTensor(name: $0.name, dtype: $0.dtype, shape: $0.shape) }
             } else {
                 outputs = [OutputTensor(name: e.name, dtype: DType(options.dtype), shape: [weight.out, weight.in])]
             }

@@ -16,8 +16,9 @@ struct WeightPlan {
     var out: Int
     var `in`: Int
     var fanInFanOut: Bool
-    /// The base's 4-bit format, for a bnb-4bit weight.
-    var quantized: (type: QuantType, blocksize: Int, doubleQuant: Bool)?
+    /// The base's 4-bit format, for a bnb-4bit weight; re-quantized, it keeps the base's storage
+    /// (PEFT's merge builds the new `Params4bit` from the old one's attributes, `quant_storage` included).
+    var quantized: (type: QuantType, blocksize: Int, doubleQuant: Bool, storage: DType)?
     /// The stored tensors of a bnb-4bit weight.
     var group: BnB4BitFormat.Group? = nil
     var steps: [MergeStep] = []
@@ -54,7 +55,8 @@ struct MergePlan {
                     shapes[path] = (state.shape[0], state.shape[1])
                     if weights[name] == nil {
                         weights[name] = WeightPlan(out: state.shape[0], in: state.shape[1], fanInFanOut: false,
-                                                   quantized: (state.quantType, state.blocksize, state.isDoubleQuantized), group: g)
+                                                   quantized: (state.quantType, state.blocksize, state.isDoubleQuantized,
+                                                               BnB4BitFormat.quantStorage(of: g, from: reader)), group: g)
                     }
                 } else if let info = reader.info(named: name), info.shape.count == 2 {
                     let (o, i) = adapter.fanInFanOut ? (info.shape[1], info.shape[0]) : (info.shape[0], info.shape[1])
@@ -95,8 +97,12 @@ struct MergePlan {
     func outputQuantization(requantize: Bool) throws -> BnBQuantizationConfig? {
         let merged4Bit = weights.filter { $0.value.quantized != nil }.sorted { $0.key < $1.key }
         guard requantize || merged4Bit.count < groups.count else { return nil }
-        if let q = merged4Bit.first?.value.quantized { return BnBQuantizationConfig(quantType: q.type, doubleQuant: q.doubleQuant) }
-        guard let g = groups.values.sorted(by: { $0.name < $1.name }).first else { return nil }
-        return (try? BnB4BitFormat.state(of: g, from: reader)).map(BnBQuantizationConfig.init)
+        if let q = merged4Bit.first?.value.quantized {
+            return BnBQuantizationConfig(quantType: q.type, doubleQuant: q.doubleQuant, quantStorage: q.storage)
+        }
+        guard let g = groups.values.sorted(by: { $0.name < $1.name }).first, let state = try? BnB4BitFormat.state(of: g, from: reader) else { return nil }
+        var config = BnBQuantizationConfig(state)
+        config.quantStorage = BnB4BitFormat.quantStorage(of: g, from: reader)
+        return config
     }
 }

@@ -38,18 +38,14 @@ public struct QuantState: Sendable, Equatable {
     public var packedByteCount: Int { (elementCount + 1) / 2 }
     public var isDoubleQuantized: Bool { if case .nested = absmax { return true } else { return false } }
 
-    /// The fp32 scale of every block. Double-quantized: `code8[q] * nestedAbsmax[i / 256]`,
-    /// then `+ offset` as a separate fp32 addition (bitsandbytes rounds twice).
+    /// The fp32 scale of every block, as bitsandbytes' `dequantize_4bit` computes it; double-quantized,
+    /// `NestedAbsmax.dequantized()`.
     public func absmaxValues() -> [Float] {
         switch absmax {
         case .plain(let a):
             return a
         case .nested(let n):
-            // code[q] * nestedAbsmax rounded, then + offset rounded: two fp32 operations.
-            var a = Blockwise8Bit.dequantize(n.quantized, absmax: n.absmax, blocksize: n.blocksize, code: n.code)
-            let offset = n.offset
-            a.withUnsafeMutableBufferPointer { out in for i in out.indices { out[i] = out[i] + offset } }
-            return a
+            return n.dequantized()
         }
     }
 
@@ -90,21 +86,51 @@ public struct QuantState: Sendable, Equatable {
 public struct NestedAbsmax: Sendable, Equatable {
     /// One dynamic-code index per first-level block (`NAME.absmax`, U8).
     public var quantized: [UInt8]
-    /// fp32 absmax of each nested block (`NAME.nested_absmax`).
+    /// fp32 absmax of each nested block (`NAME.nested_absmax`; fp32 whatever `dtype` is).
     public var absmax: [Float]
     /// First-level blocks per nested block (`nested_blocksize`, 256).
     public var blocksize: Int
-    /// Mean of the first-level absmax (`nested_offset`), as torch's fp32 mean.
+    /// Mean of the first-level absmax (`nested_offset`), as torch's fp32 mean; with a 16-bit
+    /// `dtype`, the mean bitsandbytes took in that dtype.
     public var offset: Float
     /// The 256-entry dynamic code (`NAME.nested_quant_map`).
     public var code: [Float]
+    /// `nested_dtype`: the dtype the second level dequantizes in. fp32 when bitsandbytes quantizes;
+    /// bf16 or fp16 (the weight's dtype) in a checkpoint saved after a CPU forward pass, when
+    /// bitsandbytes double-quantizes its bf16 copy of the absmax again (see `dequantized()`).
+    public var dtype: ElementType
 
-    public init(quantized: [UInt8], absmax: [Float], blocksize: Int = 256, offset: Float, code: [Float] = dynamicCode8) {
+    public init(quantized: [UInt8], absmax: [Float], blocksize: Int = 256, offset: Float, code: [Float] = dynamicCode8,
+                dtype: ElementType = .float32) {
         self.quantized = quantized
         self.absmax = absmax
         self.blocksize = blocksize
         self.offset = offset
         self.code = code
+        self.dtype = dtype
+    }
+
+    /// The first-level absmax, as bitsandbytes' `dequantize_4bit` computes it before its 4-bit
+    /// kernel: `a = dequantize_blockwise(absmax, state2); a += offset; a = a.float()`.
+    ///
+    /// - fp32: `code[q] * nestedAbsmax[i / blocksize]`, then `+ offset`: two fp32 roundings.
+    /// - bf16/fp16 (`dtype`): the CPU kernel `dequantizeBlockwise8bitCpu<bf16/fp16>` rounds the
+    ///   fp32 product to `dtype` (nearest even); `+=` casts the 0-d fp32 offset to `dtype`, adds
+    ///   in fp32 and rounds to `dtype`; `.float()` widens exactly. Three roundings to `dtype`.
+    public func dequantized() -> [Float] {
+        // code[q] * nestedAbsmax in fp32 (bitsandbytes' fp32 kernel; the 16-bit ones start the same way).
+        var a = Blockwise8Bit.dequantize(quantized, absmax: absmax, blocksize: blocksize, code: code)
+        let round: (Float) -> Float
+        switch dtype {
+        case .float32: round = { $0 }
+        case .bfloat16: round = HalfPrecision.roundedToBFloat16
+        case .float16: round = { HalfPrecision.float(float16Bits: HalfPrecision.float16Bits($0)) }
+        }
+        let offset = round(self.offset)
+        a.withUnsafeMutableBufferPointer { out in
+            for i in out.indices { out[i] = round(round(out[i]) + offset) }
+        }
+        return a
     }
 }
 
