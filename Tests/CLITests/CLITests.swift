@@ -65,6 +65,36 @@ final class CLITests: TemporaryDirectoryTestCase {
         XCTAssertFalse(FileManager.default.fileExists(atPath: output), "\(output) should not exist", file: file, line: line)
     }
 
+    /// `qlora quantize --quant-storage X` writes, tensor for tensor, what transformers' save_pretrained
+    /// wrote for the same bf16 model with `bnb_4bit_quant_storage=X` (Vectors/bnb_variants), and
+    /// records X in config.json.
+    func testQuantizeQuantStorageEqualsTransformers() throws {
+        let variants = repositoryRoot.appendingPathComponent("Vectors/bnb_variants")
+        for storage in ["uint8", "bfloat16", "float16", "float32"] {
+            let out = tmp.appendingPathComponent(storage).path
+            let r = try run(["quantize", variants.appendingPathComponent("dense").path, out, "--quant-storage", storage])
+            XCTAssertEqual(r.status, 0, r.stderr)
+            XCTAssertTrue(r.stdout.contains("quantized 7 tensors"), r.stdout)
+            let ours = try SafeTensorsFile(path: out + "/model.safetensors")
+            let theirs = try SafeTensorsFile(path: variants.appendingPathComponent("nf4-\(storage)/model.safetensors").path)
+            XCTAssertEqual(Set(ours.tensors.map(\.name)), Set(theirs.tensors.map(\.name)), storage)
+            for t in theirs.tensors {
+                guard let mine = ours.info(named: t.name) else { continue }
+                XCTAssertEqual(mine.dtype, t.dtype, "\(storage) \(t.name) dtype")
+                XCTAssertEqual(mine.shape, t.shape, "\(storage) \(t.name) shape")
+                XCTAssertNil(byteMismatch(ours.withBytes(of: t.name) { Array($0) }, theirs.withBytes(of: t.name) { Array($0) }, name: "\(storage) \(t.name)"))
+            }
+            let config = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: out + "/config.json"))) as! [String: Any]
+            XCTAssertEqual((config["quantization_config"] as? [String: Any])?["bnb_4bit_quant_storage"] as? String, storage)
+        }
+        let out = tmp.appendingPathComponent("bad.safetensors").path
+        try expectFailure(["quantize", dense, out, "--quant-storage", "int8"], mentions: ["int8", "uint8, bfloat16, float16, float32"], noOutput: out)
+        // 3×3 NF4 is 5 bytes: not a whole number of bf16 elements (bitsandbytes' view fails too).
+        let odd = tmp.appendingPathComponent("odd.safetensors")
+        try SafeTensorsWriter.write(url: odd, tensors: [("w", .f32, [3, 3], rawBytes([Float](repeating: 0.5, count: 9)))])
+        try expectFailure(["quantize", odd.path, out, "--quant-storage", "bfloat16"], mentions: ["odd.safetensors", "'w'", "BF16"], noOutput: out)
+    }
+
     func testBadInputsGiveOneLineNamingTheFile() throws {
         let out = tmp.appendingPathComponent("out.safetensors").path
         // Truncated file.

@@ -273,4 +273,48 @@ final class MergeTests: TemporaryDirectoryTestCase {
         XCTAssertFalse(FileManager.default.fileExists(atPath: out))
         XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: tmp.path).filter { $0.hasPrefix(".") }, [], "temporary files left behind")
     }
+
+    /// Merging into transformers' bnb-4bit variants (Vectors/bnb_variants): a re-quantized weight keeps
+    /// the base's quant_storage (PEFT rebuilds `Params4bit` with the old one's attributes), and a base
+    /// with a bf16 nested_dtype merges from bitsandbytes' own dequantization of it.
+    func testMergeIntoQuantStorageAndSixteenBitNestedVariants() throws {
+        let variants = repositoryRoot.appendingPathComponent("Vectors/bnb_variants")
+        let q = "model.layers.0.self_attn.q_proj"
+        var a = PEFTAdapter(rank: 2, loraAlpha: 4, targetModules: ["q_proj"])
+        var rng = SplitMix64(seed: 12)
+        a.modules[q] = .init(path: q, rank: 2, inFeatures: 64, outFeatures: 64, loraA: (0..<128).map { _ in Float(rng.unit() - 0.5) * 0.1 },
+                             loraB: (0..<128).map { _ in Float(rng.unit() - 0.5) * 0.01 })
+        let adapterDir = tmp.appendingPathComponent("adapter").path
+        try a.save(directory: adapterDir)
+        func quantStorage(_ dir: String) throws -> String? {
+            let c = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: dir + "/config.json"))) as? [String: Any]
+            return (c?["quantization_config"] as? [String: Any])?["bnb_4bit_quant_storage"] as? String
+        }
+        var o = MergeOptions()
+        o.requantize = true
+        var packed: [UInt8]? = nil
+        for storage in ["uint8", "bfloat16"] {
+            let out = tmp.appendingPathComponent("m-\(storage)").path
+            try mergeCheckpoint(base: variants.appendingPathComponent("nf4-\(storage)").path, adapter: adapterDir, output: out, options: o)
+            let f = try SafeTensorsFile(path: out + "/model.safetensors")
+            let info = try XCTUnwrap(f.info(named: q + ".weight"))
+            XCTAssertEqual(info.dtype, storage == "uint8" ? .u8 : .bf16)
+            XCTAssertEqual(info.shape, storage == "uint8" ? [2048, 1] : [1024, 1])
+            XCTAssertEqual(f.info(named: "model.layers.0.self_attn.k_proj.weight")?.dtype, info.dtype, "an unmerged weight is copied as it is")
+            XCTAssertEqual(try quantStorage(out), storage)
+            let bytes = f.withBytes(of: q + ".weight") { Array($0) }
+            if let packed { XCTAssertEqual(bytes, packed, "the same re-quantized bytes, retyped") } else { packed = bytes }
+        }
+        // A zero B merges to the base itself: bitsandbytes' dequantization of the bf16-nested weight.
+        a.modules[q]!.loraB = [Float](repeating: 0, count: 128)
+        let zeroDir = tmp.appendingPathComponent("zero-adapter").path
+        try a.save(directory: zeroDir)
+        let out = tmp.appendingPathComponent("m-forward").path
+        try mergeCheckpoint(base: variants.appendingPathComponent("nf4-forward-bf16").path, adapter: zeroDir, output: out, options: MergeOptions())
+        let expected = try VectorFile("expected", directory: "Vectors/bnb_variants")
+        let f = try SafeTensorsFile(path: out + "/model.safetensors")
+        XCTAssertNil(byteMismatch(f.withBytes(of: q + ".weight") { Array($0) }, expected.bytes("nf4-forward-bf16.\(q).weight.dequantized"),
+                                  name: "merged bf16-nested q_proj", elementSize: 2))
+        XCTAssertEqual(try quantStorage(out), "uint8")
+    }
 }
