@@ -49,6 +49,7 @@ vectors:
 	.venv/bin/python Vectors/generate_families.py
 	.venv/bin/python Vectors/generate_llama_ops.py
 	.venv/bin/python Vectors/generate_bnb_variants.py
+	.venv/bin/python Vectors/generate_interop.py
 
 clean:
 	rm -rf .build $(DEMO)

@@ -2,8 +2,8 @@ import Foundation
 import QLoRA
 import SafeTensors
 
-// config.json, as transformers reads and writes it: the one reader of a model's architecture,
-// and the `quantization_config` a bitsandbytes 4-bit checkpoint carries.
+// config.json, as transformers reads it: the one reader of a model's architecture. What qlora
+// writes into config.json (`quantization_config`) is in ConfigJSON.swift.
 
 extension ModelArchitecture {
     /// Reads a Hugging Face config.json (`model_type` llama, mistral, qwen2, qwen3 or phi3, or any
@@ -56,57 +56,5 @@ extension ModelArchitecture {
             ropeScaling = .llama3(.init(factor: f, lowFreqFactor: lo, highFreqFactor: hi, originalMaxPositions: orig))
         case let other: ropeScaling = .unsupported(other)
         }
-    }
-}
-
-/// The `quantization_config` transformers writes into config.json for a bitsandbytes 4-bit
-/// checkpoint (`BitsAndBytesConfig.to_dict()`).
-public struct BnBQuantizationConfig: Sendable, Equatable {
-    public var quantType: QuantType
-    public var doubleQuant: Bool
-    /// `bnb_4bit_compute_dtype`: what the 4-bit matmul computes in.
-    public var computeDtype: ElementType = .bfloat16
-    /// `bnb_4bit_quant_storage`: the dtype the packed 4-bit bytes are stored as (uint8 by
-    /// default; FSDP and DeepSpeed QLoRA need bfloat16 or float32).
-    public var quantStorage: DType = .u8
-
-    public init(quantType: QuantType, doubleQuant: Bool, computeDtype: ElementType = .bfloat16, quantStorage: DType = .u8) {
-        self.quantType = quantType
-        self.doubleQuant = doubleQuant
-        self.computeDtype = computeDtype
-        self.quantStorage = quantStorage
-    }
-
-    /// The 4-bit format of a loaded weight.
-    public init(_ state: QuantState) { self.init(quantType: state.quantType, doubleQuant: state.isDoubleQuantized) }
-
-    /// torch's name of a dtype (`uint8`, `bfloat16`, ...).
-    static func torchName(_ d: DType) -> String {
-        switch d {
-        case .u8: return "uint8"
-        case .i8: return "int8"
-        case .bf16: return "bfloat16"
-        case .f16: return "float16"
-        case .f32: return "float32"
-        default: return d.rawValue.lowercased()
-        }
-    }
-
-    public var json: [String: Any] {
-        [
-            "quant_method": "bitsandbytes", "load_in_4bit": true, "load_in_8bit": false,
-            "bnb_4bit_quant_type": quantType.rawValue, "bnb_4bit_use_double_quant": doubleQuant,
-            "bnb_4bit_compute_dtype": computeDtype.rawValue, "bnb_4bit_quant_storage": Self.torchName(quantStorage),
-            "llm_int8_skip_modules": NSNull(), "llm_int8_has_fp16_weight": false,
-            "llm_int8_threshold": 6.0, "llm_int8_enable_fp32_cpu_offload": false,
-        ]
-    }
-
-    /// config.json's bytes with `quantization_config` set to `quantization`, or removed when nil;
-    /// nil when `config` is not a JSON object (then it is copied as it is).
-    public static func rewrite(config: Data, quantization: BnBQuantizationConfig?) -> Data? {
-        guard var object = try? JSONSerialization.jsonObject(with: config) as? [String: Any] else { return nil }
-        if let quantization { object["quantization_config"] = quantization.json } else { object.removeValue(forKey: "quantization_config") }
-        return try? JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys])
     }
 }

@@ -44,6 +44,9 @@ public struct PEFTAdapter: Sendable {
     public var rankPattern: [String: Int] = [:]
     public var alphaPattern: [String: Double] = [:]
     public var baseModelNameOrPath: String? = nil
+    /// PEFT's `task_type`: `CAUSAL_LM` (every model qlora trains is one) makes
+    /// `PeftModel.from_pretrained` build a `PeftModelForCausalLM`; nil (null) a plain `PeftModel`.
+    public var taskType: String? = "CAUSAL_LM"
     /// Adapted modules by path.
     public var modules: [String: Module] = [:]
 
@@ -91,6 +94,7 @@ public struct PEFTAdapter: Sendable {
         a.rankPattern = (c["rank_pattern"] as? [String: Int]) ?? [:]
         a.alphaPattern = ((c["alpha_pattern"] as? [String: NSNumber]) ?? [:]).mapValues { $0.doubleValue }
         a.baseModelNameOrPath = c["base_model_name_or_path"] as? String
+        a.taskType = c["task_type"] as? String
 
         let weightsPath = dir.appendingPathComponent(weightsFile).path
         let file = try SafeTensorsFile(path: weightsPath)
@@ -150,17 +154,43 @@ public struct PEFTAdapter: Sendable {
         try out.commit()
     }
 
+    /// PEFT's version whose adapter_config.json `write(into:)` reproduces (Vectors/interop/).
+    public static let peftVersion = "0.21.2"
+
+    /// adapter_config.json as PEFT 0.21.2's `LoraConfig.save_pretrained` writes it: every key
+    /// of its `to_dict()`, with its JSON types (`r` an int, `lora_alpha` an int when integral as
+    /// `LoraConfig(lora_alpha=16)` gives, `lora_dropout` a float, unset options null), sorted,
+    /// indent 2, no trailing newline. `auto_mapping` is null: PEFT writes the base model's class
+    /// there only for an adapter without a task type, and `PeftModel.from_pretrained` does not
+    /// read it.
+    public var configJSON: JSONValue {
+        func number(_ x: Double) -> JSONValue {
+            x.rounded() == x && x.magnitude < 1e15 ? ConfigJSON.int(Int(x)) : ConfigJSON.float(x)
+        }
+        func object(_ members: [(String, JSONValue)]) -> JSONValue { .object(members.map { JSONMember(key: $0.0, value: $0.1) }) }
+        return object([
+            ("alora_invocation_tokens", .null),
+            ("alpha_pattern", object(alphaPattern.sorted { $0.key < $1.key }.map { ($0.key, number($0.value)) })),
+            ("arrow_config", .null), ("auto_mapping", .null),
+            ("base_model_name_or_path", baseModelNameOrPath.map { .string($0) } ?? .null),
+            ("bias", .string("none")), ("corda_config", .null), ("ensure_weight_tying", .bool(false)), ("eva_config", .null),
+            ("exclude_modules", .null), ("fan_in_fan_out", .bool(fanInFanOut)), ("inference_mode", .bool(true)),
+            ("init_lora_weights", .bool(true)), ("kasa_config", .null), ("layer_replication", .null), ("layers_pattern", .null),
+            ("layers_to_transform", .null), ("loftq_config", .object([])),
+            ("lora_alpha", number(loraAlpha)), ("lora_bias", .bool(false)), ("lora_dropout", ConfigJSON.float(loraDropout)),
+            ("lora_ga_config", .null), ("megatron_config", .null), ("megatron_core", .string("megatron.core")),
+            ("modules_to_save", .null), ("monteclora_config", .null), ("peft_type", .string("LORA")),
+            ("peft_version", .string(Self.peftVersion)), ("qalora_group_size", ConfigJSON.int(16)), ("r", ConfigJSON.int(rank)),
+            ("rank_pattern", object(rankPattern.sorted { $0.key < $1.key }.map { ($0.key, ConfigJSON.int($0.value)) })),
+            ("revision", .null), ("target_modules", .array(targetModules.map { .string($0) })), ("target_parameters", .null),
+            ("task_type", taskType.map { .string($0) } ?? .null), ("trainable_token_indices", .null), ("use_bdlora", .null),
+            ("use_dora", .bool(false)), ("use_qalora", .bool(false)), ("use_rslora", .bool(useRSLoRA)), ("velora_config", .null),
+        ])
+    }
+
     /// Writes the two files into `directory` (an output being staged).
     public func write(into directory: URL) throws {
-        let config: [String: Any] = [
-            "peft_type": "LORA", "r": rank, "lora_alpha": loraAlpha, "lora_dropout": loraDropout,
-            "target_modules": targetModules, "use_rslora": useRSLoRA, "rank_pattern": rankPattern, "alpha_pattern": alphaPattern,
-            "bias": "none", "fan_in_fan_out": fanInFanOut, "inference_mode": true, "init_lora_weights": true,
-            "use_dora": false, "modules_to_save": NSNull(), "task_type": NSNull(),
-            "base_model_name_or_path": baseModelNameOrPath.map { $0 as Any } ?? NSNull(),
-        ]
-        try JSONSerialization.data(withJSONObject: config, options: [.prettyPrinted, .sortedKeys])
-            .write(to: directory.appendingPathComponent(Self.configFile))
+        try ConfigJSON.peftFile(configJSON).write(to: directory.appendingPathComponent(Self.configFile))
         var tensors: [(name: String, dtype: DType, shape: [Int], bytes: [UInt8])] = []
         for m in modules.values.sorted(by: { $0.path < $1.path }) {
             tensors.append((Self.prefix + m.path + ".lora_A.weight", DType(m.storedType), [m.rank, m.inFeatures], encode(m.loraA, as: m.storedType)))

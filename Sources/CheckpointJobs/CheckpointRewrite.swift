@@ -142,7 +142,8 @@ final class CheckpointRewrite {
     }
 
     /// Copies config.json, tokenizer files etc. from a directory checkpoint (not its shards, index,
-    /// subdirectories or hidden files), with config.json's `quantization_config` rewritten.
+    /// subdirectories or hidden files), with config.json's `quantization_config` rewritten; a
+    /// symbolic link is copied as the file it points to.
     func copySidecars(into staged: StagedOutput, quantization: BnBQuantizationConfig?) throws {
         guard staged.kind == .directory, inputIsDirectory else { return }
         let fm = FileManager.default
@@ -155,8 +156,25 @@ final class CheckpointRewrite {
                let rewritten = BnBQuantizationConfig.rewrite(config: data, quantization: quantization) {
                 try rewritten.write(to: dst)
             } else {
-                try fm.copyItem(at: src, to: dst)
+                try copyContent(of: src.path, to: dst)
             }
+        }
+    }
+
+    /// Copies the file at `path`, or the file a chain of symbolic links there ends at, as a
+    /// regular file. A Hugging Face cache snapshot holds relative links
+    /// (`snapshots/<rev>/tokenizer.json -> ../../blobs/<sha>`), which copied as links would
+    /// dangle in the output.
+    func copyContent(of path: String, to dst: URL) throws {
+        guard let resolved = realpath(path, nil) else {
+            throw CheckpointError.invalidPath(path: path, problem: "cannot be read (\(String(cString: strerror(errno))); a dangling link?)")
+        }
+        let target = String(cString: resolved)
+        free(resolved)
+        do {
+            try FileManager.default.copyItem(atPath: target, toPath: dst.path)
+        } catch {
+            throw CheckpointError.invalidPath(path: path, problem: "cannot be copied to the output: \(error.localizedDescription)")
         }
     }
 }

@@ -8,7 +8,9 @@
 // the stack), and only ever advances `position`, so it terminates on any input.
 
 /// A parsed JSON value. Numbers keep their exact source text; see `JSONValue.integer(_:)`.
-enum JSONValue {
+/// Public for config files (CheckpointFormats' ConfigJSON), which must pass every number
+/// through with its text unchanged (`6.0` stays `6.0`, `1e-05` stays `1e-05`).
+public enum JSONValue: Sendable, Equatable {
     case null
     case bool(Bool)
     case number(String)
@@ -18,7 +20,7 @@ enum JSONValue {
     case object([JSONMember])
 
     /// "an object", "a string", ... for error messages.
-    var kindDescription: String {
+    public var kindDescription: String {
         switch self {
         case .null: return "null"
         case .bool: return "a boolean"
@@ -66,20 +68,56 @@ enum JSONValue {
 }
 
 /// One `"key": value` pair of an object.
-struct JSONMember {
-    var key: String
-    var value: JSONValue
+public struct JSONMember: Sendable, Equatable {
+    public var key: String
+    public var value: JSONValue
+
+    public init(key: String, value: JSONValue) {
+        self.key = key
+        self.value = value
+    }
 }
 
 /// Why parsing failed, at which byte offset (relative to the parsed buffer).
-struct JSONParseError: Error {
-    enum Kind {
+public struct JSONParseError: Error, CustomStringConvertible {
+    public enum Kind: Sendable {
         case syntax(String)
         /// `path` lists the keys of the enclosing objects (outermost first; `[]` marks an array).
         case duplicateKey(key: String, path: [String])
     }
-    var kind: Kind
-    var offset: Int
+    public var kind: Kind
+    public var offset: Int
+
+    /// "malformed JSON at byte offset 12: expected ':' after object key", ...
+    public var description: String {
+        switch kind {
+        case .syntax(let reason): return "malformed JSON at byte offset \(offset): \(reason)"
+        case .duplicateKey(let key, _): return "duplicate key \"\(key)\""
+        }
+    }
+}
+
+extension JSONValue {
+    /// Parses a whole JSON document (UTF-8 checked first), with this file's strict parser:
+    /// duplicate keys refused, members in document order, numbers as their source text.
+    public static func parse(document bytes: UnsafeRawBufferPointer) throws(JSONParseError) -> JSONValue {
+        if let bad = firstInvalidUTF8Index(bytes) { throw JSONParseError(kind: .syntax("not valid UTF-8"), offset: bad) }
+        return try JSONParser.parse(bytes)
+    }
+
+    /// `parse(document:)` of an array of bytes.
+    public static func parse(document bytes: [UInt8]) throws(JSONParseError) -> JSONValue {
+        let result: Result<JSONValue, JSONParseError> = bytes.withUnsafeBytes { raw in
+            do throws(JSONParseError) { return .success(try parse(document: raw)) } catch { return .failure(error) }
+        }
+        return try result.get()
+    }
+
+    /// An object's member, nil when absent or when this is not an object.
+    public subscript(key: String) -> JSONValue? {
+        guard case .object(let members) = self else { return nil }
+        return members.first { $0.key == key }?.value
+    }
 }
 
 /// Recursive-descent parser over a byte buffer. Recursion depth is bounded by `maxDepth`.
@@ -398,4 +436,55 @@ extension Array where Element == UInt8 {
 /// not by Swift's canonical-equivalence ordering, so encoded files are byte-for-byte stable.
 func scalarOrder(_ a: String, _ b: String) -> Bool {
     a.unicodeScalars.lexicographicallyPrecedes(b.unicodeScalars)
+}
+
+// MARK: - Python's layout
+
+extension JSONValue {
+    /// The text Python's `json.dumps(value, indent=indent, sort_keys=sortKeys,
+    /// ensure_ascii=asciiOnly)` writes (no trailing newline): members on their own lines,
+    /// `", "` never (with an indent the item separator is `","` + newline), `": "` after keys,
+    /// `{}` and `[]` for empty containers, keys in code-point order, non-ASCII as lowercase
+    /// `\uXXXX` UTF-16 escapes. Numbers are written as their source text.
+    public func pythonJSON(indent: Int = 2, sortKeys: Bool = true, asciiOnly: Bool = true) -> [UInt8] {
+        var out: [UInt8] = []
+        appendPython(to: &out, level: 0, indent: indent, sortKeys: sortKeys, asciiOnly: asciiOnly)
+        return out
+    }
+
+    private func appendPython(to out: inout [UInt8], level: Int, indent: Int, sortKeys: Bool, asciiOnly: Bool) {
+        func newline(_ level: Int) {
+            out.append(UInt8(ascii: "\n"))
+            out.append(contentsOf: repeatElement(UInt8(ascii: " "), count: level * indent))
+        }
+        switch self {
+        case .null: out.appendASCII("null")
+        case .bool(let b): out.appendASCII(b ? "true" : "false")
+        case .number(let text): out.appendASCII(text)
+        case .string(let s): appendJSONString(s, to: &out, asciiOnly: asciiOnly)
+        case .array(let elements):
+            guard !elements.isEmpty else { out.appendASCII("[]"); return }
+            out.append(UInt8(ascii: "["))
+            for (i, e) in elements.enumerated() {
+                if i > 0 { out.append(UInt8(ascii: ",")) }
+                newline(level + 1)
+                e.appendPython(to: &out, level: level + 1, indent: indent, sortKeys: sortKeys, asciiOnly: asciiOnly)
+            }
+            newline(level)
+            out.append(UInt8(ascii: "]"))
+        case .object(let members):
+            guard !members.isEmpty else { out.appendASCII("{}"); return }
+            out.append(UInt8(ascii: "{"))
+            let ordered = sortKeys ? members.sorted { scalarOrder($0.key, $1.key) } : members
+            for (i, m) in ordered.enumerated() {
+                if i > 0 { out.append(UInt8(ascii: ",")) }
+                newline(level + 1)
+                appendJSONString(m.key, to: &out, asciiOnly: asciiOnly)
+                out.appendASCII(": ")
+                m.value.appendPython(to: &out, level: level + 1, indent: indent, sortKeys: sortKeys, asciiOnly: asciiOnly)
+            }
+            newline(level)
+            out.append(UInt8(ascii: "}"))
+        }
+    }
 }
