@@ -244,6 +244,59 @@ final class CLITests: TemporaryDirectoryTestCase {
         try expectFailure(["train", "--model", model, "--data", model, "--out", tmp.appendingPathComponent("x").path], mentions: [model], noOutput: tmp.appendingPathComponent("x").path)
     }
 
+    /// Moves `directory`'s files into a Hugging Face cache layout (`<root>/blobs/<blob>`, and
+    /// `<root>/snapshots/main/<name> -> ../../blobs/<blob>`) and returns the snapshot directory.
+    func cacheSnapshot(of directory: String, root: String) throws -> String {
+        let fm = FileManager.default
+        let snap = root + "/snapshots/main"
+        try fm.createDirectory(atPath: root + "/blobs", withIntermediateDirectories: true)
+        try fm.createDirectory(atPath: snap, withIntermediateDirectories: true)
+        for (i, name) in try fm.contentsOfDirectory(atPath: directory).sorted().enumerated() {
+            let blob = String(format: "%064x", 0xcafe + i)
+            try fm.moveItem(atPath: directory + "/" + name, toPath: root + "/blobs/" + blob)
+            try fm.createSymbolicLink(atPath: snap + "/" + name, withDestinationPath: "../../blobs/" + blob)
+        }
+        return snap
+    }
+
+    /// Every command reads a Hugging Face cache snapshot (relative links into blobs/, and a link
+    /// to the snapshot directory itself) and writes regular files.
+    func testCacheSnapshotsAsInputs() throws {
+        let model = tmp.appendingPathComponent("tiny").path
+        var r = try run(["sample", model, "--layers", "1", "--hidden", "64", "--intermediate", "128", "--vocab", "64", "--heads", "4",
+                         "--kv-heads", "2", "--copy-task", "8", "--adapter-rank", "4"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        try Data("{\"version\": \"1.0\"}".utf8).write(to: URL(fileURLWithPath: model + "/tokenizer.json"))
+        let snap = try cacheSnapshot(of: model, root: tmp.appendingPathComponent("models--tiny").path)
+        let adapter = try cacheSnapshot(of: model + "-adapter", root: tmp.appendingPathComponent("models--tiny-adapter").path)
+        let link = tmp.appendingPathComponent("tiny-link").path
+        try FileManager.default.createSymbolicLink(atPath: link, withDestinationPath: "models--tiny/snapshots/main")
+
+        func assertRegularFiles(_ dir: String) throws {
+            for name in try FileManager.default.contentsOfDirectory(atPath: dir) {
+                let type = try FileManager.default.attributesOfItem(atPath: dir + "/" + name)[.type] as? FileAttributeType
+                XCTAssertEqual(type, .typeRegular, dir + "/" + name)
+            }
+        }
+        let q = tmp.appendingPathComponent("q").path, d = tmp.appendingPathComponent("d").path, m = tmp.appendingPathComponent("m").path
+        for (args, out) in [(["quantize", link, q], q), (["dequantize", q, d], d), (["merge", snap, adapter, m], m)] {
+            r = try run(args)
+            XCTAssertEqual(r.status, 0, "\(args): \(r.stderr)")
+            try assertRegularFiles(out)
+            XCTAssertEqual(try String(contentsOfFile: out + "/tokenizer.json", encoding: .utf8), "{\"version\": \"1.0\"}")
+        }
+        let trained = tmp.appendingPathComponent("trained").path
+        r = try run(["train", "--model", link, "--data", model + "-copy.jsonl", "--steps", "1", "--seq-len", "8", "--out", trained])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        r = try run(["train", "--model", snap, "--data", model + "-copy.jsonl", "--steps", "1", "--seq-len", "8", "--adapter", adapter,
+                     "--out", trained + "2"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        // A dangling link: one line naming it, no output.
+        try FileManager.default.createSymbolicLink(atPath: snap + "/special_tokens_map.json", withDestinationPath: "../../blobs/gone")
+        try expectFailure(["quantize", snap, tmp.appendingPathComponent("q2").path], mentions: [snap + "/special_tokens_map.json"],
+                          noOutput: tmp.appendingPathComponent("q2").path)
+    }
+
     /// `qlora bench --quick --json` reports the documented fields, and picks OpenBLAS's
     /// AVX-512 kernels itself only when the user has not chosen a core.
     func testBenchQuickJSON() throws {

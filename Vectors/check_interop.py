@@ -1,0 +1,239 @@
+"""Does the Python stack load what qlora writes, and get the same numbers? (issue 12)
+
+Run by hand where torch, transformers, PEFT and bitsandbytes are installed (CI never runs it):
+
+    swift build -c release --product qlora
+    .venv/bin/python Vectors/check_interop.py [path/to/qlora]      # default .build/release/qlora
+
+For each model family (a tiny random model written by transformers' save_pretrained in bf16) it
+runs the qlora binary and loads every output back:
+
+  quantize    for NF4 + double quant and FP4 without: transformers' from_pretrained of qlora's
+              checkpoint gives the logits of transformers' own quantization of the same dense
+              model, and qlora stored the tensors and config.json its save_pretrained stores
+              (names, dtypes, shapes, bytes)
+  dequantize  qlora's dequantized checkpoint loads as a plain model; its tensors and logits are
+              those of transformers' `model.dequantize()` of its own NF4 model; and qlora's
+              dequantize of transformers' own 4-bit files gives those tensors too
+  train       PeftModel.from_pretrained loads qlora's trained adapter onto transformers' NF4
+              model: every LoRA weight lands, none missing, and it changes the logits; PEFT's
+              LoraConfig reads its adapter_config.json and writes back the same keys and types
+  merge       qlora's merge of that adapter equals PEFT's merge_and_unload: into the dense
+              model; into the NF4 model re-quantized (`--requantize`, what PEFT does to a
+              Linear4bit); and into the NF4 model dequantized to bf16 (`merged_16bit`, PEFT on
+              transformers' dequantized model). Each output loads with from_pretrained.
+
+One line per check, `PASS` or `FAIL`, with the largest difference where there is one; the exit
+status is the number of failures. Torch runs with one thread.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import warnings
+
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+warnings.filterwarnings("ignore")
+import torch
+import transformers
+import peft
+import bitsandbytes
+import safetensors
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, MistralConfig
+from peft import LoraConfig, PeftModel
+
+transformers.logging.set_verbosity_error()
+torch.set_num_threads(1)
+
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=256, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False)
+
+# The families checked: (name, config class, its fields). Add a family by adding a line.
+FAMILIES = [
+    ("llama", LlamaConfig, dict(SMALL, rope_theta=500000.0,
+                                rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                              "original_max_position_embeddings": 32})),
+    ("mistral", MistralConfig, dict(SMALL, rope_theta=10000.0, sliding_window=None)),
+]
+NF4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                         bnb_4bit_compute_dtype=torch.bfloat16)
+FP4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=False,
+                         bnb_4bit_compute_dtype=torch.bfloat16)
+# The 4-bit file variants: (name, qlora quantize flags, transformers' config).
+VARIANTS = [("nf4-dq", [], NF4), ("fp4-nodq", ["--quant-type", "fp4", "--no-double-quant"], FP4)]
+results = []
+
+
+def check(family, command, what, ok, detail=""):
+    results.append((family, command, ok))
+    print(f"{'PASS' if ok else 'FAIL'}  {family:8} {command:10} {what}{'  (' + detail + ')' if detail else ''}", flush=True)
+
+
+def qlora(binary, *args):
+    r = subprocess.run([binary, *args], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"qlora {' '.join(args)}: exit {r.returncode}: {r.stderr.strip()}")
+    return r.stdout
+
+
+def load(path, **kw):
+    return AutoModelForCausalLM.from_pretrained(path, device_map="cpu", attn_implementation="eager", **kw).eval()
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def max_diff(a, b):
+    return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
+
+
+def same_tensors(ours_path, theirs_sd):
+    """Every tensor of a safetensors file equals `theirs_sd`'s (same names, dtypes, shapes, bytes)."""
+    ours = load_file(ours_path)
+    theirs = {k: v.contiguous() for k, v in theirs_sd.items()}
+    problems = []
+    if set(ours) != set(theirs):
+        problems.append(f"names: only qlora {sorted(set(ours) - set(theirs))[:3]}, only theirs {sorted(set(theirs) - set(ours))[:3]}")
+    for k in sorted(set(ours) & set(theirs)):
+        a, b = ours[k], theirs[k]
+        if a.dtype != b.dtype or a.shape != b.shape:
+            problems.append(f"{k}: {a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}")
+        elif not torch.equal(a.view(torch.uint8) if a.dtype != torch.uint8 else a, b.view(torch.uint8) if b.dtype != torch.uint8 else b):
+            problems.append(f"{k}: bytes differ (max {max_diff(a, b):.3g})")
+    return problems, len(theirs)
+
+
+def shard(directory):
+    return os.path.join(directory, "model.safetensors")
+
+
+def family_checks(binary, family, config_class, fields, work):
+    torch.manual_seed(0)
+    dense_dir, q_dir, d_dir = (os.path.join(work, n) for n in ("dense", "q-nf4-dq", "d"))
+    model = AutoModelForCausalLM.from_config(config_class(**fields))
+    with torch.no_grad():  # norms away from 1 so that their weights matter
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.copy_(1 + 0.1 * torch.randn(p.shape))
+    model.to(torch.bfloat16).save_pretrained(dense_dir)
+    ids = torch.randint(0, fields["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(1))
+
+    # quantize, every 4-bit variant: qlora writes, transformers reads; transformers writes, qlora reads
+    for variant, flags, bnb in VARIANTS:
+        out = os.path.join(work, "q-" + variant)
+        qlora(binary, "quantize", dense_dir, out, *flags)
+        theirs_q = load(dense_dir, quantization_config=bnb, dtype=torch.bfloat16)
+        with tempfile.TemporaryDirectory() as t:
+            theirs_q.save_pretrained(t)
+            problems, n = same_tensors(shard(out), load_file(shard(t)))
+            with open(os.path.join(t, "config.json")) as f, open(os.path.join(out, "config.json")) as g:
+                same_config = f.read() == g.read()
+            # The other way: qlora dequantizes transformers' file as transformers does.
+            back = os.path.join(work, "theirs-deq-" + variant)
+            qlora(binary, "dequantize", t, back)
+            theirs_q2 = load(dense_dir, quantization_config=bnb, dtype=torch.bfloat16)
+            theirs_q2.dequantize()
+            read_problems, _ = same_tensors(shard(back), theirs_q2.state_dict())
+        check(family, "quantize", f"{variant}: stored tensors equal transformers' save_pretrained ({n} tensors)", not problems,
+              "; ".join(problems[:3]))
+        check(family, "quantize", f"{variant}: config.json equals transformers' byte for byte", same_config)
+        ours_q = load(out)
+        n4 = sum(isinstance(m, bitsandbytes.nn.Linear4bit) for m in ours_q.modules())
+        diff = max_diff(logits(ours_q, ids), logits(theirs_q, ids))
+        check(family, "quantize", f"{variant}: from_pretrained: {n4} Linear4bit, logits equal transformers' own quantization",
+              n4 == 7 * fields["num_hidden_layers"] and diff == 0, f"max |diff| {diff:.3g}")
+        check(family, "dequantize", f"{variant}: qlora reads transformers' file: tensors equal its dequantize()", not read_problems,
+              "; ".join(read_problems[:3]))
+
+    # dequantize
+    qlora(binary, "dequantize", q_dir, d_dir)
+    ours_d = load(d_dir)
+    plain = not any(isinstance(m, bitsandbytes.nn.Linear4bit) for m in ours_d.modules()) and getattr(ours_d.config, "quantization_config", None) is None
+    theirs_d = load(dense_dir, quantization_config=NF4, dtype=torch.bfloat16)
+    theirs_d.dequantize()
+    problems, n = same_tensors(shard(d_dir), theirs_d.state_dict())
+    check(family, "dequantize", f"loads as a plain model; tensors equal transformers' dequantize() ({n})", plain and not problems, "; ".join(problems[:3]))
+    diff = max_diff(logits(ours_d, ids), logits(theirs_d, ids))
+    check(family, "dequantize", "logits equal transformers' dequantized model", diff == 0, f"max |diff| {diff:.3g}")
+
+    # train
+    data, adapter = os.path.join(work, "data.jsonl"), os.path.join(work, "adapter")
+    g = torch.Generator().manual_seed(2)
+    with open(data, "w") as f:
+        for _ in range(8):
+            x = torch.randint(0, fields["vocab_size"], (16,), generator=g).tolist()
+            f.write(json.dumps({"input_ids": x, "labels": [-100] * 4 + x[4:]}) + "\n")
+    qlora(binary, "train", "--model", dense_dir, "--data", data, "--steps", "3", "--seq-len", "16", "--batch", "2", "--rank", "8",
+          "--alpha", "16", "--lr", "0.01", "--save-every", "0", "--out", adapter)
+    base = load(dense_dir, quantization_config=NF4, dtype=torch.bfloat16)
+    before = logits(base, ids)
+    pm = PeftModel.from_pretrained(base, adapter).eval()
+    stored = load_file(os.path.join(adapter, "adapter_model.safetensors"))
+    params = {k.replace(".default", ""): v for k, v in pm.named_parameters() if "lora_" in k}
+    landed = set(params) == set(stored) and all(torch.equal(params[k].float(), stored[k].float()) for k in stored)
+    after = logits(pm, ids)
+    with tempfile.TemporaryDirectory() as t:
+        LoraConfig.from_pretrained(adapter).save_pretrained(t)
+        with open(os.path.join(t, "adapter_config.json")) as f, open(os.path.join(adapter, "adapter_config.json")) as g:
+            theirs_c, ours_c = json.load(f), json.load(g)
+    kinds = lambda d: {k: (type(v).__name__, sorted(v) if k == "target_modules" else v) for k, v in d.items()}
+    differ = sorted(k for k in set(theirs_c) | set(ours_c) if kinds(theirs_c).get(k) != kinds(ours_c).get(k))
+    check(family, "train", "adapter_config.json: PEFT's LoraConfig reads it and writes the same keys, types, values", not differ,
+          f"differ: {differ}" if differ else "")
+    check(family, "train", f"PeftModel.from_pretrained ({type(pm).__name__}): all {len(stored)} LoRA weights land, logits change",
+          landed and max_diff(after, before) > 0, f"{len(params)} LoRA parameters, {len(stored)} stored")
+
+    # merge: dense base
+    m_dir = os.path.join(work, "merged")
+    qlora(binary, "merge", dense_dir, adapter, m_dir)
+    peft_dense = PeftModel.from_pretrained(load(dense_dir, dtype=torch.bfloat16), adapter).merge_and_unload()
+    problems, n = same_tensors(shard(m_dir), peft_dense.state_dict())
+    diff = max_diff(logits(load(m_dir), ids), logits(peft_dense, ids))
+    check(family, "merge", f"dense base: tensors equal PEFT's merge_and_unload ({n}); loads, logits equal", not problems and diff == 0,
+          "; ".join(problems[:3]) or f"max |diff| {diff:.3g}")
+
+    # merge: NF4 base, re-quantized (PEFT merges into a Linear4bit by dequantize, add, quantize)
+    mq_dir = os.path.join(work, "merged-nf4")
+    qlora(binary, "merge", q_dir, adapter, mq_dir, "--requantize")
+    peft_q = PeftModel.from_pretrained(load(dense_dir, quantization_config=NF4, dtype=torch.bfloat16), adapter).merge_and_unload()
+    with tempfile.TemporaryDirectory() as t:
+        peft_q.save_pretrained(t)
+        problems, n = same_tensors(shard(mq_dir), load_file(shard(t)))
+    diff = max_diff(logits(load(mq_dir), ids), logits(peft_q, ids))
+    check(family, "merge", f"NF4 base --requantize: tensors equal PEFT's merge_and_unload ({n}); loads, logits equal",
+          not problems and diff == 0, "; ".join(problems[:3]) or f"max |diff| {diff:.3g}")
+
+    # merge: NF4 base to bf16 (merged_16bit): PEFT on transformers' dequantized NF4 model
+    m16_dir = os.path.join(work, "merged-16bit")
+    qlora(binary, "merge", q_dir, adapter, m16_dir)
+    deq = load(dense_dir, quantization_config=NF4, dtype=torch.bfloat16)
+    deq.dequantize()
+    peft_16 = PeftModel.from_pretrained(deq, adapter).merge_and_unload()
+    problems, n = same_tensors(shard(m16_dir), peft_16.state_dict())
+    diff = max_diff(logits(load(m16_dir), ids), logits(peft_16, ids))
+    check(family, "merge", f"NF4 base to bf16: tensors equal PEFT on transformers' dequantized model ({n}); logits equal",
+          not problems and diff == 0, "; ".join(problems[:3]) or f"max |diff| {diff:.3g}")
+
+
+def main():
+    binary = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else ".build/release/qlora")
+    print(f"versions: torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
+          f"bitsandbytes {bitsandbytes.__version__}, safetensors {safetensors.__version__}, "
+          f"Python {sys.version.split()[0]}; {binary}", flush=True)
+    for family, config_class, fields in FAMILIES:
+        with tempfile.TemporaryDirectory(prefix=f"interop-{family}-") as work:
+            try:
+                family_checks(binary, family, config_class, fields, work)
+            except Exception as e:  # a crash is a failed check of the family, named
+                check(family, "-", f"stopped: {type(e).__name__}: {e}", False)
+    failed = sum(not ok for _, _, ok in results)
+    print(f"{len(results) - failed} of {len(results)} checks passed")
+    sys.exit(failed)
+
+
+if __name__ == "__main__":
+    main()
