@@ -442,10 +442,10 @@ func scalarOrder(_ a: String, _ b: String) -> Bool {
 
 extension JSONValue {
     /// The text Python's `json.dumps(value, indent=indent, sort_keys=sortKeys,
-    /// ensure_ascii=asciiOnly)` writes (no trailing newline): members on their own lines,
-    /// `", "` never (with an indent the item separator is `","` + newline), `": "` after keys,
-    /// `{}` and `[]` for empty containers, keys in code-point order, non-ASCII as lowercase
-    /// `\uXXXX` UTF-16 escapes. Numbers are written as their source text.
+    /// ensure_ascii=asciiOnly)` writes (no trailing newline): each element and member on its own
+    /// line (with an indent the item separator is `","` + newline), `": "` after keys, `{}` and
+    /// `[]` for empty containers, keys in code-point order, non-ASCII as lowercase `\uXXXX`
+    /// UTF-16 escapes. Numbers are written as their source text.
     public func pythonJSON(indent: Int = 2, sortKeys: Bool = true, asciiOnly: Bool = true) -> [UInt8] {
         var out: [UInt8] = []
         appendPython(to: &out, level: 0, indent: indent, sortKeys: sortKeys, asciiOnly: asciiOnly)
