@@ -8,7 +8,8 @@ Run by hand where torch, transformers, PEFT and bitsandbytes are installed (CI n
 For each model family (a tiny random model written by transformers' save_pretrained in bf16) it
 runs the qlora binary and loads every output back:
 
-  quantize    for NF4 + double quant and FP4 without: transformers' from_pretrained of qlora's
+  quantize    for NF4 + double quant, FP4 without, and NF4 + double quant stored as bfloat16
+              (bnb_4bit_quant_storage, for FSDP): transformers' from_pretrained of qlora's
               checkpoint gives the logits of transformers' own quantization of the same dense
               model, and qlora stored the tensors and config.json its save_pretrained stores
               (names, dtypes, shapes, bytes)
@@ -41,7 +42,7 @@ import peft
 import bitsandbytes
 import safetensors
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, MistralConfig
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 from peft import LoraConfig, PeftModel
 
 transformers.logging.set_verbosity_error()
@@ -56,13 +57,19 @@ FAMILIES = [
                                 rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                               "original_max_position_embeddings": 32})),
     ("mistral", MistralConfig, dict(SMALL, rope_theta=10000.0, sliding_window=None)),
+    ("qwen2", Qwen2Config, dict(SMALL, rope_theta=10000.0)),                  # q/k/v biases
+    ("qwen3", Qwen3Config, dict(SMALL, rope_theta=10000.0, head_dim=32)),     # q/k norms, head_dim != hidden/heads
+    ("phi3", Phi3Config, dict(SMALL, rope_theta=10000.0, pad_token_id=0)),    # fused qkv_proj, gate_up_proj
 ]
 NF4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                          bnb_4bit_compute_dtype=torch.bfloat16)
 FP4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=False,
                          bnb_4bit_compute_dtype=torch.bfloat16)
 # The 4-bit file variants: (name, qlora quantize flags, transformers' config).
-VARIANTS = [("nf4-dq", [], NF4), ("fp4-nodq", ["--quant-type", "fp4", "--no-double-quant"], FP4)]
+NF4_BF16_STORAGE = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
+VARIANTS = [("nf4-dq", [], NF4), ("fp4-nodq", ["--quant-type", "fp4", "--no-double-quant"], FP4),
+            ("nf4-dq-storage-bf16", ["--quant-storage", "bfloat16"], NF4_BF16_STORAGE)]
 results = []
 
 
@@ -120,6 +127,7 @@ def family_checks(binary, family, config_class, fields, work):
             if "norm" in n:
                 p.copy_(1 + 0.1 * torch.randn(p.shape))
     model.to(torch.bfloat16).save_pretrained(dense_dir)
+    linears = sum(isinstance(m, torch.nn.Linear) for n, m in model.named_modules() if not n.endswith("lm_head"))
     ids = torch.randint(0, fields["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(1))
 
     # quantize, every 4-bit variant: qlora writes, transformers reads; transformers writes, qlora reads
@@ -145,7 +153,7 @@ def family_checks(binary, family, config_class, fields, work):
         n4 = sum(isinstance(m, bitsandbytes.nn.Linear4bit) for m in ours_q.modules())
         diff = max_diff(logits(ours_q, ids), logits(theirs_q, ids))
         check(family, "quantize", f"{variant}: from_pretrained: {n4} Linear4bit, logits equal transformers' own quantization",
-              n4 == 7 * fields["num_hidden_layers"] and diff == 0, f"max |diff| {diff:.3g}")
+              n4 == linears and diff == 0, f"max |diff| {diff:.3g}")
         check(family, "dequantize", f"{variant}: qlora reads transformers' file: tensors equal its dequantize()", not read_problems,
               "; ".join(read_problems[:3]))
 
