@@ -16,7 +16,10 @@ runs the qlora binary and loads every output back:
   dequantize  qlora's dequantized checkpoint loads as a plain model; its tensors and logits are
               those of transformers' `model.dequantize()` of its own NF4 model; and qlora's
               dequantize of transformers' own 4-bit files gives those tensors too
-  train       PeftModel.from_pretrained loads qlora's trained adapter onto transformers' NF4
+  train       from the same initial PEFT adapter (B non-zero), on the same data with the same
+              batches, qlora train's losses follow transformers + PEFT's with torch's AdamW
+              (lr 1e-3, weight decay 0.01) over 4 steps, within LOSS_TOLERANCE; and
+              PeftModel.from_pretrained loads qlora's trained adapter onto transformers' NF4
               model: every LoRA weight lands, none missing, and it changes the logits; PEFT's
               LoraConfig reads its adapter_config.json and writes back the same keys and types
   merge       qlora's merge of that adapter equals PEFT's merge_and_unload: into the dense
@@ -29,6 +32,7 @@ status is the number of failures. Torch runs with one thread.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -43,7 +47,7 @@ import bitsandbytes
 import safetensors
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
-from peft import LoraConfig, PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
 
 transformers.logging.set_verbosity_error()
 torch.set_num_threads(1)
@@ -71,6 +75,10 @@ NF4_BF16_STORAGE = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf
 VARIANTS = [("nf4-dq", [], NF4), ("fp4-nodq", ["--quant-type", "fp4", "--no-double-quant"], FP4),
             ("nf4-dq-storage-bf16", ["--quant-storage", "bfloat16"], NF4_BF16_STORAGE)]
 results = []
+# Relative loss agreement over a few training steps: the bound Tests/TrainingTests/LlamaTests.swift
+# states for one step (lossTolerance: bf16 roundings that go the other way in a differently
+# ordered fp32 sum), which AdamW's few steps keep.
+LOSS_TOLERANCE = 2e-3
 
 
 def check(family, command, what, ok, detail=""):
@@ -175,6 +183,38 @@ def family_checks(binary, family, config_class, fields, work):
         for _ in range(8):
             x = torch.randint(0, fields["vocab_size"], (16,), generator=g).tolist()
             f.write(json.dumps({"input_ids": x, "labels": [-100] * 4 + x[4:]}) + "\n")
+    # Training itself: the same initial adapter, data and batches on both sides.
+    init = os.path.join(work, "init-adapter")
+    torch.manual_seed(3)
+    targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] if family == "phi3" else \
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    pm0 = get_peft_model(load(dense_dir, quantization_config=NF4, dtype=torch.bfloat16),
+                         LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for n, p in pm0.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape) * 0.05)
+    pm0.save_pretrained(init)
+    r = subprocess.run([binary, "train", "--model", dense_dir, "--data", data, "--adapter", init, "--steps", "4", "--seq-len", "16",
+                        "--batch", "2", "--lr", "0.001", "--save-every", "0", "--out", os.path.join(work, "follow")],
+                       capture_output=True, text=True)
+    ours_losses = [float(x) for x in re.findall(r"step \d+/\d+  loss ([0-9.]+)", r.stderr)]
+    pm1 = PeftModel.from_pretrained(load(dense_dir, quantization_config=NF4, dtype=torch.bfloat16), init, is_trainable=True).train()
+    opt = torch.optim.AdamW([p for p in pm1.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01)
+    examples = [json.loads(line) for line in open(data)]
+    theirs_losses = []
+    for step in range(4):
+        batch = [examples[(2 * step + i) % len(examples)] for i in range(2)]
+        opt.zero_grad()
+        out = pm1(input_ids=torch.tensor([e["input_ids"] for e in batch]), labels=torch.tensor([e["labels"] for e in batch]))
+        out.loss.backward()
+        opt.step()
+        theirs_losses.append(out.loss.item())
+    worst = max((abs(a - b) / abs(b) for a, b in zip(ours_losses, theirs_losses)), default=float("inf"))
+    check(family, "train", f"losses follow transformers + PEFT + torch AdamW over 4 steps (relative, tolerance {LOSS_TOLERANCE})",
+          r.returncode == 0 and len(ours_losses) == 4 and worst <= LOSS_TOLERANCE,
+          f"qlora {[round(x, 4) for x in ours_losses]}, PEFT {[round(x, 4) for x in theirs_losses]}, worst {worst:.2g}")
+
     qlora(binary, "train", "--model", dense_dir, "--data", data, "--steps", "3", "--seq-len", "16", "--batch", "2", "--rank", "8",
           "--alpha", "16", "--lr", "0.01", "--save-every", "0", "--out", adapter)
     base = load(dense_dir, quantization_config=NF4, dtype=torch.bfloat16)
