@@ -113,6 +113,14 @@ public struct BnBQuantizationConfig: Sendable, Equatable {
         return .object(members.map { JSONMember(key: $0.0, value: $0.1) })
     }
 
+    /// The `bnb_4bit_compute_dtype` a config.json records, if any.
+    public static func computeDtype(inConfig config: Data) -> ElementType? {
+        guard case .object(let members)? = try? JSONValue.parse(document: [UInt8](config)),
+              case .object(let q)? = members.first(where: { $0.key == "quantization_config" })?.value,
+              case .string(let name)? = q.first(where: { $0.key == "bnb_4bit_compute_dtype" })?.value else { return nil }
+        return ElementType(rawValue: name)
+    }
+
     /// config.json's bytes with `quantization_config` set to `quantization`, or removed when nil,
     /// written as transformers writes config.json; every other member (and every number's text)
     /// is kept. Nil when `config` is not a JSON object (then it is copied as it is).

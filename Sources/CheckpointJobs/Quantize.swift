@@ -11,6 +11,9 @@ public struct QuantizeOptions: Sendable {
     /// `bnb_4bit_quant_storage`: the dtype the packed bytes are stored as (U8, BF16, F16 or F32;
     /// `BnB4BitFormat.quantStorages`). FSDP and DeepSpeed QLoRA need BF16 (or the model's dtype).
     public var quantStorage: DType = .u8
+    /// `bnb_4bit_compute_dtype` recorded in config.json: what transformers' 4-bit matmul computes
+    /// in after loading (bf16, the QLoRA recipe; fp16 or fp32). The stored bytes do not depend on it.
+    public var computeDtype: ElementType = .bfloat16
     /// When set, only 2-D float tensors whose name matches are quantized (the default
     /// name exclusions then do not apply).
     public var include: String? = nil
@@ -20,9 +23,9 @@ public struct QuantizeOptions: Sendable {
     public static let defaultSkipFragments = ["embed", "lm_head", "norm"]
 
     public init(quantType: QuantType = .nf4, blocksize: Int = 64, doubleQuant: Bool = true, include: String? = nil, exclude: String? = nil,
-                quantStorage: DType = .u8) {
+                quantStorage: DType = .u8, computeDtype: ElementType = .bfloat16) {
         (self.quantType, self.blocksize, self.doubleQuant, self.include, self.exclude) = (quantType, blocksize, doubleQuant, include, exclude)
-        self.quantStorage = quantStorage
+        (self.quantStorage, self.computeDtype) = (quantStorage, computeDtype)
     }
 
     /// Whether tensor `info` is quantized under these options.
@@ -93,7 +96,7 @@ public func quantizeCheckpoint(input: String, output: String, options: QuantizeO
             summary.parameters4Bit += q.state.elementCount
         }
     }, quantization: {
-        BnBQuantizationConfig(quantType: options.quantType, doubleQuant: options.doubleQuant, quantStorage: options.quantStorage)
+        BnBQuantizationConfig(quantType: options.quantType, doubleQuant: options.doubleQuant, computeDtype: options.computeDtype, quantStorage: options.quantStorage)
     })
     return summary
 }

@@ -23,6 +23,7 @@ struct Quantize: ParsableCommand {
     @Option(help: "Do not quantize tensors whose name matches this regular expression.") var exclude: String?
     @Option(help: "dtype the packed 4-bit bytes are stored as (bnb_4bit_quant_storage): uint8, bfloat16, float16 or float32. FSDP and DeepSpeed QLoRA need bfloat16.")
     var quantStorage: String = "uint8"
+    @Option(help: "Compute dtype recorded in config.json (bnb_4bit_compute_dtype): bf16, f16 or f32.") var computeDtype: OutputDType = .bf16
 
     func validate() throws {
         guard QuantState.validBlocksizes.contains(blocksize) else {
@@ -39,7 +40,7 @@ struct Quantize: ParsableCommand {
     func run() {
         runReportingErrors {
             let options = QuantizeOptions(quantType: quantType, blocksize: blocksize, doubleQuant: doubleQuant, include: include, exclude: exclude,
-                                          quantStorage: BnB4BitFormat.quantStorages[quantStorage]!)
+                                          quantStorage: BnB4BitFormat.quantStorages[quantStorage]!, computeDtype: computeDtype.elementType)
             let progress = ProgressLine("quantize")
             let s = try quantizeCheckpoint(input: input, output: output, options: options, progress: progress.update)
             progress.finish()

@@ -261,6 +261,24 @@ final class CLITests: TemporaryDirectoryTestCase {
 
     /// Every command reads a Hugging Face cache snapshot (relative links into blobs/, and a link
     /// to the snapshot directory itself) and writes regular files.
+    /// --compute-dtype is recorded as transformers records it, and a re-quantized merge keeps it.
+    func testComputeDtypeIsRecordedAndKept() throws {
+        let base = tmp.appendingPathComponent("m").path, q = tmp.appendingPathComponent("q").path, merged = tmp.appendingPathComponent("mq").path
+        var r = try run(["sample", base, "--layers", "1", "--hidden", "64", "--intermediate", "128", "--vocab", "256", "--adapter-rank", "4"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        r = try run(["quantize", base, q, "--compute-dtype", "f16"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        func computeDtype(_ dir: String) throws -> String? {
+            let c = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: dir + "/config.json"))) as? [String: Any]
+            return (c?["quantization_config"] as? [String: Any])?["bnb_4bit_compute_dtype"] as? String
+        }
+        XCTAssertEqual(try computeDtype(q), "float16")
+        r = try run(["merge", q, base + "-adapter", merged, "--requantize"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertEqual(try computeDtype(merged), "float16")
+        try expectFailure(["quantize", base, tmp.appendingPathComponent("x").path, "--compute-dtype", "f8"], mentions: ["f8"], noOutput: tmp.appendingPathComponent("x").path)
+    }
+
     func testCacheSnapshotsAsInputs() throws {
         let model = tmp.appendingPathComponent("tiny").path
         var r = try run(["sample", model, "--layers", "1", "--hidden", "64", "--intermediate", "128", "--vocab", "64", "--heads", "4",

@@ -97,12 +97,17 @@ struct MergePlan {
     func outputQuantization(requantize: Bool) throws -> BnBQuantizationConfig? {
         let merged4Bit = weights.filter { $0.value.quantized != nil }.sorted { $0.key < $1.key }
         guard requantize || merged4Bit.count < groups.count else { return nil }
+        var config: BnBQuantizationConfig
         if let q = merged4Bit.first?.value.quantized {
-            return BnBQuantizationConfig(quantType: q.type, doubleQuant: q.doubleQuant, quantStorage: q.storage)
+            config = BnBQuantizationConfig(quantType: q.type, doubleQuant: q.doubleQuant, quantStorage: q.storage)
+        } else {
+            guard let g = groups.values.sorted(by: { $0.name < $1.name }).first, let state = try? BnB4BitFormat.state(of: g, from: reader) else { return nil }
+            config = BnBQuantizationConfig(state)
+            config.quantStorage = BnB4BitFormat.quantStorage(of: g, from: reader)
         }
-        guard let g = groups.values.sorted(by: { $0.name < $1.name }).first, let state = try? BnB4BitFormat.state(of: g, from: reader) else { return nil }
-        var config = BnBQuantizationConfig(state)
-        config.quantStorage = BnB4BitFormat.quantStorage(of: g, from: reader)
+        // The base's compute dtype is a loading choice the merge keeps.
+        if let data = FileManager.default.contents(atPath: reader.directory + "/config.json"),
+           let dtype = BnBQuantizationConfig.computeDtype(inConfig: data) { config.computeDtype = dtype }
         return config
     }
 }
