@@ -29,8 +29,10 @@ let package = Package(
         /// The safetensors format: mmap reader, streaming writer, sharded index. Foundation only,
         /// so the fuzz harness (Fuzz/) compiles it on its own.
         .target(name: "SafeTensors"),
-        /// Stage-then-rename for every file and directory the tool writes (`StagedOutput`).
-        .target(name: "FileOutput"),
+        /// The file rules: stage-then-rename and exclusive commit for every file and directory the
+        /// tool writes (`StagedOutput`: never an input, never over an output without --overwrite,
+        /// nothing left on a signal), and regular-file reads of every input (`InputFile`).
+        .target(name: "FileOutput", dependencies: ["CFileOps"]),
         /// The file formats above safetensors: bitsandbytes' 4-bit layout, PEFT adapters, AdamW
         /// state, config.json (the architecture reader, `quantization_config`), the dtype bridge.
         .target(name: "CheckpointFormats", dependencies: ["QLoRA", "SafeTensors", "FileOutput"]),
@@ -64,6 +66,8 @@ let package = Package(
         .target(name: "CQLoRAKernels", cSettings: [.unsafeFlags(["-O3"])]),
         /// glibc's mallinfo2, for measured memory.
         .target(name: "CMallocInfo"),
+        /// renameat2(RENAME_NOREPLACE), which Swift's Glibc module does not import.
+        .target(name: "CFileOps"),
         /// Debian's libopenblas-dev (pkg-config `openblas`): the only BLAS.
         .systemLibrary(
             name: "COpenBLAS",

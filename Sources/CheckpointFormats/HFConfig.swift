@@ -1,3 +1,4 @@
+import FileOutput
 import Foundation
 import QLoRA
 import SafeTensors
@@ -11,7 +12,7 @@ extension ModelArchitecture {
     /// implement are recorded, not refused (`unsupportedForTraining` names them).
     public init(configFile path: String) throws {
         func bad(_ problem: String) -> CheckpointError { .invalidPath(path: path, problem: problem) }
-        guard let data = FileManager.default.contents(atPath: path) else { throw bad("cannot be read") }
+        let data = try InputFile.read(path)
         guard let c = try? JSONSerialization.jsonObject(with: data) as? [String: Any] else { throw bad("is not a JSON object") }
         func int(_ k: String) throws -> Int {
             guard let v = c[k] as? Int, v > 0 else { throw bad("\(k) is missing or not a positive integer") }

@@ -76,9 +76,10 @@ public struct PEFTAdapter: Sendable {
     public static func load(directory: String) throws -> PEFTAdapter {
         let dir = URL(fileURLWithPath: directory)
         let configURL = dir.appendingPathComponent(configFile)
-        guard let data = FileManager.default.contents(atPath: configURL.path) else {
+        guard FileManager.default.fileExists(atPath: configURL.path) else {
             throw CheckpointError.invalidPath(path: configURL.path, problem: "missing (not a PEFT adapter directory)")
         }
+        let data = try InputFile.read(configURL.path)
         guard let c = try? JSONSerialization.jsonObject(with: data) as? [String: Any] else {
             throw CheckpointError.invalidPath(path: configURL.path, problem: "is not a JSON object")
         }
@@ -149,7 +150,7 @@ public struct PEFTAdapter: Sendable {
     /// Writes `adapter_config.json` and `adapter_model.safetensors` (each module in its
     /// `storedType`) into a new directory, staged beside it and renamed into place when complete.
     public func save(directory: String) throws {
-        let out = try StagedOutput(directory, kind: .directory, ifExists: .refuse)
+        let out = try StagedOutput(directory, kind: .directory)
         try write(into: out.url)
         try out.commit()
     }

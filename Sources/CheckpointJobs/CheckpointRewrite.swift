@@ -55,9 +55,13 @@ final class CheckpointRewrite {
     /// The input is a directory (its output is then a directory, and its sidecars are copied).
     let inputIsDirectory: Bool
 
-    init(input: String) throws {
+    /// Every other path the job reads (adapters, an original base): OUTPUT may be none of them.
+    let otherInputs: [String]
+
+    init(input: String, otherInputs: [String] = []) throws {
         reader = try CheckpointReader(path: input)
         self.input = input
+        self.otherInputs = otherInputs
         inputIsDirectory = StagedOutput.isDirectory(input)
     }
 
@@ -76,17 +80,17 @@ final class CheckpointRewrite {
     ///   - plan: the transform of one input tensor, computed before any output is written.
     ///   - quantization: config.json's `quantization_config` for the output (nil removes it),
     ///     asked once everything is written.
+    ///   - overwrite: replace an existing OUTPUT (never an input), once the new one is complete.
     /// - Returns: the bytes written (every output file).
     @discardableResult
-    func run(output: String, layout: OutputLayout, progress: ProgressHandler?, planningCost: (CheckpointReader.Entry) -> Int = { _ in 0 },
+    func run(output: String, layout: OutputLayout, overwrite: Bool, progress: ProgressHandler?, planningCost: (CheckpointReader.Entry) -> Int = { _ in 0 },
              plan: (CheckpointReader.Entry) throws -> TensorPlan, quantization: () -> BnBQuantizationConfig?) throws -> Int {
         var isDirectory = reader.index != nil || inputIsDirectory
         if case .shards(let m) = layout {
             guard m > 0 else { throw CheckpointError.invalidPath(path: output, problem: "max shard size must be positive") }
             isDirectory = true
         }
-        try checkOutput(output, isDirectory: isDirectory)
-        let staged = try StagedOutput(output, kind: isDirectory ? .directory : .file, ifExists: isDirectory ? .refuse : .replace)
+        let staged = try StagedOutput(output, kind: isDirectory ? .directory : .file, overwrite: overwrite, inputs: [input] + otherInputs)
         do {
             let entries = reader.entries
             let total = entries.reduce(0) { $0 + $1.info.byteCount + planningCost($1) }
@@ -128,19 +132,6 @@ final class CheckpointRewrite {
         }
     }
 
-    /// OUTPUT must differ from INPUT, lie outside an INPUT directory, and sit in an existing directory.
-    func checkOutput(_ output: String, isDirectory: Bool) throws {
-        let inURL = URL(fileURLWithPath: input).standardizedFileURL.resolvingSymlinksInPath()
-        let outURL = URL(fileURLWithPath: output).standardizedFileURL
-        let outResolved = outURL.deletingLastPathComponent().resolvingSymlinksInPath().appendingPathComponent(outURL.lastPathComponent)
-        guard inURL.path != outResolved.path else {
-            throw CheckpointError.invalidPath(path: output, problem: "OUTPUT is the same as INPUT; write to a new path")
-        }
-        if isDirectory && outResolved.path.hasPrefix(inURL.path + "/") {
-            throw CheckpointError.invalidPath(path: output, problem: "OUTPUT is inside the INPUT directory")
-        }
-    }
-
     /// Copies config.json, tokenizer files etc. from a directory checkpoint (not its shards, index,
     /// subdirectories or hidden files), with config.json's `quantization_config` rewritten; a
     /// symbolic link is copied as the file it points to.
@@ -152,7 +143,7 @@ final class CheckpointRewrite {
             let src = URL(fileURLWithPath: reader.directory).appendingPathComponent(name)
             guard !StagedOutput.isDirectory(src.path), !name.hasSuffix(".safetensors") else { continue }
             let dst = staged.url(for: name)
-            if name == "config.json", let data = fm.contents(atPath: src.path),
+            if name == "config.json", let data = try? InputFile.read(src.path),
                let rewritten = BnBQuantizationConfig.rewrite(config: data, quantization: quantization) {
                 try rewritten.write(to: dst)
             } else {
@@ -171,6 +162,7 @@ final class CheckpointRewrite {
         }
         let target = String(cString: resolved)
         free(resolved)
+        try InputFile.requireRegular(target)  // a FIFO or device sidecar would block or never end
         do {
             try FileManager.default.copyItem(atPath: target, toPath: dst.path)
         } catch {

@@ -8,13 +8,13 @@ import SafeTensors
 /// Every quant state is read and checked while planning, before anything is written.
 @discardableResult
 public func dequantizeCheckpoint(input: String, output: String, dtype: ElementType? = nil,
-                                 progress: ProgressHandler? = nil) throws -> JobSummary {
+                                 overwrite: Bool = false, progress: ProgressHandler? = nil) throws -> JobSummary {
     let job = try CheckpointRewrite(input: input)
     let reader = job.reader
     var owner: [String: BnB4BitFormat.Group] = [:]
     for g in BnB4BitFormat.groups(in: reader.tensorNames) { for m in g.members { owner[m] = g } }
     var summary = JobSummary()
-    summary.bytesWritten = try job.run(output: output, layout: .input, progress: progress, plan: { e in
+    summary.bytesWritten = try job.run(output: output, layout: .input, overwrite: overwrite, progress: progress, plan: { e in
         guard let g = owner[e.name] else {
             summary.copied += 1
             return .copy(e.info)

@@ -60,7 +60,7 @@ public struct QuantizeOptions: Sendable {
 /// - Returns: a summary of what was written.
 @discardableResult
 public func quantizeCheckpoint(input: String, output: String, options: QuantizeOptions,
-                               progress: ProgressHandler? = nil) throws -> JobSummary {
+                               overwrite: Bool = false, progress: ProgressHandler? = nil) throws -> JobSummary {
     let job = try CheckpointRewrite(input: input)
     let reader = job.reader
     guard BnB4BitFormat.groups(in: reader.tensorNames).isEmpty else {
@@ -70,7 +70,7 @@ public func quantizeCheckpoint(input: String, output: String, options: QuantizeO
         throw CheckpointError.invalidPath(path: input, problem: "quant storage \(options.quantStorage.rawValue) is not one of uint8, bfloat16, float16, float32")
     }
     var summary = JobSummary()
-    summary.bytesWritten = try job.run(output: output, layout: .input, progress: progress, planningCost: { e in
+    summary.bytesWritten = try job.run(output: output, layout: .input, overwrite: overwrite, progress: progress, planningCost: { e in
         (try? options.selects(e.info)) == true && options.doubleQuant ? e.info.byteCount : 0
     }, plan: { e in
         guard try options.selects(e.info) else {

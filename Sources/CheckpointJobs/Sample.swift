@@ -36,7 +36,7 @@ public func writeSampleCheckpoint(output: String, spec: SampleCheckpointSpec) th
     for l in 0..<a.layers { tensors += a.layerTensors(l).map { ($0.name, dtype, $0.shape) } }
     tensors.append(("model.norm.weight", dtype, [a.hiddenSize]))
     if !a.tiedEmbeddings { tensors.append(("lm_head.weight", dtype, [a.vocabSize, a.hiddenSize])) }
-    let out = try StagedOutput(output, kind: .directory, ifExists: .refuse, createParent: true)
+    let out = try StagedOutput(output, kind: .directory, createParent: true)
     let writer = try ShardedWriter(directory: out.url, tensors: tensors, maxShardSize: spec.maxShardSize, metadata: ["format": "pt"])
     var rng = SplitMix64(seed: spec.seed &+ 0x1234_5678)  // the offset keeps the demo's published data
     var total = 0

@@ -1,5 +1,6 @@
 import ArgumentParser
 import CheckpointJobs
+import FileOutput
 import Foundation
 import QLoRA
 
@@ -28,14 +29,16 @@ struct Merge: ParsableCommand {
     @Option(help: ArgumentHelp("Write shards of at most this size with an index, e.g. 5GB, 500MB, 2GiB or bytes.", valueName: "size"))
     var maxShardSize: String?
     @Flag(help: "With --report or --compare-original: print the results as JSON.") var json = false
+    @Flag(help: "Replace an existing OUTPUT (never an input), once the new one is complete.") var overwrite = false
 
     func run() {
         runReportingErrors {
+            StagedOutput.installSignalCleanup()
             let o = MergeOptions(dtype: dtype.elementType, requantize: requantize, report: report, compareOriginal: compareOriginal,
                                  maxShardSize: try maxShardSize.map(parseByteSize))
             let adapters = try ([adapter] + moreAdapters).map(parseAdapter)
             let line = ProgressLine("merge")
-            let s = try mergeCheckpoint(base: base, adapters: adapters, output: output, options: o, progress: line.update)
+            let s = try mergeCheckpoint(base: base, adapters: adapters, output: output, options: o, overwrite: overwrite, progress: line.update)
             line.finish()
             if json && (report || compareOriginal != nil) {
                 try printJSON(s)

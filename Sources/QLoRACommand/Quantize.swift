@@ -1,6 +1,7 @@
 import ArgumentParser
 import CheckpointFormats
 import CheckpointJobs
+import FileOutput
 import Foundation
 import QLoRA
 
@@ -23,6 +24,7 @@ struct Quantize: ParsableCommand {
     @Option(help: "Do not quantize tensors whose name matches this regular expression.") var exclude: String?
     @Option(help: "dtype the packed 4-bit bytes are stored as (bnb_4bit_quant_storage): uint8, bfloat16, float16 or float32. FSDP and DeepSpeed QLoRA need bfloat16.")
     var quantStorage: String = "uint8"
+    @Flag(help: "Replace an existing OUTPUT (never an input), once the new one is complete.") var overwrite = false
     @Option(help: "Compute dtype recorded in config.json (bnb_4bit_compute_dtype): bf16, f16 or f32.") var computeDtype: OutputDType = .bf16
 
     func validate() throws {
@@ -39,10 +41,11 @@ struct Quantize: ParsableCommand {
 
     func run() {
         runReportingErrors {
+            StagedOutput.installSignalCleanup()
             let options = QuantizeOptions(quantType: quantType, blocksize: blocksize, doubleQuant: doubleQuant, include: include, exclude: exclude,
                                           quantStorage: BnB4BitFormat.quantStorages[quantStorage]!, computeDtype: computeDtype.elementType)
             let progress = ProgressLine("quantize")
-            let s = try quantizeCheckpoint(input: input, output: output, options: options, progress: progress.update)
+            let s = try quantizeCheckpoint(input: input, output: output, options: options, overwrite: overwrite, progress: progress.update)
             progress.finish()
             print("quantized \(s.quantized) tensors (\(s.parameters4Bit) parameters, \(quantType.rawValue), blocksize \(blocksize), double quant \(doubleQuant ? "on" : "off")\(quantStorage == "uint8" ? "" : ", stored as \(quantStorage)")), copied \(s.copied); wrote \(s.bytesWritten) bytes to \(output)")
         }

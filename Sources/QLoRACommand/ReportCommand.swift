@@ -13,9 +13,11 @@ struct ReportCommand: ParsableCommand {
 
     @Option(help: "Directory to write report.md and memory.svg into (created if missing).") var out = "qlora-report"
     @Flag(help: "Skip the measurement (faster; measured columns stay empty).") var noMeasure = false
+    @Flag(help: "Replace report.md and memory.svg if DIR already has them.") var overwrite = false
 
     func run() {
         runReportingErrors {
+            StagedOutput.installSignalCleanup()
             let arch = ModelArchitecture.preset("llama-2-7b")!
             var m = try MemoryEstimate(model: arch, options: MemoryOptions())
             let fm = FileManager.default
@@ -26,7 +28,7 @@ struct ReportCommand: ParsableCommand {
             let scope = noMeasure ? nil : try measureWithProgress(&m, model: arch)
             let claims = try Claims.check(precision: try measurePrecisionFigures())
             let panels = try MemoryReport.chartEstimates()
-            let staged = try StagedOutput(out, kind: .filesInDirectory, ifExists: .replace, createParent: true)
+            let staged = try StagedOutput(out, kind: .filesInDirectory, overwrite: overwrite, createParent: true)
             try Data(MemoryReport.svg(panels).utf8).write(to: staged.url(for: "memory.svg"))
             try Data(MemoryReport.markdown(defaultEstimate: m, measurementScope: scope, claims: claims, chartFile: "memory.svg", panels: panels).utf8)
                 .write(to: staged.url(for: "report.md"))

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Training
 import Dispatch
+import FileOutput
 import Foundation
 import Memory
 import QLoRA
@@ -29,7 +30,8 @@ struct Train: ParsableCommand {
     @Option(help: "Continue from OUT/checkpoint-N.") var resume: String?
     @Option(help: "Start from this PEFT adapter (its rank and alpha; new optimizer state).") var adapter: String?
     @Option(help: "Seed of the new adapters' initialization.") var seed: UInt64 = 0
-    @Option(help: "Output directory for the adapter and checkpoints.") var out = "qlora-adapter"
+    @Option(help: "Output directory for the adapter and checkpoints (new or empty, unless --overwrite or --resume from inside it).") var out = "qlora-adapter"
+    @Flag(help: "Write into an existing --out that holds other files, replacing an adapter there.") var overwrite = false
 
     func run() {
         runReportingErrors {
@@ -39,7 +41,9 @@ struct Train: ParsableCommand {
             let o = TrainOptions(rank: rank, alpha: alpha, lr: lr, steps: steps, batch: batch, gradAccum: gradAccum, seqLen: seqLen,
                                  gradientCheckpointing: gradCheckpointing, saveEvery: saveEvery, seed: seed)
             guard resume == nil || adapter == nil else { throw ValidationError("give --resume or --adapter, not both") }
-            let job = try TrainingRun(model: model, data: data, out: out, options: o, resume: resume, adapter: adapter)
+            let job = try TrainingRun(model: model, data: data, out: out, options: o, resume: resume, adapter: adapter, overwrite: overwrite)
+            // SIGTERM, SIGHUP: remove what is being staged; Ctrl-C saves a checkpoint (below).
+            StagedOutput.installSignalCleanup([SIGTERM, SIGHUP])
 
             // Ctrl-C: finish the step at hand, save a checkpoint, exit 130.
             signal(SIGINT, SIG_IGN)

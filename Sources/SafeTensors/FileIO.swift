@@ -26,13 +26,19 @@ final class ByteRegion: @unchecked Sendable {
     /// Maps `path` read-only. The descriptor is closed right away; the mapping stays valid.
     /// An empty file gets an empty region (mmap rejects length 0).
     init(mapping path: String) throws {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        // O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused just below.
+        let fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK)
         guard fd >= 0 else { throw ioError(path, "open") }
         defer { close(fd) }
         var info = stat()
         guard fstat(fd, &info) == 0 else { throw ioError(path, "stat") }
-        guard (info.st_mode & S_IFMT) == S_IFREG else {
-            throw ioError(path, "open as a regular file", (info.st_mode & S_IFMT) == S_IFDIR ? EISDIR : EINVAL)
+        switch info.st_mode & S_IFMT {
+        case S_IFREG: break
+        case S_IFDIR: throw ioError(path, "open as a regular file", EISDIR)
+        case S_IFIFO: throw SafeTensorsError.notRegularFile(file: path, kind: "a FIFO")
+        case S_IFCHR: throw SafeTensorsError.notRegularFile(file: path, kind: "a character device")
+        case S_IFBLK: throw SafeTensorsError.notRegularFile(file: path, kind: "a block device")
+        default: throw SafeTensorsError.notRegularFile(file: path, kind: "a socket or special file")
         }
         let size = Int(info.st_size)
         guard size > 0 else {

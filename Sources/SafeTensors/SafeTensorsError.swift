@@ -62,6 +62,9 @@ public enum SafeTensorsError: Error, CustomStringConvertible, Equatable, Sendabl
     /// A system call failed; `errno` is the C errno (0 when not applicable, e.g. "not a regular
     /// file" reported with `EISDIR`/`EINVAL` already mapped).
     case io(file: String, operation: String, errno: Int32)
+    /// The path is a FIFO, a device, a directory or a socket: only regular files are read (a FIFO
+    /// would block the open, a device never end).
+    case notRegularFile(file: String, kind: String)
 
     // MARK: Writing
     /// A declared tensor is named `__metadata__`, which the format reserves.
@@ -103,7 +106,7 @@ public enum SafeTensorsError: Error, CustomStringConvertible, Equatable, Sendabl
              .wrongType(let f, _, _, _, _), .unknownDType(let f, _, _), .invalidInteger(let f, _, _, _, _),
              .shapeTooLarge(let f, _, _), .beginAfterEnd(let f, _, _, _), .endBeyondBuffer(let f, _, _, _, _),
              .overlappingTensors(let f, _, _, _, _), .byteCountMismatch(let f, _, _, _, _, _),
-             .metadataNotObject(let f, _), .metadataValueNotString(let f, _, _), .io(let f, _, _),
+             .metadataNotObject(let f, _), .metadataValueNotString(let f, _, _), .io(let f, _, _), .notRegularFile(let f, _),
              .reservedTensorName(let f, _), .invalidShape(let f, _, _), .undeclaredTensor(let f, _),
              .tensorOutOfOrder(let f, _, _), .incompleteTensor(let f, _, _, _), .tooManyBytes(let f, _, _, _),
              .writerClosed(let f), .noCheckpoint(let f), .invalidIndex(let f, _), .missingShard(let f, _),
@@ -161,6 +164,8 @@ public enum SafeTensorsError: Error, CustomStringConvertible, Equatable, Sendabl
             return "__metadata__ value for key \(quoted(key)) is \(found), expected a string"
         case .io(_, let operation, let code):
             return "\(operation) failed: \(errorString(code)) (errno \(code))"
+        case .notRegularFile(_, let kind):
+            return "is not a regular file (\(kind)); only regular files are read"
         case .reservedTensorName(_, let tensor):
             return "tensor name \(quoted(tensor)) is reserved for metadata"
         case .invalidShape(_, let tensor, let shape):

@@ -6,7 +6,7 @@ import QLoRA
 /// Pre-tokenized training data: one JSON object per line, `{"input_ids": [...], "labels": [...]}`
 /// (labels optional: then equal to input_ids; -100 marks positions without loss).
 public func loadTrainingData(path: String, vocabSize: Int) throws -> [TrainingExample] {
-    guard let data = FileManager.default.contents(atPath: path) else { throw CheckpointError.invalidPath(path: path, problem: "cannot be read") }
+    let data = try InputFile.read(path)
     var examples: [TrainingExample] = []
     for (n, line) in String(decoding: data, as: UTF8.self).split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
         let text = line.trimmingCharacters(in: .whitespaces)

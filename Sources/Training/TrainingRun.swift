@@ -42,17 +42,27 @@ public final class TrainingRun {
     public let out: String
     public var state: TrainingState
     let modelDirectory: String
+    /// What the run reads; nothing it writes may be one of them.
+    let inputs: [String]
+    /// The final adapter may replace one in `out`: with `--overwrite`, or when continuing a run there.
+    let replacesAdapter: Bool
 
     /// `resume`: a `checkpoint-N` directory of an earlier run, continued bit-identically.
     /// `adapter`: a PEFT adapter to start from (its rank and alpha), with fresh optimizer state.
-    public init(model dir: String, data path: String, out: String, options o: TrainOptions, resume: String? = nil, adapter start: String? = nil) throws {
+    /// `out` is checked before anything is loaded: it may not be, or be inside, the model
+    /// directory or any other input, nor an existing file; an existing directory with anything in
+    /// it needs `overwrite`, unless `resume` continues a checkpoint inside it.
+    public init(model dir: String, data path: String, out: String, options o: TrainOptions, resume: String? = nil, adapter start: String? = nil,
+                overwrite: Bool = false) throws {
+        let inputs = [dir, path] + [start].compactMap { $0 }
+        try Self.checkOut(out, inputs: inputs, resume: resume, overwrite: overwrite)
         var adapter: PEFTAdapter? = try start.map { try PEFTAdapter.load(directory: $0) }
         var states: [String: AdamWState] = [:]
         var state = TrainingState(step: 0, nextExample: 0, losses: [])
         if let r = resume {
             adapter = try PEFTAdapter.load(directory: r)
             states = try OptimizerCheckpoint.load(path: r + "/optimizer.safetensors").states
-            guard let d = FileManager.default.contents(atPath: r + "/trainer_state.json"), let s = try? JSONDecoder().decode(TrainingState.self, from: d) else {
+            guard let d = try? InputFile.read(r + "/trainer_state.json"), let s = try? JSONDecoder().decode(TrainingState.self, from: d) else {
                 throw CheckpointError.invalidPath(path: r + "/trainer_state.json", problem: "missing or not a qlora trainer state")
             }
             state = s
@@ -69,6 +79,22 @@ public final class TrainingRun {
         self.out = out
         self.state = state
         modelDirectory = dir
+        self.inputs = inputs
+        replacesAdapter = overwrite || resume != nil
+    }
+
+    /// The output rules for `out`, before training starts.
+    static func checkOut(_ out: String, inputs: [String], resume: String?, overwrite: Bool) throws {
+        try StagedOutput.checkNotInput(URL(fileURLWithPath: out).standardizedFileURL, kind: .directory, path: out, inputs: inputs)
+        let fm = FileManager.default
+        guard fm.fileExists(atPath: out) else { return }
+        guard StagedOutput.isDirectory(out) else { throw FileError(path: out, problem: "exists and is not a directory; --out names the directory for the adapter and checkpoints") }
+        let outURL = URL(fileURLWithPath: out).standardizedFileURL.resolvingSymlinksInPath()
+        let continuing = resume.map { URL(fileURLWithPath: $0).standardizedFileURL.resolvingSymlinksInPath().path.hasPrefix(outURL.path + "/") } ?? false
+        let empty = (try? fm.contentsOfDirectory(atPath: out))?.filter { !$0.hasPrefix(".") }.isEmpty ?? false
+        if !empty && !continuing && !overwrite {
+            throw FileError(path: out, problem: "already exists and is not empty; choose a new --out, give --overwrite, or --resume a checkpoint inside it")
+        }
     }
 
     /// The next optimizer step's micro-batches (the data cycles).
@@ -99,7 +125,8 @@ public final class TrainingRun {
     @discardableResult
     public func saveCheckpoint() throws -> String {
         let dir = out + "/checkpoint-\(state.step)"
-        let staged = try StagedOutput(dir, kind: .directory, ifExists: .replace, createParent: true)
+        // A checkpoint of this run's step replaces one of the same step (a resumed run's own).
+        let staged = try StagedOutput(dir, kind: .directory, overwrite: true, inputs: inputs, createParent: true)
         try LlamaCheckpoint.adapter(of: model, baseModel: modelDirectory).write(into: staged.url)
         try OptimizerCheckpoint(config: trainer.optimizer, states: trainer.states).save(to: staged.url(for: "optimizer.safetensors").path)
         try JSONEncoder().encode(state).write(to: staged.url(for: "trainer_state.json"))
@@ -110,7 +137,7 @@ public final class TrainingRun {
     /// The final adapter in `out` (PEFT format: adapter_config.json + adapter_model.safetensors,
     /// replacing earlier ones), beside the checkpoints.
     public func saveAdapter() throws {
-        let staged = try StagedOutput(out, kind: .filesInDirectory, ifExists: .replace, createParent: true)
+        let staged = try StagedOutput(out, kind: .filesInDirectory, overwrite: replacesAdapter, inputs: inputs, createParent: true)
         try LlamaCheckpoint.adapter(of: model, baseModel: modelDirectory).write(into: staged.url)
         try staged.commit()
     }

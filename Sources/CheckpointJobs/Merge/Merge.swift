@@ -5,9 +5,9 @@ import SafeTensors
 
 /// Merges one PEFT LoRA adapter; see `mergeCheckpoint(base:adapters:output:options:progress:)`.
 @discardableResult
-public func mergeCheckpoint(base: String, adapter: String, output: String, options: MergeOptions,
+public func mergeCheckpoint(base: String, adapter: String, output: String, options: MergeOptions, overwrite: Bool = false,
                             progress: ProgressHandler? = nil) throws -> MergeSummary {
-    try mergeCheckpoint(base: base, adapters: [MergeAdapter(adapter)], output: output, options: options, progress: progress)
+    try mergeCheckpoint(base: base, adapters: [MergeAdapter(adapter)], output: output, options: options, overwrite: overwrite, progress: progress)
 }
 
 /// Merges PEFT LoRA adapters, in order, into a base checkpoint (a .safetensors file or a
@@ -24,17 +24,17 @@ public func mergeCheckpoint(base: String, adapter: String, output: String, optio
 /// weight is computed twice: its quant-state JSON length (in the header, written first) depends
 /// on the new offset.
 @discardableResult
-public func mergeCheckpoint(base: String, adapters specs: [MergeAdapter], output: String, options: MergeOptions,
+public func mergeCheckpoint(base: String, adapters specs: [MergeAdapter], output: String, options: MergeOptions, overwrite: Bool = false,
                             progress: ProgressHandler? = nil) throws -> MergeSummary {
     precondition(!specs.isEmpty, "mergeCheckpoint needs at least one adapter")
     if let m = options.maxShardSize, m <= 0 { throw CheckpointError.invalidPath(path: output, problem: "max shard size must be positive") }
-    let job = try CheckpointRewrite(input: base)
+    let job = try CheckpointRewrite(input: base, otherInputs: specs.map(\.directory) + [options.compareOriginal].compactMap { $0 })
     let plan = try MergePlan(reader: job.reader, base: base, adapters: specs)
     let original = try options.compareOriginal.map { try plan.original($0, base: base) }
     let context = MergeContext(reader: job.reader, original: original, options: options)
     let requantizing = options.requantize && plan.weights.values.contains { $0.quantized != nil }
     var summary = MergeSummary()
-    summary.bytesWritten = try job.run(output: output, layout: options.maxShardSize.map { .shards(maxBytes: $0) } ?? .input, progress: progress,
+    summary.bytesWritten = try job.run(output: output, layout: options.maxShardSize.map { .shards(maxBytes: $0) } ?? .input, overwrite: overwrite, progress: progress,
                                        planningCost: { e in requantizing && plan.weights[e.name] != nil ? e.info.byteCount : 0 }, plan: { e in
         if plan.isRegenerated(e.name) { return .drop }
         guard let weight = plan.weights[e.name] else {

@@ -1,4 +1,5 @@
 import CheckpointFormats
+import FileOutput
 import Foundation
 import QLoRA
 import SafeTensors
@@ -106,7 +107,7 @@ struct MergePlan {
             config.quantStorage = BnB4BitFormat.quantStorage(of: g, from: reader)
         }
         // The base's compute dtype is a loading choice the merge keeps.
-        if let data = FileManager.default.contents(atPath: reader.directory + "/config.json"),
+        if let data = try? InputFile.read(reader.directory + "/config.json"),
            let dtype = BnBQuantizationConfig.computeDtype(inConfig: data) { config.computeDtype = dtype }
         return config
     }
