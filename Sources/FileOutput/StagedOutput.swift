@@ -267,6 +267,20 @@ public final class StagedOutput {
         }
     }
     static let registry = Registry()
+
+    /// Set when a cleanup signal arrived: the process is about to die of it.
+    final class Flag: @unchecked Sendable {
+        private let lock = NSLock()
+        private var value = false
+        func set() { lock.lock(); value = true; lock.unlock() }
+        var isSet: Bool { lock.lock(); defer { lock.unlock() }; return value }
+    }
+    static let dying = Flag()
+
+    /// Whether a cleanup signal arrived. An error the main thread meets meanwhile (its staging
+    /// vanished under it) is the signal's doing: it should wait to be killed, not exit 1 with
+    /// that error.
+    public static var isDyingOfSignal: Bool { dying.isSet }
     nonisolated(unsafe) private static var signalSources: [DispatchSourceSignal] = []
 
     /// On each of `signals`, removes every output being staged, then dies of the signal as it
@@ -276,9 +290,10 @@ public final class StagedOutput {
             signal(sig, SIG_IGN)
             let source = DispatchSource.makeSignalSource(signal: sig, queue: DispatchQueue.global())
             source.setEventHandler {
+                dying.set()
                 registry.removeAll()
                 signal(sig, SIG_DFL)
-                raise(sig)
+                kill(getpid(), sig)
             }
             source.resume()
             signalSources.append(source)

@@ -1,4 +1,5 @@
 import ArgumentParser
+import FileOutput
 import Foundation
 import QLoRA
 
@@ -35,6 +36,8 @@ func selectBLASKernels() {
 
 /// Prints one clear line on stderr and exits non-zero: the contract for bad input.
 func fail(_ message: String) -> Never {
+    // A cleanup signal is removing the staged output under us: die of the signal, not of this.
+    while StagedOutput.isDyingOfSignal { pause() }
     FileHandle.standardError.write(Data("qlora: error: \(message)\n".utf8))
     exit(1)
 }
