@@ -73,6 +73,15 @@ final class StagedOutputTests: TemporaryDirectoryTestCase {
         XCTAssertEqual(FileManager.default.contents(atPath: input.path), Data("input".utf8))
     }
 
+    /// A run that fails (a full disk, say) leaves neither its staging nor the directories it made.
+    func testAbortRemovesWhatTheRunCreated() throws {
+        let dest = tmp.appendingPathComponent("a/b/out")
+        let s = try StagedOutput(dest.path, kind: .filesInDirectory, createParent: true)
+        try Data("half".utf8).write(to: s.url(for: "adapter_model.safetensors"))
+        s.abort()
+        XCTAssertEqual(try listing(), [])
+    }
+
     /// A FIFO or a device is not read.
     func testOnlyRegularFilesAreRead() throws {
         let fifo = tmp.appendingPathComponent("config.json").path
