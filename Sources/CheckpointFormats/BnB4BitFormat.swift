@@ -31,7 +31,7 @@ public enum BnB4BitFormat {
     /// The packed weight's shape when stored as `storage`: [ceil(n/2) / itemsize, 1]; nil when
     /// ceil(n/2) bytes are not a whole number of `storage` elements (bitsandbytes' view fails too).
     public static func packedShape(elementCount n: Int, storage: DType) -> [Int]? {
-        let bytes = (n + 1) / 2
+        let bytes = CheckedSize.ceilingDivision(n, 2)
         return bytes % storage.byteSize == 0 ? [bytes / storage.byteSize, 1] : nil
     }
 
@@ -66,15 +66,15 @@ public enum BnB4BitFormat {
     /// order they are written. `quantStorage` must hold the packed bytes (`packedShape` not nil).
     public static func declarations(name: String, quantType: QuantType, blocksize: Int, elementCount n: Int,
                                     doubleQuant: Bool, jsonByteCount: Int, quantStorage: DType = .u8) -> [(name: String, dtype: DType, shape: [Int])] {
-        let blocks = (n + blocksize - 1) / blocksize
+        let blocks = CheckedSize.ceilingDivision(n, blocksize)
         guard let packed = packedShape(elementCount: n, storage: quantStorage) else {
-            preconditionFailure("\((n + 1) / 2) packed bytes are not a whole number of \(quantStorage.rawValue) elements")
+            preconditionFailure("\(CheckedSize.ceilingDivision(n, 2)) packed bytes are not a whole number of \(quantStorage.rawValue) elements")
         }
         var d: [(name: String, dtype: DType, shape: [Int])] = [(name, quantStorage, packed)]
         if doubleQuant {
             d.append((name + ".absmax", .u8, [blocks]))
             d.append((name + ".quant_map", .f32, [16]))
-            d.append((name + ".nested_absmax", .f32, [(blocks + 255) / 256]))
+            d.append((name + ".nested_absmax", .f32, [CheckedSize.ceilingDivision(blocks, 256)]))
             d.append((name + ".nested_quant_map", .f32, [256]))
         } else {
             d.append((name + ".absmax", .f32, [blocks]))
@@ -111,17 +111,36 @@ public enum BnB4BitFormat {
         public var members: [String]
     }
 
-    /// Finds the 4-bit weights among `names` by their quant-state tensors.
+    /// Finds the 4-bit weights among `names` by their quant-state tensors. A weight with a quant
+    /// state for each 4-bit type appears once per type; `groups(of:)` refuses that.
     public static func groups(in names: [String]) -> [Group] {
+        let present = Set(names)
         var out: [Group] = []
         for key in names {
             guard let r = key.range(of: quantStatePrefix, options: .backwards) else { continue }
             let base = String(key[..<r.lowerBound])
             guard let type = QuantType(rawValue: String(key[r.upperBound...])) else { continue }
             let members = [base, base + ".absmax", base + ".quant_map", base + ".nested_absmax", base + ".nested_quant_map", key]
-            out.append(Group(name: base, quantType: type, members: members.filter { names.contains($0) }))
+            out.append(Group(name: base, quantType: type, members: members.filter { present.contains($0) }))
         }
         return out
+    }
+
+    /// The 4-bit weights of a checkpoint, one per weight: a weight whose quant state is stored
+    /// for both nf4 and fp4 (`….quant_state.bitsandbytes__nf4` and `…__fp4`) is refused, naming
+    /// its file and both tensors (bitsandbytes would take whichever it met first).
+    public static func groups(of reader: CheckpointReader) throws -> [Group] {
+        let all = groups(in: reader.tensorNames)
+        var seen: [String: Group] = [:]
+        for g in all {
+            if let other = seen[g.name] {
+                let file = reader.entry(named: g.name).map { reader.directory + "/" + $0.shard } ?? reader.path
+                throw CheckpointError.invalidTensor(file: file, tensor: g.name, problem: "has two quant states, '\(quantStateKey(g.name, other.quantType))' and "
+                                                   + "'\(quantStateKey(g.name, g.quantType))'; a 4-bit weight has one quant type")
+            }
+            seen[g.name] = g
+        }
+        return all
     }
 
     /// The dtype a checked weight's packed bytes are stored as (its `quant_storage`).
@@ -138,7 +157,13 @@ public enum BnB4BitFormat {
 
     /// Reads and checks one 4-bit weight's quant state (everything but the packed data, whose
     /// size is checked): what planning a job needs before any output is written.
-    public static func state(of g: Group, from reader: CheckpointReader) throws -> QuantState {
+    ///
+    /// Sizes come from the JSON, so none is trusted: the shape's product is checked for overflow
+    /// and held to the packed weight's real byte count before any other size is derived from it.
+    /// A block scale that is not finite (NaN or ±Inf in absmax, nested_absmax, nested_quant_map or
+    /// nested_offset) would dequantize to NaN or ±Inf weights and is refused, naming the tensor,
+    /// unless `allowNonFiniteScales` (inspect, which reports them).
+    public static func state(of g: Group, from reader: CheckpointReader, allowNonFiniteScales: Bool = false) throws -> QuantState {
         func file(_ t: String) -> String { reader.entry(named: t).map { reader.directory + "/" + $0.shard } ?? reader.path }
         func fail(_ t: String, _ problem: String) -> CheckpointError { .invalidTensor(file: file(t), tensor: t, problem: problem) }
         func bytes(_ t: String) throws -> [UInt8] {
@@ -166,26 +191,23 @@ public enum BnB4BitFormat {
             throw fail(key, "dtype missing or unsupported (\(obj["dtype"] ?? "nil"))")
         }
         guard let shape = obj["shape"] as? [Int], shape.allSatisfy({ $0 >= 0 }) else { throw fail(key, "shape missing or invalid") }
-        var n = 1
-        for d in shape {
-            let (p, o) = n.multipliedReportingOverflow(by: d)
-            guard !o else { throw fail(key, "shape \(shape) overflows") }
-            n = p
-        }
-        let blocks = (n + bs - 1) / bs
+        guard let n = CheckedSize.product(shape) else { throw fail(key, "shape \(shape) has more elements than fit in a 64-bit integer") }
         guard let packedInfo = reader.info(named: g.name) else { throw fail(g.name, "missing packed weight") }
         guard quantStorages.values.contains(packedInfo.dtype) else {
             throw fail(g.name, "packed weight is \(packedInfo.dtype.rawValue); bitsandbytes' quant_storage is uint8, bfloat16, float16 or float32 (U8, BF16, F16, F32)")
         }
-        guard packedInfo.byteCount == (n + 1) / 2 else {
-            throw fail(g.name, "packed weight has \(packedInfo.byteCount) bytes (\(packedInfo.dtype.rawValue) \(packedInfo.shape)), expected \((n + 1) / 2) for shape \(shape)")
+        // From here n ≤ 2 × the packed bytes really stored, so no size below can overflow.
+        let packedBytes = CheckedSize.ceilingDivision(n, 2)
+        guard packedInfo.byteCount == packedBytes else {
+            throw fail(g.name, "packed weight has \(packedInfo.byteCount) bytes (\(packedInfo.dtype.rawValue) \(packedInfo.shape)), expected \(packedBytes) for the quant state's shape \(shape)")
         }
+        let blocks = CheckedSize.ceilingDivision(n, bs)
         let code = try floats(g.name + ".quant_map", count: 16)
         guard code.map(\.bitPattern) == qt.code.map(\.bitPattern) else { throw fail(g.name + ".quant_map", "is not bitsandbytes' \(qt.rawValue) code") }
         let absmax: QuantState.Absmax
         if let nestedOffset = obj["nested_offset"] {
             guard let off = (nestedOffset as? NSNumber)?.doubleValue else { throw fail(key, "nested_offset is not a number") }
-            guard let nbs = obj["nested_blocksize"] as? Int, nbs > 0 else { throw fail(key, "nested_blocksize missing or invalid") }
+            guard let nbs = obj["nested_blocksize"] as? Int, nbs > 0 else { throw fail(key, "nested_blocksize missing or not a positive integer") }
             guard let ndtName = obj["nested_dtype"] as? String, let ndt = ElementType(rawValue: ndtName) else {
                 throw fail(key, "nested_dtype \(obj["nested_dtype"].map { "'\($0)'" } ?? "missing"); expected float32, bfloat16 or float16")
             }
@@ -193,7 +215,7 @@ public enum BnB4BitFormat {
                 throw fail(g.name + ".absmax", "expected U8 with \(blocks) elements (double quantization)")
             }
             let q = try bytes(g.name + ".absmax")
-            let nested = try floats(g.name + ".nested_absmax", count: (blocks + nbs - 1) / nbs)
+            let nested = try floats(g.name + ".nested_absmax", count: CheckedSize.ceilingDivision(blocks, nbs))
             let ncode = try floats(g.name + ".nested_quant_map", count: 256)
             // torch.tensor(float(nested_offset)): the JSON's double rounded to fp32.
             absmax = .nested(NestedAbsmax(quantized: q, absmax: nested, blocksize: nbs, offset: Float(off), code: ncode, dtype: ndt))
@@ -207,6 +229,25 @@ public enum BnB4BitFormat {
         }
         let state = QuantState(quantType: qt, blocksize: bs, dtype: dt, shape: shape, absmax: absmax)
         do { try state.validate() } catch { throw fail(key, "\(error)") }
+        if !allowNonFiniteScales, let (tensor, problem) = nonFiniteScale(state, name: g.name, key: key) { throw fail(tensor, problem) }
         return state
+    }
+
+    /// The first non-finite block scale of `state`: the tensor (or quant-state field) it comes
+    /// from and the problem, or nil when every scale is finite.
+    public static func nonFiniteScale(_ state: QuantState, name: String, key: String) -> (tensor: String, problem: String)? {
+        let values = state.absmaxValues()
+        guard let block = values.firstIndex(where: { !$0.isFinite }) else { return nil }
+        let bad = values.filter { !$0.isFinite }.count
+        let effect = "\(bad) of \(values.count) block scales are not finite (block \(block): \(values[block])), which dequantizes to NaN or infinite weights"
+        switch state.absmax {
+        case .plain:
+            return (name + ".absmax", "absmax: " + effect)
+        case .nested(let n):
+            if let i = n.absmax.firstIndex(where: { !$0.isFinite }) { return (name + ".nested_absmax", "nested_absmax[\(i)] is \(n.absmax[i]); " + effect) }
+            if !n.offset.isFinite { return (key, "nested_offset is \(n.offset); " + effect) }
+            if let i = n.code.firstIndex(where: { !$0.isFinite }) { return (name + ".nested_quant_map", "nested_quant_map[\(i)] is \(n.code[i]); " + effect) }
+            return (name + ".absmax", "absmax (double-quantized): " + effect)
+        }
     }
 }

@@ -15,8 +15,18 @@ extension ModelArchitecture {
         let data = try InputFile.read(path)
         guard let c = try? JSONSerialization.jsonObject(with: data) as? [String: Any] else { throw bad("is not a JSON object") }
         func int(_ k: String) throws -> Int {
-            guard let v = c[k] as? Int, v > 0 else { throw bad("\(k) is missing or not a positive integer") }
-            return v
+            guard let v = c[k], !(v is NSNull) else { throw bad("\(k) is missing") }
+            return try positive(k, v)
+        }
+        /// An optional positive integer field: nil when absent or null.
+        func optionalInt(_ k: String) throws -> Int? {
+            guard let v = c[k], !(v is NSNull) else { return nil }
+            return try positive(k, v)
+        }
+        func positive(_ k: String, _ v: Any) throws -> Int {
+            guard let n = JSONField.integer(v) else { throw bad("\(k) is \(JSONField.describe(v)), not an integer") }
+            guard n > 0 else { throw bad("\(k) is \(n); it must be a positive integer") }
+            return n
         }
         func number(_ v: Any?) -> Double? { (v as? NSNumber)?.doubleValue }
         let type = (c["model_type"] as? String) ?? "llama"
@@ -24,7 +34,7 @@ extension ModelArchitecture {
         let heads = try int("num_attention_heads"), vocab = try int("vocab_size")
         self.init(name: (c["_name_or_path"] as? String) ?? (path as NSString).lastPathComponent, modelType: type,
                   hiddenSize: hidden, intermediateSize: intermediate, layers: layers, attentionHeads: heads,
-                  keyValueHeads: (c["num_key_value_heads"] as? Int) ?? heads, headDim: c["head_dim"] as? Int, vocabSize: vocab,
+                  keyValueHeads: try optionalInt("num_key_value_heads") ?? heads, headDim: try optionalInt("head_dim"), vocabSize: vocab,
                   tiedEmbeddings: (c["tie_word_embeddings"] as? Bool) ?? false, attentionQKVBias: type == "qwen2")
         attentionBias = (c["attention_bias"] as? Bool) ?? false
         mlpBias = (c["mlp_bias"] as? Bool) ?? false
@@ -33,6 +43,7 @@ extension ModelArchitecture {
         guard attentionHeads % keyValueHeads == 0, c["head_dim"] != nil || hiddenSize % attentionHeads == 0, headDim > 0 else {
             throw bad("hidden_size must be a multiple of num_attention_heads (unless head_dim is given), and that of num_key_value_heads")
         }
+        if let problem = sizeProblem { throw bad(problem) }
         // Qwen2/Qwen3 configs carry a sliding_window that applies only with use_sliding_window.
         // transformers 5 also lists each layer's attention in layer_types.
         let windowed = ["qwen2", "qwen3"].contains(type)

@@ -12,7 +12,7 @@ public func dequantizeCheckpoint(input: String, output: String, dtype: ElementTy
     let job = try CheckpointRewrite(input: input)
     let reader = job.reader
     var owner: [String: BnB4BitFormat.Group] = [:]
-    for g in BnB4BitFormat.groups(in: reader.tensorNames) { for m in g.members { owner[m] = g } }
+    for g in try BnB4BitFormat.groups(of: reader) { for m in g.members { owner[m] = g } }
     var summary = JobSummary()
     summary.bytesWritten = try job.run(output: output, layout: .input, overwrite: overwrite, progress: progress, plan: { e in
         guard let g = owner[e.name] else {

@@ -26,6 +26,11 @@ public struct InspectReport: Codable, Sendable {
         public var constantBytes: Int
         public var dataBitsPerParameter: Double
         public var constantBitsPerParameter: Double
+        /// Block scales that are not finite (NaN or ±Inf), which dequantize to NaN or infinite
+        /// weights: `dequantize`, `merge` and `train` refuse the weight. Nil when there are none.
+        public var nonFiniteScales: Int?
+        /// Where the first one comes from (`BnB4BitFormat.nonFiniteScale`), when there are any.
+        public var nonFiniteScalesProblem: String?
     }
 
     public var path: String
@@ -38,7 +43,7 @@ public struct InspectReport: Codable, Sendable {
 
 public func inspectCheckpoint(path: String) throws -> InspectReport {
     let reader = try CheckpointReader(path: path)
-    let groups = BnB4BitFormat.groups(in: reader.tensorNames)
+    let groups = try BnB4BitFormat.groups(of: reader)
     var member: Set<String> = []
     for g in groups { member.formUnion(g.members) }
     var tensors: [InspectReport.Tensor] = []
@@ -46,7 +51,9 @@ public func inspectCheckpoint(path: String) throws -> InspectReport {
     let byName = Dictionary(uniqueKeysWithValues: groups.map { ($0.name, $0) })
     for e in reader.entries {
         if let g = byName[e.name] {
-            let q = try BnB4BitFormat.load(g, from: reader)
+            let state = try BnB4BitFormat.state(of: g, from: reader, allowNonFiniteScales: true)
+            let q = Quantized4Bit(packed: reader.withBytes(of: g.name) { Array($0) }, state: state)
+            let nonFinite = BnB4BitFormat.nonFiniteScale(state, name: g.name, key: BnB4BitFormat.quantStateKey(g.name, g.quantType))
             let n = q.state.elementCount
             let stored = g.members.reduce(0) { $0 + (reader.info(named: $1)?.byteCount ?? 0) }
             let json = reader.info(named: BnB4BitFormat.quantStateKey(g.name, g.quantType))?.byteCount ?? 0
@@ -57,7 +64,9 @@ public func inspectCheckpoint(path: String) throws -> InspectReport {
                     quantType: q.state.quantType.rawValue, blocksize: q.state.blocksize, doubleQuant: q.state.isDoubleQuantized,
                     originalDtype: q.state.dtype.rawValue, dataBytes: q.packed.count, constantBytes: constants,
                     dataBitsPerParameter: n == 0 ? 0 : Double(q.packed.count * 8) / Double(n),
-                    constantBitsPerParameter: n == 0 ? 0 : Double(constants * 8) / Double(n))))
+                    constantBitsPerParameter: n == 0 ? 0 : Double(constants * 8) / Double(n),
+                    nonFiniteScales: nonFinite.map { _ in state.absmaxValues().filter { !$0.isFinite }.count },
+                    nonFiniteScalesProblem: nonFinite.map { "\($0.tensor): \($0.problem)" })))
             params += n
             quantized += n
         } else if !member.contains(e.name) {

@@ -101,8 +101,31 @@ public struct MemoryEstimate: Sendable, Codable {
         ]
     }
 
+    /// Every size is computed with checked arithmetic: an architecture or option whose bytes do
+    /// not fit in `Int` is refused with the quantity that overflowed, never trapped on.
     public init(model a: ModelArchitecture, options o: MemoryOptions) throws {
         guard o.rank > 0, o.seqLen > 0, o.batch > 0 else { throw MemoryError.badOption("rank, seq-len and batch must be positive") }
+        if let problem = a.sizeProblem { throw MemoryError.badOption("\(a.name): \(problem)") }
+        guard o.rank <= ModelArchitecture.maxDimension else {
+            throw MemoryError.badOption("rank \(o.rank) is above qlora's limit of 2^40 (\(ModelArchitecture.maxDimension))")
+        }
+        guard o.blocksize > 0 else { throw MemoryError.badOption("blocksize must be positive") }
+        func checked(_ v: Int?, _ what: String) throws -> Int {
+            guard let v else { throw MemoryError.badOption("\(what) does not fit in a 64-bit byte count (seq-len \(o.seqLen), batch \(o.batch), rank \(o.rank))") }
+            return v
+        }
+        // The architecture's sizes are bounded (at most 2^48 parameters, dimensions at most 2^40)
+        // and so is the rank, so per-parameter and per-token byte counts fit; what scales with
+        // the options is multiplied with checks, and the largest sum of components is checked
+        // once here, so the arithmetic below cannot overflow.
+        let tokens = try checked(CheckedSize.product(o.seqLen, o.batch), "seq-len × batch")
+        let adaptedWidth = a.adaptedModules(o.targets).reduce(0) { t, p in let s = a.projectionShape(p); return t + s.in + s.out }
+        let loraBytes = try checked(CheckedSize.product(o.rank, adaptedWidth, a.layers, 16), "the LoRA adapters' bytes (rank × (in + out) × modules × layers × 16 B)")
+        let perToken = try checked(CheckedSize.sum(CheckedSize.product(a.layers, Self.activationBytesPerToken(a, o) + 2 * a.hiddenSize) ?? .max,
+                                                   Self.headActivationBytesPerToken(a, o), Self.qloraLayerStepPeakBytesPerToken(a, o)),
+                                   "activation bytes per token")
+        let activationBytes = try checked(CheckedSize.product(tokens, perToken), "the activations (\(tokens) tokens × \(perToken) B per token)")
+        _ = try checked(CheckedSize.sum(CheckedSize.product(a.totalParameters, 16) ?? .max, loraBytes, activationBytes), "the total")
         let known = ModelArchitecture.projectionNames + ModelArchitecture.fusedModules.map(\.name)
         for t in o.targets where !known.contains(t) {
             throw MemoryError.badOption("unknown target '\(t)'; targets are \(known.joined(separator: ", "))")
@@ -148,7 +171,7 @@ public struct MemoryEstimate: Sendable, Codable {
         } else {
             let states = groups.reduce(0) { t, g in
                 let n = g.shape.reduce(1, *)
-                return t + g.count * (n < 4096 ? 8 * n : 2 * (n + 4 * ((n + 255) / 256)))
+                return t + g.count * (n < 4096 ? 8 * n : 2 * (n + 4 * CheckedSize.ceilingDivision(n, 256)))
             }
             c.append(MemoryComponent(name: "optimizer_states", estimatedBytes: states,
                                      basis: "8-bit AdamW: 2 states × (1 B + f32 absmax per 256); tensors < 4096 elements fp32"))
@@ -177,9 +200,9 @@ public struct MemoryEstimate: Sendable, Codable {
     /// The bytes of one 4-bit weight of `elements` values, as `qlora quantize` stores it: packed
     /// data, and constants (absmax, nested absmax, code tables; the quant-state JSON excluded).
     public static func fourBitBytes(elements n: Int, blocksize: Int, doubleQuant: Bool) -> (data: Int, constants: Int) {
-        let blocks = (n + blocksize - 1) / blocksize
-        let constants = doubleQuant ? blocks + 4 * ((blocks + 255) / 256) + 64 + 1024 : 4 * blocks + 64
-        return ((n + 1) / 2, constants)
+        let blocks = CheckedSize.ceilingDivision(n, blocksize)
+        let constants = doubleQuant ? blocks + 4 * CheckedSize.ceilingDivision(blocks, 256) + 64 + 1024 : 4 * blocks + 64
+        return (CheckedSize.ceilingDivision(n, 2), constants)
     }
 
     /// The fp32 inputs and A·x results LoRA keeps per token in one layer (PEFT casts the

@@ -1,6 +1,7 @@
 import ArgumentParser
 import CheckpointJobs
 import Foundation
+import SafeTensors
 
 struct Compare: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -17,12 +18,12 @@ struct Compare: ParsableCommand {
                 try printJSON(rows, snakeCase: false)
                 return
             }
-            let width = max(6, rows.map(\.name.count).max() ?? 0)
+            let width = max(6, rows.map { escapingControlCharacters($0.name).count }.max() ?? 0)
             print("tensor".padding(toLength: width, withPad: " ", startingAt: 0), "  relative L2     RMS error   max |error|")
             var num = 0.0, den = 0.0
             for r in rows {
                 let s = r.statistics
-                print(r.name.padding(toLength: width, withPad: " ", startingAt: 0), String(format: "  %11.3e  %11.3e  %11.3e", s.relativeError, s.rmsError, s.maxAbsError))
+                print(escapingControlCharacters(r.name).padding(toLength: width, withPad: " ", startingAt: 0), String(format: "  %11.3e  %11.3e  %11.3e", s.relativeError, s.rmsError, s.maxAbsError))
                 num += s.rmsError * s.rmsError * Double(s.count)
                 if s.relativeError > 0 { den += pow(s.rmsError / s.relativeError, 2) * Double(s.count) }
             }

@@ -16,11 +16,12 @@ struct MemoryCommand: ParsableCommand {
     @Option(help: "A built-in model preset.") var model: String?
     @Option(help: "A Hugging Face config.json instead of a preset.") var config: String?
     @Option(help: "full, full-8bit-adam, lora or qlora.") var method: TrainingMethod = .qlora
-    @Option(help: "LoRA rank.") var rank = 16
-    @Option(help: "LoRA alpha (recorded; it does not change memory).") var alpha = 32.0
+    // Numbers parse `.unconditional`ly: a negative one reaches the estimate's own check.
+    @Option(parsing: .unconditional, help: "LoRA rank.") var rank = 16
+    @Option(parsing: .unconditional, help: "LoRA alpha (recorded; it does not change memory).") var alpha = 32.0
     @Option(help: "Adapted projections: all, attention, mlp, or a list such as q,v or q_proj,v_proj.") var targets = "all"
-    @Option(help: "Tokens per sequence.") var seqLen = 2048
-    @Option(help: "Sequences per step.") var batch = 1
+    @Option(parsing: .unconditional, help: "Tokens per sequence.") var seqLen = 2048
+    @Option(parsing: .unconditional, help: "Sequences per step.") var batch = 1
     @Flag(help: "Gradient checkpointing per decoder layer.") var gradCheckpointing = false
     @Flag(inversion: .prefixedNo, help: "Double quantization of the 4-bit constants.") var doubleQuant = true
     @Flag(help: "Build the components in this process and measure them (allocator and RSS).") var measure = false

@@ -3,6 +3,7 @@ import CheckpointJobs
 import FileOutput
 import Foundation
 import QLoRA
+import SafeTensors
 
 struct Merge: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -45,8 +46,9 @@ struct Merge: ParsableCommand {
                 return
             }
             print("merged \(s.merged) tensors, copied \(s.copied); wrote \(s.bytesWritten) bytes to \(output)")
-            let width = max(6, s.report.map(\.name.count).max() ?? 0, s.comparison.map(\.name.count).max() ?? 0)
-            func pad(_ t: String) -> String { t.padding(toLength: width, withPad: " ", startingAt: 0) }
+            let width = max(6, s.report.map { escapingControlCharacters($0.name).count }.max() ?? 0,
+                            s.comparison.map { escapingControlCharacters($0.name).count }.max() ?? 0)
+            func pad(_ t: String) -> String { escapingControlCharacters(t).padding(toLength: width, withPad: " ", startingAt: 0) }
             if report {
                 print("\n" + pad("tensor") + "   ‖err‖/‖ΔW‖   ‖err‖/‖W+ΔW‖   cos(applied, ΔW)")
                 for r in s.report + [s.total] {

@@ -2,6 +2,7 @@ import ArgumentParser
 import FileOutput
 import Foundation
 import QLoRA
+import SafeTensors
 
 @main
 struct QLoRACommand: ParsableCommand {
@@ -34,11 +35,13 @@ func selectBLASKernels() {
     execv("/proc/self/exe", CommandLine.unsafeArgv)
 }
 
-/// Prints one clear line on stderr and exits non-zero: the contract for bad input.
+/// Prints one clear line on stderr and exits non-zero: the contract for bad input. Control
+/// characters in the message (a tensor name from a hostile file) are escaped, so it stays one
+/// line and cannot drive the terminal.
 func fail(_ message: String) -> Never {
     // A cleanup signal is removing the staged output under us: die of the signal, not of this.
     while StagedOutput.isDyingOfSignal { pause() }
-    FileHandle.standardError.write(Data("qlora: error: \(message)\n".utf8))
+    FileHandle.standardError.write(Data("qlora: error: \(escapingControlCharacters(message))\n".utf8))
     exit(1)
 }
 

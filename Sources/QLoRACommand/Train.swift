@@ -18,29 +18,38 @@ struct Train: ParsableCommand {
 
     @Option(help: "A Llama checkpoint directory (config.json + safetensors).") var model: String
     @Option(help: "Pre-tokenized JSONL.") var data: String
-    @Option(help: "LoRA rank.") var rank = 16
-    @Option(help: "LoRA alpha.") var alpha = 32.0
-    @Option(help: "AdamW learning rate.") var lr = 2e-4
-    @Option(help: "Optimizer steps.") var steps = 100
-    @Option(help: "Sequences per micro-batch.") var batch = 1
-    @Option(help: "Micro-batches per optimizer step.") var gradAccum = 1
-    @Option(help: "Tokens per sequence (longer examples are cut, shorter padded).") var seqLen = 512
+    // Numbers parse `.unconditional`ly, so `--lr -1` reaches `validate()` (and its message)
+    // instead of ArgumentParser reading -1 as a flag and reporting a missing value.
+    @Option(parsing: .unconditional, help: "LoRA rank.") var rank = 16
+    @Option(parsing: .unconditional, help: "LoRA alpha.") var alpha = 32.0
+    @Option(parsing: .unconditional, help: "AdamW learning rate.") var lr = 2e-4
+    @Option(parsing: .unconditional, help: "Optimizer steps.") var steps = 100
+    @Option(parsing: .unconditional, help: "Sequences per micro-batch.") var batch = 1
+    @Option(parsing: .unconditional, help: "Micro-batches per optimizer step.") var gradAccum = 1
+    @Option(parsing: .unconditional, help: "Tokens per sequence (longer examples are cut, shorter padded).") var seqLen = 512
     @Flag(help: "Recompute each layer in backward instead of keeping its activations.") var gradCheckpointing = false
-    @Option(help: "Save a resumable checkpoint every N steps (0: only on Ctrl-C).") var saveEvery = 50
+    @Option(parsing: .unconditional, help: "Save a resumable checkpoint every N steps (0: only on Ctrl-C).") var saveEvery = 50
     @Option(help: "Continue from OUT/checkpoint-N.") var resume: String?
     @Option(help: "Start from this PEFT adapter (its rank and alpha; new optimizer state).") var adapter: String?
     @Option(help: "Seed of the new adapters' initialization.") var seed: UInt64 = 0
     @Option(help: "Output directory for the adapter and checkpoints (new or empty, unless --overwrite or --resume from inside it).") var out = "qlora-adapter"
     @Flag(help: "Write into an existing --out that holds other files, replacing an adapter there.") var overwrite = false
 
+    func validate() throws {
+        guard lr.isFinite, lr > 0 else { throw ValidationError("--lr must be a positive finite number, got \(lr)") }
+        guard alpha.isFinite, alpha != 0 else { throw ValidationError("--alpha must be a finite non-zero number, got \(alpha)") }
+        for (name, value) in [("--rank", rank), ("--steps", steps), ("--batch", batch), ("--grad-accum", gradAccum)] where value <= 0 {
+            throw ValidationError("\(name) must be a positive integer, got \(value)")
+        }
+        guard seqLen > 1 else { throw ValidationError("--seq-len must be at least 2, got \(seqLen)") }
+        guard saveEvery >= 0 else { throw ValidationError("--save-every must be 0 or more, got \(saveEvery)") }
+        guard resume == nil || adapter == nil else { throw ValidationError("give --resume or --adapter, not both") }
+    }
+
     func run() {
         runReportingErrors {
-            guard rank > 0, steps > 0, batch > 0, gradAccum > 0, seqLen > 1, lr > 0, saveEvery >= 0 else {
-                throw ValidationError("rank, steps, batch, grad-accum must be positive, seq-len above 1, lr positive")
-            }
             let o = TrainOptions(rank: rank, alpha: alpha, lr: lr, steps: steps, batch: batch, gradAccum: gradAccum, seqLen: seqLen,
                                  gradientCheckpointing: gradCheckpointing, saveEvery: saveEvery, seed: seed)
-            guard resume == nil || adapter == nil else { throw ValidationError("give --resume or --adapter, not both") }
             let job = try TrainingRun(model: model, data: data, out: out, options: o, resume: resume, adapter: adapter, overwrite: overwrite)
             // SIGTERM, SIGHUP: remove what is being staged; Ctrl-C saves a checkpoint (below).
             StagedOutput.installSignalCleanup([SIGTERM, SIGHUP])

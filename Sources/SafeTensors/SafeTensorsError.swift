@@ -198,8 +198,12 @@ public enum SafeTensorsError: Error, CustomStringConvertible, Equatable, Sendabl
 
 // MARK: - Formatting helpers
 
-/// Escapes control characters (and truncates very long text) so a message stays on one line.
-func oneLine(_ text: String, limit: Int = 200) -> String {
+/// Text from a file made safe for a terminal line: control characters (C0, DEL, C1 — ESC and
+/// CSI start terminal escape sequences — and the Unicode line separators) are written as
+/// `\u{1b}`, newline, return and tab as `\n`, `\r`, `\t`; beyond `limit` scalars the text is cut
+/// with "...". The one helper every human-readable output (tables, error messages) puts names
+/// from files through; JSON output escapes on its own.
+public func escapingControlCharacters(_ text: String, limit: Int = .max) -> String {
     var out = ""
     var count = 0
     for scalar in text.unicodeScalars {
@@ -212,13 +216,16 @@ func oneLine(_ text: String, limit: Int = 200) -> String {
         case 0x0A: out += "\\n"
         case 0x0D: out += "\\r"
         case 0x09: out += "\\t"
-        case 0..<0x20, 0x7F, 0x2028, 0x2029, 0x85:
+        case 0..<0x20, 0x7F, 0x80..<0xA0, 0x2028, 0x2029:
             out += "\\u{" + String(scalar.value, radix: 16) + "}"
         default: out.unicodeScalars.append(scalar)
         }
     }
     return out
 }
+
+/// Escapes control characters (and truncates very long text) so a message stays on one line.
+func oneLine(_ text: String, limit: Int = 200) -> String { escapingControlCharacters(text, limit: limit) }
 
 /// `'name'` with control characters escaped.
 func quoted(_ name: String) -> String { "'" + oneLine(name) + "'" }

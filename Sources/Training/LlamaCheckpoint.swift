@@ -27,7 +27,7 @@ public enum LlamaCheckpoint {
                             seed: UInt64 = 0) throws -> LlamaModel {
         let cfg = try config(directory: directory)
         let reader = try CheckpointReader(path: directory)
-        let groups = Dictionary(uniqueKeysWithValues: BnB4BitFormat.groups(in: reader.tensorNames).map { ($0.name, $0) })
+        let groups = Dictionary(uniqueKeysWithValues: try BnB4BitFormat.groups(of: reader).map { ($0.name, $0) })
         func file(_ name: String) -> String { reader.entry(named: name).map { reader.directory + "/" + $0.shard } ?? directory }
         func dense(_ name: String, _ shape: [Int]) throws -> [Float] {
             guard let info = reader.info(named: name) else { throw CheckpointError.invalidTensor(file: directory, tensor: name, problem: "missing") }

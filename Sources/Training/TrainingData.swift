@@ -36,3 +36,42 @@ public func writeCopyTaskData(path: String, count: Int, seed: UInt64 = 11) throw
     }
     try StagedOutput.write(Data((lines.joined(separator: "\n") + "\n").utf8), to: path)
 }
+
+/// Whether `e` has a label the loss counts at `seqLen` tokens: the loss at position t predicts
+/// labels[t + 1], so a label counts when it is not -100 at positions 1 ..< min(seqLen, count).
+func hasTrainableLabel(_ e: TrainingExample, seqLen: Int) -> Bool {
+    let n = min(seqLen, e.labels.count)
+    return n > 1 && e.labels[1..<n].contains { $0 != -100 }
+}
+
+/// Refuses data on which a run would train on no label (its loss NaN): none of the examples the
+/// run will see (from example `start`, `perStep` per optimizer step for `steps` steps, cycling),
+/// or some step that sees only examples without one. `path` is named in the error.
+func checkTrainableLabels(_ data: [TrainingExample], path: String, from start: Int, steps: Int, perStep: Int, seqLen: Int) throws {
+    guard steps > 0 else { return }
+    let n = data.count
+    let trainable = data.map { hasTrainableLabel($0, seqLen: seqLen) }
+    let why = "every label after the first position within --seq-len \(seqLen) is -100, so the loss would be NaN"
+    guard trainable.contains(true) else {
+        throw CheckpointError.invalidPath(path: path, problem: "no example has a label to train on: \(why)")
+    }
+    // Prefix counts over the data, so each step's window (cycling) is counted in O(1); the
+    // steps repeat after n / gcd(n, perStep) of them.
+    var prefix = [0]
+    for t in trainable { prefix.append(prefix.last! + (t ? 1 : 0)) }
+    func count(_ from: Int, _ length: Int) -> Int {
+        if length >= n { return prefix[n] }
+        let end = from + length
+        return end <= n ? prefix[end] - prefix[from] : prefix[n] - prefix[from] + prefix[end - n]
+    }
+    func gcd(_ a: Int, _ b: Int) -> Int { b == 0 ? a : gcd(b, a % b) }
+    let period = n / gcd(n, perStep % n == 0 ? n : perStep % n)
+    for k in 0..<min(steps, period) {
+        let from = (start + (k * (perStep % n)) % n) % n
+        if count(from, perStep) == 0 {
+            let last = (from + min(perStep, n) - 1) % n
+            throw CheckpointError.invalidPath(path: path, problem: "step \(k + 1) of this run sees examples \(from + 1)…\(last + 1) (lines counted without blank ones), "
+                                              + "none of which has a label to train on: \(why)")
+        }
+    }
+}

@@ -49,6 +49,10 @@ public final class TrainingRun {
 
     /// `resume`: a `checkpoint-N` directory of an earlier run, continued bit-identically.
     /// `adapter`: a PEFT adapter to start from (its rank and alpha), with fresh optimizer state.
+    ///
+    /// Everything that can be checked before the model is loaded is: the resumed state against
+    /// the data and the options, that the examples the run will see have labels to train on,
+    /// and that the run fits in the memory available (`TrainingMemory`).
     /// `out` is checked before anything is loaded: it may not be, or be inside, the model
     /// directory or any other input, nor an existing file; an existing directory with anything in
     /// it needs `overwrite`, unless `resume` continues a checkpoint inside it.
@@ -71,8 +75,24 @@ public final class TrainingRun {
         if let problem = cfg.slidingWindowProblem(seqLen: o.seqLen) {
             throw CheckpointError.invalidPath(path: dir + "/config.json", problem: problem)
         }
+        let data = try loadTrainingData(path: path, vocabSize: cfg.vocabSize)
+        if let r = resume {
+            let file = r + "/trainer_state.json"
+            guard state.step >= 0, state.step <= o.steps else {
+                throw CheckpointError.invalidPath(path: file, problem: "step \(state.step) is beyond --steps \(o.steps); give --steps \(max(state.step, 0)) or more")
+            }
+            guard state.nextExample >= 0, state.nextExample < data.count else {
+                throw CheckpointError.invalidPath(path: file, problem: "data position \(state.nextExample) is beyond \(path), which holds \(data.count) examples; resume with the data the run was started on")
+            }
+        }
+        try checkTrainableLabels(data, path: path, from: state.nextExample, steps: o.steps - state.step, perStep: CheckedSize.product(o.batch, o.gradAccum) ?? .max, seqLen: o.seqLen)
+        do {
+            try TrainingMemory.check(cfg, rank: adapter?.rank ?? o.rank, batch: o.batch, seqLen: o.seqLen, checkpointing: o.gradientCheckpointing)
+        } catch let e as TrainingError {
+            throw CheckpointError.invalidPath(path: dir, problem: e.description)
+        }
         model = try LlamaCheckpoint.load(directory: dir, adapter: adapter, rank: o.rank, alpha: o.alpha, seed: o.seed)
-        data = try loadTrainingData(path: path, vocabSize: cfg.vocabSize)
+        self.data = data
         let adam = AdamWConfig(lr: o.lr, weightDecay: o.weightDecay)
         trainer = LlamaTrainer(model: model, optimizer: adam, checkpointing: o.gradientCheckpointing, states: states)
         options = o

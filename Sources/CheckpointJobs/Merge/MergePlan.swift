@@ -40,7 +40,7 @@ struct MergePlan {
     init(reader: CheckpointReader, base: String, adapters specs: [MergeAdapter]) throws {
         self.reader = reader
         let adapters = try specs.map { try PEFTAdapter.load(directory: $0.directory) }
-        groups = Dictionary(uniqueKeysWithValues: BnB4BitFormat.groups(in: reader.tensorNames).map { ($0.name, $0) })
+        groups = Dictionary(uniqueKeysWithValues: try BnB4BitFormat.groups(of: reader).map { ($0.name, $0) })
         for g in groups.values { for m in g.members where m != g.name { companionOf[m] = g.name } }
         for (a, adapter) in adapters.enumerated() {
             var shapes: [String: (out: Int, in: Int)] = [:]

@@ -246,6 +246,45 @@ public struct ModelArchitecture: Sendable, Equatable, Codable {
 
     public var totalParameters: Int { tensorGroups.reduce(0) { $0 + $1.elements } }
 
+    // MARK: Size limits
+
+    /// The largest dimension (hidden size, heads × head_dim, vocabulary, layers, LoRA rank) qlora
+    /// computes with: 2^40. Small multiples and sums of such numbers fit in `Int`.
+    public static let maxDimension = 1 << 40
+    /// The largest parameter count qlora computes with: 2^48 (about 281 trillion, a thousand
+    /// times the largest published models), so that 16 bytes per parameter still fits in `Int`.
+    public static let maxParameters = 1 << 48
+
+    /// Why this architecture's sizes cannot be computed with, or nil: a dimension that is not
+    /// positive or above `maxDimension`, or a parameter count above `maxParameters` (every
+    /// product checked, so numbers from any config.json are safe to pass). Names the fields as
+    /// config.json spells them.
+    public var sizeProblem: String? {
+        let fields: [(String, Int)] = [("hidden_size", hiddenSize), ("intermediate_size", intermediateSize), ("num_hidden_layers", layers),
+                                       ("num_attention_heads", attentionHeads), ("num_key_value_heads", keyValueHeads), ("head_dim", headDim),
+                                       ("vocab_size", vocabSize)]
+        for (name, v) in fields {
+            guard v > 0 else { return "\(name) is \(v); it must be a positive integer" }
+            guard v <= Self.maxDimension else { return "\(name) is \(v), above qlora's limit of 2^40 (\(Self.maxDimension))" }
+        }
+        for (name, heads) in [("num_attention_heads", attentionHeads), ("num_key_value_heads", keyValueHeads)] {
+            guard let d = CheckedSize.product(heads, headDim), d <= Self.maxDimension else {
+                return "\(name) \(heads) × head_dim \(headDim) is above qlora's limit of 2^40 (\(Self.maxDimension))"
+            }
+        }
+        // Every dimension is now at most 2^40, so the shapes below (sums of a few) fit; their
+        // products may not.
+        var total = 0
+        for g in tensorGroups {
+            guard let n = CheckedSize.product(g.shape + [g.count]), let t = CheckedSize.sum(total, n), t <= Self.maxParameters else {
+                return "the parameters exceed qlora's limit of 2^48 (\(Self.maxParameters)) at \(g.name) \(g.shape)" + (g.count > 1 ? " × \(g.count)" : "")
+                    + " (hidden_size \(hiddenSize), intermediate_size \(intermediateSize), num_hidden_layers \(layers), vocab_size \(vocabSize))"
+            }
+            total = t
+        }
+        return nil
+    }
+
     // MARK: What qlora implements
 
     /// The model types qlora's decoder (`LlamaModel`) runs.

@@ -33,9 +33,9 @@ public struct QuantState: Sendable, Equatable {
     /// Number of elements (product of `shape`).
     public var elementCount: Int { shape.reduce(1, *) }
     /// Number of absmax blocks: ceil(elementCount / blocksize).
-    public var blockCount: Int { (elementCount + blocksize - 1) / blocksize }
+    public var blockCount: Int { CheckedSize.ceilingDivision(elementCount, blocksize) }
     /// Bytes of packed 4-bit data: ceil(elementCount / 2).
-    public var packedByteCount: Int { (elementCount + 1) / 2 }
+    public var packedByteCount: Int { CheckedSize.ceilingDivision(elementCount, 2) }
     public var isDoubleQuantized: Bool { if case .nested = absmax { return true } else { return false } }
 
     /// The fp32 scale of every block, as bitsandbytes' `dequantize_4bit` computes it; double-quantized,
@@ -72,7 +72,7 @@ public struct QuantState: Sendable, Equatable {
                 throw .invalidState("absmax has \(n.quantized.count) bytes, expected \(blockCount) for \(elementCount) elements at blocksize \(blocksize)")
             }
             guard n.blocksize > 0 else { throw .invalidState("nested blocksize \(n.blocksize)") }
-            let nestedBlocks = (blockCount + n.blocksize - 1) / n.blocksize
+            let nestedBlocks = CheckedSize.ceilingDivision(blockCount, n.blocksize)
             guard n.absmax.count == nestedBlocks else {
                 throw .invalidState("nested_absmax has \(n.absmax.count) values, expected \(nestedBlocks)")
             }
