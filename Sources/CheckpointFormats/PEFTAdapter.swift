@@ -41,6 +41,11 @@ public struct PEFTAdapter: Sendable {
     public var fanInFanOut = false
     public var loraDropout = 0.0
     public var targetModules: [String]
+    /// What adapter_config.json selects (`target_modules` as read, `layers_to_transform`,
+    /// `layers_pattern`, `exclude_modules`); nil: `targetModules` as a list, nothing else.
+    public var targetSpec: PEFTTargets? = nil
+    /// The modules the config adapts, by PEFT's rules.
+    public var targets: PEFTTargets { targetSpec ?? PEFTTargets(modules: .names(targetModules)) }
     public var rankPattern: [String: Int] = [:]
     public var alphaPattern: [String: Double] = [:]
     public var baseModelNameOrPath: String? = nil
@@ -52,6 +57,8 @@ public struct PEFTAdapter: Sendable {
 
     public static let configFile = "adapter_config.json"
     public static let weightsFile = "adapter_model.safetensors"
+    /// PEFT's pickle format (`save_pretrained(safe_serialization=False)`), which qlora does not read.
+    public static let pickleWeightsFile = "adapter_model.bin"
     static let prefix = "base_model.model."
 
     public init(rank: Int, loraAlpha: Double, targetModules: [String]) {
@@ -84,20 +91,49 @@ public struct PEFTAdapter: Sendable {
             throw CheckpointError.invalidPath(path: configURL.path, problem: "is not a JSON object")
         }
         func bad(_ p: String) -> CheckpointError { .invalidPath(path: configURL.path, problem: p) }
-        if let t = c["peft_type"] as? String, t != "LORA" { throw bad("peft_type is \(t); only LORA adapters are supported") }
-        guard let r = c["r"] as? Int, r > 0 else { throw bad("r missing or not a positive integer") }
-        guard let alpha = (c["lora_alpha"] as? NSNumber)?.doubleValue else { throw bad("lora_alpha missing") }
-        if (c["use_dora"] as? Bool) == true { throw bad("DoRA adapters are not supported") }
-        var a = PEFTAdapter(rank: r, loraAlpha: alpha, targetModules: (c["target_modules"] as? [String]) ?? [])
-        a.useRSLoRA = (c["use_rslora"] as? Bool) ?? false
-        a.fanInFanOut = (c["fan_in_fan_out"] as? Bool) ?? false
-        a.loraDropout = (c["lora_dropout"] as? NSNumber)?.doubleValue ?? 0
-        a.rankPattern = (c["rank_pattern"] as? [String: Int]) ?? [:]
-        a.alphaPattern = ((c["alpha_pattern"] as? [String: NSNumber]) ?? [:]).mapValues { $0.doubleValue }
-        a.baseModelNameOrPath = c["base_model_name_or_path"] as? String
-        a.taskType = c["task_type"] as? String
+        // Typed fields: a field of the wrong JSON type is named with what it holds; JSON null
+        // is an absent optional field (PEFT writes null for unset options).
+        func present(_ k: String) -> Any? { c[k].flatMap { $0 is NSNull ? nil : $0 } }
+        func typed<T>(_ k: String, _ kind: String, _ read: (Any) -> T?) throws -> T? {
+            guard let v = present(k) else { return nil }
+            guard let t = read(v) else { throw bad("\(k) is \(JSONField.describe(v)), not \(kind)") }
+            return t
+        }
+        func string(_ v: Any) -> String? { v as? String }
+        if let t = try typed("peft_type", "a string", string), t != "LORA" { throw bad("peft_type is \(t); only LORA adapters are supported") }
+        guard let r = try typed("r", "an integer", JSONField.integer) else { throw bad("r is missing") }
+        guard r > 0 else { throw bad("r is \(r); it must be a positive integer") }
+        guard let alpha = try typed("lora_alpha", "a number", JSONField.number) else { throw bad("lora_alpha is missing") }
+        if try typed("use_dora", "true or false", JSONField.boolean) == true { throw bad("DoRA adapters are not supported") }
+        let targets: PEFTTargets
+        do { targets = try PEFTTargets.read(c) } catch let e as PEFTTargetsError { throw bad(e.description) }
+        var names: [String] = []
+        if case .names(let list) = targets.modules { names = list }
+        var a = PEFTAdapter(rank: r, loraAlpha: alpha, targetModules: names)
+        a.targetSpec = targets
+        a.useRSLoRA = try typed("use_rslora", "true or false", JSONField.boolean) ?? false
+        a.fanInFanOut = try typed("fan_in_fan_out", "true or false", JSONField.boolean) ?? false
+        a.loraDropout = try typed("lora_dropout", "a number", JSONField.number) ?? 0
+        func map<T>(_ k: String, _ kind: String, _ read: (Any) -> T?) throws -> [String: T] {
+            guard let v = present(k) else { return [:] }
+            guard let o = v as? [String: Any] else { throw bad("\(k) is \(JSONField.describe(v)), not an object") }
+            return try o.mapValues { e in
+                guard let t = read(e) else { throw bad("\(k) holds \(JSONField.describe(e)), not \(kind)") }
+                return t
+            }
+        }
+        a.rankPattern = try map("rank_pattern", "an integer", JSONField.integer)
+        if let (k, v) = a.rankPattern.first(where: { $0.value <= 0 }) { throw bad("rank_pattern gives \(k) rank \(v); ranks must be positive") }
+        a.alphaPattern = try map("alpha_pattern", "a number", JSONField.number)
+        a.baseModelNameOrPath = try typed("base_model_name_or_path", "a string", string)
+        a.taskType = try typed("task_type", "a string", string)
 
         let weightsPath = dir.appendingPathComponent(weightsFile).path
+        let picklePath = dir.appendingPathComponent(pickleWeightsFile).path
+        if !FileManager.default.fileExists(atPath: weightsPath), FileManager.default.fileExists(atPath: picklePath) {
+            throw CheckpointError.invalidPath(path: picklePath, problem: "is a PyTorch pickle, which qlora does not read (loading one runs code from the file); "
+                                              + "save the adapter as \(weightsFile) (PEFT's save_pretrained does by default)")
+        }
         let file = try SafeTensorsFile(path: weightsPath)
         func badTensor(_ t: String, _ p: String) -> CheckpointError { .invalidTensor(file: weightsPath, tensor: t, problem: p) }
         var halves: [String: (a: TensorInfo?, b: TensorInfo?)] = [:]
@@ -113,6 +149,13 @@ public struct PEFTAdapter: Sendable {
         }
         for (path, h) in halves.sorted(by: { $0.key < $1.key }) {
             guard let ta = h.a, let tb = h.b else { throw badTensor(prefix + path, "has only one of lora_A / lora_B") }
+            // PEFT adapts only the modules its config selects and drops the weights of any other
+            // module on load without a word; merging them would not be what PEFT applies.
+            let selected: Bool
+            do { selected = try targets.selects(path) } catch let e as PEFTTargetsError { throw bad(e.description) }
+            guard selected else {
+                throw badTensor(ta.name, "module \(path) is not one that \(configFile) targets (\(targets.summary)); PEFT would ignore its weights")
+            }
             guard ta.shape.count == 2, tb.shape.count == 2 else { throw badTensor(ta.name, "lora_A and lora_B must be 2-D") }
             let expected = a.config(for: path).rank
             guard ta.shape[0] == expected, tb.shape[1] == expected else {

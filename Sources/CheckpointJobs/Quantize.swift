@@ -28,9 +28,11 @@ public struct QuantizeOptions: Sendable {
         (self.quantStorage, self.computeDtype) = (quantStorage, computeDtype)
     }
 
-    /// Whether tensor `info` is quantized under these options.
+    /// Whether tensor `info` is quantized under these options. A tensor with no elements is
+    /// copied: it has no block to take a scale from (its nested offset would be the mean of
+    /// nothing, NaN).
     public func selects(_ info: TensorInfo) throws -> Bool {
-        guard info.shape.count == 2, [DType.f32, .bf16, .f16].contains(info.dtype) else { return false }
+        guard info.shape.count == 2, info.elementCount > 0, [DType.f32, .bf16, .f16].contains(info.dtype) else { return false }
         if let include {
             guard try matches(include, info.name) else { return false }
         } else if Self.defaultSkipFragments.contains(where: { info.name.contains($0) }) {

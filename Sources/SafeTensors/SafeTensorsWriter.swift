@@ -54,7 +54,7 @@ public final class SafeTensorsWriter {
                 metadata: [String: String] = [:], bufferSize: Int = SafeTensorsWriter.defaultBufferSize) throws {
         let path = url.path
         let planned = try Self.assignOffsets(tensors, file: path)
-        let header = SafeTensorsHeader.encode(tensors: planned, metadata: metadata)
+        let header = try Self.header(planned, metadata: metadata, file: path)
         var index: [String: Int] = [:]
         for (i, tensor) in planned.enumerated() { index[tensor.name] = i }
 
@@ -76,6 +76,18 @@ public final class SafeTensorsWriter {
 
     deinit {
         if state != .finished { abort() }
+    }
+
+    /// The encoded header, refused (before any file exists) when it is longer than the reader
+    /// accepts (`SafeTensorsHeader.maxHeaderLength`, as the Rust library): a file qlora writes
+    /// must be one it, and safetensors, can read back.
+    static func header(_ planned: [TensorInfo], metadata: [String: String], file: String) throws -> [UInt8] {
+        let header = SafeTensorsHeader.encode(tensors: planned, metadata: metadata)
+        // The encoded bytes include the 8-byte length prefix.
+        guard header.count - 8 <= SafeTensorsHeader.maxHeaderLength else {
+            throw SafeTensorsError.headerTooLarge(file: file, headerLength: header.count - 8, limit: SafeTensorsHeader.maxHeaderLength)
+        }
+        return header
     }
 
     /// Validates declarations and lays tensors out back to back from offset 0.

@@ -80,6 +80,11 @@ public final class ShardedWriter {
             shards.append(Shard(fileName: fileName, tensors: members))
         }
         let totalSize = laidOut.last?.dataOffsets.upperBound ?? 0
+        // Every shard's header is checked against the reader's limit before anything is
+        // written (shards are created lazily, the first before the last is encoded).
+        for shard in shards {
+            _ = try SafeTensorsWriter.header(shard.tensors, metadata: metadata, file: directory.appendingPathComponent(shard.fileName).path)
+        }
 
         try makeDirectories(directory.path)
         self.directory = directory
