@@ -50,6 +50,7 @@ vectors:
 	.venv/bin/python Vectors/generate_llama_ops.py
 	.venv/bin/python Vectors/generate_bnb_variants.py
 	.venv/bin/python Vectors/generate_interop.py
+	.venv/bin/python Vectors/generate_peft_targets.py
 
 clean:
 	rm -rf .build $(DEMO)

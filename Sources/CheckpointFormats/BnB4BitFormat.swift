@@ -208,6 +208,9 @@ public enum BnB4BitFormat {
         if let nestedOffset = obj["nested_offset"] {
             guard let off = (nestedOffset as? NSNumber)?.doubleValue else { throw fail(key, "nested_offset is not a number") }
             guard let nbs = obj["nested_blocksize"] as? Int, nbs > 0 else { throw fail(key, "nested_blocksize missing or not a positive integer") }
+            guard QuantState.validBlocksizes.contains(nbs) else {
+                throw fail(key, "nested_blocksize \(nbs) is not a blocksize bitsandbytes uses (a power of two from 32 to 4096; it writes 256)")
+            }
             guard let ndtName = obj["nested_dtype"] as? String, let ndt = ElementType(rawValue: ndtName) else {
                 throw fail(key, "nested_dtype \(obj["nested_dtype"].map { "'\($0)'" } ?? "missing"); expected float32, bfloat16 or float16")
             }

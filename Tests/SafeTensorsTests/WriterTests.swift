@@ -164,3 +164,22 @@ final class WriterTests: TemporaryDirectoryTestCase {
         XCTAssertEqual(try listing(), [])
     }
 }
+
+/// A header the reader would refuse (over `SafeTensorsHeader.maxHeaderLength`) is refused by
+/// the writers before any file or directory exists (issue 13: 200,000 tiny tensors).
+final class WriterHeaderLimitTests: XCTestCase {
+    func testHeaderAboveTheReadersLimitIsNotWritten() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("qlora-header-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let padding = String(repeating: "x", count: 480)
+        let tensors = (0..<200_000).map { (name: "model.layers.\($0).\(padding).weight", dtype: DType.u8, shape: [1]) }
+        let url = dir.appendingPathComponent("model.safetensors")
+        XCTAssertThrowsError(try SafeTensorsWriter(url: url, tensors: tensors)) { e in
+            guard case SafeTensorsError.headerTooLarge(_, let length, let limit)? = e as? SafeTensorsError else { return XCTFail("\(e)") }
+            XCTAssertEqual(limit, SafeTensorsHeader.maxHeaderLength)
+            XCTAssertGreaterThan(length, limit)
+        }
+        XCTAssertThrowsError(try ShardedWriter(directory: dir, tensors: tensors, maxShardSize: 1 << 30))
+        XCTAssertFalse(FileManager.default.fileExists(atPath: dir.path))
+    }
+}
