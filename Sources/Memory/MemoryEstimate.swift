@@ -111,7 +111,7 @@ public struct MemoryEstimate: Sendable, Codable {
         }
         guard o.blocksize > 0 else { throw MemoryError.badOption("blocksize must be positive") }
         func checked(_ v: Int?, _ what: String) throws -> Int {
-            guard let v else { throw MemoryError.badOption("\(what) does not fit in a 64-bit byte count (seq-len \(o.seqLen), batch \(o.batch), rank \(o.rank))") }
+            guard let v else { throw MemoryError.badOption("\(what) would not fit in a 64-bit byte count (seq-len \(o.seqLen), batch \(o.batch), rank \(o.rank))") }
             return v
         }
         // The architecture's sizes are bounded (at most 2^48 parameters, dimensions at most 2^40)
