@@ -29,6 +29,7 @@ public struct SampleCheckpointSpec: Sendable {
 /// projections, final norm, lm_head; norms 1, the rest N(0, std²) from a seeded generator) into
 /// the new directory `output` (sharded with an index when larger than one shard), with a
 /// config.json. Returns the bytes of weights written.
+@discardableResult
 public func writeSampleCheckpoint(output: String, spec: SampleCheckpointSpec) throws -> Int {
     let a = spec.architecture
     let dtype = DType(spec.dtype)

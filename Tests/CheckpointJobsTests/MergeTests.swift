@@ -66,7 +66,7 @@ final class MergeTests: TemporaryDirectoryTestCase {
     }
 
     func testFourBitBaseMatchesPEFT() throws {
-        let (v, dense, base, adapterDir) = try fourBitCase()
+        let (v, _, base, adapterDir) = try fourBitCase()
 
         let m16 = tmp.appendingPathComponent("m16.safetensors").path
         let s16 = try mergeCheckpoint(base: base, adapter: adapterDir, output: m16, options: MergeOptions())

@@ -24,7 +24,7 @@ final class LoRAMergeTests: XCTestCase {
                 let d = LoRAMerge.delta(loraA: v.floats("\(id).\(module).lora_A.weight"), loraB: v.floats("\(id).\(module).lora_B.weight"),
                                         rank: r, inFeatures: k, outFeatures: n, scaling: config.scaling, adapterType: adapterType, fanInFanOut: fanIn)
                 var out = [UInt8](repeating: 0, count: n * k * baseType.byteSize)
-                try v.withElements("\(id).base.\(module)") { base in
+                v.withElements("\(id).base.\(module)") { base in
                     out.withUnsafeMutableBytes { LoRAMerge.add(base: base, delta: d, into: .view($0, as: baseType)) }
                 }
                 XCTAssertNil(byteMismatch(out, v.bytes("\(id).merged.\(module)"), name: "\(id) \(module)", elementSize: baseType.byteSize))

@@ -131,7 +131,7 @@ final class MergeContext {
             var out = target.isDense ? [UInt8](unsafeUninitializedCapacity: n * outType.byteSize) { _, count in count = n * outType.byteSize } : []
             let sum = target.isDense ? UnsafeMutableRawBufferPointer(start: nil, count: 0) : UnsafeMutableRawBufferPointer(Self.grow(&sumStorage, n))
             let m = step.module
-            let bad = try withCurrent(current, base) { cur, curType in
+            let bad = withCurrent(current, base) { cur, curType in
                 out.withUnsafeMutableBytes { array in
                     stepDelta.withUnsafeMutableBufferPointer { sd in
                         LoRAMerge.merge(loraA: m.loraA, loraB: m.loraB, rank: m.rank, inFeatures: m.inFeatures, outFeatures: m.outFeatures,
