@@ -130,20 +130,13 @@ public enum Claims {
     static func withoutActivations(_ m: MemoryEstimate) -> Int { m.totalEstimatedBytes - bytes(m, "activations") }
 
     /// The longest sequence searched for (tokens).
-    static let longestSeqLen = 1 << 20
+    static let longestSeqLen = Memory.Fit.longestSeqLen
 
     /// The largest sequence length at batch 1 (r=16 on all linear layers, gradient
     /// checkpointing) whose estimate satisfies `fits`, by bisection (every component grows with
     /// the length); nil when not even one token does, `longestSeqLen` when every length does.
     static func largestSeqLen(_ model: ModelArchitecture, _ method: TrainingMethod, where fits: (MemoryEstimate) -> Bool) throws -> Int? {
-        guard fits(try estimate(model, method, seq: 1)) else { return nil }
-        var (lo, hi) = (1, longestSeqLen)  // fits(lo); hi is the first length not yet known to fit
-        if fits(try estimate(model, method, seq: hi)) { return hi }
-        while hi - lo > 1 {
-            let mid = (lo + hi) / 2
-            if fits(try estimate(model, method, seq: mid)) { lo = mid } else { hi = mid }
-        }
-        return lo
+        try Memory.Fit.largest(upTo: longestSeqLen) { fits(try estimate(model, method, seq: $0)) }
     }
 
     /// The sequence length a fit must reach to count as fitting: the length the other rows use.

@@ -1,0 +1,102 @@
+import ArgumentParser
+import CheckpointFormats
+import Foundation
+import Memory
+import QLoRA
+
+struct FitCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "fit",
+        abstract: "Will it fit: the largest sequence length and batch that fit a GPU's memory, or a table of models × methods × GPU sizes.",
+        discussion: """
+            Memory per device is what `qlora memory` estimates for the run, spread over --gpus with \
+            --parallelism (the ZeRO paper's accounting: zero1 shards optimizer states, zero2 also \
+            gradients, zero3 and fsdp also weights, plus one gathered layer). Not counted: \
+            \(MemoryEstimate.notModelledText)
+            """)
+
+    @Option(help: ArgumentHelp("Memory per GPU, e.g. 24GB, 80GB, 16GiB.", valueName: "size")) var memory: String?
+    @Option(help: "GPUs.") var gpus = 1
+    @Option(help: "How the run is spread over the GPUs: ddp, zero1, zero2, zero3 or fsdp.") var parallelism: Parallelism = .ddp
+    @Option(help: "A built-in model preset.") var model: String?
+    @Option(help: "A Hugging Face config.json instead of a preset.") var config: String?
+    @Option(help: "full, full-8bit-adam, lora or qlora.") var method: TrainingMethod = .qlora
+    @Option(help: "LoRA rank.") var rank = 16
+    @Option(help: "Adapted projections: all, attention, mlp, or a list such as q,v.") var targets = "all"
+    @Option(help: "The sequence length the batch answer is for (and the matrix's).") var seqLen = 2048
+    @Flag(help: "A table of every preset × method × common GPU size (12-128 GB) at --seq-len × batch 1 with checkpointing.") var matrix = false
+    @Flag(help: "Print JSON.") var json = false
+
+    func validate() throws {
+        guard gpus > 0 else { throw ValidationError("--gpus must be positive") }
+        guard rank > 0, seqLen > 0 else { throw ValidationError("--rank and --seq-len must be positive") }
+        if !matrix && memory == nil { throw ValidationError("give --memory SIZE (e.g. 24GB), or --matrix") }
+    }
+
+    func run() {
+        runReportingErrors {
+            let targetList = try ModelArchitecture.targetProjections(targets)
+            if matrix { return try printMatrix(targets: targetList) }
+            let bytes = try parseByteSize(memory!)
+            let arch = try architecture(model: model, config: config)
+            let o = MemoryOptions(method: method, rank: rank, targets: targetList, seqLen: seqLen)
+            let answers = try Fit.answer(arch, o, memory: bytes, gpus: gpus, parallelism: parallelism)
+            if json {
+                struct Output: Encodable { var model: String; var method: String; var memoryBytes: Int; var gpus: Int; var parallelism: String; var seqLen: Int; var answers: [Fit.Answer] }
+                return try printJSON(Output(model: arch.name, method: method.rawValue, memoryBytes: bytes, gpus: gpus, parallelism: parallelism.rawValue,
+                                            seqLen: seqLen, answers: answers))
+            }
+            print("\(arch.name), \(method.rawValue)" + (o.isLoRA ? ", r=\(rank) on \(arch.adaptedModules(targetList).joined(separator: ","))" : "")
+                  + ": \(formatBytes(bytes)) per GPU × \(gpus)" + (gpus > 1 ? " (\(parallelism.rawValue))" : ""))
+            print("")
+            let header = ["", "largest seq-len (batch 1)", "largest batch at \(seqLen.formatted()) tokens", "at \(seqLen.formatted()) × 1", "headroom"]
+            var rows = [header]
+            for a in answers {
+                rows.append([a.gradientCheckpointing ? "with checkpointing" : "without checkpointing",
+                             a.largestSeqLen.map { $0 == Fit.longestSeqLen ? "over \($0.formatted())" : $0.formatted() } ?? "none",
+                             a.largestBatch.map { $0.formatted() } ?? "none", formatBytes(a.bytesAtSeqLen),
+                             a.bytesAtSeqLen <= bytes ? formatBytes(bytes - a.bytesAtSeqLen) : "short by \(formatBytes(a.bytesAtSeqLen - bytes))"])
+            }
+            print(table(rows))
+            print("\nPer device: weights, adapters, gradients, optimizer states and the activations autograd keeps (what `qlora memory` counts); not counted: the step's transient peak above them, the CUDA context and allocator caching.")
+        }
+    }
+
+    func printMatrix(targets: [String]) throws {
+        struct Cell: Encodable { var model: String; var method: String; var gpuGB: Int; var bytes: Int; var fits: Bool; var headroomBytes: Int }
+        var cells: [Cell] = []
+        for a in ModelArchitecture.presets {
+            for m in TrainingMethod.allCases {
+                let e = try MemoryEstimate(model: a, options: MemoryOptions(method: m, rank: rank, targets: targets, seqLen: seqLen, gradientCheckpointing: true))
+                let b = Fit.perDeviceBytes(e, gpus: 1, parallelism: .ddp)
+                for g in Fit.commonGPUSizesGB {
+                    cells.append(Cell(model: a.name, method: m.rawValue, gpuGB: g, bytes: b, fits: b <= g * 1_000_000_000, headroomBytes: g * 1_000_000_000 - b))
+                }
+            }
+        }
+        if json { return try printJSON(cells) }
+        print("Per-GPU memory of one training step at \(seqLen.formatted()) tokens × batch 1, gradient checkpointing, r=\(rank) (LoRA methods), one GPU;")
+        print("each cell: the headroom in GB if it fits, × if not (GB = 10⁹ B). Kept memory; the transient peak, CUDA context and caching come on top.\n")
+        var rows = [["model", "method", "needs"] + Fit.commonGPUSizesGB.map { "\($0) GB" }]
+        for chunk in stride(from: 0, to: cells.count, by: Fit.commonGPUSizesGB.count) {
+            let row = cells[chunk..<(chunk + Fit.commonGPUSizesGB.count)]
+            let first = row.first!
+            rows.append([first.model, first.method, String(format: "%.1f GB", Double(first.bytes) / 1e9)]
+                        + row.map { $0.fits ? String(format: "%.1f", Double($0.headroomBytes) / 1e9) : "×" })
+        }
+        print(table(rows))
+    }
+}
+
+extension Parallelism: ExpressibleByArgument {}
+
+/// Columns padded to their widest cell; the first two left-aligned, the rest right-aligned.
+func table(_ rows: [[String]]) -> String {
+    let widths = (0..<(rows.map(\.count).max() ?? 0)).map { c in rows.map { c < $0.count ? $0[c].count : 0 }.max() ?? 0 }
+    return rows.map { row in
+        row.enumerated().map { c, cell in
+            let pad = String(repeating: " ", count: max(0, widths[c] - cell.count))
+            return c < 2 ? cell + pad : pad + cell
+        }.joined(separator: "  ")
+    }.joined(separator: "\n")
+}
