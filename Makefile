@@ -34,10 +34,12 @@ demo: build
 bench: deps
 	cd Benchmarks && $(SWIFT) package --disable-sandbox benchmark
 
-# libFuzzer over the safetensors reader, bounded (FUZZ_RUNS inputs).
+# libFuzzer + ASan over the parsers (safetensors, bnb 4-bit quant state, PEFT adapter, config.json,
+# training data), FUZZ_RUNS inputs per harness; FUZZ_HARNESS=peft (for example) runs one.
 FUZZ_RUNS ?= 200000
+FUZZ_HARNESS ?=
 fuzz:
-	bash Fuzz/run.sh $(FUZZ_RUNS)
+	bash Fuzz/run.sh $(FUZZ_RUNS) $(FUZZ_HARNESS)
 
 # Regenerate the golden vectors (needs torch + bitsandbytes; see Vectors/README.md).
 vectors:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Builds the libFuzzer + AddressSanitizer harness for the SafeTensors module.
+# (Fuzz/run.sh runs it; the other harnesses are the SwiftPM package in Fuzz/.)
 # Usage: Fuzz/build.sh [output]   (default .build/fuzz-safetensors; run from anywhere)
 # The module's sources are compiled together with the harness into one module, which is why
 # Sources/SafeTensors must depend on Foundation/Glibc only.
