@@ -60,6 +60,8 @@ for h in "${harnesses[@]}"; do
     # shellcheck disable=SC2086
     "$exe" -runs="$runs" -max_len="${maxlen[$h]}" -timeout=10 -print_final_stats=1 -dict="$dict" \
         -artifact_prefix="Fuzz/artifacts/$h/" ${FUZZ_FLAGS:-} "Fuzz/corpus/$h" || failed+=("$h")
+    # Each fuzzing process (one per -fork job) writes its inputs into its own scratch folder.
+    rm -rf /dev/shm/qlora-fuzz-* 2>/dev/null
 done
 if [ ${#failed[@]} -gt 0 ]; then
     echo "failed: ${failed[*]} (inputs in Fuzz/artifacts/)" >&2
