@@ -61,7 +61,7 @@ for h in "${harnesses[@]}"; do
     "$exe" -runs="$runs" -max_len="${maxlen[$h]}" -timeout=10 -print_final_stats=1 -dict="$dict" \
         -artifact_prefix="Fuzz/artifacts/$h/" ${FUZZ_FLAGS:-} "Fuzz/corpus/$h" || failed+=("$h")
     # Each fuzzing process (one per -fork job) writes its inputs into its own scratch folder.
-    rm -rf /dev/shm/qlora-fuzz-* 2>/dev/null
+    [ "$h" != safetensors ] && rm -rf /dev/shm/qlora-fuzz-"${binary[$h]}"-* 2>/dev/null
 done
 if [ ${#failed[@]} -gt 0 ]; then
     echo "failed: ${failed[*]} (inputs in Fuzz/artifacts/)" >&2

@@ -28,11 +28,12 @@ public struct Choices {
     public mutating func next(_ n: Int) -> Int { Int(next()) % n }
 }
 
-/// A directory of this process's own under /dev/shm (memory-backed; the temporary directory
+/// A directory of this process's own under /dev/shm (`qlora-fuzz-<harness>-<pid>`) (memory-backed; the temporary directory
 /// when /dev/shm is missing), so that concurrent fuzzers (`-jobs`, `-fork`) do not share files.
 public let scratchDirectory: String = {
     let base = FileManager.default.fileExists(atPath: "/dev/shm") ? "/dev/shm" : NSTemporaryDirectory()
-    let dir = (base as NSString).appendingPathComponent("qlora-fuzz-\(getpid())")
+    let harness = (CommandLine.arguments.first.map { ($0 as NSString).lastPathComponent }) ?? "harness"
+    let dir = (base as NSString).appendingPathComponent("qlora-fuzz-\(harness)-\(getpid())")
     try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
     return dir
 }()
