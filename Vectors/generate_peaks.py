@@ -1,0 +1,486 @@
+"""Golden memory timelines of a real QLoRA training step on CPU (issue 14: measured, not guessed).
+
+For each configuration: a random bf16 checkpoint (2 decoder layers, real layer shapes scaled down)
+is saved, loaded by transformers with bitsandbytes NF4 + double quant (bf16 compute), wrapped by
+PEFT LoRA (dropout 0), and one training step is run on CPU:
+
+    loss = model(input_ids=ids, labels=labels).loss     # the output object (bf16 logits) is dropped here
+    loss.backward()
+    opt.step()                                           # torch.optim.AdamW(lora params, lr=2e-4, weight_decay=0.01), foreach
+    opt.zero_grad(set_to_none=True)
+
+What is measured is LIVE TENSOR BYTES, not RSS: a TorchDispatchMode sees every aten op (bitsandbytes'
+torch.library ops included); each storage an op's outputs use is counted once, by its nbytes, and
+a weakref finalizer on the untyped storage subtracts it when the storage is freed. Before the step
+every tensor the garbage collector can reach (parameters, buffers, quantized weights and their
+quant states, the batch) is counted the same way: the baseline. The live total is checked against
+the peak after every op. Scratch memory a kernel allocates and frees inside one op is not seen (op
+granularity). The tracker is verified on toy cases whose answers are known by hand (`verify()`).
+
+Phases are marked by hooks: forward pre/post hooks on each decoder layer, the final norm's pre-hook
+(start of the head: final norm + lm_head + loss), backward pre-hooks on each decoder layer (the
+gradient w.r.t. a layer's output is ready: the end of the backward of what comes after it), and
+the driver around backward, step and zero_grad.
+
+Run: .venv/bin/python Vectors/generate_peaks.py [--only NAME,...] [--verify-only]
+Writes Vectors/memory/peaks.json.
+"""
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+import weakref
+
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+import warnings
+warnings.filterwarnings("ignore", category=FutureWarning)
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+import transformers
+import peft
+import bitsandbytes
+from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM)
+from peft import LoraConfig, get_peft_model
+
+torch.set_num_threads(int(os.environ.get("PEAKS_THREADS", "2")))
+HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "memory")
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+# ----------------------------------------------------------------------------- the tracker
+
+class LiveBytes(TorchDispatchMode):
+    """Live tensor bytes, storage by storage, after every op."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = {}          # StorageImpl address -> nbytes
+        self.info = {}          # StorageImpl address -> (phase it was allocated in, op and output that allocated it)
+        self.peak_snapshot = None
+        self.snap_peaks = False
+        self.total = 0
+        self.peak = 0
+        self.peak_where = None  # (phase, op)
+        self.phase = "baseline"
+        self.seg_max = 0        # max within the current segment
+        self.seg_max_op = None
+        self.ops = 0
+        self.trace_phases = set()  # phases whose every op and free is logged
+        self.trace = []
+        self.base = 0
+
+    def _freed(self, key, n):
+        if self.live.get(key) == n:
+            del self.live[key]
+            self.total -= n
+            if self.phase in self.trace_phases:
+                self.trace.append([self.phase, "free", -n, self.total - self.base])
+
+    def add(self, t, op="baseline"):
+        if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.is_meta:
+            return
+        st = t.untyped_storage()
+        key = st._cdata
+        n = st.nbytes()
+        old = self.live.get(key)
+        if old is None:
+            self.live[key] = n
+            self.info[key] = (self.phase, op if op == "baseline" else f"{op} {str(t.dtype).replace('torch.', '')}{list(t.shape)}")
+            self.total += n
+            weakref.finalize(st, self._freed, key, n)
+        elif old != n:  # resized in place (out= ops): follow the new size
+            self.live[key] = n
+            self.total += n - old
+            weakref.finalize(st, self._freed, key, n)
+
+    def bump(self, op):
+        if self.total > self.seg_max:
+            self.seg_max, self.seg_max_op = self.total, op
+        if self.total > self.peak:
+            self.peak, self.peak_where = self.total, (self.phase, op)
+            if self.snap_peaks:
+                self.peak_snapshot = self.snapshot()
+
+    def snapshot(self, top=12):
+        """What is live, summed by the phase that allocated it, and the largest storages not in the baseline."""
+        by_phase, big = {}, []
+        for k, n in self.live.items():
+            ph, what = self.info.get(k, ("baseline", "baseline"))
+            by_phase[ph] = by_phase.get(ph, 0) + n
+            if ph != "baseline":
+                big.append((n, ph, what))
+        big.sort(key=lambda x: -x[0])
+        return dict(by_phase=by_phase, largest=[list(b) for b in big[:top]])
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops += 1
+        flat, _ = tree_flatten(out)
+        name = str(func.overloadpacket.__name__)
+        before = self.total
+        for t in flat:
+            if isinstance(t, torch.Tensor):
+                self.add(t, name)
+        self.bump(name)
+        if self.phase in self.trace_phases:
+            shapes = [f"{str(t.dtype).replace('torch.', '')}{list(t.shape)}" for t in flat if isinstance(t, torch.Tensor)]
+            self.trace.append([self.phase, name + " " + ",".join(shapes), self.total - before, self.total - self.base])
+        return out
+
+    def census(self):
+        """Every tensor the garbage collector can reach: (count of storages, their bytes)."""
+        seen = {}
+        for o in gc.get_objects():
+            try:
+                if isinstance(o, torch.Tensor) and o.device.type == "cpu" and not o.is_meta:
+                    st = o.untyped_storage()
+                    seen[st._cdata] = st.nbytes()
+            except Exception:
+                pass
+        return seen
+
+    def add_baseline(self):
+        gc.collect()
+        for o in gc.get_objects():
+            try:
+                if isinstance(o, torch.Tensor):
+                    self.add(o)
+            except Exception:
+                pass
+        self.peak = self.seg_max = self.total
+
+
+def verify():
+    """Toy cases with hand-computed answers."""
+    res = {}
+    # 1. fp32 linear, no bias, x [8, 16] requires grad, W [32, 16] requires grad.
+    torch.manual_seed(0)
+    x = torch.randn(8, 16, requires_grad=True)
+    w = torch.randn(32, 16, requires_grad=True)
+    tr = LiveBytes()
+    tr.add_baseline()
+    base = tr.total
+    assert base >= (8 * 16 + 32 * 16) * 4
+    with tr:
+        y = x @ w.t()                 # y [8,32] fp32: +1024; autograd keeps x and w (already live)
+        after_mm = tr.total - base
+        s = (y * y).sum()             # y*y [8,32] +1024 (kept? no: mul saves y twice, y*y freed after sum) ; s 4 B
+        after_sum = tr.total - base
+        del y
+        after_del = tr.total - base   # y is saved by mul's backward: still live
+        s.backward()                  # grads: x.grad [8,16] 512 B, w.grad [32,16] 2048 B
+        after_bwd = tr.total - base
+    res["linear_fp32"] = dict(after_mm=after_mm, after_sum=after_sum, after_del=after_del, after_backward=after_bwd, peak_above_baseline=tr.peak - base)
+    assert after_mm == 8 * 32 * 4, after_mm
+    assert after_sum == 8 * 32 * 4 + 4, after_sum                  # y*y was freed inside sum's lifetime; s lives
+    assert after_del == 8 * 32 * 4 + 4, after_del                  # mul saved y
+    assert after_bwd == 8 * 16 * 4 + 32 * 16 * 4 + 4, after_bwd    # saved y freed; two grads; s
+    # peak: y (1024) + y*y (1024) + s (4) during the forward, or y + grad_y (1024) + 2*y*grad... in backward
+    # 2. views share storages; bf16 cast allocates; freeing is seen.
+    tr = LiveBytes()
+    tr.add_baseline()
+    base = tr.total
+    with tr:
+        a = torch.zeros(1000, dtype=torch.float32)
+        v = a[10:20].view(2, 5)
+        b = a.to(torch.bfloat16)
+        d1 = tr.total - base
+        del a
+        d2 = tr.total - base          # v keeps a's storage
+        del v
+        d3 = tr.total - base
+    res["views_casts"] = dict(after_alloc=d1, after_del_base=d2, after_del_view=d3)
+    assert (d1, d2, d3) == (6000, 6000, 2000), (d1, d2, d3)
+    del b
+    # 3. the baseline census sees a bnb 4-bit layer's packed weight and quant state.
+    lin = bitsandbytes.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")
+    lin.weight = bitsandbytes.nn.Params4bit(torch.randn(64, 128, dtype=torch.bfloat16), requires_grad=False,
+                                            compress_statistics=True, quant_type="nf4")
+    lin = lin.to("cpu")  # quantizes
+    tr = LiveBytes()
+    tr.add_baseline()
+    qs = lin.weight.quant_state
+    expect = {lin.weight.untyped_storage()._cdata: 64 * 128 // 2, qs.absmax.untyped_storage()._cdata: 64 * 128 // 64,
+              qs.state2.absmax.untyped_storage()._cdata: 4, qs.code.untyped_storage()._cdata: 64,
+              qs.state2.code.untyped_storage()._cdata: 1024}
+    for k, n in expect.items():
+        assert tr.live.get(k) == n, (k, n, tr.live.get(k))
+    res["bnb_layer"] = {"packed_weight": 4096, "absmax_u8": 128, "nested_absmax": 4, "code": 64, "nested_code": 1024}
+    # 4. the live total after an op sequence equals a fresh gc census.
+    tr = LiveBytes()
+    tr.add_baseline()
+    with tr:
+        x = torch.randn(64, 128, dtype=torch.bfloat16, requires_grad=True)
+        y = lin(x)
+        z = (y.float() ** 2).mean()
+        z.backward()
+        del y
+    gc.collect()
+    c = tr.census()
+    extra = {k: v for k, v in tr.live.items() if k not in c}
+    missing = {k: v for k, v in c.items() if k not in tr.live}
+    assert not missing, missing
+    res["census_match"] = dict(tracked=tr.total, census=sum(c.values()), tracked_not_in_census=sum(extra.values()))
+    return res
+
+
+# ----------------------------------------------------------------------------- models
+
+def llama_config(h, i, heads, kv, vocab, layers=2):
+    return LlamaConfig(hidden_size=h, intermediate_size=i, num_hidden_layers=layers, num_attention_heads=heads,
+                       num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                       tie_word_embeddings=False, torch_dtype="bfloat16")
+
+
+def qwen2_config(h, i, heads, kv, vocab, layers=2, tied=True):
+    return Qwen2Config(hidden_size=h, intermediate_size=i, num_hidden_layers=layers, num_attention_heads=heads,
+                       num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=4096, rms_norm_eps=1e-6,
+                       tie_word_embeddings=tied, torch_dtype="bfloat16")
+
+
+ARCHS = {
+    # llama-2-7b's ratios (head_dim 128 -> 64, intermediate 2.6875 h) at hidden 1024, its vocab.
+    "llama-h1024": lambda: (LlamaForCausalLM, llama_config(1024, 2816, 16, 16, 32000)),
+    # llama-2-7b's exact layer shapes (2 layers).
+    "llama-h4096": lambda: (LlamaForCausalLM, llama_config(4096, 11008, 32, 32, 32000)),
+    # qwen2.5-0.5b's exact layer shapes (q/k/v biases, GQA 14:2, tied embeddings), vocab cut to 48000.
+    "qwen2-h896": lambda: (Qwen2ForCausalLM, qwen2_config(896, 4864, 14, 2, 48000)),
+}
+
+_CKPT = {}
+
+
+def checkpoint(arch, tmp):
+    if arch not in _CKPT:
+        cls, cfg = ARCHS[arch]()
+        torch.manual_seed(0)
+        with torch.device("cpu"):
+            m = cls(cfg).to(torch.bfloat16)
+        d = os.path.join(tmp, arch)
+        m.save_pretrained(d)
+        del m
+        gc.collect()
+        _CKPT[arch] = d
+    return _CKPT[arch]
+
+
+def run_config(c, tmp):
+    d = checkpoint(c["arch"], tmp)
+    kw = dict(dtype=torch.bfloat16, attn_implementation=c.get("attn", "sdpa"))
+    method = c.get("method", "qlora")
+    if method == "qlora":
+        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                                       bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(d, **kw)
+    model.config.use_cache = False
+    if c.get("prepare"):
+        from peft import prepare_model_for_kbit_training
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if c["ckpt"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        train_model = model
+    else:
+        lcfg = LoraConfig(r=c["r"], lora_alpha=2 * c["r"], lora_dropout=0.0, target_modules=ALL if c["targets"] == "all" else ATTN,
+                          task_type="CAUSAL_LM")
+        train_model = get_peft_model(model, lcfg)
+    train_model.train()
+    params = [p for p in train_model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in params)
+    dtypes = sorted({str(p.dtype) for p in params})
+    upcast = sorted({f"{n}:{p.dtype}" for n, p in model.named_parameters() if p.dtype == torch.float32 and "lora_" not in n})
+    opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.01)
+
+    core = model.model if hasattr(model, "model") and hasattr(model.model, "layers") else model.base_model.model.model
+    layers = list(core.layers)
+    B, L = c["batch"], c["seq"]
+    V = model.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, V, (B, L), generator=g)
+    labels = ids.clone()
+    labels[:, :8] = -100
+
+    tr = LiveBytes()
+    marks = []      # (label, live at end, max within segment, op at max)
+
+    state = {"bwd": False}
+    seg_name = ["start"]
+
+    def set_next(name):
+        seg_name[0] = name
+        tr.phase = name
+
+    def end_seg(label, next_name):
+        marks.append(dict(at=label, seg=seg_name[0], live=tr.total, seg_max=tr.seg_max, seg_max_op=tr.seg_max_op))
+        tr.seg_max, tr.seg_max_op = tr.total, None
+        set_next(next_name)
+
+    hooks = []
+    for li, layer in enumerate(layers):
+        def pre(mod, args, li=li):
+            if state["bwd"]:
+                end_seg(f"before_recompute_{li}", f"backward_{li}_recompute")
+            else:
+                end_seg(f"before_forward_{li}", f"forward_{li}")
+
+        def post(mod, args, out, li=li):
+            if state["bwd"]:
+                end_seg(f"after_recompute_{li}", f"backward_{li}")
+            else:
+                end_seg(f"after_forward_{li}", "between" if li + 1 < len(layers) else "final_norm+lm_head+loss")
+
+        def bpre(mod, gout, li=li):
+            nxt = "head" if li == len(layers) - 1 else f"layer_{li + 1}"
+            end_seg(f"after_backward_{nxt}", f"backward_{li}")
+
+        hooks.append(layer.register_forward_pre_hook(pre))
+        hooks.append(layer.register_forward_hook(post))
+        hooks.append(layer.register_full_backward_pre_hook(bpre))
+
+    def norm_pre(mod, args):
+        if not state["bwd"]:
+            end_seg("before_final_norm", "final_norm+lm_head+loss")
+    hooks.append(core.norm.register_forward_pre_hook(norm_pre))
+
+    gc.collect()
+    tr.add_baseline()
+    baseline = tr.total
+    tr.base = baseline
+    tr.snap_peaks = True
+    if c.get("trace"):
+        tr.trace_phases = {"final_norm+lm_head+loss", "backward_head", "after"}
+    t0 = time.time()
+    with tr:
+        set_next("embed")
+        loss = train_model(input_ids=ids, labels=labels).loss
+        end_seg("after_forward", "backward_head")
+        kept_snap = tr.snapshot()
+        state["bwd"] = True
+        loss.backward()
+        end_seg("after_backward", "optimizer_step")
+        state["bwd"] = False
+        opt.step()
+        end_seg("after_optimizer_step", "zero_grad")
+        opt.zero_grad(set_to_none=True)
+        end_seg("after_zero_grad", "end")
+    secs = time.time() - t0
+    for h in hooks:
+        h.remove()
+
+    m = {x["at"]: x for x in marks}
+    after_fwd = m["after_forward"]["live"]
+    head_start = m["before_final_norm"]["live"]
+    per_layer = [m[f"after_forward_{i}"]["live"] - m[f"before_forward_{i}"]["live"] for i in range(len(layers))]
+    opt_state = sum(t.untyped_storage().nbytes() for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor))
+    tokens = B * L
+    rec = dict(c)
+    rec.update(
+        name=c["name"], tokens=tokens, vocab=V, hidden=model.config.hidden_size, intermediate=model.config.intermediate_size,
+        trainable_params=n_trainable, trainable_dtypes=dtypes, fp32_base_params=upcast,
+        baseline_bytes=baseline,
+        peak_bytes=tr.peak, peak_above_baseline=tr.peak - baseline, peak_phase=tr.peak_where[0], peak_op=tr.peak_where[1],
+        kept_after_forward=after_fwd - baseline,
+        head_live_delta=after_fwd - head_start,
+        kept_by_phase=kept_snap["by_phase"],
+        head_kept=kept_snap["by_phase"].get("final_norm+lm_head+loss", 0),
+        head_kept_per_token=kept_snap["by_phase"].get("final_norm+lm_head+loss", 0) / tokens,
+        per_layer_kept=[kept_snap["by_phase"].get(f"forward_{i}", 0) for i in range(len(layers))],
+        per_layer_kept_per_token=[kept_snap["by_phase"].get(f"forward_{i}", 0) / tokens for i in range(len(layers))],
+        per_layer_live_delta=per_layer,
+        kept_largest=kept_snap["largest"],
+        peak_by_phase=tr.peak_snapshot["by_phase"], peak_largest=tr.peak_snapshot["largest"],
+        optimizer_state_bytes=opt_state,
+        end_bytes=tr.total, end_above_baseline=tr.total - baseline,
+        timeline=[[x["at"], x["live"] - baseline, x["seg"], x["seg_max"] - baseline, x["seg_max_op"]] for x in marks],
+        ops=tr.ops, seconds=round(secs, 1),
+    )
+    if c.get("trace"):
+        rec["head_trace"] = tr.trace
+    del train_model, model, opt, params, loss, tr
+    gc.collect()
+    return rec
+
+
+def grid():
+    cs = []
+
+    def add(arch, seq, ckpt, r, targets, batch, **kw):
+        name = f"{arch}-{kw.get('method', 'qlora')}-L{seq}-b{batch}-r{r}-{targets}-{'gc' if ckpt else 'nogc'}"
+        if kw.get("attn"):
+            name += "-" + kw["attn"]
+        if kw.get("method") == "full":
+            name = f"{arch}-full-L{seq}-b{batch}-{'gc' if ckpt else 'nogc'}"
+        if kw.get("prepare"):
+            name += "-prepared"
+        cs.append(dict(name=name, arch=arch, seq=seq, ckpt=ckpt, r=r, targets=targets, batch=batch, **kw))
+
+    a = "llama-h1024"
+    for seq in (256, 512, 1024, 2048):
+        add(a, seq, False, 16, "all", 1, **({"trace": True} if seq == 256 else {}))
+        add(a, seq, True, 16, "all", 1, **({"trace": True} if seq == 256 else {}))
+    add(a, 1024, False, 64, "all", 1)
+    add(a, 1024, False, 16, "attn", 1)
+    add(a, 1024, True, 16, "attn", 1)
+    add(a, 512, False, 16, "all", 4)
+    add(a, 512, True, 16, "all", 4)
+    add(a, 1024, False, 16, "all", 1, attn="eager")
+    add(a, 1024, False, 16, "all", 1, method="lora")
+    add(a, 256, False, 16, "all", 1, prepare=True)
+    add(a, 512, False, 0, "none", 1, method="full")
+    q = "qwen2-h896"
+    for seq in (256, 1024, 2048):
+        add(q, seq, False, 16, "all", 1)
+        add(q, seq, True, 16, "all", 1)
+    add(q, 1024, False, 64, "attn", 1)
+    add(q, 512, False, 16, "all", 4)
+    add("llama-h4096", 256, False, 16, "all", 1)
+    add("llama-h4096", 256, True, 16, "all", 1)
+    return cs
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default="")
+    ap.add_argument("--verify-only", action="store_true")
+    ap.add_argument("--out", default=os.path.join(HERE, "peaks.json"))
+    args = ap.parse_args()
+    ver = verify()
+    print("tracker verified:", json.dumps(ver), flush=True)
+    if args.verify_only:
+        return
+    only = set(filter(None, args.only.split(",")))
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for c in grid():
+            if only and c["name"] not in only and c["arch"] not in only:
+                continue
+            r = run_config(c, tmp)
+            print(f"{r['name']}: {r['seconds']}s baseline {r['baseline_bytes']} kept {r['kept_after_forward']} "
+                  f"head {r['head_kept_per_token']:.1f}/tok peak+{r['peak_above_baseline']} at {r['peak_phase']} ({r['peak_op']})", flush=True)
+            results.append(r)
+    doc = dict(
+        about="Live tensor bytes over one QLoRA/LoRA/full training step of transformers + PEFT + bitsandbytes on CPU "
+              "(Vectors/generate_peaks.py). Bytes are storage nbytes, each storage once; baseline = every tensor reachable "
+              "before the step. timeline rows: [boundary, live - baseline at it, segment ending there, max live - baseline within "
+              "that segment, op at that max].",
+        versions=dict(torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__,
+                      bitsandbytes=bitsandbytes.__version__, python=sys.version.split()[0]),
+        tracker_checks=ver,
+        configs=results,
+    )
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+
+
+if __name__ == "__main__":
+    main()
