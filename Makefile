@@ -53,6 +53,7 @@ vectors:
 	.venv/bin/python Vectors/generate_bnb_variants.py
 	.venv/bin/python Vectors/generate_interop.py
 	.venv/bin/python Vectors/generate_peft_targets.py
+	.venv/bin/python Vectors/generate_peaks.py
 
 clean:
 	rm -rf .build $(DEMO)

@@ -55,6 +55,12 @@ ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 # ----------------------------------------------------------------------------- the tracker
 
+_GEMM4 = torch.ops.bitsandbytes.gemm_4bit.default
+try:
+    from bitsandbytes.backends.default.ops import _gemm_4bit_default_impl as _GEMM4_IMPL
+except ImportError:  # another bitsandbytes: the op is then counted by its output only
+    _GEMM4_IMPL = None
+
 class LiveBytes(TorchDispatchMode):
     """Live tensor bytes, storage by storage, after every op."""
 
@@ -119,6 +125,12 @@ class LiveBytes(TorchDispatchMode):
         return dict(by_phase=by_phase, largest=[list(b) for b in big[:top]])
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is _GEMM4 and _GEMM4_IMPL is not None:
+            # bitsandbytes' CPU gemm_4bit is a Python composite (dequantize the nested absmax to fp32,
+            # dequantize the weight to bf16, F.linear): run it under this mode so its temporaries,
+            # invisible inside one custom op, are counted like any other op's outputs.
+            with self:
+                return _GEMM4_IMPL(*args, **(kwargs or {}))
         out = func(*args, **(kwargs or {}))
         self.ops += 1
         flat, _ = tree_flatten(out)
@@ -251,6 +263,8 @@ ARCHS = {
     "llama-h4096": lambda: (LlamaForCausalLM, llama_config(4096, 11008, 32, 32, 32000)),
     # qwen2.5-0.5b's exact layer shapes (q/k/v biases, GQA 14:2, tied embeddings), vocab cut to 48000.
     "qwen2-h896": lambda: (Qwen2ForCausalLM, qwen2_config(896, 4864, 14, 2, 48000)),
+    # qwen2.5-7b's exact layer shapes and vocab (GQA 28:4, q/k/v biases, untied), 2 layers.
+    "qwen2-h3584": lambda: (Qwen2ForCausalLM, qwen2_config(3584, 18944, 28, 4, 152064, tied=False)),
 }
 
 _CKPT = {}
@@ -260,8 +274,11 @@ def checkpoint(arch, tmp):
     if arch not in _CKPT:
         cls, cfg = ARCHS[arch]()
         torch.manual_seed(0)
-        with torch.device("cpu"):
-            m = cls(cfg).to(torch.bfloat16)
+        torch.set_default_dtype(torch.bfloat16)  # built in bf16 directly: half the RAM of the big shapes
+        try:
+            m = cls(cfg)
+        finally:
+            torch.set_default_dtype(torch.float32)
         d = os.path.join(tmp, arch)
         m.save_pretrained(d)
         del m
@@ -441,17 +458,37 @@ def grid():
         add(q, seq, True, 16, "all", 1)
     add(q, 1024, False, 64, "attn", 1)
     add(q, 512, False, 16, "all", 4)
-    add("llama-h4096", 256, False, 16, "all", 1)
-    add("llama-h4096", 256, True, 16, "all", 1)
+    b = "llama-h4096"
+    add(b, 256, False, 16, "all", 1)
+    add(b, 256, True, 16, "all", 1)
+    add(b, 512, False, 16, "all", 1)
+    add(b, 512, True, 16, "all", 1)
+    add(b, 1024, True, 16, "all", 1)
+    add(b, 512, True, 64, "attn", 1)
+    add("qwen2-h3584", 256, False, 16, "all", 1)
+    add("qwen2-h3584", 256, True, 16, "all", 1)
     return cs
+
+
+def summary(path):
+    d = json.load(open(path))
+    print("| configuration | tokens | baseline B | kept after forward B (per token) | head kept B/token | peak above baseline B (per token) | peak at |")
+    print("|---|---|---|---|---|---|---|")
+    for c in d["configs"]:
+        t = c["tokens"]
+        print(f"| {c['name']} | {t} | {c['baseline_bytes']:,} | {c['kept_after_forward']:,} ({c['kept_after_forward'] / t:,.0f}) | "
+              f"{c['head_kept_per_token']:,.0f} | {c['peak_above_baseline']:,} ({c['peak_above_baseline'] / t:,.0f}) | {c['peak_phase']} `{c['peak_op']}` |")
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="")
     ap.add_argument("--verify-only", action="store_true")
+    ap.add_argument("--summary", action="store_true", help="print peaks.json as a Markdown table and exit")
     ap.add_argument("--out", default=os.path.join(HERE, "peaks.json"))
     args = ap.parse_args()
+    if args.summary:
+        return summary(args.out)
     ver = verify()
     print("tracker verified:", json.dumps(ver), flush=True)
     if args.verify_only:
@@ -477,9 +514,11 @@ def main():
         configs=results,
     )
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    configs = doc.pop("configs")
+    text = json.dumps(doc, indent=1)[:-2] + ',\n "configs": [\n' + ",\n".join(json.dumps(c, separators=(",", ":")) for c in configs) + "\n ]\n}\n"
+    json.loads(text)
     with open(args.out, "w") as f:
-        json.dump(doc, f, indent=1)
-        f.write("\n")
+        f.write(text)
 
 
 if __name__ == "__main__":
