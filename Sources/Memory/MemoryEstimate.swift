@@ -257,10 +257,11 @@ public struct MemoryEstimate: Sendable, Codable {
         return bytes
     }
 
-    /// After the last layer: the final RMSNorm (4h + 4) and the fp32 log-softmax of the logits
-    /// (4·vocab) that cross-entropy keeps; a trained lm_head also keeps its bf16 input (2h).
+    /// After the last layer: the final RMSNorm (4h + 4), the fp32 log-softmax of the logits
+    /// (4·vocab) that cross-entropy keeps and the shifted int64 labels (8), as measured on the real
+    /// stack (Vectors/memory/peaks.json); a trained lm_head also keeps its bf16 input (2h).
     public static func headActivationBytesPerToken(_ a: ModelArchitecture, _ o: MemoryOptions) -> Int {
-        4 * a.hiddenSize + 4 + 4 * a.vocabSize + (o.isLoRA ? 0 : 2 * a.hiddenSize)
+        4 * a.hiddenSize + 4 + 4 * a.vocabSize + 8 + (o.isLoRA ? 0 : 2 * a.hiddenSize)
     }
 }
 

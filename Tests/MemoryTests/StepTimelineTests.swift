@@ -1,0 +1,63 @@
+import Foundation
+import Memory
+import QLoRA
+import TestSupport
+import XCTest
+
+/// The step-memory model against live tensor bytes of the real transformers + PEFT +
+/// bitsandbytes step (Vectors/memory/peaks.json, made by Vectors/generate_peaks.py on CPU).
+final class StepTimelineTests: XCTestCase {
+    /// The peak of each measured configuration: within 3% (the bound; the head's and the
+    /// layers' terms are exact, the recompute's gradients in flight are fitted).
+    static let peakTolerance = 0.03
+    /// What autograd keeps at the end of the forward: within 1% (every term is exact; what is
+    /// left is the batch's ids and a few small tensors the model does not count).
+    static let keptTolerance = 0.01
+
+    /// The architectures generate_peaks.py builds (its ARCHS), two layers each.
+    static let architectures: [String: ModelArchitecture] = [
+        "llama-h1024": ModelArchitecture(name: "llama-h1024", hiddenSize: 1024, intermediateSize: 2816, layers: 2, attentionHeads: 16, vocabSize: 32000),
+        "llama-h4096": ModelArchitecture(name: "llama-h4096", hiddenSize: 4096, intermediateSize: 11008, layers: 2, attentionHeads: 32, vocabSize: 32000),
+        "qwen2-h896": ModelArchitecture(name: "qwen2-h896", modelType: "qwen2", hiddenSize: 896, intermediateSize: 4864, layers: 2, attentionHeads: 14,
+                                        keyValueHeads: 2, vocabSize: 48000, tiedEmbeddings: true, attentionQKVBias: true),
+        "qwen2-h3584": ModelArchitecture(name: "qwen2-h3584", modelType: "qwen2", hiddenSize: 3584, intermediateSize: 18944, layers: 2, attentionHeads: 28,
+                                         keyValueHeads: 4, vocabSize: 152064, attentionQKVBias: true),
+    ]
+
+    func testPeaksAndKeptBytesOfTheRealStack() throws {
+        let data = try Data(contentsOf: repositoryRoot.appendingPathComponent("Vectors/memory/peaks.json"))
+        let configs = try XCTUnwrap((try JSONSerialization.jsonObject(with: data) as? [String: Any])?["configs"] as? [[String: Any]])
+        var checked = 0
+        for c in configs {
+            let name = c["name"] as! String
+            // Not modelled: eager attention (its probabilities), prepare_model_for_kbit_training's
+            // fp32 upcasts; full fine-tuning's forward is approximated (its peak, the optimizer's, is held).
+            if name.hasSuffix("-eager") || name.hasSuffix("-prepared") { continue }
+            let arch = try XCTUnwrap(Self.architectures[c["arch"] as! String], name)
+            let method: TrainingMethod = name.contains("-full-") ? .full : name.contains("-lora-") ? .lora : .qlora
+            let targets = (c["targets"] as! String) == "attn" ? ModelArchitecture.attentionProjections : ModelArchitecture.projectionNames
+            let o = MemoryOptions(method: method, rank: max(c["r"] as? Int ?? 1, 1), targets: targets, seqLen: c["seq"] as! Int, batch: c["batch"] as! Int,
+                                  gradientCheckpointing: c["ckpt"] as! Bool)
+            let model = try StepTimeline(model: arch, options: o)
+            let baseline = model.points[0].bytes
+            let measuredPeak = Double(c["peak_above_baseline"] as! Int), ourPeak = Double(model.peakBytes - baseline)
+            print(String(format: "%@: peak %.3f of measured (%@ vs %@), error %.2f of the tolerance", name, ourPeak / measuredPeak,
+                         model.peak.phase, c["peak_phase"] as! String, abs(ourPeak / measuredPeak - 1) / Self.peakTolerance))
+            XCTAssertEqual(ourPeak, measuredPeak, accuracy: Self.peakTolerance * measuredPeak, "\(name) peak above the weights")
+            // And in the same phase.
+            let phase = c["peak_phase"] as! String
+            let expected = phase == "backward_head" ? "head backward" : phase == "optimizer_step" ? "optimizer step" : "backward layer " + phase.dropFirst("backward_".count)
+            XCTAssertTrue(model.peak.phase.hasPrefix(expected), "\(name): peak in \(model.peak.phase), measured in \(phase)")
+            XCTAssertEqual(Double(model.points[0].bytes), Double(c["baseline_bytes"] as! Int), accuracy: Self.peakTolerance * Double(c["baseline_bytes"] as! Int), "\(name) weights")
+            if method != .full {
+                let tokens = c["tokens"] as! Int
+                XCTAssertEqual(Double(model.keptBytesPerToken * tokens), Double(c["kept_after_forward"] as! Int),
+                               accuracy: Self.keptTolerance * Double(c["kept_after_forward"] as! Int), "\(name) kept after forward")
+                XCTAssertEqual(Double(model.headKeptBytesPerToken), c["head_kept_per_token"] as! Double,
+                               accuracy: Self.keptTolerance * (c["head_kept_per_token"] as! Double), "\(name) head")
+            }
+            checked += 1
+        }
+        XCTAssertGreaterThanOrEqual(checked, 28)
+    }
+}
