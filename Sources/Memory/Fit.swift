@@ -18,25 +18,36 @@ public enum Parallelism: String, Sendable, CaseIterable, Codable {
     case fsdp
 }
 
-/// What is resident per device for a run, and whether it fits.
+/// Whether a run fits: its per-device memory at the step's peak (`StepTimeline`), not only what
+/// it keeps.
 public enum Fit {
-    /// Bytes per device of `e` spread over `gpus` devices with `parallelism`.
-    public static func perDeviceBytes(_ e: MemoryEstimate, gpus: Int, parallelism: Parallelism) -> Int {
-        func bytes(_ names: String...) -> Int { names.reduce(0) { $0 + (e.component($1)?.estimatedBytes ?? 0) } }
-        let weights = bytes("base_weights", "quant_constants", "unquantized_weights"), trainable = bytes("lora_params")
-        let grads = bytes("gradients", "lora_grads"), states = bytes("optimizer_states", "master_weights")
-        let activations = bytes("activations")
+    /// Bytes per device at the step's peak (`StepTimeline`) spread over `gpus` devices with
+    /// `parallelism`: every moment of the step is sharded and the largest is the answer (under
+    /// ZeRO the peak can move, e.g. off the optimizer step).
+    public static func perDeviceBytes(_ t: StepTimeline, layers: Int, gpus: Int, parallelism: Parallelism) -> Int {
+        t.points.map { perDeviceBytes($0, layers: layers, gpus: gpus, parallelism: parallelism) }.max() ?? 0
+    }
+
+    /// One moment of the step, per device.
+    static func perDeviceBytes(_ p: StepTimeline.Point, layers: Int, gpus: Int, parallelism: Parallelism) -> Int {
+        func c(_ name: String) -> Int { p.components[name] ?? 0 }
+        let weights = c("weights"), trainable = c("adapters"), grads = c("gradients"), states = c("optimizer_states")
+        let perDevice = c("activations") + c("transient")
         let n = max(gpus, 1)
         func shard(_ b: Int) -> Int { (b + n - 1) / n }
         switch parallelism {
-        case _ where n == 1, .ddp: return weights + trainable + grads + states + activations
-        case .zero1: return weights + trainable + grads + shard(states) + activations
-        case .zero2: return weights + trainable + shard(grads + states) + activations
+        case _ where n == 1, .ddp: return weights + trainable + grads + states + perDevice
+        case .zero1: return weights + trainable + grads + shard(states) + perDevice
+        case .zero2: return weights + trainable + shard(grads + states) + perDevice
         case .zero3, .fsdp:
             // One layer's weights are gathered whole while it runs.
-            let layer = e.architecture.layers > 0 ? weights / e.architecture.layers : 0
-            return shard(weights + trainable + grads + states) + layer + activations
+            return shard(weights + trainable + grads + states) + (layers > 0 ? weights / layers : 0) + perDevice
         }
+    }
+
+    /// Per-device peak bytes of a run.
+    public static func perDeviceBytes(_ a: ModelArchitecture, _ o: MemoryOptions, gpus: Int, parallelism: Parallelism) throws -> Int {
+        perDeviceBytes(try StepTimeline(model: a, options: o), layers: a.layers, gpus: gpus, parallelism: parallelism)
     }
 
     /// The longest sequence searched for, in tokens.
@@ -61,7 +72,7 @@ public enum Fit {
         try largest(upTo: longestSeqLen) { seq in
             var q = o
             (q.seqLen, q.batch) = (seq, batch)
-            return perDeviceBytes(try MemoryEstimate(model: a, options: q), gpus: gpus, parallelism: parallelism) <= memory
+            return try perDeviceBytes(a, q, gpus: gpus, parallelism: parallelism) <= memory
         }
     }
 
@@ -71,7 +82,7 @@ public enum Fit {
         try largest(upTo: 4096) { b in
             var q = o
             q.batch = b
-            return perDeviceBytes(try MemoryEstimate(model: a, options: q), gpus: gpus, parallelism: parallelism) <= memory
+            return try perDeviceBytes(a, q, gpus: gpus, parallelism: parallelism) <= memory
         }
     }
 
@@ -96,7 +107,7 @@ public enum Fit {
             return Answer(gradientCheckpointing: gc,
                           largestSeqLen: try largestSeqLen(a, q, memory: memory, gpus: gpus, parallelism: parallelism),
                           largestBatch: try largestBatch(a, q, memory: memory, gpus: gpus, parallelism: parallelism),
-                          bytesAtSeqLen: perDeviceBytes(try MemoryEstimate(model: a, options: one), gpus: gpus, parallelism: parallelism))
+                          bytesAtSeqLen: try perDeviceBytes(a, one, gpus: gpus, parallelism: parallelism))
         }
     }
 

@@ -6,6 +6,8 @@ public struct MemoryEstimateJSON: Encodable {
     public var estimate: MemoryEstimate
     /// How the measured figures were obtained (`MemoryMeasurement.scope`), or nil.
     public var measurementScope: String?
+    /// With `qlora memory --timeline`: the step's memory over time.
+    public var timeline: StepTimeline?
 
     public init(_ estimate: MemoryEstimate, measurementScope: String?) {
         self.estimate = estimate
@@ -53,5 +55,18 @@ public struct MemoryEstimateJSON: Encodable {
         try c.encode(m.totalMeasuredBytes, forKey: Key("total_measured_bytes"))
         try c.encode(measurementScope, forKey: Key("measurement_scope"))
         try c.encode(MemoryEstimate.notModelledText, forKey: Key("not_modelled"))
+        if let timeline {
+            var t = c.nestedContainer(keyedBy: Key.self, forKey: Key("timeline"))
+            try t.encode(timeline.peakBytes, forKey: Key("peak_bytes"))
+            try t.encode(timeline.peak.phase, forKey: Key("peak_phase"))
+            try t.encode(timeline.keptBytesPerToken, forKey: Key("kept_bytes_per_token"))
+            var points = t.nestedUnkeyedContainer(forKey: Key("points"))
+            for p in timeline.points {
+                var row = points.nestedContainer(keyedBy: Key.self)
+                try row.encode(p.phase, forKey: Key("phase"))
+                try row.encode(p.bytes, forKey: Key("bytes"))
+                try row.encode(p.components, forKey: Key("components"))
+            }
+        }
     }
 }

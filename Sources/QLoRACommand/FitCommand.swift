@@ -9,7 +9,7 @@ struct FitCommand: ParsableCommand {
         commandName: "fit",
         abstract: "Will it fit: the largest sequence length and batch that fit a GPU's memory, or a table of models × methods × GPU sizes.",
         discussion: """
-            Memory per device is what `qlora memory` estimates for the run, spread over --gpus with \
+            Memory per device is the step's peak (`qlora memory --timeline`), spread over --gpus with \
             --parallelism (the ZeRO paper's accounting: zero1 shards optimizer states, zero2 also \
             gradients, zero3 and fsdp also weights, plus one gathered layer). Not counted: \
             \(MemoryEstimate.notModelledText)
@@ -58,7 +58,7 @@ struct FitCommand: ParsableCommand {
                              a.bytesAtSeqLen <= bytes ? formatBytes(bytes - a.bytesAtSeqLen) : "short by \(formatBytes(a.bytesAtSeqLen - bytes))"])
             }
             print(table(rows))
-            print("\nPer device: weights, adapters, gradients, optimizer states and the activations autograd keeps (what `qlora memory` counts); not counted: the step's transient peak above them, the CUDA context and allocator caching.")
+            print("\nPer device at the step's peak as transformers + PEFT + bitsandbytes reach it (`qlora memory --timeline`); not counted: the CUDA context, cuBLAS workspaces and the caching allocator's reserve.")
         }
     }
 
@@ -67,8 +67,8 @@ struct FitCommand: ParsableCommand {
         var cells: [Cell] = []
         for a in ModelArchitecture.presets {
             for m in TrainingMethod.allCases {
-                let e = try MemoryEstimate(model: a, options: MemoryOptions(method: m, rank: rank, targets: targets, seqLen: seqLen, gradientCheckpointing: true))
-                let b = Fit.perDeviceBytes(e, gpus: 1, parallelism: .ddp)
+                let b = try Fit.perDeviceBytes(a, MemoryOptions(method: m, rank: rank, targets: targets, seqLen: seqLen, gradientCheckpointing: true),
+                                               gpus: 1, parallelism: .ddp)
                 for g in Fit.commonGPUSizesGB {
                     cells.append(Cell(model: a.name, method: m.rawValue, gpuGB: g, bytes: b, fits: b <= g * 1_000_000_000, headroomBytes: g * 1_000_000_000 - b))
                 }
@@ -76,7 +76,7 @@ struct FitCommand: ParsableCommand {
         }
         if json { return try printJSON(cells) }
         print("Per-GPU memory of one training step at \(seqLen.formatted()) tokens × batch 1, gradient checkpointing, r=\(rank) (LoRA methods), one GPU;")
-        print("each cell: the headroom in GB if it fits, × if not (GB = 10⁹ B). Kept memory; the transient peak, CUDA context and caching come on top.\n")
+        print("each cell: the headroom in GB if it fits, × if not (GB = 10⁹ B). The step's peak; the CUDA context and allocator caching come on top.\n")
         var rows = [["model", "method", "needs"] + Fit.commonGPUSizesGB.map { "\($0) GB" }]
         for chunk in stride(from: 0, to: cells.count, by: Fit.commonGPUSizesGB.count) {
             let row = cells[chunk..<(chunk + Fit.commonGPUSizesGB.count)]

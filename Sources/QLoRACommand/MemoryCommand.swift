@@ -1,8 +1,10 @@
 import ArgumentParser
 import CheckpointFormats
+import FileOutput
 import Foundation
 import Memory
 import QLoRA
+import Report
 
 struct MemoryCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -25,6 +27,9 @@ struct MemoryCommand: ParsableCommand {
     @Flag(help: "Gradient checkpointing per decoder layer.") var gradCheckpointing = false
     @Flag(inversion: .prefixedNo, help: "Double quantization of the 4-bit constants.") var doubleQuant = true
     @Flag(help: "Build the components in this process and measure them (allocator and RSS).") var measure = false
+    @Option(help: ArgumentHelp("Model the whole step's memory over time (transformers + PEFT + bitsandbytes) and draw it as an SVG at PATH; prints the peak's phase.", valueName: "path"))
+    var timeline: String?
+    @Flag(help: "With --timeline: replace an existing SVG.") var overwrite = false
     @Flag(help: "Print JSON.") var json = false
 
     func run() {
@@ -35,10 +40,20 @@ struct MemoryCommand: ParsableCommand {
             var m = try MemoryEstimate(model: arch, options: o)
             var scope: String? = nil
             if measure { scope = try measureWithProgress(&m, model: arch) }
+            let step = try timeline.map { _ in try StepTimeline(model: arch, options: o) }
+            if let step, let path = timeline {
+                let title = "One training step's memory over time: \(arch.name), \(method.rawValue)"
+                let subtitle = "r=\(rank) on \(arch.adaptedModules(o.targets).joined(separator: ",")), \(seqLen) tokens × \(batch)"
+                    + (gradCheckpointing ? ", gradient checkpointing" : "") + "; transformers + PEFT + bitsandbytes, live tensor bytes (GB = 10⁹ B)"
+                try StagedOutput.write(Data(TimelineChart.svg(step, title: title, subtitle: subtitle).utf8), to: path, overwrite: overwrite)
+            }
             if json {
-                try printJSON(MemoryEstimateJSON(m, measurementScope: scope), snakeCase: false)
+                var doc = MemoryEstimateJSON(m, measurementScope: scope)
+                doc.timeline = step
+                try printJSON(doc, snakeCase: false)
             } else {
                 print(memoryTable(m, scope: scope))
+                if let step, let path = timeline { print("\n" + timelineTable(step) + "\n\nwrote \(path)") }
             }
         }
     }
@@ -99,4 +114,15 @@ func memoryTable(_ m: MemoryEstimate, scope: String?) -> String {
     if let scope { lines += ["", "measured: " + scope] }
     lines += ["", "Not modelled: " + MemoryEstimate.notModelledText]
     return lines.joined(separator: "\n")
+}
+
+/// The step's phases with their live bytes by component, the peak marked.
+func timelineTable(_ t: StepTimeline) -> String {
+    let names = StepTimeline.componentOrder
+    var rows = [["phase", "total"] + names]
+    for (i, p) in t.points.enumerated() {
+        rows.append([(i == t.peakIndex ? "▶ " : "  ") + p.phase, formatBytes(p.bytes)] + names.map { formatBytes(p.components[$0] ?? 0) })
+    }
+    return "The step over time (transformers + PEFT + bitsandbytes, live tensor bytes):\n" + table(rows)
+        + "\n\npeak: \(formatBytes(t.peakBytes)) at \(t.peak.phase); not modelled: the CUDA context, cuBLAS workspaces, the caching allocator's reserve."
 }

@@ -77,7 +77,7 @@ public enum MemoryReport {
 
     static func f(_ v: Double) -> String { String(format: "%.1f", v) }
 
-    static func niceStep(_ raw: Double) -> Double {
+    public static func niceStep(_ raw: Double) -> Double {
         let e = pow(10, floor(log10(max(raw, 1e-9))))
         for m in [1.0, 2, 5, 10] where m * e >= raw { return m * e }
         return 10 * e

@@ -279,6 +279,29 @@ final class CLITests: TemporaryDirectoryTestCase {
         try expectFailure(["quantize", base, tmp.appendingPathComponent("x").path, "--compute-dtype", "f8"], mentions: ["f8"], noOutput: tmp.appendingPathComponent("x").path)
     }
 
+    /// `qlora memory --timeline` draws the step and names its peak; `--json` carries it; `qlora fit` answers.
+    func testTimelineAndFitAsDocumented() throws {
+        let svg = tmp.appendingPathComponent("step.svg").path
+        var r = try run(["memory", "--model", "llama-2-7b", "--seq-len", "512", "--grad-checkpointing", "--timeline", svg])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertTrue(r.stdout.contains("peak: ") && r.stdout.contains("head backward"), r.stdout)
+        let drawn = try String(contentsOfFile: svg, encoding: .utf8)
+        XCTAssertTrue(drawn.hasPrefix("<svg") && drawn.contains("peak "), drawn.prefix(200).description)
+        r = try run(["memory", "--model", "qwen3-8b", "--timeline", tmp.appendingPathComponent("q.svg").path, "--json"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let json = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any])
+        let timeline = try XCTUnwrap(json["timeline"] as? [String: Any])
+        XCTAssertGreaterThan(timeline["peak_bytes"] as? Int ?? 0, json["total_estimated_bytes"] as? Int ?? .max)
+        try expectFailure(["memory", "--timeline", svg], mentions: [svg, "already exists"], noOutput: tmp.appendingPathComponent("none").path)
+        r = try run(["fit", "--memory", "24GB", "--model", "llama-3.1-8b"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertTrue(r.stdout.contains("with checkpointing") && r.stdout.contains("largest seq-len"), r.stdout)
+        r = try run(["fit", "--matrix"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertTrue(r.stdout.contains("phi-4") && r.stdout.contains("128 GB"), r.stdout)
+        try expectFailure(["fit", "--model", "llama-2-7b"], mentions: ["--memory"], noOutput: tmp.appendingPathComponent("none").path)
+    }
+
     func testCacheSnapshotsAsInputs() throws {
         let model = tmp.appendingPathComponent("tiny").path
         var r = try run(["sample", model, "--layers", "1", "--hidden", "64", "--intermediate", "128", "--vocab", "64", "--heads", "4",
