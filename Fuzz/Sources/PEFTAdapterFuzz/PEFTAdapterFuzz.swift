@@ -106,8 +106,15 @@ func check(_ a: PEFTAdapter) {
         fatalError("configJSON is not a JSON object: \(String(decoding: written, as: UTF8.self))")
     }
     require(obj["r"] as? Int == a.rank, "r written as \(obj["r"] ?? "nil")")
-    require((obj["lora_alpha"] as? NSNumber)?.doubleValue == a.loraAlpha, "lora_alpha \(a.loraAlpha) written as \(obj["lora_alpha"] ?? "nil")")
-    require((obj["lora_dropout"] as? NSNumber)?.doubleValue == a.loraDropout, "lora_dropout \(a.loraDropout) written as \(obj["lora_dropout"] ?? "nil")")
+    // Numbers through the project's exact parser: Foundation's JSONSerialization rounds some
+    // large doubles (2.2000000000788015e+21) to a neighbour, Python's json does not.
+    func number(_ key: String) -> Double? {
+        guard case .object(let members)? = try? JSONValue.parse(document: [UInt8](written)),
+              case .number(let text)? = members.first(where: { $0.key == key })?.value else { return nil }
+        return Double(text)
+    }
+    require(number("lora_alpha") == a.loraAlpha, "lora_alpha \(a.loraAlpha) written as \(obj["lora_alpha"] ?? "nil")")
+    require(number("lora_dropout") == a.loraDropout, "lora_dropout \(a.loraDropout) written as \(obj["lora_dropout"] ?? "nil")")
     require(obj["target_modules"] as? [String] == a.targetModules, "target_modules written differently")
     require(obj["rank_pattern"] as? [String: Int] == a.rankPattern, "rank_pattern written differently")
     let alphas = ((obj["alpha_pattern"] as? [String: NSNumber]) ?? [:]).mapValues(\.doubleValue)
