@@ -13,7 +13,7 @@ struct ReportCommand: ParsableCommand {
 
     @Option(help: "Directory to write report.md and memory.svg into (created if missing).") var out = "qlora-report"
     @Flag(help: "Skip the measurement (faster; measured columns stay empty).") var noMeasure = false
-    @Flag(help: "Replace report.md and memory.svg if DIR already has them.") var overwrite = false
+    @Flag(help: "Replace report.md, memory.svg and timeline.svg if DIR already has them.") var overwrite = false
 
     func run() {
         runReportingErrors {
@@ -30,13 +30,18 @@ struct ReportCommand: ParsableCommand {
             let panels = try MemoryReport.chartEstimates()
             let staged = try StagedOutput(out, kind: .filesInDirectory, overwrite: overwrite, createParent: true)
             try Data(MemoryReport.svg(panels).utf8).write(to: staged.url(for: "memory.svg"))
-            try Data(MemoryReport.markdown(defaultEstimate: m, measurementScope: scope, claims: claims, chartFile: "memory.svg", panels: panels).utf8)
+            let step = try StepTimeline(model: arch, options: m.options)
+            try Data(TimelineChart.svg(step, title: "One training step's memory over time: \(arch.name), \(m.method.rawValue)",
+                                       subtitle: "r=\(m.options.rank) on all linear layers, \(m.options.seqLen) tokens × \(m.options.batch); transformers + PEFT + bitsandbytes, live tensor bytes").utf8)
+                .write(to: staged.url(for: "timeline.svg"))
+            try Data((MemoryReport.markdown(defaultEstimate: m, measurementScope: scope, claims: claims, chartFile: "memory.svg", panels: panels)
+                      + MemoryReport.timelineSection(step, model: arch.name, options: m.options, chartFile: "timeline.svg")).utf8)
                 .write(to: staged.url(for: "report.md"))
             try staged.commit()
             print(memoryTable(m, scope: scope))
             print("")
             print(claimsTable(claims))
-            print("\nwrote \(out)/report.md and \(out)/memory.svg")
+            print("\nstep peak: \(formatBytes(step.peakBytes)) at \(step.peak.phase)\nwrote \(out)/report.md, \(out)/memory.svg and \(out)/timeline.svg")
         }
     }
 }
