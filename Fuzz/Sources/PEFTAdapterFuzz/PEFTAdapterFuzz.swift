@@ -117,6 +117,10 @@ func check(_ a: PEFTAdapter) {
     require(number("lora_dropout") == a.loraDropout, "lora_dropout \(a.loraDropout) written as \(obj["lora_dropout"] ?? "nil")")
     require(obj["target_modules"] as? [String] == a.targetModules, "target_modules written differently")
     require(obj["rank_pattern"] as? [String: Int] == a.rankPattern, "rank_pattern written differently")
-    let alphas = ((obj["alpha_pattern"] as? [String: NSNumber]) ?? [:]).mapValues(\.doubleValue)
+    var alphas: [String: Double] = [:]
+    if case .object(let members)? = try? JSONValue.parse(document: [UInt8](written)),
+       case .object(let pattern)? = members.first(where: { $0.key == "alpha_pattern" })?.value {
+        for m in pattern { if case .number(let text) = m.value { alphas[m.key] = Double(text) } }
+    }
     require(alphas == a.alphaPattern, "alpha_pattern written differently")
 }
