@@ -36,7 +36,7 @@ bench: deps
 
 # libFuzzer + ASan over the parsers (safetensors, bnb 4-bit quant state, PEFT adapter, config.json,
 # training data), FUZZ_RUNS inputs per harness; FUZZ_HARNESS=peft (for example) runs one.
-FUZZ_RUNS ?= 200000
+FUZZ_RUNS ?= 1000000
 FUZZ_HARNESS ?=
 fuzz:
 	bash Fuzz/run.sh $(FUZZ_RUNS) $(FUZZ_HARNESS)
