@@ -165,10 +165,38 @@ extension Claims {
                            .off, "memory off: per-layer checkpointing keeps one layer's activations, not 70% of all; compute holds (+1 forward of 3)")
         },
         Claim("M22", "Mistral-7B Q4_K_M inference ~4.5 GB", "B") { _ in
-            let mistral = ModelArchitecture.preset("mistral-7b")!
-            let q4k = Double(mistral.totalParameters) * 4.5 / 8
-            return Finding(String(format: "%.2f GB of weights at Q4_K's 4.5 bits/weight (%@ params); Q4_K_M puts some tensors in 6-bit", q4k / gb, mistral.totalParameters.formatted()),
-                           .notCheckable, "not checkable exactly: GGUF K-quants are not implemented here; consistent with ~4.5 GB once the KV cache and buffers are added")
+            // llama-quantize's Q4_K_M mix (llama.cpp src/llama-quant.cpp, llama_tensor_get_type):
+            // Q4_K by default, Q6_K for output.weight and, in the layers `use_more_bits` picks,
+            // for attn_v and ffn_down; norms stay F32. Q4_K is 144 B and Q6_K 210 B per 256 weights.
+            let a = ModelArchitecture.preset("mistral-7b")!
+            let weights = ggufQ4KMBytes(a)
+            let kvPerToken = 2 * a.layers * a.keyValueDim * 2  // K and V, f16, every layer
+            let kv4096 = 4096 * kvPerToken
+            let judged = within(Double(weights + kv4096) / gb, 4.5)
+            return Finding(String(format: "mistral-7b as llama-quantize's Q4_K_M lays it out: %@ of weights (%.2f bits/weight over %@ parameters); the f16 KV cache adds %@ per 1,000 tokens of context, %@ at llama.cpp's 4,096",
+                                  GB(weights), Double(8 * weights) / Double(a.totalParameters), a.totalParameters.formatted(), GB(1000 * kvPerToken), GB(kv4096)),
+                           judged.0, "weights + KV cache at 4,096 tokens of context " + judged.1 + " (the context length decides the rest; compute buffers come on top)")
         },
     ]
+}
+
+/// The bytes of the weights of `a` in a GGUF quantized as llama-quantize's Q4_K_M (no imatrix,
+/// not a 70B or expert model): see M22.
+func ggufQ4KMBytes(_ a: ModelArchitecture) -> Int {
+    func q4k(_ n: Int) -> Int { n / 256 * 144 }
+    func q6k(_ n: Int) -> Int { n / 256 * 210 }
+    func moreBits(_ i: Int, _ n: Int) -> Bool { i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2 }
+    var bytes = q4k(a.vocabSize * a.hiddenSize) + 4 * a.hiddenSize  // token_embd, output_norm
+    if !a.tiedEmbeddings { bytes += q6k(a.vocabSize * a.hiddenSize) }  // output.weight
+    for l in 0..<a.layers {
+        for t in a.layerTensors(l) {
+            let n = t.shape.reduce(1, *)
+            switch t.projection {
+            case nil: bytes += 4 * n  // norms, F32
+            case "v_proj"?, "down_proj"?: bytes += moreBits(l, a.layers) ? q6k(n) : q4k(n)
+            default: bytes += t.kind == .bias ? 4 * n : q4k(n)
+            }
+        }
+    }
+    return bytes
 }
