@@ -8,25 +8,8 @@ import TestSupport
 /// the file, and no output file on failure.
 final class CLITests: TemporaryDirectoryTestCase {
 
-    /// `swift test` builds every product; the test runner sits beside the `qlora` binary.
-    var binary: URL {
-        let exe = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()  // .../debug/qloraPackageTests.xctest
-        return exe.deletingLastPathComponent().appendingPathComponent("qlora")
-    }
-
     func run(_ args: [String], environment: [String: String]? = nil) throws -> (status: Int32, stdout: String, stderr: String) {
-        XCTAssertTrue(FileManager.default.isExecutableFile(atPath: binary.path), "qlora binary not built at \(binary.path)")
-        let p = Process()
-        p.executableURL = binary
-        p.arguments = args
-        if let environment { p.environment = environment }
-        let out = Pipe(), err = Pipe()
-        p.standardOutput = out
-        p.standardError = err
-        try p.run()
-        let o = out.fileHandleForReading.readDataToEndOfFile(), e = err.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        return (p.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: e, as: UTF8.self))
+        try runQLoRA(args, environment: environment)
     }
 
     var dense: String { repositoryRoot.appendingPathComponent("Vectors/checkpoint/model.safetensors").path }
@@ -217,7 +200,7 @@ final class CLITests: TemporaryDirectoryTestCase {
         XCTAssertTrue(FileManager.default.fileExists(atPath: out + "/adapter_model.safetensors"))
 
         let p = Process()
-        p.executableURL = binary
+        p.executableURL = qloraBinary
         let out2 = tmp.appendingPathComponent("interrupted").path
         p.arguments = ["train", "--model", model, "--data", model + "-copy.jsonl", "--steps", "1000000", "--batch", "2", "--seq-len", "12",
                        "--save-every", "0", "--out", out2]

@@ -9,37 +9,11 @@ import TestSupport
 /// output, the inputs unchanged (checksummed before and after), and nothing left beside the
 /// output.
 class HostileInputTestCase: TemporaryDirectoryTestCase {
-    var binary: URL {
-        URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().deletingLastPathComponent().appendingPathComponent("qlora")
-    }
     var fixtures: URL { repositoryRoot.appendingPathComponent("Vectors") }
 
-    func qlora(_ args: [String]) throws -> (status: Int32, stdout: String, stderr: String) {
-        let p = Process()
-        p.executableURL = binary
-        p.arguments = args
-        let out = Pipe(), err = Pipe()
-        p.standardOutput = out
-        p.standardError = err
-        try p.run()
-        let o = out.fileHandleForReading.readDataToEndOfFile(), e = err.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        return (p.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: e, as: UTF8.self))
-    }
+    func qlora(_ args: [String]) throws -> (status: Int32, stdout: String, stderr: String) { try runQLoRA(args) }
 
-    /// Bytes of every regular file under `path` (a file or a directory), by path.
-    func contents(_ path: String) -> [String: Data] {
-        var isDir: ObjCBool = false
-        guard FileManager.default.fileExists(atPath: path, isDirectory: &isDir) else { return [:] }
-        guard isDir.boolValue else { return [path: FileManager.default.contents(atPath: path) ?? Data()] }
-        var out: [String: Data] = [:]
-        for case let f as String in FileManager.default.enumerator(atPath: path) ?? FileManager.DirectoryEnumerator() {
-            let full = path + "/" + f
-            var d: ObjCBool = false
-            if FileManager.default.fileExists(atPath: full, isDirectory: &d), !d.boolValue { out[full] = FileManager.default.contents(atPath: full) }
-        }
-        return out
-    }
+    func contents(_ path: String) -> [String: Data] { fileContents(path) }
 
     /// Runs `args`, expecting the refusal contract: exit 1, one stderr line mentioning each of
     /// `mentions`, no raw control character on it, `output` (if any) not created, no other new

@@ -9,41 +9,13 @@ import Glibc
 /// hang, nothing overwritten, nothing left behind. Each test checks the one-line error, the exit
 /// code, that no input changed (every byte) and that nothing is left beside the output.
 final class OutputSafetyTests: TemporaryDirectoryTestCase {
-    var binary: URL {
-        URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().deletingLastPathComponent().appendingPathComponent("qlora")
-    }
-
     /// Runs qlora; a run still going after `timeout` seconds is killed and fails the test (a hang).
     @discardableResult
     func qlora(_ args: [String], timeout: Double = 60, file: StaticString = #filePath, line: UInt = #line) throws -> (status: Int32, stdout: String, stderr: String) {
-        let p = Process()
-        p.executableURL = binary
-        p.arguments = args
-        let out = Pipe(), err = Pipe()
-        p.standardOutput = out
-        p.standardError = err
-        try p.run()
-        let deadline = Date().addingTimeInterval(timeout)
-        while p.isRunning && Date() < deadline { usleep(20_000) }
-        if p.isRunning {
-            p.terminate()
-            XCTFail("qlora \(args.joined(separator: " ")) still running after \(timeout) s: a hang", file: file, line: line)
-        }
-        p.waitUntilExit()
-        let o = out.fileHandleForReading.readDataToEndOfFile(), e = err.fileHandleForReading.readDataToEndOfFile()
-        return (p.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: e, as: UTF8.self))
+        try runQLoRA(args, timeout: timeout, file: file, line: line)
     }
 
-    /// Every regular file under `path` (or the file itself) with its bytes: the inputs' checksum.
-    func snapshot(_ path: String) -> [String: Data] {
-        var out: [String: Data] = [:]
-        if !StagedOutputProbe.isDirectory(path) { out[path] = FileManager.default.contents(atPath: path); return out }
-        for case let f as String in FileManager.default.enumerator(atPath: path) ?? FileManager.DirectoryEnumerator() {
-            let full = path + "/" + f
-            if !StagedOutputProbe.isDirectory(full) { out[f] = FileManager.default.contents(atPath: full) }
-        }
-        return out
-    }
+    func snapshot(_ path: String) -> [String: Data] { fileContents(path) }
 
     /// Hidden staging or other leftovers in `directory`.
     func leftovers(_ directory: URL) throws -> [String] {
@@ -165,7 +137,7 @@ final class OutputSafetyTests: TemporaryDirectoryTestCase {
         for sig in [SIGTERM, SIGINT, SIGHUP] {
             let out = tmp.appendingPathComponent("q-\(sig)").path
             let p = Process()
-            p.executableURL = binary
+            p.executableURL = qloraBinary
             p.arguments = ["quantize", model, out]
             p.standardOutput = FileHandle.nullDevice
             p.standardError = FileHandle.nullDevice
@@ -189,13 +161,5 @@ final class OutputSafetyTests: TemporaryDirectoryTestCase {
         let r = try qlora(["quantize", model, tmp.appendingPathComponent("q").path])
         XCTAssertEqual(r.status, 0, r.stderr)
         XCTAssertEqual(try leftovers(tmp), [])
-    }
-}
-
-/// File-type questions the tests ask, without linking the library.
-enum StagedOutputProbe {
-    static func isDirectory(_ path: String) -> Bool {
-        var d: ObjCBool = false
-        return FileManager.default.fileExists(atPath: path, isDirectory: &d) && d.boolValue
     }
 }
