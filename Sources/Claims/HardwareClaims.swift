@@ -29,9 +29,9 @@ extension Claims {
             // transformers + PEFT + bitsandbytes reach it (StepTimeline).
             func options(_ seq: Int) -> MemoryOptions { MemoryOptions(method: .qlora, seqLen: seq, gradientCheckpointing: true) }
             func spike(_ t: StepTimeline) -> Int { t.peakBytes - t.points[0].bytes }
-            let at2048 = try StepTimeline(model: c.l7, options: options(2048))
-            let to3 = try Memory.Fit.largest(upTo: longestSeqLen) { Double(spike(try StepTimeline(model: c.l7, options: options($0)))) <= 3 * gb }
-            let to4 = try Memory.Fit.largest(upTo: longestSeqLen) { Double(spike(try StepTimeline(model: c.l7, options: options($0)))) <= 4 * gb }
+            let at2048 = try StepTimeline(model: c.l7, options: options(2048), firstStep: true)
+            let to3 = try Memory.Fit.largest(upTo: longestSeqLen) { Double(spike(try StepTimeline(model: c.l7, options: options($0), firstStep: true))) <= 3 * gb }
+            let to4 = try Memory.Fit.largest(upTo: longestSeqLen) { Double(spike(try StepTimeline(model: c.l7, options: options($0), firstStep: true))) <= 4 * gb }
             let held = at2048.points[0].bytes
             return Finding("llama-2-7b QLoRA r=16 all linear, checkpointing: \(GB(held)) held before the first step (weights, constants, adapters); the step's peak is \(GB(at2048.peakBytes)) at 2048 tokens × 1 (\(at2048.peak.phase)), a spike of \(GB(spike(at2048))) above it; the spike is 3 GB at \(to3?.formatted() ?? "no") tokens and 4 GB at \(to4?.formatted() ?? "no") tokens × batch 1",
                            .holds, "holds for runs of about \(to3?.formatted() ?? "?")–\(to4?.formatted() ?? "?") tokens × batch 1 (the length decides it; at 2048 tokens the spike is \(GB(spike(at2048)))); what nvidia-smi shows also holds CUDA's context and the caching allocator's reserve")

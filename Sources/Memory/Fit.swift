@@ -24,8 +24,14 @@ public enum Fit {
     /// Bytes per device at the step's peak (`StepTimeline`) spread over `gpus` devices with
     /// `parallelism`: every moment of the step is sharded and the largest is the answer (under
     /// ZeRO the peak can move, e.g. off the optimizer step).
-    public static func perDeviceBytes(_ t: StepTimeline, layers: Int, gpus: Int, parallelism: Parallelism) -> Int {
-        t.points.map { perDeviceBytes($0, layers: layers, gpus: gpus, parallelism: parallelism) }.max() ?? 0
+    /// A paged optimizer's states (`pagedResident` false) count nothing on the device: the
+    /// driver can move them all to CPU memory.
+    public static func perDeviceBytes(_ t: StepTimeline, layers: Int, gpus: Int, parallelism: Parallelism, pagedStates: Bool = false) -> Int {
+        t.points.map { p in
+            var q = p
+            if pagedStates { q.components["optimizer_states"] = 0 }
+            return perDeviceBytes(q, layers: layers, gpus: gpus, parallelism: parallelism)
+        }.max() ?? 0
     }
 
     /// One moment of the step, per device.
@@ -47,7 +53,8 @@ public enum Fit {
 
     /// Per-device peak bytes of a run.
     public static func perDeviceBytes(_ a: ModelArchitecture, _ o: MemoryOptions, gpus: Int, parallelism: Parallelism) throws -> Int {
-        perDeviceBytes(try StepTimeline(model: a, options: o), layers: a.layers, gpus: gpus, parallelism: parallelism)
+        perDeviceBytes(try StepTimeline(model: a, options: o), layers: a.layers, gpus: gpus, parallelism: parallelism,
+                       pagedStates: o.isLoRA && o.optimizer == .pagedAdamw8bit)
     }
 
     /// The longest sequence searched for, in tokens.

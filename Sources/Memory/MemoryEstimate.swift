@@ -15,6 +15,27 @@ public enum TrainingMethod: String, Sendable, CaseIterable, Codable {
     case qlora
 }
 
+/// The optimizer of a LoRA run (the full-fine-tuning methods name theirs).
+public enum Optimizer: String, Sendable, CaseIterable, Codable {
+    /// torch.optim.AdamW: two fp32 moments per trainable parameter.
+    case adamw
+    /// bitsandbytes' AdamW8bit: two 8-bit moments with an fp32 absmax per 256 (tensors under
+    /// 4,096 elements keep fp32 moments).
+    case adamw8bit = "adamw-8bit"
+    /// bitsandbytes' PagedAdamW8bit (the QLoRA paper's): the same bytes in paged (unified) memory,
+    /// which the driver moves to CPU memory when the GPU runs short; `Fit` counts none of it on
+    /// the device, the most paging can save.
+    case pagedAdamw8bit = "paged-adamw-8bit"
+
+    /// Bytes of the two moments for a tensor of `n` elements.
+    func stateBytes(_ n: Int) -> Int {
+        switch self {
+        case .adamw: return 8 * n
+        case .adamw8bit, .pagedAdamw8bit: return n < 4096 ? 8 * n : 2 * (n + 4 * CheckedSize.ceilingDivision(n, 256))
+        }
+    }
+}
+
 /// What is trained and at what size.
 public struct MemoryOptions: Sendable, Codable {
     public var method: TrainingMethod = .qlora
@@ -29,12 +50,15 @@ public struct MemoryOptions: Sendable, Codable {
     public var blocksize = 64
     /// LoRA dropout > 0 keeps a mask per adapter input.
     public var loraDropout = 0.0
+    /// The LoRA methods' optimizer.
+    public var optimizer: Optimizer = .adamw
 
     public init(method: TrainingMethod = .qlora, rank: Int = 16, alpha: Double = 32, targets: [String] = ModelArchitecture.projectionNames,
                 seqLen: Int = 2048, batch: Int = 1, gradientCheckpointing: Bool = false, doubleQuant: Bool = true, blocksize: Int = 64,
-                loraDropout: Double = 0) {
+                loraDropout: Double = 0, optimizer: Optimizer = .adamw) {
         (self.method, self.rank, self.alpha, self.targets, self.seqLen, self.batch) = (method, rank, alpha, targets, seqLen, batch)
         (self.gradientCheckpointing, self.doubleQuant, self.blocksize, self.loraDropout) = (gradientCheckpointing, doubleQuant, blocksize, loraDropout)
+        self.optimizer = optimizer
     }
 
     public var tokens: Int { seqLen * batch }
@@ -164,7 +188,16 @@ public struct MemoryEstimate: Sendable, Codable {
         if o.isLoRA {
             c.append(MemoryComponent(name: "lora_params", estimatedBytes: 4 * loraElements, basis: "r·(in+out) per adapted projection, fp32"))
             c.append(MemoryComponent(name: "lora_grads", estimatedBytes: 4 * loraElements, basis: "fp32, one per adapter parameter"))
-            c.append(MemoryComponent(name: "optimizer_states", estimatedBytes: 8 * loraElements, basis: "AdamW exp_avg + exp_avg_sq, fp32"))
+            if o.optimizer == .adamw {
+                c.append(MemoryComponent(name: "optimizer_states", estimatedBytes: 8 * loraElements, basis: "AdamW exp_avg + exp_avg_sq, fp32"))
+            } else {
+                let states = a.adaptedModules(o.targets).reduce(0) { t, p in
+                    let s = a.projectionShape(p)
+                    return t + a.layers * (o.optimizer.stateBytes(o.rank * s.in) + o.optimizer.stateBytes(s.out * o.rank))
+                }
+                c.append(MemoryComponent(name: "optimizer_states", estimatedBytes: states,
+                                         basis: "\(o.optimizer.rawValue): 2 states × (1 B + f32 absmax per 256); tensors < 4096 elements fp32" + (o.optimizer == .pagedAdamw8bit ? "; paged: may live in CPU memory" : "")))
+            }
         } else if o.method == .full {
             c.append(MemoryComponent(name: "optimizer_states", estimatedBytes: 8 * a.totalParameters, basis: "AdamW exp_avg + exp_avg_sq, fp32"))
             c.append(MemoryComponent(name: "master_weights", estimatedBytes: 4 * a.totalParameters, basis: "fp32 copy of every parameter (mixed precision)"))

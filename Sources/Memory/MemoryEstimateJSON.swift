@@ -39,6 +39,7 @@ public struct MemoryEstimateJSON: Encodable {
         try options.encode(o.batch, forKey: Key("batch"))
         try options.encode(o.gradientCheckpointing, forKey: Key("gradient_checkpointing"))
         try options.encode(o.doubleQuant, forKey: Key("double_quant"))
+        try options.encode(o.optimizer.rawValue, forKey: Key("optimizer"))
         var components = c.nestedUnkeyedContainer(forKey: Key("components"))
         for component in m.components {
             var row = components.nestedContainer(keyedBy: Key.self)

@@ -46,7 +46,10 @@ public struct StepTimeline: Sendable, Codable {
     public var keptBytesPerToken: Int
     public var headKeptBytesPerToken: Int
 
-    public init(model a: ModelArchitecture, options o: MemoryOptions) throws {
+    /// - Parameter firstStep: the first step of a run, before AdamW has states (what
+    ///   peaks.json measures); otherwise a later step, which holds the states from the start
+    ///   (what a run needs).
+    public init(model a: ModelArchitecture, options o: MemoryOptions, firstStep: Bool = false) throws {
         let e = try MemoryEstimate(model: a, options: o)
         let t = o.tokens
         let h = a.hiddenSize, v = a.vocabSize
@@ -65,7 +68,7 @@ public struct StepTimeline: Sendable, Codable {
         let tensors = o.isLoRA ? 2 * modules.count * a.layers : a.tensorGroups.reduce(0) { $0 + $1.count }
         let stateBytes: Int
         switch o.method {
-        case .qlora, .lora: stateBytes = 8 * trainable + 4 * tensors + 4
+        case .qlora, .lora: stateBytes = o.optimizer == .adamw ? 8 * trainable + 4 * tensors + 4 : bytes("optimizer_states")
         case .full: stateBytes = 4 * trainable + 4 * tensors + 4   // torch keeps AdamW moments in the bf16 parameters' dtype
         case .full8BitAdam: stateBytes = bytes("optimizer_states")
         }
@@ -77,11 +80,12 @@ public struct StepTimeline: Sendable, Codable {
         let perLayerGradients = a.layers > 0 ? gradientBytes / a.layers : 0
 
         var points: [Point] = []
-        func add(_ phase: String, activations: Int, transient: Int = 0, gradients: Int = 0, states: Int = 0) {
+        let heldStates = firstStep ? 0 : stateBytes
+        func add(_ phase: String, activations: Int, transient: Int = 0, gradients: Int = 0, states: Int? = nil) {
             points.append(Point(phase: phase, components: ["weights": weights, "adapters": adapters, "activations": activations,
-                                                           "transient": transient, "gradients": gradients, "optimizer_states": states]))
+                                                           "transient": transient, "gradients": gradients, "optimizer_states": states ?? heldStates]))
         }
-        add("weights loaded", activations: 0)
+        add(firstStep ? "weights loaded" : "step begins (AdamW states held from earlier steps)", activations: 0)
         let gc = o.gradientCheckpointing
         var kept = rope * t
         for l in 0..<a.layers {

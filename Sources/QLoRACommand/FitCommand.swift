@@ -24,6 +24,7 @@ struct FitCommand: ParsableCommand {
     @Option(help: "LoRA rank.") var rank = 16
     @Option(help: "Adapted projections: all, attention, mlp, or a list such as q,v.") var targets = "all"
     @Option(help: "The sequence length the batch answer is for (and the matrix's).") var seqLen = 2048
+    @Option(help: "The LoRA methods' optimizer: adamw, adamw-8bit or paged-adamw-8bit (paged states count nothing on the GPU).") var optimizer: Optimizer = .adamw
     @Flag(help: "A table of every preset × method × common GPU size (12-128 GB) at --seq-len × batch 1 with checkpointing.") var matrix = false
     @Flag(help: "Print JSON.") var json = false
 
@@ -39,7 +40,7 @@ struct FitCommand: ParsableCommand {
             if matrix { return try printMatrix(targets: targetList) }
             let bytes = try parseByteSize(memory!)
             let arch = try architecture(model: model, config: config)
-            let o = MemoryOptions(method: method, rank: rank, targets: targetList, seqLen: seqLen)
+            let o = MemoryOptions(method: method, rank: rank, targets: targetList, seqLen: seqLen, optimizer: optimizer)
             let answers = try Fit.answer(arch, o, memory: bytes, gpus: gpus, parallelism: parallelism)
             if json {
                 struct Output: Encodable { var model: String; var method: String; var memoryBytes: Int; var gpus: Int; var parallelism: String; var seqLen: Int; var answers: [Fit.Answer] }

@@ -25,6 +25,7 @@ struct MemoryCommand: ParsableCommand {
     @Option(parsing: .unconditional, help: "Tokens per sequence.") var seqLen = 2048
     @Option(parsing: .unconditional, help: "Sequences per step.") var batch = 1
     @Flag(help: "Gradient checkpointing per decoder layer.") var gradCheckpointing = false
+    @Option(help: "The LoRA methods' optimizer: adamw, adamw-8bit or paged-adamw-8bit (paged states count nothing on the GPU).") var optimizer: Optimizer = .adamw
     @Flag(inversion: .prefixedNo, help: "Double quantization of the 4-bit constants.") var doubleQuant = true
     @Flag(help: "Build the components in this process and measure them (allocator and RSS).") var measure = false
     @Option(help: ArgumentHelp("Model the whole step's memory over time (transformers + PEFT + bitsandbytes) and draw it as an SVG at PATH; prints the peak's phase.", valueName: "path"))
@@ -36,7 +37,7 @@ struct MemoryCommand: ParsableCommand {
         runReportingErrors {
             let arch = try architecture(model: model, config: config)
             let o = MemoryOptions(method: method, rank: rank, alpha: alpha, targets: try ModelArchitecture.targetProjections(targets), seqLen: seqLen,
-                                  batch: batch, gradientCheckpointing: gradCheckpointing, doubleQuant: doubleQuant)
+                                  batch: batch, gradientCheckpointing: gradCheckpointing, doubleQuant: doubleQuant, optimizer: optimizer)
             var m = try MemoryEstimate(model: arch, options: o)
             var scope: String? = nil
             if measure { scope = try measureWithProgress(&m, model: arch) }
@@ -60,6 +61,7 @@ struct MemoryCommand: ParsableCommand {
 }
 
 extension TrainingMethod: ExpressibleByArgument {}
+extension Optimizer: ExpressibleByArgument {}
 
 /// `MemoryMeasurement.measure` with a progress line; returns the measurement's scope line(s).
 func measureWithProgress(_ m: inout MemoryEstimate, model arch: ModelArchitecture) throws -> String {

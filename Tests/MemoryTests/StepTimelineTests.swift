@@ -38,7 +38,7 @@ final class StepTimelineTests: XCTestCase {
             let targets = (c["targets"] as! String) == "attn" ? ModelArchitecture.attentionProjections : ModelArchitecture.projectionNames
             let o = MemoryOptions(method: method, rank: max(c["r"] as? Int ?? 1, 1), targets: targets, seqLen: c["seq"] as! Int, batch: c["batch"] as! Int,
                                   gradientCheckpointing: c["ckpt"] as! Bool)
-            let model = try StepTimeline(model: arch, options: o)
+            let model = try StepTimeline(model: arch, options: o, firstStep: true)
             let baseline = model.points[0].bytes
             let measuredPeak = Double(c["peak_above_baseline"] as! Int), ourPeak = Double(model.peakBytes - baseline)
             print(String(format: "%@: peak %.3f of measured (%@ vs %@), error %.2f of the tolerance", name, ourPeak / measuredPeak,
@@ -59,5 +59,24 @@ final class StepTimelineTests: XCTestCase {
             checked += 1
         }
         XCTAssertGreaterThanOrEqual(checked, 28)
+    }
+}
+
+/// bitsandbytes' 8-bit AdamW holds 2 × (1 B + 4 B per 256) per moment pair element, and a paged
+/// one counts nothing on the device for `qlora fit`.
+final class OptimizerTests: XCTestCase {
+    func testEightBitAndPagedStates() throws {
+        let a = ModelArchitecture.preset("llama-2-7b")!
+        let fp32 = try MemoryEstimate(model: a, options: MemoryOptions())
+        let eight = try MemoryEstimate(model: a, options: MemoryOptions(optimizer: .adamw8bit))
+        let trainable = fp32.params.trainable
+        XCTAssertEqual(fp32.component("optimizer_states")?.estimatedBytes, 8 * trainable)
+        // Every LoRA tensor of llama-2-7b at r=16 has at least 4,096 elements and a multiple of 256.
+        XCTAssertEqual(eight.component("optimizer_states")?.estimatedBytes, 2 * trainable + 2 * 4 * trainable / 256)
+        let o = MemoryOptions(gradientCheckpointing: true, optimizer: .pagedAdamw8bit)
+        let paged = try Fit.perDeviceBytes(a, o, gpus: 1, parallelism: .ddp)
+        var unpaged = o
+        unpaged.optimizer = .adamw8bit
+        XCTAssertLessThan(paged, try Fit.perDeviceBytes(a, unpaged, gpus: 1, parallelism: .ddp))
     }
 }
