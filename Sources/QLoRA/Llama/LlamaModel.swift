@@ -159,7 +159,7 @@ public final class LlamaModel {
         }
         let (o, so) = try l.o.forward(att, tokens: t)
         saved.append(so)
-        let h = (0..<x.count).map { LlamaOps.bf16(x[$0] + o[$0]) }
+        let h = LlamaOps.addRounded(x, o)
         let (n2, rstd2) = LlamaOps.rmsnormForward(h, l.postAttentionNorm, tokens: t, eps: eps)
         let m: [Float], gB, uB: BF16Array
         do {
@@ -181,7 +181,7 @@ public final class LlamaModel {
         }
         let (d, sd) = try l.down.forward(m, tokens: t)
         saved.append(sd)
-        let out = (0..<h.count).map { LlamaOps.bf16(h[$0] + d[$0]) }
+        let out = LlamaOps.addRounded(h, d)
         return (out, LayerCache(x: BF16Array(x), rstd1: rstd1, saved: saved, qPre: qPre, kPre: kPre, qRstd: qRstd, kRstd: kRstd,
                                 qr: qrB, kr: krB, v: vB, h: BF16Array(h), rstd2: rstd2, gate: gB, up: uB))
     }
@@ -201,11 +201,11 @@ public final class LlamaModel {
                 dn2 = try l.projections[2].backward(joinColumns([dg, du], tokens: t), saved: s[2])
             } else {
                 let dnUp = try l.projections[5].backward(du, saved: s[5]), dnGate = try l.projections[4].backward(dg, saved: s[4])
-                dn2 = (0..<dnUp.count).map { LlamaOps.bf16(dnUp[$0] + dnGate[$0]) }
+                dn2 = LlamaOps.addRounded(dnUp, dnGate)
             }
         }
         let dNorm2 = LlamaOps.rmsnormBackward(dn2, cache.h.floats, l.postAttentionNorm, rstd: cache.rstd2, tokens: t)
-        let dh = (0..<dout.count).map { LlamaOps.bf16(dout[$0] + dNorm2[$0]) }
+        let dh = LlamaOps.addRounded(dout, dNorm2)
         let datt = try l.o.backward(dh, saved: s[l.isFused ? 1 : 3])
         let (dqr, dkr, dv) = LlamaOps.attentionBackward(dout: datt, q: cache.qr.floats, k: cache.kr.floats, v: cache.v.floats, batch: batch, seq: seq,
                                                         heads: c.attentionHeads, kvHeads: c.keyValueHeads, headDim: c.headDim)
@@ -221,10 +221,10 @@ public final class LlamaModel {
         } else {
             let dnV = try l.projections[2].backward(dv, saved: s[2]), dnK = try l.projections[1].backward(dk, saved: s[1])
             let dnQ = try l.projections[0].backward(dq, saved: s[0])
-            dn1 = (0..<dnV.count).map { LlamaOps.bf16(LlamaOps.bf16(dnV[$0] + dnK[$0]) + dnQ[$0]) }
+            dn1 = LlamaOps.addRounded(dnV, dnK, dnQ)
         }
         let dNorm1 = LlamaOps.rmsnormBackward(dn1, cache.x.floats, l.inputNorm, rstd: cache.rstd1, tokens: t)
-        return (0..<dh.count).map { LlamaOps.bf16(dh[$0] + dNorm1[$0]) }
+        return LlamaOps.addRounded(dh, dNorm1)
     }
 
     /// Forward through the whole model and the loss.

@@ -10,7 +10,7 @@ public enum LlamaOps {
     // MARK: RMSNorm (HF LlamaRMSNorm: fp32 math, weight * bf16(normalized))
 
     /// x: [T, h], w: [h] -> y: [T, h]; saves rstd: [T] (1/sqrt(mean(x²) + eps), fp32).
-    public static func rmsnormForward(_ x: [Float], _ w: [Float], tokens: Int, eps: Float) -> (y: [Float], rstd: [Float]) {
+    public static func rmsnormForwardReference(_ x: [Float], _ w: [Float], tokens: Int, eps: Float) -> (y: [Float], rstd: [Float]) {
         let h = w.count
         var y = [Float](repeating: 0, count: x.count), rstd = [Float](repeating: 0, count: tokens)
         for t in 0..<tokens {
@@ -24,7 +24,7 @@ public enum LlamaOps {
     }
 
     /// dy: [T, h] -> dx: [T, h] (the weight is frozen).
-    public static func rmsnormBackward(_ dy: [Float], _ x: [Float], _ w: [Float], rstd: [Float], tokens: Int) -> [Float] {
+    public static func rmsnormBackwardReference(_ dy: [Float], _ x: [Float], _ w: [Float], rstd: [Float], tokens: Int) -> [Float] {
         let h = w.count
         var dx = [Float](repeating: 0, count: x.count)
         for t in 0..<tokens {
@@ -81,7 +81,7 @@ public enum LlamaOps {
     }
 
     /// x: [T, heads·d] (token t at position t % seq) -> bf16(bf16(x·cos) + bf16(rotate_half(x)·sin)).
-    public static func ropeForward(_ x: [Float], heads: Int, headDim d: Int, seq: Int, cos: [Float], sin: [Float]) -> [Float] {
+    public static func ropeForwardReference(_ x: [Float], heads: Int, headDim d: Int, seq: Int, cos: [Float], sin: [Float]) -> [Float] {
         var y = x
         let half = d / 2, tokens = x.count / (heads * d)
         for t in 0..<tokens {
@@ -97,7 +97,7 @@ public enum LlamaOps {
         return y
     }
 
-    public static func ropeBackward(_ dy: [Float], heads: Int, headDim d: Int, seq: Int, cos: [Float], sin: [Float]) -> [Float] {
+    public static func ropeBackwardReference(_ dy: [Float], heads: Int, headDim d: Int, seq: Int, cos: [Float], sin: [Float]) -> [Float] {
         var dx = dy
         let half = d / 2, tokens = dy.count / (heads * d)
         for t in 0..<tokens {
@@ -139,7 +139,7 @@ public enum LlamaOps {
     /// q: [T, H·d], k, v: [T, KV·d] -> out: [T, H·d], as HF's eager attention (causal, grouped
     /// keys/values). Nothing of size seq² is kept: backward recomputes each row's probabilities
     /// from q and k with the same operations (the same bits), as flash attention does.
-    public static func attentionForward(q: [Float], k: [Float], v: [Float], batch: Int, seq: Int, heads: Int, kvHeads: Int,
+    public static func attentionForwardReference(q: [Float], k: [Float], v: [Float], batch: Int, seq: Int, heads: Int, kvHeads: Int,
                                         headDim d: Int) -> [Float] {
         let rep = heads / kvHeads, scale = 1 / Float(d).squareRoot()
         var out = [Float](repeating: 0, count: batch * seq * heads * d)
@@ -162,7 +162,7 @@ public enum LlamaOps {
     }
 
     /// dout: [T, H·d] -> dq: [T, H·d], dk, dv: [T, KV·d].
-    public static func attentionBackward(dout: [Float], q: [Float], k: [Float], v: [Float], batch: Int, seq: Int,
+    public static func attentionBackwardReference(dout: [Float], q: [Float], k: [Float], v: [Float], batch: Int, seq: Int,
                                          heads: Int, kvHeads: Int, headDim d: Int) -> (dq: [Float], dk: [Float], dv: [Float]) {
         let rep = heads / kvHeads, scale = 1 / Float(d).squareRoot()
         var dq = [Float](repeating: 0, count: q.count)
@@ -218,12 +218,12 @@ public enum LlamaOps {
     // MARK: SwiGLU
 
     /// gate, up: [T, i] -> bf16(bf16(silu(gate)) · up).
-    public static func swigluForward(gate: [Float], up: [Float]) -> [Float] {
+    public static func swigluForwardReference(gate: [Float], up: [Float]) -> [Float] {
         (0..<gate.count).map { i in bf16(bf16(gate[i] / (1 + Foundation.exp(-gate[i]))) * up[i]) }
     }
 
     /// gate and up as kept: bf16 bit patterns.
-    public static func swigluBackward(_ dy: [Float], gate gateBits: [UInt16], up upBits: [UInt16]) -> (dgate: [Float], dup: [Float]) {
+    public static func swigluBackwardReference(_ dy: [Float], gate gateBits: [UInt16], up upBits: [UInt16]) -> (dgate: [Float], dup: [Float]) {
         var dg = [Float](repeating: 0, count: gateBits.count), du = dg
         for i in gateBits.indices {
             let gate = HalfPrecision.float(bfloat16Bits: gateBits[i]), up = HalfPrecision.float(bfloat16Bits: upBits[i])

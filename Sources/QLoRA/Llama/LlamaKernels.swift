@@ -1,0 +1,389 @@
+import COpenBLAS
+import Foundation
+
+/// The fast kernels of `LlamaOps`: the same ops as each `…Reference` in LlamaOps.swift, which
+/// defines the answer (LlamaKernelsTests holds every one of these to its reference).
+///
+/// - The elementwise and per-row ops (RMSNorm, RoPE, SwiGLU, the residual adds) do the reference's
+///   operations in the reference's order per element, and each row's reductions in the same
+///   sequential order, so they give the same bits; they only drop the bounds checks and closures
+///   (loops over buffer pointers that the compiler vectorizes) and split the rows between threads.
+/// - Attention uses OpenBLAS sgemm per (batch, head) and block of query rows, with every bf16
+///   rounding where the reference has it; only the order of the fp32 sums inside each GEMM differs,
+///   so a rounded score, product or gradient can land on the adjacent bf16 value.
+///
+/// Threads: `activeProcessorCount`. Work is split into fixed parts, each element or row written by
+/// exactly one part and computed the same way whichever thread runs it, so no result depends on
+/// the scheduling (training resumes bit-identically).
+extension LlamaOps {
+    /// fp32 -> bf16 -> fp32 without a branch, so loops of it vectorize: the same value as
+    /// `HalfPrecision.roundedToBFloat16` for every input (round to nearest even; NaN -> 0x7FC0).
+    @inline(__always) static func bf16Fast(_ x: Float) -> Float {
+        let u = x.bitPattern
+        let r = Float(bitPattern: (u &+ 0x7FFF &+ ((u >> 16) & 1)) & 0xFFFF_0000)
+        return x.isNaN ? Float(bitPattern: 0x7FC0_0000) : r
+    }
+
+    /// A pointer that crosses into the worker threads; each part writes only its own elements.
+    struct Shared<T>: @unchecked Sendable {
+        let p: UnsafeMutablePointer<T>
+        init(_ p: UnsafeMutablePointer<T>) { self.p = p }
+        init(_ p: UnsafePointer<T>) { self.p = UnsafeMutablePointer(mutating: p) }
+    }
+
+    static var threadCount: Int { ProcessInfo.processInfo.activeProcessorCount }
+
+    /// Runs `body` on contiguous parts of 0..<count, one part per thread, each at least `grain`
+    /// items (small jobs stay on the calling thread).
+    static func parallelParts(_ count: Int, grain: Int, _ body: @Sendable (Range<Int>) -> Void) {
+        let parts = max(1, min(threadCount, count / max(grain, 1)))
+        if parts == 1 { body(0..<count); return }
+        DispatchQueue.concurrentPerform(iterations: parts) { p in body((count * p / parts)..<(count * (p + 1) / parts)) }
+    }
+
+    /// Elements per thread below which an elementwise op is not split (thread start-up costs more).
+    static let elementGrain = 1 << 15
+
+    // MARK: Residual adds
+
+    /// bf16(a + b), elementwise (the residual adds).
+    public static func addRounded(_ a: [Float], _ b: [Float]) -> [Float] {
+        precondition(a.count == b.count, "addRounded: lengths differ")
+        var y = [Float](repeating: 0, count: a.count)
+        guard !y.isEmpty else { return y }
+        a.withUnsafeBufferPointer { ap in b.withUnsafeBufferPointer { bp in y.withUnsafeMutableBufferPointer { yp in
+            let (pa, pb, py) = (Shared(ap.baseAddress!), Shared(bp.baseAddress!), Shared(yp.baseAddress!))
+            parallelParts(a.count, grain: elementGrain) { r in
+                for i in r { py.p[i] = bf16Fast(pa.p[i] + pb.p[i]) }
+            }
+        } } }
+        return y
+    }
+
+    /// bf16(bf16(a + b) + c), elementwise (three gradients into one input, summed in that order).
+    public static func addRounded(_ a: [Float], _ b: [Float], _ c: [Float]) -> [Float] {
+        precondition(a.count == b.count && a.count == c.count, "addRounded: lengths differ")
+        var y = [Float](repeating: 0, count: a.count)
+        guard !y.isEmpty else { return y }
+        a.withUnsafeBufferPointer { ap in b.withUnsafeBufferPointer { bp in c.withUnsafeBufferPointer { cp in y.withUnsafeMutableBufferPointer { yp in
+            let (pa, pb, pc, py) = (Shared(ap.baseAddress!), Shared(bp.baseAddress!), Shared(cp.baseAddress!), Shared(yp.baseAddress!))
+            parallelParts(a.count, grain: elementGrain) { r in
+                for i in r { py.p[i] = bf16Fast(bf16Fast(pa.p[i] + pb.p[i]) + pc.p[i]) }
+            }
+        } } } }
+        return y
+    }
+
+    // MARK: RMSNorm
+
+    /// `rmsnormForwardReference`, rows split between threads. x: [T, h], w: [h] -> y: [T, h], rstd: [T].
+    public static func rmsnormForward(_ x: [Float], _ w: [Float], tokens: Int, eps: Float) -> (y: [Float], rstd: [Float]) {
+        let h = w.count
+        precondition(x.count == tokens * h, "rmsnorm: x must be [tokens, h]")
+        var y = [Float](repeating: 0, count: x.count), rstd = [Float](repeating: 0, count: tokens)
+        guard !y.isEmpty else { return (y, rstd) }
+        x.withUnsafeBufferPointer { xp in w.withUnsafeBufferPointer { wp in
+            y.withUnsafeMutableBufferPointer { yp in rstd.withUnsafeMutableBufferPointer { rp in
+                let (px, pw, py, pr) = (Shared(xp.baseAddress!), Shared(wp.baseAddress!), Shared(yp.baseAddress!), Shared(rp.baseAddress!))
+                parallelParts(tokens, grain: max(1, elementGrain / max(h, 1))) { rows in
+                    for t in rows {
+                        let xr = px.p + t * h, yr = py.p + t * h
+                        // Sequential, as the reference: the same fp32 sum.
+                        var ss: Float = 0
+                        for i in 0..<h { ss += xr[i] * xr[i] }
+                        let r = 1 / (ss / Float(h) + eps).squareRoot()
+                        pr.p[t] = r
+                        for i in 0..<h { yr[i] = bf16Fast(pw.p[i] * bf16Fast(xr[i] * r)) }
+                    }
+                }
+            } }
+        } }
+        return (y, rstd)
+    }
+
+    /// `rmsnormBackwardReference`, rows split between threads. dy: [T, h] -> dx: [T, h].
+    public static func rmsnormBackward(_ dy: [Float], _ x: [Float], _ w: [Float], rstd: [Float], tokens: Int) -> [Float] {
+        let h = w.count
+        precondition(x.count == tokens * h && dy.count == x.count && rstd.count == tokens, "rmsnorm backward: shapes")
+        var dx = [Float](repeating: 0, count: x.count)
+        guard !dx.isEmpty else { return dx }
+        dy.withUnsafeBufferPointer { dyp in x.withUnsafeBufferPointer { xp in w.withUnsafeBufferPointer { wp in rstd.withUnsafeBufferPointer { rp in
+            dx.withUnsafeMutableBufferPointer { dxp in
+                let (pdy, px, pw, pr, pdx) = (Shared(dyp.baseAddress!), Shared(xp.baseAddress!), Shared(wp.baseAddress!), Shared(rp.baseAddress!),
+                                              Shared(dxp.baseAddress!))
+                parallelParts(tokens, grain: max(1, elementGrain / max(h, 1))) { rows in
+                    let g = UnsafeMutablePointer<Float>.allocate(capacity: h)
+                    defer { g.deallocate() }
+                    for t in rows {
+                        let dyr = pdy.p + t * h, xr = px.p + t * h, dxr = pdx.p + t * h, r = pr.p[t]
+                        for i in 0..<h { g[i] = bf16Fast(dyr[i] * pw.p[i]) }
+                        var dot: Float = 0
+                        for i in 0..<h { dot += g[i] * xr[i] }  // sequential, as the reference
+                        let c = -0.5 * dot * r * r * r * 2 / Float(h)
+                        for i in 0..<h { dxr[i] = bf16Fast(g[i] * r + xr[i] * c) }
+                    }
+                }
+            }
+        } } } }
+        return dx
+    }
+
+    // MARK: Rotary embeddings
+
+    /// `ropeForwardReference`, tokens split between threads. x: [T, heads·d] -> [T, heads·d].
+    public static func ropeForward(_ x: [Float], heads: Int, headDim d: Int, seq: Int, cos: [Float], sin: [Float]) -> [Float] {
+        rope(x, heads: heads, headDim: d, seq: seq, cos: cos, sin: sin, backward: false)
+    }
+
+    /// `ropeBackwardReference`, tokens split between threads.
+    public static func ropeBackward(_ dy: [Float], heads: Int, headDim d: Int, seq: Int, cos: [Float], sin: [Float]) -> [Float] {
+        rope(dy, heads: heads, headDim: d, seq: seq, cos: cos, sin: sin, backward: true)
+    }
+
+    static func rope(_ x: [Float], heads: Int, headDim d: Int, seq: Int, cos: [Float], sin: [Float], backward: Bool) -> [Float] {
+        let half = d / 2, width = heads * d, tokens = x.count / max(width, 1)
+        precondition(x.count == tokens * width && d % 2 == 0, "rope: x must be [tokens, heads·headDim], headDim even")
+        precondition(cos.count >= min(seq, tokens) * d && sin.count == cos.count, "rope: tables too short")
+        var y = [Float](repeating: 0, count: x.count)
+        guard !y.isEmpty else { return y }
+        x.withUnsafeBufferPointer { xp in cos.withUnsafeBufferPointer { cp in sin.withUnsafeBufferPointer { sp in y.withUnsafeMutableBufferPointer { yp in
+            let (px, pc, ps, py) = (Shared(xp.baseAddress!), Shared(cp.baseAddress!), Shared(sp.baseAddress!), Shared(yp.baseAddress!))
+            parallelParts(tokens, grain: max(1, elementGrain / max(width, 1))) { rows in
+                for t in rows {
+                    let c = pc.p + (t % seq) * d, s = ps.p + (t % seq) * d
+                    for hh in 0..<heads {
+                        let xr = px.p + (t * heads + hh) * d, yr = py.p + (t * heads + hh) * d
+                        if backward {
+                            // dx = bf16(bf16(dy·cos) + via rotate_half): rotate_half(x)[j] = -x[j+half] (j < half),
+                            // x[j-half] (j ≥ half), so dy[j] reaches x[j-half] with +sin[j], x[j+half] with -sin[j].
+                            for i in 0..<half { yr[i] = bf16Fast(bf16Fast(xr[i] * c[i]) + bf16Fast(xr[i + half] * s[i + half])) }
+                            for i in half..<d { yr[i] = bf16Fast(bf16Fast(xr[i] * c[i]) + -bf16Fast(xr[i - half] * s[i - half])) }
+                        } else {
+                            // y = bf16(bf16(x·cos) + bf16(rotate_half(x)·sin))
+                            for i in 0..<half { yr[i] = bf16Fast(bf16Fast(xr[i] * c[i]) + bf16Fast(-xr[i + half] * s[i])) }
+                            for i in half..<d { yr[i] = bf16Fast(bf16Fast(xr[i] * c[i]) + bf16Fast(xr[i - half] * s[i])) }
+                        }
+                    }
+                }
+            }
+        } } } }
+        return y
+    }
+
+    // MARK: SwiGLU
+
+    /// `swigluForwardReference`, split between threads (expf stays glibc's scalar one: the same bits).
+    public static func swigluForward(gate: [Float], up: [Float]) -> [Float] {
+        precondition(gate.count == up.count, "swiglu: gate and up differ in length")
+        var y = [Float](repeating: 0, count: gate.count)
+        guard !y.isEmpty else { return y }
+        gate.withUnsafeBufferPointer { gp in up.withUnsafeBufferPointer { upp in y.withUnsafeMutableBufferPointer { yp in
+            let (pg, pu, py) = (Shared(gp.baseAddress!), Shared(upp.baseAddress!), Shared(yp.baseAddress!))
+            parallelParts(gate.count, grain: elementGrain / 4) { r in
+                for i in r {
+                    let g = pg.p[i]
+                    py.p[i] = bf16Fast(bf16Fast(g / (1 + Foundation.exp(-g))) * pu.p[i])
+                }
+            }
+        } } }
+        return y
+    }
+
+    /// `swigluBackwardReference`, split between threads; exp(-gate) computed once (the reference's
+    /// two calls give the same value).
+    public static func swigluBackward(_ dy: [Float], gate gateBits: [UInt16], up upBits: [UInt16]) -> (dgate: [Float], dup: [Float]) {
+        precondition(dy.count == gateBits.count && dy.count == upBits.count, "swiglu backward: lengths differ")
+        var dg = [Float](repeating: 0, count: dy.count), du = dg
+        guard !dg.isEmpty else { return (dg, du) }
+        dy.withUnsafeBufferPointer { dyp in gateBits.withUnsafeBufferPointer { gp in upBits.withUnsafeBufferPointer { upp in
+            dg.withUnsafeMutableBufferPointer { dgp in du.withUnsafeMutableBufferPointer { dup in
+                let (pdy, pg, pu, pdg, pdu) = (Shared(dyp.baseAddress!), Shared(gp.baseAddress!), Shared(upp.baseAddress!),
+                                               Shared(dgp.baseAddress!), Shared(dup.baseAddress!))
+                parallelParts(dy.count, grain: elementGrain / 4) { r in
+                    for i in r {
+                        let gate = HalfPrecision.float(bfloat16Bits: pg.p[i]), up = HalfPrecision.float(bfloat16Bits: pu.p[i])
+                        let e = Foundation.exp(-gate)
+                        let sg = 1 / (1 + e)
+                        let a = bf16Fast(gate / (1 + e))
+                        pdu.p[i] = bf16Fast(pdy.p[i] * a)
+                        let da = bf16Fast(pdy.p[i] * up)
+                        pdg.p[i] = bf16Fast(da * sg * (1 + gate * (1 - sg)))
+                    }
+                }
+            } }
+        } } }
+        return (dg, du)
+    }
+
+    // MARK: Causal grouped-query attention
+
+    /// Query rows per block: a block's scores [block, keys] stay in cache, and the causal mask
+    /// wastes at most one block's triangle of each GEMM (keys 0..<end of the block).
+    static let attentionBlock = 64
+
+    /// Runs `body` with OpenBLAS held to one thread: the attention GEMMs are already one per
+    /// worker thread, and OpenBLAS's own threads under them would only contend for the cores.
+    static func withSingleThreadedBLAS<R>(_ body: () -> R) -> R {
+        let saved = Int(openblas_get_num_threads())
+        if saved != 1 { openblas_set_num_threads(1) }
+        defer { if saved != 1 { openblas_set_num_threads(Int32(saved)) } }
+        return body()
+    }
+
+    /// One block's scores into probabilities, row by row, as `attentionRow` does: `s` holds
+    /// rows × n raw fp32 q·k sums (row r is query i0 + r, keys 0..<n); each becomes
+    /// bf16(bf16(s) · scale), softmax in fp32 over keys 0...i; entries past i are set to 0.
+    @inline(__always)
+    static func softmaxBlock(_ s: UnsafeMutablePointer<Float>, rows: Int, n: Int, i0: Int, scale: Float) {
+        for r in 0..<rows {
+            let row = s + r * n, i = i0 + r
+            var mx = -Float.infinity
+            for j in 0...i {
+                row[j] = bf16Fast(bf16Fast(row[j]) * scale)
+                mx = max(mx, row[j])
+            }
+            var sum: Float = 0
+            for j in 0...i { row[j] = Foundation.exp(row[j] - mx); sum += row[j] }
+            for j in 0...i { row[j] = row[j] / sum }
+            for j in (i + 1)..<n { row[j] = 0 }
+        }
+    }
+
+    /// `attentionForwardReference` with BLAS, threaded over (batch, head).
+    /// q: [T, H·d], k, v: [T, KV·d] -> out: [T, H·d] (query head hh reads kv head hh / (H/KV)).
+    public static func attentionForward(q: [Float], k: [Float], v: [Float], batch: Int, seq: Int, heads: Int, kvHeads: Int,
+                                        headDim d: Int) -> [Float] {
+        precondition(heads % kvHeads == 0, "attention: heads must be a multiple of kvHeads")
+        precondition(q.count == batch * seq * heads * d && k.count == batch * seq * kvHeads * d && v.count == k.count, "attention: shapes")
+        let rep = heads / kvHeads, scale = 1 / Float(d).squareRoot()
+        let ldq = heads * d, ldk = kvHeads * d, blk = attentionBlock
+        var out = [Float](repeating: 0, count: q.count)
+        guard !out.isEmpty else { return out }
+        q.withUnsafeBufferPointer { qp in k.withUnsafeBufferPointer { kp in v.withUnsafeBufferPointer { vp in out.withUnsafeMutableBufferPointer { op in
+            let (pq, pk, pv, po) = (Shared(qp.baseAddress!), Shared(kp.baseAddress!), Shared(vp.baseAddress!), Shared(op.baseAddress!))
+            withSingleThreadedBLAS {
+                parallelParts(batch * heads, grain: 1) { units in
+                    let s = UnsafeMutablePointer<Float>.allocate(capacity: blk * seq)
+                    defer { s.deallocate() }
+                    for u in units {
+                        let b = u / heads, hh = u % heads, kh = hh / rep
+                        // Row i of this head's q (and out) is at qh + i·H·d; row j of its k, v at kvh + j·KV·d.
+                        let qh = pq.p + b * seq * ldq + hh * d, oh = po.p + b * seq * ldq + hh * d
+                        let kvOffset = b * seq * ldk + kh * d
+                        let kh0 = pk.p + kvOffset, vh0 = pv.p + kvOffset
+                        var i0 = 0
+                        while i0 < seq {
+                            let m = min(blk, seq - i0), n = i0 + m
+                            // S [m, n] = Q[i0..<i0+m] [m, d] · K[0..<n]ᵀ: K row-major [n, d] with row stride KV·d,
+                            // so op(B) = Kᵀ, ldb = KV·d; Q's rows stride H·d: lda = H·d.
+                            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(m), Int32(n), Int32(d), 1,
+                                        qh + i0 * ldq, Int32(ldq), kh0, Int32(ldk), 0, s, Int32(n))
+                            softmaxBlock(s, rows: m, n: n, i0: i0, scale: scale)
+                            // Eager attention multiplies bf16 probabilities: P = bf16(softmax) (0 past the diagonal).
+                            for x in 0..<(m * n) { s[x] = bf16Fast(s[x]) }
+                            // O[i0..<i0+m] [m, d] = P [m, n] · V[0..<n] [n, d] (ldb = KV·d), written in place (ldc = H·d).
+                            let o = oh + i0 * ldq
+                            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(m), Int32(d), Int32(n), 1,
+                                        s, Int32(n), vh0, Int32(ldk), 0, o, Int32(ldq))
+                            for r in 0..<m { for e in 0..<d { o[r * ldq + e] = bf16Fast(o[r * ldq + e]) } }
+                            i0 += m
+                        }
+                    }
+                }
+            }
+        } } } }
+        return out
+    }
+
+    /// `attentionBackwardReference` with BLAS, threaded over (batch, head): recomputes each block's
+    /// probabilities as the forward does. dout: [T, H·d] -> dq: [T, H·d], dk, dv: [T, KV·d].
+    public static func attentionBackward(dout: [Float], q: [Float], k: [Float], v: [Float], batch: Int, seq: Int,
+                                         heads: Int, kvHeads: Int, headDim d: Int) -> (dq: [Float], dk: [Float], dv: [Float]) {
+        precondition(heads % kvHeads == 0, "attention: heads must be a multiple of kvHeads")
+        precondition(q.count == batch * seq * heads * d && dout.count == q.count && k.count == batch * seq * kvHeads * d && v.count == k.count,
+                     "attention backward: shapes")
+        let rep = heads / kvHeads, scale = 1 / Float(d).squareRoot()
+        let ldq = heads * d, ldk = kvHeads * d, blk = attentionBlock
+        var dq = [Float](repeating: 0, count: q.count)
+        var dk = [Float](repeating: 0, count: k.count), dv = dk
+        guard !dq.isEmpty else { return (dq, dk, dv) }
+        // Each query head's dk, dv ([batch·H][seq, d], fp32 sums), then summed over the heads sharing a
+        // kv head in head order (repeat_kv's backward), as the reference does.
+        var dkHead = [Float](repeating: 0, count: q.count), dvHead = dkHead
+        dout.withUnsafeBufferPointer { gp in q.withUnsafeBufferPointer { qp in k.withUnsafeBufferPointer { kp in v.withUnsafeBufferPointer { vp in
+        dq.withUnsafeMutableBufferPointer { dqp in dkHead.withUnsafeMutableBufferPointer { dkhp in dvHead.withUnsafeMutableBufferPointer { dvhp in
+            let (pg, pq, pk, pv) = (Shared(gp.baseAddress!), Shared(qp.baseAddress!), Shared(kp.baseAddress!), Shared(vp.baseAddress!))
+            let (pdq, pdkh, pdvh) = (Shared(dqp.baseAddress!), Shared(dkhp.baseAddress!), Shared(dvhp.baseAddress!))
+            withSingleThreadedBLAS {
+                parallelParts(batch * heads, grain: 1) { units in
+                    let probs = UnsafeMutablePointer<Float>.allocate(capacity: blk * seq)
+                    let dp = UnsafeMutablePointer<Float>.allocate(capacity: blk * seq)
+                    defer { probs.deallocate(); dp.deallocate() }
+                    for u in units {
+                        let b = u / heads, hh = u % heads, kh = hh / rep
+                        let qh = pq.p + b * seq * ldq + hh * d, gh = pg.p + b * seq * ldq + hh * d, dqh = pdq.p + b * seq * ldq + hh * d
+                        let kvOffset = b * seq * ldk + kh * d
+                        let kh0 = pk.p + kvOffset, vh0 = pv.p + kvOffset
+                        let dkh = pdkh.p + u * seq * d, dvh = pdvh.p + u * seq * d  // [seq, d], row stride d
+                        var i0 = 0
+                        while i0 < seq {
+                            let m = min(blk, seq - i0), n = i0 + m
+                            let qb = qh + i0 * ldq, gb = gh + i0 * ldq
+                            // Probabilities as in the forward: S [m, n] = Q_blk · K[0..<n]ᵀ (see attentionForward).
+                            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(m), Int32(n), Int32(d), 1,
+                                        qb, Int32(ldq), kh0, Int32(ldk), 0, probs, Int32(n))
+                            softmaxBlock(probs, rows: m, n: n, i0: i0, scale: scale)
+                            // dP [m, n] = dO_blk [m, d] · V[0..<n]ᵀ (op(B) = Vᵀ, ldb = KV·d), rounded to bf16.
+                            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(m), Int32(n), Int32(d), 1,
+                                        gb, Int32(ldq), vh0, Int32(ldk), 0, dp, Int32(n))
+                            for r in 0..<m {
+                                let i = i0 + r, pr = probs + r * n, dr = dp + r * n
+                                var dot: Float = 0
+                                for j in 0...i { dr[j] = bf16Fast(dr[j]); dot += dr[j] * pr[j] }  // sequential, as the reference
+                                // Reference: ds = bf16(probs[j] · (dp[j] - dot)) · scale; pb = bf16(probs[j]).
+                                for j in 0...i {
+                                    dr[j] = bf16Fast(pr[j] * (dr[j] - dot)) * scale
+                                    pr[j] = bf16Fast(pr[j])
+                                }
+                                for j in (i + 1)..<n { dr[j] = 0 }
+                            }
+                            // dQ_blk [m, d] = dS [m, n] · K[0..<n] [n, d] (ldb = KV·d): every key of these rows is
+                            // here, so the sum is complete; written in place (ldc = H·d), then rounded.
+                            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(m), Int32(d), Int32(n), 1,
+                                        dp, Int32(n), kh0, Int32(ldk), 0, dqh + i0 * ldq, Int32(ldq))
+                            for r in 0..<m { let o = dqh + (i0 + r) * ldq; for e in 0..<d { o[e] = bf16Fast(o[e]) } }
+                            // dK_head[0..<n] [n, d] += dSᵀ [n, m] · Q_blk [m, d] (op(A) = dSᵀ, lda = n; ldb = H·d).
+                            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Int32(n), Int32(d), Int32(m), 1,
+                                        dp, Int32(n), qb, Int32(ldq), 1, dkh, Int32(d))
+                            // dV_head[0..<n] [n, d] += Pᵀ [n, m] · dO_blk [m, d], P the bf16 probabilities.
+                            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Int32(n), Int32(d), Int32(m), 1,
+                                        probs, Int32(n), gb, Int32(ldq), 1, dvh, Int32(d))
+                            i0 += m
+                        }
+                    }
+                }
+            }
+        } } } } } } }
+        // dk, dv = bf16(Σ_r bf16(head r's sum)), r in head order; tokens split between threads.
+        dkHead.withUnsafeBufferPointer { dkhp in dvHead.withUnsafeBufferPointer { dvhp in
+        dk.withUnsafeMutableBufferPointer { dkp in dv.withUnsafeMutableBufferPointer { dvp in
+            let (pdkh, pdvh, pdk, pdv) = (Shared(dkhp.baseAddress!), Shared(dvhp.baseAddress!), Shared(dkp.baseAddress!), Shared(dvp.baseAddress!))
+            parallelParts(batch * seq, grain: max(1, elementGrain / max(ldq, 1))) { rows in
+                for t in rows {
+                    let b = t / seq, s = t % seq
+                    for kh in 0..<kvHeads {
+                        let o = pdk.p + (t * kvHeads + kh) * d, ov = pdv.p + (t * kvHeads + kh) * d
+                        for e in 0..<d { o[e] = 0; ov[e] = 0 }
+                        for r in 0..<rep {
+                            let src = ((b * heads + kh * rep + r) * seq + s) * d
+                            let hk = pdkh.p + src, hv = pdvh.p + src
+                            for e in 0..<d { o[e] += bf16Fast(hk[e]); ov[e] += bf16Fast(hv[e]) }
+                        }
+                        for e in 0..<d { o[e] = bf16Fast(o[e]); ov[e] = bf16Fast(ov[e]) }
+                    }
+                }
+            }
+        } } } }
+        return (dq, dk, dv)
+    }
+}
