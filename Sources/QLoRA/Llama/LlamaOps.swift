@@ -4,6 +4,15 @@ import Foundation
 /// The ops of a Llama decoder, each a forward/backward pair on flat row-major fp32 arrays that
 /// hold bf16 values: every op rounds its output to bf16 where transformers' bf16 tensors are
 /// rounded (intermediate math in fp32, as torch's CPU kernels do). T is tokens (batch × seq).
+///
+/// Each op's scalar `…Reference` here defines the answer; the decoder calls the fast kernels of
+/// the same name without the suffix (LlamaKernels.swift: OpenBLAS attention threaded over
+/// (batch, head), vectorized elementwise ops threaded over tokens), held to these references by
+/// LlamaKernelsTests: bit-identical except attention, whose GEMM sums run in another order.
+///
+/// Speed (llama-2-7b layer shapes, one decoder layer step forward + backward, `qlora memory
+/// --measure`, 2-core AMD EPYC): 132 -> 363 tokens/s at 512 tokens, 31 -> 334 tokens/s at 2048
+/// (the scalar attention, quadratic in the sequence, was most of the step at 2048).
 public enum LlamaOps {
     @inline(__always) static func bf16(_ x: Float) -> Float { HalfPrecision.roundedToBFloat16(x) }
 
