@@ -11,14 +11,26 @@
 
 // MARK: - CPU dispatch
 
-static _Atomic int max_level = QLORA_LEVEL_AVX512;
+static _Atomic int max_level = QLORA_LEVEL_AVX512_BF16;
+
+#if defined(__x86_64__)
+#include <cpuid.h>
+// AVX512-BF16 (vdpbf16ps): CPUID leaf 7, subleaf 1, EAX bit 5. The OS must also save the
+// zmm state, which the AVX-512 check below already implies (__builtin_cpu_supports reads XCR0).
+static int cpu_has_avx512_bf16(void) {
+    unsigned int eax, ebx, ecx, edx;
+    if (__get_cpuid_max(0, 0) < 7) return 0;
+    __cpuid_count(7, 1, eax, ebx, ecx, edx);
+    return (eax >> 5) & 1u;
+}
+#endif
 
 static int probe_cpu_level(void) {
 #if defined(__x86_64__)
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-        return QLORA_LEVEL_AVX512;
+        return cpu_has_avx512_bf16() ? QLORA_LEVEL_AVX512_BF16 : QLORA_LEVEL_AVX512;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
         return QLORA_LEVEL_AVX2;
 #endif
@@ -554,4 +566,175 @@ AVX512 static void round_bf16_array_avx512(const float *in, int64_t n, float *ou
 void qlora_round_bf16_f32(const float *in, int64_t n, float *out) {
     if (qlora_active_level() >= QLORA_LEVEL_AVX512) { round_bf16_array_avx512(in, n, out); return; }
     for (int64_t i = 0; i < n; i++) out[i] = round_bf16_f32(in[i]);
+}
+
+// MARK: - bf16 dot-product GEMM with a 4-bit weight
+
+// Rows of x to bf16 bits (the rounder above), each row zero-padded to ld elements.
+AVX512 static void bf16_rows_avx512(const float *x, int64_t rows, int64_t cols, int64_t ld, uint16_t *out) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *s = x + r * cols;
+        uint16_t *o = out + r * ld;
+        int64_t i = 0;
+        for (; i + 16 <= cols; i += 16) {
+            vu16_avx512 h = f32_to_bf16_avx512(_mm512_loadu_ps(s + i));
+            memcpy(o + i, &h, sizeof h);
+        }
+        for (; i < cols; i++) o[i] = f32_to_bf16(s[i]);
+        for (; i < ld; i++) o[i] = 0;
+    }
+}
+
+void qlora_f32_to_bf16_rows(const float *x, int64_t rows, int64_t cols, int64_t ld, uint16_t *out) {
+    if (qlora_active_level() >= QLORA_LEVEL_AVX512) { bf16_rows_avx512(x, rows, cols, ld, out); return; }
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t i = 0; i < cols; i++) out[r * ld + i] = f32_to_bf16(x[r * cols + i]);
+        for (int64_t i = cols; i < ld; i++) out[r * ld + i] = 0;
+    }
+}
+
+// B(k, n), the GEMM's right operand: W[n, k] forward (K = in, N = out), W[k, n] backward
+// (K = out, N = in); bf16(code * absmax) as the other kernels decode it.
+static inline float gemm_b(const uint8_t *packed, int64_t in, int64_t bs, const float *code, const float *absmax,
+                           int backward, int64_t k, int64_t n) {
+    return round_bf16_f32(nibble_value(packed, backward ? k * in + n : n * in + k, bs, code, absmax));
+}
+
+// The reference: one fp32 accumulator per output, k ascending, products exact.
+static void gemm4_bf16_scalar(const uint8_t *packed, int64_t out, int64_t in, int64_t bs, const float *code16,
+                              const float *absmax, int backward, const uint16_t *a, int64_t lda, int64_t m,
+                              int64_t n0, int64_t n1, float *c, int64_t ldc) {
+    const int64_t kdim = backward ? out : in;
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t n = n0; n < n1; n++) {
+            float acc = 0.0f;
+            for (int64_t k = 0; k < kdim; k++) acc += bf16_to_f32(a[i * lda + k]) * gemm_b(packed, in, bs, code16, absmax, backward, k, n);
+            c[i * ldc + n] = acc;
+        }
+}
+
+#define AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,f16c,fma")))
+
+enum { GEMM_KC = 256, GEMM_NC = 256, GEMM_MR = 6 };  // K and N block (multiples of 16), rows per microkernel
+
+int64_t qlora_gemm4_bf16_scratch_floats(void) { return (int64_t)GEMM_KC * GEMM_NC * 3 / 2; }
+
+// Packed B block (one K block of kp pairs, one N block of ng 16-column groups):
+//   bp[(g * kp + p) * 32 + 2 * j + h] = bf16 bits of B(k0 + 2p + h, n0 + 16g + j),
+// zero past the block's edges, so one 512-bit load is 16 lanes of (even k, odd k) pairs, the
+// operand order of vdpbf16ps. t is the block dequantized (bf16 values in fp32), zero-padded.
+AVX512 static void gemm_pack_b(const uint8_t *packed, int64_t in, int64_t bs, const float *code16, const float *absmax,
+                               int backward, int64_t k0, int64_t kk, int64_t n0, int64_t nc, float *t, uint16_t *bp) {
+    const int64_t kp = (kk + 1) / 2, ng = (nc + 15) / 16;
+    const __m512i hi = _mm512_set1_epi32((int)0xFFFF0000u);
+    if (!backward) {
+        // t[n][k] = W[n0 + n, k0 + k], rows 16·ng, ld GEMM_KC; lane j of a pair gathers row j.
+        for (int64_t n = 0; n < 16 * ng; n++) {
+            float *row = t + n * GEMM_KC;
+            int64_t filled = 0;
+            if (n < nc) { dequant_range_avx512(packed, (n0 + n) * in + k0, kk, bs, code16, absmax, 1, row); filled = kk; }
+            for (int64_t k = filled; k < 2 * kp; k++) row[k] = 0.0f;
+        }
+        const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                               _mm512_set1_epi32(GEMM_KC));
+        for (int64_t g = 0; g < ng; g++)
+            for (int64_t p = 0; p < kp; p++) {
+                const float *base = t + 16 * g * GEMM_KC + 2 * p;
+                __m512i ev = _mm512_i32gather_epi32(idx, base, 4), od = _mm512_i32gather_epi32(idx, base + 1, 4);
+                __m512i pair = _mm512_or_si512(_mm512_and_si512(od, hi), _mm512_srli_epi32(ev, 16));
+                _mm512_storeu_si512(bp + (g * kp + p) * 32, pair);
+            }
+    } else {
+        // t[k][n] = W[k0 + k, n0 + n], rows 2·kp, ld GEMM_NC; a pair interleaves two rows.
+        for (int64_t k = 0; k < 2 * kp; k++) {
+            float *row = t + k * GEMM_NC;
+            int64_t filled = 0;
+            if (k < kk) { dequant_range_avx512(packed, (k0 + k) * in + n0, nc, bs, code16, absmax, 1, row); filled = nc; }
+            for (int64_t n = filled; n < 16 * ng; n++) row[n] = 0.0f;
+        }
+        for (int64_t g = 0; g < ng; g++)
+            for (int64_t p = 0; p < kp; p++) {
+                __m512i ev = _mm512_loadu_si512(t + 2 * p * GEMM_NC + 16 * g), od = _mm512_loadu_si512(t + (2 * p + 1) * GEMM_NC + 16 * g);
+                __m512i pair = _mm512_or_si512(_mm512_and_si512(od, hi), _mm512_srli_epi32(ev, 16));
+                _mm512_storeu_si512(bp + (g * kp + p) * 32, pair);
+            }
+    }
+}
+
+// C[MR rows, NV·16 columns] (+)= A[MR rows, 2·kp] · B block columns: one vdpbf16ps per row and
+// 16 columns per pair of k, so each output is one fp32 chain in k order. The last vector's
+// columns past nlast are masked off. accumulate == 0 on the first K block overwrites C.
+#define GEMM_MICRO(MR, NV)                                                                          \
+AVX512BF16 static void gemm_micro_##MR##_##NV(const uint16_t *a, int64_t lda, const uint16_t *bp, int64_t kp,  \
+                                              float *c, int64_t ldc, int nlast, int accumulate) {    \
+    __m512 acc[MR][NV];                                                                             \
+    const __mmask16 last = (__mmask16)((1u << nlast) - 1u);                                         \
+    for (int r = 0; r < MR; r++)                                                                    \
+        for (int v = 0; v < NV; v++) {                                                              \
+            __mmask16 mk = v == NV - 1 ? last : (__mmask16)0xFFFF;                                  \
+            acc[r][v] = accumulate ? _mm512_maskz_loadu_ps(mk, c + r * ldc + 16 * v) : _mm512_setzero_ps(); \
+        }                                                                                           \
+    for (int64_t p = 0; p < kp; p++) {                                                              \
+        __m512bh b[NV];                                                                             \
+        for (int v = 0; v < NV; v++) b[v] = (__m512bh)_mm512_loadu_si512(bp + (v * kp + p) * 32);  \
+        for (int r = 0; r < MR; r++) {                                                              \
+            uint32_t pr;                                                                            \
+            memcpy(&pr, a + r * lda + 2 * p, 4);                                                    \
+            __m512bh av = (__m512bh)_mm512_set1_epi32((int)pr);                                     \
+            for (int v = 0; v < NV; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, b[v]);        \
+        }                                                                                           \
+    }                                                                                               \
+    for (int r = 0; r < MR; r++)                                                                    \
+        for (int v = 0; v < NV; v++) {                                                              \
+            __mmask16 mk = v == NV - 1 ? last : (__mmask16)0xFFFF;                                  \
+            _mm512_mask_storeu_ps(c + r * ldc + 16 * v, mk, acc[r][v]);                             \
+        }                                                                                           \
+}
+#define GEMM_MICRO_ROW(MR) GEMM_MICRO(MR, 1) GEMM_MICRO(MR, 2) GEMM_MICRO(MR, 3) GEMM_MICRO(MR, 4)
+GEMM_MICRO_ROW(1) GEMM_MICRO_ROW(2) GEMM_MICRO_ROW(3) GEMM_MICRO_ROW(4) GEMM_MICRO_ROW(5) GEMM_MICRO_ROW(6)
+
+typedef void (*gemm_micro_fn)(const uint16_t *, int64_t, const uint16_t *, int64_t, float *, int64_t, int, int);
+#define GEMM_MICRO_FNS(MR) {gemm_micro_##MR##_1, gemm_micro_##MR##_2, gemm_micro_##MR##_3, gemm_micro_##MR##_4}
+static const gemm_micro_fn gemm_micros[GEMM_MR][4] = {
+    GEMM_MICRO_FNS(1), GEMM_MICRO_FNS(2), GEMM_MICRO_FNS(3), GEMM_MICRO_FNS(4), GEMM_MICRO_FNS(5), GEMM_MICRO_FNS(6),
+};
+
+// Blocked: N in GEMM_NC columns, K in GEMM_KC, each B block dequantized and packed once and
+// then swept by every row of A, GEMM_MR rows at a time.
+AVX512BF16 static void gemm4_bf16_avx512bf16(const uint8_t *packed, int64_t out, int64_t in, int64_t bs, const float *code16,
+                                             const float *absmax, int backward, const uint16_t *a, int64_t lda, int64_t m,
+                                             int64_t n_begin, int64_t n_end, float *c, int64_t ldc, float *scratch) {
+    const int64_t kdim = backward ? out : in;
+    float *t = scratch;
+    uint16_t *bp = (uint16_t *)(scratch + (int64_t)GEMM_KC * GEMM_NC);
+    if (kdim == 0) {
+        for (int64_t i = 0; i < m; i++) for (int64_t n = n_begin; n < n_end; n++) c[i * ldc + n] = 0.0f;
+        return;
+    }
+    for (int64_t n0 = n_begin; n0 < n_end; n0 += GEMM_NC) {
+        const int64_t nc = n_end - n0 < GEMM_NC ? n_end - n0 : GEMM_NC, ng = (nc + 15) / 16;
+        for (int64_t k0 = 0; k0 < kdim; k0 += GEMM_KC) {
+            const int64_t kk = kdim - k0 < GEMM_KC ? kdim - k0 : GEMM_KC, kp = (kk + 1) / 2;
+            gemm_pack_b(packed, in, bs, code16, absmax, backward, k0, kk, n0, nc, t, bp);
+            for (int64_t i = 0; i < m; i += GEMM_MR) {
+                const int64_t mr = m - i < GEMM_MR ? m - i : GEMM_MR;
+                for (int64_t g = 0; g < ng; g += 4) {
+                    const int64_t nv = ng - g < 4 ? ng - g : 4;
+                    const int64_t nlast = nc - 16 * (g + nv - 1);
+                    gemm_micros[mr - 1][nv - 1](a + i * lda + k0, lda, bp + g * kp * 32, kp, c + i * ldc + n0 + 16 * g, ldc,
+                                                (int)(nlast < 16 ? nlast : 16), k0 > 0);
+                }
+            }
+        }
+    }
+}
+
+void qlora_gemm4_bf16(const uint8_t *packed, int64_t out, int64_t in, int64_t bs, const float *code16, const float *absmax,
+                      int backward, const uint16_t *a, int64_t lda, int64_t m, int64_t n_begin, int64_t n_end,
+                      float *c, int64_t ldc, float *scratch) {
+    if (m <= 0 || n_end <= n_begin) return;
+    if (qlora_active_level() >= QLORA_LEVEL_AVX512_BF16 && bs % 16 == 0)
+        gemm4_bf16_avx512bf16(packed, out, in, bs, code16, absmax, backward, a, lda, m, n_begin, n_end, c, ldc, scratch);
+    else
+        gemm4_bf16_scalar(packed, out, in, bs, code16, absmax, backward, a, lda, m, n_begin, n_end, c, ldc);
 }

@@ -165,7 +165,12 @@ public enum KernelBench {
                     report.gemv.append(.init(n: n, k: k, seconds: t, sgemvSeconds: ts, speedup: ts / t, paramsPerS: Double(n * k) / t))
                 } else {
                     progress("gemm \(m)x\(n)x\(k)")
-                    let fused = m <= Matmul4Bit.fusedMaxTokens
+                    let pathName: String
+                    switch Matmul4Bit.resolvedPath(tokens: m, weight: weights[0]) {
+                    case .fused: pathName = "fused"
+                    case .bf16GEMM: pathName = "bf16-gemm"
+                    default: pathName = "panel-gemm"
+                    }
                     let t = median(o.repeats) { i in
                         x.withUnsafeBufferPointer { xp in y.withUnsafeMutableBufferPointer {
                             Matmul4Bit.forward(x: xp, tokens: m, weight: weights[i % weights.count], y: $0, threads: o.threads, scratch: scratch) } }
@@ -176,7 +181,7 @@ public enum KernelBench {
                                         w.baseAddress, Int32(k), 0, &y, Int32(n))
                         }
                     }
-                    report.gemm.append(.init(m: m, n: n, k: k, path: fused ? "fused" : "panel-gemm", seconds: t, sgemmSeconds: ts,
+                    report.gemm.append(.init(m: m, n: n, k: k, path: pathName, seconds: t, sgemmSeconds: ts,
                                              ratio: t / ts, gflops: 2 * Double(m * n * k) / t * 1e-9))
                 }
             }

@@ -9,7 +9,7 @@ final class GoldenQuantizationTests: XCTestCase {
     static let groups = ["grid", "shapes", "edges"]
 
     override func tearDown() {
-        KernelLevel.setMaximum(.avx512)
+        KernelLevel.setMaximum(.avx512bf16)
     }
 
     func testEveryGoldenCaseAtEveryKernelLevel() throws {
@@ -25,7 +25,7 @@ final class GoldenQuantizationTests: XCTestCase {
                 checked += 1
             }
         }
-        KernelLevel.setMaximum(.avx512)
+        KernelLevel.setMaximum(.avx512bf16)
         print("golden vectors: \(checked) bitsandbytes cases matched bit for bit at every kernel level")
         XCTAssertGreaterThanOrEqual(checked, 70)
     }

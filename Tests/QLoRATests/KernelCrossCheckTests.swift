@@ -5,7 +5,7 @@ import TestSupport
 /// The SIMD kernels against the scalar reference on random shapes, inputs and scales,
 /// at every kernel level this CPU can be forced to.
 final class KernelCrossCheckTests: XCTestCase {
-    override func tearDown() { KernelLevel.setMaximum(.avx512) }
+    override func tearDown() { KernelLevel.setMaximum(.avx512bf16) }
 
     var levels: [KernelLevel] { [KernelLevel.scalar, .avx2, .avx512].filter { $0.rawValue <= KernelLevel.cpu.rawValue } }
 
@@ -86,7 +86,7 @@ final class KernelCrossCheckTests: XCTestCase {
                     let got = try blockAbsmax4Bit(x, blocksize: bs, kernel: kernel)
                     XCTAssertEqual(got.map(\.bitPattern), expected.map(\.bitPattern), "n=\(n) bs=\(bs) \(type) \(kernel) \(level)")
                 }
-                KernelLevel.setMaximum(.avx512)
+                KernelLevel.setMaximum(.avx512bf16)
             }
         }
         var x = [Float](repeating: 1, count: 100)

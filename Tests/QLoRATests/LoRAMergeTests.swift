@@ -4,7 +4,7 @@ import TestSupport
 
 /// PEFT's merge_and_unload (Vectors/quant/merge.safetensors).
 final class LoRAMergeTests: XCTestCase {
-    override func tearDown() { KernelLevel.setMaximum(.avx512) }
+    override func tearDown() { KernelLevel.setMaximum(.avx512bf16) }
     var levels: [KernelLevel] { [KernelLevel.scalar, .avx2, .avx512].filter { $0.rawValue <= KernelLevel.cpu.rawValue } }
 
     func testDenseMergesMatchPEFT() throws {
@@ -41,7 +41,7 @@ final class LoRAMergeTests: XCTestCase {
                     XCTAssertNil(bad)
                     XCTAssertNil(byteMismatch(fused, v.bytes("\(id).merged.\(module)"), name: "\(id) \(module) fused at \(level)", elementSize: baseType.byteSize))
                 }
-                KernelLevel.setMaximum(.avx512)
+                KernelLevel.setMaximum(.avx512bf16)
                 checked += 1
             }
         }
@@ -117,7 +117,7 @@ final class LoRAMergeTests: XCTestCase {
                                     XCTAssertEqual(bad, firstBad, what)
                                 }
                             }
-                            KernelLevel.setMaximum(.avx512)
+                            KernelLevel.setMaximum(.avx512bf16)
                         }
                     }
                 }
@@ -152,7 +152,7 @@ final class LoRAMergeTests: XCTestCase {
                     }
                     for (g, e) in zip(got, expected) { XCTAssertEqual(g, e, accuracy: abs(e) * 1e-12, "\(baseType) \(writtenType) \(level)") }
                 }
-                KernelLevel.setMaximum(.avx512)
+                KernelLevel.setMaximum(.avx512bf16)
             }
         }
     }

@@ -14,7 +14,7 @@ func accumulationBound(terms k: Int, absSum: Double) -> Double {
 }
 
 final class Matmul4BitTests: XCTestCase {
-    override func tearDown() { KernelLevel.setMaximum(.avx512) }
+    override func tearDown() { KernelLevel.setMaximum(.avx512bf16) }
 
     func makeWeight(out: Int, in k: Int, seed: UInt64, blocksize: Int = 64, type: QuantType = .nf4) throws -> (Linear4BitWeight, [Float]) {
         var rng = SplitMix64(seed: seed)
@@ -63,23 +63,94 @@ final class Matmul4BitTests: XCTestCase {
                     for o in 0..<out { let p = Double(dyb[t * out + o]) * Double(wbf[o * k + i]); s += p; a += abs(p) }
                     return (s, a)
                 }
-                for level in [KernelLevel.avx512, .avx2, .scalar] where level.rawValue <= KernelLevel.cpu.rawValue {
+                for level in [KernelLevel.avx512bf16, .avx512, .avx2, .scalar] where level.rawValue <= KernelLevel.cpu.rawValue {
                     KernelLevel.setMaximum(level)
-                    for path in [Matmul4BitPath.panelGEMM, .fused, .automatic] {
+                    for path in [Matmul4BitPath.panelGEMM, .fused, .bf16GEMM, .automatic] {
                         var y = [Float](repeating: .nan, count: tokens * out)
                         x.withUnsafeBufferPointer { xp in
                             y.withUnsafeMutableBufferPointer { Matmul4Bit.forward(x: xp, tokens: tokens, weight: w, y: $0, path: path, panelRows: 7) }
                         }
                         check(y, reference: yRef, rows: tokens, cols: out, terms: k, label: "y \(out)x\(k) t=\(tokens) \(path) \(level)")
                     }
-                    var dx = [Float](repeating: .nan, count: tokens * k)
-                    dy.withUnsafeBufferPointer { d in
-                        dx.withUnsafeMutableBufferPointer { Matmul4Bit.backwardInput(dy: d, tokens: tokens, weight: w, dx: $0, panelRows: 7) }
+                    for path in [Matmul4BitPath.panelGEMM, .bf16GEMM, .automatic] {
+                        var dx = [Float](repeating: .nan, count: tokens * k)
+                        dy.withUnsafeBufferPointer { d in
+                            dx.withUnsafeMutableBufferPointer { Matmul4Bit.backwardInput(dy: d, tokens: tokens, weight: w, dx: $0, path: path, panelRows: 7) }
+                        }
+                        check(dx, reference: dxRef, rows: tokens, cols: k, terms: out, label: "dx \(out)x\(k) t=\(tokens) \(path) \(level)")
                     }
-                    check(dx, reference: dxRef, rows: tokens, cols: k, terms: out, label: "dx \(out)x\(k) t=\(tokens) \(level)")
                 }
             }
         }
+    }
+
+    /// The bf16 GEMM (`vdpbf16ps` where the CPU has AVX512-BF16, its scalar reference below that)
+    /// on shapes that cross its blocks: N and K past one 256 block and not multiples of 16 or 2
+    /// (odd K pads a zero pair), tokens not multiples of its 6-row microkernel, 1...3 threads,
+    /// NF4 and FP4, blocksizes 64 and 128. Held to the Float64 reference within the same
+    /// γ_K·Σ|x·w| bound, and to the sgemm path within twice it (both are off the exact sum).
+    ///
+    /// Denormals: vdpbf16ps reads denormal inputs as zero and flushes denormal results. The
+    /// inputs here are normal(0, 1) activations and weights of about 0.05, so every operand,
+    /// product and partial sum is a normal number (|x·w| ≫ 2⁻¹²⁶) and the bound is unchanged;
+    /// for inputs near 2⁻¹²⁶ add K·2⁻¹²⁶·max|w| to it.
+    func testBF16GEMMAgainstFloat64ReferenceAndSgemm() throws {
+        let levels = [KernelLevel.avx512bf16, .scalar].filter { $0.rawValue <= KernelLevel.cpu.rawValue }
+        for (out, k, bs, type, tokenList) in [(77, 130, 64, QuantType.nf4, [1, 5, 33, 512]), (300, 521, 128, .fp4, [5, 33]),
+                                              (33, 64, 64, .nf4, [1, 7]), (520, 272, 64, .nf4, [13])] {
+            let (w, wbf) = try makeWeight(out: out, in: k, seed: UInt64(out * 7 + k), blocksize: bs, type: type)
+            for tokens in tokenList {
+                var rng = SplitMix64(seed: UInt64(tokens * 31 + k))
+                let x = (0..<(tokens * k)).map { _ in rng.normal() }
+                let dy = (0..<(tokens * out)).map { _ in rng.normal() }
+                let xb = x.map(HalfPrecision.roundedToBFloat16), dyb = dy.map(HalfPrecision.roundedToBFloat16)
+                var yRef = [(Double, Double)](repeating: (0, 0), count: tokens * out)
+                var dxRef = [(Double, Double)](repeating: (0, 0), count: tokens * k)
+                for t in 0..<tokens {
+                    for o in 0..<out {
+                        for i in 0..<k {
+                            let wv = Double(wbf[o * k + i])
+                            let p = Double(xb[t * k + i]) * wv, q = Double(dyb[t * out + o]) * wv
+                            yRef[t * out + o].0 += p; yRef[t * out + o].1 += abs(p)
+                            dxRef[t * k + i].0 += q; dxRef[t * k + i].1 += abs(q)
+                        }
+                    }
+                }
+                KernelLevel.setMaximum(.avx512bf16)
+                var ySgemm = [Float](repeating: .nan, count: tokens * out), dxSgemm = [Float](repeating: .nan, count: tokens * k)
+                x.withUnsafeBufferPointer { xp in ySgemm.withUnsafeMutableBufferPointer { Matmul4Bit.forward(x: xp, tokens: tokens, weight: w, y: $0, path: .panelGEMM) } }
+                dy.withUnsafeBufferPointer { d in dxSgemm.withUnsafeMutableBufferPointer { Matmul4Bit.backwardInput(dy: d, tokens: tokens, weight: w, dx: $0, path: .panelGEMM) } }
+                for level in levels {
+                    KernelLevel.setMaximum(level)
+                    for threads in level == .scalar ? [2] : [1, 2, 3] {
+                        let label = "\(type) \(out)x\(k) bs\(bs) t=\(tokens) \(level) threads=\(threads)"
+                        var y = [Float](repeating: .nan, count: tokens * out), dx = [Float](repeating: .nan, count: tokens * k)
+                        x.withUnsafeBufferPointer { xp in
+                            y.withUnsafeMutableBufferPointer { Matmul4Bit.forward(x: xp, tokens: tokens, weight: w, y: $0, path: .bf16GEMM, threads: threads) }
+                        }
+                        dy.withUnsafeBufferPointer { d in
+                            dx.withUnsafeMutableBufferPointer { Matmul4Bit.backwardInput(dy: d, tokens: tokens, weight: w, dx: $0, path: .bf16GEMM, threads: threads) }
+                        }
+                        check(y, reference: { yRef[$0 * out + $1] }, rows: tokens, cols: out, terms: k, label: "bf16 GEMM y " + label)
+                        check(dx, reference: { dxRef[$0 * k + $1] }, rows: tokens, cols: k, terms: out, label: "bf16 GEMM dx " + label)
+                        // Against the sgemm path: each is within the bound of the exact sum.
+                        check(y, reference: { (Double(ySgemm[$0 * out + $1]), 2 * yRef[$0 * out + $1].1) }, rows: tokens, cols: out, terms: k,
+                              label: "bf16 GEMM y vs sgemm " + label)
+                        check(dx, reference: { (Double(dxSgemm[$0 * k + $1]), 2 * dxRef[$0 * k + $1].1) }, rows: tokens, cols: k, terms: out,
+                              label: "bf16 GEMM dx vs sgemm " + label)
+                    }
+                }
+            }
+        }
+    }
+
+    func testAutomaticTakesTheBF16GEMMOnlyWithAVX512BF16() throws {
+        let (w, _) = try makeWeight(out: 64, in: 64, seed: 3)
+        XCTAssertEqual(Matmul4Bit.resolvedPath(tokens: 8, weight: w), .fused)
+        XCTAssertEqual(Matmul4Bit.resolvedPath(tokens: 9, weight: w), KernelLevel.cpu == .avx512bf16 ? .bf16GEMM : .panelGEMM)
+        KernelLevel.setMaximum(.avx512)
+        XCTAssertEqual(Matmul4Bit.resolvedPath(tokens: 9, weight: w), .panelGEMM)
+        XCTAssertEqual(Matmul4Bit.resolvedPath(tokens: 9, weight: w, path: .bf16GEMM), .bf16GEMM)
     }
 
     /// Against PyTorch (Vectors/quant/matmul.safetensors): bitsandbytes' dequantized bf16
@@ -110,7 +181,7 @@ final class Matmul4BitTests: XCTestCase {
                 let bnb: [Float]? = v.has(pre + ".y_bnb_matmul_4bit")
                     ? v.bytes(pre + ".y_bnb_matmul_4bit").withUnsafeBytes { $0.bindMemory(to: UInt16.self).map { HalfPrecision.float(bfloat16Bits: $0) } }
                     : nil
-                for path in [Matmul4BitPath.panelGEMM, .fused] {
+                for path in [Matmul4BitPath.panelGEMM, .fused, .bf16GEMM] {
                     var y = [Float](repeating: .nan, count: tokens * out)
                     x.withUnsafeBufferPointer { xp in y.withUnsafeMutableBufferPointer { Matmul4Bit.forward(x: xp, tokens: tokens, weight: w, y: $0, path: path) } }
                     for t in 0..<tokens {
@@ -129,14 +200,16 @@ final class Matmul4BitTests: XCTestCase {
                         }
                     }
                 }
-                var dx = [Float](repeating: .nan, count: tokens * k)
-                dy.withUnsafeBufferPointer { d in dx.withUnsafeMutableBufferPointer { Matmul4Bit.backwardInput(dy: d, tokens: tokens, weight: w, dx: $0) } }
-                for t in 0..<tokens {
-                    for i in 0..<k {
-                        var absSum = 0.0
-                        for o in 0..<out { absSum += abs(Double(dyb[t * out + o]) * Double(wbf[o * k + i])) }
-                        XCTAssertLessThanOrEqual(abs(Double(dx[t * k + i]) - Double(dxTorch[t * k + i])),
-                                                 2 * accumulationBound(terms: out, absSum: absSum), "\(pre) dx[\(t), \(i)] vs torch")
+                for path in [Matmul4BitPath.panelGEMM, .bf16GEMM] {
+                    var dx = [Float](repeating: .nan, count: tokens * k)
+                    dy.withUnsafeBufferPointer { d in dx.withUnsafeMutableBufferPointer { Matmul4Bit.backwardInput(dy: d, tokens: tokens, weight: w, dx: $0, path: path) } }
+                    for t in 0..<tokens {
+                        for i in 0..<k {
+                            var absSum = 0.0
+                            for o in 0..<out { absSum += abs(Double(dyb[t * out + o]) * Double(wbf[o * k + i])) }
+                            XCTAssertLessThanOrEqual(abs(Double(dx[t * k + i]) - Double(dxTorch[t * k + i])),
+                                                     2 * accumulationBound(terms: out, absSum: absSum), "\(pre) \(path) dx[\(t), \(i)] vs torch")
+                        }
                     }
                 }
             }
@@ -162,7 +235,18 @@ final class Matmul4BitTests: XCTestCase {
         let (w, _) = try makeWeight(out: 4096, in: 1024, seed: 1)
         let p = Matmul4Bit.panelRows(inFeatures: 1024, outFeatures: 4096)
         XCTAssertEqual(p, Matmul4Bit.panelTargetBytes / (4 * 1024))  // panelTargetBytes of fp32 rows
-        XCTAssertEqual(Matmul4Bit.scratchBytes(tokens: 64, weight: w), 64 * 1024 * 4 + p * 1024 * 4)
+        XCTAssertEqual(Matmul4Bit.scratchBytes(tokens: 64, weight: w, path: .panelGEMM), 64 * 1024 * 4 + p * 1024 * 4)
+        // bf16 GEMM: the activation as bf16 plus one packing block per thread.
+        let block = Int(Matmul4Bit.bf16BlockBytes)
+        XCTAssertEqual(Matmul4Bit.scratchBytes(tokens: 64, weight: w, path: .bf16GEMM, threads: 2), 64 * 1024 * 2 + 2 * block)
+        XCTAssertEqual(Matmul4Bit.scratchBytes(tokens: 64, weight: w, path: .bf16GEMM, backward: true, threads: 1), 64 * 4096 * 2 + block)
+        let scratch = Matmul4BitScratch()
+        let x = [Float](repeating: 1, count: 64 * 1024)
+        var y = [Float](repeating: 0, count: 64 * 4096)
+        x.withUnsafeBufferPointer { xp in
+            y.withUnsafeMutableBufferPointer { Matmul4Bit.forward(x: xp, tokens: 64, weight: w, y: $0, path: .bf16GEMM, threads: 2, scratch: scratch) }
+        }
+        XCTAssertEqual(scratch.byteCount, Matmul4Bit.scratchBytes(tokens: 64, weight: w, path: .bf16GEMM, threads: 2))
         XCTAssertEqual(Matmul4Bit.panelRows(inFeatures: 1 << 20, outFeatures: 4096), 16)  // at least 16 rows
         XCTAssertEqual(Matmul4Bit.panelRows(inFeatures: 8, outFeatures: 100), 100)  // never more than W has
         XCTAssertEqual(Matmul4Bit.scratchBytes(tokens: 1, weight: w), 1024 * 4)  // fused: no panel

@@ -23,9 +23,12 @@ typedef enum {
     QLORA_LEVEL_SCALAR = 0,
     QLORA_LEVEL_AVX2 = 1,
     QLORA_LEVEL_AVX512 = 2,
+    /// AVX-512 plus AVX512-BF16 (vdpbf16ps): only the bf16 dot-product GEMM uses it.
+    QLORA_LEVEL_AVX512_BF16 = 3,
 } qlora_level;
 
-/// The highest level this CPU supports (AVX-512 means F+BW+VL+DQ; AVX2 means AVX2+FMA+F16C).
+/// The highest level this CPU supports (AVX-512 means F+BW+VL+DQ; AVX512-BF16 means that plus
+/// CPUID leaf 7 subleaf 1 EAX bit 5; AVX2 means AVX2+FMA+F16C).
 /// Probed on the first call (from any kernel or thread) and cached.
 int qlora_cpu_level(void);
 /// Whether the CPU has everything OpenBLAS's SkylakeX kernels use (AVX-512 F, CD, BW, DQ, VL).
@@ -108,6 +111,27 @@ void qlora_gemv4_bf16(const uint8_t *packed, int64_t row_begin, int64_t row_end,
                       const float *code16, const float *absmax, const float *x, int64_t tokens,
                       float *y, int64_t ldy);
 
+
+/// Rows of fp32 x [rows, cols] to bf16 bits (nearest even, NaN -> 0x7FC0) into out [rows, ld]
+/// (ld >= cols), each row zero-padded from cols to ld. Levels: scalar; AVX-512. Same bits.
+void qlora_f32_to_bf16_rows(const float *x, int64_t rows, int64_t cols, int64_t ld, uint16_t *out);
+
+/// Floats of scratch one qlora_gemm4_bf16 call needs (one dequantized and one packed B block).
+int64_t qlora_gemm4_bf16_scratch_floats(void);
+
+/// GEMM with a 4-bit weight W [out, in], bf16 compute semantics, columns [n_begin, n_end) of C:
+///   forward  (backward == 0): C[i, n] = sum_k a[i, k] * bf16(W[n, k]),  K = in,  N = out;
+///   backward (backward != 0): C[i, n] = sum_k a[i, k] * bf16(W[k, n]),  K = out, N = in;
+/// i < m; bf16(W) as qlora_dequantize4_range_f32 with round_bf16 decodes it. a: bf16 bits,
+/// [m, lda] with lda >= K rounded up to even and a zero in column K when K is odd (as
+/// qlora_f32_to_bf16_rows pads it). C is overwritten (zeros when K == 0). Products are exact
+/// in fp32 and each output is one fp32 sum in k order at both levels; the AVX512-BF16 one
+/// (vdpbf16ps) treats denormal inputs as zero and flushes denormal results to zero.
+/// scratch: qlora_gemm4_bf16_scratch_floats() floats, one per concurrent call.
+/// Levels: scalar; AVX512-BF16 (blocksize % 16 == 0).
+void qlora_gemm4_bf16(const uint8_t *packed, int64_t out, int64_t in, int64_t blocksize, const float *code16, const float *absmax,
+                      int backward, const uint16_t *a, int64_t lda, int64_t m, int64_t n_begin, int64_t n_end,
+                      float *c, int64_t ldc, float *scratch);
 
 /// Element types of a weight in the merge kernels (raw 16-bit patterns for bf16/fp16).
 typedef enum {

@@ -338,6 +338,8 @@ public enum KernelLevel: Int, Sendable, CustomStringConvertible {
     case scalar = 0
     case avx2 = 1
     case avx512 = 2
+    /// AVX-512 plus AVX512-BF16 (`vdpbf16ps`): only the bf16 GEMM of `Matmul4Bit` uses it.
+    case avx512bf16 = 3
 
     /// The best level this CPU supports.
     public static var cpu: KernelLevel { KernelLevel(rawValue: Int(qlora_cpu_level())) ?? .scalar }
@@ -351,6 +353,7 @@ public enum KernelLevel: Int, Sendable, CustomStringConvertible {
         case .scalar: return "scalar"
         case .avx2: return "AVX2"
         case .avx512: return "AVX-512"
+        case .avx512bf16: return "AVX512-BF16"
         }
     }
 }

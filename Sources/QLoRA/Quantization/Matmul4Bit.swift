@@ -82,12 +82,16 @@ public enum Matmul4BitPath: Sendable {
     case panelGEMM
     /// Decode nibbles in registers and accumulate directly (tokens 1...8), no scratch.
     case fused
+    /// Dequantize and pack blocks of W as bf16 and multiply with `vdpbf16ps` (AVX512-BF16),
+    /// x rounded to bf16 once (`qlora_gemm4_bf16`); below that level its scalar reference runs.
+    case bf16GEMM
 }
 
 /// Matmul with a 4-bit weight and bitsandbytes' bf16 compute semantics
 /// (`bnb_4bit_compute_dtype=bfloat16`): W's values are exactly `dequantize` in bf16, the
 /// activation is rounded to bf16, products (exact in fp32) accumulate in fp32. Debian's
-/// OpenBLAS exports no sbgemm, so the bf16 values are held in fp32 and `cblas_sgemm` runs.
+/// OpenBLAS exports no sbgemm: with AVX512-BF16 our own bf16 GEMM runs (`.bf16GEMM`),
+/// otherwise the bf16 values are held in fp32 and `cblas_sgemm` runs (`.panelGEMM`).
 public enum Matmul4Bit {
     /// Largest token count the fused path takes under `.automatic`.
     public static let fusedMaxTokens = 8
@@ -101,10 +105,17 @@ public enum Matmul4Bit {
     }
 
     /// Scratch bytes `forward`/`backwardInput` allocate besides their output: one panel of W
-    /// plus the bf16-rounded copy of the activation (the fused path: the copy only).
-    public static func scratchBytes(tokens: Int, weight w: Linear4BitWeight, path: Matmul4BitPath = .automatic, backward: Bool = false) -> Int {
-        let activation = tokens * (backward ? w.outFeatures : w.inFeatures) * 4
+    /// plus the bf16-rounded copy of the activation (the fused path: the copy only; the bf16
+    /// GEMM: the copy as bf16 plus one packing block per thread).
+    public static func scratchBytes(tokens: Int, weight w: Linear4BitWeight, path: Matmul4BitPath = .automatic, backward: Bool = false,
+                                    threads: Int = 2) -> Int {
+        let kdim = backward ? w.outFeatures : w.inFeatures
+        let activation = tokens * kdim * 4
         if !backward && usesFused(tokens: tokens, path: path) { return activation }
+        if usesBF16GEMM(path: path, weight: w) {
+            let parts = bf16Parts(columns: backward ? w.inFeatures : w.outFeatures, threads: threads)
+            return (tokens * ((kdim + 1) & ~1) + 1) / 2 * 4 + parts * Int(qlora_gemm4_bf16_scratch_floats()) * 4
+        }
         return activation + panelRows(inFeatures: w.inFeatures, outFeatures: w.outFeatures) * w.inFeatures * 4
     }
 
@@ -112,16 +123,38 @@ public enum Matmul4Bit {
         switch path {
         case .automatic: return tokens <= fusedMaxTokens
         case .fused: return true
-        case .panelGEMM: return false
+        case .panelGEMM, .bf16GEMM: return false
         }
     }
+
+    /// Whether a GEMM (not fused) call takes the bf16 GEMM: when forced, or under `.automatic`
+    /// when the CPU (and the level cap) has AVX512-BF16 and 16 divides the blocksize.
+    static func usesBF16GEMM(path: Matmul4BitPath, weight w: Linear4BitWeight) -> Bool {
+        switch path {
+        case .bf16GEMM: return true
+        case .automatic: return KernelLevel.active.rawValue >= KernelLevel.avx512bf16.rawValue && w.blocksize % 16 == 0
+        case .panelGEMM, .fused: return false
+        }
+    }
+
+    /// The path a forward call with `tokens` takes (benchmarks print it).
+    public static func resolvedPath(tokens: Int, weight w: Linear4BitWeight, path: Matmul4BitPath = .automatic) -> Matmul4BitPath {
+        if usesFused(tokens: tokens, path: path) { return .fused }
+        return usesBF16GEMM(path: path, weight: w) ? .bf16GEMM : .panelGEMM
+    }
+
+    /// Bytes of one bf16 GEMM thread's packing block (a dequantized and a packed block of W).
+    public static var bf16BlockBytes: Int { Int(qlora_gemm4_bf16_scratch_floats()) * 4 }
+
+    /// Threads of the bf16 GEMM: at least 64 columns each.
+    static func bf16Parts(columns: Int, threads: Int) -> Int { max(1, min(threads, columns / 64)) }
 
     /// Forward: `y = bf16(x) · bf16(W)ᵀ`.
     ///
     ///     // x: [tokens, in], w: [out, in] -> y: [tokens, out]  (row-major, fp32 out)
     /// - Parameters:
-    ///   - threads: threads for the fused path (rows split between them); the GEMM path uses
-    ///     OpenBLAS's own threads.
+    ///   - threads: threads for the fused path and the bf16 GEMM (columns of y split between
+    ///     them); the sgemm path uses OpenBLAS's own threads.
     ///   - panelRows: rows of W per dequantized panel (default `panelRows(inFeatures:outFeatures:)`).
     ///   - scratch: reused buffers (a fresh one per call when nil).
     ///   - roundOutputToBF16: round y to bf16 values (still stored as fp32), as a bf16 output.
@@ -135,6 +168,11 @@ public enum Matmul4Bit {
             if roundOutputToBF16 { qlora_round_bf16_f32(y.baseAddress, Int64(tokens * n), y.baseAddress) }
         }
         let work = scratch ?? Matmul4BitScratch()
+        if !usesFused(tokens: tokens, path: path) && usesBF16GEMM(path: path, weight: w) {
+            // y [tokens, out] = bf16(x) [tokens, in] · Bᵀ with B(k, n) = W[n, k].
+            bf16GEMM(w, a: x.baseAddress!, tokens: tokens, backward: false, c: y.baseAddress!, threads: threads, scratch: work)
+            return
+        }
         let xb = UnsafeMutableBufferPointer(start: work.activation(max(1, tokens * k)), count: max(1, tokens * k))
         qlora_round_bf16_f32(x.baseAddress, Int64(tokens * k), xb.baseAddress)
 
@@ -175,8 +213,9 @@ public enum Matmul4Bit {
     ///
     ///     // dy: [tokens, out], w: [out, in] -> dx: [tokens, in]
     /// (backward of `y = x · Wᵀ`: dx[t, i] = Σ_o dy[t, o] · W[o, i])
+    /// `path`: `.bf16GEMM` or `.panelGEMM` (`.fused` runs the panels: there is no fused backward).
     public static func backwardInput(dy: UnsafeBufferPointer<Float>, tokens: Int, weight w: Linear4BitWeight,
-                                     dx: UnsafeMutableBufferPointer<Float>, panelRows panelOverride: Int? = nil,
+                                     dx: UnsafeMutableBufferPointer<Float>, path: Matmul4BitPath = .automatic, panelRows panelOverride: Int? = nil,
                                      threads: Int = 2, scratch: Matmul4BitScratch? = nil, roundOutputToBF16: Bool = false) {
         let k = w.inFeatures, n = w.outFeatures
         precondition(dy.count >= tokens * n && dx.count >= tokens * k, "dy or dx too small for \(tokens) tokens")
@@ -185,6 +224,11 @@ public enum Matmul4Bit {
             if roundOutputToBF16 { qlora_round_bf16_f32(dx.baseAddress, Int64(tokens * k), dx.baseAddress) }
         }
         let work = scratch ?? Matmul4BitScratch()
+        if usesBF16GEMM(path: path, weight: w) {
+            // dx [tokens, in] = bf16(dy) [tokens, out] · B with B(k, n) = W[k, n] (zeros when out == 0).
+            bf16GEMM(w, a: dy.baseAddress!, tokens: tokens, backward: true, c: dx.baseAddress!, threads: threads, scratch: work)
+            return
+        }
         let db = UnsafeMutableBufferPointer(start: work.activation(max(1, tokens * n)), count: max(1, tokens * n))
         qlora_round_bf16_f32(dy.baseAddress, Int64(tokens * n), db.baseAddress)
         if n == 0 { for i in 0..<(tokens * k) { dx[i] = 0 }; return }
@@ -193,6 +237,40 @@ public enum Matmul4Bit {
             // the first panel overwrites dX.
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(tokens), Int32(k), Int32(rows),
                         1, db.baseAddress! + r0, Int32(n), panel, Int32(k), r0 == 0 ? 0 : 1, dx.baseAddress, Int32(k))
+        }
+    }
+
+    /// `qlora_gemm4_bf16` over all of C [tokens, N]: a [tokens, K] rounded to bf16 bits once
+    /// (rows padded to even), C's columns split between threads in multiples of 16, each with
+    /// its own packing block. Forward: K = in, N = out; backward: K = out, N = in.
+    static func bf16GEMM(_ w: Linear4BitWeight, a: UnsafePointer<Float>, tokens: Int, backward: Bool, c: UnsafeMutablePointer<Float>,
+                         threads: Int, scratch work: Matmul4BitScratch) {
+        guard tokens > 0 else { return }
+        let kdim = backward ? w.outFeatures : w.inFeatures, ncols = backward ? w.inFeatures : w.outFeatures
+        let lda = (kdim + 1) & ~1
+        let bits = UnsafeMutablePointer<UInt16>(OpaquePointer(work.activation(max(1, (tokens * lda + 1) / 2))))
+        qlora_f32_to_bf16_rows(a, Int64(tokens), Int64(kdim), Int64(lda), bits)
+        let parts = bf16Parts(columns: ncols, threads: threads)
+        let perPart = Int(qlora_gemm4_bf16_scratch_floats())
+        let blocks = work.panel(parts * perPart)
+        let code = w.quantType.code
+        let (out, inF, bs) = (Int64(w.outFeatures), Int64(w.inFeatures), Int64(w.blocksize))
+        w.packed.withUnsafeBufferPointer { p in
+            w.absmax.withUnsafeBufferPointer { am in
+                code.withUnsafeBufferPointer { cd in
+                    // Addresses cross into the worker threads as integers; each writes its own columns of C.
+                    let (pa, aa, ca, ba, ca2, sa) = (Int(bitPattern: p.baseAddress), Int(bitPattern: am.baseAddress), Int(bitPattern: cd.baseAddress),
+                                                     Int(bitPattern: bits), Int(bitPattern: c), Int(bitPattern: blocks))
+                    let run: @Sendable (Int) -> Void = { part in
+                        let n0 = part == 0 ? 0 : ncols * part / parts / 16 * 16
+                        let n1 = part == parts - 1 ? ncols : ncols * (part + 1) / parts / 16 * 16
+                        qlora_gemm4_bf16(UnsafePointer(bitPattern: pa), out, inF, bs, UnsafePointer(bitPattern: ca), UnsafePointer(bitPattern: aa),
+                                         backward ? 1 : 0, UnsafePointer(bitPattern: ba), Int64(lda), Int64(tokens), Int64(n0), Int64(n1),
+                                         UnsafeMutablePointer(bitPattern: ca2), Int64(ncols), UnsafeMutablePointer<Float>(bitPattern: sa)! + part * perPart)
+                    }
+                    if parts == 1 { run(0) } else { DispatchQueue.concurrentPerform(iterations: parts, execute: run) }
+                }
+            }
         }
     }
 
