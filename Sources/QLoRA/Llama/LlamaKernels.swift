@@ -221,15 +221,6 @@ extension LlamaOps {
     /// wastes at most one block's triangle of each GEMM (keys 0..<end of the block).
     static let attentionBlock = 64
 
-    /// Runs `body` with OpenBLAS held to one thread: the attention GEMMs are already one per
-    /// worker thread, and OpenBLAS's own threads under them would only contend for the cores.
-    static func withSingleThreadedBLAS<R>(_ body: () -> R) -> R {
-        let saved = Int(openblas_get_num_threads())
-        if saved != 1 { openblas_set_num_threads(1) }
-        defer { if saved != 1 { openblas_set_num_threads(Int32(saved)) } }
-        return body()
-    }
-
     /// One block's scores into probabilities, row by row, as `attentionRow` does: `s` holds
     /// rows × n raw fp32 q·k sums (row r is query i0 + r, keys 0..<n); each becomes
     /// bf16(bf16(s) · scale), softmax in fp32 over keys 0...i; entries past i are set to 0.
@@ -261,7 +252,7 @@ extension LlamaOps {
         guard !out.isEmpty else { return out }
         q.withUnsafeBufferPointer { qp in k.withUnsafeBufferPointer { kp in v.withUnsafeBufferPointer { vp in out.withUnsafeMutableBufferPointer { op in
             let (pq, pk, pv, po) = (Shared(qp.baseAddress!), Shared(kp.baseAddress!), Shared(vp.baseAddress!), Shared(op.baseAddress!))
-            withSingleThreadedBLAS {
+            BLAS.withOneThread {
                 parallelParts(batch * heads, grain: 1) { units in
                     let s = UnsafeMutablePointer<Float>.allocate(capacity: blk * seq)
                     defer { s.deallocate() }
@@ -314,7 +305,7 @@ extension LlamaOps {
         dq.withUnsafeMutableBufferPointer { dqp in dkHead.withUnsafeMutableBufferPointer { dkhp in dvHead.withUnsafeMutableBufferPointer { dvhp in
             let (pg, pq, pk, pv) = (Shared(gp.baseAddress!), Shared(qp.baseAddress!), Shared(kp.baseAddress!), Shared(vp.baseAddress!))
             let (pdq, pdkh, pdvh) = (Shared(dqp.baseAddress!), Shared(dkhp.baseAddress!), Shared(dvhp.baseAddress!))
-            withSingleThreadedBLAS {
+            BLAS.withOneThread {
                 parallelParts(batch * heads, grain: 1) { units in
                     let probs = UnsafeMutablePointer<Float>.allocate(capacity: blk * seq)
                     let dp = UnsafeMutablePointer<Float>.allocate(capacity: blk * seq)

@@ -14,6 +14,16 @@ public enum BLAS {
     public static var threads: Int { Int(openblas_get_num_threads()) }
     public static func setThreads(_ n: Int) { openblas_set_num_threads(Int32(max(1, n))) }
 
+    /// Runs `body` with OpenBLAS held to one thread, for GEMMs that are already one per worker
+    /// thread (attention) or too small to split (LoRA's rank-r products): OpenBLAS's own
+    /// threads would only contend for the cores, and they keep spinning after a call returns.
+    static func withOneThread<R>(_ body: () -> R) -> R {
+        let saved = Int(openblas_get_num_threads())
+        if saved != 1 { openblas_set_num_threads(1) }
+        defer { if saved != 1 { openblas_set_num_threads(Int32(saved)) } }
+        return body()
+    }
+
     /// The `OPENBLAS_CORETYPE` worth asking for on this CPU, or nil: "SkylakeX" only when the
     /// CPU has every AVX-512 subset those kernels use, so no kernel the CPU lacks is chosen.
     public static var preferredCoreType: String? {
