@@ -68,24 +68,7 @@ final class FamilyTests: XCTestCase {
                 AdamW.step(param: &layer.loraB, grad: layer.gradB, state: &states[i].1, config: config)
             }
         }
-        for (g, w) in zip(losses, v.floats("step_losses")) {
-            XCTAssertEqual(g, w, accuracy: LlamaTests.lossTolerance * abs(w), "\(family) loss", file: file, line: line)
-        }
-        var total = 0, far = 0
-        for (path, layer) in m.adapters {
-            for (name, got) in [("lora_A", layer.loraA), ("lora_B", layer.loraB)] {
-                let want = v.floats("step3.\(path).\(name).weight"), grad = v.floats("grad.\(path).\(name).weight")
-                let gmax = grad.map { abs($0) }.max()!
-                for i in want.indices {
-                    let d = Double(abs(got[i] - want[i])) / config.lr
-                    total += 1
-                    if abs(grad[i]) >= LlamaTests.largeGradient * gmax {
-                        XCTAssertLessThan(d, LlamaTests.adamTolerance, "\(family) step 3 \(path) \(name)[\(i)]", file: file, line: line)
-                    } else if d > LlamaTests.adamTolerance { far += 1 }
-                }
-            }
-        }
-        XCTAssertLessThan(Double(far), LlamaTests.smallGradientOutliers * Double(total), "\(family): \(far) of \(total) small-gradient elements", file: file, line: line)
+        LlamaTests.assertStepsMatch(m, v, losses: losses, lr: config.lr, label: family, file: file, line: line)
     }
 
     /// lm_head is the embedding; Llama-3 rope scaling with frequencies in its smoothed and its scaled band.

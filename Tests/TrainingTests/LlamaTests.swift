@@ -94,21 +94,33 @@ final class LlamaTests: XCTestCase {
                 AdamW.step(param: &layer.loraB, grad: layer.gradB, state: &states[i].1, config: config)
             }
         }
-        let wantLosses = v.floats("step_losses")
-        for (g, w) in zip(losses, wantLosses) { XCTAssertEqual(g, w, accuracy: Self.lossTolerance * abs(w)) }
+        Self.assertStepsMatch(m, v, losses: losses, lr: config.lr, label: "llama")
+    }
+
+    /// The losses of three AdamW steps and the adapters after them against the golden run
+    /// (`step_losses`, `step3.*`): elements with a large gradient each within `adamTolerance`
+    /// lr, the rest allowed `smallGradientOutliers` beyond it. FamilyTests uses it too.
+    static func assertStepsMatch(_ m: LlamaModel, _ v: VectorFile, losses: [Float], lr: Double, label: String,
+                                 file: StaticString = #filePath, line: UInt = #line) {
+        for (g, w) in zip(losses, v.floats("step_losses")) {
+            XCTAssertEqual(g, w, accuracy: lossTolerance * abs(w), "\(label) loss", file: file, line: line)
+        }
         var total = 0, far = 0
         for (path, layer) in m.adapters {
             for (name, got) in [("lora_A", layer.loraA), ("lora_B", layer.loraB)] {
                 let want = v.floats("step3.\(path).\(name).weight"), grad = v.floats("grad.\(path).\(name).weight")
                 let gmax = grad.map { abs($0) }.max()!
                 for i in want.indices {
-                    let d = Double(abs(got[i] - want[i])) / 1e-3  // in units of lr
+                    let d = Double(abs(got[i] - want[i])) / lr  // in units of lr
                     total += 1
-                    if abs(grad[i]) >= Self.largeGradient * gmax { XCTAssertLessThan(d, Self.adamTolerance, "step 3 \(path) \(name)[\(i)]") } else if d > Self.adamTolerance { far += 1 }
+                    if abs(grad[i]) >= largeGradient * gmax {
+                        XCTAssertLessThan(d, adamTolerance, "\(label) step 3 \(path) \(name)[\(i)]", file: file, line: line)
+                    } else if d > adamTolerance { far += 1 }
                 }
             }
         }
-        XCTAssertLessThan(Double(far), Self.smallGradientOutliers * Double(total), "\(far) of \(total) small-gradient elements beyond \(Self.adamTolerance) lr")
+        XCTAssertLessThan(Double(far), smallGradientOutliers * Double(total),
+                          "\(label): \(far) of \(total) small-gradient elements beyond \(adamTolerance) lr", file: file, line: line)
     }
 }
 
