@@ -232,25 +232,25 @@ public enum BnB4BitFormat {
         }
         let state = QuantState(quantType: qt, blocksize: bs, dtype: dt, shape: shape, absmax: absmax)
         do { try state.validate() } catch { throw fail(key, "\(error)") }
-        if !allowNonFiniteScales, let (tensor, problem) = nonFiniteScale(state, name: g.name, key: key) { throw fail(tensor, problem) }
+        if !allowNonFiniteScales, let (tensor, problem, _) = nonFiniteScale(state, name: g.name, key: key) { throw fail(tensor, problem) }
         return state
     }
 
     /// The first non-finite block scale of `state`: the tensor (or quant-state field) it comes
     /// from and the problem, or nil when every scale is finite.
-    public static func nonFiniteScale(_ state: QuantState, name: String, key: String) -> (tensor: String, problem: String)? {
+    public static func nonFiniteScale(_ state: QuantState, name: String, key: String) -> (tensor: String, problem: String, count: Int)? {
         let values = state.absmaxValues()
         guard let block = values.firstIndex(where: { !$0.isFinite }) else { return nil }
         let bad = values.filter { !$0.isFinite }.count
         let effect = "\(bad) of \(values.count) block scales are not finite (block \(block): \(values[block])), which dequantizes to NaN or infinite weights"
         switch state.absmax {
         case .plain:
-            return (name + ".absmax", "absmax: " + effect)
+            return (name + ".absmax", "absmax: " + effect, bad)
         case .nested(let n):
-            if let i = n.absmax.firstIndex(where: { !$0.isFinite }) { return (name + ".nested_absmax", "nested_absmax[\(i)] is \(n.absmax[i]); " + effect) }
-            if !n.offset.isFinite { return (key, "nested_offset is \(n.offset); " + effect) }
-            if let i = n.code.firstIndex(where: { !$0.isFinite }) { return (name + ".nested_quant_map", "nested_quant_map[\(i)] is \(n.code[i]); " + effect) }
-            return (name + ".absmax", "absmax (double-quantized): " + effect)
+            if let i = n.absmax.firstIndex(where: { !$0.isFinite }) { return (name + ".nested_absmax", "nested_absmax[\(i)] is \(n.absmax[i]); " + effect, bad) }
+            if !n.offset.isFinite { return (key, "nested_offset is \(n.offset); " + effect, bad) }
+            if let i = n.code.firstIndex(where: { !$0.isFinite }) { return (name + ".nested_quant_map", "nested_quant_map[\(i)] is \(n.code[i]); " + effect, bad) }
+            return (name + ".absmax", "absmax (double-quantized): " + effect, bad)
         }
     }
 }

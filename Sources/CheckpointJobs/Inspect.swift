@@ -52,20 +52,22 @@ public func inspectCheckpoint(path: String) throws -> InspectReport {
     for e in reader.entries {
         if let g = byName[e.name] {
             let state = try BnB4BitFormat.state(of: g, from: reader, allowNonFiniteScales: true)
-            let q = Quantized4Bit(packed: reader.withBytes(of: g.name) { Array($0) }, state: state)
+            // The packed data's size is its stored size (`state(of:)` checked it is ceil(n / 2)):
+            // nothing of the weight is read.
+            let dataBytes = reader.info(named: g.name)?.byteCount ?? 0
             let nonFinite = BnB4BitFormat.nonFiniteScale(state, name: g.name, key: BnB4BitFormat.quantStateKey(g.name, g.quantType))
-            let n = q.state.elementCount
+            let n = state.elementCount
             let stored = g.members.reduce(0) { $0 + (reader.info(named: $1)?.byteCount ?? 0) }
             let json = reader.info(named: BnB4BitFormat.quantStateKey(g.name, g.quantType))?.byteCount ?? 0
-            let constants = stored - q.packed.count - json
+            let constants = stored - dataBytes - json
             tensors.append(.init(
-                name: e.name, dtype: "4bit", shape: q.state.shape, bytes: stored,
+                name: e.name, dtype: "4bit", shape: state.shape, bytes: stored,
                 quantization: .init(
-                    quantType: q.state.quantType.rawValue, blocksize: q.state.blocksize, doubleQuant: q.state.isDoubleQuantized,
-                    originalDtype: q.state.dtype.rawValue, dataBytes: q.packed.count, constantBytes: constants,
-                    dataBitsPerParameter: n == 0 ? 0 : Double(q.packed.count * 8) / Double(n),
+                    quantType: state.quantType.rawValue, blocksize: state.blocksize, doubleQuant: state.isDoubleQuantized,
+                    originalDtype: state.dtype.rawValue, dataBytes: dataBytes, constantBytes: constants,
+                    dataBitsPerParameter: n == 0 ? 0 : Double(dataBytes * 8) / Double(n),
                     constantBitsPerParameter: n == 0 ? 0 : Double(constants * 8) / Double(n),
-                    nonFiniteScales: nonFinite.map { _ in state.absmaxValues().filter { !$0.isFinite }.count },
+                    nonFiniteScales: nonFinite?.count,
                     nonFiniteScalesProblem: nonFinite.map { "\($0.tensor): \($0.problem)" })))
             params += n
             quantized += n
