@@ -138,7 +138,8 @@ public final class LoRALinear {
         guard x.count == tokens * k else { throw .shapeMismatch("x has \(x.count) values, expected [\(tokens), \(k)]") }
         var y = [Float](repeating: 0, count: tokens * n)
         x.withUnsafeBufferPointer { xp in
-            y.withUnsafeMutableBufferPointer { Matmul4Bit.forward(x: xp, tokens: tokens, weight: base, y: $0, scratch: scratch, roundOutputToBF16: bias == nil) }
+            y.withUnsafeMutableBufferPointer { Matmul4Bit.forward(x: xp, tokens: tokens, weight: base, y: $0, threads: LlamaOps.threadCount, scratch: scratch,
+                                                                  roundOutputToBF16: bias == nil) }
         }
         if let bias {
             for t in 0..<tokens { for j in 0..<n { y[t * n + j] = HalfPrecision.roundedToBFloat16(y[t * n + j] + bias[j]) } }
@@ -189,7 +190,8 @@ public final class LoRALinear {
         guard dy.count == t * n else { throw .shapeMismatch("dy has \(dy.count) values, expected [\(t), \(n)]") }
         var dx = [Float](repeating: 0, count: t * k)
         dy.withUnsafeBufferPointer { d in
-            dx.withUnsafeMutableBufferPointer { Matmul4Bit.backwardInput(dy: d, tokens: t, weight: base, dx: $0, scratch: scratch, roundOutputToBF16: true) }
+            dx.withUnsafeMutableBufferPointer { Matmul4Bit.backwardInput(dy: d, tokens: t, weight: base, dx: $0, threads: LlamaOps.threadCount, scratch: scratch,
+                                                                         roundOutputToBF16: true) }
         }
         let s = Float(config.scaling)
         var g = rounded(dy)  // the adapter output's cast back to fp32 sends a bf16 gradient
