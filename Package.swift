@@ -41,7 +41,7 @@ let package = Package(
         .target(name: "CheckpointJobs", dependencies: ["CheckpointFormats", "QLoRA", "SafeTensors", "FileOutput"]),
         /// `qlora train`: the Llama checkpoint loader, JSONL data, the run with its resumable
         /// checkpoints and final adapter.
-        .target(name: "Training", dependencies: ["CheckpointFormats", "QLoRA", "SafeTensors", "FileOutput"]),
+        .target(name: "Training", dependencies: ["CheckpointFormats", "QLoRA", "SafeTensors", "FileOutput", "Memory"]),
         /// Memory per component: estimated from exact parameter counts, and measured (allocator,
         /// RSS, a real decoder layer's step).
         .target(name: "Memory", dependencies: ["QLoRA", "CMallocInfo"]),

@@ -202,10 +202,7 @@ public struct MemoryEstimate: Sendable, Codable {
             c.append(MemoryComponent(name: "optimizer_states", estimatedBytes: 8 * a.totalParameters, basis: "AdamW exp_avg + exp_avg_sq, fp32"))
             c.append(MemoryComponent(name: "master_weights", estimatedBytes: 4 * a.totalParameters, basis: "fp32 copy of every parameter (mixed precision)"))
         } else {
-            let states = groups.reduce(0) { t, g in
-                let n = g.shape.reduce(1, *)
-                return t + g.count * (n < 4096 ? 8 * n : 2 * (n + 4 * CheckedSize.ceilingDivision(n, 256)))
-            }
+            let states = groups.reduce(0) { t, g in t + g.count * Optimizer.adamw8bit.stateBytes(g.shape.reduce(1, *)) }
             c.append(MemoryComponent(name: "optimizer_states", estimatedBytes: states,
                                      basis: "8-bit AdamW: 2 states × (1 B + f32 absmax per 256); tensors < 4096 elements fp32"))
         }

@@ -1,5 +1,6 @@
 import CheckpointFormats
 import Foundation
+import Memory
 import QLoRA
 
 /// What a `qlora train` run will allocate, worked out from config.json and the options before
@@ -48,12 +49,7 @@ public struct TrainingMemory: Sendable, Equatable {
     /// Memory this process can still allocate without swapping: `MemAvailable` of /proc/meminfo,
     /// or the machine's physical memory where there is no /proc (bytes).
     public static func availableBytes() -> Int {
-        if let s = try? String(contentsOfFile: "/proc/meminfo", encoding: .utf8),
-           let line = s.split(separator: "\n").first(where: { $0.hasPrefix("MemAvailable:") }),
-           let kb = line.split(separator: " ").dropFirst().first.flatMap({ Int($0) }) {
-            return kb * 1024
-        }
-        return Int(clamping: ProcessInfo.processInfo.physicalMemory)
+        MemoryProbe.availableBytes() ?? Int(clamping: ProcessInfo.processInfo.physicalMemory)
     }
 
     /// Refuses a run that cannot fit in `available` bytes, naming what it would need.
