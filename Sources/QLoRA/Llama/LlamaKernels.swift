@@ -16,14 +16,6 @@ import Foundation
 /// exactly one part and computed the same way whichever thread runs it, so no result depends on
 /// the scheduling (training resumes bit-identically).
 extension LlamaOps {
-    /// fp32 -> bf16 -> fp32 without a branch, so loops of it vectorize: the same value as
-    /// `HalfPrecision.roundedToBFloat16` for every input (round to nearest even; NaN -> 0x7FC0).
-    @inline(__always) static func bf16Fast(_ x: Float) -> Float {
-        let u = x.bitPattern
-        let r = Float(bitPattern: (u &+ 0x7FFF &+ ((u >> 16) & 1)) & 0xFFFF_0000)
-        return x.isNaN ? Float(bitPattern: 0x7FC0_0000) : r
-    }
-
     /// A pointer that crosses into the worker threads; each part writes only its own elements.
     struct Shared<T>: @unchecked Sendable {
         let p: UnsafeMutablePointer<T>
@@ -54,7 +46,7 @@ extension LlamaOps {
         a.withUnsafeBufferPointer { ap in b.withUnsafeBufferPointer { bp in y.withUnsafeMutableBufferPointer { yp in
             let (pa, pb, py) = (Shared(ap.baseAddress!), Shared(bp.baseAddress!), Shared(yp.baseAddress!))
             parallelParts(a.count, grain: elementGrain) { r in
-                for i in r { py.p[i] = bf16Fast(pa.p[i] + pb.p[i]) }
+                for i in r { py.p[i] = bf16(pa.p[i] + pb.p[i]) }
             }
         } } }
         return y
@@ -68,7 +60,7 @@ extension LlamaOps {
         a.withUnsafeBufferPointer { ap in b.withUnsafeBufferPointer { bp in c.withUnsafeBufferPointer { cp in y.withUnsafeMutableBufferPointer { yp in
             let (pa, pb, pc, py) = (Shared(ap.baseAddress!), Shared(bp.baseAddress!), Shared(cp.baseAddress!), Shared(yp.baseAddress!))
             parallelParts(a.count, grain: elementGrain) { r in
-                for i in r { py.p[i] = bf16Fast(bf16Fast(pa.p[i] + pb.p[i]) + pc.p[i]) }
+                for i in r { py.p[i] = bf16(bf16(pa.p[i] + pb.p[i]) + pc.p[i]) }
             }
         } } } }
         return y
@@ -93,7 +85,7 @@ extension LlamaOps {
                         for i in 0..<h { ss += xr[i] * xr[i] }
                         let r = 1 / (ss / Float(h) + eps).squareRoot()
                         pr.p[t] = r
-                        for i in 0..<h { yr[i] = bf16Fast(pw.p[i] * bf16Fast(xr[i] * r)) }
+                        for i in 0..<h { yr[i] = bf16(pw.p[i] * bf16(xr[i] * r)) }
                     }
                 }
             } }
@@ -116,11 +108,11 @@ extension LlamaOps {
                     defer { g.deallocate() }
                     for t in rows {
                         let dyr = pdy.p + t * h, xr = px.p + t * h, dxr = pdx.p + t * h, r = pr.p[t]
-                        for i in 0..<h { g[i] = bf16Fast(dyr[i] * pw.p[i]) }
+                        for i in 0..<h { g[i] = bf16(dyr[i] * pw.p[i]) }
                         var dot: Float = 0
                         for i in 0..<h { dot += g[i] * xr[i] }  // sequential, as the reference
                         let c = -0.5 * dot * r * r * r * 2 / Float(h)
-                        for i in 0..<h { dxr[i] = bf16Fast(g[i] * r + xr[i] * c) }
+                        for i in 0..<h { dxr[i] = bf16(g[i] * r + xr[i] * c) }
                     }
                 }
             }
@@ -156,12 +148,12 @@ extension LlamaOps {
                         if backward {
                             // dx = bf16(bf16(dy·cos) + via rotate_half): rotate_half(x)[j] = -x[j+half] (j < half),
                             // x[j-half] (j ≥ half), so dy[j] reaches x[j-half] with +sin[j], x[j+half] with -sin[j].
-                            for i in 0..<half { yr[i] = bf16Fast(bf16Fast(xr[i] * c[i]) + bf16Fast(xr[i + half] * s[i + half])) }
-                            for i in half..<d { yr[i] = bf16Fast(bf16Fast(xr[i] * c[i]) + -bf16Fast(xr[i - half] * s[i - half])) }
+                            for i in 0..<half { yr[i] = bf16(bf16(xr[i] * c[i]) + bf16(xr[i + half] * s[i + half])) }
+                            for i in half..<d { yr[i] = bf16(bf16(xr[i] * c[i]) + -bf16(xr[i - half] * s[i - half])) }
                         } else {
                             // y = bf16(bf16(x·cos) + bf16(rotate_half(x)·sin))
-                            for i in 0..<half { yr[i] = bf16Fast(bf16Fast(xr[i] * c[i]) + bf16Fast(-xr[i + half] * s[i])) }
-                            for i in half..<d { yr[i] = bf16Fast(bf16Fast(xr[i] * c[i]) + bf16Fast(xr[i - half] * s[i])) }
+                            for i in 0..<half { yr[i] = bf16(bf16(xr[i] * c[i]) + bf16(-xr[i + half] * s[i])) }
+                            for i in half..<d { yr[i] = bf16(bf16(xr[i] * c[i]) + bf16(xr[i - half] * s[i])) }
                         }
                     }
                 }
@@ -182,7 +174,7 @@ extension LlamaOps {
             parallelParts(gate.count, grain: elementGrain / 4) { r in
                 for i in r {
                     let g = pg.p[i]
-                    py.p[i] = bf16Fast(bf16Fast(g / (1 + Foundation.exp(-g))) * pu.p[i])
+                    py.p[i] = bf16(bf16(g / (1 + Foundation.exp(-g))) * pu.p[i])
                 }
             }
         } } }
@@ -204,10 +196,10 @@ extension LlamaOps {
                         let gate = HalfPrecision.float(bfloat16Bits: pg.p[i]), up = HalfPrecision.float(bfloat16Bits: pu.p[i])
                         let e = Foundation.exp(-gate)
                         let sg = 1 / (1 + e)
-                        let a = bf16Fast(gate / (1 + e))
-                        pdu.p[i] = bf16Fast(pdy.p[i] * a)
-                        let da = bf16Fast(pdy.p[i] * up)
-                        pdg.p[i] = bf16Fast(da * sg * (1 + gate * (1 - sg)))
+                        let a = bf16(gate / (1 + e))
+                        pdu.p[i] = bf16(pdy.p[i] * a)
+                        let da = bf16(pdy.p[i] * up)
+                        pdg.p[i] = bf16(da * sg * (1 + gate * (1 - sg)))
                     }
                 }
             } }
@@ -230,7 +222,7 @@ extension LlamaOps {
             let row = s + r * n, i = i0 + r
             var mx = -Float.infinity
             for j in 0...i {
-                row[j] = bf16Fast(bf16Fast(row[j]) * scale)
+                row[j] = bf16(bf16(row[j]) * scale)
                 mx = max(mx, row[j])
             }
             var sum: Float = 0
@@ -271,12 +263,12 @@ extension LlamaOps {
                                         qh + i0 * ldq, Int32(ldq), kh0, Int32(ldk), 0, s, Int32(n))
                             softmaxBlock(s, rows: m, n: n, i0: i0, scale: scale)
                             // Eager attention multiplies bf16 probabilities: P = bf16(softmax) (0 past the diagonal).
-                            for x in 0..<(m * n) { s[x] = bf16Fast(s[x]) }
+                            for x in 0..<(m * n) { s[x] = bf16(s[x]) }
                             // O[i0..<i0+m] [m, d] = P [m, n] · V[0..<n] [n, d] (ldb = KV·d), written in place (ldc = H·d).
                             let o = oh + i0 * ldq
                             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(m), Int32(d), Int32(n), 1,
                                         s, Int32(n), vh0, Int32(ldk), 0, o, Int32(ldq))
-                            for r in 0..<m { for e in 0..<d { o[r * ldq + e] = bf16Fast(o[r * ldq + e]) } }
+                            for r in 0..<m { for e in 0..<d { o[r * ldq + e] = bf16(o[r * ldq + e]) } }
                             i0 += m
                         }
                     }
@@ -330,11 +322,11 @@ extension LlamaOps {
                             for r in 0..<m {
                                 let i = i0 + r, pr = probs + r * n, dr = dp + r * n
                                 var dot: Float = 0
-                                for j in 0...i { dr[j] = bf16Fast(dr[j]); dot += dr[j] * pr[j] }  // sequential, as the reference
+                                for j in 0...i { dr[j] = bf16(dr[j]); dot += dr[j] * pr[j] }  // sequential, as the reference
                                 // Reference: ds = bf16(probs[j] · (dp[j] - dot)) · scale; pb = bf16(probs[j]).
                                 for j in 0...i {
-                                    dr[j] = bf16Fast(pr[j] * (dr[j] - dot)) * scale
-                                    pr[j] = bf16Fast(pr[j])
+                                    dr[j] = bf16(pr[j] * (dr[j] - dot)) * scale
+                                    pr[j] = bf16(pr[j])
                                 }
                                 for j in (i + 1)..<n { dr[j] = 0 }
                             }
@@ -342,7 +334,7 @@ extension LlamaOps {
                             // here, so the sum is complete; written in place (ldc = H·d), then rounded.
                             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(m), Int32(d), Int32(n), 1,
                                         dp, Int32(n), kh0, Int32(ldk), 0, dqh + i0 * ldq, Int32(ldq))
-                            for r in 0..<m { let o = dqh + (i0 + r) * ldq; for e in 0..<d { o[e] = bf16Fast(o[e]) } }
+                            for r in 0..<m { let o = dqh + (i0 + r) * ldq; for e in 0..<d { o[e] = bf16(o[e]) } }
                             // dK_head[0..<n] [n, d] += dSᵀ [n, m] · Q_blk [m, d] (op(A) = dSᵀ, lda = n; ldb = H·d).
                             cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Int32(n), Int32(d), Int32(m), 1,
                                         dp, Int32(n), qb, Int32(ldq), 1, dkh, Int32(d))
@@ -368,9 +360,9 @@ extension LlamaOps {
                         for r in 0..<rep {
                             let src = ((b * heads + kh * rep + r) * seq + s) * d
                             let hk = pdkh.p + src, hv = pdvh.p + src
-                            for e in 0..<d { o[e] += bf16Fast(hk[e]); ov[e] += bf16Fast(hv[e]) }
+                            for e in 0..<d { o[e] += bf16(hk[e]); ov[e] += bf16(hv[e]) }
                         }
-                        for e in 0..<d { o[e] = bf16Fast(o[e]); ov[e] = bf16Fast(ov[e]) }
+                        for e in 0..<d { o[e] = bf16(o[e]); ov[e] = bf16(ov[e]) }
                     }
                 }
             }

@@ -30,9 +30,13 @@ public enum HalfPrecision {
         Float(Float16(bitPattern: h))
     }
 
-    /// Rounds through bf16 and back: the value a bf16 tensor would hold.
+    /// Rounds through bf16 and back: the value a bf16 tensor would hold, the same as
+    /// `float(bfloat16Bits: bfloat16Bits(x))` for every input. Written without a branch, so
+    /// loops of it vectorize (the Llama kernels' elementwise ops rely on that).
     @inline(__always)
     public static func roundedToBFloat16(_ x: Float) -> Float {
-        float(bfloat16Bits: bfloat16Bits(x))
+        let u = x.bitPattern
+        let r = Float(bitPattern: (u &+ 0x7FFF &+ ((u >> 16) & 1)) & 0xFFFF_0000)
+        return x.isNaN ? Float(bitPattern: 0x7FC0_0000) : r
     }
 }
