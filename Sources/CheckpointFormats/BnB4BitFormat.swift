@@ -134,7 +134,7 @@ public enum BnB4BitFormat {
         var seen: [String: Group] = [:]
         for g in all {
             if let other = seen[g.name] {
-                let file = reader.entry(named: g.name).map { reader.directory + "/" + $0.shard } ?? reader.path
+                let file = reader.filePath(of: g.name)
                 throw CheckpointError.invalidTensor(file: file, tensor: g.name, problem: "has two quant states, '\(quantStateKey(g.name, other.quantType))' and "
                                                    + "'\(quantStateKey(g.name, g.quantType))'; a 4-bit weight has one quant type")
             }
@@ -164,7 +164,7 @@ public enum BnB4BitFormat {
     /// nested_offset) would dequantize to NaN or ±Inf weights and is refused, naming the tensor,
     /// unless `allowNonFiniteScales` (inspect, which reports them).
     public static func state(of g: Group, from reader: CheckpointReader, allowNonFiniteScales: Bool = false) throws -> QuantState {
-        func file(_ t: String) -> String { reader.entry(named: t).map { reader.directory + "/" + $0.shard } ?? reader.path }
+        func file(_ t: String) -> String { reader.filePath(of: t) }
         func fail(_ t: String, _ problem: String) -> CheckpointError { .invalidTensor(file: file(t), tensor: t, problem: problem) }
         func bytes(_ t: String) throws -> [UInt8] {
             guard reader.info(named: t) != nil else { throw fail(g.name, "missing companion tensor '\(t)'") }

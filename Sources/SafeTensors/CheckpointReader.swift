@@ -124,6 +124,12 @@ public final class CheckpointReader: Sendable {
         entryIndexByName[name].map { entries[$0] }
     }
 
+    /// The file tensor `name` is read from, for messages: its shard, or `path` when there is no
+    /// such tensor.
+    public func filePath(of name: String) -> String {
+        entry(named: name).map { directory + "/" + $0.shard } ?? path
+    }
+
     /// The tensor called `name` (offsets relative to its shard), or nil.
     public func info(named name: String) -> TensorInfo? { entry(named: name)?.info }
 
