@@ -23,7 +23,7 @@ struct Bench: ParsableCommand {
             let r = try KernelBench.run(o) { line.update(done: 0, total: 0, tensor: $0) }
             line.finish()
             if json {
-                try printJSON(r, escapeSlashes: true)
+                try printJSON(r)
                 return
             }
             print("OpenBLAS core \(r.openblasCore), \(r.threads) thread(s); qlora kernels \(r.kernelLevel); last-level cache \(r.lastLevelCacheBytes >> 20) MiB")

@@ -63,9 +63,9 @@ enum OutputDType: String, ExpressibleByArgument, CaseIterable {
 }
 
 /// Prints `value` as pretty JSON with sorted keys (snake_case keys unless told otherwise).
-func printJSON<T: Encodable>(_ value: T, snakeCase: Bool = true, escapeSlashes: Bool = false) throws {
+func printJSON<T: Encodable>(_ value: T, snakeCase: Bool = true) throws {
     let enc = JSONEncoder()
-    enc.outputFormatting = escapeSlashes ? [.prettyPrinted, .sortedKeys] : [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+    enc.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
     if snakeCase { enc.keyEncodingStrategy = .convertToSnakeCase }
     print(String(decoding: try enc.encode(value), as: UTF8.self))
 }
