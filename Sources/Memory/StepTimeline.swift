@@ -28,6 +28,15 @@ import QLoRA
 /// Not here: the CUDA context, cuBLAS workspaces and the caching allocator's rounding and
 /// fragmentation ("reserved" versus "allocated"), and scratch inside kernels.
 public struct StepTimeline: Sendable, Codable {
+    /// Whose step: the recipe decides what is kept, where and when.
+    public enum Recipe: String, Sendable, Codable, CaseIterable {
+        /// transformers + PEFT + bitsandbytes: measured (Vectors/memory/peaks.json).
+        case transformers
+        /// Unsloth's QLoRA step as its source lays it out (`StepTimeline+Unsloth.swift`): not
+        /// measured, Unsloth runs only on CUDA with Triton.
+        case unsloth
+    }
+
     /// One moment of the step: the live bytes, by component.
     public struct Point: Sendable, Codable {
         public var phase: String
@@ -38,6 +47,7 @@ public struct StepTimeline: Sendable, Codable {
 
     public static let componentOrder = ["weights", "adapters", "activations", "transient", "gradients", "optimizer_states"]
 
+    public var recipe: Recipe
     public var points: [Point]
     public var peakIndex: Int
     public var peak: Point { points[peakIndex] }
@@ -45,45 +55,33 @@ public struct StepTimeline: Sendable, Codable {
     /// What autograd keeps per token at the end of the forward (the head included), and the head's part.
     public var keptBytesPerToken: Int
     public var headKeptBytesPerToken: Int
+    /// Bytes the step keeps in host (CPU) memory rather than on the device: Unsloth's offloaded
+    /// checkpoints.
+    public var hostBytes = 0
 
     /// - Parameter firstStep: the first step of a run, before AdamW has states (what
     ///   peaks.json measures); otherwise a later step, which holds the states from the start
     ///   (what a run needs).
-    public init(model a: ModelArchitecture, options o: MemoryOptions, firstStep: Bool = false) throws {
-        let e = try MemoryEstimate(model: a, options: o)
+    public init(model a: ModelArchitecture, options o: MemoryOptions, firstStep: Bool = false, recipe: Recipe = .transformers) throws {
+        if recipe == .unsloth {
+            self = try StepTimeline(unsloth: a, options: o, firstStep: firstStep)
+            return
+        }
+        self.recipe = recipe
+        let held = try Held(a, o)
+        let (weights, adapters, gradientBytes, stateBytes) = (held.weights, held.adapters, held.gradientBytes, held.stateBytes)
+        let (largestParameter, dequantized, perLayerGradients) = (held.largestParameter, held.dequantized, held.perLayerGradients)
         let t = o.tokens
         let h = a.hiddenSize, v = a.vocabSize
-        let modules = o.isLoRA ? a.adaptedModules(o.targets) : []
         // Per token, SDPA attention (transformers' default): the same layer and head terms as the
         // estimate's activations.
         let layerKept = MemoryEstimate.activationBytesPerToken(a, o)
         let rope = 4 * a.headDim
         let head = MemoryEstimate.headActivationBytesPerToken(a, o)
-        func bytes(_ names: String...) -> Int { names.reduce(0) { $0 + (e.component($1)?.estimatedBytes ?? 0) } }
-        let weights = o.isLoRA ? bytes("base_weights", "quant_constants", "unquantized_weights") : bytes("base_weights")
-        let adapters = bytes("lora_params")
-        let trainable = e.params.trainable
-        // Gradients and optimizer states as the real step holds them.
-        let gradientBytes = o.isLoRA ? 4 * trainable : 2 * trainable
-        let tensors = o.isLoRA ? 2 * modules.count * a.layers : a.tensorGroups.reduce(0) { $0 + $1.count }
-        let stateBytes: Int
-        switch o.method {
-        case .qlora, .lora: stateBytes = o.optimizer == .adamw ? 8 * trainable + 4 * tensors + 4 : bytes("optimizer_states")
-        case .full: stateBytes = 4 * trainable + 4 * tensors + 4   // torch keeps AdamW moments in the bf16 parameters' dtype
-        case .full8BitAdam: stateBytes = bytes("optimizer_states")
-        }
-        let largestParameter = o.isLoRA
-            ? 4 * (modules.map { max(o.rank * a.projectionShape($0).in, a.projectionShape($0).out * o.rank) }.max() ?? 0)
-            : 2 * (a.tensorGroups.map { $0.shape.reduce(1, *) }.max() ?? 0)
-        // bitsandbytes dequantizes a 4-bit weight to bf16 for each matmul, forward and backward.
-        let dequantized = o.method == .qlora ? 2 * (a.projections.map { $0.outFeatures * $0.inFeatures }.max() ?? 0) : 0
-        let perLayerGradients = a.layers > 0 ? gradientBytes / a.layers : 0
 
         var points: [Point] = []
-        let heldStates = firstStep ? 0 : stateBytes
         func add(_ phase: String, activations: Int, transient: Int = 0, gradients: Int = 0, states: Int? = nil) {
-            points.append(Point(phase: phase, components: ["weights": weights, "adapters": adapters, "activations": activations,
-                                                           "transient": transient, "gradients": gradients, "optimizer_states": states ?? heldStates]))
+            points.append(held.point(phase, firstStep: firstStep, activations: activations, transient: transient, gradients: gradients, states: states))
         }
         add(firstStep ? "weights loaded" : "step begins (AdamW states held from earlier steps)", activations: 0)
         let gc = o.gradientCheckpointing
@@ -119,10 +117,49 @@ public struct StepTimeline: Sendable, Codable {
         add("optimizer step (AdamW, foreach)", activations: 0, transient: 2 * largestParameter, gradients: gradients, states: stateBytes)
         add("end of step (zero_grad)", activations: 0, states: stateBytes)
         self.points = points
-        peakIndex = points.indices.max { points[$0].bytes < points[$1].bytes }!
+        peakIndex = Self.peakIndex(points)
         keptBytesPerToken = t > 0 ? kept / t : 0
         headKeptBytesPerToken = head
     }
+
+    /// What a step holds whatever keeps its activations: weights, adapters, their gradients and
+    /// the optimizer's states, the dequantized weight of a 4-bit matmul.
+    struct Held {
+        var weights, adapters, gradientBytes, stateBytes, largestParameter, dequantized, perLayerGradients: Int
+
+        init(_ a: ModelArchitecture, _ o: MemoryOptions) throws {
+            let e = try MemoryEstimate(model: a, options: o)
+            let modules = o.isLoRA ? a.adaptedModules(o.targets) : []
+            func bytes(_ names: String...) -> Int { names.reduce(0) { $0 + (e.component($1)?.estimatedBytes ?? 0) } }
+            weights = o.isLoRA ? bytes("base_weights", "quant_constants", "unquantized_weights") : bytes("base_weights")
+            adapters = bytes("lora_params")
+            let trainable = e.params.trainable
+            // Gradients and optimizer states as the real step holds them.
+            gradientBytes = o.isLoRA ? 4 * trainable : 2 * trainable
+            let tensors = o.isLoRA ? 2 * modules.count * a.layers : a.tensorGroups.reduce(0) { $0 + $1.count }
+            switch o.method {
+            case .qlora, .lora: stateBytes = o.optimizer == .adamw ? 8 * trainable + 4 * tensors + 4 : bytes("optimizer_states")
+            case .full: stateBytes = 4 * trainable + 4 * tensors + 4   // torch keeps AdamW moments in the bf16 parameters' dtype
+            case .full8BitAdam: stateBytes = bytes("optimizer_states")
+            }
+            largestParameter = o.isLoRA
+                ? 4 * (modules.map { max(o.rank * a.projectionShape($0).in, a.projectionShape($0).out * o.rank) }.max() ?? 0)
+                : 2 * (a.tensorGroups.map { $0.shape.reduce(1, *) }.max() ?? 0)
+            // bitsandbytes dequantizes a 4-bit weight to bf16 for each matmul, forward and backward.
+            dequantized = o.method == .qlora ? 2 * (a.projections.map { $0.outFeatures * $0.inFeatures }.max() ?? 0) : 0
+            perLayerGradients = a.layers > 0 ? gradientBytes / a.layers : 0
+        }
+
+        /// A moment of the step; the optimizer's states are held from the start except in a run's
+        /// first step, unless `states` says otherwise.
+        func point(_ phase: String, firstStep: Bool, activations: Int, transient: Int, gradients: Int, states: Int?) -> Point {
+            Point(phase: phase, components: ["weights": weights, "adapters": adapters, "activations": activations, "transient": transient,
+                                             "gradients": gradients, "optimizer_states": states ?? (firstStep ? 0 : stateBytes)])
+        }
+    }
+
+    /// The first moment with the most bytes.
+    static func peakIndex(_ points: [Point]) -> Int { points.indices.max { points[$0].bytes < points[$1].bytes }! }
 
     /// Bytes at the step's peak.
     public var peakBytes: Int { peak.bytes }

@@ -30,8 +30,14 @@ struct MemoryCommand: ParsableCommand {
     @Flag(help: "Build the components in this process and measure them (allocator and RSS).") var measure = false
     @Option(help: ArgumentHelp("Model the whole step's memory over time (transformers + PEFT + bitsandbytes) and draw it as an SVG at PATH; prints the peak's phase.", valueName: "path"))
     var timeline: String?
+    @Option(help: "With --timeline: whose step, transformers (transformers + PEFT + bitsandbytes, measured) or unsloth (Unsloth's offloaded checkpointing and fused cross-entropy, from its source, not measured).")
+    var recipe: StepTimeline.Recipe = .transformers
     @Flag(help: "With --timeline: replace an existing SVG.") var overwrite = false
     @Flag(help: "Print JSON.") var json = false
+
+    func validate() throws {
+        if recipe != .transformers && timeline == nil { throw ValidationError("--recipe chooses whose step --timeline draws; give --timeline PATH.svg") }
+    }
 
     func run() {
         runReportingErrors {
@@ -41,11 +47,12 @@ struct MemoryCommand: ParsableCommand {
             var m = try MemoryEstimate(model: arch, options: o)
             var scope: String? = nil
             if measure { scope = try measureWithProgress(&m, model: arch) }
-            let step = try timeline.map { _ in try StepTimeline(model: arch, options: o) }
+            let step = try timeline.map { _ in try StepTimeline(model: arch, options: o, recipe: recipe) }
             if let step, let path = timeline {
                 let title = "One training step's memory over time: \(arch.name), \(method.rawValue)"
                 let subtitle = "r=\(rank) on \(arch.adaptedModules(o.targets).joined(separator: ",")), \(seqLen) tokens × \(batch)"
-                    + (gradCheckpointing ? ", gradient checkpointing" : "") + "; transformers + PEFT + bitsandbytes, live tensor bytes (GB = 10⁹ B)"
+                    + (gradCheckpointing || recipe == .unsloth ? ", gradient checkpointing" : "")
+                    + (recipe == .unsloth ? "; Unsloth's step from its source, not measured (GB = 10⁹ B)" : "; transformers + PEFT + bitsandbytes, live tensor bytes (GB = 10⁹ B)")
                 try StagedOutput.write(Data(TimelineChart.svg(step, title: title, subtitle: subtitle).utf8), to: path, overwrite: overwrite)
             }
             if json {
@@ -62,6 +69,7 @@ struct MemoryCommand: ParsableCommand {
 
 extension TrainingMethod: ExpressibleByArgument {}
 extension Optimizer: ExpressibleByArgument {}
+extension StepTimeline.Recipe: ExpressibleByArgument {}
 
 /// `MemoryMeasurement.measure` with a progress line; returns the measurement's scope line(s).
 func measureWithProgress(_ m: inout MemoryEstimate, model arch: ModelArchitecture) throws -> String {
@@ -125,6 +133,9 @@ func timelineTable(_ t: StepTimeline) -> String {
     for (i, p) in t.points.enumerated() {
         rows.append([(i == t.peakIndex ? "▶ " : "  ") + p.phase, formatBytes(p.bytes)] + names.map { formatBytes(p.components[$0] ?? 0) })
     }
-    return "The step over time (transformers + PEFT + bitsandbytes, live tensor bytes):\n" + table(rows)
-        + "\n\npeak: \(formatBytes(t.peakBytes)) at \(t.peak.phase); not modelled: the CUDA context, cuBLAS workspaces, the caching allocator's reserve."
+    let whose = t.recipe == .unsloth ? "Unsloth's step from its source, not measured; bytes on the GPU" : "transformers + PEFT + bitsandbytes, live tensor bytes"
+    return "The step over time (\(whose)):\n" + table(rows)
+        + "\n\npeak: \(formatBytes(t.peakBytes)) at \(t.peak.phase)"
+        + (t.hostBytes > 0 ? "; checkpoints offloaded to host memory: \(formatBytes(t.hostBytes))" : "")
+        + "; not modelled: the CUDA context, cuBLAS workspaces, the caching allocator's reserve."
 }

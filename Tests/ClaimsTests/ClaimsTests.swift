@@ -71,6 +71,7 @@ final class ClaimsTests: XCTestCase {
         // system RAM (M30) depends on the loader.
         XCTAssertEqual(checks.filter { ["M23", "M30"].contains($0.id) }.map(\.verdict), [.holds, .notCheckable])
         XCTAssertNotEqual(checks.first { $0.id == "M12" }?.verdict, .notCheckable)
+        XCTAssertNotEqual(checks.first { $0.id == "M13" }?.verdict, .notCheckable, "M13 is judged with the unsloth recipe")
     }
 
     /// The shapes that are not presets, against their published parameter counts; the

@@ -80,3 +80,31 @@ final class OptimizerTests: XCTestCase {
         XCTAssertLessThan(paged, try Fit.perDeviceBytes(a, unpaged, gpus: 1, parallelism: .ddp))
     }
 }
+
+/// Unsloth's recipe (from its source, not measured: see StepTimeline+Unsloth.swift): what its
+/// autograd functions save, term by term, and what its offloading and fused loss leave out.
+final class UnslothRecipeTests: XCTestCase {
+    func testWhatUnslothKeepsOnTheDevice() throws {
+        let a = ModelArchitecture.preset("llama-3.1-8b")!
+        let o = MemoryOptions(method: .qlora, rank: 16, seqLen: 2048, gradientCheckpointing: true, optimizer: .adamw8bit)
+        let u = try StepTimeline(model: a, options: o, recipe: .unsloth)
+        // Recomputed layer, llama-3.1-8b (h 4096, q 4096, kv 1024, i 14336, 32 heads): two norms'
+        // inputs and 1/rms, LoRA_QKV's input, q/k/v/output and log-sum-exp, LoRA_MLP's input, e, g.
+        XCTAssertEqual(StepTimeline.unslothLayerBytesPerToken(a), (2 * 4096 + 4) * 2 + 2 * 4096 + (2 * 4096 + 2 * 1024 + 2 * 1024 + 2 * 4096 + 4 * 32) + 2 * 4096 + 2 * 2 * 14336)
+        // The head: bf16 logits and an fp32 log-sum-exp, the final norm's input, 1/rms and output, labels.
+        XCTAssertEqual(u.headKeptBytesPerToken, 2 * 128256 + 4 + 2 * 4096 + 4 + 2 * 4096 + 8)
+        // No checkpoint stays on the device: what the forward leaves does not grow with the layers.
+        var deeper = a
+        deeper.layers *= 2
+        let d = try StepTimeline(model: deeper, options: o, recipe: .unsloth)
+        func endOfForward(_ t: StepTimeline) -> Int { t.points.first { $0.phase.hasPrefix("head forward") }!.components["activations"]! }
+        XCTAssertEqual(endOfForward(u), endOfForward(d))
+        XCTAssertEqual(d.hostBytes, 2 * u.hostBytes)
+        XCTAssertEqual(u.hostBytes, 32 * 2048 * 2 * 4096)
+        // transformers keeps the fp32 log-softmax and its gradient (12V per token at the head's
+        // backward): Unsloth's in-place bf16 gradient is what brings the peak down.
+        let hf = try StepTimeline(model: a, options: o)
+        XCTAssertGreaterThan(hf.peakBytes - u.peakBytes, 2048 * 8 * 128256)
+        XCTAssertThrowsError(try StepTimeline(model: a, options: MemoryOptions(method: .full), recipe: .unsloth))
+    }
+}
