@@ -65,6 +65,7 @@ static inline uint16_t f32_to_f16(float f) {
 
 // The function targets of the two vector levels (qlora_level); AVX-512 also implies AVX2.
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")))
+#define AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,f16c,fma")))
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
 
 // W-lane types (clang vector extensions; they convert implicitly to and from __m256/__m512 of

@@ -43,6 +43,20 @@ public struct KernelBenchReport: Codable, Sendable {
         public var baseSeconds: Double
         public var ratio: Double
     }
+    /// One QLoRA training step of one decoder layer (forward, backward, AdamW on its adapters)
+    /// against the step's compute-bound limits: its FLOPs at the fastest dense sgemm rate and at the
+    /// fastest 4-bit bf16 GEMM rate measured in the same run.
+    public struct TrainStep: Codable, Sendable {
+        public var model: String
+        public var tokens: Int, rank: Int
+        public var seconds: Double
+        public var tokensPerS: Double
+        /// The projections' forward and backward to the input (2·params·tokens each), LoRA's
+        /// matmuls and causal attention's (forward 2, backward 5 products of d·s(s+1)/2 per head).
+        public var flops: Double
+        public var sgemmBoundTokensPerS: Double?
+        public var bf16BoundTokensPerS: Double?
+    }
     public var openblasCore: String
     public var threads: Int
     public var kernelLevel: String
@@ -51,6 +65,13 @@ public struct KernelBenchReport: Codable, Sendable {
     public var gemm: [Gemm] = []
     public var gemv: [Gemv] = []
     public var loraStep: [LoRAStep] = []
+    public var trainStep: [TrainStep] = []
+    /// Weights cycled through copies exceeding twice the last-level cache (cold), or one copy (warm).
+    public var cold = true
+
+    /// The fastest rates of the run's GEMM rows, FLOP/s: OpenBLAS sgemm and the 4-bit bf16 GEMM.
+    public var fastestSgemmFlops: Double? { gemm.map { 2 * Double($0.m * $0.n * $0.k) / $0.sgemmSeconds }.max() }
+    public var fastestBF16Flops: Double? { gemm.filter { $0.path == "bf16-gemm" }.map { $0.gflops * 1e9 }.max() }
 }
 
 public struct KernelBenchOptions: Sendable {
@@ -61,6 +82,13 @@ public struct KernelBenchOptions: Sendable {
     public var repeats = 7
     /// LoRA step shapes: (tokens, out, in, rank).
     public var loraSteps: [(tokens: Int, out: Int, in: Int, rank: Int)] = [(512, 4096, 4096, 16)]
+    /// The decoder layer of the training-step row, and its tokens (none: no row).
+    public var stepModel = ModelArchitecture.preset("llama-2-7b")!
+    public var stepTokens: [Int] = [512, 2048]
+    public var stepRepeats = 3
+    /// Cycle the weights through copies exceeding twice the last-level cache (a forward through
+    /// many layers), or reuse one copy (warm: what fits in cache stays there).
+    public var cold = true
     public init() {}
 
     /// A seconds-long run: one shape, fewer tokens and repeats.
@@ -70,6 +98,8 @@ public struct KernelBenchOptions: Sendable {
         o.tokens = [1, 64]
         o.repeats = 3
         o.loraSteps = [(64, 4096, 4096, 16)]
+        o.stepTokens = [128]
+        o.stepRepeats = 1
         return o
     }
 }
@@ -107,6 +137,7 @@ public enum KernelBench {
         let llc = lastLevelCacheBytes
         var report = KernelBenchReport(openblasCore: BLAS.coreName, threads: BLAS.threads,
                                        kernelLevel: KernelLevel.active.description, lastLevelCacheBytes: llc)
+        report.cold = o.cold
         for shape in o.shapes {
             let (n, k) = (shape.out, shape.in)
             progress("preparing \(n)x\(k)")
@@ -114,12 +145,12 @@ public enum KernelBench {
             let dense = (0..<(n * k)).map { _ in rng.normal() * 0.02 }
             let q = try dense.withUnsafeBufferPointer { try quantize4Bit(.float32($0), shape: [n, k]) }
             // Enough distinct copies that each side's weights exceed twice the LLC.
-            let qCopies = max(1, (2 * llc + q.packed.count - 1) / q.packed.count)
+            let qCopies = o.cold ? max(1, (2 * llc + q.packed.count - 1) / q.packed.count) : 1
             let weights = try (0..<qCopies).map { _ in try Linear4BitWeight(q) }  // separate buffers
             let wbf = weights[0]
             var denseW = [Float](repeating: 0, count: n * k)  // bf16-valued fp32: sgemm's operand
             denseW.withUnsafeMutableBufferPointer { wbf.dequantizeRowsBF16(0..<n, into: $0.baseAddress!) }
-            let fCopies = max(1, (2 * llc + n * k * 4 - 1) / (n * k * 4))
+            let fCopies = o.cold ? max(1, (2 * llc + n * k * 4 - 1) / (n * k * 4)) : 1
             let denseCopies = [denseW] + (1..<fCopies).map { _ in denseW.map { $0 } }
 
             // Dequantize, fp32 and bf16 out, against memcpy of the same output bytes.
@@ -190,7 +221,50 @@ public enum KernelBench {
             progress("LoRA step \(step.tokens)x\(step.out)x\(step.in) r=\(step.rank)")
             report.loraStep.append(try loraStep(step, repeats: o.repeats, threads: o.threads))
         }
+        for t in o.stepTokens {
+            progress("training step of one \(o.stepModel.name) layer at \(t) tokens")
+            var row = try trainStep(o.stepModel, tokens: t, rank: 16, repeats: o.stepRepeats)
+            row.sgemmBoundTokensPerS = report.fastestSgemmFlops.map { Double(t) * $0 / row.flops }
+            row.bf16BoundTokensPerS = report.fastestBF16Flops.map { Double(t) * $0 / row.flops }
+            report.trainStep.append(row)
+        }
         return report
+    }
+
+    /// FLOPs of one decoder layer's QLoRA step at `tokens` tokens (one sequence): see `TrainStep.flops`.
+    public static func trainStepFlops(_ a: ModelArchitecture, tokens t: Int, rank r: Int) -> Double {
+        let projections = a.moduleNames.map { a.projectionShape($0) }
+        let base = projections.reduce(0.0) { $0 + Double($1.out * $1.in) }
+        // LoRA: x·Aᵀ and (x·Aᵀ)·Bᵀ forward; backward dB, d(xAᵀ), dA and dx: six rank-r products.
+        let lora = projections.reduce(0.0) { $0 + Double(r * ($1.out + $1.in)) }
+        let causal = Double(t) * Double(t + 1) / 2
+        let attention = 7 * 2 * Double(a.headDim) * causal * Double(a.attentionHeads)
+        return 4 * Double(t) * base + 6 * Double(t) * lora + attention
+    }
+
+    /// One decoder layer of `a` (NF4 + double quant, r on every projection): forward, backward and
+    /// AdamW on the adapters, median seconds of `repeats` after a warm-up at the same length.
+    static func trainStep(_ a: ModelArchitecture, tokens: Int, rank: Int, repeats: Int) throws -> KernelBenchReport.TrainStep {
+        var rng = SplitMix64(seed: 23)
+        let largest = a.moduleNames.map { a.projectionShape($0) }.map { $0.out * $0.in }.max() ?? 0
+        let source = (0..<largest).map { _ in rng.normal() * 0.02 }
+        let layer = try LlamaLayer.quantized(a, source: source, lora: LoRAConfig(rank: rank, alpha: Double(2 * rank)), seed: 1)
+        for p in layer.projections { for i in p.loraB.indices { p.loraB[i] = rng.normal() * 0.01 } }
+        var cfg = a
+        cfg.layers = 1
+        let x = (0..<(tokens * a.hiddenSize)).map { _ in HalfPrecision.roundedToBFloat16(rng.normal()) }
+        let dout = (0..<(tokens * a.hiddenSize)).map { _ in HalfPrecision.roundedToBFloat16(rng.normal() * 1e-3) }
+        var states = layer.projections.map { (AdamWState(count: $0.loraA.count), AdamWState(count: $0.loraB.count)) }
+        let seconds = median(repeats) { _ in
+            for p in layer.projections { p.zeroGrad() }
+            _ = try! LlamaModel.layerStep(layer, config: cfg, x: x, dout: dout, batch: 1, seq: tokens)
+            for (i, p) in layer.projections.enumerated() {
+                AdamW.step(param: &p.loraA, grad: p.gradA, state: &states[i].0, config: AdamWConfig())
+                AdamW.step(param: &p.loraB, grad: p.gradB, state: &states[i].1, config: AdamWConfig())
+            }
+        }
+        return .init(model: "\(a.name) layer", tokens: tokens, rank: rank, seconds: seconds, tokensPerS: Double(tokens) / seconds,
+                     flops: trainStepFlops(a, tokens: tokens, rank: rank))
     }
 
     static func loraStep(_ s: (tokens: Int, out: Int, in: Int, rank: Int), repeats: Int, threads: Int) throws -> KernelBenchReport.LoRAStep {

@@ -202,18 +202,9 @@ public struct MemoryMeasurement {
     /// Builds one decoder layer of `a` (NF4 projections from `source`, adapters of `o.rank`) and
     /// runs a forward + backward at `o.tokens` tokens (batch × seq), measuring memory and time.
     public static func layerStep(_ a: ModelArchitecture, _ o: MemoryOptions, source: [Float], seed: UInt64 = 1) throws -> LayerStep {
-        let layer = LlamaLayer(inputNorm: [Float](repeating: 1, count: a.hiddenSize), postAttentionNorm: [Float](repeating: 1, count: a.hiddenSize),
-                               projections: try a.moduleNames.map { p in
-            let s = a.projectionShape(p)
-            let q = try source.withUnsafeBufferPointer {
-                try quantize4Bit(.float32(UnsafeBufferPointer(rebasing: $0[0..<(s.out * s.in)])), shape: [s.out, s.in], blocksize: o.blocksize, doubleQuant: o.doubleQuant)
-            }
-            let l = try LoRALinear(base: try Linear4BitWeight(q), config: LoRAConfig(rank: o.rank, alpha: o.alpha, dropout: o.loraDropout), seed: seed)
-            if a.projection(p).hasBias { l.bias = [Float](repeating: 0, count: s.out) }
-            return l
-        }, qNorm: a.qkNorm ? [Float](repeating: 1, count: a.headDim) : nil, kNorm: a.qkNorm ? [Float](repeating: 1, count: a.headDim) : nil)
-        let shared = Matmul4BitScratch()  // as LlamaModel shares one between all its projections
-        for p in layer.projections { p.scratch = shared }
+        let layer = try LlamaLayer.quantized(a, source: source, blocksize: o.blocksize, doubleQuant: o.doubleQuant,
+                                             lora: LoRAConfig(rank: o.rank, alpha: o.alpha, dropout: o.loraDropout), seed: seed)
+        let shared = layer.projections[0].scratch  // one for all, as LlamaModel shares one between its projections
         var cfg = a
         cfg.layers = 1
         cfg.rmsNormEps = 1e-5

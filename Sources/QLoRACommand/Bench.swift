@@ -1,24 +1,66 @@
 import ArgumentParser
 import Foundation
 import KernelBench
+import QLoRA
 
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Time the 4-bit kernels against this machine's memcpy, sgemm and sgemv, in one run.",
-        discussion: "Default shapes are real layers (4096x4096, 11008x4096, 4096x11008; tokens 1, 8, 64, 512).")
+        discussion: """
+            Default shapes are real layers (4096x4096, 11008x4096, 4096x11008; tokens 1, 8, 64, 512), and a training \
+            step of one llama-2-7b layer at 512 and 2048 tokens against its compute-bound limits (its FLOPs at the \
+            fastest sgemm and 4-bit bf16 GEMM rates of the same run).
+            """)
 
     @Flag(help: "A seconds-long run: one shape, tokens 1 and 64, fewer repeats.") var quick = false
     @Option(help: "Threads for OpenBLAS and the fused kernel (default: all cores).") var threads: Int?
+    @Option(name: .customLong("shape"), help: ArgumentHelp("A weight shape OUTxIN (repeatable), e.g. 14336x4096.", valueName: "OUTxIN"))
+    var shapes: [String] = []
+    @Option(help: ArgumentHelp("Token counts for the GEMV/GEMM rows, e.g. 1,512.", valueName: "list")) var tokens: String?
+    @Option(help: ArgumentHelp("Token counts of the training-step row, or none.", valueName: "list")) var stepTokens: String?
+    @Option(help: "The training-step row's model preset (one decoder layer of it).") var stepModel: String?
+    @Flag(help: "Weights cold (cycled through copies exceeding twice the last-level cache; the default) or warm (one copy).")
+    var weights: Temperature = .cold
     @Flag(help: "Print JSON.") var json = false
+
+    enum Temperature: String, EnumerableFlag { case cold, warm }
+
+    static func counts(_ text: String, _ flag: String) throws -> [Int] {
+        if text == "none" { return [] }
+        let parts = text.split(separator: ",", omittingEmptySubsequences: false).map { Int($0.trimmingCharacters(in: .whitespaces)) }
+        guard !parts.isEmpty, parts.allSatisfy({ ($0 ?? 0) > 0 && $0! <= 1 << 20 }) else {
+            throw ValidationError("\(flag) takes positive token counts up to 1048576 separated by commas, such as 1,512 (got '\(text)')")
+        }
+        return parts.map { $0! }
+    }
+
+    static func shape(_ text: String) throws -> (out: Int, in: Int) {
+        let parts = text.lowercased().split(separator: "x").map { Int($0) }
+        guard parts.count == 2, let out = parts[0], let inF = parts[1], out > 0, inF > 0, out <= 1 << 17, inF <= 1 << 17, inF % 64 == 0 else {
+            throw ValidationError("--shape takes OUTxIN with both sides positive, at most 131072, and IN a multiple of 64, such as 14336x4096 (got '\(text)')")
+        }
+        return (out, inF)
+    }
 
     func validate() throws {
         if let threads, threads < 1 { throw ValidationError("--threads must be at least 1") }
+        for s in shapes { _ = try Self.shape(s) }
+        if let tokens { _ = try Self.counts(tokens, "--tokens") }
+        if let stepTokens { _ = try Self.counts(stepTokens, "--step-tokens") }
+        if let stepModel, ModelArchitecture.preset(stepModel) == nil {
+            throw ValidationError("unknown --step-model '\(stepModel)'; presets are \(ModelArchitecture.presets.map(\.name).joined(separator: ", "))")
+        }
     }
 
     func run() {
         runReportingErrors {
             var o = quick ? KernelBenchOptions.quick : KernelBenchOptions()
             if let threads { o.threads = threads }
+            if !shapes.isEmpty { o.shapes = try shapes.map(Self.shape) }
+            if let tokens { o.tokens = try Self.counts(tokens, "--tokens") }
+            if let stepTokens { o.stepTokens = try Self.counts(stepTokens, "--step-tokens") }
+            if let stepModel { o.stepModel = ModelArchitecture.preset(stepModel)! }
+            o.cold = weights == .cold
             let line = ProgressLine("bench")
             let r = try KernelBench.run(o) { line.update(done: 0, total: 0, tensor: $0) }
             line.finish()
@@ -27,7 +69,7 @@ struct Bench: ParsableCommand {
                 return
             }
             print("OpenBLAS core \(r.openblasCore), \(r.threads) thread(s); qlora kernels \(r.kernelLevel); last-level cache \(r.lastLevelCacheBytes >> 20) MiB")
-            print("\ndequantize (NF4, cold)   G params/s   vs memcpy of the same output bytes")
+            print("\ndequantize (NF4, \(r.cold ? "cold" : "warm"))   G params/s   vs memcpy of the same output bytes")
             for d in r.dequant {
                 print(String(format: "  %5dx%-5d -> %-8@  %8.2f     %.2fx", d.out, d.in, d.dtype, d.paramsPerS / 1e9, d.ratioToMemcpy))
             }
@@ -39,7 +81,16 @@ struct Bench: ParsableCommand {
             for l in r.loraStep {
                 print(String(format: "  %4d tokens, %5dx%-5d r=%-3d        %8.2f     %8.2f          %5.2f", l.tokens, l.out, l.in, l.rank, l.seconds * 1e3, l.baseSeconds * 1e3, l.ratio))
             }
-            print("\nGEMV  1 token (cold)       4-bit ms   sgemv ms   speedup   4-bit G params/s")
+            if !r.trainStep.isEmpty {
+                print("\nQLoRA training step, one layer (fwd + bwd + AdamW, r=16 all linear)   tokens/s   sgemm-bound   bf16-bound   of bf16-bound")
+                for t in r.trainStep {
+                    func f(_ v: Double?) -> String { v.map { String(format: "%.0f", $0) } ?? "-" }
+                    print(String(format: "  %-20@ %5d tokens  (%6.1f GFLOP)             %8.0f   %11@   %10@   %@", t.model, t.tokens, t.flops / 1e9, t.tokensPerS,
+                                 f(t.sgemmBoundTokensPerS), f(t.bf16BoundTokensPerS), t.bf16BoundTokensPerS.map { String(format: "%.2f", t.tokensPerS / $0) } ?? "-"))
+                }
+                print("  bounds: the step's FLOPs at the fastest sgemm / 4-bit bf16 GEMM rate measured above")
+            }
+            print("\nGEMV  1 token (\(r.cold ? "cold" : "warm"))       4-bit ms   sgemv ms   speedup   4-bit G params/s")
             for g in r.gemv {
                 print(String(format: "  %5d x %5d           %8.3f   %8.3f     %5.2fx     %6.1f", g.n, g.k, g.seconds * 1e3, g.sgemvSeconds * 1e3, g.speedup, g.paramsPerS / 1e9))
             }

@@ -46,8 +46,12 @@ final class Matmul4BitTests: XCTestCase {
     func testForwardAndBackwardEveryPathAgainstFloat64Reference() throws {
         // Shapes that are multiples of nothing (77 × 130), of 32 but not of the panel (300 × 192),
         // of 16 but not 32 (50 × 208), of 8 but not 16 (21 × 72, blocksize 64 rows straddle blocks).
-        for (out, k) in [(77, 130), (300, 192), (33, 64), (50, 208), (21, 72)] {  // in % 32: 2, 0, 0, 16, 8 (every fused kernel)
-            let (w, wbf) = try makeWeight(out: out, in: k, seed: UInt64(out * k))
+        // The AVX512-BF16 GEMV takes in % 64 == 0 and blocksize % 64 == 0: eight rows at a time
+        // where rows hold whole blocks (300 × 192: 37 groups and a remainder; 64 × 512 with
+        // blocksize 256: a table every fourth step), one row at a time where they straddle
+        // blocks (41 × 320 with blocksize 128).
+        for (out, k, bs) in [(77, 130, 64), (300, 192, 64), (33, 64, 64), (50, 208, 64), (21, 72, 64), (41, 320, 128), (64, 512, 256)] {
+            let (w, wbf) = try makeWeight(out: out, in: k, seed: UInt64(out * k), blocksize: bs)
             for tokens in [1, 3, 8, 9, 33] {
                 var rng = SplitMix64(seed: UInt64(tokens))
                 let x = (0..<(tokens * k)).map { _ in rng.normal() }

@@ -22,6 +22,27 @@ public final class LlamaLayer {
         self.kNorm = kNorm
         for p in projections { p.bf16Activations = true }
     }
+    /// A layer of `a` for measuring: unit norms, each projection's base quantized from the first
+    /// out·in values of `source`, adapters from `lora` (zero biases where the family has them),
+    /// one matmul scratch shared by the projections (as `LlamaModel` shares one).
+    public static func quantized(_ a: ModelArchitecture, source: [Float], blocksize: Int = 64, doubleQuant: Bool = true,
+                                 lora: LoRAConfig, seed: UInt64) throws -> LlamaLayer {
+        let shared = Matmul4BitScratch()
+        let projections = try a.moduleNames.map { p in
+            let s = a.projectionShape(p)
+            precondition(source.count >= s.out * s.in, "quantized: source holds fewer values than \(p)'s weight")
+            let q = try source.withUnsafeBufferPointer {
+                try quantize4Bit(.float32(UnsafeBufferPointer(rebasing: $0[0..<(s.out * s.in)])), shape: [s.out, s.in], blocksize: blocksize, doubleQuant: doubleQuant)
+            }
+            let l = try LoRALinear(base: try Linear4BitWeight(q), config: lora, seed: seed)
+            if a.projection(p).hasBias { l.bias = [Float](repeating: 0, count: s.out) }
+            l.scratch = shared
+            return l
+        }
+        let ones = [Float](repeating: 1, count: a.hiddenSize), headOnes = a.qkNorm ? [Float](repeating: 1, count: a.headDim) : nil
+        return LlamaLayer(inputNorm: ones, postAttentionNorm: ones, projections: projections, qNorm: headOnes, kNorm: headOnes)
+    }
+
     public var o: LoRALinear { projections[isFused ? 1 : 3] }
     public var down: LoRALinear { projections[isFused ? 3 : 6] }
 }
@@ -186,11 +207,16 @@ public final class LlamaModel {
                                 qr: qrB, kr: krB, v: vB, h: BF16Array(h), rstd2: rstd2, gate: gB, up: uB))
     }
 
-    func layerBackward(_ l: LlamaLayer, _ dout: [Float], _ cache: LayerCache, batch: Int, seq: Int, cos: [Float], sin: [Float]) throws -> [Float] {
-        try Self.layerBackward(l, dout, cache, config: config, batch: batch, seq: seq, cos: cos, sin: sin)
+    func layerBackward(_ l: LlamaLayer, _ dout: [Float], _ cache: LayerCache, batch: Int, seq: Int, cos: [Float], sin: [Float],
+                       inputGradient: Bool = true) throws -> [Float] {
+        try Self.layerBackward(l, dout, cache, config: config, batch: batch, seq: seq, cos: cos, sin: sin, inputGradient: inputGradient)
     }
 
-    static func layerBackward(_ l: LlamaLayer, _ dout: [Float], _ cache: LayerCache, config c: ModelArchitecture, batch: Int, seq: Int, cos: [Float], sin: [Float]) throws -> [Float] {
+    /// - Parameter inputGradient: false for the first layer (its input, the frozen embedding's
+    ///   output, needs no gradient, and autograd computes none): q, k and v (or qkv) then give only
+    ///   their adapters' gradients, and `[]` is returned.
+    static func layerBackward(_ l: LlamaLayer, _ dout: [Float], _ cache: LayerCache, config c: ModelArchitecture, batch: Int, seq: Int, cos: [Float], sin: [Float],
+                              inputGradient: Bool = true) throws -> [Float] {
         let t = batch * seq
         let s = cache.saved
         let dn2: [Float]
@@ -217,12 +243,15 @@ public final class LlamaModel {
         }
         let dn1: [Float]
         if l.isFused {
-            dn1 = try l.projections[0].backward(joinColumns([dq, dk, dv], tokens: t), saved: s[0])
+            dn1 = try l.projections[0].backward(joinColumns([dq, dk, dv], tokens: t), saved: s[0], inputGradient: inputGradient)
         } else {
-            let dnV = try l.projections[2].backward(dv, saved: s[2]), dnK = try l.projections[1].backward(dk, saved: s[1])
-            let dnQ = try l.projections[0].backward(dq, saved: s[0])
+            let dnV = try l.projections[2].backward(dv, saved: s[2], inputGradient: inputGradient)
+            let dnK = try l.projections[1].backward(dk, saved: s[1], inputGradient: inputGradient)
+            let dnQ = try l.projections[0].backward(dq, saved: s[0], inputGradient: inputGradient)
+            guard inputGradient else { return [] }
             dn1 = LlamaOps.addRounded(dnV, dnK, dnQ)
         }
+        guard inputGradient else { return [] }
         let dNorm1 = LlamaOps.rmsnormBackward(dn1, cache.x.floats, l.inputNorm, rstd: cache.rstd1, tokens: t)
         return LlamaOps.addRounded(dh, dNorm1)
     }
@@ -264,7 +293,7 @@ public final class LlamaModel {
             if let kept = a.caches[i] { cache = kept } else {
                 cache = try layerForward(layers[i], a.layerInputs[i].floats, batch: a.batch, seq: a.seq, cos: cos, sin: sin).1
             }
-            dx = try layerBackward(layers[i], dx, cache, batch: a.batch, seq: a.seq, cos: cos, sin: sin)
+            dx = try layerBackward(layers[i], dx, cache, batch: a.batch, seq: a.seq, cos: cos, sin: sin, inputGradient: i > 0)
         }
     }
 

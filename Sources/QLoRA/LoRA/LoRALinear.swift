@@ -185,13 +185,18 @@ public final class LoRALinear {
     /// From `y = base(x) + (xd · Aᵀ · Bᵀ) · s`:
     ///   g = dy · s;  dB += gᵀ · h;  dh = g · B;  dA += dhᵀ · xd;  dx = base'(dy) + (dh · A) ⊙ mask,
     /// with base'(dy) = bf16(bf16(dy) · W) as bitsandbytes' MatMul4Bit backward.
-    public func backward(_ dy: [Float], saved: Saved) throws(LoRAError) -> [Float] {
+    /// - Parameter inputGradient: false where nothing upstream needs dx (the first layer's
+    ///   projections, whose input comes from the frozen embedding, as autograd skips it): only
+    ///   the adapter's gradients are computed and `[]` is returned.
+    public func backward(_ dy: [Float], saved: Saved, inputGradient: Bool = true) throws(LoRAError) -> [Float] {
         let k = inFeatures, n = outFeatures, r = config.rank, t = saved.tokens
         guard dy.count == t * n else { throw .shapeMismatch("dy has \(dy.count) values, expected [\(t), \(n)]") }
-        var dx = [Float](repeating: 0, count: t * k)
-        dy.withUnsafeBufferPointer { d in
-            dx.withUnsafeMutableBufferPointer { Matmul4Bit.backwardInput(dy: d, tokens: t, weight: base, dx: $0, threads: LlamaOps.threadCount, scratch: scratch,
-                                                                         roundOutputToBF16: true) }
+        var dx = [Float](repeating: 0, count: inputGradient ? t * k : 0)
+        if inputGradient {
+            dy.withUnsafeBufferPointer { d in
+                dx.withUnsafeMutableBufferPointer { Matmul4Bit.backwardInput(dy: d, tokens: t, weight: base, dx: $0, threads: LlamaOps.threadCount, scratch: scratch,
+                                                                             roundOutputToBF16: true) }
+            }
         }
         let s = Float(config.scaling)
         var g = rounded(dy)  // the adapter output's cast back to fp32 sends a bf16 gradient
@@ -212,6 +217,7 @@ public final class LoRALinear {
         sgemm(true, false, r, k, t, dh, r, saved.xDropped, k, 0, &ga, k)
         round(&ga)
         for i in ga.indices { gradA[i] += ga[i] }
+        guard inputGradient else { return [] }
         // dxd [t, k] = dh [t, r] · A [r, k]
         var dxd = [Float](repeating: 0, count: t * k)
         sgemm(false, false, t, k, r, dh, r, a, k, 0, &dxd, k)
