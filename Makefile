@@ -54,6 +54,7 @@ vectors:
 	.venv/bin/python Vectors/generate_interop.py
 	.venv/bin/python Vectors/generate_peft_targets.py
 	.venv/bin/python Vectors/generate_peaks.py
+	.venv/bin/python Vectors/generate_gguf.py
 
 clean:
 	rm -rf .build $(DEMO)

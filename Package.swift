@@ -8,6 +8,7 @@ let package = Package(
         .executable(name: "qlora", targets: ["QLoRACommand"]),
         .library(name: "QLoRA", targets: ["QLoRA"]),
         .library(name: "SafeTensors", targets: ["SafeTensors"]),
+        .library(name: "GGUF", targets: ["GGUF"]),
         .library(name: "CheckpointFormats", targets: ["CheckpointFormats"]),
         .library(name: "CheckpointJobs", targets: ["CheckpointJobs"]),
         .library(name: "Training", targets: ["Training"]),
@@ -29,6 +30,9 @@ let package = Package(
         /// The safetensors format: mmap reader, streaming writer, sharded index. Foundation only,
         /// so the fuzz harness (Fuzz/) compiles it on its own.
         .target(name: "SafeTensors"),
+        /// GGUF, llama.cpp's model file: header writer and checked reader (Foundation and
+        /// SafeTensors' message escaping only).
+        .target(name: "GGUF", dependencies: ["SafeTensors"]),
         /// The file rules: stage-then-rename and exclusive commit for every file and directory the
         /// tool writes (`StagedOutput`: never an input, never over an output without --overwrite,
         /// nothing left on a signal), and regular-file reads of every input (`InputFile`).
@@ -80,6 +84,7 @@ let package = Package(
         .target(name: "TestSupport", dependencies: ["QLoRA", "SafeTensors"], path: "Tests/TestSupport"),
         .testTarget(name: "QLoRATests", dependencies: ["QLoRA", "TestSupport", "SafeTensors", "COpenBLAS"]),
         .testTarget(name: "SafeTensorsTests", dependencies: ["SafeTensors", "TestSupport"]),
+        .testTarget(name: "GGUFTests", dependencies: ["GGUF", "QLoRA", "TestSupport"]),
         .testTarget(name: "FileOutputTests", dependencies: ["FileOutput", "TestSupport"]),
         .testTarget(name: "CheckpointFormatsTests", dependencies: ["CheckpointFormats", "QLoRA", "SafeTensors", "TestSupport"]),
         .testTarget(name: "CheckpointJobsTests", dependencies: ["CheckpointJobs", "CheckpointFormats", "QLoRA", "SafeTensors", "TestSupport"]),

@@ -28,6 +28,12 @@ let package = Package(
                            .product(name: "SafeTensors", package: "qlora")],
             swiftSettings: harness
         ),
+        /// GGUF: the reader on fuzzed bytes, and the header encoder against it.
+        .executableTarget(
+            name: "GGUFFuzz",
+            dependencies: [.product(name: "GGUF", package: "qlora")],
+            swiftSettings: harness
+        ),
         /// A PEFT adapter directory: fuzzed adapter_config.json, fuzzed tensor names, shapes and dtypes.
         .executableTarget(
             name: "PEFTAdapterFuzz",

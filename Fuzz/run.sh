@@ -7,7 +7,8 @@
 #   peft          PEFTAdapter.load(directory:): adapter_config.json and the adapter's tensors
 #   hfconfig      ModelArchitecture(configFile:), the tensor counts and MemoryEstimate
 #   trainingdata  loadTrainingData(path:vocabSize:)
-# The last four are the SwiftPM package in Fuzz/ (Package.swift), built once, every module
+#   gguf          GGUFFile(bytes:file:) and GGUFHeader's encoder against it
+# The last five are the SwiftPM package in Fuzz/ (Package.swift), built once, every module
 # instrumented. Seeds: Fuzz/seeds/<harness>/ (make_seeds.py writes them from Vectors/) and, for
 # safetensors, Vectors/safetensors/. New inputs accumulate in Fuzz/corpus/<harness>/, crashes land
 # in Fuzz/artifacts/<harness>/ (both gitignored); reproduce one with
@@ -20,15 +21,15 @@ cd "$(dirname "$0")/.."
 runs="${1:-200000}"
 shift || true
 harnesses=("$@")
-[ ${#harnesses[@]} -eq 0 ] && harnesses=(safetensors bnb4bit peft hfconfig trainingdata)
+[ ${#harnesses[@]} -eq 0 ] && harnesses=(safetensors bnb4bit peft hfconfig trainingdata gguf)
 
 # The Swift runtime's backtracer would symbolicate for minutes; libFuzzer prints the stack.
 export SWIFT_BACKTRACE=enable=no
 # swift-foundation's FileManager.contents(atPath:) leaks its 4 KiB buffer on an empty file.
 export LSAN_OPTIONS="suppressions=$PWD/Fuzz/lsan.supp${LSAN_OPTIONS:+:$LSAN_OPTIONS}"
 
-declare -A binary=([bnb4bit]=BnB4BitFuzz [peft]=PEFTAdapterFuzz [hfconfig]=HFConfigFuzz [trainingdata]=TrainingDataFuzz)
-declare -A maxlen=([safetensors]=4096 [bnb4bit]=4096 [peft]=4096 [hfconfig]=4096 [trainingdata]=8192)
+declare -A binary=([bnb4bit]=BnB4BitFuzz [peft]=PEFTAdapterFuzz [hfconfig]=HFConfigFuzz [trainingdata]=TrainingDataFuzz [gguf]=GGUFFuzz)
+declare -A maxlen=([safetensors]=4096 [bnb4bit]=4096 [peft]=4096 [hfconfig]=4096 [trainingdata]=8192 [gguf]=16384)
 
 built_package=0
 build() {
@@ -43,7 +44,7 @@ build() {
 
 failed=()
 for h in "${harnesses[@]}"; do
-    case "$h" in safetensors|bnb4bit|peft|hfconfig|trainingdata) ;; *) echo "unknown harness '$h'" >&2; exit 2 ;; esac
+    case "$h" in safetensors|bnb4bit|peft|hfconfig|trainingdata|gguf) ;; *) echo "unknown harness '$h'" >&2; exit 2 ;; esac
     echo "== $h: $runs inputs"
     build "$h" || { failed+=("$h (build)"); continue; }
     mkdir -p "Fuzz/corpus/$h" "Fuzz/artifacts/$h"
@@ -56,6 +57,7 @@ for h in "${harnesses[@]}"; do
         dict="Fuzz/.build/$h.dict"
         cat Fuzz/dicts/json.dict "Fuzz/dicts/$h.dict" > "$dict"
         cp Fuzz/seeds/$h/* "Fuzz/corpus/$h/"
+        [ "$h" = gguf ] && cp Vectors/gguf/*.gguf "Fuzz/corpus/$h/"
     fi
     # shellcheck disable=SC2086
     "$exe" -runs="$runs" -max_len="${maxlen[$h]}" -timeout=10 -print_final_stats=1 -dict="$dict" \

@@ -95,7 +95,7 @@ public struct KernelBenchOptions: Sendable {
     public static var quick: KernelBenchOptions {
         var o = KernelBenchOptions()
         o.shapes = [(4096, 4096)]
-        o.tokens = [1, 64]
+        o.tokens = [1, 64, 512]
         o.repeats = 3
         o.loraSteps = [(64, 4096, 4096, 16)]
         o.stepTokens = [128]

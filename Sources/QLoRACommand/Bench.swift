@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import KernelBench
+import Memory
 import QLoRA
 
 struct Bench: ParsableCommand {
@@ -12,7 +13,7 @@ struct Bench: ParsableCommand {
             fastest sgemm and 4-bit bf16 GEMM rates of the same run).
             """)
 
-    @Flag(help: "A seconds-long run: one shape, tokens 1 and 64, fewer repeats.") var quick = false
+    @Flag(help: "A seconds-long run: one shape, tokens 1, 64 and 512, fewer repeats, a 128-token training step.") var quick = false
     @Option(help: "Threads for OpenBLAS and the fused kernel (default: all cores).") var threads: Int?
     @Option(name: .customLong("shape"), help: ArgumentHelp("A weight shape OUTxIN (repeatable), e.g. 14336x4096.", valueName: "OUTxIN"))
     var shapes: [String] = []
@@ -61,6 +62,7 @@ struct Bench: ParsableCommand {
             if let stepTokens { o.stepTokens = try Self.counts(stepTokens, "--step-tokens") }
             if let stepModel { o.stepModel = ModelArchitecture.preset(stepModel)! }
             o.cold = weights == .cold
+            HeapReuse.keepFreedMemory()  // as qlora train runs: a step reuses the last one's buffers
             let line = ProgressLine("bench")
             let r = try KernelBench.run(o) { line.update(done: 0, total: 0, tensor: $0) }
             line.finish()
@@ -82,11 +84,14 @@ struct Bench: ParsableCommand {
                 print(String(format: "  %4d tokens, %5dx%-5d r=%-3d        %8.2f     %8.2f          %5.2f", l.tokens, l.out, l.in, l.rank, l.seconds * 1e3, l.baseSeconds * 1e3, l.ratio))
             }
             if !r.trainStep.isEmpty {
-                print("\nQLoRA training step, one layer (fwd + bwd + AdamW, r=16 all linear)   tokens/s   sgemm-bound   bf16-bound   of bf16-bound")
+                print("\nQLoRA training step, one decoder layer (fwd + bwd + AdamW, r=16 on all seven projections)")
+                print("  model               tokens     GFLOP   tokens/s   sgemm-bound   bf16-bound   of bf16-bound")
                 for t in r.trainStep {
                     func f(_ v: Double?) -> String { v.map { String(format: "%.0f", $0) } ?? "-" }
-                    print(String(format: "  %-20@ %5d tokens  (%6.1f GFLOP)             %8.0f   %11@   %10@   %@", t.model, t.tokens, t.flops / 1e9, t.tokensPerS,
-                                 f(t.sgemmBoundTokensPerS), f(t.bf16BoundTokensPerS), t.bf16BoundTokensPerS.map { String(format: "%.2f", t.tokensPerS / $0) } ?? "-"))
+                    let share = t.bf16BoundTokensPerS.map { String(format: "%.2f", t.tokensPerS / $0) } ?? "-"
+                    print("  " + t.model.padding(toLength: 18, withPad: " ", startingAt: 0)
+                          + String(format: " %6d  %8.1f   %8.0f", t.tokens, t.flops / 1e9, t.tokensPerS)
+                          + "   " + f(t.sgemmBoundTokensPerS).leftPadded(11) + "   " + f(t.bf16BoundTokensPerS).leftPadded(10) + "   " + share.leftPadded(13))
                 }
                 print("  bounds: the step's FLOPs at the fastest sgemm / 4-bit bf16 GEMM rate measured above")
             }
@@ -96,4 +101,8 @@ struct Bench: ParsableCommand {
             }
         }
     }
+}
+
+extension String {
+    func leftPadded(_ width: Int) -> String { count >= width ? self : String(repeating: " ", count: width - count) + self }
 }

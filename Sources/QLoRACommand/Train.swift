@@ -51,6 +51,7 @@ struct Train: ParsableCommand {
             let o = TrainOptions(rank: rank, alpha: alpha, lr: lr, steps: steps, batch: batch, gradAccum: gradAccum, seqLen: seqLen,
                                  gradientCheckpointing: gradCheckpointing, saveEvery: saveEvery, seed: seed)
             let job = try TrainingRun(model: model, data: data, out: out, options: o, resume: resume, adapter: adapter, overwrite: overwrite)
+            HeapReuse.keepFreedMemory()  // every step reuses the last one's buffers (see HeapReuse)
             // SIGTERM, SIGHUP: remove what is being staged; Ctrl-C saves a checkpoint (below).
             StagedOutput.installSignalCleanup([SIGTERM, SIGHUP])
 

@@ -340,9 +340,17 @@ final class CLITests: TemporaryDirectoryTestCase {
         for key in ["n", "k", "seconds", "sgemv_seconds", "speedup"] { XCTAssertNotNil(gemv.first?[key], key) }
         let lora = j["lora_step"] as! [[String: Any]]
         for key in ["tokens", "rank", "seconds", "base_seconds", "ratio"] { XCTAssertNotNil(lora.first?[key], key) }
+        // One llama-2-7b layer at 128 tokens: 4·t·202,375,168 projection FLOPs, 6·t·16·78,080 of
+        // LoRA, 7 · 2·128 · (128·129/2) · 32 heads of attention.
+        let step = try XCTUnwrap((j["train_step"] as? [[String: Any]])?.first)
+        XCTAssertEqual(step["tokens"] as? Int, 128)
+        let projections: Int = 4 * 128 * 202_375_168, adapters: Int = 6 * 128 * 16 * 78_080, attention: Int = 7 * 2 * 128 * (128 * 129 / 2) * 32
+        XCTAssertEqual(step["flops"] as? Double, Double(projections + adapters + attention))
+        XCTAssertGreaterThan(step["tokens_per_s"] as? Double ?? 0, 0)
+        XCTAssertGreaterThan(step["bf16_bound_tokens_per_s"] as? Double ?? step["sgemm_bound_tokens_per_s"] as? Double ?? 0, 0)
 
         env["OPENBLAS_CORETYPE"] = "Haswell"  // the user's choice is kept
-        let h = try run(["bench", "--quick", "--json", "--threads", "1"], environment: env)
+        let h = try run(["bench", "--quick", "--json", "--threads", "1", "--tokens", "1", "--step-tokens", "none"], environment: env)
         let hj = try JSONSerialization.jsonObject(with: Data(h.stdout.utf8)) as! [String: Any]
         XCTAssertEqual(hj["openblas_core"] as? String, "Haswell")
     }

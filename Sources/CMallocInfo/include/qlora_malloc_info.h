@@ -11,4 +11,8 @@ int64_t qlora_malloc_in_use(void);
 /// resident set counts live allocations only. A no-op elsewhere.
 void qlora_malloc_trim(void);
 
+/// Keeps freed memory for reuse: no mmap for large blocks, no trimming of the heap's top
+/// (glibc mallopt M_MMAP_MAX 0, M_TRIM_THRESHOLD INT_MAX). A no-op elsewhere.
+void qlora_malloc_keep_freed(void);
+
 #endif
