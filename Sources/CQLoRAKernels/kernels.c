@@ -750,12 +750,12 @@ AVX512 static void gemm_pack_b(const uint8_t *packed, int64_t in, int64_t bs, co
     }
 }
 
-// C[MR rows, NV·16 columns] (+)= A[MR rows, 2·kp] · B block columns: one vdpbf16ps per row and
+// C[MR rows, NV·16 columns] (+)= A[MR rows, 2·kp] · B block columns (group v's pairs kps apart): one vdpbf16ps per row and
 // 16 columns per pair of k, so each output is one fp32 chain in k order. The last vector's
 // columns past nlast are masked off. accumulate == 0 on the first K block overwrites C.
 #define GEMM_MICRO(MR, NV)                                                                          \
 AVX512BF16 static void gemm_micro_##MR##_##NV(const uint16_t *a, int64_t lda, const uint16_t *bp, int64_t kp,  \
-                                              float *c, int64_t ldc, int nlast, int accumulate) {    \
+                                              int64_t kps, float *c, int64_t ldc, int nlast, int accumulate) { \
     __m512 acc[MR][NV];                                                                             \
     const __mmask16 last = (__mmask16)((1u << nlast) - 1u);                                         \
     for (int r = 0; r < MR; r++)                                                                    \
@@ -765,7 +765,7 @@ AVX512BF16 static void gemm_micro_##MR##_##NV(const uint16_t *a, int64_t lda, co
         }                                                                                           \
     for (int64_t p = 0; p < kp; p++) {                                                              \
         __m512bh b[NV];                                                                             \
-        for (int v = 0; v < NV; v++) b[v] = (__m512bh)_mm512_loadu_si512(bp + (v * kp + p) * 32);  \
+        for (int v = 0; v < NV; v++) b[v] = (__m512bh)_mm512_loadu_si512(bp + (v * kps + p) * 32);  \
         for (int r = 0; r < MR; r++) {                                                              \
             uint32_t pr;                                                                            \
             memcpy(&pr, a + r * lda + 2 * p, 4);                                                    \
@@ -782,7 +782,7 @@ AVX512BF16 static void gemm_micro_##MR##_##NV(const uint16_t *a, int64_t lda, co
 #define GEMM_MICRO_ROW(MR) GEMM_MICRO(MR, 1) GEMM_MICRO(MR, 2) GEMM_MICRO(MR, 3) GEMM_MICRO(MR, 4)
 GEMM_MICRO_ROW(1) GEMM_MICRO_ROW(2) GEMM_MICRO_ROW(3) GEMM_MICRO_ROW(4) GEMM_MICRO_ROW(5) GEMM_MICRO_ROW(6)
 
-typedef void (*gemm_micro_fn)(const uint16_t *, int64_t, const uint16_t *, int64_t, float *, int64_t, int, int);
+typedef void (*gemm_micro_fn)(const uint16_t *, int64_t, const uint16_t *, int64_t, int64_t, float *, int64_t, int, int);
 #define GEMM_MICRO_FNS(MR) {gemm_micro_##MR##_1, gemm_micro_##MR##_2, gemm_micro_##MR##_3, gemm_micro_##MR##_4}
 static const gemm_micro_fn gemm_micros[GEMM_MR][4] = {
     GEMM_MICRO_FNS(1), GEMM_MICRO_FNS(2), GEMM_MICRO_FNS(3), GEMM_MICRO_FNS(4), GEMM_MICRO_FNS(5), GEMM_MICRO_FNS(6),
@@ -810,7 +810,7 @@ AVX512BF16 static void gemm4_bf16_avx512bf16(const uint8_t *packed, int64_t out,
                 for (int64_t g = 0; g < ng; g += 4) {
                     const int64_t nv = ng - g < 4 ? ng - g : 4;
                     const int64_t nlast = nc - 16 * (g + nv - 1);
-                    gemm_micros[mr - 1][nv - 1](a + i * lda + k0, lda, bp + g * kp * 32, kp, c + i * ldc + n0 + 16 * g, ldc,
+                    gemm_micros[mr - 1][nv - 1](a + i * lda + k0, lda, bp + g * kp * 32, kp, kp, c + i * ldc + n0 + 16 * g, ldc,
                                                 (int)(nlast < 16 ? nlast : 16), k0 > 0);
                 }
             }
@@ -826,4 +826,66 @@ void qlora_gemm4_bf16(const uint8_t *packed, int64_t out, int64_t in, int64_t bs
         gemm4_bf16_avx512bf16(packed, out, in, bs, code16, absmax, backward, a, lda, m, n_begin, n_end, c, ldc, scratch);
     else
         gemm4_bf16_scalar(packed, out, in, bs, code16, absmax, backward, a, lda, m, n_begin, n_end, c, ldc);
+}
+
+// MARK: - bf16 GEMM of two bf16 matrices (attention's products)
+
+void qlora_pack_bf16_pairs(const float *x, int64_t ld, int b_is_kn, int64_t k, int64_t n, uint16_t *bp) {
+    const int64_t kps = (k + 1) / 2, ng = (n + 15) / 16;
+    for (int64_t g = 0; g < ng; g++)
+        for (int64_t p = 0; p < kps; p++) {
+            uint16_t *o = bp + (g * kps + p) * 32;
+            for (int j = 0; j < 16; j++) {
+                const int64_t col = 16 * g + j;
+                for (int h = 0; h < 2; h++) {
+                    const int64_t row = 2 * p + h;
+                    float v = 0.0f;
+                    if (row < k && col < n) v = b_is_kn ? x[row * ld + col] : x[col * ld + row];
+                    o[2 * j + h] = f32_to_bf16(v);
+                }
+            }
+        }
+}
+
+void qlora_f32_to_bf16_transposed(const float *x, int64_t rows, int64_t cols, int64_t ldx, uint16_t *out, int64_t ldo) {
+    // Sixteen columns at a time: contiguous reads of x, writes to sixteen rows of out.
+    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+        const int64_t c1 = c0 + 16 < cols ? c0 + 16 : cols;
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t c = c0; c < c1; c++) out[c * ldo + r] = f32_to_bf16(x[r * ldx + c]);
+        for (int64_t c = c0; c < c1; c++)
+            for (int64_t r = rows; r < ldo; r++) out[c * ldo + r] = 0;
+    }
+}
+
+// The reference: one fp32 sum per output in k order, products of bf16 values exact.
+static void gemm_bf16_packed_scalar(const uint16_t *a, int64_t lda, const uint16_t *bp, int64_t kps, int64_t m, int64_t n,
+                                    int64_t k, float *c, int64_t ldc, int accumulate) {
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t col = 0; col < n; col++) {
+            float acc = accumulate ? c[i * ldc + col] : 0.0f;
+            const uint16_t *b = bp + (col / 16) * kps * 32 + 2 * (col % 16);
+            for (int64_t kk = 0; kk < k; kk++) acc += bf16_to_f32(a[i * lda + kk]) * bf16_to_f32(b[(kk / 2) * 32 + (kk % 2)]);
+            c[i * ldc + col] = acc;
+        }
+}
+
+void qlora_gemm_bf16_packed(const uint16_t *a, int64_t lda, const uint16_t *bp, int64_t kps, int64_t m, int64_t n, int64_t k,
+                            float *c, int64_t ldc, int accumulate) {
+    if (m <= 0 || n <= 0) return;
+    if (qlora_active_level() < QLORA_LEVEL_AVX512_BF16) {
+        gemm_bf16_packed_scalar(a, lda, bp, kps, m, n, k, c, ldc, accumulate);
+        return;
+    }
+    const int64_t kp = (k + 1) / 2, ng = (n + 15) / 16;
+    // Four 16-column groups at a time: their pairs stay in cache while every row block of A sweeps them.
+    for (int64_t g = 0; g < ng; g += 4) {
+        const int64_t nv = ng - g < 4 ? ng - g : 4;
+        const int64_t nlast = n - 16 * (g + nv - 1);
+        for (int64_t i = 0; i < m; i += GEMM_MR) {
+            const int64_t mr = m - i < GEMM_MR ? m - i : GEMM_MR;
+            gemm_micros[mr - 1][nv - 1](a + i * lda, lda, bp + g * kps * 32, kp, kps, c + i * ldc + 16 * g, ldc,
+                                        (int)(nlast < 16 ? nlast : 16), accumulate);
+        }
+    }
 }

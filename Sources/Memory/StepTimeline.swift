@@ -69,7 +69,7 @@ public struct StepTimeline: Sendable, Codable {
         }
         self.recipe = recipe
         let held = try Held(a, o)
-        let (weights, adapters, gradientBytes, stateBytes) = (held.weights, held.adapters, held.gradientBytes, held.stateBytes)
+        let (gradientBytes, stateBytes) = (held.gradientBytes, held.stateBytes)
         let (largestParameter, dequantized, perLayerGradients) = (held.largestParameter, held.dequantized, held.perLayerGradients)
         let t = o.tokens
         let h = a.hiddenSize, v = a.vocabSize

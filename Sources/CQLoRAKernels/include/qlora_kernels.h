@@ -133,6 +133,26 @@ void qlora_gemm4_bf16(const uint8_t *packed, int64_t out, int64_t in, int64_t bl
                       int backward, const uint16_t *a, int64_t lda, int64_t m, int64_t n_begin, int64_t n_end,
                       float *c, int64_t ldc, float *scratch);
 
+/// Packs B for qlora_gemm_bf16_packed. B [k, n] is a matrix of bf16 values held in fp32:
+/// B(r, c) = x[r * ld + c] when b_is_kn, else x[c * ld + r] (x holds Bᵀ, as keys [n, d] do for
+/// q·kᵀ). Layout: bp[(g * kps + p) * 32 + 2 * j + h] = bf16 bits of B(2p + h, 16g + j), zero past
+/// k and n; kps = ceil(k / 2) pairs per group, ceil(n / 16) groups.
+void qlora_pack_bf16_pairs(const float *x, int64_t ld, int b_is_kn, int64_t k, int64_t n, uint16_t *bp);
+
+/// out[c * ldo + r] = bf16 bits of x[r * ldx + c] (nearest even) for r < rows, c < cols, and
+/// zeros in rows..<ldo of each output row: an A operand of qlora_gemm_bf16_packed from xᵀ.
+void qlora_f32_to_bf16_transposed(const float *x, int64_t rows, int64_t cols, int64_t ldx, uint16_t *out, int64_t ldo);
+
+/// C[m, n] (+)= A[m, k] · B[k, n], bf16 inputs, fp32 sums: A as bf16 bits [m, lda] (lda >= k
+/// rounded up to even, a zero in column k when k is odd, as qlora_f32_to_bf16_rows pads it); B
+/// packed by qlora_pack_bf16_pairs with kps pairs per group, of which the first ceil(k / 2) are
+/// read (so one packing of a long B serves any prefix k). accumulate: add to C, else overwrite.
+/// Products are exact in fp32 and accumulate in one fp32 chain per output: in k order in the
+/// scalar reference; AVX512-BF16's vdpbf16ps adds each pair's two products in turn and treats
+/// denormals as zero. Levels: scalar; AVX512-BF16.
+void qlora_gemm_bf16_packed(const uint16_t *a, int64_t lda, const uint16_t *bp, int64_t kps, int64_t m, int64_t n, int64_t k,
+                            float *c, int64_t ldc, int accumulate);
+
 /// Element types of a weight in the merge kernels (raw 16-bit patterns for bf16/fp16).
 typedef enum {
     QLORA_TYPE_F32 = 0,

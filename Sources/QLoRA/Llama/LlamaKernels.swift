@@ -1,4 +1,5 @@
 import COpenBLAS
+import CQLoRAKernels
 import Foundation
 
 /// The fast kernels of `LlamaOps`: the same ops as each `…Reference` in LlamaOps.swift, which
@@ -8,9 +9,11 @@ import Foundation
 ///   operations in the reference's order per element, and each row's reductions in the same
 ///   sequential order, so they give the same bits; they only drop the bounds checks and closures
 ///   (loops over buffer pointers that the compiler vectorizes) and split the rows between threads.
-/// - Attention uses OpenBLAS sgemm per (batch, head) and block of query rows, with every bf16
-///   rounding where the reference has it; only the order of the fp32 sums inside each GEMM differs,
-///   so a rounded score, product or gradient can land on the adjacent bf16 value.
+/// - Attention runs per (batch, head) and block of query rows, its products on the bf16
+///   dot-product GEMM where the CPU has AVX512-BF16 (`qlora_gemm_bf16_packed`: q, k, v, P and the
+///   score gradient are bf16 values, so every product is exact) and on OpenBLAS sgemm below it,
+///   with every bf16 rounding where the reference has it; only the order of the fp32 sums inside
+///   each GEMM differs, so a rounded score, product or gradient can land on the adjacent bf16 value.
 ///
 /// Threads: `activeProcessorCount`. Work is split into fixed parts, each element or row written by
 /// exactly one part and computed the same way whichever thread runs it, so no result depends on
@@ -238,6 +241,9 @@ extension LlamaOps {
                                         headDim d: Int) -> [Float] {
         precondition(heads % kvHeads == 0, "attention: heads must be a multiple of kvHeads")
         precondition(q.count == batch * seq * heads * d && k.count == batch * seq * kvHeads * d && v.count == k.count, "attention: shapes")
+        if KernelLevel.active == .avx512bf16 {
+            return attentionForwardBF16(q: q, k: k, v: v, batch: batch, seq: seq, heads: heads, kvHeads: kvHeads, headDim: d)
+        }
         let rep = heads / kvHeads, scale = 1 / Float(d).squareRoot()
         let ldq = heads * d, ldk = kvHeads * d, blk = attentionBlock
         var out = [Float](repeating: 0, count: q.count)
@@ -285,6 +291,9 @@ extension LlamaOps {
         precondition(heads % kvHeads == 0, "attention: heads must be a multiple of kvHeads")
         precondition(q.count == batch * seq * heads * d && dout.count == q.count && k.count == batch * seq * kvHeads * d && v.count == k.count,
                      "attention backward: shapes")
+        if KernelLevel.active == .avx512bf16 {
+            return attentionBackwardBF16(dout: dout, q: q, k: k, v: v, batch: batch, seq: seq, heads: heads, kvHeads: kvHeads, headDim: d)
+        }
         let rep = heads / kvHeads, scale = 1 / Float(d).squareRoot()
         let ldq = heads * d, ldk = kvHeads * d, blk = attentionBlock
         var dq = [Float](repeating: 0, count: q.count)
@@ -347,7 +356,15 @@ extension LlamaOps {
                 }
             }
         } } } } } } }
-        // dk, dv = bf16(Σ_r bf16(head r's sum)), r in head order; tokens split between threads.
+        reduceHeadGradients(dkHead, dvHead, into: &dk, &dv, batch: batch, seq: seq, heads: heads, kvHeads: kvHeads, headDim: d)
+        return (dq, dk, dv)
+    }
+
+    /// dk, dv = bf16(Σ_r bf16(head r's sum)), r in head order (repeat_kv's backward), from each
+    /// query head's fp32 sums ([batch·H][seq, d]); tokens split between threads.
+    static func reduceHeadGradients(_ dkHead: [Float], _ dvHead: [Float], into dk: inout [Float], _ dv: inout [Float],
+                                    batch: Int, seq: Int, heads: Int, kvHeads: Int, headDim d: Int) {
+        let rep = heads / kvHeads, ldq = heads * d
         dkHead.withUnsafeBufferPointer { dkhp in dvHead.withUnsafeBufferPointer { dvhp in
         dk.withUnsafeMutableBufferPointer { dkp in dv.withUnsafeMutableBufferPointer { dvp in
             let (pdkh, pdvh, pdk, pdv) = (Shared(dkhp.baseAddress!), Shared(dvhp.baseAddress!), Shared(dkp.baseAddress!), Shared(dvp.baseAddress!))
@@ -367,6 +384,136 @@ extension LlamaOps {
                 }
             }
         } } } }
+    }
+
+
+    // MARK: Attention on the bf16 dot-product GEMM (AVX512-BF16)
+
+    /// `attentionForward` where the CPU has AVX512-BF16: the same blocks, softmax and bf16
+    /// rounding points, with q·kᵀ and P·v on `qlora_gemm_bf16_packed` (q, k, v and P are bf16
+    /// values, so the products are exact in fp32 as with sgemm; only the fp32 summation order
+    /// differs). Each head's k and v are packed once for all of its query blocks.
+    static func attentionForwardBF16(q: [Float], k: [Float], v: [Float], batch: Int, seq: Int, heads: Int, kvHeads: Int,
+                                     headDim d: Int) -> [Float] {
+        let rep = heads / kvHeads, scale = 1 / Float(d).squareRoot()
+        let ldq = heads * d, ldk = kvHeads * d, blk = attentionBlock
+        let ldD = (d + 1) & ~1, kpsD = (d + 1) / 2, kpsSeq = (seq + 1) / 2, ldSeq = (seq + 1) & ~1
+        var out = [Float](repeating: 0, count: q.count)
+        guard !out.isEmpty else { return out }
+        q.withUnsafeBufferPointer { qp in k.withUnsafeBufferPointer { kp in v.withUnsafeBufferPointer { vp in out.withUnsafeMutableBufferPointer { op in
+            let (pq, pk, pv, po) = (Shared(qp.baseAddress!), Shared(kp.baseAddress!), Shared(vp.baseAddress!), Shared(op.baseAddress!))
+            parallelParts(batch * heads, grain: 1) { units in
+                let kS = UnsafeMutablePointer<UInt16>.allocate(capacity: (seq + 15) / 16 * kpsD * 32)
+                let vPV = UnsafeMutablePointer<UInt16>.allocate(capacity: (d + 15) / 16 * kpsSeq * 32)
+                let qa = UnsafeMutablePointer<UInt16>.allocate(capacity: blk * ldD)
+                let s = UnsafeMutablePointer<Float>.allocate(capacity: blk * seq)
+                let pa = UnsafeMutablePointer<UInt16>.allocate(capacity: blk * ldSeq)
+                defer { kS.deallocate(); vPV.deallocate(); qa.deallocate(); s.deallocate(); pa.deallocate() }
+                for u in units {
+                    let b = u / heads, hh = u % heads, kh = hh / rep
+                    let qh = pq.p + b * seq * ldq + hh * d, oh = po.p + b * seq * ldq + hh * d
+                    let kh0 = pk.p + b * seq * ldk + kh * d, vh0 = pv.p + b * seq * ldk + kh * d
+                    // kS: B(e, j) = K[j][e] (keys in lanes, pairs along d); vPV: B(j, e) = V[j][e].
+                    qlora_pack_bf16_pairs(kh0, Int64(ldk), 0, Int64(d), Int64(seq), kS)
+                    qlora_pack_bf16_pairs(vh0, Int64(ldk), 1, Int64(seq), Int64(d), vPV)
+                    var i0 = 0
+                    while i0 < seq {
+                        let m = min(blk, seq - i0), n = i0 + m, ldn = (n + 1) & ~1
+                        for r in 0..<m { qlora_f32_to_bf16_rows(qh + (i0 + r) * ldq, 1, Int64(d), Int64(ldD), qa + r * ldD) }
+                        // S [m, n] = Q_blk · K[0..<n]ᵀ, then the reference's softmax, then P = bf16(softmax).
+                        qlora_gemm_bf16_packed(qa, Int64(ldD), kS, Int64(kpsD), Int64(m), Int64(n), Int64(d), s, Int64(n), 0)
+                        softmaxBlock(s, rows: m, n: n, i0: i0, scale: scale)
+                        qlora_f32_to_bf16_rows(s, Int64(m), Int64(n), Int64(ldn), pa)
+                        // O_blk [m, d] = P · V[0..<n], in place (ldc = H·d), then rounded.
+                        let o = oh + i0 * ldq
+                        qlora_gemm_bf16_packed(pa, Int64(ldn), vPV, Int64(kpsSeq), Int64(m), Int64(d), Int64(n), o, Int64(ldq), 0)
+                        for r in 0..<m { for e in 0..<d { o[r * ldq + e] = bf16(o[r * ldq + e]) } }
+                        i0 += m
+                    }
+                }
+            }
+        } } } }
+        return out
+    }
+
+    /// `attentionBackward` where the CPU has AVX512-BF16: every product on the bf16 GEMM. The
+    /// score gradient's bf16 value bf16(p·(dp − dot)) goes in unscaled and the 1/√d scale is
+    /// applied to dq and to each head's dk sums afterwards (the reference multiplies each term;
+    /// in fp32 the two differ by rounding only).
+    static func attentionBackwardBF16(dout: [Float], q: [Float], k: [Float], v: [Float], batch: Int, seq: Int,
+                                      heads: Int, kvHeads: Int, headDim d: Int) -> (dq: [Float], dk: [Float], dv: [Float]) {
+        let rep = heads / kvHeads, scale = 1 / Float(d).squareRoot()
+        let ldq = heads * d, ldk = kvHeads * d, blk = attentionBlock
+        let ldD = (d + 1) & ~1, kpsD = (d + 1) / 2, kpsSeq = (seq + 1) / 2, ldSeq = (seq + 1) & ~1, ldB = (blk + 1) & ~1
+        var dq = [Float](repeating: 0, count: q.count)
+        var dk = [Float](repeating: 0, count: k.count), dv = dk
+        guard !dq.isEmpty else { return (dq, dk, dv) }
+        var dkHead = [Float](repeating: 0, count: q.count), dvHead = dkHead
+        dout.withUnsafeBufferPointer { gp in q.withUnsafeBufferPointer { qp in k.withUnsafeBufferPointer { kp in v.withUnsafeBufferPointer { vp in
+        dq.withUnsafeMutableBufferPointer { dqp in dkHead.withUnsafeMutableBufferPointer { dkhp in dvHead.withUnsafeMutableBufferPointer { dvhp in
+            let (pg, pq, pk, pv) = (Shared(gp.baseAddress!), Shared(qp.baseAddress!), Shared(kp.baseAddress!), Shared(vp.baseAddress!))
+            let (pdq, pdkh, pdvh) = (Shared(dqp.baseAddress!), Shared(dkhp.baseAddress!), Shared(dvhp.baseAddress!))
+            parallelParts(batch * heads, grain: 1) { units in
+                let keyLanes = (seq + 15) / 16 * kpsD * 32, dLanes = (d + 15) / 16 * kpsSeq * 32, blockLanes = (d + 15) / 16 * ((blk + 1) / 2) * 32
+                let kS = UnsafeMutablePointer<UInt16>.allocate(capacity: keyLanes), vS = UnsafeMutablePointer<UInt16>.allocate(capacity: keyLanes)
+                let kD = UnsafeMutablePointer<UInt16>.allocate(capacity: dLanes)
+                let qP = UnsafeMutablePointer<UInt16>.allocate(capacity: blockLanes), gP = UnsafeMutablePointer<UInt16>.allocate(capacity: blockLanes)
+                let qa = UnsafeMutablePointer<UInt16>.allocate(capacity: blk * ldD), ga = UnsafeMutablePointer<UInt16>.allocate(capacity: blk * ldD)
+                let probs = UnsafeMutablePointer<Float>.allocate(capacity: blk * seq), dp = UnsafeMutablePointer<Float>.allocate(capacity: blk * seq)
+                let dsa = UnsafeMutablePointer<UInt16>.allocate(capacity: blk * ldSeq)
+                let dsT = UnsafeMutablePointer<UInt16>.allocate(capacity: seq * ldB), pT = UnsafeMutablePointer<UInt16>.allocate(capacity: seq * ldB)
+                defer {
+                    for p in [kS, vS, kD, qP, gP, qa, ga, dsa, dsT, pT] { p.deallocate() }
+                    probs.deallocate(); dp.deallocate()
+                }
+                for u in units {
+                    let b = u / heads, hh = u % heads, kh = hh / rep
+                    let qh = pq.p + b * seq * ldq + hh * d, gh = pg.p + b * seq * ldq + hh * d, dqh = pdq.p + b * seq * ldq + hh * d
+                    let kh0 = pk.p + b * seq * ldk + kh * d, vh0 = pv.p + b * seq * ldk + kh * d
+                    let dkh = pdkh.p + u * seq * d, dvh = pdvh.p + u * seq * d  // [seq, d]
+                    qlora_pack_bf16_pairs(kh0, Int64(ldk), 0, Int64(d), Int64(seq), kS)  // for Q·Kᵀ
+                    qlora_pack_bf16_pairs(vh0, Int64(ldk), 0, Int64(d), Int64(seq), vS)  // for dO·Vᵀ
+                    qlora_pack_bf16_pairs(kh0, Int64(ldk), 1, Int64(seq), Int64(d), kD)  // for dS·K
+                    var i0 = 0
+                    while i0 < seq {
+                        let m = min(blk, seq - i0), n = i0 + m, ldn = (n + 1) & ~1, ldm = (m + 1) & ~1
+                        let qb = qh + i0 * ldq, gb = gh + i0 * ldq
+                        for r in 0..<m {
+                            qlora_f32_to_bf16_rows(qb + r * ldq, 1, Int64(d), Int64(ldD), qa + r * ldD)
+                            qlora_f32_to_bf16_rows(gb + r * ldq, 1, Int64(d), Int64(ldD), ga + r * ldD)
+                        }
+                        qlora_gemm_bf16_packed(qa, Int64(ldD), kS, Int64(kpsD), Int64(m), Int64(n), Int64(d), probs, Int64(n), 0)
+                        softmaxBlock(probs, rows: m, n: n, i0: i0, scale: scale)
+                        qlora_gemm_bf16_packed(ga, Int64(ldD), vS, Int64(kpsD), Int64(m), Int64(n), Int64(d), dp, Int64(n), 0)
+                        for r in 0..<m {
+                            let i = i0 + r, pr = probs + r * n, dr = dp + r * n
+                            var dot: Float = 0
+                            for j in 0...i { dr[j] = bf16(dr[j]); dot += dr[j] * pr[j] }  // sequential, as the reference
+                            for j in 0...i {
+                                dr[j] = bf16(pr[j] * (dr[j] - dot))  // the reference's ds before its × scale
+                                pr[j] = bf16(pr[j])
+                            }
+                            for j in (i + 1)..<n { dr[j] = 0 }
+                        }
+                        // dQ_blk = scale · (dS · K[0..<n]): every key of these rows is here; rounded.
+                        qlora_f32_to_bf16_rows(dp, Int64(m), Int64(n), Int64(ldn), dsa)
+                        qlora_gemm_bf16_packed(dsa, Int64(ldn), kD, Int64(kpsSeq), Int64(m), Int64(d), Int64(n), dqh + i0 * ldq, Int64(ldq), 0)
+                        for r in 0..<m { let o = dqh + (i0 + r) * ldq; for e in 0..<d { o[e] = bf16(o[e] * scale) } }
+                        // dK_head[0..<n] += dSᵀ · Q_blk and dV_head[0..<n] += Pᵀ · dO_blk (scale on dK at the end).
+                        qlora_f32_to_bf16_transposed(dp, Int64(m), Int64(n), Int64(n), dsT, Int64(ldm))
+                        qlora_f32_to_bf16_transposed(probs, Int64(m), Int64(n), Int64(n), pT, Int64(ldm))
+                        qlora_pack_bf16_pairs(qb, Int64(ldq), 1, Int64(m), Int64(d), qP)
+                        qlora_pack_bf16_pairs(gb, Int64(ldq), 1, Int64(m), Int64(d), gP)
+                        qlora_gemm_bf16_packed(dsT, Int64(ldm), qP, Int64((m + 1) / 2), Int64(n), Int64(d), Int64(m), dkh, Int64(d), 1)
+                        qlora_gemm_bf16_packed(pT, Int64(ldm), gP, Int64((m + 1) / 2), Int64(n), Int64(d), Int64(m), dvh, Int64(d), 1)
+                        i0 += m
+                    }
+                    for x in 0..<(seq * d) { dkh[x] *= scale }
+                }
+            }
+        } } } } } } }
+        reduceHeadGradients(dkHead, dvHead, into: &dk, &dv, batch: batch, seq: seq, heads: heads, kvHeads: kvHeads, headDim: d)
         return (dq, dk, dv)
     }
+
 }
