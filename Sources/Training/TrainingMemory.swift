@@ -14,10 +14,11 @@ public struct TrainingMemory: Sendable, Equatable {
     /// Adapter parameters, their gradients and AdamW's two moments, fp32:
     /// rank × (in + out) × modules × layers × 4 B × 4.
     public var adapterBytes: Int
-    /// What one micro-batch keeps for backward: per token and decoder layer the bf16 copies
-    /// of the layer input, q, k, v, the attention residual, gate and up, the fp32 adapter inputs
-    /// and A·x (with gradient checkpointing, only each layer's bf16 input plus one layer); per
-    /// token the fp32 logits and their gradient (2 × 4 × vocab) and the final hidden state.
+    /// What one micro-batch keeps for backward: per token and decoder layer what qlora's layer
+    /// keeps (`MemoryEstimate.qloraLayerActivationBytesPerToken`: bf16 x, q, k, v, the attention
+    /// residual, gate and up, the fp32 adapter inputs and A·x; with gradient checkpointing only
+    /// each layer's bf16 input plus one layer); per token the fp32 logits and their gradient
+    /// (2 × 4 × vocab) and the final hidden state.
     public var activationBytes: Int
     /// Tokens per micro-batch (batch × seq-len).
     public var tokens: Int
@@ -37,9 +38,9 @@ public struct TrainingMemory: Sendable, Equatable {
         let modules = a.projections
         let width = modules.reduce(0) { $0 + $1.inFeatures + $1.outFeatures }
         guard let adapters = CheckedSize.product(rank, width, a.layers, 16), let tokens = CheckedSize.product(batch, seqLen) else { return nil }
-        let h = a.hiddenSize, q = a.queryDim, kv = a.keyValueDim, i = a.intermediateSize
-        let adapterInputs = 4 * (h + q + h + i)
-        let layer = 2 * h + 2 * (q + 2 * kv) + 2 * h + 4 * i + 8 + adapterInputs + 4 * rank * modules.count
+        let h = a.hiddenSize
+        // qlora's own decoder layer, counted in one place (Qwen3's q/k norms included).
+        let layer = MemoryEstimate.qloraLayerActivationBytesPerToken(a, MemoryOptions(method: .qlora, rank: rank, targets: ModelArchitecture.projectionNames))
         let kept = checkpointing ? CheckedSize.sum(CheckedSize.product(a.layers, 2 * h) ?? .max, layer) : CheckedSize.product(a.layers, layer)
         guard let kept, let perToken = CheckedSize.sum(kept, 8 * a.vocabSize, 4 * h + 4), let activations = CheckedSize.product(tokens, perToken),
               CheckedSize.sum(model, adapters, activations) != nil else { return nil }

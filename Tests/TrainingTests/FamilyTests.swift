@@ -52,6 +52,12 @@ final class FamilyTests: XCTestCase {
             losses.append(loss)
             try m.backward(acts)
             if step == 0 {
+                // What `qlora train` checks before allocating: its per-layer count is what this
+                // family's real forward keeps, to the byte (Qwen3's q/k norms included).
+                let arch = m.config, tokens = 2 * 16
+                let plan = try XCTUnwrap(TrainingMemory.estimate(arch, rank: 8, batch: 2, seqLen: 16, checkpointing: false))
+                XCTAssertEqual(plan.activationBytes - tokens * (8 * arch.vocabSize + 4 * arch.hiddenSize + 4), acts.layerBytes,
+                               "\(family): TrainingMemory's layers against the forward's exact count", file: file, line: line)
                 let lc = relMax(logits, v.floats("logits"))
                 XCTAssertLessThan(lc, LlamaTests.logitTolerance, "\(family) logits", file: file, line: line)
                 for (path, layer) in m.adapters {
