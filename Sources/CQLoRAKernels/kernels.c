@@ -889,3 +889,110 @@ void qlora_gemm_bf16_packed(const uint16_t *a, int64_t lda, const uint16_t *bp, 
         }
     }
 }
+
+// MARK: - Causal softmax rows (attention), bf16 semantics
+
+// exp(x) for the x <= 0 a softmax feeds it (each score less the row's maximum): Cephes expf's
+// range reduction (x = n·ln2 + r, ln2 split in two) and degree-6 polynomial, about 1 ulp; 0 below
+// -87.3 where expf turns subnormal (those terms are below 2^-126 of the row's sum).
+AVX512 static inline __m512 exp_nonpositive_avx512(__m512 x) {
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    const __m512 e = _mm512_scalef_ps(p, n);
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_GE_OQ), e);
+}
+
+static void softmax_causal_rows_scalar(float *s, int64_t rows, int64_t n, int64_t i0, float scale) {
+    for (int64_t r = 0; r < rows; r++) {
+        float *row = s + r * n;
+        const int64_t len = i0 + r + 1;
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < len; j++) { row[j] = round_bf16_f32(round_bf16_f32(row[j]) * scale); mx = row[j] > mx ? row[j] : mx; }
+        float sum = 0.0f;
+        for (int64_t j = 0; j < len; j++) { row[j] = expf(row[j] - mx); sum += row[j]; }
+        for (int64_t j = 0; j < len; j++) row[j] = row[j] / sum;
+        for (int64_t j = len; j < n; j++) row[j] = 0.0f;
+    }
+}
+
+AVX512 static void softmax_causal_rows_avx512(float *s, int64_t rows, int64_t n, int64_t i0, float scale) {
+    const __m512 vscale = _mm512_set1_ps(scale);
+    for (int64_t r = 0; r < rows; r++) {
+        float *row = s + r * n;
+        const int64_t len = i0 + r + 1;
+        __m512 vmax = _mm512_set1_ps(-INFINITY);
+        for (int64_t j = 0; j < len; j += 16) {
+            const __mmask16 m = len - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (len - j)) - 1u);
+            __m512 v = round_bf16_avx512(_mm512_mul_ps(round_bf16_avx512(_mm512_maskz_loadu_ps(m, row + j)), vscale));
+            _mm512_mask_storeu_ps(row + j, m, v);
+            vmax = _mm512_mask_max_ps(vmax, m, vmax, v);
+        }
+        const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+        __m512 vsum = _mm512_setzero_ps();
+        for (int64_t j = 0; j < len; j += 16) {
+            const __mmask16 m = len - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (len - j)) - 1u);
+            __m512 e = _mm512_maskz_mov_ps(m, exp_nonpositive_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + j), mx)));
+            _mm512_mask_storeu_ps(row + j, m, e);
+            vsum = _mm512_add_ps(vsum, e);
+        }
+        const __m512 sum = _mm512_set1_ps(_mm512_reduce_add_ps(vsum));
+        for (int64_t j = 0; j < len; j += 16) {
+            const __mmask16 m = len - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (len - j)) - 1u);
+            _mm512_mask_storeu_ps(row + j, m, _mm512_div_ps(_mm512_maskz_loadu_ps(m, row + j), sum));
+        }
+        for (int64_t j = len; j < n; j++) row[j] = 0.0f;
+    }
+}
+
+void qlora_softmax_causal_rows(float *s, int64_t rows, int64_t n, int64_t i0, float scale) {
+    if (qlora_active_level() >= QLORA_LEVEL_AVX512) softmax_causal_rows_avx512(s, rows, n, i0, scale);
+    else softmax_causal_rows_scalar(s, rows, n, i0, scale);
+}
+
+static void softmax_backward_rows_scalar(float *p, float *dp, int64_t rows, int64_t n, int64_t i0, float post_scale) {
+    for (int64_t r = 0; r < rows; r++) {
+        float *pr = p + r * n, *dr = dp + r * n;
+        const int64_t len = i0 + r + 1;
+        float dot = 0.0f;
+        for (int64_t j = 0; j < len; j++) { dr[j] = round_bf16_f32(dr[j]); dot += dr[j] * pr[j]; }
+        for (int64_t j = 0; j < len; j++) { dr[j] = round_bf16_f32(pr[j] * (dr[j] - dot)) * post_scale; pr[j] = round_bf16_f32(pr[j]); }
+        for (int64_t j = len; j < n; j++) dr[j] = 0.0f;
+    }
+}
+
+AVX512 static void softmax_backward_rows_avx512(float *p, float *dp, int64_t rows, int64_t n, int64_t i0, float post_scale) {
+    const __m512 vpost = _mm512_set1_ps(post_scale);
+    for (int64_t r = 0; r < rows; r++) {
+        float *pr = p + r * n, *dr = dp + r * n;
+        const int64_t len = i0 + r + 1;
+        __m512 vdot = _mm512_setzero_ps();
+        for (int64_t j = 0; j < len; j += 16) {
+            const __mmask16 m = len - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (len - j)) - 1u);
+            __m512 d = round_bf16_avx512(_mm512_maskz_loadu_ps(m, dr + j));
+            _mm512_mask_storeu_ps(dr + j, m, d);
+            vdot = _mm512_fmadd_ps(d, _mm512_maskz_loadu_ps(m, pr + j), vdot);
+        }
+        const __m512 dot = _mm512_set1_ps(_mm512_reduce_add_ps(vdot));
+        for (int64_t j = 0; j < len; j += 16) {
+            const __mmask16 m = len - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (len - j)) - 1u);
+            __m512 pv = _mm512_maskz_loadu_ps(m, pr + j);
+            __m512 ds = _mm512_mul_ps(round_bf16_avx512(_mm512_mul_ps(pv, _mm512_sub_ps(_mm512_maskz_loadu_ps(m, dr + j), dot))), vpost);
+            _mm512_mask_storeu_ps(dr + j, m, ds);
+            _mm512_mask_storeu_ps(pr + j, m, round_bf16_avx512(pv));
+        }
+        for (int64_t j = len; j < n; j++) dr[j] = 0.0f;
+    }
+}
+
+void qlora_softmax_backward_rows(float *p, float *dp, int64_t rows, int64_t n, int64_t i0, float post_scale) {
+    if (qlora_active_level() >= QLORA_LEVEL_AVX512) softmax_backward_rows_avx512(p, dp, rows, n, i0, post_scale);
+    else softmax_backward_rows_scalar(p, dp, rows, n, i0, post_scale);
+}

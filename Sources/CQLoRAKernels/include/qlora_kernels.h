@@ -153,6 +153,18 @@ void qlora_f32_to_bf16_transposed(const float *x, int64_t rows, int64_t cols, in
 void qlora_gemm_bf16_packed(const uint16_t *a, int64_t lda, const uint16_t *bp, int64_t kps, int64_t m, int64_t n, int64_t k,
                             float *c, int64_t ldc, int accumulate);
 
+/// Causal softmax of a block of attention scores, in place: row r of s [rows, n] holds query
+/// i0 + r's raw fp32 q·k sums for keys 0..<n; keys 0...i0 + r become bf16(bf16(s) · scale), then
+/// exp(x − max) / Σ in fp32, the rest 0 (HF eager attention's bf16 roundings). Levels: scalar
+/// (expf, sums in key order: LlamaOps' reference); AVX-512 (a Cephes polynomial exp within about
+/// an ulp, 16-lane partial sums).
+void qlora_softmax_causal_rows(float *s, int64_t rows, int64_t n, int64_t i0, float scale);
+
+/// The softmax backward of those rows, in place: dp's keys 0...i become bf16(dp), dot = Σ dp·p,
+/// then dp = bf16(p · (dp − dot)) · post_scale and p = bf16(p); dp's other keys 0. Levels: scalar
+/// (sums in key order); AVX-512 (16-lane partial sums).
+void qlora_softmax_backward_rows(float *p, float *dp, int64_t rows, int64_t n, int64_t i0, float post_scale);
+
 /// Element types of a weight in the merge kernels (raw 16-bit patterns for bf16/fp16).
 typedef enum {
     QLORA_TYPE_F32 = 0,

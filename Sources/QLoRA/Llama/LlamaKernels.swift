@@ -218,21 +218,12 @@ extension LlamaOps {
 
     /// One block's scores into probabilities, row by row, as `attentionRow` does: `s` holds
     /// rows × n raw fp32 q·k sums (row r is query i0 + r, keys 0..<n); each becomes
-    /// bf16(bf16(s) · scale), softmax in fp32 over keys 0...i; entries past i are set to 0.
+    /// bf16(bf16(s) · scale), softmax in fp32 over keys 0...i; entries past i are set to 0
+    /// (`qlora_softmax_causal_rows`: vectorized where the CPU has AVX-512, its exp within about
+    /// an ulp of expf and its sums in 16 lanes; the scalar level is the reference's arithmetic).
     @inline(__always)
     static func softmaxBlock(_ s: UnsafeMutablePointer<Float>, rows: Int, n: Int, i0: Int, scale: Float) {
-        for r in 0..<rows {
-            let row = s + r * n, i = i0 + r
-            var mx = -Float.infinity
-            for j in 0...i {
-                row[j] = bf16(bf16(row[j]) * scale)
-                mx = max(mx, row[j])
-            }
-            var sum: Float = 0
-            for j in 0...i { row[j] = Foundation.exp(row[j] - mx); sum += row[j] }
-            for j in 0...i { row[j] = row[j] / sum }
-            for j in (i + 1)..<n { row[j] = 0 }
-        }
+        qlora_softmax_causal_rows(s, Int64(rows), Int64(n), Int64(i0), scale)
     }
 
     /// `attentionForwardReference` with BLAS, threaded over (batch, head).
@@ -328,17 +319,8 @@ extension LlamaOps {
                             // dP [m, n] = dO_blk [m, d] · V[0..<n]ᵀ (op(B) = Vᵀ, ldb = KV·d), rounded to bf16.
                             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(m), Int32(n), Int32(d), 1,
                                         gb, Int32(ldq), vh0, Int32(ldk), 0, dp, Int32(n))
-                            for r in 0..<m {
-                                let i = i0 + r, pr = probs + r * n, dr = dp + r * n
-                                var dot: Float = 0
-                                for j in 0...i { dr[j] = bf16(dr[j]); dot += dr[j] * pr[j] }  // sequential, as the reference
-                                // Reference: ds = bf16(probs[j] · (dp[j] - dot)) · scale; pb = bf16(probs[j]).
-                                for j in 0...i {
-                                    dr[j] = bf16(pr[j] * (dr[j] - dot)) * scale
-                                    pr[j] = bf16(pr[j])
-                                }
-                                for j in (i + 1)..<n { dr[j] = 0 }
-                            }
+                            // Reference: ds = bf16(probs[j] · (bf16(dp[j]) - dot)) · scale; pb = bf16(probs[j]).
+                            qlora_softmax_backward_rows(probs, dp, Int64(m), Int64(n), Int64(i0), scale)
                             // dQ_blk [m, d] = dS [m, n] · K[0..<n] [n, d] (ldb = KV·d): every key of these rows is
                             // here, so the sum is complete; written in place (ldc = H·d), then rounded.
                             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(m), Int32(d), Int32(n), 1,
@@ -485,16 +467,8 @@ extension LlamaOps {
                         qlora_gemm_bf16_packed(qa, Int64(ldD), kS, Int64(kpsD), Int64(m), Int64(n), Int64(d), probs, Int64(n), 0)
                         softmaxBlock(probs, rows: m, n: n, i0: i0, scale: scale)
                         qlora_gemm_bf16_packed(ga, Int64(ldD), vS, Int64(kpsD), Int64(m), Int64(n), Int64(d), dp, Int64(n), 0)
-                        for r in 0..<m {
-                            let i = i0 + r, pr = probs + r * n, dr = dp + r * n
-                            var dot: Float = 0
-                            for j in 0...i { dr[j] = bf16(dr[j]); dot += dr[j] * pr[j] }  // sequential, as the reference
-                            for j in 0...i {
-                                dr[j] = bf16(pr[j] * (dr[j] - dot))  // the reference's ds before its × scale
-                                pr[j] = bf16(pr[j])
-                            }
-                            for j in (i + 1)..<n { dr[j] = 0 }
-                        }
+                        // The reference's ds before its × scale, and the bf16 probabilities.
+                        qlora_softmax_backward_rows(probs, dp, Int64(m), Int64(n), Int64(i0), 1)
                         // dQ_blk = scale · (dS · K[0..<n]): every key of these rows is here; rounded.
                         qlora_f32_to_bf16_rows(dp, Int64(m), Int64(n), Int64(ldn), dsa)
                         qlora_gemm_bf16_packed(dsa, Int64(ldn), kD, Int64(kpsSeq), Int64(m), Int64(d), Int64(n), dqh + i0 * ldq, Int64(ldq), 0)
