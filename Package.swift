@@ -86,7 +86,7 @@ let package = Package(
         .testTarget(name: "SafeTensorsTests", dependencies: ["SafeTensors", "TestSupport"]),
         .testTarget(name: "GGUFTests", dependencies: ["GGUF", "QLoRA", "TestSupport"]),
         .testTarget(name: "FileOutputTests", dependencies: ["FileOutput", "TestSupport"]),
-        .testTarget(name: "CheckpointFormatsTests", dependencies: ["CheckpointFormats", "QLoRA", "SafeTensors", "TestSupport"]),
+        .testTarget(name: "CheckpointFormatsTests", dependencies: ["CheckpointFormats", "QLoRA", "SafeTensors", "GGUF", "TestSupport"]),
         .testTarget(name: "CheckpointJobsTests", dependencies: ["CheckpointJobs", "CheckpointFormats", "QLoRA", "SafeTensors", "TestSupport"]),
         .testTarget(name: "TrainingTests", dependencies: ["Training", "CheckpointJobs", "CheckpointFormats", "QLoRA", "SafeTensors", "TestSupport"]),
         .testTarget(name: "MemoryTests", dependencies: ["Memory", "QLoRA", "CheckpointFormats", "CheckpointJobs", "SafeTensors", "TestSupport"]),

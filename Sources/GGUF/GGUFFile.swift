@@ -64,7 +64,10 @@ public struct GGUFFile: Sendable {
         do { header = try GGUFHeader(metadata: metadata, tensors: []) } catch let e as GGUFError { throw r.fail(e.problem) }
         let alignment = header.alignment
         var infos: [GGUFTensorInfo] = []
-        let dataOffset = (r.at + alignment - 1) / alignment * alignment
+        var dataOffset = (r.at + alignment - 1) / alignment * alignment
+        // A file without tensors may end right after its header, as gguf-py's vocab-only
+        // files do (they never reach write_tensors_to_file, which pads).
+        if tensors.isEmpty && r.at == r.bytes.count { dataOffset = r.at }
         guard dataOffset <= r.bytes.count else { throw r.fail("the file ends inside the header's padding") }
         for (t, o) in zip(tensors, offsets) {
             guard let n = t.type.byteCount(t.ne) else { throw r.fail("tensor \(t.name): dimensions \(t.ne) do not fit \(t.type)") }

@@ -47,7 +47,8 @@ public struct GGUFHeader: Sendable {
         return Self.padded(last.offset, last.byteCount, alignment)!
     }
 
-    /// The header's bytes, padded to the alignment (the data section starts right after).
+    /// The header's bytes, padded to the alignment (the data section starts right after); a
+    /// vocabulary-only file (no tensors) is not padded, as gguf-py writes one.
     public func encoded() -> [UInt8] {
         var out: [UInt8] = GGUF.magic
         Self.put(GGUF.version, &out)
@@ -65,7 +66,7 @@ public struct GGUFHeader: Sendable {
             Self.put(t.type.rawValue, &out)
             Self.put(UInt64(t.offset), &out)
         }
-        let pad = (alignment - out.count % alignment) % alignment
+        let pad = tensors.isEmpty ? 0 : (alignment - out.count % alignment) % alignment
         out += [UInt8](repeating: 0, count: pad)
         return out
     }

@@ -44,6 +44,17 @@ final class GGUFGoldenTests: XCTestCase {
         XCTAssertEqual(f.dataOffset + rebuilt.dataByteCount, data.count, "every tensor padded to the alignment, the last one too")
     }
 
+    /// convert_hf_to_gguf.py's --vocab-only file (no tensors, no padding after the header):
+    /// parsed and re-encoded, the same bytes.
+    func testVocabularyOnlyFileRoundTrips() throws {
+        let url = repositoryRoot.appendingPathComponent("Vectors/gguf/llama-tiny/vocab.gguf")
+        let data = try Data(contentsOf: url)
+        let f = try GGUFFile(bytes: data, file: url.path)
+        XCTAssertTrue(f.header.tensors.isEmpty)
+        XCTAssertEqual(f.metadata.count, 24)
+        XCTAssertEqual(try GGUFHeader(metadata: f.metadata, tensors: []).encoded(), [UInt8](data))
+    }
+
     /// F16, BF16, Q8_0 and Q4_0 of every source: qlora's bytes are gguf-py's (= ggml's reference).
     func testEncodingsAreBitExact() throws {
         let (f, _) = try golden()
