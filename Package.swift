@@ -42,7 +42,7 @@ let package = Package(
         .target(name: "CheckpointFormats", dependencies: ["QLoRA", "SafeTensors", "FileOutput"]),
         /// Whole-checkpoint jobs on one streaming engine (`CheckpointRewrite`): quantize,
         /// dequantize, merge (Merge/), plus inspect, compare and the synthetic sample writer.
-        .target(name: "CheckpointJobs", dependencies: ["CheckpointFormats", "QLoRA", "SafeTensors", "FileOutput"]),
+        .target(name: "CheckpointJobs", dependencies: ["CheckpointFormats", "QLoRA", "SafeTensors", "FileOutput", "GGUF"]),
         /// `qlora train`: the Llama checkpoint loader, JSONL data, the run with its resumable
         /// checkpoints and final adapter.
         .target(name: "Training", dependencies: ["CheckpointFormats", "QLoRA", "SafeTensors", "FileOutput", "Memory"]),
@@ -87,7 +87,7 @@ let package = Package(
         .testTarget(name: "GGUFTests", dependencies: ["GGUF", "QLoRA", "TestSupport"]),
         .testTarget(name: "FileOutputTests", dependencies: ["FileOutput", "TestSupport"]),
         .testTarget(name: "CheckpointFormatsTests", dependencies: ["CheckpointFormats", "QLoRA", "SafeTensors", "GGUF", "TestSupport"]),
-        .testTarget(name: "CheckpointJobsTests", dependencies: ["CheckpointJobs", "CheckpointFormats", "QLoRA", "SafeTensors", "TestSupport"]),
+        .testTarget(name: "CheckpointJobsTests", dependencies: ["CheckpointJobs", "CheckpointFormats", "QLoRA", "SafeTensors", "GGUF", "TestSupport"]),
         .testTarget(name: "TrainingTests", dependencies: ["Training", "CheckpointJobs", "CheckpointFormats", "QLoRA", "SafeTensors", "TestSupport"]),
         .testTarget(name: "MemoryTests", dependencies: ["Memory", "QLoRA", "CheckpointFormats", "CheckpointJobs", "SafeTensors", "TestSupport"]),
         .testTarget(name: "ClaimsTests", dependencies: ["Claims", "Memory", "QLoRA", "TestSupport"]),

@@ -1,0 +1,143 @@
+import CheckpointFormats
+import Foundation
+import GGUF
+import QLoRA
+import SafeTensors
+
+/// The output types convert_hf_to_gguf.py writes itself (`--outtype`); llama-quantize's types
+/// come later (issue 16).
+public enum GGUFOutType: String, CaseIterable, Sendable {
+    case f32, f16, bf16, q8_0
+}
+
+/// One tensor of an exported GGUF: llama.cpp's name, ggml dimensions (innermost first), type, bytes.
+public struct GGUFTensor: Sendable, Equatable {
+    public var name: String
+    public var ne: [Int]
+    public var type: GGMLType
+    public var bytes: [UInt8]
+}
+
+/// What llama.cpp's convert_hf_to_gguf.py does to each tensor of a Llama-architecture checkpoint
+/// (conversion/base.py `prepare_tensors`, conversion/llama.py `LlamaModel`), so that qlora's
+/// export holds the same bytes (Vectors/gguf/llama-tiny/export.json holds it to that):
+/// - tensors in the converter's order: the generated `rope_freqs.weight` first (Llama-3 rope
+///   scaling), then each shard's tensors sorted by name, as safetensors' `keys()` lists them;
+/// - names from gguf-py's tensor map (`llamaName`);
+/// - q_proj and k_proj rows permuted from Hugging Face's rotate-half layout back to llama.cpp's
+///   interleaved one (`LlamaModel.permute`);
+/// - every tensor read as fp32 (bf16 widened exactly), then: 1-D tensors and norms F32; the rest
+///   the `--outtype` (F16 and BF16 rounded to nearest even, BF16 with ggml's NaN rule, Q8_0 by
+///   ggml's reference quantizer, F16 where a row is not a whole number of Q8_0 blocks).
+public enum GGUFExport {
+    /// llama.cpp's name for a Hugging Face tensor of a Llama model (gguf-py's tensor map for
+    /// MODEL_ARCH.LLAMA), or nil for a name it does not map.
+    public static func llamaName(_ hf: String) -> String? {
+        switch hf {
+        case "model.embed_tokens.weight": return "token_embd.weight"
+        case "model.norm.weight": return "output_norm.weight"
+        case "lm_head.weight": return "output.weight"
+        default: break
+        }
+        let parts = hf.split(separator: ".", omittingEmptySubsequences: false).map(String.init)
+        guard parts.count >= 5, parts[0] == "model", parts[1] == "layers", let layer = Int(parts[2]), layer >= 0, String(layer) == parts[2] else { return nil }
+        let module = parts[3..<(parts.count - 1)].joined(separator: "."), suffix = parts[parts.count - 1]
+        guard suffix == "weight" || suffix == "bias" else { return nil }
+        let names = ["input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+                     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                     "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"]
+        guard let name = names[module] else { return nil }
+        return "blk.\(layer).\(name).\(suffix)"
+    }
+
+    /// `LlamaModel.permute`: w [rows, cols] viewed as [heads, 2, rows / heads / 2, cols] with its
+    /// two middle axes swapped: row (h, j, i) moves to (h, i, j).
+    public static func permuteRows(_ w: [Float], rows: Int, cols: Int, heads: Int) -> [Float] {
+        precondition(heads > 0 && rows % (2 * heads) == 0 && w.count == rows * cols, "permuteRows: \(rows) rows do not split into \(heads) heads of pairs")
+        let half = rows / heads / 2
+        var out = [Float](repeating: 0, count: w.count)
+        for h in 0..<heads {
+            for j in 0..<2 {
+                for i in 0..<half {
+                    let from = (h * 2 * half + j * half + i) * cols, to = (h * 2 * half + i * 2 + j) * cols
+                    for c in 0..<cols { out[to + c] = w[from + c] }
+                }
+            }
+        }
+        return out
+    }
+
+    /// `LlamaModel.generate_extra_tensors` for Llama-3 rope scaling: one factor per frequency,
+    /// 1 above the high-frequency band, `factor` below the low one, smoothed between, in fp32 as
+    /// torch computes them (the smoothed band's values can differ from torch's in the last bit:
+    /// torch's pow is not glibc's; the bands' exact 1 and `factor` cannot).
+    public static func llama3RopeFactors(_ a: ModelArchitecture) -> [Float]? {
+        guard let s = a.llama3RopeScaling else { return nil }
+        let dim = a.headDim, base = Float(a.ropeTheta)
+        let low = Float(s.originalMaxPositions) / Float(s.lowFreqFactor), high = Float(s.originalMaxPositions) / Float(s.highFreqFactor)
+        return stride(from: 0, to: dim, by: 2).map { i -> Float in
+            let freq = 1 / powf(base, Float(i) / Float(dim))
+            let wavelen = Float(2 * Double.pi) / freq
+            if wavelen < high { return 1 }
+            if wavelen > low { return Float(s.factor) }
+            let smooth = (Float(s.originalMaxPositions) / wavelen - Float(s.lowFreqFactor)) / (Float(s.highFreqFactor) - Float(s.lowFreqFactor))
+            return 1 / ((1 - smooth) / Float(s.factor) + smooth)
+        }
+    }
+
+    /// The type and bytes of a tensor of fp32 values `x` with ggml dimensions `ne`, as the
+    /// converter stores it for `outType`.
+    public static func encode(_ x: [Float], ne: [Int], name: String, outType: GGUFOutType) -> (GGMLType, [UInt8]) {
+        var type: GGMLType
+        if ne.count <= 1 || name.hasSuffix("_norm.weight") { type = .f32 } else {
+            switch outType {
+            case .f32: type = .f32
+            case .f16: type = .f16
+            case .bf16: type = .bf16
+            case .q8_0: type = ne[0] % GGMLQuants.q8_0Block.elements == 0 ? .q8_0 : .f16  // gguf-py's QuantError falls back to F16
+            }
+        }
+        var out = [UInt8](repeating: 0, count: type.byteCount(ne)!)
+        x.withUnsafeBufferPointer { xp in
+            out.withUnsafeMutableBytes { o in
+                switch type {
+                case .f32: for i in xp.indices { o.storeBytes(of: xp[i].bitPattern.littleEndian, toByteOffset: 4 * i, as: UInt32.self) }
+                case .f16: for i in xp.indices { o.storeBytes(of: GGMLQuants.f16Bits(xp[i]).littleEndian, toByteOffset: 2 * i, as: UInt16.self) }
+                case .bf16: for i in xp.indices { o.storeBytes(of: GGMLQuants.bf16Bits(xp[i]).littleEndian, toByteOffset: 2 * i, as: UInt16.self) }
+                default: GGMLQuants.quantizeQ8_0(xp, into: o)
+                }
+            }
+        }
+        return (type, out)
+    }
+
+    /// Every tensor of a dense Llama-architecture checkpoint as the converter writes it.
+    public static func llamaTensors(_ reader: CheckpointReader, _ a: ModelArchitecture, outType: GGUFOutType) throws -> [GGUFTensor] {
+        var out: [GGUFTensor] = []
+        if let factors = llama3RopeFactors(a) {
+            let (type, bytes) = encode(factors, ne: [factors.count], name: "rope_freqs.weight", outType: outType)
+            out.append(GGUFTensor(name: "rope_freqs.weight", ne: [factors.count], type: type, bytes: bytes))
+        }
+        for shard in reader.shardFileNames {
+            let names = reader.entries.filter { $0.shard == shard }.map(\.name).sorted { $0.unicodeScalars.lexicographicallyPrecedes($1.unicodeScalars) }
+            for hf in names where !hf.hasSuffix(".rotary_emb.inv_freq") {
+                guard let name = llamaName(hf) else {
+                    throw CheckpointError.invalidTensor(file: reader.filePath(of: hf), tensor: hf, problem: "llama.cpp's Llama architecture has no tensor of this name")
+                }
+                let info = reader.info(named: hf)!
+                guard let element = ElementType(info.dtype) else {
+                    throw CheckpointError.invalidTensor(file: reader.filePath(of: hf), tensor: hf, problem: "dtype \(info.dtype) is not a float type")
+                }
+                var x = reader.withBytes(of: hf) { loadFloats($0, as: element) }
+                let shape = info.shape
+                if shape.count == 2, hf.hasSuffix("q_proj.weight") || hf.hasSuffix("k_proj.weight") {
+                    x = permuteRows(x, rows: shape[0], cols: shape[1], heads: hf.hasSuffix("q_proj.weight") ? a.attentionHeads : a.keyValueHeads)
+                }
+                let ne = Array(shape.reversed())
+                let (type, bytes) = encode(x, ne: ne, name: name, outType: outType)
+                out.append(GGUFTensor(name: name, ne: ne, type: type, bytes: bytes))
+            }
+        }
+        return out
+    }
+}
