@@ -35,6 +35,43 @@ final class GGUFExportTests: XCTestCase {
         }
     }
 
+    /// The whole file, metadata and tokenizer included: the same bytes as convert_hf_to_gguf.py's
+    /// for every --outtype (the directory is named `tiny`, as the converter saw it: the name
+    /// becomes general.name).
+    func testWholeFileIsTheConvertersToTheByte() throws {
+        let model = repositoryRoot.appendingPathComponent("Vectors/llama/tiny")
+        let arch = try ModelArchitecture(configFile: model.appendingPathComponent("config.json").path)
+        let config = try JSONValue.parse(document: [UInt8](try Data(contentsOf: model.appendingPathComponent("config.json"))))
+        let reader = try CheckpointReader(path: model.appendingPathComponent("model.safetensors").path)
+        let sp = try SentencePieceModel(file: repositoryRoot.appendingPathComponent("Vectors/gguf/llama-tiny/tokenizer.model").path)
+        let data = try Data(contentsOf: repositoryRoot.appendingPathComponent("Vectors/gguf/llama-tiny/export.json"))
+        let golden = try XCTUnwrap(try JSONSerialization.jsonObject(with: data) as? [String: Any])
+        // gguf-py's Metadata.load on such directory names gives these names.
+        for (dir, name) in [("tiny", "Tiny"), ("my_model", "My_Model"), ("llama2", "Llama2"), ("Qwen", "Qwen"), ("v2model", "V2Model")] {
+            XCTAssertEqual(GGUFExport.simpleModelName(directoryName: dir), name, dir)
+        }
+        XCTAssertNil(GGUFExport.simpleModelName(directoryName: "Llama-3.2-1B"))
+        for outType in GGUFOutType.allCases {
+            let want = try XCTUnwrap(golden[outType.rawValue] as? [String: Any])
+            let tensors = try GGUFExport.llamaTensors(reader, arch, outType: outType)
+            let parameters = tensors.reduce(0) { $0 + $1.ne.reduce(1, *) }
+            let metadata = GGUFExport.llamaMetadata(config: config, arch, name: "Tiny", parameters: parameters, outType: outType,
+                                                    vocabulary: sp.ggufVocabulary(vocabSize: arch.vocabSize))
+            XCTAssertEqual(metadata.map(\.key), (want["metadata"] as? [[String]])?.map { $0[0] }, "\(outType): keys and order")
+            let bytes = try GGUFExport.fileBytes(metadata: metadata, tensors: tensors)
+            XCTAssertEqual(bytes.count, want["bytes"] as? Int, "\(outType): size")
+            XCTAssertEqual(SHA256.hex(bytes), want["sha256"] as? String, "\(outType): the file's bytes")
+        }
+    }
+
+    func testSizeLabelsAsGGUFPyWritesThem() {
+        XCTAssertEqual(GGUFExport.sizeLabel(parameters: 106_824), "107K")
+        XCTAssertEqual(GGUFExport.sizeLabel(parameters: 1_235_814_400), "1.2B")
+        XCTAssertEqual(GGUFExport.sizeLabel(parameters: 8_030_261_248), "8.0B")
+        XCTAssertEqual(GGUFExport.sizeLabel(parameters: 70_553_706_496), "71B")
+        XCTAssertEqual(GGUFExport.sizeLabel(parameters: 494_032_768), "494M")
+    }
+
     /// LlamaModel.permute on a small case worked by hand: 2 heads of 4 rows, one column.
     func testPermuteInterleavesEachHeadsHalves() {
         let w: [Float] = [0, 1, 2, 3, 10, 11, 12, 13]

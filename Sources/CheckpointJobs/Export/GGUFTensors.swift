@@ -141,3 +141,97 @@ public enum GGUFExport {
         return out
     }
 }
+
+// MARK: - Metadata and the whole file
+
+extension GGUFOutType {
+    /// gguf-py's LlamaFileType of the file (general.file_type).
+    public var fileType: UInt32 {
+        switch self {
+        case .f32: return 0
+        case .f16: return 1
+        case .q8_0: return 7
+        case .bf16: return 32
+        }
+    }
+}
+
+extension GGUFExport {
+    /// gguf-py's `size_label` of a dense model (`model_weight_count_rounded_notation`, two digits
+    /// at least): "107K", "1.2B", "8.0B", "70B". Python's round() rounds half to even.
+    public static func sizeLabel(parameters n: Int) -> String {
+        let x = Double(n)
+        let (scaled, suffix) = x > 1e12 ? (x * 1e-12, "T") : x > 1e9 ? (x * 1e-9, "B") : x > 1e6 ? (x * 1e-6, "M") : (x * 1e-3, "K")
+        let rounded = scaled.rounded(.toNearestOrEven)
+        let digits = rounded == 0 ? 0 : String(Int(rounded)).count
+        return String(format: "%.\(max(2 - digits, 0))f", scaled) + suffix
+    }
+
+    /// gguf-py's model name from a directory name without '-' or spaces (`Metadata.load` then
+    /// gives `id_to_title`: an all-lowercase name in Python's str.title() form, "my_model" →
+    /// "My_Model", "v2model" → "V2Model", unless it looks like a version or starts with a digit).
+    /// Names with '-' go through gguf-py's fuller heuristics (basename, size, version,
+    /// finetune), which qlora does not follow yet: nil.
+    public static func simpleModelName(directoryName d: String) -> String? {
+        guard !d.isEmpty, !d.contains("-"), !d.unicodeScalars.contains(where: { CharacterSet.whitespacesAndNewlines.contains($0) }) else { return nil }
+        let cased = d.filter { $0.isLetter && ($0.isUppercase || $0.isLowercase) }
+        let allLower = !cased.isEmpty && cased.allSatisfy(\.isLowercase)
+        let versionLike = d.first?.isNumber == true || (d.first == "v" && d.dropFirst().split(separator: ".", omittingEmptySubsequences: false)
+            .allSatisfy { !$0.isEmpty && $0.allSatisfy(\.isASCII) && $0.allSatisfy(\.isNumber) })
+        guard allLower, !versionLike else { return d }
+        var out = "", previousCased = false
+        for c in d {
+            let isCased = c.isLetter && (c.isUppercase || c.isLowercase)
+            out += isCased ? (previousCased ? c.lowercased() : c.uppercased()) : String(c)
+            previousCased = isCased
+        }
+        return out
+    }
+
+    static func int(_ v: JSONValue?) -> Int? { if case .number(let t)? = v { return Int(t) }; return nil }
+
+    /// The metadata convert_hf_to_gguf.py writes for a Llama-architecture model with a
+    /// SentencePiece tokenizer, in its order (TextModel.set_gguf_parameters, LlamaModel's,
+    /// the quantization version, the vocabulary, SpecialVocab's ids from config.json).
+    public static func llamaMetadata(config: JSONValue, _ a: ModelArchitecture, name: String, parameters: Int, outType: GGUFOutType,
+                                     vocabulary v: (tokens: [String], scores: [Float], types: [Int32])) -> [(key: String, value: GGUFValue)] {
+        var m: [(key: String, value: GGUFValue)] = [("general.architecture", .string("llama")), ("general.type", .string("model")),
+                                                     ("general.name", .string(name)), ("general.size_label", .string(sizeLabel(parameters: parameters)))]
+        m.append(("llama.block_count", .uint32(UInt32(a.layers))))
+        if let n = int(config["max_position_embeddings"]) { m.append(("llama.context_length", .uint32(UInt32(n)))) }
+        m.append(("llama.embedding_length", .uint32(UInt32(a.hiddenSize))))
+        m.append(("llama.feed_forward_length", .uint32(UInt32(a.intermediateSize))))
+        m.append(("llama.attention.head_count", .uint32(UInt32(a.attentionHeads))))
+        m.append(("llama.attention.head_count_kv", .uint32(UInt32(a.keyValueHeads))))
+        m.append(("llama.rope.freq_base", .float32(Float(a.ropeTheta))))
+        m.append(("llama.attention.layer_norm_rms_epsilon", .float32(Float(a.rmsNormEps))))
+        if config["head_dim"] != nil {
+            m.append(("llama.attention.key_length", .uint32(UInt32(a.headDim))))
+            m.append(("llama.attention.value_length", .uint32(UInt32(a.headDim))))
+        }
+        m.append(("general.file_type", .uint32(outType.fileType)))
+        m.append(("llama.vocab_size", .uint32(UInt32(a.vocabSize))))
+        m.append(("llama.rope.dimension_count", .uint32(UInt32(a.headDim))))
+        m.append(("general.quantization_version", .uint32(2)))
+        m.append(("tokenizer.ggml.model", .string("llama")))
+        m.append(("tokenizer.ggml.pre", .string("default")))
+        m.append(("tokenizer.ggml.tokens", .strings(v.tokens)))
+        m.append(("tokenizer.ggml.scores", .float32s(v.scores)))
+        m.append(("tokenizer.ggml.token_type", .int32s(v.types)))
+        for (key, field) in [("tokenizer.ggml.bos_token_id", "bos_token_id"), ("tokenizer.ggml.eos_token_id", "eos_token_id")] {
+            if let id = int(config[field]), id >= 0, id < a.vocabSize { m.append((key, .uint32(UInt32(id)))) }
+        }
+        return m
+    }
+
+    /// The bytes of a GGUF holding `metadata` and `tensors` as gguf-py writes them.
+    public static func fileBytes(metadata: [(key: String, value: GGUFValue)], tensors: [GGUFTensor]) throws -> [UInt8] {
+        let header = try GGUFHeader(metadata: metadata, tensors: tensors.map { ($0.name, $0.ne, $0.type) })
+        var out = header.encoded()
+        for t in tensors {
+            out += t.bytes
+            out += [UInt8](repeating: 0, count: (header.alignment - t.bytes.count % header.alignment) % header.alignment)
+        }
+        return out
+    }
+}
