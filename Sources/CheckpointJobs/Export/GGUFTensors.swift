@@ -88,15 +88,7 @@ public enum GGUFExport {
     /// The type and bytes of a tensor of fp32 values `x` with ggml dimensions `ne`, as the
     /// converter stores it for `outType`.
     public static func encode(_ x: [Float], ne: [Int], name: String, outType: GGUFOutType) -> (GGMLType, [UInt8]) {
-        var type: GGMLType
-        if ne.count <= 1 || name.hasSuffix("_norm.weight") { type = .f32 } else {
-            switch outType {
-            case .f32: type = .f32
-            case .f16: type = .f16
-            case .bf16: type = .bf16
-            case .q8_0: type = ne[0] % GGMLQuants.q8_0Block.elements == 0 ? .q8_0 : .f16  // gguf-py's QuantError falls back to F16
-            }
-        }
+        let type = type(name: name, ne: ne, outType: outType)
         var out = [UInt8](repeating: 0, count: type.byteCount(ne)!)
         x.withUnsafeBufferPointer { xp in
             out.withUnsafeMutableBytes { o in
@@ -111,12 +103,35 @@ public enum GGUFExport {
         return (type, out)
     }
 
-    /// Every tensor of a dense Llama-architecture checkpoint as the converter writes it.
-    public static func llamaTensors(_ reader: CheckpointReader, _ a: ModelArchitecture, outType: GGUFOutType) throws -> [GGUFTensor] {
-        var out: [GGUFTensor] = []
+    /// One output tensor, planned before any data is read: where its values come from (a
+    /// checkpoint tensor, or the generated rope factors), its name, dimensions and type.
+    public struct PlannedTensor: Sendable, Equatable {
+        public var source: String?
+        public var name: String
+        public var ne: [Int]
+        public var type: GGMLType
+        public var byteCount: Int { type.byteCount(ne)! }
+    }
+
+    /// The type the converter gives a tensor: F32 for 1-D tensors and norms, else `outType`
+    /// (F16 where Q8_0's 32-value blocks do not divide a row).
+    static func type(name: String, ne: [Int], outType: GGUFOutType) -> GGMLType {
+        if ne.count <= 1 || name.hasSuffix("_norm.weight") { return .f32 }
+        switch outType {
+        case .f32: return .f32
+        case .f16: return .f16
+        case .bf16: return .bf16
+        case .q8_0: return ne[0] % GGMLQuants.q8_0Block.elements == 0 ? .q8_0 : .f16  // gguf-py's QuantError falls back to F16
+        }
+    }
+
+    /// Every output tensor of a dense Llama-architecture checkpoint, in the converter's order,
+    /// from the checkpoint's header alone (so the GGUF header can be written first and the data
+    /// streamed tensor by tensor).
+    public static func llamaPlan(_ reader: CheckpointReader, _ a: ModelArchitecture, outType: GGUFOutType) throws -> [PlannedTensor] {
+        var plan: [PlannedTensor] = []
         if let factors = llama3RopeFactors(a) {
-            let (type, bytes) = encode(factors, ne: [factors.count], name: "rope_freqs.weight", outType: outType)
-            out.append(GGUFTensor(name: "rope_freqs.weight", ne: [factors.count], type: type, bytes: bytes))
+            plan.append(PlannedTensor(source: nil, name: "rope_freqs.weight", ne: [factors.count], type: .f32))
         }
         for shard in reader.shardFileNames {
             let names = reader.entries.filter { $0.shard == shard }.map(\.name).sorted { $0.unicodeScalars.lexicographicallyPrecedes($1.unicodeScalars) }
@@ -125,20 +140,34 @@ public enum GGUFExport {
                     throw CheckpointError.invalidTensor(file: reader.filePath(of: hf), tensor: hf, problem: "llama.cpp's Llama architecture has no tensor of this name")
                 }
                 let info = reader.info(named: hf)!
-                guard let element = ElementType(info.dtype) else {
+                guard ElementType(info.dtype) != nil else {
                     throw CheckpointError.invalidTensor(file: reader.filePath(of: hf), tensor: hf, problem: "dtype \(info.dtype) is not a float type")
                 }
-                var x = reader.withBytes(of: hf) { loadFloats($0, as: element) }
-                let shape = info.shape
-                if shape.count == 2, hf.hasSuffix("q_proj.weight") || hf.hasSuffix("k_proj.weight") {
-                    x = permuteRows(x, rows: shape[0], cols: shape[1], heads: hf.hasSuffix("q_proj.weight") ? a.attentionHeads : a.keyValueHeads)
+                guard (1...4).contains(info.shape.count) else {
+                    throw CheckpointError.invalidTensor(file: reader.filePath(of: hf), tensor: hf, problem: "\(info.shape.count) dimensions; GGUF holds 1 to 4")
                 }
-                let ne = Array(shape.reversed())
-                let (type, bytes) = encode(x, ne: ne, name: name, outType: outType)
-                out.append(GGUFTensor(name: name, ne: ne, type: type, bytes: bytes))
+                let ne = Array(info.shape.reversed())
+                plan.append(PlannedTensor(source: hf, name: name, ne: ne, type: type(name: name, ne: ne, outType: outType)))
             }
         }
-        return out
+        return plan
+    }
+
+    /// The bytes of one planned tensor: read, permuted where the converter permutes, encoded.
+    public static func bytes(of t: PlannedTensor, _ reader: CheckpointReader, _ a: ModelArchitecture, outType: GGUFOutType) -> [UInt8] {
+        guard let hf = t.source else { return encode(llama3RopeFactors(a)!, ne: t.ne, name: t.name, outType: outType).1 }
+        let info = reader.info(named: hf)!
+        var x = reader.withBytes(of: hf) { loadFloats($0, as: ElementType(info.dtype)!) }
+        if info.shape.count == 2, hf.hasSuffix("q_proj.weight") || hf.hasSuffix("k_proj.weight") {
+            x = permuteRows(x, rows: info.shape[0], cols: info.shape[1], heads: hf.hasSuffix("q_proj.weight") ? a.attentionHeads : a.keyValueHeads)
+        }
+        return encode(x, ne: t.ne, name: t.name, outType: outType).1
+    }
+
+    /// Every tensor of a dense Llama-architecture checkpoint as the converter writes it, in memory
+    /// (tests; the export streams `llamaPlan` through `bytes(of:)`).
+    public static func llamaTensors(_ reader: CheckpointReader, _ a: ModelArchitecture, outType: GGUFOutType) throws -> [GGUFTensor] {
+        try llamaPlan(reader, a, outType: outType).map { GGUFTensor(name: $0.name, ne: $0.ne, type: $0.type, bytes: bytes(of: $0, reader, a, outType: outType)) }
     }
 }
 
