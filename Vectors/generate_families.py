@@ -30,7 +30,7 @@ import bitsandbytes
 from safetensors.torch import save_file
 from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config,
                           Qwen3Config)
-from peft import LoraConfig, get_peft_model
+from generate_llama import record_training_step  # the recorded step, shared with the Llama golden
 
 torch.set_num_threads(1)
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "families")
@@ -48,10 +48,6 @@ FAMILIES = {
     "phi3": (Phi3Config(**SHAPE, rope_theta=10000.0, original_max_position_embeddings=256, rope_scaling=None,
                         sliding_window=None, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0), ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
 }
-
-
-def name(n):
-    return n.replace("base_model.model.", "").replace(".default", "")
 
 
 def family(fam, cfg, targets):
@@ -77,50 +73,14 @@ def family(fam, cfg, targets):
     model.save_pretrained(os.path.join(out_dir, "tiny-nf4"), safe_serialization=True)
     shutil.rmtree(base_dir)  # the bnb-4bit file is what the tests load
 
-    pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0, bias="none"))
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    tensors = {}
-    lora = {n: p for n, p in pm.named_parameters() if p.requires_grad}
-    for n, p in lora.items():
-        tensors["init." + name(n)] = p.detach().float().clone()
-
-    ids = torch.randint(0, 256, (2, 16), generator=g)
-    labels = ids.clone()
-    labels[0, :3] = -100
-    labels[1, 10:] = -100
-    tensors["input_ids"] = ids.to(torch.int64)
-    tensors["labels"] = labels.to(torch.int64)
-
-    out = pm(input_ids=ids, labels=labels)
-    tensors["logits"] = out.logits.detach().float()
-    tensors["loss"] = out.loss.detach().float().reshape(1)
-    out.loss.backward()
-    for n, p in lora.items():
-        tensors["grad." + name(n)] = p.grad.detach().float().clone()
-
-    opt = torch.optim.AdamW(list(lora.values()), lr=1e-3)  # weight decay 0.01, torch's defaults
-    losses = [out.loss.item()]
-    opt.step()
-    for step in range(1, 3):
-        opt.zero_grad()
-        o = pm(input_ids=ids, labels=labels)
-        o.loss.backward()
-        losses.append(o.loss.item())
-        opt.step()
-    for n, p in lora.items():
-        tensors["step3." + name(n)] = p.detach().float().clone()
-    tensors["step_losses"] = torch.tensor(losses, dtype=torch.float32)
+    tensors, loss, losses = record_training_step(model, targets)
 
     meta = {"cases": json.dumps({"family": fam, "transformers": transformers.__version__, "peft": peft.__version__,
                                  "bitsandbytes": bitsandbytes.__version__, "torch": torch.__version__.split("+")[0],
                                  "r": 8, "lora_alpha": 16, "lr": 1e-3, "weight_decay": 0.01, "attn": "eager",
                                  "targets": targets}, sort_keys=True)}
     save_file(tensors, os.path.join(out_dir, "golden.safetensors"), metadata=meta)
-    print(fam, "loss", out.loss.item(), "losses", losses, len(tensors), "tensors")
+    print(fam, "loss", loss, "losses", losses, len(tensors), "tensors")
 
 
 def main():

@@ -27,6 +27,58 @@ HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "llama")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def adapter_name(n):
+    return n.replace("base_model.model.", "").replace(".default", "")
+
+
+def record_training_step(model, targets, record_logits_dtype=False):
+    """PEFT LoRA r=8 (alpha 16, fp32 adapters, B drawn non-zero so every gradient is non-trivial)
+    on `targets` of a loaded model, and what qlora's golden tests compare: the adapters as drawn
+    ("init."), one batch's ids and labels (with ignored positions), logits and loss, every LoRA
+    gradient ("grad."), the adapters after 3 torch AdamW steps at lr 1e-3 ("step3.") and the
+    three losses. generate_families.py records each family with it too."""
+    pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0, bias="none"))
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    tensors = {}
+    lora = {n: p for n, p in pm.named_parameters() if p.requires_grad}
+    for n, p in lora.items():
+        tensors["init." + adapter_name(n)] = p.detach().float().clone()
+
+    ids = torch.randint(0, 256, (2, 16), generator=g)
+    labels = ids.clone()
+    labels[0, :3] = -100
+    labels[1, 10:] = -100
+    tensors["input_ids"] = ids.to(torch.int64)
+    tensors["labels"] = labels.to(torch.int64)
+
+    out = pm(input_ids=ids, labels=labels)
+    tensors["logits"] = out.logits.detach().float()
+    if record_logits_dtype:
+        tensors["logits_dtype_is_bf16"] = torch.tensor([1 if out.logits.dtype == torch.bfloat16 else 0])
+    tensors["loss"] = out.loss.detach().float().reshape(1)
+    out.loss.backward()
+    for n, p in lora.items():
+        tensors["grad." + adapter_name(n)] = p.grad.detach().float().clone()
+
+    opt = torch.optim.AdamW(list(lora.values()), lr=1e-3)  # weight decay 0.01, torch's defaults
+    losses = [out.loss.item()]
+    opt.step()
+    for _ in range(1, 3):
+        opt.zero_grad()
+        o = pm(input_ids=ids, labels=labels)
+        o.loss.backward()
+        losses.append(o.loss.item())
+        opt.step()
+    for n, p in lora.items():
+        tensors["step3." + adapter_name(n)] = p.detach().float().clone()
+    tensors["step_losses"] = torch.tensor(losses, dtype=torch.float32)
+    return tensors, out.loss.item(), losses
+
+
 def main():
     for d in ("tiny", "tiny-nf4"):  # only what this script writes: ops.safetensors is generate_llama_ops.py's
         shutil.rmtree(os.path.join(HERE, d), ignore_errors=True)
@@ -53,52 +105,13 @@ def main():
                                              attn_implementation="eager", device_map="cpu")
     model.save_pretrained(os.path.join(HERE, "tiny-nf4"), safe_serialization=True)  # the bnb-4bit layout transformers writes
 
-    pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0, bias="none"))
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    tensors = {}
-    lora = {n: p for n, p in pm.named_parameters() if p.requires_grad}
-    for n, p in lora.items():
-        tensors["init." + n.replace("base_model.model.", "").replace(".default", "")] = p.detach().float().clone()
-
-    ids = torch.randint(0, 256, (2, 16), generator=g)
-    labels = ids.clone()
-    labels[0, :3] = -100
-    labels[1, 10:] = -100
-    tensors["input_ids"] = ids.to(torch.int64)
-    tensors["labels"] = labels.to(torch.int64)
-
-    out = pm(input_ids=ids, labels=labels)
-    tensors["logits"] = out.logits.detach().float()
-    tensors["logits_dtype_is_bf16"] = torch.tensor([1 if out.logits.dtype == torch.bfloat16 else 0])
-    tensors["loss"] = out.loss.detach().float().reshape(1)
-    out.loss.backward()
-    for n, p in lora.items():
-        tensors["grad." + n.replace("base_model.model.", "").replace(".default", "")] = p.grad.detach().float().clone()
-
-    opt = torch.optim.AdamW(list(lora.values()), lr=1e-3)  # weight decay 0.01, torch's defaults
-    losses = []
-    for step in range(3):
-        if step > 0:
-            opt.zero_grad()
-            o = pm(input_ids=ids, labels=labels)
-            o.loss.backward()
-            losses.append(o.loss.item())
-        else:
-            losses.append(out.loss.item())
-        opt.step()
-    for n, p in lora.items():
-        tensors["step3." + n.replace("base_model.model.", "").replace(".default", "")] = p.detach().float().clone()
-    tensors["step_losses"] = torch.tensor(losses, dtype=torch.float32)
+    tensors, loss, losses = record_training_step(model, TARGETS, record_logits_dtype=True)
 
     meta = {"transformers": transformers.__version__, "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__,
             "torch": torch.__version__, "r": "8", "lora_alpha": "16", "lr": "0.001", "weight_decay": "0.01", "attn": "eager",
             "targets": json.dumps(TARGETS)}
     save_file(tensors, os.path.join(HERE, "golden.safetensors"), metadata=meta)
-    print("llama: loss", out.loss.item(), "losses", losses, len(tensors), "tensors")
+    print("llama: loss", loss, "losses", losses, len(tensors), "tensors")
 
 
 if __name__ == "__main__":
