@@ -237,10 +237,7 @@ extension LlamaOps {
         }
         let rep = heads / kvHeads, scale = 1 / Float(d).squareRoot()
         let ldq = heads * d, ldk = kvHeads * d, blk = attentionBlock
-        var out = [Float](repeating: 0, count: q.count)
-        guard !out.isEmpty else { return out }
-        q.withUnsafeBufferPointer { qp in k.withUnsafeBufferPointer { kp in v.withUnsafeBufferPointer { vp in out.withUnsafeMutableBufferPointer { op in
-            let (pq, pk, pv, po) = (Shared(qp.baseAddress!), Shared(kp.baseAddress!), Shared(vp.baseAddress!), Shared(op.baseAddress!))
+        return withForwardBuffers(q: q, k: k, v: v) { pq, pk, pv, po in
             BLAS.withOneThread {
                 parallelParts(batch * heads, grain: 1) { units in
                     let s = UnsafeMutablePointer<Float>.allocate(capacity: blk * seq)
@@ -271,8 +268,7 @@ extension LlamaOps {
                     }
                 }
             }
-        } } } }
-        return out
+        }
     }
 
     /// `attentionBackwardReference` with BLAS, threaded over (batch, head): recomputes each block's
@@ -287,16 +283,8 @@ extension LlamaOps {
         }
         let rep = heads / kvHeads, scale = 1 / Float(d).squareRoot()
         let ldq = heads * d, ldk = kvHeads * d, blk = attentionBlock
-        var dq = [Float](repeating: 0, count: q.count)
-        var dk = [Float](repeating: 0, count: k.count), dv = dk
-        guard !dq.isEmpty else { return (dq, dk, dv) }
-        // Each query head's dk, dv ([batch·H][seq, d], fp32 sums), then summed over the heads sharing a
-        // kv head in head order (repeat_kv's backward), as the reference does.
-        var dkHead = [Float](repeating: 0, count: q.count), dvHead = dkHead
-        dout.withUnsafeBufferPointer { gp in q.withUnsafeBufferPointer { qp in k.withUnsafeBufferPointer { kp in v.withUnsafeBufferPointer { vp in
-        dq.withUnsafeMutableBufferPointer { dqp in dkHead.withUnsafeMutableBufferPointer { dkhp in dvHead.withUnsafeMutableBufferPointer { dvhp in
-            let (pg, pq, pk, pv) = (Shared(gp.baseAddress!), Shared(qp.baseAddress!), Shared(kp.baseAddress!), Shared(vp.baseAddress!))
-            let (pdq, pdkh, pdvh) = (Shared(dqp.baseAddress!), Shared(dkhp.baseAddress!), Shared(dvhp.baseAddress!))
+        return withBackwardBuffers(dout: dout, q: q, k: k, v: v, batch: batch, seq: seq, heads: heads, kvHeads: kvHeads, headDim: d) { b in
+            let (pg, pq, pk, pv, pdq, pdkh, pdvh) = (b.dout, b.q, b.k, b.v, b.dq, b.dkHead, b.dvHead)
             BLAS.withOneThread {
                 parallelParts(batch * heads, grain: 1) { units in
                     let probs = UnsafeMutablePointer<Float>.allocate(capacity: blk * seq)
@@ -337,6 +325,37 @@ extension LlamaOps {
                     }
                 }
             }
+        }
+    }
+
+    /// The output both attention forwards fill ([T, H·d], zeros), and the pointers they work on.
+    static func withForwardBuffers(q: [Float], k: [Float], v: [Float],
+                                   _ body: (Shared<Float>, Shared<Float>, Shared<Float>, Shared<Float>) -> Void) -> [Float] {
+        var out = [Float](repeating: 0, count: q.count)
+        guard !out.isEmpty else { return out }
+        q.withUnsafeBufferPointer { qp in k.withUnsafeBufferPointer { kp in v.withUnsafeBufferPointer { vp in out.withUnsafeMutableBufferPointer { op in
+            body(Shared(qp.baseAddress!), Shared(kp.baseAddress!), Shared(vp.baseAddress!), Shared(op.baseAddress!))
+        } } } }
+        return out
+    }
+
+    /// What both attention backwards work on: the inputs, dq, and each query head's dk and dv
+    /// ([batch·H][seq, d], fp32 sums), which are then summed over the heads sharing a kv head in
+    /// head order (repeat_kv's backward), as the reference does.
+    struct BackwardBuffers {
+        let dout, q, k, v, dq, dkHead, dvHead: Shared<Float>
+    }
+
+    static func withBackwardBuffers(dout: [Float], q: [Float], k: [Float], v: [Float], batch: Int, seq: Int, heads: Int, kvHeads: Int,
+                                    headDim d: Int, _ body: (BackwardBuffers) -> Void) -> (dq: [Float], dk: [Float], dv: [Float]) {
+        var dq = [Float](repeating: 0, count: q.count)
+        var dk = [Float](repeating: 0, count: k.count), dv = dk
+        guard !dq.isEmpty else { return (dq, dk, dv) }
+        var dkHead = [Float](repeating: 0, count: q.count), dvHead = dkHead
+        dout.withUnsafeBufferPointer { gp in q.withUnsafeBufferPointer { qp in k.withUnsafeBufferPointer { kp in v.withUnsafeBufferPointer { vp in
+        dq.withUnsafeMutableBufferPointer { dqp in dkHead.withUnsafeMutableBufferPointer { dkhp in dvHead.withUnsafeMutableBufferPointer { dvhp in
+            body(BackwardBuffers(dout: Shared(gp.baseAddress!), q: Shared(qp.baseAddress!), k: Shared(kp.baseAddress!), v: Shared(vp.baseAddress!),
+                                 dq: Shared(dqp.baseAddress!), dkHead: Shared(dkhp.baseAddress!), dvHead: Shared(dvhp.baseAddress!)))
         } } } } } } }
         reduceHeadGradients(dkHead, dvHead, into: &dk, &dv, batch: batch, seq: seq, heads: heads, kvHeads: kvHeads, headDim: d)
         return (dq, dk, dv)
@@ -380,10 +399,7 @@ extension LlamaOps {
         let rep = heads / kvHeads, scale = 1 / Float(d).squareRoot()
         let ldq = heads * d, ldk = kvHeads * d, blk = attentionBlock
         let ldD = (d + 1) & ~1, kpsD = (d + 1) / 2, kpsSeq = (seq + 1) / 2, ldSeq = (seq + 1) & ~1
-        var out = [Float](repeating: 0, count: q.count)
-        guard !out.isEmpty else { return out }
-        q.withUnsafeBufferPointer { qp in k.withUnsafeBufferPointer { kp in v.withUnsafeBufferPointer { vp in out.withUnsafeMutableBufferPointer { op in
-            let (pq, pk, pv, po) = (Shared(qp.baseAddress!), Shared(kp.baseAddress!), Shared(vp.baseAddress!), Shared(op.baseAddress!))
+        return withForwardBuffers(q: q, k: k, v: v) { pq, pk, pv, po in
             parallelParts(batch * heads, grain: 1) { units in
                 let kS = UnsafeMutablePointer<UInt16>.allocate(capacity: (seq + 15) / 16 * kpsD * 32)
                 let vPV = UnsafeMutablePointer<UInt16>.allocate(capacity: (d + 15) / 16 * kpsSeq * 32)
@@ -414,8 +430,7 @@ extension LlamaOps {
                     }
                 }
             }
-        } } } }
-        return out
+        }
     }
 
     /// `attentionBackward` where the CPU has AVX512-BF16: every product on the bf16 GEMM. The
@@ -427,14 +442,8 @@ extension LlamaOps {
         let rep = heads / kvHeads, scale = 1 / Float(d).squareRoot()
         let ldq = heads * d, ldk = kvHeads * d, blk = attentionBlock
         let ldD = (d + 1) & ~1, kpsD = (d + 1) / 2, kpsSeq = (seq + 1) / 2, ldSeq = (seq + 1) & ~1, ldB = (blk + 1) & ~1
-        var dq = [Float](repeating: 0, count: q.count)
-        var dk = [Float](repeating: 0, count: k.count), dv = dk
-        guard !dq.isEmpty else { return (dq, dk, dv) }
-        var dkHead = [Float](repeating: 0, count: q.count), dvHead = dkHead
-        dout.withUnsafeBufferPointer { gp in q.withUnsafeBufferPointer { qp in k.withUnsafeBufferPointer { kp in v.withUnsafeBufferPointer { vp in
-        dq.withUnsafeMutableBufferPointer { dqp in dkHead.withUnsafeMutableBufferPointer { dkhp in dvHead.withUnsafeMutableBufferPointer { dvhp in
-            let (pg, pq, pk, pv) = (Shared(gp.baseAddress!), Shared(qp.baseAddress!), Shared(kp.baseAddress!), Shared(vp.baseAddress!))
-            let (pdq, pdkh, pdvh) = (Shared(dqp.baseAddress!), Shared(dkhp.baseAddress!), Shared(dvhp.baseAddress!))
+        return withBackwardBuffers(dout: dout, q: q, k: k, v: v, batch: batch, seq: seq, heads: heads, kvHeads: kvHeads, headDim: d) { b in
+            let (pg, pq, pk, pv, pdq, pdkh, pdvh) = (b.dout, b.q, b.k, b.v, b.dq, b.dkHead, b.dvHead)
             parallelParts(batch * heads, grain: 1) { units in
                 let keyLanes = (seq + 15) / 16 * kpsD * 32, dLanes = (d + 15) / 16 * kpsSeq * 32, blockLanes = (d + 15) / 16 * ((blk + 1) / 2) * 32
                 let kS = UnsafeMutablePointer<UInt16>.allocate(capacity: keyLanes), vS = UnsafeMutablePointer<UInt16>.allocate(capacity: keyLanes)
@@ -485,9 +494,7 @@ extension LlamaOps {
                     for x in 0..<(seq * d) { dkh[x] *= scale }
                 }
             }
-        } } } } } } }
-        reduceHeadGradients(dkHead, dvHead, into: &dk, &dv, batch: batch, seq: seq, heads: heads, kvHeads: kvHeads, headDim: d)
-        return (dq, dk, dv)
+        }
     }
 
 }
