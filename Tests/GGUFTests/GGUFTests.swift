@@ -65,17 +65,9 @@ final class GGUFGoldenTests: XCTestCase {
                 let t = try XCTUnwrap(f.tensor("\(source.name).\(suffix)"))
                 XCTAssertEqual(t.type, type)
                 XCTAssertEqual(t.ne, source.ne)
-                var ours = [UInt8](repeating: 0, count: t.byteCount)
-                x.withUnsafeBufferPointer { xp in
-                    ours.withUnsafeMutableBytes { out in
-                        switch type {
-                        case .f16: for i in xp.indices { out.storeBytes(of: GGMLQuants.f16Bits(xp[i]).littleEndian, toByteOffset: 2 * i, as: UInt16.self) }
-                        case .bf16: for i in xp.indices { out.storeBytes(of: GGMLQuants.bf16Bits(xp[i]).littleEndian, toByteOffset: 2 * i, as: UInt16.self) }
-                        case .q8_0: GGMLQuants.quantizeQ8_0(xp, into: out)
-                        default: GGMLQuants.quantizeQ4_0(xp, into: out)
-                        }
-                    }
-                }
+                let encoding: GGMLQuants.Encoding = type == .f16 ? .f16 : type == .bf16 ? .bf16 : type == .q8_0 ? .q8_0 : .q4_0
+                let ours = x.withUnsafeBufferPointer { GGMLQuants.bytes($0, as: encoding) }
+                XCTAssertEqual(ours.count, t.byteCount, "\(t.name): size")
                 let theirs = [UInt8](f.data(of: t))
                 if ours != theirs {
                     let i = ours.indices.first { ours[$0] != theirs[$0] } ?? 0

@@ -89,17 +89,14 @@ public enum GGUFExport {
     /// converter stores it for `outType`.
     public static func encode(_ x: [Float], ne: [Int], name: String, outType: GGUFOutType) -> (GGMLType, [UInt8]) {
         let type = type(name: name, ne: ne, outType: outType)
-        var out = [UInt8](repeating: 0, count: type.byteCount(ne)!)
-        x.withUnsafeBufferPointer { xp in
-            out.withUnsafeMutableBytes { o in
-                switch type {
-                case .f32: for i in xp.indices { o.storeBytes(of: xp[i].bitPattern.littleEndian, toByteOffset: 4 * i, as: UInt32.self) }
-                case .f16: for i in xp.indices { o.storeBytes(of: GGMLQuants.f16Bits(xp[i]).littleEndian, toByteOffset: 2 * i, as: UInt16.self) }
-                case .bf16: for i in xp.indices { o.storeBytes(of: GGMLQuants.bf16Bits(xp[i]).littleEndian, toByteOffset: 2 * i, as: UInt16.self) }
-                default: GGMLQuants.quantizeQ8_0(xp, into: o)
-                }
-            }
+        let encoding: GGMLQuants.Encoding
+        switch type {
+        case .f16: encoding = .f16
+        case .bf16: encoding = .bf16
+        case .q8_0: encoding = .q8_0
+        default: encoding = .f32
         }
+        let out = x.withUnsafeBufferPointer { GGMLQuants.bytes($0, as: encoding) }
         return (type, out)
     }
 

@@ -19,10 +19,32 @@ public enum GGMLQuants {
         return UInt16(truncatingIfNeeded: (UInt64(u) + 0x7FFF + UInt64((u >> 16) & 1)) >> 16)
     }
 
-    /// fp32 -> fp16 bits, round to nearest even (ggml's GGML_FP32_TO_FP16 on x86 is F16C's
-    /// vcvtps2ph with the same rounding; numpy's astype(float16) too).
-    @inline(__always)
-    public static func f16Bits(_ x: Float) -> UInt16 { HalfPrecision.float16Bits(x) }
+    /// The encodings `bytes(_:as:)` writes.
+    public enum Encoding: Sendable { case f32, f16, bf16, q8_0, q4_0 }
+
+    /// `x` in a GGUF tensor's encoding, little-endian: F32 as is; F16 rounded to nearest even
+    /// (ggml's GGML_FP32_TO_FP16 is F16C's vcvtps2ph with that rounding; numpy's astype(float16)
+    /// too); BF16 by `bf16Bits`; Q8_0 and Q4_0 by their reference quantizers (a multiple of 32 values).
+    public static func bytes(_ x: UnsafeBufferPointer<Float>, as e: Encoding) -> [UInt8] {
+        let count: Int
+        switch e {
+        case .f32: count = 4 * x.count
+        case .f16, .bf16: count = 2 * x.count
+        case .q8_0: count = x.count / q8_0Block.elements * q8_0Block.bytes
+        case .q4_0: count = x.count / q4_0Block.elements * q4_0Block.bytes
+        }
+        var out = [UInt8](repeating: 0, count: count)
+        out.withUnsafeMutableBytes { o in
+            switch e {
+            case .f32: for i in x.indices { o.storeBytes(of: x[i].bitPattern.littleEndian, toByteOffset: 4 * i, as: UInt32.self) }
+            case .f16: for i in x.indices { o.storeBytes(of: HalfPrecision.float16Bits(x[i]).littleEndian, toByteOffset: 2 * i, as: UInt16.self) }
+            case .bf16: for i in x.indices { o.storeBytes(of: bf16Bits(x[i]).littleEndian, toByteOffset: 2 * i, as: UInt16.self) }
+            case .q8_0: quantizeQ8_0(x, into: o)
+            case .q4_0: quantizeQ4_0(x, into: o)
+            }
+        }
+        return out
+    }
 
     /// C's roundf: halves away from zero.
     @inline(__always)
@@ -48,7 +70,7 @@ public enum GGMLQuants {
             let d = amax / 127
             let id: Float = d != 0 ? 1 / d : 0
             let o = b * size
-            let dh = f16Bits(d)
+            let dh = HalfPrecision.float16Bits(d)
             out[o] = UInt8(truncatingIfNeeded: dh)
             out[o + 1] = UInt8(truncatingIfNeeded: dh >> 8)
             for j in 0..<qk { out[o + 2 + j] = UInt8(bitPattern: int8Truncating(roundf(x[b * qk + j] * id))) }
@@ -70,7 +92,7 @@ public enum GGMLQuants {
             let d = mx / -8
             let id: Float = d != 0 ? 1 / d : 0
             let o = b * size
-            let dh = f16Bits(d)
+            let dh = HalfPrecision.float16Bits(d)
             out[o] = UInt8(truncatingIfNeeded: dh)
             out[o + 1] = UInt8(truncatingIfNeeded: dh >> 8)
             for j in 0..<(qk / 2) {
