@@ -26,19 +26,24 @@ struct Bench: ParsableCommand {
 
     enum Temperature: String, EnumerableFlag { case cold, warm }
 
+    /// Bounds on what the bench allocates from its options: activations of tokens × width and
+    /// dense fp32 copies of each weight.
+    static let maxTokens = 8192, maxParameters = 1 << 28
+
     static func counts(_ text: String, _ flag: String) throws -> [Int] {
         if text == "none" { return [] }
         let parts = text.split(separator: ",", omittingEmptySubsequences: false).map { Int($0.trimmingCharacters(in: .whitespaces)) }
-        guard !parts.isEmpty, parts.allSatisfy({ ($0 ?? 0) > 0 && $0! <= 1 << 20 }) else {
-            throw ValidationError("\(flag) takes positive token counts up to 1048576 separated by commas, such as 1,512 (got '\(text)')")
+        guard !parts.isEmpty, parts.allSatisfy({ ($0 ?? 0) > 0 && $0! <= maxTokens }) else {
+            throw ValidationError("\(flag) takes positive token counts up to \(maxTokens) separated by commas, such as 1,512 (got '\(text)')")
         }
         return parts.map { $0! }
     }
 
     static func shape(_ text: String) throws -> (out: Int, in: Int) {
         let parts = text.lowercased().split(separator: "x").map { Int($0) }
-        guard parts.count == 2, let out = parts[0], let inF = parts[1], out > 0, inF > 0, out <= 1 << 17, inF <= 1 << 17, inF % 64 == 0 else {
-            throw ValidationError("--shape takes OUTxIN with both sides positive, at most 131072, and IN a multiple of 64, such as 14336x4096 (got '\(text)')")
+        guard parts.count == 2, let out = parts[0], let inF = parts[1], out > 0, inF > 0, out <= 1 << 17, inF <= 1 << 17, inF % 64 == 0,
+              out * inF <= maxParameters else {
+            throw ValidationError("--shape takes OUTxIN with both sides positive, at most 131072, IN a multiple of 64 and OUT·IN at most 2^28 (a 1 GiB fp32 weight: the bench holds dense copies of it), such as 14336x4096 (got '\(text)')")
         }
         return (out, inF)
     }

@@ -248,8 +248,7 @@ public final class LlamaModel {
             let dnV = try l.projections[2].backward(dv, saved: s[2], inputGradient: inputGradient)
             let dnK = try l.projections[1].backward(dk, saved: s[1], inputGradient: inputGradient)
             let dnQ = try l.projections[0].backward(dq, saved: s[0], inputGradient: inputGradient)
-            guard inputGradient else { return [] }
-            dn1 = LlamaOps.addRounded(dnV, dnK, dnQ)
+            dn1 = inputGradient ? LlamaOps.addRounded(dnV, dnK, dnQ) : []
         }
         guard inputGradient else { return [] }
         let dNorm1 = LlamaOps.rmsnormBackward(dn1, cache.x.floats, l.inputNorm, rstd: cache.rstd1, tokens: t)
