@@ -109,7 +109,6 @@ public enum Claims {
     // MARK: Formatting
 
     static let gb = 1e9
-    static func GB(_ bytes: Int) -> String { String(format: "%.2f GB", Double(bytes) / gb) }
     static func pct(_ x: Double) -> String { String(format: "%+.0f%%", 100 * x) }
 
     // MARK: Estimates
@@ -156,7 +155,7 @@ public enum Claims {
     static func fit(_ label: String, _ model: ModelArchitecture, _ method: TrainingMethod, in memory: String, _ memoryGB: Double) throws -> Fit {
         let n = try largestSeqLen(model, method) { Double($0.totalEstimatedBytes) <= memoryGB * gb }
         let head = "\(label) \(model.name) in \(memory)"
-        guard let n else { return Fit(fits: false, tokens: nil, text: "\(head): no (\(GB(withoutActivations(try estimate(model, method)))) before activations)") }
+        guard let n else { return Fit(fits: false, tokens: nil, text: "\(head): no (\(gigabytes(withoutActivations(try estimate(model, method)))) before activations)") }
         let tokens = n == longestSeqLen ? "over \(n.formatted()) tokens" : "up to \(n.formatted()) tokens"
         return Fit(fits: n >= fitSeqLen, tokens: n, text: "\(head): " + (n >= fitSeqLen ? tokens : "only \(tokens)"))
     }

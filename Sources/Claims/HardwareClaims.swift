@@ -33,8 +33,8 @@ extension Claims {
             let to3 = try Memory.Fit.largest(upTo: longestSeqLen) { Double(spike(try StepTimeline(model: c.l7, options: options($0), firstStep: true))) <= 3 * gb }
             let to4 = try Memory.Fit.largest(upTo: longestSeqLen) { Double(spike(try StepTimeline(model: c.l7, options: options($0), firstStep: true))) <= 4 * gb }
             let held = at2048.points[0].bytes
-            return Finding("llama-2-7b QLoRA r=16 all linear, checkpointing: \(GB(held)) held before the first step (weights, constants, adapters); the step's peak is \(GB(at2048.peakBytes)) at 2048 tokens × 1 (\(at2048.peak.phase)), a spike of \(GB(spike(at2048))) above it; the spike is 3 GB at \(to3?.formatted() ?? "no") tokens and 4 GB at \(to4?.formatted() ?? "no") tokens × batch 1",
-                           .holds, "holds for runs of about \(to3?.formatted() ?? "?")–\(to4?.formatted() ?? "?") tokens × batch 1 (the length decides it; at 2048 tokens the spike is \(GB(spike(at2048)))); what nvidia-smi shows also holds CUDA's context and the caching allocator's reserve")
+            return Finding("llama-2-7b QLoRA r=16 all linear, checkpointing: \(gigabytes(held)) held before the first step (weights, constants, adapters); the step's peak is \(gigabytes(at2048.peakBytes)) at 2048 tokens × 1 (\(at2048.peak.phase)), a spike of \(gigabytes(spike(at2048))) above it; the spike is 3 GB at \(to3?.formatted() ?? "no") tokens and 4 GB at \(to4?.formatted() ?? "no") tokens × batch 1",
+                           .holds, "holds for runs of about \(to3?.formatted() ?? "?")–\(to4?.formatted() ?? "?") tokens × batch 1 (the length decides it; at 2048 tokens the spike is \(gigabytes(spike(at2048)))); what nvidia-smi shows also holds CUDA's context and the caching allocator's reserve")
         },
         Claim("M24", "Even QLoRA needs ~2x the inference VRAM for a 7B model; full fine-tuning needs 10-20x", "B") { c in
             let bf16 = Double(c.fp16Size), fourBit = Double(bytes(c.q7, "base_weights", "quant_constants", "unquantized_weights"))
@@ -58,7 +58,7 @@ extension Claims {
             let rankFor60 = 60e9 / 5 / Double(adapter) * 16
             let judged = [adapter, fourBit, merged].map { within(Double($0) / gb, 60) }
             let holds = judged.contains { $0.0 == .holds }
-            return Finding("llama-3.1-70b r=16 all linear, per checkpoint: adapter (fp32) + AdamW states \(GB(adapter)) (×5: \(GB(5 * adapter))); with the 4-bit base \(GB(fourBit)); with a merged 16-bit model \(GB(merged)) (×5: \(GB(5 * merged)))",
+            return Finding("llama-3.1-70b r=16 all linear, per checkpoint: adapter (fp32) + AdamW states \(gigabytes(adapter)) (×5: \(gigabytes(5 * adapter))); with the 4-bit base \(gigabytes(fourBit)); with a merged 16-bit model \(gigabytes(merged)) (×5: \(gigabytes(5 * merged)))",
                            holds ? .holds : .off,
                            (holds ? "holds" : "off") + ": 60 GB against adapter + states \(judged[0].1), with the 4-bit base \(judged[1].1), with a merged 16-bit model \(judged[2].1) (what is saved decides it); "
                                + String(format: "60 GB for all 5 checkpoints together is adapter + states at r≈%.0f", rankFor60))
@@ -105,12 +105,12 @@ extension Claims {
             let f = fits([twelve, try fit("13B", preset("llama-2-13b"), .qlora, in: "24 GB", 24)], setting: fitSetting("QLoRA r=16 all linear"))
             let range = [eight, twelve].map { $0.tokens.map { $0.formatted() } ?? "no" }
             return Finding("\(eight.text); " + f.figure, f.verdict,
-                           f.detail + "; 7B passes 8 GB after \(range[0]) tokens and 12 GB after \(range[1]) tokens × batch 1 (the length decides it; \(GB(withoutActivations(c.q7))) before activations)")
+                           f.detail + "; 7B passes 8 GB after \(range[0]) tokens and 12 GB after \(range[1]) tokens × batch 1 (the length decides it; \(gigabytes(withoutActivations(c.q7))) before activations)")
         },
         Claim("M30", "Plan 32 GB of system RAM for a 7B fine-tune, 64 GB for 13B+", "E") { c in
             let b13 = 2 * preset("llama-2-13b").totalParameters
             return Finding(String(format: "bf16 checkpoints: 7B llama-2-7b %@, 13B llama-2-13b %@; 32 GB and 64 GB are %.1fx and %.1fx of them",
-                                  GB(c.fp16Size), GB(b13), 32 * gb / Double(c.fp16Size), 64 * gb / Double(b13)),
+                                  gigabytes(c.fp16Size), gigabytes(b13), 32 * gb / Double(c.fp16Size), 64 * gb / Double(b13)),
                            .notCheckable, "not checkable here: system RAM depends on the loader (reading the whole checkpoint into memory, or mapping safetensors and quantizing tensor by tensor), the data pipeline and the OS; the plan leaves room for one bf16 copy of the model")
         },
     ]

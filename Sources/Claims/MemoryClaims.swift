@@ -53,19 +53,19 @@ extension Claims {
             let w16 = 2 * n, g32 = 4 * n, adam32 = 8 * n
             let act4 = try estimate("llama-2-7b", .full, seq: 512, batch: 4, gc: false).component("activations")!.estimatedBytes
             let judged = within(Double(w16 + g32 + adam32) / (98 * gb), 1, 0.1)
-            return Finding("llama-2-7b: weights \(GB(w16)), fp32 gradients \(GB(g32)), AdamW \(GB(adam32)); activations at batch 4 × 512 tokens \(GB(act4)) (the article gives no length)",
+            return Finding("llama-2-7b: weights \(gigabytes(w16)), fp32 gradients \(gigabytes(g32)), AdamW \(gigabytes(adam32)); activations at batch 4 × 512 tokens \(gigabytes(act4)) (the article gives no length)",
                            judged.0, "weights, gradients and states " + judged.1 + " (7B rounds 6.74B up); activations depend on the unstated sequence length")
         },
         Claim("M8", "7B full fine-tune FP16: weights 14 + gradients 14 + AdamW 28 = 56 GB before activations", "D") { c in
             let w16 = c.fp16Size, adam16 = 4 * c.l7.totalParameters
-            return Finding("llama-2-7b: \(GB(w16)) + \(GB(w16)) + \(GB(adam16)) = \(GB(2 * w16 + adam16)) (AdamW moments in bf16, as torch keeps them for bf16 parameters)",
+            return Finding("llama-2-7b: \(gigabytes(w16)) + \(gigabytes(w16)) + \(gigabytes(adam16)) = \(gigabytes(2 * w16 + adam16)) (AdamW moments in bf16, as torch keeps them for bf16 parameters)",
                            within(Double(2 * w16 + adam16) / (56 * gb), 1))
         },
         Claim("M9", "7B LoRA rank 64, FP16 base: base 14 GB, LoRA params+grads ~0.7 GB, optimizer ~1.4 GB, activations ~4 GB: ~20 GB", "B") { _ in
             let l64 = try estimate("llama-2-7b", .lora, rank: 64)
             let params64 = l64.params.trainable
             let judged = within(Double(withoutActivations(l64)) / gb, 16)
-            return Finding("llama-2-7b r=64 all linear (\(params64.formatted()) params): base \(GB(bytes(l64, "base_weights", "unquantized_weights"))), params+grads \(GB(8 * params64)) fp32 (\(GB(4 * params64)) fp16), AdamW \(GB(8 * params64)); before activations \(GB(withoutActivations(l64)))",
+            return Finding("llama-2-7b r=64 all linear (\(params64.formatted()) params): base \(gigabytes(bytes(l64, "base_weights", "unquantized_weights"))), params+grads \(gigabytes(8 * params64)) fp32 (\(gigabytes(4 * params64)) fp16), AdamW \(gigabytes(8 * params64)); before activations \(gigabytes(withoutActivations(l64)))",
                            judged.0, "before activations " + judged.1 + " of the article's 16 GB; its params+grads match fp16 adapters")
         },
         // M10, M11: a 7B QLoRA run's parts.
@@ -73,14 +73,14 @@ extension Claims {
             let q7 = c.q7
             let w4 = bytes(q7, "base_weights", "quant_constants", "unquantized_weights")
             let judged = within(Double(w4) / gb, 4.5)
-            return Finding("llama-2-7b: weights \(GB(w4)) (4-bit projections + constants \(GB(bytes(q7, "base_weights", "quant_constants"))), bf16 embeddings/lm_head \(GB(bytes(q7, "unquantized_weights")))); total \(GB(q7.totalEstimatedBytes)) at 2048 tokens with checkpointing, \(GB(c.q7noGC.totalEstimatedBytes)) without",
+            return Finding("llama-2-7b: weights \(gigabytes(w4)) (4-bit projections + constants \(gigabytes(bytes(q7, "base_weights", "quant_constants"))), bf16 embeddings/lm_head \(gigabytes(bytes(q7, "unquantized_weights")))); total \(gigabytes(q7.totalEstimatedBytes)) at 2048 tokens with checkpointing, \(gigabytes(c.q7noGC.totalEstimatedBytes)) without",
                            judged.0, "4-bit weights " + judged.1 + "; the total depends on activations")
         },
         Claim("M11", "7B QLoRA: NF4 weights ~3.5 GB, LoRA adapters (FP16) ~0.1 GB, optimizer ~0.4 GB, gradients+activations ~4 GB: ~8 GB", "E") { c in
             let q7 = c.q7
             let nf4 = bytes(q7, "base_weights", "quant_constants")
             let judged = within(Double(nf4) / gb, 3.5)
-            return Finding("llama-2-7b: NF4 \(GB(nf4)), adapters fp16 \(GB(2 * q7.params.trainable)), AdamW \(GB(8 * q7.params.trainable)), total \(GB(q7.totalEstimatedBytes)) (2048 tokens, checkpointing)",
+            return Finding("llama-2-7b: NF4 \(gigabytes(nf4)), adapters fp16 \(gigabytes(2 * q7.params.trainable)), AdamW \(gigabytes(8 * q7.params.trainable)), total \(gigabytes(q7.totalEstimatedBytes)) (2048 tokens, checkpointing)",
                            judged.0, "NF4 weights " + judged.1 + "; optimizer " + within(Double(8 * q7.params.trainable) / gb, 0.4).1)
         },
         // M12, M13: measured CUDA peaks.
@@ -96,7 +96,7 @@ extension Claims {
             let batch4 = try Memory.Fit.largest(upTo: longestSeqLen) { Double(try StepTimeline(model: a, options: options($0, 4)).peakBytes) <= 14.8 * gb }
             let holds = (seq1 ?? 0) >= 512 && (seq1 ?? .max) <= 16384
             return Finding(String(format: "llama-3.1-8b, transformers + PEFT + bitsandbytes step: peak %@ at 2048 tokens × 1 (%@), 14.8 GB at %@ tokens × 1 or %@ × 4; the fp32 log-softmax and its gradient over 128,256 logits dominate",
-                                  GB(at2048.peakBytes), at2048.peak.phase, seq1?.formatted() ?? "no", batch4?.formatted() ?? "no"),
+                                  gigabytes(at2048.peakBytes), at2048.peak.phase, seq1?.formatted() ?? "no", batch4?.formatted() ?? "no"),
                            holds ? .holds : .off,
                            (holds ? "holds" : "off") + " for a run of about \(seq1?.formatted() ?? "?") tokens × batch 1 (or \(batch4?.formatted() ?? "?") × 4): the article gives no length or batch, and the length decides it; CUDA's context and caching allocator add to it")
         },
@@ -109,7 +109,7 @@ extension Claims {
             let unsloth = try StepTimeline(model: a, options: o, recipe: .unsloth)
             let hf = try StepTimeline(model: a, options: o)
             let judged = within(Double(unsloth.peakBytes) / gb, 6.6)
-            return Finding("llama-3.1-8b r=16 all linear, 2048 tokens × 1, 8-bit AdamW, Unsloth's step (from its source; not measured): peak \(GB(unsloth.peakBytes)) at \(unsloth.peak.phase), weights \(GB(unsloth.peak.components["weights"]!)), \(GB(unsloth.hostBytes)) of checkpoints offloaded to host memory; transformers + PEFT + bitsandbytes on the same settings peak at \(GB(hf.peakBytes)) (\(hf.peak.phase))",
+            return Finding("llama-3.1-8b r=16 all linear, 2048 tokens × 1, 8-bit AdamW, Unsloth's step (from its source; not measured): peak \(gigabytes(unsloth.peakBytes)) at \(unsloth.peak.phase), weights \(gigabytes(unsloth.peak.components["weights"]!)), \(gigabytes(unsloth.hostBytes)) of checkpoints offloaded to host memory; transformers + PEFT + bitsandbytes on the same settings peak at \(gigabytes(hf.peakBytes)) (\(hf.peak.phase))",
                            judged.0, "allocated peak " + judged.1 + "; reserved adds the CUDA allocator's rounding and cache, outside the model")
         },
         // M14–M17: footprints per model size.
@@ -158,17 +158,17 @@ extension Claims {
                            .off, String(format: "fits 24 GB holds (%.1f GB); '12-14 GB' is off: above %.1f GB before activations", m18, Double(withoutActivations(c.lora)) / gb))
         },
         Claim("M19", "7B full fine-tune needs 60-70 GB; 80-100+ GB with activations", "E, B") { c in
-            Finding("llama-2-7b: \(GB(withoutActivations(c.full))) before activations with an fp32 master copy and fp32 AdamW; \(GB(2 * c.fp16Size + 4 * c.l7.totalParameters)) in pure bf16",
+            Finding("llama-2-7b: \(gigabytes(withoutActivations(c.full))) before activations with an fp32 master copy and fp32 AdamW; \(gigabytes(2 * c.fp16Size + 4 * c.l7.totalParameters)) in pure bf16",
                     .off, "off: 60-70 GB matches neither recipe (108 GB mixed precision, 54 GB pure bf16)")
         },
         Claim("M20", "A trained LoRA adapter is often ~100 MB; adapters are 1-5% of the model size", "C, B") { c in
             let adapterFP16 = 2 * c.q7.params.trainable
-            return Finding(String(format: "llama-2-7b r=16 all linear: %@ in fp16 (%@ fp32) = %.2f%% of the fp16 model", GB(adapterFP16), GB(2 * adapterFP16), 100 * Double(adapterFP16) / Double(c.fp16Size)),
+            return Finding(String(format: "llama-2-7b r=16 all linear: %@ in fp16 (%@ fp32) = %.2f%% of the fp16 model", gigabytes(adapterFP16), gigabytes(2 * adapterFP16), 100 * Double(adapterFP16) / Double(c.fp16Size)),
                            .off, "~100 MB holds; 1-5% is off (0.6% at r=16; 5% needs r≈128)")
         },
         Claim("M21", "Gradient checkpointing cuts activation memory (~30% less memory) at ~30% more compute", "B, C") { c in
             let a0 = bytes(c.q7noGC, "activations"), a1 = bytes(c.q7, "activations")
-            return Finding(String(format: "llama-2-7b QLoRA, 2048 tokens: activations %@ → %@ (%.0f%% less); one extra forward ≈ +33%% compute", GB(a0), GB(a1), 100 * (1 - Double(a1) / Double(a0))),
+            return Finding(String(format: "llama-2-7b QLoRA, 2048 tokens: activations %@ → %@ (%.0f%% less); one extra forward ≈ +33%% compute", gigabytes(a0), gigabytes(a1), 100 * (1 - Double(a1) / Double(a0))),
                            .off, "memory off: per-layer checkpointing keeps one layer's activations, not 70% of all; compute holds (+1 forward of 3)")
         },
         Claim("M22", "Mistral-7B Q4_K_M inference ~4.5 GB", "B") { _ in
@@ -181,7 +181,7 @@ extension Claims {
             let kv4096 = 4096 * kvPerToken
             let judged = within(Double(weights + kv4096) / gb, 4.5)
             return Finding(String(format: "mistral-7b as llama-quantize's Q4_K_M lays it out: %@ of weights (%.2f bits/weight over %@ parameters); the f16 KV cache adds %@ per 1,000 tokens of context, %@ at llama.cpp's 4,096",
-                                  GB(weights), Double(8 * weights) / Double(a.totalParameters), a.totalParameters.formatted(), GB(1000 * kvPerToken), GB(kv4096)),
+                                  gigabytes(weights), Double(8 * weights) / Double(a.totalParameters), a.totalParameters.formatted(), gigabytes(1000 * kvPerToken), gigabytes(kv4096)),
                            judged.0, "weights + KV cache at 4,096 tokens of context " + judged.1 + " (the context length decides the rest; compute buffers come on top)")
         },
     ]

@@ -25,7 +25,7 @@ extension Claims {
             let l65 = ModelArchitecture.preset("llama-65b")!
             let c65 = try MemoryEstimate(model: l65, options: nodq).component("quant_constants")!.estimatedBytes
                 - (try MemoryEstimate(model: l65, options: MemoryOptions())).component("quant_constants")!.estimatedBytes
-            return Finding("llama-65b: \(GB(c65)) of constants saved (\(String(format: "%.2f GiB", Double(c65) / 1_073_741_824))), from the constants' byte counts, which tests hold to the byte against qlora quantize's output",
+            return Finding("llama-65b: \(gigabytes(c65)) of constants saved (\(String(format: "%.2f GiB", Double(c65) / 1_073_741_824))), from the constants' byte counts, which tests hold to the byte against qlora quantize's output",
                            within(Double(c65) / gb, 3))
         },
         Claim("Q4", "NF4 is information-theoretically optimal for normally distributed weights (so: lower error than FP4 and Int4 on normal weights)", "C") { c in

@@ -305,3 +305,7 @@ public enum MemoryError: Error, CustomStringConvertible {
         }
     }
 }
+
+/// Bytes as decimal gigabytes with two decimals, "13.48 GB" (GB = 10⁹ B), as every memory table
+/// and claim prints them.
+public func gigabytes(_ bytes: Int) -> String { String(format: "%.2f GB", Double(bytes) / 1e9) }

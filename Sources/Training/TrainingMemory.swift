@@ -67,8 +67,6 @@ public struct TrainingMemory: Sendable, Equatable {
                                 + (checkpointing ? "" : ", or add --grad-checkpointing"))
         }
     }
-
-    static func gigabytes(_ b: Int) -> String { String(format: "%.2f GB", Double(b) / 1e9) }
 }
 
 /// A training run that cannot start: one line.
