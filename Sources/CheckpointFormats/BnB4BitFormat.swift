@@ -26,7 +26,9 @@ public enum BnB4BitFormat {
     public static let quantStatePrefix = ".quant_state.bitsandbytes__"
 
     /// The dtypes bitsandbytes' packed weight may be stored as, by their torch names.
-    public static let quantStorages: [String: DType] = ["uint8": .u8, "bfloat16": .bf16, "float16": .f16, "float32": .f32]
+    public static let quantStorages: [String: DType] = Dictionary(uniqueKeysWithValues: [DType.u8, .bf16, .f16, .f32].map {
+        (BnBQuantizationConfig.torchName($0), $0)
+    })
 
     /// The packed weight's shape when stored as `storage`: [ceil(n/2) / itemsize, 1]; nil when
     /// ceil(n/2) bytes are not a whole number of `storage` elements (bitsandbytes' view fails too).
