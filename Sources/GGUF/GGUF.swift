@@ -19,7 +19,7 @@ public enum GGUF {
 
 /// ggml's tensor types that qlora reads or writes (ggml.h's enum ggml_type).
 public enum GGMLType: UInt32, Sendable, CaseIterable, CustomStringConvertible {
-    case f32 = 0, f16 = 1, q4_0 = 2, q8_0 = 8, q4_K = 12, q6_K = 14, iq4_nl = 20, bf16 = 30
+    case f32 = 0, f16 = 1, q4_0 = 2, q5_0 = 6, q5_1 = 7, q8_0 = 8, q4_K = 12, q5_K = 13, q6_K = 14, iq4_nl = 20, bf16 = 30
 
     /// Elements per block and bytes per block.
     public var block: (elements: Int, bytes: Int) {
@@ -27,8 +27,11 @@ public enum GGMLType: UInt32, Sendable, CaseIterable, CustomStringConvertible {
         case .f32: return (1, 4)
         case .f16, .bf16: return (1, 2)
         case .q4_0: return (32, 18)
+        case .q5_0: return (32, 22)
+        case .q5_1: return (32, 24)
         case .q8_0: return (32, 34)
         case .q4_K: return (256, 144)
+        case .q5_K: return (256, 176)
         case .q6_K: return (256, 210)
         case .iq4_nl: return (32, 18)
         }
@@ -41,8 +44,11 @@ public enum GGMLType: UInt32, Sendable, CaseIterable, CustomStringConvertible {
         case .f16: return "F16"
         case .bf16: return "BF16"
         case .q4_0: return "Q4_0"
+        case .q5_0: return "Q5_0"
+        case .q5_1: return "Q5_1"
         case .q8_0: return "Q8_0"
         case .q4_K: return "Q4_K"
+        case .q5_K: return "Q5_K"
         case .q6_K: return "Q6_K"
         case .iq4_nl: return "IQ4_NL"
         }

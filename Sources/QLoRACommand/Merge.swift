@@ -64,19 +64,19 @@ struct Merge: ParsableCommand {
             }
         }
     }
+}
 
-    /// DIR or DIR=WEIGHT (a directory whose own name ends in =NUMBER is taken as a whole when it exists).
-    func parseAdapter(_ spec: String) throws -> MergeAdapter {
-        var isDir: ObjCBool = false
-        if let eq = spec.lastIndex(of: "="), !(FileManager.default.fileExists(atPath: spec, isDirectory: &isDir) && isDir.boolValue) {
-            let w = String(spec[spec.index(after: eq)...])
-            guard let weight = Double(w), weight.isFinite else {
-                throw ValidationError("adapter '\(spec)': the weight after '=' must be a number")
-            }
-            return MergeAdapter(String(spec[..<eq]), weight: weight)
+/// DIR or DIR=WEIGHT (a directory whose own name ends in =NUMBER is taken as a whole when it exists).
+func parseAdapter(_ spec: String) throws -> MergeAdapter {
+    var isDir: ObjCBool = false
+    if let eq = spec.lastIndex(of: "="), !(FileManager.default.fileExists(atPath: spec, isDirectory: &isDir) && isDir.boolValue) {
+        let w = String(spec[spec.index(after: eq)...])
+        guard let weight = Double(w), weight.isFinite else {
+            throw ValidationError("adapter '\(spec)': the weight after '=' must be a number")
         }
-        return MergeAdapter(spec)
+        return MergeAdapter(String(spec[..<eq]), weight: weight)
     }
+    return MergeAdapter(spec)
 }
 
 /// "5GB" (10^9), "500MB", "2GiB" (2^30), "64KiB", or a plain byte count.

@@ -9,7 +9,7 @@ struct QLoRACommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "qlora",
         abstract: "QLoRA numerics on CPU: 4-bit quantization bit for bit with bitsandbytes.",
-        subcommands: [Quantize.self, Dequantize.self, Inspect.self, Sample.self, Compare.self, Bench.self, Merge.self, MemoryCommand.self, FitCommand.self, ClaimsCommand.self, ReportCommand.self, Train.self])
+        subcommands: [Quantize.self, Dequantize.self, Inspect.self, Sample.self, Compare.self, Bench.self, Merge.self, Export.self, MemoryCommand.self, FitCommand.self, ClaimsCommand.self, ReportCommand.self, Train.self])
 
     /// Bad arguments get one line on stderr (not the usage text); help and version as usual.
     static func main() {

@@ -122,41 +122,94 @@ public enum GGUFExport {
         }
     }
 
+    /// A tensor of the dense checkpoint the converter reads: its shard (by position), logical
+    /// shape and float type, and the file to name in errors.
+    public struct DenseTensor: Sendable {
+        public var name: String
+        public var shard: Int
+        public var shape: [Int]
+        public var dtype: ElementType
+        public var file: String
+        public init(name: String, shard: Int, shape: [Int], dtype: ElementType, file: String) {
+            (self.name, self.shard, self.shape, self.dtype, self.file) = (name, shard, shape, dtype, file)
+        }
+    }
+
+    /// The tensors of a dense checkpoint, in the reader's order; a tensor that is not a float
+    /// type is refused.
+    public static func denseTensors(_ reader: CheckpointReader) throws -> [DenseTensor] {
+        try reader.entries.map { e in
+            guard let t = ElementType(e.info.dtype) else {
+                throw CheckpointError.invalidTensor(file: reader.filePath(of: e.name), tensor: e.name, problem: "dtype \(e.info.dtype) is not a float type")
+            }
+            return DenseTensor(name: e.name, shard: e.shardIndex, shape: e.info.shape, dtype: t, file: reader.filePath(of: e.name))
+        }
+    }
+
     /// Every output tensor of a dense Llama-architecture checkpoint, in the converter's order,
     /// from the checkpoint's header alone (so the GGUF header can be written first and the data
     /// streamed tensor by tensor).
     public static func llamaPlan(_ reader: CheckpointReader, _ a: ModelArchitecture, outType: GGUFOutType) throws -> [PlannedTensor] {
+        try llamaPlan(try denseTensors(reader), a, outType: outType)
+    }
+
+    /// `llamaPlan` for the tensors of a dense checkpoint (each shard's tensors sorted by name).
+    public static func llamaPlan(_ dense: [DenseTensor], _ a: ModelArchitecture, outType: GGUFOutType) throws -> [PlannedTensor] {
         var plan: [PlannedTensor] = []
         if let factors = llama3RopeFactors(a) {
             plan.append(PlannedTensor(source: nil, name: "rope_freqs.weight", ne: [factors.count], type: .f32))
         }
-        for shard in reader.shardFileNames {
-            let names = reader.entries.filter { $0.shard == shard }.map(\.name).sorted { $0.unicodeScalars.lexicographicallyPrecedes($1.unicodeScalars) }
-            for hf in names where !hf.hasSuffix(".rotary_emb.inv_freq") {
-                guard let name = llamaName(hf) else {
-                    throw CheckpointError.invalidTensor(file: reader.filePath(of: hf), tensor: hf, problem: "llama.cpp's Llama architecture has no tensor of this name")
+        for shard in Set(dense.map(\.shard)).sorted() {
+            let tensors = dense.filter { $0.shard == shard }.sorted { $0.name.unicodeScalars.lexicographicallyPrecedes($1.name.unicodeScalars) }
+            for t in tensors where !t.name.hasSuffix(".rotary_emb.inv_freq") {
+                guard let name = llamaName(t.name) else {
+                    throw CheckpointError.invalidTensor(file: t.file, tensor: t.name, problem: "llama.cpp's Llama architecture has no tensor of this name")
                 }
-                let info = reader.info(named: hf)!
-                guard ElementType(info.dtype) != nil else {
-                    throw CheckpointError.invalidTensor(file: reader.filePath(of: hf), tensor: hf, problem: "dtype \(info.dtype) is not a float type")
+                guard (1...4).contains(t.shape.count) else {
+                    throw CheckpointError.invalidTensor(file: t.file, tensor: t.name, problem: "\(t.shape.count) dimensions; GGUF holds 1 to 4")
                 }
-                guard (1...4).contains(info.shape.count) else {
-                    throw CheckpointError.invalidTensor(file: reader.filePath(of: hf), tensor: hf, problem: "\(info.shape.count) dimensions; GGUF holds 1 to 4")
+                let ne = Array(t.shape.reversed())
+                if t.shape.count == 2, t.name.hasSuffix("q_proj.weight") || t.name.hasSuffix("k_proj.weight") {
+                    let heads = t.name.hasSuffix("q_proj.weight") ? a.attentionHeads : a.keyValueHeads
+                    guard heads > 0, t.shape[0] % (2 * heads) == 0 else {
+                        throw CheckpointError.invalidTensor(file: t.file, tensor: t.name, problem: "\(t.shape[0]) rows do not split into \(heads) heads of rotary pairs (config.json)")
+                    }
                 }
-                let ne = Array(info.shape.reversed())
-                plan.append(PlannedTensor(source: hf, name: name, ne: ne, type: type(name: name, ne: ne, outType: outType)))
+                plan.append(PlannedTensor(source: t.name, name: name, ne: ne, type: type(name: name, ne: ne, outType: outType)))
             }
         }
         return plan
     }
 
+    /// convert_hf_to_gguf.py's `--outtype auto`: the type of the first 2-D bf16 or f16 tensor it
+    /// reads (bf16 or f16), f16 when there is none.
+    public static func autoOutType(_ dense: [DenseTensor]) -> GGUFOutType {
+        for shard in Set(dense.map(\.shard)).sorted() {
+            let tensors = dense.filter { $0.shard == shard }.sorted { $0.name.unicodeScalars.lexicographicallyPrecedes($1.name.unicodeScalars) }
+            for t in tensors where t.shape.count >= 2 {
+                if t.dtype == .bfloat16 { return .bf16 }
+                if t.dtype == .float16 { return .f16 }
+            }
+        }
+        return .f16
+    }
+
+    /// The fp32 values of one planned tensor as the converter holds them before encoding: the
+    /// rope factors, or the source tensor (`load`) with q_proj/k_proj rows permuted.
+    public static func values(of t: PlannedTensor, _ a: ModelArchitecture, load: (String) throws -> [Float]) rethrows -> [Float] {
+        guard let hf = t.source else { return llama3RopeFactors(a)! }
+        let x = try load(hf)
+        if t.ne.count == 2, hf.hasSuffix("q_proj.weight") || hf.hasSuffix("k_proj.weight") {
+            return permuteRows(x, rows: t.ne[1], cols: t.ne[0], heads: hf.hasSuffix("q_proj.weight") ? a.attentionHeads : a.keyValueHeads)
+        }
+        return x
+    }
+
     /// The bytes of one planned tensor: read, permuted where the converter permutes, encoded.
     public static func bytes(of t: PlannedTensor, _ reader: CheckpointReader, _ a: ModelArchitecture, outType: GGUFOutType) -> [UInt8] {
-        guard let hf = t.source else { return encode(llama3RopeFactors(a)!, ne: t.ne, name: t.name, outType: outType).1 }
-        let info = reader.info(named: hf)!
-        var x = reader.withBytes(of: hf) { loadFloats($0, as: ElementType(info.dtype)!) }
-        if info.shape.count == 2, hf.hasSuffix("q_proj.weight") || hf.hasSuffix("k_proj.weight") {
-            x = permuteRows(x, rows: info.shape[0], cols: info.shape[1], heads: hf.hasSuffix("q_proj.weight") ? a.attentionHeads : a.keyValueHeads)
+        let x = values(of: t, a) { hf in
+            let info = reader.info(named: hf)!
+            return reader.withBytes(of: hf) { loadFloats($0, as: ElementType(info.dtype)!) }
         }
         return encode(x, ne: t.ne, name: t.name, outType: outType).1
     }
@@ -223,21 +276,22 @@ extension GGUFExport {
                                      vocabulary v: (tokens: [String], scores: [Float], types: [Int32])) -> [(key: String, value: GGUFValue)] {
         var m: [(key: String, value: GGUFValue)] = [("general.architecture", .string("llama")), ("general.type", .string("model")),
                                                      ("general.name", .string(name)), ("general.size_label", .string(sizeLabel(parameters: parameters)))]
-        m.append(("llama.block_count", .uint32(UInt32(a.layers))))
-        if let n = int(config["max_position_embeddings"]) { m.append(("llama.context_length", .uint32(UInt32(n)))) }
-        m.append(("llama.embedding_length", .uint32(UInt32(a.hiddenSize))))
-        m.append(("llama.feed_forward_length", .uint32(UInt32(a.intermediateSize))))
-        m.append(("llama.attention.head_count", .uint32(UInt32(a.attentionHeads))))
-        m.append(("llama.attention.head_count_kv", .uint32(UInt32(a.keyValueHeads))))
+        m.append(("llama.block_count", .uint32(UInt32(clamping: a.layers))))
+        // LlamaConfig's default when config.json has none.
+        m.append(("llama.context_length", .uint32(UInt32(clamping: int(config["max_position_embeddings"]) ?? 2048))))
+        m.append(("llama.embedding_length", .uint32(UInt32(clamping: a.hiddenSize))))
+        m.append(("llama.feed_forward_length", .uint32(UInt32(clamping: a.intermediateSize))))
+        m.append(("llama.attention.head_count", .uint32(UInt32(clamping: a.attentionHeads))))
+        m.append(("llama.attention.head_count_kv", .uint32(UInt32(clamping: a.keyValueHeads))))
         m.append(("llama.rope.freq_base", .float32(Float(a.ropeTheta))))
         m.append(("llama.attention.layer_norm_rms_epsilon", .float32(Float(a.rmsNormEps))))
-        if config["head_dim"] != nil {
-            m.append(("llama.attention.key_length", .uint32(UInt32(a.headDim))))
-            m.append(("llama.attention.value_length", .uint32(UInt32(a.headDim))))
-        }
+        // The converter reads hparams through transformers' LlamaConfig, which always has a
+        // head_dim (hidden_size / num_attention_heads when config.json has none).
+        m.append(("llama.attention.key_length", .uint32(UInt32(clamping: a.headDim))))
+        m.append(("llama.attention.value_length", .uint32(UInt32(clamping: a.headDim))))
         m.append(("general.file_type", .uint32(outType.fileType)))
-        m.append(("llama.vocab_size", .uint32(UInt32(a.vocabSize))))
-        m.append(("llama.rope.dimension_count", .uint32(UInt32(a.headDim))))
+        m.append(("llama.vocab_size", .uint32(UInt32(clamping: a.vocabSize))))
+        m.append(("llama.rope.dimension_count", .uint32(UInt32(clamping: a.headDim))))
         m.append(("general.quantization_version", .uint32(2)))
         m.append(("tokenizer.ggml.model", .string("llama")))
         m.append(("tokenizer.ggml.pre", .string("default")))

@@ -20,30 +20,52 @@ public enum GGMLQuants {
     }
 
     /// The encodings `bytes(_:as:)` writes.
-    public enum Encoding: Sendable { case f32, f16, bf16, q8_0, q4_0 }
+    public enum Encoding: Sendable { case f32, f16, bf16, q8_0, q4_0, q5_0, q5_1, q4_K, q5_K, q6_K, iq4_nl }
 
     /// `x` in a GGUF tensor's encoding, little-endian: F32 as is; F16 rounded to nearest even
     /// (ggml's GGML_FP32_TO_FP16 is F16C's vcvtps2ph with that rounding; numpy's astype(float16)
-    /// too); BF16 by `bf16Bits`; Q8_0 and Q4_0 by their reference quantizers (a multiple of 32 values).
+    /// too); BF16 by `bf16Bits`; the block types by their reference quantizers (a whole number of
+    /// blocks: 32 values, 256 for the K types).
     public static func bytes(_ x: UnsafeBufferPointer<Float>, as e: Encoding) -> [UInt8] {
-        let count: Int
-        switch e {
-        case .f32: count = 4 * x.count
-        case .f16, .bf16: count = 2 * x.count
-        case .q8_0: count = x.count / q8_0Block.elements * q8_0Block.bytes
-        case .q4_0: count = x.count / q4_0Block.elements * q4_0Block.bytes
-        }
-        var out = [UInt8](repeating: 0, count: count)
-        out.withUnsafeMutableBytes { o in
-            switch e {
-            case .f32: for i in x.indices { o.storeBytes(of: x[i].bitPattern.littleEndian, toByteOffset: 4 * i, as: UInt32.self) }
-            case .f16: for i in x.indices { o.storeBytes(of: HalfPrecision.float16Bits(x[i]).littleEndian, toByteOffset: 2 * i, as: UInt16.self) }
-            case .bf16: for i in x.indices { o.storeBytes(of: bf16Bits(x[i]).littleEndian, toByteOffset: 2 * i, as: UInt16.self) }
-            case .q8_0: quantizeQ8_0(x, into: o)
-            case .q4_0: quantizeQ4_0(x, into: o)
-            }
-        }
+        var out = [UInt8](repeating: 0, count: byteCount(x.count, as: e))
+        out.withUnsafeMutableBytes { encode(x, as: e, into: $0) }
         return out
+    }
+
+    /// Bytes of `count` values in encoding `e` (whole blocks).
+    public static func byteCount(_ count: Int, as e: Encoding) -> Int {
+        let block: (elements: Int, bytes: Int)
+        switch e {
+        case .f32: block = (1, 4)
+        case .f16, .bf16: block = (1, 2)
+        case .q8_0: block = q8_0Block
+        case .q4_0: block = q4_0Block
+        case .q5_0: block = q5_0Block
+        case .q5_1: block = q5_1Block
+        case .q4_K: block = q4_KBlock
+        case .q5_K: block = q5_KBlock
+        case .q6_K: block = q6_KBlock
+        case .iq4_nl: block = iq4_nlBlock
+        }
+        return count / block.elements * block.bytes
+    }
+
+    /// `bytes(_:as:)` into `o` (exactly `byteCount(x.count, as: e)` bytes).
+    public static func encode(_ x: UnsafeBufferPointer<Float>, as e: Encoding, into o: UnsafeMutableRawBufferPointer) {
+        precondition(o.count == byteCount(x.count, as: e), "\(e): \(x.count) values need \(byteCount(x.count, as: e)) bytes")
+        switch e {
+        case .f32: for i in x.indices { o.storeBytes(of: x[i].bitPattern.littleEndian, toByteOffset: 4 * i, as: UInt32.self) }
+        case .f16: for i in x.indices { o.storeBytes(of: HalfPrecision.float16Bits(x[i]).littleEndian, toByteOffset: 2 * i, as: UInt16.self) }
+        case .bf16: for i in x.indices { o.storeBytes(of: bf16Bits(x[i]).littleEndian, toByteOffset: 2 * i, as: UInt16.self) }
+        case .q8_0: quantizeQ8_0(x, into: o)
+        case .q4_0: quantizeQ4_0(x, into: o)
+        case .q5_0: quantizeQ5_0(x, into: o)
+        case .q5_1: quantizeQ5_1(x, into: o)
+        case .q4_K: quantizeQ4_K(x, into: o)
+        case .q5_K: quantizeQ5_K(x, into: o)
+        case .q6_K: quantizeQ6_K(x, into: o)
+        case .iq4_nl: quantizeIQ4_NL(x, into: o)
+        }
     }
 
     /// C's roundf: halves away from zero.

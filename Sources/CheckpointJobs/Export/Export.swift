@@ -1,0 +1,227 @@
+import CheckpointFormats
+import Dispatch
+import FileOutput
+import Foundation
+import GGUF
+import QLoRA
+import SafeTensors
+
+/// `qlora export`'s types, by llama.cpp's names: f32, f16 and bf16 as convert_hf_to_gguf.py's
+/// `--outtype`; the rest as `--outtype auto` followed by llama-quantize with that mixture.
+public enum GGUFExportType: String, CaseIterable, Sendable, Codable {
+    case f32, f16, bf16, q8_0, q4_0, q4_k_m, iq4_nl
+
+    /// The converter's own outtype, or nil when llama-quantize makes the file.
+    public var convertType: GGUFOutType? {
+        switch self {
+        case .f32: return .f32
+        case .f16: return .f16
+        case .bf16: return .bf16
+        default: return nil
+        }
+    }
+
+    public var mixture: LlamaQuantizeMixture? {
+        switch self {
+        case .q8_0: return .q8_0
+        case .q4_0: return .q4_0
+        case .q4_k_m: return .q4_k_m
+        case .iq4_nl: return .iq4_nl
+        default: return nil
+        }
+    }
+}
+
+public struct ExportSummary: Sendable, Codable {
+    public var tensors = 0
+    /// Weights with an adapter merged in.
+    public var merged = 0
+    /// bitsandbytes 4-bit weights dequantized.
+    public var dequantized = 0
+    public var bytesWritten = 0
+    /// The converter's type the file went through ("bf16" or "f16" before llama-quantize).
+    public var convertedAs = ""
+    /// Tensors per ggml type, e.g. ["Q4_K": 193, "Q6_K": 33, "F32": 65].
+    public var typeCounts: [String: Int] = [:]
+    /// Parameters (elements of every tensor), as gguf-py counts them for general.size_label.
+    public var parameters = 0
+}
+
+/// Writes a Hugging Face Llama checkpoint directory as llama.cpp's GGUF: the bytes that
+/// convert_hf_to_gguf.py writes for `type` f32/f16/bf16, or that it writes with `--outtype auto`
+/// and llama-quantize then makes of that for q8_0/q4_0/q4_k_m/iq4_nl (Vectors/gguf holds both
+/// to those tools' output).
+///
+/// The checkpoint may be dense or bitsandbytes 4-bit, with PEFT adapters merged on the fly: the
+/// file is what the tools make of the dense checkpoint `qlora merge` (4-bit weights an adapter
+/// touches written as `mergedDType`) followed by `qlora dequantize` would hold; llama.cpp's
+/// converter cannot read bitsandbytes' 4-bit layout at all.
+///
+/// Streamed: the header is planned from the checkpoint's header, then each tensor is read,
+/// merged or dequantized, encoded and written in turn; memory is one tensor in fp32 and its
+/// encoding. Nothing is written until the plan holds; OUTPUT appears only when complete.
+@discardableResult
+public func exportGGUF(base: String, adapters specs: [MergeAdapter] = [], output: String, type: GGUFExportType, mergedDType: ElementType = .bfloat16,
+                       overwrite: Bool = false, threads: Int = ProcessInfo.processInfo.activeProcessorCount,
+                       progress: ProgressHandler? = nil) throws -> ExportSummary {
+    guard StagedOutput.isDirectory(base) else {
+        throw CheckpointError.invalidPath(path: base, problem: "export needs a checkpoint directory (config.json, tokenizer.model and the weights)")
+    }
+    let configPath = base + "/config.json"
+    let configBytes = try InputFile.read(configPath)
+    let config: JSONValue
+    do { config = try JSONValue.parse(document: [UInt8](configBytes)) } catch {
+        throw CheckpointError.invalidPath(path: configPath, problem: "is not valid JSON (\(error))")
+    }
+    let architectures: [String]
+    if case .array(let a)? = config["architectures"] { architectures = a.compactMap { if case .string(let s) = $0 { return s }; return nil } } else { architectures = [] }
+    guard architectures.contains("LlamaForCausalLM") else {
+        throw CheckpointError.invalidPath(path: configPath, problem: "export writes the Llama architecture (LlamaForCausalLM) so far; this checkpoint is \(architectures.first ?? "of no stated architecture")")
+    }
+    let arch = try ModelArchitecture(configFile: configPath)
+    let tokenizerPath = base + "/tokenizer.model"
+    guard FileManager.default.fileExists(atPath: tokenizerPath) else {
+        let bpe = FileManager.default.fileExists(atPath: base + "/tokenizer.json")
+        throw CheckpointError.invalidPath(path: base, problem: bpe
+            ? "has tokenizer.json but no tokenizer.model: export converts SentencePiece tokenizers so far, not BPE ones"
+            : "has no tokenizer.model: llama.cpp's converter refuses a checkpoint without its tokenizer, and llama.cpp cannot run one")
+    }
+    let sentencePiece = try SentencePieceModel(file: tokenizerPath)
+
+    let reader = try CheckpointReader(path: base)
+    let plan = try MergePlan(reader: reader, base: base, adapters: specs)
+    let context = MergeContext(reader: reader, original: nil, options: MergeOptions(dtype: mergedDType, threads: threads))
+    // The dense checkpoint merge + dequantize would write: each 4-bit weight once, as its
+    // recorded dtype or (merged) as mergedDType, its constants dropped.
+    var companions = Set<String>()
+    for g in plan.groups.values { for m in g.members where m != g.name { companions.insert(m) } }
+    var dense: [GGUFExport.DenseTensor] = []
+    var entryOf: [String: CheckpointReader.Entry] = [:]
+    for e in reader.entries where !companions.contains(e.name) {
+        entryOf[e.name] = e
+        let file = reader.filePath(of: e.name)
+        if let g = plan.groups[e.name] {
+            let state = try BnB4BitFormat.state(of: g, from: reader)
+            dense.append(.init(name: e.name, shard: e.shardIndex, shape: state.shape, dtype: plan.weights[e.name] != nil ? mergedDType : state.dtype, file: file))
+        } else {
+            guard let t = ElementType(e.info.dtype) else {
+                throw CheckpointError.invalidTensor(file: file, tensor: e.name, problem: "dtype \(e.info.dtype) is not a float type")
+            }
+            dense.append(.init(name: e.name, shard: e.shardIndex, shape: e.info.shape, dtype: t, file: file))
+        }
+    }
+    let convertedAs = type.convertType ?? GGUFExport.autoOutType(dense)
+    let planned = try GGUFExport.llamaPlan(dense, arch, outType: convertedAs)
+    var summary = ExportSummary()
+    summary.convertedAs = convertedAs.rawValue
+    summary.parameters = planned.reduce(0) { $0 + $1.ne.reduce(1, *) }
+    let name = GGUFExport.simpleModelName(directoryName: URL(fileURLWithPath: base).standardizedFileURL.lastPathComponent)
+        ?? URL(fileURLWithPath: base).standardizedFileURL.lastPathComponent
+    var metadata = GGUFExport.llamaMetadata(config: config, arch, name: name, parameters: summary.parameters, outType: convertedAs,
+                                            vocabulary: sentencePiece.ggufVocabulary(vocabSize: arch.vocabSize))
+    // The file's tensors in order with their final types.
+    var order = Array(planned.indices)
+    var finalTypes = planned.map(\.type)
+    if let mixture = type.mixture {
+        order = LlamaQuantize.loaderOrder(planned.map(\.name))
+        let types = LlamaQuantize.types(names: order.map { planned[$0].name }, ne: order.map { planned[$0].ne }, current: order.map { planned[$0].type },
+                                        mixture: mixture, model: .init(layers: arch.layers, attentionHeads: arch.attentionHeads, keyValueHeads: arch.keyValueHeads))
+        for (k, i) in order.enumerated() { finalTypes[i] = types[k] }
+        metadata = LlamaQuantize.metadata(metadata, mixture: mixture)
+    }
+    for i in order {
+        guard finalTypes[i].byteCount(planned[i].ne) != nil else {
+            throw CheckpointError.invalidTensor(file: base, tensor: planned[i].source ?? planned[i].name, problem: "too large for a GGUF tensor")
+        }
+    }
+    let header = try GGUFHeader(metadata: metadata, tensors: order.map { (planned[$0].name, planned[$0].ne, finalTypes[$0]) })
+    summary.tensors = planned.count
+    for i in order { summary.typeCounts[finalTypes[i].description, default: 0] += 1 }
+
+    // fp32 values of a dense-checkpoint tensor: merged, dequantized, or read.
+    func load(_ hf: String) throws -> [Float] {
+        let e = entryOf[hf]!
+        let file = reader.filePath(of: hf)
+        if let weight = plan.weights[hf] {
+            summary.merged += 1
+            let bytes = try context.merge(e, weight, file: file, sizingOnly: false).payloads[0]
+            return bytes.withUnsafeBytes { loadFloats($0, as: weight.quantized != nil ? mergedDType : ElementType(e.info.dtype)!) }
+        }
+        if let g = plan.groups[hf] {
+            summary.dequantized += 1
+            let w = try BnB4BitFormat.load(g, from: reader)
+            for m in g.members { reader.releasePages(of: m) }
+            return w.dequantizedBytes().withUnsafeBytes { loadFloats($0, as: w.state.dtype) }
+        }
+        defer { reader.releasePages(of: hf) }
+        return reader.withBytes(of: hf) { loadFloats($0, as: ElementType(e.info.dtype)!) }
+    }
+
+    let staged = try StagedOutput(output, kind: .file, overwrite: overwrite, inputs: [base] + specs.map(\.directory))
+    do {
+        guard FileManager.default.createFile(atPath: staged.url.path, contents: nil), let handle = FileHandle(forWritingAtPath: staged.url.path) else {
+            throw CheckpointError.invalidPath(path: output, problem: "cannot be written")
+        }
+        defer { try? handle.close() }
+        try handle.write(contentsOf: header.encoded())
+        let total = order.reduce(0) { $0 + planned[$1].ne.reduce(1, *) }
+        var done = 0
+        for i in order {
+            let t = planned[i]
+            let x = try GGUFExport.values(of: t, arch, load: load)
+            if type.mixture != nil, finalTypes[i] != t.type, let bad = x.firstIndex(where: { !$0.isFinite }) {
+                throw CheckpointError.invalidTensor(file: base, tensor: t.source ?? t.name, problem: "element \(bad) is \(x[bad]); llama-quantize refuses non-finite values")
+            }
+            let bytes = GGUFExportEncoding.encode(x, ne: t.ne, convertedAs: t.type, final: finalTypes[i], threads: threads)
+            try handle.write(contentsOf: bytes)
+            let pad = (header.alignment - bytes.count % header.alignment) % header.alignment
+            if pad > 0 { try handle.write(contentsOf: [UInt8](repeating: 0, count: pad)) }
+            summary.bytesWritten += bytes.count + pad
+            done += t.ne.reduce(1, *)
+            progress?(done, total, t.source ?? t.name)
+        }
+        summary.bytesWritten += header.encoded().count
+        try handle.synchronize()
+        try staged.commit()
+    } catch {
+        staged.abort()
+        throw error
+    }
+    return summary
+}
+
+/// The encoding step of an export: the converter's type, then llama-quantize's where it differs.
+public enum GGUFExportEncoding {
+    /// `x` as the converter stores it (`convertedAs`: F32, F16, BF16 or its Q8_0), then, when
+    /// `final` differs, read back as fp32 and quantized to `final` as llama-quantize does. Rows
+    /// are split over `threads` (each row is quantized on its own, so the bytes do not depend on it).
+    public static func encode(_ x: [Float], ne: [Int], convertedAs: GGMLType, final: GGMLType, threads: Int = 1) -> [UInt8] {
+        var values = x
+        if final != convertedAs {
+            switch convertedAs {
+            case .bf16: values = x.map { HalfPrecision.float(bfloat16Bits: GGMLQuants.bf16Bits($0)) }
+            case .f16: values = x.map { HalfPrecision.float(float16Bits: HalfPrecision.float16Bits($0)) }
+            default: break  // F32: read back as it is
+            }
+        }
+        let encoding = LlamaQuantize.encoding(final)
+        let columns = ne.first ?? 1, rows = values.count / max(columns, 1)
+        var out = [UInt8](repeating: 0, count: GGMLQuants.byteCount(values.count, as: encoding))
+        let rowBytes = rows > 0 ? out.count / rows : 0
+        let chunks = max(1, min(threads, rows / 16))
+        values.withUnsafeBufferPointer { v in
+            out.withUnsafeMutableBytes { o in
+                // Addresses cross into the worker threads as integers; each chunk writes its own rows.
+                let (va, oa) = (Int(bitPattern: v.baseAddress), Int(bitPattern: o.baseAddress))
+                let run: @Sendable (Int) -> Void = { c in
+                    let r0 = rows * c / chunks, r1 = rows * (c + 1) / chunks
+                    GGMLQuants.encode(UnsafeBufferPointer(start: UnsafePointer<Float>(bitPattern: va).map { $0 + r0 * columns }, count: (r1 - r0) * columns),
+                                      as: encoding,
+                                      into: UnsafeMutableRawBufferPointer(start: UnsafeMutableRawPointer(bitPattern: oa).map { $0 + r0 * rowBytes }, count: (r1 - r0) * rowBytes))
+                }
+                if chunks == 1 { run(0) } else { DispatchQueue.concurrentPerform(iterations: chunks, execute: run) }
+            }
+        }
+        return out
+    }
+}

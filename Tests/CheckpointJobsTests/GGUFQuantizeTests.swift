@@ -1,0 +1,107 @@
+import CheckpointFormats
+import CheckpointJobs
+import Foundation
+import GGUF
+import QLoRA
+import SafeTensors
+import TestSupport
+import XCTest
+
+/// `qlora export` against llama.cpp's convert_hf_to_gguf.py + llama-quantize, to the byte
+/// (Vectors/gguf/quantize.json, made by Vectors/generate_gguf_quantize.py).
+final class GGUFQuantizeTests: XCTestCase {
+    var golden: [String: Any] = [:]
+
+    override func setUpWithError() throws {
+        let data = try Data(contentsOf: repositoryRoot.appendingPathComponent("Vectors/gguf/quantize.json"))
+        golden = try XCTUnwrap(try JSONSerialization.jsonObject(with: data) as? [String: Any])
+    }
+
+    /// The `small` config of generate_gguf_quantize.py.
+    static let smallConfig = """
+        {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256, "intermediate_size": 512,
+         "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 256,
+         "max_position_embeddings": 2048, "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "tie_word_embeddings": false,
+         "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16"}
+        """
+
+    /// generate_gguf_quantize.py's `small_weights`: bf16 bits from FNV-1a(name) and the index.
+    static func smallWeights(_ name: String, _ count: Int) -> [UInt16] {
+        var seed: UInt32 = 0x811C_9DC5
+        for b in name.utf8 { seed = (seed ^ UInt32(b)) &* 0x0100_0193 }
+        let norm = name.hasSuffix("norm.weight")
+        return (0..<count).map { i in
+            var h = (seed ^ UInt32(i)) &* 0x9E37_79B1
+            h ^= h >> 15
+            h = h &* 0x85EB_CA77
+            h ^= h >> 13
+            let mantissa = (h >> 4) & 0x7F
+            return UInt16(norm ? (127 << 7) | mantissa : ((h & 1) << 15) | ((118 + ((h >> 1) & 7)) << 7) | mantissa)
+        }
+    }
+
+    /// The `small` checkpoint directory with the tiny SentencePiece tokenizer.
+    static func smallCheckpoint(_ dir: URL) throws {
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        let (h, f, kv, layers, vocab) = (256, 512, 64, 4, 256)
+        var shapes: [(String, [Int])] = [("model.embed_tokens.weight", [vocab, h]), ("model.norm.weight", [h]), ("lm_head.weight", [vocab, h])]
+        for l in 0..<layers {
+            let p = "model.layers.\(l)."
+            shapes += [(p + "input_layernorm.weight", [h]), (p + "post_attention_layernorm.weight", [h]),
+                       (p + "self_attn.q_proj.weight", [h, h]), (p + "self_attn.k_proj.weight", [kv, h]), (p + "self_attn.v_proj.weight", [kv, h]),
+                       (p + "self_attn.o_proj.weight", [h, h]), (p + "mlp.gate_proj.weight", [f, h]), (p + "mlp.up_proj.weight", [f, h]),
+                       (p + "mlp.down_proj.weight", [h, f])]
+        }
+        let w = try SafeTensorsWriter(url: dir.appendingPathComponent("model.safetensors"), tensors: shapes.map { ($0.0, DType.bf16, $0.1) }, metadata: ["format": "pt"])
+        for (name, shape) in shapes {
+            let bits = smallWeights(name, shape.reduce(1, *))
+            try bits.withUnsafeBytes { try w.write(name, bytes: $0) }
+        }
+        try w.finish()
+        try Data(smallConfig.utf8).write(to: dir.appendingPathComponent("config.json"))
+        try FileManager.default.copyItem(at: repositoryRoot.appendingPathComponent("Vectors/gguf/llama-tiny/tokenizer.model"), to: dir.appendingPathComponent("tokenizer.model"))
+    }
+
+    static func tinyCheckpoint(_ dir: URL) throws {
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        for f in ["config.json", "model.safetensors"] {
+            try FileManager.default.copyItem(at: repositoryRoot.appendingPathComponent("Vectors/llama/tiny/" + f), to: dir.appendingPathComponent(f))
+        }
+        try FileManager.default.copyItem(at: repositoryRoot.appendingPathComponent("Vectors/gguf/llama-tiny/tokenizer.model"), to: dir.appendingPathComponent("tokenizer.model"))
+    }
+
+    /// Exports `model` as `type` and compares the file with the golden: every tensor's name, type,
+    /// dimensions and bytes, the metadata keys in order, and the whole file.
+    func check(_ model: String, _ dir: URL, _ type: GGUFExportType, goldenKey: String) throws {
+        let want = try XCTUnwrap((golden[model] as? [String: Any])?[goldenKey] as? [String: Any], "\(model) \(goldenKey)")
+        let out = dir.deletingLastPathComponent().appendingPathComponent("\(model)-\(type.rawValue).gguf")
+        let summary = try exportGGUF(base: dir.path, output: out.path, type: type)
+        let data = try Data(contentsOf: out), bytes = [UInt8](data)
+        XCTAssertEqual(summary.bytesWritten, bytes.count, "\(model) \(type): bytes reported")
+        let file = try GGUFFile(bytes: data, file: out.path)
+        let wantTensors = try XCTUnwrap(want["tensors"] as? [[Any]])
+        XCTAssertEqual(file.header.tensors.map(\.name), wantTensors.map { $0[0] as! String }, "\(model) \(type): tensor order")
+        for (t, w) in zip(file.header.tensors, wantTensors) {
+            XCTAssertEqual(t.type.description, w[1] as? String, "\(model) \(type) \(t.name): type")
+            XCTAssertEqual(t.ne, w[2] as? [Int], "\(model) \(type) \(t.name): dimensions")
+            XCTAssertEqual(SHA256.hex(Array(file.data(of: t))), w[3] as? String, "\(model) \(type) \(t.name): bytes")
+        }
+        XCTAssertEqual(file.metadata.map(\.key), (want["metadata"] as? [[String]])?.map { $0[0] }, "\(model) \(type): metadata keys and order")
+        XCTAssertEqual(bytes.count, want["bytes"] as? Int, "\(model) \(type): size")
+        XCTAssertEqual(SHA256.hex(bytes), want["sha256"] as? String, "\(model) \(type): the file's bytes")
+    }
+
+    func testExportIsConvertThenLlamaQuantizeToTheByte() throws {
+        let tmp = FileManager.default.temporaryDirectory.appendingPathComponent("gguf-quantize-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: tmp) }
+        let tiny = tmp.appendingPathComponent("tiny"), small = tmp.appendingPathComponent("small")
+        try Self.tinyCheckpoint(tiny)
+        try Self.smallCheckpoint(small)
+        for (model, dir) in [("tiny", tiny), ("small", small)] {
+            try check(model, dir, .bf16, goldenKey: "auto")  // --outtype auto is bf16 for a bf16 checkpoint
+            for type in [GGUFExportType.q8_0, .q4_0, .q4_k_m, .iq4_nl] {
+                try check(model, dir, type, goldenKey: type.rawValue)
+            }
+        }
+    }
+}

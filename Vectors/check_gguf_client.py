@@ -1,0 +1,175 @@
+"""Does llama.cpp run what `qlora export` writes, and give transformers' numbers? (issue 16)
+
+Run by hand where llama-cpp-python is installed (CI never runs it):
+
+    swift build -c release --product qlora
+    .venv/bin/python Vectors/check_gguf_client.py [path/to/qlora]     # default .build/release/qlora
+
+llama-cpp-python built from source works, and so does its sdist's Python package beside a
+llama.cpp build of the same tree: PYTHONPATH=<sdist> LLAMA_CPP_LIB_PATH=<build>/bin.
+
+For each family qlora exports (Llama so far) it writes a small random model with transformers
+(hidden 256, intermediate 512, 2 layers, 8 heads over 2 KV heads, bf16) with a real SentencePiece
+tokenizer (Vectors/gguf/llama-tiny/tokenizer.model), and a random PEFT LoRA adapter on every
+projection. Then, for each export type, from the dense model with the adapter merged on the fly
+(and for Q4_K_M also from qlora's NF4 quantization of the model):
+
+  tokens   llama.cpp's tokenizer gives SentencePiece's ids for a fixed text (BOS first);
+  loads    llama.cpp loads the file and evaluates those tokens;
+  logits   llama.cpp's logits are transformers' own logits for the weights the file holds
+           (each GGUF tensor dequantized by the gguf package, q/k rows un-permuted, run through
+           transformers in fp32): relative RMS difference within ENGINE_TOLERANCE, the error of
+           llama.cpp's arithmetic alone. Beside it, the difference from the fp32 merged model
+           (what the type costs) and how often both pick the same next token.
+
+One line per check, PASS or FAIL; the exit status is the number of failures.
+"""
+import os
+import subprocess
+import sys
+import tempfile
+import warnings
+
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+warnings.filterwarnings("ignore")
+import numpy as np
+import torch
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM
+from peft import LoraConfig, get_peft_model
+import llama_cpp
+import sentencepiece
+import gguf
+
+transformers.logging.set_verbosity_error()
+torch.set_num_threads(2)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOKENIZER = os.path.join(HERE, "gguf", "llama-tiny", "tokenizer.model")
+TEXT = "the quick brown fox jumps over the lazy dog and the naïve QLoRA adapter merge"
+TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "iq4_nl"]
+
+# llama.cpp's arithmetic against transformers' fp32 on the same weights. Every type keeps K and V
+# in llama.cpp's F16 cache (about 2e-4 here with F32 weights); F16 and BF16 weights are multiplied
+# with activations rounded to that type (BF16: 8 bits, a few 1e-3); the quantized types' dot
+# products quantize the activations to 8 bits (Q8_0/Q8_K), about 1e-2 on these logits.
+ENGINE_TOLERANCE = {"f32": 1e-3, "f16": 5e-3, "bf16": 2e-2, "q8_0": 3e-2, "q4_0": 3e-2, "q4_k_m": 3e-2, "iq4_nl": 3e-2}
+
+failures = 0
+
+
+def report(ok, what, detail):
+    global failures
+    failures += 0 if ok else 1
+    print(f"{'PASS' if ok else 'FAIL'}  {what:<44} {detail}")
+
+
+def make_model(directory):
+    sp = sentencepiece.SentencePieceProcessor(model_file=TOKENIZER)
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                         vocab_size=sp.get_piece_size(), max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0,
+                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(directory)
+    with open(TOKENIZER, "rb") as src, open(os.path.join(directory, "tokenizer.model"), "wb") as dst:
+        dst.write(src.read())
+    torch.manual_seed(1)
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                      init_lora_weights=False)
+    peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32), lora)
+    for n, p in peft_model.named_parameters():
+        if "lora_B" in n:
+            with torch.no_grad():
+                p.mul_(0.05)
+    adapter = directory + "-adapter"
+    peft_model.save_pretrained(adapter)
+    merged = peft_model.merge_and_unload()
+    return sp, adapter, merged
+
+
+def unpermute(w, heads):
+    rows = w.shape[0]
+    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def hf_from_gguf(path, config):
+    """transformers' model holding the GGUF's weights, dequantized to fp32."""
+    names = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+    per_layer = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+                 "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                 "ffn_down": "mlp.down_proj"}
+    state = {}
+    for t in gguf.GGUFReader(path).tensors:
+        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape([int(n) for n in reversed(t.shape)])
+        if t.name in names:
+            name = names[t.name]
+        elif t.name.startswith("blk."):
+            _, layer, part, _ = t.name.split(".")
+            name = f"model.layers.{layer}.{per_layer[part]}.weight"
+            if part == "attn_q":
+                w = unpermute(w, config.num_attention_heads)
+            elif part == "attn_k":
+                w = unpermute(w, config.num_key_value_heads)
+        else:
+            continue  # rope_freqs: not a weight
+        state[name] = torch.from_numpy(w.copy())
+    model = LlamaForCausalLM(config).float()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
+    return model
+
+
+def logits_of(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def rel_rms(a, b):
+    return float(np.sqrt(np.mean((a - b) ** 2)) / np.sqrt(np.mean(b ** 2)))
+
+
+def run_llama_cpp(path, ids):
+    llm = llama_cpp.Llama(model_path=path, n_ctx=64, n_threads=2, logits_all=True, verbose=False)
+    text_ids = llm.tokenize(TEXT.encode(), add_bos=True)
+    llm.eval(ids)
+    return text_ids, np.array(llm.scores[:len(ids)], dtype=np.float32)
+
+
+def main():
+    qlora = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else os.path.join(HERE, "..", ".build", "release", "qlora"))
+    with tempfile.TemporaryDirectory() as t:
+        model_dir = os.path.join(t, "llama")
+        sp, adapter, merged = make_model(model_dir)
+        ids = [1] + sp.encode(TEXT)
+        reference = logits_of(merged.float(), ids)
+        nf4 = os.path.join(t, "llama-nf4")
+        subprocess.run([qlora, "quantize", model_dir, nf4], check=True, capture_output=True)
+        with open(TOKENIZER, "rb") as src, open(os.path.join(nf4, "tokenizer.model"), "wb") as dst:
+            dst.write(src.read())
+        runs = [(ty, model_dir) for ty in TYPES] + [("q4_k_m", nf4)]
+        for ty, base in runs:
+            source = "nf4 base" if base == nf4 else "dense base"
+            out = os.path.join(t, f"llama-{ty}-{os.path.basename(base)}.gguf")
+            r = subprocess.run([qlora, "export", base, out, "--type", ty, "--adapter", adapter], capture_output=True, text=True)
+            if r.returncode != 0:
+                report(False, f"llama {ty} ({source}): export", r.stderr.strip())
+                continue
+            try:
+                text_ids, got = run_llama_cpp(out, ids)
+            except Exception as e:  # llama.cpp refused the file
+                report(False, f"llama {ty} ({source}): llama.cpp loads", str(e))
+                continue
+            report(text_ids == ids, f"llama {ty} ({source}): tokens", f"llama.cpp {len(text_ids)} ids, SentencePiece {len(ids)}")
+            held = logits_of(hf_from_gguf(out, merged.config), ids)
+            engine, cost = rel_rms(got, held), rel_rms(got, reference)
+            top1 = float(np.mean(got.argmax(-1) == reference.argmax(-1)))
+            report(engine <= ENGINE_TOLERANCE[ty], f"llama {ty} ({source}): logits",
+                   f"vs transformers on the file's weights {engine:.2e} (≤ {ENGINE_TOLERANCE[ty]:.0e}); "
+                   f"vs the fp32 merge {cost:.2e}, same top-1 {top1:.0%}; {os.path.getsize(out)} bytes")
+    print(f"{failures} failure(s)")
+    sys.exit(failures)
+
+
+if __name__ == "__main__":
+    main()
