@@ -19,7 +19,9 @@ struct QLoRACommand: ParsableCommand {
             try command.run()
         } catch {
             if exitCode(for: error) == .success { exit(withError: error) }
-            let message = self.message(for: error).split(separator: "\n").first.map(String.init) ?? "\(error)"
+            // One line: ArgumentParser lists a long enum's values on lines of their own.
+            let lines = self.message(for: error).split(separator: "\n").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+            let message = lines.isEmpty ? "\(error)" : lines.joined(separator: " ")
             fail(message + " (see 'qlora help')")
         }
     }

@@ -79,6 +79,7 @@ final class GGUFQuantizeTests: XCTestCase {
         let data = try Data(contentsOf: out), bytes = [UInt8](data)
         XCTAssertEqual(summary.bytesWritten, bytes.count, "\(model) \(type): bytes reported")
         let file = try GGUFFile(bytes: data, file: out.path)
+        XCTAssertEqual(file.header.encoded(), [UInt8](data.prefix(file.dataOffset)), "\(model) \(type): the reader round-trips the header")
         let wantTensors = try XCTUnwrap(want["tensors"] as? [[Any]])
         XCTAssertEqual(file.header.tensors.map(\.name), wantTensors.map { $0[0] as! String }, "\(model) \(type): tensor order")
         for (t, w) in zip(file.header.tensors, wantTensors) {

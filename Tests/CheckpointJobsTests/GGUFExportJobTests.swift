@@ -1,0 +1,105 @@
+import CheckpointFormats
+import CheckpointJobs
+import Foundation
+import GGUF
+import QLoRA
+import SafeTensors
+import TestSupport
+import XCTest
+
+/// `exportGGUF` from a 4-bit base and with adapters is the export of the dense checkpoint that
+/// `qlora dequantize` and `qlora merge` write (each of which is held to bitsandbytes and PEFT
+/// elsewhere); and bad input is refused with nothing written.
+final class GGUFExportJobTests: XCTestCase {
+    var tmp: URL!
+
+    override func setUpWithError() throws {
+        tmp = FileManager.default.temporaryDirectory.appendingPathComponent("gguf-export-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: tmp, withIntermediateDirectories: true)
+    }
+
+    override func tearDownWithError() throws { try? FileManager.default.removeItem(at: tmp) }
+
+    static let tokenizer = repositoryRoot.appendingPathComponent("Vectors/gguf/llama-tiny/tokenizer.model")
+
+    /// A sample Llama (256 wide, so Q4_K_M's K types apply) with the tiny tokenizer, and its adapter.
+    func sample(_ name: String) throws -> (model: String, adapter: String) {
+        let spec = SampleCheckpointSpec(architecture: ModelArchitecture(name: "sample", hiddenSize: 256, intermediateSize: 512, layers: 2,
+                                                                         attentionHeads: 8, keyValueHeads: 2, vocabSize: 300), seed: 7)
+        let model = tmp.appendingPathComponent(name)
+        try writeSampleCheckpoint(output: model.path, spec: spec)
+        try FileManager.default.copyItem(at: Self.tokenizer, to: model.appendingPathComponent("tokenizer.model"))
+        let adapter = tmp.appendingPathComponent(name + "-adapter")
+        try writeSampleAdapter(directory: adapter.path, spec: spec, rank: 4)
+        return (model.path, adapter.path)
+    }
+
+    /// The export of `base` into a fresh `dir/model/` (the name gives general.name), as bytes.
+    func exported(_ base: String, adapters: [String] = [], _ type: GGUFExportType, tag: String) throws -> [UInt8] {
+        let out = tmp.appendingPathComponent("\(tag)-\(type.rawValue).gguf")
+        try exportGGUF(base: base, adapters: adapters.map { MergeAdapter($0) }, output: out.path, type: type)
+        let data = try Data(contentsOf: out)
+        // The reader round-trips it: the header it parses encodes to the same bytes.
+        let file = try GGUFFile(bytes: data, file: out.path)
+        XCTAssertEqual(file.header.encoded(), [UInt8](data.prefix(file.dataOffset)), "\(tag) \(type): header round trip")
+        return [UInt8](data)
+    }
+
+    /// `dir/model`, a directory named "model" so every export has the same general.name.
+    func named(_ dir: String) -> String {
+        let parent = tmp.appendingPathComponent(dir)
+        try? FileManager.default.createDirectory(at: parent, withIntermediateDirectories: true)
+        return parent.appendingPathComponent("model").path
+    }
+
+    func testFourBitBaseAndAdaptersExportAsTheirDenseCheckpoint() throws {
+        let s = try sample("dense")
+        try FileManager.default.copyItem(atPath: s.model, toPath: named("a"))
+        // A 4-bit base: the export of its dequantization.
+        try quantizeCheckpoint(input: named("a"), output: named("nf4"), options: QuantizeOptions())
+        try dequantizeCheckpoint(input: named("nf4"), output: named("deq"))
+        XCTAssertEqual(try exported(named("nf4"), .q4_k_m, tag: "nf4"), try exported(named("deq"), .q4_k_m, tag: "deq"), "4-bit base")
+        // Adapters on a dense base: the export of qlora merge's output.
+        try mergeCheckpoint(base: named("a"), adapters: [MergeAdapter(s.adapter)], output: named("merged"), options: MergeOptions())
+        XCTAssertEqual(try exported(named("a"), adapters: [s.adapter], .bf16, tag: "a+adapter"), try exported(named("merged"), .bf16, tag: "merged"), "adapter")
+        // Adapters on a 4-bit base: merged to bf16, then dequantized, then exported.
+        try mergeCheckpoint(base: named("nf4"), adapters: [MergeAdapter(s.adapter)], output: named("nf4merged"), options: MergeOptions())
+        try dequantizeCheckpoint(input: named("nf4merged"), output: named("nf4merged-deq"))
+        XCTAssertEqual(try exported(named("nf4"), adapters: [s.adapter], .iq4_nl, tag: "nf4+adapter"), try exported(named("nf4merged-deq"), .iq4_nl, tag: "nf4merged"),
+                       "adapter on a 4-bit base")
+    }
+
+    func testBadInputIsRefusedWithNothingWritten() throws {
+        let s = try sample("model")
+        let out = tmp.appendingPathComponent("out.gguf").path
+        func refused(_ base: String, adapters: [String] = [], _ expected: String, file: StaticString = #filePath, line: UInt = #line) {
+            XCTAssertThrowsError(try exportGGUF(base: base, adapters: adapters.map { MergeAdapter($0) }, output: out, type: .q4_0), file: file, line: line) {
+                XCTAssertTrue("\($0)".contains(expected), "\($0)", file: file, line: line)
+            }
+            XCTAssertFalse(FileManager.default.fileExists(atPath: out), "nothing written", file: file, line: line)
+        }
+        refused(s.model + "/model.safetensors", "export needs a checkpoint directory")
+        let noTokenizer = tmp.appendingPathComponent("no-tokenizer").path
+        try FileManager.default.copyItem(atPath: s.model, toPath: noTokenizer)
+        try FileManager.default.removeItem(atPath: noTokenizer + "/tokenizer.model")
+        refused(noTokenizer, "has no tokenizer.model")
+        try Data("{}".utf8).write(to: URL(fileURLWithPath: noTokenizer + "/tokenizer.json"))
+        refused(noTokenizer, "not BPE ones")
+        let qwen = tmp.appendingPathComponent("qwen").path
+        try FileManager.default.copyItem(atPath: s.model, toPath: qwen)
+        let config = try String(contentsOfFile: qwen + "/config.json", encoding: .utf8).replacingOccurrences(of: "LlamaForCausalLM", with: "Qwen2ForCausalLM")
+        try config.write(toFile: qwen + "/config.json", atomically: true, encoding: .utf8)
+        refused(qwen, "Llama architecture")
+        let badTokenizer = tmp.appendingPathComponent("bad-tokenizer").path
+        try FileManager.default.copyItem(atPath: s.model, toPath: badTokenizer)
+        try Data([0x0A, 0xFF, 0xFF, 0xFF, 0xFF, 0x0F]).write(to: URL(fileURLWithPath: badTokenizer + "/tokenizer.model"))
+        refused(badTokenizer, "tokenizer.model")
+        refused(s.model, adapters: [tmp.appendingPathComponent("missing-adapter").path], "missing-adapter")
+        // An existing OUTPUT is kept unless overwrite is asked for.
+        try Data("keep".utf8).write(to: URL(fileURLWithPath: out))
+        XCTAssertThrowsError(try exportGGUF(base: s.model, output: out, type: .q4_0))
+        XCTAssertEqual(try String(contentsOfFile: out, encoding: .utf8), "keep")
+        try exportGGUF(base: s.model, output: out, type: .q4_0, overwrite: true)
+        XCTAssertEqual([UInt8](try Data(contentsOf: URL(fileURLWithPath: out)).prefix(4)), GGUF.magic)
+    }
+}
