@@ -10,8 +10,9 @@ Two Llama checkpoints with the real SentencePiece tokenizer of Vectors/gguf/llam
   (Tests/CheckpointJobsTests/GGUFQuantizeTests.swift `smallCheckpoint`).
 
 For each model and type, Vectors/gguf/quantize.json holds the file's size and sha256, every
-metadata key in order with its GGUF type, and every tensor's name, ggml type, dimensions and
-sha256 of its bytes, in file order; and the sha256 of each model's safetensors, so the Swift
+metadata key in order with its GGUF type, and every tensor's name, ggml type, dimensions,
+sha256 of its bytes and sha256 of its values as the gguf package dequantizes them (fp32), in
+file order; and the sha256 of each model's safetensors, so the Swift
 test knows it wrote the same checkpoint.
 
 Run: .venv/bin/python Vectors/generate_gguf_quantize.py --llama-cpp DIR --quantize BIN
@@ -97,7 +98,8 @@ def describe(gguf, path):
         "bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
         "metadata": [[k, gguf.GGUFValueType(f.types[0]).name] for k, f in r.fields.items() if not k.startswith("GGUF.")],
-        "tensors": [[x.name, x.tensor_type.name, [int(n) for n in x.shape], hashlib.sha256(x.data.tobytes()).hexdigest()] for x in r.tensors],
+        "tensors": [[x.name, x.tensor_type.name, [int(n) for n in x.shape], hashlib.sha256(x.data.tobytes()).hexdigest(),
+                     hashlib.sha256(gguf.quants.dequantize(x.data, x.tensor_type).astype("<f4").tobytes()).hexdigest()] for x in r.tensors],
     }
 
 

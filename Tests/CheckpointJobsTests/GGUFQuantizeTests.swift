@@ -85,7 +85,12 @@ final class GGUFQuantizeTests: XCTestCase {
         for (t, w) in zip(file.header.tensors, wantTensors) {
             XCTAssertEqual(t.type.description, w[1] as? String, "\(model) \(type) \(t.name): type")
             XCTAssertEqual(t.ne, w[2] as? [Int], "\(model) \(type) \(t.name): dimensions")
-            XCTAssertEqual(SHA256.hex(Array(file.data(of: t))), w[3] as? String, "\(model) \(type) \(t.name): bytes")
+            let data = file.data(of: t)
+            XCTAssertEqual(SHA256.hex(Array(data)), w[3] as? String, "\(model) \(type) \(t.name): bytes")
+            // Its values as the gguf package dequantizes them (fp32, little-endian).
+            let values = data.withUnsafeBytes { GGMLQuants.decode($0, as: LlamaQuantize.encoding(t.type), count: t.ne.reduce(1, *)) }
+            let valueBytes = values.withUnsafeBytes { Array($0) }
+            XCTAssertEqual(SHA256.hex(valueBytes), w[4] as? String, "\(model) \(type) \(t.name): dequantized values")
         }
         XCTAssertEqual(file.metadata.map(\.key), (want["metadata"] as? [[String]])?.map { $0[0] }, "\(model) \(type): metadata keys and order")
         XCTAssertEqual(bytes.count, want["bytes"] as? Int, "\(model) \(type): size")

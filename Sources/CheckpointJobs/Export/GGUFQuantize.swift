@@ -150,7 +150,7 @@ public enum LlamaQuantize {
     }
 
     /// The GGMLQuants encoding of a type llama-quantize writes.
-    static func encoding(_ t: GGMLType) -> GGMLQuants.Encoding {
+    public static func encoding(_ t: GGMLType) -> GGMLQuants.Encoding {
         switch t {
         case .f32: return .f32
         case .f16: return .f16

@@ -421,3 +421,106 @@ extension GGMLQuants {
         }
     }
 }
+
+// MARK: - Dequantization
+
+extension GGMLQuants {
+    /// The fp32 values of `count` elements stored in encoding `e` (ggml's `dequantize_row_*` /
+    /// `to_float`, in their arithmetic order), for reports of what a serving format keeps.
+    public static func decode(_ bytes: UnsafeRawBufferPointer, as e: Encoding, count: Int) -> [Float] {
+        precondition(bytes.count == byteCount(count, as: e), "\(e): \(count) values are \(byteCount(count, as: e)) bytes, not \(bytes.count)")
+        func half(_ at: Int) -> Float { HalfPrecision.float(float16Bits: UInt16(bytes[at]) | UInt16(bytes[at + 1]) << 8) }
+        var y = [Float](repeating: 0, count: count)
+        switch e {
+        case .f32:
+            for i in 0..<count { y[i] = Float(bitPattern: bytes.loadUnaligned(fromByteOffset: 4 * i, as: UInt32.self).littleEndian) }
+        case .f16:
+            for i in 0..<count { y[i] = half(2 * i) }
+        case .bf16:
+            for i in 0..<count { y[i] = HalfPrecision.float(bfloat16Bits: UInt16(bytes[2 * i]) | UInt16(bytes[2 * i + 1]) << 8) }
+        case .q8_0:
+            for b in 0..<(count / 32) {
+                let o = b * q8_0Block.bytes, d = half(o)
+                for j in 0..<32 { y[b * 32 + j] = Float(Int8(bitPattern: bytes[o + 2 + j])) * d }
+            }
+        case .q4_0:
+            for b in 0..<(count / 32) {
+                let o = b * q4_0Block.bytes, d = half(o)
+                for j in 0..<16 {
+                    y[b * 32 + j] = Float(Int(bytes[o + 2 + j] & 0xF) - 8) * d
+                    y[b * 32 + j + 16] = Float(Int(bytes[o + 2 + j] >> 4) - 8) * d
+                }
+            }
+        case .q5_0, .q5_1:
+            let size = e == .q5_0 ? q5_0Block.bytes : q5_1Block.bytes, qs = e == .q5_0 ? 6 : 8
+            for b in 0..<(count / 32) {
+                let o = b * size, d = half(o), m: Float = e == .q5_1 ? half(o + 2) : 0
+                var qh: UInt32 = 0
+                for k in 0..<4 { qh |= UInt32(bytes[o + qs - 4 + k]) << (8 * k) }
+                for j in 0..<16 {
+                    let h0 = Int((qh >> j) << 4 & 0x10), h1 = Int(qh >> (j + 12) & 0x10)
+                    let x0 = Int(bytes[o + qs + j] & 0xF) | h0, x1 = Int(bytes[o + qs + j] >> 4) | h1
+                    if e == .q5_0 {
+                        y[b * 32 + j] = Float(x0 - 16) * d
+                        y[b * 32 + j + 16] = Float(x1 - 16) * d
+                    } else {
+                        y[b * 32 + j] = Float(x0) * d + m
+                        y[b * 32 + j + 16] = Float(x1) * d + m
+                    }
+                }
+            }
+        case .q4_K, .q5_K:
+            let size = e == .q4_K ? q4_KBlock.bytes : q5_KBlock.bytes, qs = e == .q4_K ? 16 : 48
+            for b in 0..<(count / 256) {
+                let o = b * size, d = half(o), dmin = half(o + 2), s = o + 4
+                func scaleMin(_ j: Int) -> (Float, Float) {
+                    j < 4 ? (Float(bytes[s + j] & 63), Float(bytes[s + j + 4] & 63))
+                        : (Float((bytes[s + j + 4] & 0xF) | ((bytes[s + j - 4] >> 6) << 4)), Float((bytes[s + j + 4] >> 4) | ((bytes[s + j] >> 6) << 4)))
+                }
+                for g in 0..<4 {
+                    let (sc1, m1) = scaleMin(2 * g), (sc2, m2) = scaleMin(2 * g + 1)
+                    let d1 = d * sc1, mm1 = dmin * m1, d2 = d * sc2, mm2 = dmin * m2
+                    for l in 0..<32 {
+                        let q = bytes[o + qs + 32 * g + l]
+                        var lo = Int(q & 0xF), hi = Int(q >> 4)
+                        if e == .q5_K {
+                            let h = bytes[o + 16 + l]
+                            if h & (1 << (2 * g)) != 0 { lo += 16 }
+                            if h & (2 << (2 * g)) != 0 { hi += 16 }
+                        }
+                        y[b * 256 + 64 * g + l] = d1 * Float(lo) - mm1
+                        y[b * 256 + 64 * g + 32 + l] = d2 * Float(hi) - mm2
+                    }
+                }
+            }
+        case .q6_K:
+            for b in 0..<(count / 256) {
+                let o = b * q6_KBlock.bytes, d = half(o + 208)
+                for half128 in 0..<2 {
+                    let ql = o + 64 * half128, qh = o + 128 + 32 * half128, sc = o + 192 + 8 * half128, base = b * 256 + 128 * half128
+                    for l in 0..<32 {
+                        let isc = l / 16, h = bytes[qh + l]
+                        let q1 = Int((bytes[ql + l] & 0xF) | ((h & 3) << 4)) - 32
+                        let q2 = Int((bytes[ql + l + 32] & 0xF) | (((h >> 2) & 3) << 4)) - 32
+                        let q3 = Int((bytes[ql + l] >> 4) | (((h >> 4) & 3) << 4)) - 32
+                        let q4 = Int((bytes[ql + l + 32] >> 4) | (((h >> 6) & 3) << 4)) - 32
+                        func s(_ k: Int) -> Float { Float(Int8(bitPattern: bytes[sc + isc + k])) }
+                        y[base + l] = d * s(0) * Float(q1)
+                        y[base + l + 32] = d * s(2) * Float(q2)
+                        y[base + l + 64] = d * s(4) * Float(q3)
+                        y[base + l + 96] = d * s(6) * Float(q4)
+                    }
+                }
+            }
+        case .iq4_nl:
+            for b in 0..<(count / 32) {
+                let o = b * iq4_nlBlock.bytes, d = half(o)
+                for j in 0..<16 {
+                    y[b * 32 + j] = d * Float(iq4nlValues[Int(bytes[o + 2 + j] & 0xF)])
+                    y[b * 32 + j + 16] = d * Float(iq4nlValues[Int(bytes[o + 2 + j] >> 4)])
+                }
+            }
+        }
+        return y
+    }
+}
