@@ -3,6 +3,7 @@ import CheckpointJobs
 import FileOutput
 import Foundation
 import QLoRA
+import SafeTensors
 
 struct Export: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -22,6 +23,8 @@ struct Export: ParsableCommand {
     @Option(name: .customLong("adapter"), help: ArgumentHelp("A PEFT adapter to merge first (DIR or DIR=WEIGHT); repeat for more, merged in order.", valueName: "dir[=weight]"))
     var adapters: [String] = []
     @Option(help: "The dtype merged 4-bit weights take before conversion (as qlora merge --dtype): bf16, f16 or f32.") var mergedDtype: OutputDType = .bf16
+    @Flag(help: "Per merged weight and in total: what each serving format (the merged checkpoint, NF4, Q8_0, Q4_K_M, IQ4_NL) keeps of the fine-tune.")
+    var report = false
     @Flag(help: "Print the summary as JSON.") var json = false
     @Flag(help: "Replace an existing OUTPUT (never an input), once the new one is complete.") var overwrite = false
 
@@ -30,7 +33,7 @@ struct Export: ParsableCommand {
             StagedOutput.installSignalCleanup()
             let specs = try adapters.map(parseAdapter)
             let line = ProgressLine("export")
-            let s = try exportGGUF(base: base, adapters: specs, output: output, type: type, mergedDType: mergedDtype.elementType, overwrite: overwrite, progress: line.update)
+            let s = try exportGGUF(base: base, adapters: specs, output: output, type: type, mergedDType: mergedDtype.elementType, report: report, overwrite: overwrite, progress: line.update)
             line.finish()
             if json {
                 try printJSON(s)
@@ -40,8 +43,30 @@ struct Export: ParsableCommand {
                 : "convert_hf_to_gguf.py --outtype auto (\(s.convertedAs)), then llama-quantize \(type.mixture!.rawValue)"
             let types = s.typeCounts.sorted { $0.value > $1.value || ($0.value == $1.value && $0.key < $1.key) }.map { "\($0.value) \($0.key)" }.joined(separator: ", ")
             print("exported \(s.tensors) tensors (\(types)) as \(how); merged \(s.merged), dequantized \(s.dequantized) 4-bit; wrote \(s.bytesWritten) bytes to \(output)")
+            if report { printServingReport(s) }
         }
     }
 }
 
 extension GGUFExportType: ExpressibleByArgument {}
+
+/// The serving-format table: per merged weight and in total, ‖Q(W+ΔW) − (W+ΔW)‖/‖ΔW‖ and
+/// cos(Q(W+ΔW) − W, ΔW) for each format (llama.cpp's type of the tensor beside its mixture).
+func printServingReport(_ s: ExportSummary) {
+    guard !s.serving.isEmpty else {
+        print("\nno adapter was merged: nothing to report on what serving keeps of a fine-tune")
+        return
+    }
+    let formats = ServingFormat.allCases
+    let width = max(6, s.serving.map { escapingControlCharacters($0.name).count }.max() ?? 0)
+    func pad(_ t: String, _ w: Int) -> String { t.padding(toLength: w, withPad: " ", startingAt: 0) }
+    print("\nWhat each serving format keeps of the fine-tune: ‖Q(W+ΔW) − (W+ΔW)‖/‖ΔW‖ and cos(Q(W+ΔW) − W, ΔW)")
+    print(pad("tensor", width) + formats.map { "   " + pad($0.rawValue, 22) }.joined())
+    for r in s.serving + [s.servingTotal] {
+        let cells = formats.map { f -> String in
+            let type = r.ggmlTypes[f.rawValue].map { " \($0)" } ?? ""
+            return "   " + pad(String(format: "%7.4f %7.4f", r.errorToDelta[f.rawValue] ?? 0, r.deltaCosine[f.rawValue] ?? 0) + type, 22)
+        }
+        print(pad(escapingControlCharacters(r.name), width) + cells.joined())
+    }
+}

@@ -45,6 +45,9 @@ public struct ExportSummary: Sendable, Codable {
     public var typeCounts: [String: Int] = [:]
     /// Parameters (elements of every tensor), as gguf-py counts them for general.size_label.
     public var parameters = 0
+    /// With `report`: per merged weight, what each serving format keeps of the fine-tune, and their pooled total.
+    public var serving: [ServingReportRow] = []
+    public var servingTotal = ServingReportRow(name: "total")
 }
 
 /// Writes a Hugging Face Llama checkpoint directory as llama.cpp's GGUF: the bytes that
@@ -62,7 +65,7 @@ public struct ExportSummary: Sendable, Codable {
 /// encoding. Nothing is written until the plan holds; OUTPUT appears only when complete.
 @discardableResult
 public func exportGGUF(base: String, adapters specs: [MergeAdapter] = [], output: String, type: GGUFExportType, mergedDType: ElementType = .bfloat16,
-                       overwrite: Bool = false, threads: Int = ProcessInfo.processInfo.activeProcessorCount,
+                       report: Bool = false, overwrite: Bool = false, threads: Int = ProcessInfo.processInfo.activeProcessorCount,
                        progress: ProgressHandler? = nil) throws -> ExportSummary {
     guard StagedOutput.isDirectory(base) else {
         throw CheckpointError.invalidPath(path: base, problem: "export needs a checkpoint directory (config.json, tokenizer.model and the weights)")
@@ -90,7 +93,7 @@ public func exportGGUF(base: String, adapters specs: [MergeAdapter] = [], output
 
     let reader = try CheckpointReader(path: base)
     let plan = try MergePlan(reader: reader, base: base, adapters: specs)
-    let context = MergeContext(reader: reader, original: nil, options: MergeOptions(dtype: mergedDType, threads: threads))
+    let context = MergeContext(reader: reader, original: nil, options: MergeOptions(dtype: mergedDType, report: report, threads: threads))
     // The dense checkpoint merge + dequantize would write: each 4-bit weight once, as its
     // recorded dtype or (merged) as mergedDType, its constants dropped.
     var companions = Set<String>()
@@ -138,6 +141,17 @@ public func exportGGUF(base: String, adapters specs: [MergeAdapter] = [], output
     summary.tensors = planned.count
     for i in order { summary.typeCounts[finalTypes[i].description, default: 0] += 1 }
 
+    // With a report: llama-quantize's type of each merged weight under each mixture.
+    var servingTypes: [String: [LlamaQuantizeMixture: GGMLType]] = [:]
+    if report {
+        let sorted = LlamaQuantize.loaderOrder(planned.map(\.name))
+        for mixture in LlamaQuantizeMixture.allCases {
+            let types = LlamaQuantize.types(names: sorted.map { planned[$0].name }, ne: sorted.map { planned[$0].ne }, current: sorted.map { planned[$0].type },
+                                            mixture: mixture, model: .init(layers: arch.layers, attentionHeads: arch.attentionHeads, keyValueHeads: arch.keyValueHeads))
+            for (k, i) in sorted.enumerated() { if let hf = planned[i].source { servingTypes[hf, default: [:]][mixture] = types[k] } }
+        }
+    }
+
     // fp32 values of a dense-checkpoint tensor: merged, dequantized, or read.
     func load(_ hf: String) throws -> [Float] {
         let e = entryOf[hf]!
@@ -145,10 +159,24 @@ public func exportGGUF(base: String, adapters specs: [MergeAdapter] = [], output
         if let weight = plan.weights[hf] {
             summary.merged += 1
             let bytes = try context.merge(e, weight, file: file, sizingOnly: false).payloads[0]
-            return bytes.withUnsafeBytes { loadFloats($0, as: weight.quantized != nil ? mergedDType : ElementType(e.info.dtype)!) }
+            let merged = bytes.withUnsafeBytes { loadFloats($0, as: weight.quantized != nil ? mergedDType : ElementType(e.info.dtype)!) }
+            if report {
+                let convertedAs = planned.first { $0.source == hf }!.type
+                let row = try ServingReportRow.of(name: hf, base: try unmerged(hf), delta: context.lastDelta(count: merged.count), merged: merged,
+                                                  rows: weight.out, columns: weight.in, convertedAs: convertedAs, types: servingTypes[hf]!, threads: threads)
+                summary.serving.append(row)
+                summary.servingTotal.add(row)
+            }
+            return merged
         }
+        return try unmerged(hf)
+    }
+
+    // fp32 values of a base tensor: dequantized or read.
+    func unmerged(_ hf: String) throws -> [Float] {
+        let e = entryOf[hf]!
         if let g = plan.groups[hf] {
-            summary.dequantized += 1
+            if plan.weights[hf] == nil { summary.dequantized += 1 }
             let w = try BnB4BitFormat.load(g, from: reader)
             for m in g.members { reader.releasePages(of: m) }
             return w.dequantizedBytes().withUnsafeBytes { loadFloats($0, as: w.state.dtype) }

@@ -34,6 +34,13 @@ final class MergeContext {
 
     private func deltaBuffer(_ n: Int) -> UnsafeMutableBufferPointer<Float> { Self.grow(&deltaStorage, n) }
 
+    /// ΔW (fp32, in the weight's stored layout) of the last tensor `merge` computed with a report
+    /// or comparison on; valid until the next `merge`.
+    func lastDelta(count n: Int) -> UnsafeBufferPointer<Float> {
+        precondition(n <= deltaStorage.count, "lastDelta: no delta of \(n) values")
+        return UnsafeBufferPointer(rebasing: deltaStorage[0..<n])
+    }
+
     private static func grow(_ storage: inout UnsafeMutableBufferPointer<Float>, _ n: Int) -> UnsafeMutableBufferPointer<Float> {
         if storage.count < n {
             storage.deallocate()
