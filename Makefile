@@ -20,16 +20,20 @@ test: deps
 	$(SWIFT) test
 
 # A short real job: a synthetic 2-layer Llama-shaped checkpoint (bf16, sharded), quantized to
-# NF4 with double quantization, inspected, dequantized, and the round-trip error measured.
+# NF4 with double quantization, inspected, dequantized, and the round-trip error measured; its
+# adapter merged; the report; and last, the NF4 model with the adapter merged exported to GGUF
+# Q4_K_M for llama.cpp, with what each serving format keeps of the fine-tune.
 demo: build
 	@rm -rf $(DEMO) && mkdir -p $(DEMO)
 	$(QLORA) sample $(DEMO)/model --layers 2 --hidden 1024 --intermediate 2816 --vocab 8192 --max-shard-mib 16 --adapter-rank 16
+	cp Vectors/gguf/llama-tiny/tokenizer.model $(DEMO)/model/   # a real SentencePiece tokenizer, for llama.cpp
 	$(QLORA) quantize $(DEMO)/model $(DEMO)/model-nf4
 	$(QLORA) inspect $(DEMO)/model-nf4
 	$(QLORA) dequantize $(DEMO)/model-nf4 $(DEMO)/model-roundtrip
 	$(QLORA) compare $(DEMO)/model $(DEMO)/model-roundtrip
 	$(QLORA) merge $(DEMO)/model-nf4 $(DEMO)/model-adapter $(DEMO)/model-merged --compare-original $(DEMO)/model
 	$(QLORA) report --out $(DEMO)/report
+	$(QLORA) export $(DEMO)/model-nf4 $(DEMO)/model-merged.Q4_K_M.gguf --type q4_k_m --adapter $(DEMO)/model-adapter --report
 
 bench: deps
 	cd Benchmarks && $(SWIFT) package --disable-sandbox benchmark

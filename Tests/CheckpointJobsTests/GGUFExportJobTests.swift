@@ -69,6 +69,34 @@ final class GGUFExportJobTests: XCTestCase {
                        "adapter on a 4-bit base")
     }
 
+    /// The serving report's merged and NF4 columns are what `qlora merge --report` says of the
+    /// merged_16bit and the re-quantized merge (merge's report is held to PEFT's merge elsewhere);
+    /// the llama.cpp columns use the type llama-quantize picks.
+    func testServingReportAgreesWithTheMergeReport() throws {
+        let s = try sample("model")
+        let nf4 = tmp.appendingPathComponent("nf4").path
+        try quantizeCheckpoint(input: s.model, output: nf4, options: QuantizeOptions())
+        let exported = try exportGGUF(base: nf4, adapters: [MergeAdapter(s.adapter)], output: tmp.appendingPathComponent("r.gguf").path, type: .q4_k_m, report: true)
+        let dense = try mergeCheckpoint(base: nf4, adapters: [MergeAdapter(s.adapter)], output: tmp.appendingPathComponent("m16").path, options: MergeOptions(report: true))
+        let requantized = try mergeCheckpoint(base: nf4, adapters: [MergeAdapter(s.adapter)], output: tmp.appendingPathComponent("m4").path,
+                                              options: MergeOptions(requantize: true, report: true))
+        XCTAssertEqual(exported.serving.count, 14)
+        let byName = Dictionary(uniqueKeysWithValues: exported.serving.map { ($0.name, $0) })
+        for (merge, column) in [(dense, "merged"), (requantized, "nf4")] {
+            for r in merge.report + [merge.total] {
+                let e = try XCTUnwrap(r.name == "total" ? exported.servingTotal : byName[r.name], r.name)
+                XCTAssertEqual(e.errorToDelta[column]!, r.errorToDelta, accuracy: 1e-9 * max(1, r.errorToDelta), "\(r.name) \(column)")
+                XCTAssertEqual(e.deltaCosine[column]!, r.deltaCosine, accuracy: 1e-9, "\(r.name) \(column)")
+            }
+        }
+        let v = try XCTUnwrap(byName["model.layers.1.self_attn.v_proj.weight"])
+        XCTAssertEqual(v.ggmlTypes["q4_k_m"], "Q6_K", "the last layer's attn_v gets more bits")
+        XCTAssertEqual(byName["model.layers.0.self_attn.v_proj.weight"]?.ggmlTypes["q4_k_m"], "Q4_K")
+        // More bits keep more of the delta.
+        XCTAssertLessThan(exported.servingTotal.errorToDelta["q8_0"]!, exported.servingTotal.errorToDelta["q4_k_m"]!)
+        XCTAssertGreaterThan(exported.servingTotal.deltaCosine["q8_0"]!, exported.servingTotal.deltaCosine["q4_k_m"]!)
+    }
+
     func testBadInputIsRefusedWithNothingWritten() throws {
         let s = try sample("model")
         let out = tmp.appendingPathComponent("out.gguf").path
