@@ -1,3 +1,4 @@
+import Foundation
 import XCTest
 @testable import Claims
 import Memory
@@ -85,5 +86,20 @@ final class ClaimsTests: XCTestCase {
         XCTAssertLessThanOrEqual(try Claims.estimate(a, .qlora, seq: n).totalEstimatedBytes, budget)
         XCTAssertGreaterThan(try Claims.estimate(a, .qlora, seq: n + 1).totalEstimatedBytes, budget)
         XCTAssertNil(try Claims.largestSeqLen(a, .full) { $0.totalEstimatedBytes <= budget })
+    }
+
+    /// M22's Q4_K_M byte count is llama-quantize's: the tensor bytes of its Q4_K_M file for the
+    /// `small` model of Vectors/gguf/quantize.json (made by llama.cpp's own llama-quantize).
+    func testQ4KMBytesAreLlamaQuantizes() throws {
+        let data = try Data(contentsOf: repositoryRoot.appendingPathComponent("Vectors/gguf/quantize.json"))
+        let golden = try XCTUnwrap(try JSONSerialization.jsonObject(with: data) as? [String: Any])
+        let tensors = try XCTUnwrap(((golden["small"] as? [String: Any])?["q4_k_m"] as? [String: Any])?["tensors"] as? [[Any]])
+        let blocks: [String: (Int, Int)] = ["F32": (1, 4), "Q4_K": (256, 144), "Q6_K": (256, 210)]
+        let bytes = try tensors.reduce(0) { total, t in
+            let (qk, size) = try XCTUnwrap(blocks[t[1] as! String], "\(t[1])")
+            return total + (t[2] as! [Int]).reduce(1, *) / qk * size
+        }
+        let small = ModelArchitecture(name: "small", hiddenSize: 256, intermediateSize: 512, layers: 4, attentionHeads: 8, keyValueHeads: 2, vocabSize: 256)
+        XCTAssertEqual(ggufQ4KMBytes(small), bytes)
     }
 }
