@@ -35,6 +35,7 @@ struct Export: ParsableCommand {
             let line = ProgressLine("export")
             let s = try exportGGUF(base: base, adapters: specs, output: output, type: type, mergedDType: mergedDtype.elementType, report: report, overwrite: overwrite, progress: line.update)
             line.finish()
+            for w in s.warnings { FileHandle.standardError.write(Data("qlora: warning: \(escapingControlCharacters(w))\n".utf8)) }
             if json {
                 try printJSON(s)
                 return

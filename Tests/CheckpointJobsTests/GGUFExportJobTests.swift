@@ -123,6 +123,12 @@ final class GGUFExportJobTests: XCTestCase {
         try Data([0x0A, 0xFF, 0xFF, 0xFF, 0xFF, 0x0F]).write(to: URL(fileURLWithPath: badTokenizer + "/tokenizer.model"))
         refused(badTokenizer, "tokenizer.model")
         refused(s.model, adapters: [tmp.appendingPathComponent("missing-adapter").path], "missing-adapter")
+        // Tokenizer files the export does not carry yet are named in a warning.
+        XCTAssertEqual(try exportGGUF(base: s.model, output: tmp.appendingPathComponent("w1.gguf").path, type: .q4_0).warnings, [])
+        try Data("{}".utf8).write(to: URL(fileURLWithPath: s.model + "/tokenizer_config.json"))
+        let warned = try exportGGUF(base: s.model, output: tmp.appendingPathComponent("w2.gguf").path, type: .q4_0).warnings
+        XCTAssertEqual(warned.count, 1)
+        XCTAssertTrue(warned.first?.contains("tokenizer_config.json not carried over") == true, "\(warned)")
         // An existing OUTPUT is kept unless overwrite is asked for.
         try Data("keep".utf8).write(to: URL(fileURLWithPath: out))
         XCTAssertThrowsError(try exportGGUF(base: s.model, output: out, type: .q4_0))

@@ -45,6 +45,8 @@ public struct ExportSummary: Sendable, Codable {
     public var typeCounts: [String: Int] = [:]
     /// Parameters (elements of every tensor), as gguf-py counts them for general.size_label.
     public var parameters = 0
+    /// What the file leaves out that llama.cpp's converter would write (one line each).
+    public var warnings: [String] = []
     /// With `report`: per merged weight, what each serving format keeps of the fine-tune, and their pooled total.
     public var serving: [ServingReportRow] = []
     public var servingTotal = ServingReportRow(name: "total")
@@ -90,6 +92,12 @@ public func exportGGUF(base: String, adapters specs: [MergeAdapter] = [], output
             : "has no tokenizer.model: llama.cpp's converter refuses a checkpoint without its tokenizer, and llama.cpp cannot run one")
     }
     let sentencePiece = try SentencePieceModel(file: tokenizerPath)
+    var warnings: [String] = []
+    let specials = ["tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.json", "chat_template.jinja", "chat_template.json"]
+        .filter { FileManager.default.fileExists(atPath: base + "/" + $0) }
+    if !specials.isEmpty {
+        warnings.append("\(base): \(specials.joined(separator: ", ")) not carried over yet (special-token ids beyond config.json's bos/eos, add_bos/add_eos, added tokens, chat template): llama.cpp uses its defaults for those")
+    }
 
     let reader = try CheckpointReader(path: base)
     let plan = try MergePlan(reader: reader, base: base, adapters: specs)
@@ -116,6 +124,7 @@ public func exportGGUF(base: String, adapters specs: [MergeAdapter] = [], output
     let convertedAs = type.convertType ?? GGUFExport.autoOutType(dense)
     let planned = try GGUFExport.llamaPlan(dense, arch, outType: convertedAs)
     var summary = ExportSummary()
+    summary.warnings = warnings
     summary.convertedAs = convertedAs.rawValue
     summary.parameters = planned.reduce(0) { $0 + $1.ne.reduce(1, *) }
     let name = GGUFExport.simpleModelName(directoryName: URL(fileURLWithPath: base).standardizedFileURL.lastPathComponent)
