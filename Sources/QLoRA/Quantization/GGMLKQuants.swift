@@ -230,16 +230,9 @@ extension GGMLQuants {
     /// Q4_K (quantize_row_q4_K_ref): 4-bit levels, qs byte l of each 64-value group holds
     /// element l (low nibble) and element 32 + l (high).
     public static func quantizeQ4_K(_ x: UnsafeBufferPointer<Float>, into out: UnsafeMutableRawBufferPointer) {
-        let (qk, size) = q4_KBlock
-        precondition(x.count % qk == 0 && out.count == x.count / qk * size, "Q4_K: \(x.count) values need \(x.count / qk * size) bytes")
-        KScratch.with { scratch in
-            let L = scratch.L
-            for b in 0..<(x.count / qk) {
-                let o = b * size
-                superBlockK(x.baseAddress! + b * qk, nmax: 15, rmin: -1, nstep: 20, out, o, L, scratch)
-                for g in 0..<4 {
-                    for l in 0..<32 { out[o + 16 + 32 * g + l] = L[64 * g + l] | (L[64 * g + l + 32] << 4) }
-                }
+        superBlocks(x, into: out, "Q4_K", q4_KBlock, nmax: 15, rmin: -1, nstep: 20) { L, o in
+            for g in 0..<4 {
+                for l in 0..<32 { out[o + 16 + 32 * g + l] = L[64 * g + l] | (L[64 * g + l + 32] << 4) }
             }
         }
     }
@@ -247,24 +240,31 @@ extension GGMLQuants {
     /// Q5_K (quantize_row_q5_K_ref): 5-bit levels; the low four bits as Q4_K's qs, the fifth
     /// in qh (bit 2g of byte l for element 64g + l, bit 2g + 1 for element 64g + 32 + l).
     public static func quantizeQ5_K(_ x: UnsafeBufferPointer<Float>, into out: UnsafeMutableRawBufferPointer) {
-        let (qk, size) = q5_KBlock
-        precondition(x.count % qk == 0 && out.count == x.count / qk * size, "Q5_K: \(x.count) values need \(x.count / qk * size) bytes")
-        KScratch.with { scratch in
-            let L = scratch.L
-            for b in 0..<(x.count / qk) {
-                let o = b * size
-                superBlockK(x.baseAddress! + b * qk, nmax: 31, rmin: -0.5, nstep: 15, out, o, L, scratch)
-                let qh = o + 16, ql = o + 48
-                for j in 0..<32 { out[qh + j] = 0 }
-                for g in 0..<4 {
-                    let m1 = UInt8(1) << (2 * g), m2 = UInt8(2) << (2 * g)
-                    for j in 0..<32 {
-                        var l1 = L[64 * g + j], l2 = L[64 * g + j + 32]
-                        if l1 > 15 { l1 -= 16; out[qh + j] |= m1 }
-                        if l2 > 15 { l2 -= 16; out[qh + j] |= m2 }
-                        out[ql + 32 * g + j] = l1 | (l2 << 4)
-                    }
+        superBlocks(x, into: out, "Q5_K", q5_KBlock, nmax: 31, rmin: -0.5, nstep: 15) { L, o in
+            let qh = o + 16, ql = o + 48
+            for j in 0..<32 { out[qh + j] = 0 }
+            for g in 0..<4 {
+                let m1 = UInt8(1) << (2 * g), m2 = UInt8(2) << (2 * g)
+                for j in 0..<32 {
+                    var l1 = L[64 * g + j], l2 = L[64 * g + j + 32]
+                    if l1 > 15 { l1 -= 16; out[qh + j] |= m1 }
+                    if l2 > 15 { l2 -= 16; out[qh + j] |= m2 }
+                    out[ql + 32 * g + j] = l1 | (l2 << 4)
                 }
+            }
+        }
+    }
+
+    /// Q4_K's and Q5_K's loop: each super-block's scales by `superBlockK`, then `pack` writes its
+    /// levels L into the block at byte offset o.
+    static func superBlocks(_ x: UnsafeBufferPointer<Float>, into out: UnsafeMutableRawBufferPointer, _ name: String, _ block: (elements: Int, bytes: Int),
+                            nmax: Int, rmin: Float, nstep: Int, pack: (UnsafeMutablePointer<UInt8>, Int) -> Void) {
+        let (qk, size) = block
+        precondition(x.count % qk == 0 && out.count == x.count / qk * size, "\(name): \(x.count) values need \(x.count / qk * size) bytes")
+        KScratch.with { scratch in
+            for b in 0..<(x.count / qk) {
+                superBlockK(x.baseAddress! + b * qk, nmax: nmax, rmin: rmin, nstep: nstep, out, b * size, scratch.L, scratch)
+                pack(scratch.L, b * size)
             }
         }
     }
