@@ -70,7 +70,8 @@ public func exportGGUF(base: String, adapters specs: [MergeAdapter] = [], output
                        report: Bool = false, overwrite: Bool = false, threads: Int = ProcessInfo.processInfo.activeProcessorCount,
                        progress: ProgressHandler? = nil) throws -> ExportSummary {
     guard StagedOutput.isDirectory(base) else {
-        throw CheckpointError.invalidPath(path: base, problem: "export needs a checkpoint directory (config.json, tokenizer.model and the weights)")
+        throw CheckpointError.invalidPath(path: base, problem: FileManager.default.fileExists(atPath: base)
+            ? "export needs a checkpoint directory (config.json, tokenizer.model and the weights), not a file" : "does not exist")
     }
     let configPath = base + "/config.json"
     let configBytes = try InputFile.read(configPath)
