@@ -14,7 +14,9 @@ tokenizer (Vectors/gguf/llama-tiny/tokenizer.model), and a random PEFT LoRA adap
 projection. Then, for each export type, from the dense model with the adapter merged on the fly
 (and for Q4_K_M also from qlora's NF4 quantization of the model):
 
-  tokens   llama.cpp's tokenizer gives SentencePiece's ids for a fixed text (BOS first);
+  tokens   llama.cpp's tokenizer gives SentencePiece's ids for a fixed text (BOS first), and it
+           reads the chat template and pad token of the TinyLlama-Chat-style tokenizer_config.json
+           (Vectors/gguf/llama-tiny/special/chat) the model carries;
   loads    llama.cpp loads the file and evaluates those tokens;
   logits   llama.cpp's logits are transformers' own logits for the weights the file holds
            (each GGUF tensor dequantized by the gguf package, q/k rows un-permuted, run through
@@ -24,7 +26,9 @@ projection. Then, for each export type, from the dense model with the adapter me
 
 One line per check, PASS or FAIL; the exit status is the number of failures.
 """
+import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -46,6 +50,7 @@ torch.set_num_threads(2)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOKENIZER = os.path.join(HERE, "gguf", "llama-tiny", "tokenizer.model")
+SPECIAL = os.path.join(HERE, "gguf", "llama-tiny", "special", "chat")
 TEXT = "the quick brown fox jumps over the lazy dog and the naïve QLoRA adapter merge"
 TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "iq4_nl"]
 
@@ -74,6 +79,8 @@ def make_model(directory):
     model.save_pretrained(directory)
     with open(TOKENIZER, "rb") as src, open(os.path.join(directory, "tokenizer.model"), "wb") as dst:
         dst.write(src.read())
+    for f in ["tokenizer_config.json", "tokenizer.json"]:  # TinyLlama-Chat's side files (Vectors/generate_gguf_special.py)
+        shutil.copy(os.path.join(SPECIAL, f), directory)
     torch.manual_seed(1)
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                       init_lora_weights=False)
@@ -133,7 +140,7 @@ def run_llama_cpp(path, ids):
     llm = llama_cpp.Llama(model_path=path, n_ctx=64, n_threads=2, logits_all=True, verbose=False)
     text_ids = llm.tokenize(TEXT.encode(), add_bos=True)
     llm.eval(ids)
-    return text_ids, np.array(llm.scores[:len(ids)], dtype=np.float32)
+    return llm, text_ids, np.array(llm.scores[:len(ids)], dtype=np.float32)
 
 
 def main():
@@ -156,11 +163,14 @@ def main():
                 report(False, f"llama {ty} ({source}): export", r.stderr.strip())
                 continue
             try:
-                text_ids, got = run_llama_cpp(out, ids)
+                llm, text_ids, got = run_llama_cpp(out, ids)
             except Exception as e:  # llama.cpp refused the file
                 report(False, f"llama {ty} ({source}): llama.cpp loads", str(e))
                 continue
             report(text_ids == ids, f"llama {ty} ({source}): tokens", f"llama.cpp {len(text_ids)} ids, SentencePiece {len(ids)}")
+            want = json.load(open(os.path.join(SPECIAL, "tokenizer_config.json")))["chat_template"]
+            report(llm.metadata.get("tokenizer.chat_template") == want and llm.metadata.get("tokenizer.ggml.padding_token_id") == "2",
+                   f"llama {ty} ({source}): special tokens", "llama.cpp reads the chat template and pad id of tokenizer_config.json")
             held = logits_of(hf_from_gguf(out, merged.config), ids)
             engine, cost = rel_rms(got, held), rel_rms(got, reference)
             top1 = float(np.mean(got.argmax(-1) == reference.argmax(-1)))

@@ -123,12 +123,17 @@ final class GGUFExportJobTests: XCTestCase {
         try Data([0x0A, 0xFF, 0xFF, 0xFF, 0xFF, 0x0F]).write(to: URL(fileURLWithPath: badTokenizer + "/tokenizer.model"))
         refused(badTokenizer, "tokenizer.model")
         refused(s.model, adapters: [tmp.appendingPathComponent("missing-adapter").path], "missing-adapter")
-        // Tokenizer files the export does not carry yet are named in a warning.
+        let badConfig = tmp.appendingPathComponent("bad-tokenizer-config").path
+        try FileManager.default.copyItem(atPath: s.model, toPath: badConfig)
+        try Data("{\"bos_token\": ".utf8).write(to: URL(fileURLWithPath: badConfig + "/tokenizer_config.json"))
+        refused(badConfig, "tokenizer_config.json: is not valid JSON")
+        // What the export writes differently from the converter is named in a warning.
         XCTAssertEqual(try exportGGUF(base: s.model, output: tmp.appendingPathComponent("w1.gguf").path, type: .q4_0).warnings, [])
-        try Data("{}".utf8).write(to: URL(fileURLWithPath: s.model + "/tokenizer_config.json"))
-        let warned = try exportGGUF(base: s.model, output: tmp.appendingPathComponent("w2.gguf").path, type: .q4_0).warnings
+        let dashed = tmp.appendingPathComponent("Llama-2-7b-chat").path
+        try FileManager.default.copyItem(atPath: s.model, toPath: dashed)
+        let warned = try exportGGUF(base: dashed, output: tmp.appendingPathComponent("w2.gguf").path, type: .q4_0).warnings
         XCTAssertEqual(warned.count, 1)
-        XCTAssertTrue(warned.first?.contains("tokenizer_config.json not carried over") == true, "\(warned)")
+        XCTAssertTrue(warned.first?.contains("general.name is the directory name 'Llama-2-7b-chat'") == true, "\(warned)")
         // An existing OUTPUT is kept unless overwrite is asked for.
         try Data("keep".utf8).write(to: URL(fileURLWithPath: out))
         XCTAssertThrowsError(try exportGGUF(base: s.model, output: out, type: .q4_0))

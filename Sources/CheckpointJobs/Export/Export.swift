@@ -93,12 +93,8 @@ public func exportGGUF(base: String, adapters specs: [MergeAdapter] = [], output
             : "has no tokenizer.model: llama.cpp's converter refuses a checkpoint without its tokenizer, and llama.cpp cannot run one")
     }
     let sentencePiece = try SentencePieceModel(file: tokenizerPath)
+    let special = try SpecialVocabulary(directory: base, vocabSize: arch.vocabSize)
     var warnings: [String] = []
-    let specials = ["tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.json", "chat_template.jinja", "chat_template.json"]
-        .filter { FileManager.default.fileExists(atPath: base + "/" + $0) }
-    if !specials.isEmpty {
-        warnings.append("\(base): \(specials.joined(separator: ", ")) not carried over yet (special-token ids beyond config.json's bos/eos, add_bos/add_eos, added tokens, chat template): llama.cpp uses its defaults for those")
-    }
 
     let reader = try CheckpointReader(path: base)
     let plan = try MergePlan(reader: reader, base: base, adapters: specs)
@@ -125,13 +121,16 @@ public func exportGGUF(base: String, adapters specs: [MergeAdapter] = [], output
     let convertedAs = type.convertType ?? GGUFExport.autoOutType(dense)
     let planned = try GGUFExport.llamaPlan(dense, arch, outType: convertedAs)
     var summary = ExportSummary()
-    summary.warnings = warnings
     summary.convertedAs = convertedAs.rawValue
     summary.parameters = planned.reduce(0) { $0 + $1.ne.reduce(1, *) }
-    let name = GGUFExport.simpleModelName(directoryName: URL(fileURLWithPath: base).standardizedFileURL.lastPathComponent)
-        ?? URL(fileURLWithPath: base).standardizedFileURL.lastPathComponent
+    let directoryName = URL(fileURLWithPath: base).standardizedFileURL.lastPathComponent
+    let name = GGUFExport.simpleModelName(directoryName: directoryName) ?? directoryName
+    if GGUFExport.simpleModelName(directoryName: directoryName) == nil {
+        warnings.append("general.name is the directory name '\(directoryName)' as is; llama.cpp's converter would split a name with '-' into basename, size, version and finetune keys")
+    }
+    summary.warnings = warnings
     var metadata = GGUFExport.llamaMetadata(config: config, arch, name: name, parameters: summary.parameters, outType: convertedAs,
-                                            vocabulary: sentencePiece.ggufVocabulary(vocabSize: arch.vocabSize))
+                                            vocabulary: sentencePiece.ggufVocabulary(vocabSize: arch.vocabSize), special: special)
     // The file's tensors in order with their final types.
     var order = Array(planned.indices)
     var finalTypes = planned.map(\.type)

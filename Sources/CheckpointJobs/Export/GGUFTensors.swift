@@ -273,7 +273,9 @@ extension GGUFExport {
     /// SentencePiece tokenizer, in its order (TextModel.set_gguf_parameters, LlamaModel's,
     /// the quantization version, the vocabulary, SpecialVocab's ids from config.json).
     public static func llamaMetadata(config: JSONValue, _ a: ModelArchitecture, name: String, parameters: Int, outType: GGUFOutType,
-                                     vocabulary v: (tokens: [String], scores: [Float], types: [Int32])) -> [(key: String, value: GGUFValue)] {
+                                     vocabulary: (tokens: [String], scores: [Float], types: [Int32]),
+                                     special: SpecialVocabulary? = nil) -> [(key: String, value: GGUFValue)] {
+        let v = special?.apply(to: vocabulary) ?? vocabulary
         var m: [(key: String, value: GGUFValue)] = [("general.architecture", .string("llama")), ("general.type", .string("model")),
                                                      ("general.name", .string(name)), ("general.size_label", .string(sizeLabel(parameters: parameters)))]
         m.append(("llama.block_count", .uint32(UInt32(clamping: a.layers))))
@@ -293,15 +295,35 @@ extension GGUFExport {
         m.append(("llama.vocab_size", .uint32(UInt32(clamping: a.vocabSize))))
         m.append(("llama.rope.dimension_count", .uint32(UInt32(clamping: a.headDim))))
         m.append(("general.quantization_version", .uint32(2)))
+        if let b = special?.addSpacePrefix { m.append(("tokenizer.ggml.add_space_prefix", .bool(b))) }
         m.append(("tokenizer.ggml.model", .string("llama")))
         m.append(("tokenizer.ggml.pre", .string("default")))
         m.append(("tokenizer.ggml.tokens", .strings(v.tokens)))
         m.append(("tokenizer.ggml.scores", .float32s(v.scores)))
         m.append(("tokenizer.ggml.token_type", .int32s(v.types)))
-        for (key, field) in [("tokenizer.ggml.bos_token_id", "bos_token_id"), ("tokenizer.ggml.eos_token_id", "eos_token_id")] {
-            if let id = int(config[field]), id >= 0, id < a.vocabSize { m.append((key, .uint32(UInt32(id)))) }
+        if let special {
+            m += special.entries.map(metadata)
+        } else {
+            for (key, field) in [("tokenizer.ggml.bos_token_id", "bos_token_id"), ("tokenizer.ggml.eos_token_id", "eos_token_id")] {
+                if let id = int(config[field]), id >= 0, id < a.vocabSize { m.append((key, .uint32(UInt32(id)))) }
+            }
         }
         return m
+    }
+
+    /// gguf-py's key and value of one special-vocabulary entry.
+    static func metadata(_ e: SpecialVocabulary.Entry) -> (key: String, value: GGUFValue) {
+        switch e {
+        case .tokenID(let kind, let id):
+            let names = ["unk": "unknown", "sep": "seperator", "pad": "padding"]  // gguf-py's key names, its spelling
+            return ("tokenizer.ggml.\(names[kind] ?? kind)_token_id", .uint32(UInt32(clamping: id)))
+        case .addToken(let kind, let b): return ("tokenizer.ggml.add_\(kind)_token", .bool(b))
+        case .namedChatTemplate(let name, let t): return ("tokenizer.chat_template.\(name)", .string(t))
+        case .chatTemplateNames(let names): return ("tokenizer.chat_templates", .strings(names))
+        case .chatTemplate(let t): return ("tokenizer.chat_template", .string(t))
+        case .normalizerLowercase(let b): return ("tokenizer.ggml.normalizer.lowercase", .bool(b))
+        case .normalizerStripAccents(let b): return ("tokenizer.ggml.normalizer.strip_accents", .bool(b))
+        }
     }
 
     /// The bytes of a GGUF holding `metadata` and `tensors` as gguf-py writes them.

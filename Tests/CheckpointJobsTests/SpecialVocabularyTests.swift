@@ -1,0 +1,49 @@
+import CheckpointFormats
+import CheckpointJobs
+import Foundation
+import GGUF
+import QLoRA
+import SafeTensors
+import TestSupport
+import XCTest
+
+/// A checkpoint's tokenizer side files as llama.cpp's converter writes them (gguf-py's
+/// SpecialVocab, added tokens, add_prefix_space): Vectors/gguf/llama-tiny/special/VARIANT.gguf is
+/// `convert_hf_to_gguf.py --vocab-only` of Vectors/llama/tiny with tokenizer.model and VARIANT/'s
+/// files (Vectors/generate_gguf_special.py).
+final class SpecialVocabularyTests: XCTestCase {
+    let special = repositoryRoot.appendingPathComponent("Vectors/gguf/llama-tiny/special")
+
+    func testSideFilesGiveTheConvertersTokenizerKeys() throws {
+        let model = repositoryRoot.appendingPathComponent("Vectors/llama/tiny")
+        let configBytes = [UInt8](try Data(contentsOf: model.appendingPathComponent("config.json")))
+        let config = try JSONValue.parse(document: configBytes)
+        let arch = try ModelArchitecture(configFile: model.appendingPathComponent("config.json").path)
+        let sp = try SentencePieceModel(file: repositoryRoot.appendingPathComponent("Vectors/gguf/llama-tiny/tokenizer.model").path)
+        for variant in ["chat", "added", "jsontemplate"] {
+            let tmp = FileManager.default.temporaryDirectory.appendingPathComponent("special-\(UUID().uuidString)")
+            defer { try? FileManager.default.removeItem(at: tmp) }
+            try FileManager.default.copyItem(at: special.appendingPathComponent(variant), to: tmp)
+            try FileManager.default.copyItem(at: model.appendingPathComponent("config.json"), to: tmp.appendingPathComponent("config.json"))
+            let vocab = try SpecialVocabulary(directory: tmp.path, vocabSize: arch.vocabSize)
+            let ours = GGUFExport.llamaMetadata(config: config, arch, name: "Tiny", parameters: 0, outType: .f16,
+                                                vocabulary: sp.ggufVocabulary(vocabSize: arch.vocabSize), special: vocab)
+            let url = special.appendingPathComponent(variant + ".gguf")
+            let golden = try GGUFFile(bytes: try Data(contentsOf: url), file: url.path).metadata
+            func tail(_ m: [(key: String, value: GGUFValue)]) -> [(key: String, value: GGUFValue)] {
+                Array(m.drop { $0.key != "general.quantization_version" })
+            }
+            let (want, got) = (tail(golden), tail(ours))
+            XCTAssertGreaterThan(want.count, 8, "\(variant): the golden's tokenizer keys")
+            XCTAssertEqual(got.map(\.key), want.map(\.key), "\(variant): keys and order")
+            for (g, w) in zip(got, want) where g.key == w.key {
+                XCTAssertEqual(g.value, w.value, "\(variant): \(g.key)")
+            }
+            if variant == "added" {
+                // The end-of-turn token the template's trailing </s> displaced, and the added tokens' types.
+                XCTAssertEqual(got.first { $0.key == "tokenizer.ggml.eot_token_id" }?.value, .uint32(171))
+                XCTAssertEqual(vocab.apply(to: sp.ggufVocabulary(vocabSize: arch.vocabSize)).types[170...173], [3, 3, 4, 4])
+            }
+        }
+    }
+}
