@@ -72,7 +72,7 @@ final class GGUFQuantizeTests: XCTestCase {
 
     /// Exports `model` as `type` and compares the file with the golden: every tensor's name, type,
     /// dimensions and bytes, the metadata keys in order, and the whole file.
-    func check(_ model: String, _ dir: URL, _ type: GGUFExportType, goldenKey: String) throws {
+    func check(_ model: String, _ dir: URL, _ type: GGUFExportType, goldenKey: String, dequantized: Bool = true) throws {
         let want = try XCTUnwrap((golden[model] as? [String: Any])?[goldenKey] as? [String: Any], "\(model) \(goldenKey)")
         let out = dir.deletingLastPathComponent().appendingPathComponent("\(model)-\(type.rawValue).gguf")
         let summary = try exportGGUF(base: dir.path, output: out.path, type: type)
@@ -90,11 +90,28 @@ final class GGUFQuantizeTests: XCTestCase {
             // Its values as the gguf package dequantizes them (fp32, little-endian).
             let values = data.withUnsafeBytes { GGMLQuants.decode($0, as: LlamaQuantize.encoding(t.type), count: t.ne.reduce(1, *)) }
             let valueBytes = values.withUnsafeBytes { Array($0) }
-            XCTAssertEqual(SHA256.hex(valueBytes), w[4] as? String, "\(model) \(type) \(t.name): dequantized values")
+            if dequantized { XCTAssertEqual(SHA256.hex(valueBytes), w[4] as? String, "\(model) \(type) \(t.name): dequantized values") }
         }
         XCTAssertEqual(file.metadata.map(\.key), (want["metadata"] as? [[String]])?.map { $0[0] }, "\(model) \(type): metadata keys and order")
         XCTAssertEqual(bytes.count, want["bytes"] as? Int, "\(model) \(type): size")
         XCTAssertEqual(SHA256.hex(bytes), want["sha256"] as? String, "\(model) \(type): the file's bytes")
+    }
+
+    /// The other families, exported from their NF4 checkpoints (Vectors/gguf/families.json: the
+    /// converter and llama-quantize on transformers' dequantization of the same files).
+    func testFamiliesExportAsTheConverterWritesThem() throws {
+        let data = try Data(contentsOf: repositoryRoot.appendingPathComponent("Vectors/gguf/families.json"))
+        golden = try XCTUnwrap(try JSONSerialization.jsonObject(with: data) as? [String: Any])
+        let tmp = FileManager.default.temporaryDirectory.appendingPathComponent("gguf-families-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: tmp) }
+        for family in ["mistral"] {
+            let dir = tmp.appendingPathComponent(family).appendingPathComponent("tiny")
+            try FileManager.default.createDirectory(at: dir.deletingLastPathComponent(), withIntermediateDirectories: true)
+            try FileManager.default.copyItem(at: repositoryRoot.appendingPathComponent("Vectors/families/\(family)/tiny-nf4"), to: dir)
+            try FileManager.default.copyItem(at: repositoryRoot.appendingPathComponent("Vectors/gguf/llama-tiny/tokenizer.model"), to: dir.appendingPathComponent("tokenizer.model"))
+            try check(family, dir, .bf16, goldenKey: "auto", dequantized: false)
+            try check(family, dir, .q4_k_m, goldenKey: "q4_k_m", dequantized: false)
+        }
     }
 
     func testExportIsConvertThenLlamaQuantizeToTheByte() throws {

@@ -81,8 +81,9 @@ public func exportGGUF(base: String, adapters specs: [MergeAdapter] = [], output
     }
     let architectures: [String]
     if case .array(let a)? = config["architectures"] { architectures = a.compactMap { if case .string(let s) = $0 { return s }; return nil } } else { architectures = [] }
-    guard architectures.contains("LlamaForCausalLM") else {
-        throw CheckpointError.invalidPath(path: configPath, problem: "export writes the Llama architecture (LlamaForCausalLM) so far; this checkpoint is \(architectures.first ?? "of no stated architecture")")
+    // convert_hf_to_gguf.py writes both as llama.cpp's "llama" architecture (its LlamaModel).
+    guard architectures.contains("LlamaForCausalLM") || architectures.contains("MistralForCausalLM") else {
+        throw CheckpointError.invalidPath(path: configPath, problem: "export writes the Llama architecture (LlamaForCausalLM, MistralForCausalLM) so far; this checkpoint is \(architectures.first ?? "of no stated architecture")")
     }
     let arch = try ModelArchitecture(configFile: configPath)
     let tokenizerPath = base + "/tokenizer.model"

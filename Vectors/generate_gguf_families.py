@@ -1,0 +1,92 @@
+"""What llama.cpp writes for each model family's checkpoint: the golden for `qlora export` of the
+families other than Llama (issue 16), Vectors/gguf/families.json.
+
+Each family's checkpoint is Vectors/families/FAMILY/tiny-nf4 (transformers' NF4 quantization of a
+tiny random model, issue 12) dequantized by transformers + bitsandbytes (`model.dequantize()`;
+its state dict saved in bf16, config.json without quantization_config) into a directory named `tiny`, with the tokenizer the family
+uses: SentencePiece (Vectors/gguf/llama-tiny/tokenizer.model) for Mistral. On that,
+`convert_hf_to_gguf.py --outtype auto` and then `llama-quantize IN OUT Q4_K_M 2`. For each family
+and both files: size, sha256, metadata keys in order with their types, and every tensor's name,
+type, dimensions and bytes' sha256. The Swift test exports tiny-nf4 itself (qlora's dequantize
+is bitsandbytes' to the bit) with the same tokenizer and compares.
+
+Run: .venv/bin/python Vectors/generate_gguf_families.py --llama-cpp DIR --quantize BIN
+     (as generate_gguf_quantize.py; needs torch, transformers, bitsandbytes, sentencepiece)
+"""
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+
+warnings.filterwarnings("ignore")
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+from safetensors.torch import save_file
+
+transformers.logging.set_verbosity_error()
+HERE = os.path.dirname(os.path.abspath(__file__))
+SPM = os.path.join(HERE, "gguf", "llama-tiny", "tokenizer.model")
+FAMILIES = {"mistral": [SPM]}
+
+
+def describe(gguf, path):
+    data = open(path, "rb").read()
+    r = gguf.GGUFReader(path)
+    return {
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "metadata": [[k, gguf.GGUFValueType(f.types[0]).name] for k, f in r.fields.items() if not k.startswith("GGUF.")],
+        "tensors": [[x.name, x.tensor_type.name, [int(n) for n in x.shape], hashlib.sha256(x.data.tobytes()).hexdigest()] for x in r.tensors],
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--llama-cpp", required=True)
+    ap.add_argument("--quantize", required=True)
+    a = ap.parse_args()
+    sys.path.insert(0, os.path.join(a.llama_cpp, "gguf-py"))
+    import gguf
+    convert = os.path.join(a.llama_cpp, "convert_hf_to_gguf.py")
+    report = {}
+    for family, tokenizer_files in FAMILIES.items():
+        with tempfile.TemporaryDirectory() as t:
+            source = os.path.join(HERE, "families", family, "tiny-nf4")
+            model = AutoModelForCausalLM.from_pretrained(source, device_map="cpu", dtype=torch.bfloat16)
+            model.dequantize()
+            d = os.path.join(t, "tiny")
+            os.makedirs(d)
+            save_file({k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}, os.path.join(d, "model.safetensors"),
+                      metadata={"format": "pt"})
+            with open(os.path.join(source, "config.json")) as f:
+                config = json.load(f)
+            config.pop("quantization_config")
+            with open(os.path.join(d, "config.json"), "w") as f:
+                json.dump(config, f, indent=2)
+            for f in tokenizer_files:
+                shutil.copy(f, d)
+            auto = os.path.join(t, "auto.gguf")
+            r = subprocess.run([sys.executable, convert, d, "--outtype", "auto", "--outfile", auto], capture_output=True, text=True)
+            if r.returncode != 0:
+                sys.exit(f"{family}: convert failed:\n{r.stderr[-2000:]}")
+            q = os.path.join(t, "q4_k_m.gguf")
+            subprocess.run([a.quantize, auto, q, "Q4_K_M", "2"], check=True, capture_output=True)
+            report[family] = {"auto": describe(gguf, auto), "q4_k_m": describe(gguf, q)}
+    commit = subprocess.run(["git", "-C", a.llama_cpp, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    report["made_by"] = {"scripts": "transformers dequantize() + save_pretrained; convert_hf_to_gguf.py --outtype auto; llama-quantize IN OUT Q4_K_M 2",
+                         "commit": commit, "transformers": transformers.__version__}
+    path = os.path.join(HERE, "gguf", "families.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1, sort_keys=True)
+        f.write("\n")
+    print(f"wrote {path}: " + ", ".join(f"{k} {v['auto']['bytes']} / {v['q4_k_m']['bytes']} B" for k, v in report.items() if k != "made_by"))
+
+
+if __name__ == "__main__":
+    main()
