@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 transformers.logging.set_verbosity_error()
 HERE = os.path.dirname(os.path.abspath(__file__))
 SPM = os.path.join(HERE, "gguf", "llama-tiny", "tokenizer.model")
-FAMILIES = {"mistral": [SPM]}
+FAMILIES = {"mistral": [SPM], "qwen2": [SPM], "qwen3": [SPM], "phi3": [SPM]}
 
 
 def describe(gguf, path):

@@ -58,8 +58,18 @@ public struct SpecialVocabulary: Sendable, Equatable {
         return v
     }
 
+    /// Whose rules set the added tokens in the vocabulary.
+    public enum AddedTokenRules: Sendable {
+        /// `_create_vocab_sentencepiece`: added_tokens.json, then added_tokens_decoder (special or
+        /// special-looking → control; otherwise user-defined with ▁ as space).
+        case sentencePiece
+        /// Phi3MiniModel.set_vocab: added_tokens.json, added_tokens_decoder, then tokenizer.json's
+        /// added_tokens, each user-defined unless marked special (control), text as is.
+        case phi3
+    }
+
     /// Reads `directory`'s side files for a vocabulary of `vocabSize` tokens.
-    public init(directory: String, vocabSize: Int) throws {
+    public init(directory: String, vocabSize: Int, addedTokens rules: AddedTokenRules = .sentencePiece) throws {
         func json(_ name: String) throws -> JSONValue? {
             let path = directory + "/" + name
             guard FileManager.default.fileExists(atPath: path) else { return nil }
@@ -89,7 +99,9 @@ public struct SpecialVocabulary: Sendable, Equatable {
             for m in members {
                 guard let id = Int(m.key), id >= 0, id < vocabSize, case .string(var content)? = m.value["content"] else { continue }
                 let special = Self.truthy(m.value["special"])
-                if special || Self.looksSpecial(content) {
+                if rules == .phi3 {
+                    addedTokens.append((id, content, special ? .control : .userDefined))
+                } else if special || Self.looksSpecial(content) {
                     addedTokens.append((id, content, .control))
                 } else {
                     content = content.replacingOccurrences(of: "\u{2581}", with: " ")  // pre-normalized user-defined spaces
@@ -97,7 +109,14 @@ public struct SpecialVocabulary: Sendable, Equatable {
                 }
             }
         }
-        if case .bool(let b)? = tokenizerConfig?["add_prefix_space"] { addSpacePrefix = b }
+        if rules == .phi3, case .array(let list)? = tokenizer?["added_tokens"] {
+            for t in list {
+                guard let id = Self.int(t["id"]), id >= 0, id < vocabSize, case .string(let content)? = t["content"] else { continue }
+                addedTokens.append((id, content, Self.truthy(t["special"]) ? .control : .userDefined))
+            }
+        }
+        // LlamaModel.set_vocab's (Phi3MiniModel does not read it).
+        if rules == .sentencePiece, case .bool(let b)? = tokenizerConfig?["add_prefix_space"] { addSpacePrefix = b }
 
         var kinds = ["bos", "eos", "unk", "sep", "pad", "cls", "mask"]
         var ids: [(String, Int)] = []

@@ -104,7 +104,7 @@ final class GGUFQuantizeTests: XCTestCase {
         golden = try XCTUnwrap(try JSONSerialization.jsonObject(with: data) as? [String: Any])
         let tmp = FileManager.default.temporaryDirectory.appendingPathComponent("gguf-families-\(UUID().uuidString)")
         defer { try? FileManager.default.removeItem(at: tmp) }
-        for family in ["mistral"] {
+        for family in ["mistral", "qwen2", "qwen3", "phi3"] {
             let dir = tmp.appendingPathComponent(family).appendingPathComponent("tiny")
             try FileManager.default.createDirectory(at: dir.deletingLastPathComponent(), withIntermediateDirectories: true)
             try FileManager.default.copyItem(at: repositoryRoot.appendingPathComponent("Vectors/families/\(family)/tiny-nf4"), to: dir)

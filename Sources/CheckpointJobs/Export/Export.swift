@@ -81,9 +81,11 @@ public func exportGGUF(base: String, adapters specs: [MergeAdapter] = [], output
     }
     let architectures: [String]
     if case .array(let a)? = config["architectures"] { architectures = a.compactMap { if case .string(let s) = $0 { return s }; return nil } } else { architectures = [] }
-    // convert_hf_to_gguf.py writes both as llama.cpp's "llama" architecture (its LlamaModel).
-    guard architectures.contains("LlamaForCausalLM") || architectures.contains("MistralForCausalLM") else {
-        throw CheckpointError.invalidPath(path: configPath, problem: "export writes the Llama architecture (LlamaForCausalLM, MistralForCausalLM) so far; this checkpoint is \(architectures.first ?? "of no stated architecture")")
+    guard let family = GGUFArchitecture(architectures: architectures) else {
+        throw CheckpointError.invalidPath(path: configPath, problem: "export writes LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM and Phi3ForCausalLM; this checkpoint is \(architectures.first ?? "of no stated architecture")")
+    }
+    if family == .phi3, config["rope_parameters"]?["long_factor"] != nil || config["rope_scaling"]?["long_factor"] != nil {
+        throw CheckpointError.invalidPath(path: configPath, problem: "a LongRoPE Phi-3 (rope long_factor/short_factor) is not exported yet")
     }
     let arch = try ModelArchitecture(configFile: configPath)
     let tokenizerPath = base + "/tokenizer.model"
@@ -94,7 +96,8 @@ public func exportGGUF(base: String, adapters specs: [MergeAdapter] = [], output
             : "has no tokenizer.model: llama.cpp's converter refuses a checkpoint without its tokenizer, and llama.cpp cannot run one")
     }
     let sentencePiece = try SentencePieceModel(file: tokenizerPath)
-    let special = try SpecialVocabulary(directory: base, vocabSize: arch.vocabSize)
+    var special = try SpecialVocabulary(directory: base, vocabSize: arch.vocabSize, addedTokens: family == .phi3 ? .phi3 : .sentencePiece)
+    if family != .llama { special.addSpacePrefix = nil }  // only LlamaModel.set_vocab reads add_prefix_space
     var warnings: [String] = []
 
     let reader = try CheckpointReader(path: base)
@@ -120,7 +123,7 @@ public func exportGGUF(base: String, adapters specs: [MergeAdapter] = [], output
         }
     }
     let convertedAs = type.convertType ?? GGUFExport.autoOutType(dense)
-    let planned = try GGUFExport.llamaPlan(dense, arch, outType: convertedAs)
+    let planned = try GGUFExport.plan(dense, arch, family, outType: convertedAs)
     var summary = ExportSummary()
     summary.convertedAs = convertedAs.rawValue
     summary.parameters = planned.reduce(0) { $0 + $1.ne.reduce(1, *) }
@@ -130,7 +133,7 @@ public func exportGGUF(base: String, adapters specs: [MergeAdapter] = [], output
         warnings.append("general.name is the directory name '\(directoryName)' as is; llama.cpp's converter would split a name with '-' into basename, size, version and finetune keys")
     }
     summary.warnings = warnings
-    var metadata = GGUFExport.llamaMetadata(config: config, arch, name: name, parameters: summary.parameters, outType: convertedAs,
+    var metadata = GGUFExport.metadata(config: config, arch, family, name: name, parameters: summary.parameters, outType: convertedAs,
                                             vocabulary: sentencePiece.ggufVocabulary(vocabSize: arch.vocabSize), special: special)
     // The file's tensors in order with their final types.
     var order = Array(planned.indices)
@@ -206,7 +209,7 @@ public func exportGGUF(base: String, adapters specs: [MergeAdapter] = [], output
         var done = 0
         for i in order {
             let t = planned[i]
-            let x = try GGUFExport.values(of: t, arch, load: load)
+            let x = try GGUFExport.values(of: t, arch, family, load: load)
             if type.mixture != nil, finalTypes[i] != t.type, let bad = x.firstIndex(where: { !$0.isFinite }) {
                 throw CheckpointError.invalidTensor(file: base, tensor: t.source ?? t.name, problem: "element \(bad) is \(x[bad]); llama-quantize refuses non-finite values")
             }

@@ -18,6 +18,39 @@ public struct GGUFTensor: Sendable, Equatable {
     public var bytes: [UInt8]
 }
 
+/// llama.cpp's architectures that qlora's families convert to, as convert_hf_to_gguf.py picks
+/// them from config.json's `architectures` (its LlamaModel for Llama and Mistral, Qwen2Model,
+/// Qwen3Model, Phi3MiniModel).
+public enum GGUFArchitecture: String, Sendable, CaseIterable {
+    case llama, qwen2, qwen3, phi3
+
+    public init?(architectures: [String]) {
+        if architectures.contains("LlamaForCausalLM") || architectures.contains("MistralForCausalLM") { self = .llama }
+        else if architectures.contains("Qwen2ForCausalLM") { self = .qwen2 }
+        else if architectures.contains("Qwen3ForCausalLM") { self = .qwen3 }
+        else if architectures.contains("Phi3ForCausalLM") { self = .phi3 }
+        else { return nil }
+    }
+
+    /// Only LlamaModel undoes Hugging Face's rotate-half layout of q and k.
+    var permutesQK: Bool { self == .llama }
+
+    /// The per-layer modules this architecture's tensor map names (gguf-py's tensor_mapping for it).
+    var layerNames: [String: String] {
+        var names = ["input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.o_proj": "attn_output", "mlp.down_proj": "ffn_down"]
+        switch self {
+        case .phi3:
+            names["self_attn.qkv_proj"] = "attn_qkv"
+            names["mlp.gate_up_proj"] = "ffn_up"
+        default:
+            names.merge(["self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                         "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up"]) { $1 }
+            if self == .qwen3 { names.merge(["self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"]) { $1 } }
+        }
+        return names
+    }
+}
+
 /// What llama.cpp's convert_hf_to_gguf.py does to each tensor of a Llama-architecture checkpoint
 /// (conversion/base.py `prepare_tensors`, conversion/llama.py `LlamaModel`), so that qlora's
 /// export holds the same bytes (Vectors/gguf/llama-tiny/export.json holds it to that):
@@ -32,7 +65,10 @@ public struct GGUFTensor: Sendable, Equatable {
 public enum GGUFExport {
     /// llama.cpp's name for a Hugging Face tensor of a Llama model (gguf-py's tensor map for
     /// MODEL_ARCH.LLAMA), or nil for a name it does not map.
-    public static func llamaName(_ hf: String) -> String? {
+    public static func llamaName(_ hf: String) -> String? { ggufName(hf, .llama) }
+
+    /// llama.cpp's name for a Hugging Face tensor of an `arch` model, or nil for a name it does not map.
+    public static func ggufName(_ hf: String, _ arch: GGUFArchitecture) -> String? {
         switch hf {
         case "model.embed_tokens.weight": return "token_embd.weight"
         case "model.norm.weight": return "output_norm.weight"
@@ -43,10 +79,7 @@ public enum GGUFExport {
         guard parts.count >= 5, parts[0] == "model", parts[1] == "layers", let layer = Int(parts[2]), layer >= 0, String(layer) == parts[2] else { return nil }
         let module = parts[3..<(parts.count - 1)].joined(separator: "."), suffix = parts[parts.count - 1]
         guard suffix == "weight" || suffix == "bias" else { return nil }
-        let names = ["input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-                     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-                     "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"]
-        guard let name = names[module] else { return nil }
+        guard let name = arch.layerNames[module] else { return nil }
         return "blk.\(layer).\(name).\(suffix)"
     }
 
@@ -155,21 +188,26 @@ public enum GGUFExport {
 
     /// `llamaPlan` for the tensors of a dense checkpoint (each shard's tensors sorted by name).
     public static func llamaPlan(_ dense: [DenseTensor], _ a: ModelArchitecture, outType: GGUFOutType) throws -> [PlannedTensor] {
+        try plan(dense, a, .llama, outType: outType)
+    }
+
+    /// `llamaPlan` for any of the architectures.
+    public static func plan(_ dense: [DenseTensor], _ a: ModelArchitecture, _ arch: GGUFArchitecture, outType: GGUFOutType) throws -> [PlannedTensor] {
         var plan: [PlannedTensor] = []
-        if let factors = llama3RopeFactors(a) {
+        if arch == .llama, let factors = llama3RopeFactors(a) {
             plan.append(PlannedTensor(source: nil, name: "rope_freqs.weight", ne: [factors.count], type: .f32))
         }
         for shard in Set(dense.map(\.shard)).sorted() {
             let tensors = dense.filter { $0.shard == shard }.sorted { $0.name.unicodeScalars.lexicographicallyPrecedes($1.name.unicodeScalars) }
             for t in tensors where !t.name.hasSuffix(".rotary_emb.inv_freq") {
-                guard let name = llamaName(t.name) else {
-                    throw CheckpointError.invalidTensor(file: t.file, tensor: t.name, problem: "llama.cpp's Llama architecture has no tensor of this name")
+                guard let name = ggufName(t.name, arch) else {
+                    throw CheckpointError.invalidTensor(file: t.file, tensor: t.name, problem: "llama.cpp's \(arch.rawValue) architecture has no tensor of this name")
                 }
                 guard (1...4).contains(t.shape.count) else {
                     throw CheckpointError.invalidTensor(file: t.file, tensor: t.name, problem: "\(t.shape.count) dimensions; GGUF holds 1 to 4")
                 }
                 let ne = Array(t.shape.reversed())
-                if t.shape.count == 2, t.name.hasSuffix("q_proj.weight") || t.name.hasSuffix("k_proj.weight") {
+                if arch.permutesQK, t.shape.count == 2, t.name.hasSuffix("q_proj.weight") || t.name.hasSuffix("k_proj.weight") {
                     let heads = t.name.hasSuffix("q_proj.weight") ? a.attentionHeads : a.keyValueHeads
                     guard heads > 0, t.shape[0] % (2 * heads) == 0 else {
                         throw CheckpointError.invalidTensor(file: t.file, tensor: t.name, problem: "\(t.shape[0]) rows do not split into \(heads) heads of rotary pairs (config.json)")
@@ -196,10 +234,10 @@ public enum GGUFExport {
 
     /// The fp32 values of one planned tensor as the converter holds them before encoding: the
     /// rope factors, or the source tensor (`load`) with q_proj/k_proj rows permuted.
-    public static func values(of t: PlannedTensor, _ a: ModelArchitecture, load: (String) throws -> [Float]) rethrows -> [Float] {
+    public static func values(of t: PlannedTensor, _ a: ModelArchitecture, _ arch: GGUFArchitecture = .llama, load: (String) throws -> [Float]) rethrows -> [Float] {
         guard let hf = t.source else { return llama3RopeFactors(a)! }
         let x = try load(hf)
-        if t.ne.count == 2, hf.hasSuffix("q_proj.weight") || hf.hasSuffix("k_proj.weight") {
+        if arch.permutesQK, t.ne.count == 2, hf.hasSuffix("q_proj.weight") || hf.hasSuffix("k_proj.weight") {
             return permuteRows(x, rows: t.ne[1], cols: t.ne[0], heads: hf.hasSuffix("q_proj.weight") ? a.attentionHeads : a.keyValueHeads)
         }
         return x
@@ -275,25 +313,62 @@ extension GGUFExport {
     public static func llamaMetadata(config: JSONValue, _ a: ModelArchitecture, name: String, parameters: Int, outType: GGUFOutType,
                                      vocabulary: (tokens: [String], scores: [Float], types: [Int32]),
                                      special: SpecialVocabulary? = nil) -> [(key: String, value: GGUFValue)] {
+        metadata(config: config, a, .llama, name: name, parameters: parameters, outType: outType, vocabulary: vocabulary, special: special)
+    }
+
+    /// The metadata convert_hf_to_gguf.py writes for an `arch` model with a SentencePiece
+    /// tokenizer, in its order: the general keys; the hyperparameters (TextModel's, or
+    /// Phi3MiniModel's own list), as transformers' config class holds them; the quantization
+    /// version; the vocabulary and the special vocabulary.
+    public static func metadata(config: JSONValue, _ a: ModelArchitecture, _ arch: GGUFArchitecture, name: String, parameters: Int, outType: GGUFOutType,
+                                vocabulary: (tokens: [String], scores: [Float], types: [Int32]),
+                                special: SpecialVocabulary? = nil) -> [(key: String, value: GGUFValue)] {
         let v = special?.apply(to: vocabulary) ?? vocabulary
-        var m: [(key: String, value: GGUFValue)] = [("general.architecture", .string("llama")), ("general.type", .string("model")),
+        let p = arch.rawValue
+        func u32(_ x: Int) -> GGUFValue { .uint32(UInt32(clamping: x)) }
+        var m: [(key: String, value: GGUFValue)] = [("general.architecture", .string(p)), ("general.type", .string("model")),
                                                      ("general.name", .string(name)), ("general.size_label", .string(sizeLabel(parameters: parameters)))]
-        m.append(("llama.block_count", .uint32(UInt32(clamping: a.layers))))
-        // LlamaConfig's default when config.json has none.
-        m.append(("llama.context_length", .uint32(UInt32(clamping: int(config["max_position_embeddings"]) ?? 2048))))
-        m.append(("llama.embedding_length", .uint32(UInt32(clamping: a.hiddenSize))))
-        m.append(("llama.feed_forward_length", .uint32(UInt32(clamping: a.intermediateSize))))
-        m.append(("llama.attention.head_count", .uint32(UInt32(clamping: a.attentionHeads))))
-        m.append(("llama.attention.head_count_kv", .uint32(UInt32(clamping: a.keyValueHeads))))
-        m.append(("llama.rope.freq_base", .float32(Float(a.ropeTheta))))
-        m.append(("llama.attention.layer_norm_rms_epsilon", .float32(Float(a.rmsNormEps))))
-        // The converter reads hparams through transformers' LlamaConfig, which always has a
-        // head_dim (hidden_size / num_attention_heads when config.json has none).
-        m.append(("llama.attention.key_length", .uint32(UInt32(clamping: a.headDim))))
-        m.append(("llama.attention.value_length", .uint32(UInt32(clamping: a.headDim))))
-        m.append(("general.file_type", .uint32(outType.fileType)))
-        m.append(("llama.vocab_size", .uint32(UInt32(clamping: a.vocabSize))))
-        m.append(("llama.rope.dimension_count", .uint32(UInt32(clamping: a.headDim))))
+        // The config classes' defaults when config.json has none.
+        let contextLength = int(config["max_position_embeddings"]) ?? (arch == .phi3 ? 4096 : arch == .llama ? 2048 : 32768)
+        if arch == .phi3 {
+            m.append(("phi3.context_length", u32(contextLength)))
+            let original = int(config["original_max_position_embeddings"]) ?? int(config["rope_parameters"]?["original_max_position_embeddings"])
+                ?? int(config["rope_scaling"]?["original_max_position_embeddings"]) ?? 4096
+            m.append(("phi3.rope.scaling.original_context_length", u32(original)))
+            m.append(("phi3.embedding_length", u32(a.hiddenSize)))
+            m.append(("phi3.feed_forward_length", u32(a.intermediateSize)))
+            m.append(("phi3.block_count", u32(a.layers)))
+            m.append(("phi3.attention.head_count", u32(a.attentionHeads)))
+            m.append(("phi3.attention.head_count_kv", u32(a.keyValueHeads)))
+            m.append(("phi3.attention.layer_norm_rms_epsilon", .float32(Float(a.rmsNormEps))))
+            m.append(("phi3.rope.dimension_count", u32(a.hiddenSize / max(a.attentionHeads, 1))))
+            m.append(("phi3.rope.freq_base", .float32(Float(a.ropeTheta))))
+            m.append(("general.file_type", .uint32(outType.fileType)))
+            m.append(("phi3.attention.sliding_window", u32(int(config["sliding_window"]) ?? 0)))
+        } else {
+            m.append(("\(p).block_count", u32(a.layers)))
+            m.append(("\(p).context_length", u32(contextLength)))
+            m.append(("\(p).embedding_length", u32(a.hiddenSize)))
+            m.append(("\(p).feed_forward_length", u32(a.intermediateSize)))
+            m.append(("\(p).attention.head_count", u32(a.attentionHeads)))
+            m.append(("\(p).attention.head_count_kv", u32(a.keyValueHeads)))
+            m.append(("\(p).rope.freq_base", .float32(Float(a.ropeTheta))))
+            m.append(("\(p).attention.layer_norm_rms_epsilon", .float32(Float(a.rmsNormEps))))
+            // transformers' LlamaConfig, MistralConfig and Qwen3Config always have a head_dim
+            // (hidden_size / num_attention_heads when config.json has none); Qwen2Config only
+            // when config.json sets one.
+            let hasHeadDim: Bool
+            if case .number? = config["head_dim"] { hasHeadDim = true } else { hasHeadDim = arch != .qwen2 }
+            if hasHeadDim {
+                m.append(("\(p).attention.key_length", u32(a.headDim)))
+                m.append(("\(p).attention.value_length", u32(a.headDim)))
+            }
+            m.append(("general.file_type", .uint32(outType.fileType)))
+            if arch == .llama {
+                m.append(("llama.vocab_size", u32(a.vocabSize)))
+                m.append(("llama.rope.dimension_count", u32(a.headDim)))
+            }
+        }
         m.append(("general.quantization_version", .uint32(2)))
         if let b = special?.addSpacePrefix { m.append(("tokenizer.ggml.add_space_prefix", .bool(b))) }
         m.append(("tokenizer.ggml.model", .string("llama")))
