@@ -115,9 +115,9 @@ final class GGUFExportJobTests: XCTestCase {
         refused(noTokenizer, "not BPE ones")
         let qwen = tmp.appendingPathComponent("qwen").path
         try FileManager.default.copyItem(atPath: s.model, toPath: qwen)
-        let config = try String(contentsOfFile: qwen + "/config.json", encoding: .utf8).replacingOccurrences(of: "LlamaForCausalLM", with: "Qwen2ForCausalLM")
+        let config = try String(contentsOfFile: qwen + "/config.json", encoding: .utf8).replacingOccurrences(of: "LlamaForCausalLM", with: "GemmaForCausalLM")
         try config.write(toFile: qwen + "/config.json", atomically: true, encoding: .utf8)
-        refused(qwen, "Llama architecture")
+        refused(qwen, "this checkpoint is GemmaForCausalLM")
         let badTokenizer = tmp.appendingPathComponent("bad-tokenizer").path
         try FileManager.default.copyItem(atPath: s.model, toPath: badTokenizer)
         try Data([0x0A, 0xFF, 0xFF, 0xFF, 0xFF, 0x0F]).write(to: URL(fileURLWithPath: badTokenizer + "/tokenizer.model"))
