@@ -3,16 +3,17 @@
 Run by hand where llama-cpp-python is installed (CI never runs it):
 
     swift build -c release --product qlora
-    .venv/bin/python Vectors/check_gguf_client.py [path/to/qlora]     # default .build/release/qlora
+    .venv/bin/python Vectors/check_gguf_client.py [path/to/qlora [FAMILY,...]]   # default .build/release/qlora, every family
 
 llama-cpp-python built from source works, and so does its sdist's Python package beside a
 llama.cpp build of the same tree: PYTHONPATH=<sdist> LLAMA_CPP_LIB_PATH=<build>/bin.
 
-For each family qlora exports (Llama so far) it writes a small random model with transformers
-(hidden 256, intermediate 512, 2 layers, 8 heads over 2 KV heads, bf16) with a real SentencePiece
-tokenizer (Vectors/gguf/llama-tiny/tokenizer.model), and a random PEFT LoRA adapter on every
-projection. Then, for each export type, from the dense model with the adapter merged on the fly
-(and for Q4_K_M also from qlora's NF4 quantization of the model):
+For each family qlora exports (Llama, Mistral, Qwen2, Qwen3, Phi-3) it writes a small random model
+with transformers (hidden 256, intermediate 512, 2 layers, 8 heads over 2 KV heads, bf16) with a
+real SentencePiece tokenizer (Vectors/gguf/llama-tiny/tokenizer.model) and TinyLlama-Chat-style
+side files, and a random PEFT LoRA adapter on every projection. Then it exports with the adapter
+merged on the fly (Llama: every type from the dense model and Q4_K_M from qlora's NF4 quantization
+of it; the others bf16 and Q8_0 from the dense model and Q4_K_M from NF4) and checks:
 
   tokens   llama.cpp's tokenizer gives SentencePiece's ids for a fixed text (BOS first), and it
            reads the chat template and pad token of the TinyLlama-Chat-style tokenizer_config.json
@@ -39,7 +40,7 @@ warnings.filterwarnings("ignore")
 import numpy as np
 import torch
 import transformers
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 from peft import LoraConfig, get_peft_model
 import llama_cpp
 import sentencepiece
@@ -69,29 +70,45 @@ def report(ok, what, detail):
     print(f"{'PASS' if ok else 'FAIL'}  {what:<44} {detail}")
 
 
-def make_model(directory):
+SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+             max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# The families qlora exports: (name, config class, its fields, LoRA targets). Real Qwen2/Qwen3
+# checkpoints ship BPE tokenizers, which the export does not convert yet; these carry the
+# SentencePiece one (convert_hf_to_gguf.py's Qwen2Model tries tokenizer.model first too).
+FAMILIES = [
+    ("llama", LlamaConfig, dict(rope_theta=10000.0), PROJECTIONS),
+    ("mistral", MistralConfig, dict(rope_theta=1000000.0, sliding_window=None), PROJECTIONS),
+    ("qwen2", Qwen2Config, dict(rope_theta=1000000.0), PROJECTIONS),
+    ("qwen3", Qwen3Config, dict(rope_theta=1000000.0, head_dim=64), PROJECTIONS),
+    ("phi3", Phi3Config, dict(rope_theta=10000.0, pad_token_id=0, original_max_position_embeddings=512),
+     ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
+]
+
+
+def make_model(directory, config_class, fields, targets):
     sp = sentencepiece.SentencePieceProcessor(model_file=TOKENIZER)
-    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
-                         vocab_size=sp.get_piece_size(), max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0,
-                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    config = config_class(**SHAPE, **fields, vocab_size=sp.get_piece_size() + 6)  # room for an added token, and [PAD] ids
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
     model.save_pretrained(directory)
-    with open(TOKENIZER, "rb") as src, open(os.path.join(directory, "tokenizer.model"), "wb") as dst:
-        dst.write(src.read())
+    shutil.copy(TOKENIZER, directory)
     for f in ["tokenizer_config.json", "tokenizer.json"]:  # TinyLlama-Chat's side files (Vectors/generate_gguf_special.py)
         shutil.copy(os.path.join(SPECIAL, f), directory)
+    if config_class is Phi3Config:
+        # Phi-3's added_tokens.json; llama.cpp looks <|endoftext|> up in every model named phi3.
+        with open(os.path.join(directory, "added_tokens.json"), "w") as f:
+            json.dump({"<|endoftext|>": sp.get_piece_size()}, f)
     torch.manual_seed(1)
-    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                      init_lora_weights=False)
-    peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32), lora)
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32), lora)
     for n, p in peft_model.named_parameters():
         if "lora_B" in n:
             with torch.no_grad():
                 p.mul_(0.05)
     adapter = directory + "-adapter"
     peft_model.save_pretrained(adapter)
-    merged = peft_model.merge_and_unload()
+    merged = peft_model.merge_and_unload().eval()
     return sp, adapter, merged
 
 
@@ -100,28 +117,30 @@ def unpermute(w, heads):
     return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def hf_from_gguf(path, config):
+def hf_from_gguf(path, config, family):
     """transformers' model holding the GGUF's weights, dequantized to fp32."""
     names = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
     per_layer = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
                  "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-                 "ffn_down": "mlp.down_proj"}
+                 "ffn_down": "mlp.down_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm", "attn_qkv": "self_attn.qkv_proj"}
+    if family == "phi3":
+        per_layer["ffn_up"] = "mlp.gate_up_proj"
     state = {}
     for t in gguf.GGUFReader(path).tensors:
         w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape([int(n) for n in reversed(t.shape)])
         if t.name in names:
             name = names[t.name]
         elif t.name.startswith("blk."):
-            _, layer, part, _ = t.name.split(".")
-            name = f"model.layers.{layer}.{per_layer[part]}.weight"
-            if part == "attn_q":
+            _, layer, part, kind = t.name.split(".")
+            name = f"model.layers.{layer}.{per_layer[part]}.{kind}"
+            if family in ("llama", "mistral") and part == "attn_q":  # LlamaModel's permutation, undone
                 w = unpermute(w, config.num_attention_heads)
-            elif part == "attn_k":
+            elif family in ("llama", "mistral") and part == "attn_k":
                 w = unpermute(w, config.num_key_value_heads)
         else:
             continue  # rope_freqs: not a weight
         state[name] = torch.from_numpy(w.copy())
-    model = LlamaForCausalLM(config).float()
+    model = AutoModelForCausalLM.from_config(config).float().eval()
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
     return model
@@ -143,40 +162,49 @@ def run_llama_cpp(path, ids):
     return llm, text_ids, np.array(llm.scores[:len(ids)], dtype=np.float32)
 
 
+def check_family(qlora, t, family, config_class, fields, targets):
+    model_dir = os.path.join(t, family)
+    sp, adapter, merged = make_model(model_dir, config_class, fields, targets)
+    ids = [1] + sp.encode(TEXT)
+    reference = logits_of(merged.float(), ids)
+    nf4 = os.path.join(t, family + "-nf4")
+    subprocess.run([qlora, "quantize", model_dir, nf4], check=True, capture_output=True)
+    # Llama: every type from the dense base, and Q4_K_M from NF4; the others bf16, Q8_0 and Q4_K_M.
+    if family == "llama":
+        runs = [(ty, model_dir) for ty in TYPES] + [("q4_k_m", nf4)]
+    else:
+        runs = [("bf16", model_dir), ("q8_0", model_dir), ("q4_k_m", nf4)]
+    template = json.load(open(os.path.join(SPECIAL, "tokenizer_config.json")))["chat_template"]
+    for ty, base in runs:
+        what = f"{family} {ty} ({'nf4' if base == nf4 else 'dense'} base)"
+        out = os.path.join(t, f"{family}-{ty}-{os.path.basename(base)}.gguf")
+        r = subprocess.run([qlora, "export", base, out, "--type", ty, "--adapter", adapter], capture_output=True, text=True)
+        if r.returncode != 0:
+            report(False, what + ": export", r.stderr.strip())
+            continue
+        try:
+            llm, text_ids, got = run_llama_cpp(out, ids)
+        except Exception as e:  # llama.cpp refused the file
+            report(False, what + ": llama.cpp loads", str(e))
+            continue
+        report(text_ids == ids, what + ": tokens", f"llama.cpp {len(text_ids)} ids, SentencePiece {len(ids)}")
+        report(llm.metadata.get("tokenizer.chat_template") == template and llm.metadata.get("tokenizer.ggml.padding_token_id") == "2",
+               what + ": special tokens", "llama.cpp reads the chat template and pad id of tokenizer_config.json")
+        held = logits_of(hf_from_gguf(out, merged.config, family), ids)
+        engine, cost = rel_rms(got, held), rel_rms(got, reference)
+        top1 = float(np.mean(got.argmax(-1) == reference.argmax(-1)))
+        report(engine <= ENGINE_TOLERANCE[ty], what + ": logits",
+               f"vs transformers on the file's weights {engine:.2e} (≤ {ENGINE_TOLERANCE[ty]:.0e}); "
+               f"vs the fp32 merge {cost:.2e}, same top-1 {top1:.0%}; {os.path.getsize(out)} bytes")
+
+
 def main():
     qlora = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else os.path.join(HERE, "..", ".build", "release", "qlora"))
-    with tempfile.TemporaryDirectory() as t:
-        model_dir = os.path.join(t, "llama")
-        sp, adapter, merged = make_model(model_dir)
-        ids = [1] + sp.encode(TEXT)
-        reference = logits_of(merged.float(), ids)
-        nf4 = os.path.join(t, "llama-nf4")
-        subprocess.run([qlora, "quantize", model_dir, nf4], check=True, capture_output=True)
-        with open(TOKENIZER, "rb") as src, open(os.path.join(nf4, "tokenizer.model"), "wb") as dst:
-            dst.write(src.read())
-        runs = [(ty, model_dir) for ty in TYPES] + [("q4_k_m", nf4)]
-        for ty, base in runs:
-            source = "nf4 base" if base == nf4 else "dense base"
-            out = os.path.join(t, f"llama-{ty}-{os.path.basename(base)}.gguf")
-            r = subprocess.run([qlora, "export", base, out, "--type", ty, "--adapter", adapter], capture_output=True, text=True)
-            if r.returncode != 0:
-                report(False, f"llama {ty} ({source}): export", r.stderr.strip())
-                continue
-            try:
-                llm, text_ids, got = run_llama_cpp(out, ids)
-            except Exception as e:  # llama.cpp refused the file
-                report(False, f"llama {ty} ({source}): llama.cpp loads", str(e))
-                continue
-            report(text_ids == ids, f"llama {ty} ({source}): tokens", f"llama.cpp {len(text_ids)} ids, SentencePiece {len(ids)}")
-            want = json.load(open(os.path.join(SPECIAL, "tokenizer_config.json")))["chat_template"]
-            report(llm.metadata.get("tokenizer.chat_template") == want and llm.metadata.get("tokenizer.ggml.padding_token_id") == "2",
-                   f"llama {ty} ({source}): special tokens", "llama.cpp reads the chat template and pad id of tokenizer_config.json")
-            held = logits_of(hf_from_gguf(out, merged.config), ids)
-            engine, cost = rel_rms(got, held), rel_rms(got, reference)
-            top1 = float(np.mean(got.argmax(-1) == reference.argmax(-1)))
-            report(engine <= ENGINE_TOLERANCE[ty], f"llama {ty} ({source}): logits",
-                   f"vs transformers on the file's weights {engine:.2e} (≤ {ENGINE_TOLERANCE[ty]:.0e}); "
-                   f"vs the fp32 merge {cost:.2e}, same top-1 {top1:.0%}; {os.path.getsize(out)} bytes")
+    only = sys.argv[2].split(",") if len(sys.argv) > 2 else None
+    for family, config_class, fields, targets in FAMILIES:
+        if only is None or family in only:
+            with tempfile.TemporaryDirectory() as t:
+                check_family(qlora, t, family, config_class, fields, targets)
     print(f"{failures} failure(s)")
     sys.exit(failures)
 
