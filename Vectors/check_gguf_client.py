@@ -11,13 +11,16 @@ llama.cpp build of the same tree: PYTHONPATH=<sdist> LLAMA_CPP_LIB_PATH=<build>/
 For each family qlora exports (Llama, Mistral, Qwen2, Qwen3, Phi-3) it writes a small random model
 with transformers (hidden 256, intermediate 512, 2 layers, 8 heads over 2 KV heads, bf16) with a
 real SentencePiece tokenizer (Vectors/gguf/llama-tiny/tokenizer.model) and TinyLlama-Chat-style
-side files, and a random PEFT LoRA adapter on every projection. Then it exports with the adapter
+side files, and a random PEFT LoRA adapter on every projection; and a Llama and a Qwen2 with
+byte-level BPE tokenizers (tokenizer.json with Llama 3's and Qwen2's definitions,
+Vectors/gguf/bpe). Then it exports with the adapter
 merged on the fly (Llama: every type from the dense model and Q4_K_M from qlora's NF4 quantization
 of it; the others bf16 and Q8_0 from the dense model and Q4_K_M from NF4) and checks:
 
-  tokens   llama.cpp's tokenizer gives SentencePiece's ids for a fixed text (BOS first), and it
-           reads the chat template and pad token of the TinyLlama-Chat-style tokenizer_config.json
-           (Vectors/gguf/llama-tiny/special/chat) the model carries;
+  tokens   llama.cpp's tokenizer gives SentencePiece's (or transformers', for BPE) ids for a fixed
+           text, BOS first where the tokenizer adds one;
+  special  llama.cpp reads the chat template and pad token of the tokenizer_config.json the model
+           carries;
   loads    llama.cpp loads the file and evaluates those tokens;
   logits   llama.cpp's logits are transformers' own logits for the weights the file holds
            (each GGUF tensor dequantized by the gguf package, q/k rows un-permuted, run through
@@ -53,6 +56,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TOKENIZER = os.path.join(HERE, "gguf", "llama-tiny", "tokenizer.model")
 SPECIAL = os.path.join(HERE, "gguf", "llama-tiny", "special", "chat")
 TEXT = "the quick brown fox jumps over the lazy dog and the naïve QLoRA adapter merge"
+# For the BPE tokenizers: digits (Llama 3 groups up to three, Qwen2 one), CJK, contractions, newlines.
+BPE_TEXT = "It's 2026:\n日本語 and 3.14159 -- the naïve QLoRA adapter's merge\n\n  I'll see"
 TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "iq4_nl"]
 
 # llama.cpp's arithmetic against transformers' fp32 on the same weights. Every type keeps K and V
@@ -76,8 +81,11 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 # The families qlora exports: (name, config class, its fields, LoRA targets). Real Qwen2/Qwen3
 # checkpoints ship BPE tokenizers, which the export does not convert yet; these carry the
 # SentencePiece one (convert_hf_to_gguf.py's Qwen2Model tries tokenizer.model first too).
+BPE = os.path.join(HERE, "gguf", "bpe")
 FAMILIES = [
     ("llama", LlamaConfig, dict(rope_theta=10000.0), PROJECTIONS),
+    ("llama3-bpe", LlamaConfig, dict(rope_theta=500000.0), PROJECTIONS),
+    ("qwen2-bpe", Qwen2Config, dict(rope_theta=1000000.0), PROJECTIONS),
     ("mistral", MistralConfig, dict(rope_theta=1000000.0, sliding_window=None), PROJECTIONS),
     ("qwen2", Qwen2Config, dict(rope_theta=1000000.0), PROJECTIONS),
     ("qwen3", Qwen3Config, dict(rope_theta=1000000.0, head_dim=64), PROJECTIONS),
@@ -86,19 +94,34 @@ FAMILIES = [
 ]
 
 
-def make_model(directory, config_class, fields, targets):
-    sp = sentencepiece.SentencePieceProcessor(model_file=TOKENIZER)
-    config = config_class(**SHAPE, **fields, vocab_size=sp.get_piece_size() + 6)  # room for an added token, and [PAD] ids
+def make_model(directory, family, config_class, fields, targets):
+    """The model, its adapter, its merge, the token ids of TEXT as the Hugging Face side makes them
+    (BOS first where the tokenizer adds one), and the tokenizer_config.json it carries."""
+    if family.endswith("-bpe"):
+        # A byte-level BPE tokenizer.json with Qwen2's or Llama 3's definitions (Vectors/generate_gguf_bpe.py).
+        side = os.path.join(BPE, family.split("-")[0])
+        from transformers import AutoTokenizer
+        ids = AutoTokenizer.from_pretrained(side).encode(BPE_TEXT)
+        vocab_size = json.load(open(os.path.join(side, "config.json")))["vocab_size"]
+        special = {k: v for k, v in json.load(open(os.path.join(side, "config.json"))).items() if k.endswith("_token_id")}
+        files = [os.path.join(side, f) for f in ["tokenizer.json", "tokenizer_config.json"]]
+    else:
+        sp = sentencepiece.SentencePieceProcessor(model_file=TOKENIZER)
+        ids = [1] + sp.encode(TEXT)
+        vocab_size = sp.get_piece_size() + 6  # room for an added token, and [PAD] ids
+        special = {}
+        # TinyLlama-Chat's side files (Vectors/generate_gguf_special.py)
+        files = [TOKENIZER] + [os.path.join(SPECIAL, f) for f in ["tokenizer_config.json", "tokenizer.json"]]
+    config = config_class(**dict(SHAPE, **special), **fields, vocab_size=vocab_size)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
     model.save_pretrained(directory)
-    shutil.copy(TOKENIZER, directory)
-    for f in ["tokenizer_config.json", "tokenizer.json"]:  # TinyLlama-Chat's side files (Vectors/generate_gguf_special.py)
-        shutil.copy(os.path.join(SPECIAL, f), directory)
+    for f in files:
+        shutil.copy(f, directory)
     if config_class is Phi3Config:
         # Phi-3's added_tokens.json; llama.cpp looks <|endoftext|> up in every model named phi3.
         with open(os.path.join(directory, "added_tokens.json"), "w") as f:
-            json.dump({"<|endoftext|>": sp.get_piece_size()}, f)
+            json.dump({"<|endoftext|>": vocab_size - 6}, f)
     torch.manual_seed(1)
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False)
     peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32), lora)
@@ -109,7 +132,7 @@ def make_model(directory, config_class, fields, targets):
     adapter = directory + "-adapter"
     peft_model.save_pretrained(adapter)
     merged = peft_model.merge_and_unload().eval()
-    return sp, adapter, merged
+    return ids, adapter, merged, json.load(open(os.path.join(directory, "tokenizer_config.json")))
 
 
 def unpermute(w, heads):
@@ -133,9 +156,9 @@ def hf_from_gguf(path, config, family):
         elif t.name.startswith("blk."):
             _, layer, part, kind = t.name.split(".")
             name = f"model.layers.{layer}.{per_layer[part]}.{kind}"
-            if family in ("llama", "mistral") and part == "attn_q":  # LlamaModel's permutation, undone
+            if config.model_type in ("llama", "mistral") and part == "attn_q":  # LlamaModel's permutation, undone
                 w = unpermute(w, config.num_attention_heads)
-            elif family in ("llama", "mistral") and part == "attn_k":
+            elif config.model_type in ("llama", "mistral") and part == "attn_k":
                 w = unpermute(w, config.num_key_value_heads)
         else:
             continue  # rope_freqs: not a weight
@@ -155,17 +178,16 @@ def rel_rms(a, b):
     return float(np.sqrt(np.mean((a - b) ** 2)) / np.sqrt(np.mean(b ** 2)))
 
 
-def run_llama_cpp(path, ids):
-    llm = llama_cpp.Llama(model_path=path, n_ctx=64, n_threads=2, logits_all=True, verbose=False)
-    text_ids = llm.tokenize(TEXT.encode(), add_bos=True)
+def run_llama_cpp(path, ids, text):
+    llm = llama_cpp.Llama(model_path=path, n_ctx=128, n_threads=2, logits_all=True, verbose=False)
+    text_ids = llm.tokenize(text.encode(), add_bos=True)
     llm.eval(ids)
     return llm, text_ids, np.array(llm.scores[:len(ids)], dtype=np.float32)
 
 
 def check_family(qlora, t, family, config_class, fields, targets):
     model_dir = os.path.join(t, family)
-    sp, adapter, merged = make_model(model_dir, config_class, fields, targets)
-    ids = [1] + sp.encode(TEXT)
+    ids, adapter, merged, tokenizer_config = make_model(model_dir, family, config_class, fields, targets)
     reference = logits_of(merged.float(), ids)
     nf4 = os.path.join(t, family + "-nf4")
     subprocess.run([qlora, "quantize", model_dir, nf4], check=True, capture_output=True)
@@ -174,7 +196,8 @@ def check_family(qlora, t, family, config_class, fields, targets):
         runs = [(ty, model_dir) for ty in TYPES] + [("q4_k_m", nf4)]
     else:
         runs = [("bf16", model_dir), ("q8_0", model_dir), ("q4_k_m", nf4)]
-    template = json.load(open(os.path.join(SPECIAL, "tokenizer_config.json")))["chat_template"]
+    template = tokenizer_config.get("chat_template")
+    pad = tokenizer_config.get("pad_token")
     for ty, base in runs:
         what = f"{family} {ty} ({'nf4' if base == nf4 else 'dense'} base)"
         out = os.path.join(t, f"{family}-{ty}-{os.path.basename(base)}.gguf")
@@ -183,13 +206,17 @@ def check_family(qlora, t, family, config_class, fields, targets):
             report(False, what + ": export", r.stderr.strip())
             continue
         try:
-            llm, text_ids, got = run_llama_cpp(out, ids)
+            llm, text_ids, got = run_llama_cpp(out, ids, BPE_TEXT if family.endswith("-bpe") else TEXT)
         except Exception as e:  # llama.cpp refused the file
             report(False, what + ": llama.cpp loads", str(e))
             continue
-        report(text_ids == ids, what + ": tokens", f"llama.cpp {len(text_ids)} ids, SentencePiece {len(ids)}")
-        report(llm.metadata.get("tokenizer.chat_template") == template and llm.metadata.get("tokenizer.ggml.padding_token_id") == "2",
-               what + ": special tokens", "llama.cpp reads the chat template and pad id of tokenizer_config.json")
+        source = "transformers" if family.endswith("-bpe") else "SentencePiece"
+        report(text_ids == ids, what + ": tokens", f"llama.cpp's {len(text_ids)} ids are {source}'s {len(ids)}" if text_ids == ids
+               else f"llama.cpp {text_ids} vs {source} {ids}")
+        pad_id = llm.metadata.get("tokenizer.ggml.padding_token_id")
+        pad_ok = pad is None or (pad_id is not None and llm.detokenize([int(pad_id)], special=True).decode() == pad)
+        report(llm.metadata.get("tokenizer.chat_template") == template and pad_ok,
+               what + ": special tokens", "llama.cpp reads the chat template and pad token of tokenizer_config.json")
         held = logits_of(hf_from_gguf(out, merged.config, family), ids)
         engine, cost = rel_rms(got, held), rel_rms(got, reference)
         top1 = float(np.mean(got.argmax(-1) == reference.argmax(-1)))

@@ -15,6 +15,8 @@ import SafeTensors
 public struct SpecialVocabulary: Sendable, Equatable {
     /// One metadata entry, in the order `SpecialVocab.add_to_gguf` writes them.
     public enum Entry: Sendable, Equatable {
+        /// tokenizer.ggml.merges (BPE).
+        case merges([String])
         /// tokenizer.ggml.<kind>_token_id (kinds bos, eos, unk, sep, pad, mask, eot, eom).
         case tokenID(kind: String, id: Int)
         /// tokenizer.ggml.add_<kind>_token (bos, eos, sep).
@@ -66,6 +68,9 @@ public struct SpecialVocabulary: Sendable, Equatable {
         /// Phi3MiniModel.set_vocab: added_tokens.json, added_tokens_decoder, then tokenizer.json's
         /// added_tokens, each user-defined unless marked special (control), text as is.
         case phi3
+        /// `_set_vocab_gpt2`: the BPE vocabulary carries the added tokens itself; merges are loaded,
+        /// and special-token ids are not checked against the vocabulary size.
+        case bpe
     }
 
     /// Reads `directory`'s side files for a vocabulary of `vocabSize` tokens.
@@ -89,13 +94,13 @@ public struct SpecialVocabulary: Sendable, Equatable {
         let addedTokensJSON = try json("added_tokens.json")
 
         // _create_vocab_sentencepiece: added_tokens.json, then added_tokens_decoder.
-        if case .object(let members)? = addedTokensJSON {
+        if rules != .bpe, case .object(let members)? = addedTokensJSON {
             for m in members {
                 guard let id = Self.int(m.value), id >= 0, id < vocabSize else { continue }
                 addedTokens.append((id, m.key, .userDefined))
             }
         }
-        if case .object(let members)? = tokenizerConfig?["added_tokens_decoder"] {
+        if rules != .bpe, case .object(let members)? = tokenizerConfig?["added_tokens_decoder"] {
             for m in members {
                 guard let id = Int(m.key), id >= 0, id < vocabSize, case .string(var content)? = m.value["content"] else { continue }
                 let special = Self.truthy(m.value["special"])
@@ -116,7 +121,7 @@ public struct SpecialVocabulary: Sendable, Equatable {
             }
         }
         // LlamaModel.set_vocab's (Phi3MiniModel does not read it).
-        if rules == .sentencePiece, case .bool(let b)? = tokenizerConfig?["add_prefix_space"] { addSpacePrefix = b }
+        if rules != .phi3, case .bool(let b)? = tokenizerConfig?["add_prefix_space"] { addSpacePrefix = b }
 
         var kinds = ["bos", "eos", "unk", "sep", "pad", "cls", "mask"]
         var ids: [(String, Int)] = []
@@ -126,7 +131,7 @@ public struct SpecialVocabulary: Sendable, Equatable {
             guard let id = Self.int(value) else { return }
             // A negative id (some configs say pad_token_id -1) stops the converter with a
             // ValueError; the export leaves that kind out instead.
-            guard id >= 0, id < vocabSize, !ids.contains(where: { $0.0 == kind }) else { return }
+            guard id >= 0, rules == .bpe || id < vocabSize, !ids.contains(where: { $0.0 == kind }) else { return }
             ids.append((kind, id))
         }
         func setAdd(_ kind: String, _ value: Bool, onlyIfUnset: Bool) {
@@ -159,7 +164,25 @@ public struct SpecialVocabulary: Sendable, Equatable {
 
         var addedTokenList: [JSONValue] = []
         var templateEntries: [Entry] = []
+        var merges: [String] = []
         if let tokenizer, Self.truthy(tokenizer) {
+            if rules == .bpe, case .array(let list)? = tokenizer["model"]?["merges"], let first = list.first {
+                // Strings as they are; pairs (transformers 4.45 and later) joined by a space, a
+                // space inside a part written as U+0120 (gguf-py's encoding).
+                for m in list {
+                    switch (m, first) {
+                    case (.string(let t), .string): merges.append(t)
+                    case (.array(let pair), .array):
+                        guard pair.count == 2, case .string(let a) = pair[0], case .string(let b) = pair[1] else {
+                            throw CheckpointError.invalidPath(path: directory + "/tokenizer.json", problem: "a merge is not a pair of strings")
+                        }
+                        func enc(_ x: String) -> String { x.replacingOccurrences(of: " ", with: "\u{0120}") }
+                        merges.append(enc(a) + " " + enc(b))
+                    default:
+                        throw CheckpointError.invalidPath(path: directory + "/tokenizer.json", problem: "model.merges mixes strings and pairs")
+                    }
+                }
+            }
             if let n = tokenizer["normalizer"], Self.truthy(n) { parseNormalizer(n) }
             if case .array(let list)? = tokenizer["added_tokens"] { addedTokenList = list }
             var bos = configValue("bos_token"), cls = configValue("cls_token"), eos = configValue("eos_token"), sep = configValue("sep_token")
@@ -288,7 +311,8 @@ public struct SpecialVocabulary: Sendable, Equatable {
                 setID(kind, id)
             }
         }
-        entries = ids.filter { Self.idKinds.contains($0.0) }.map { .tokenID(kind: $0.0, id: $0.1) }
+        entries = (merges.isEmpty ? [] : [.merges(merges)])
+            + ids.filter { Self.idKinds.contains($0.0) }.map { .tokenID(kind: $0.0, id: $0.1) }
             + adds.filter { Self.addKinds.contains($0.0) }.map { .addToken(kind: $0.0, $0.1) }
             + templateEntries
         if let lowercase { entries.append(.normalizerLowercase(lowercase)) }
@@ -342,7 +366,7 @@ public struct SpecialVocabulary: Sendable, Equatable {
     static func firstOf(_ v: JSONValue?) -> JSONValue? { if case .array(let a)? = v, let f = a.first { return f }; return nil }
 
     /// The converter's does_token_look_special.
-    static func looksSpecial(_ t: String) -> Bool {
+    public static func looksSpecial(_ t: String) -> Bool {
         ["<pad>", "<mask>", "<2mass>", "[@BOS@]"].contains(t) || (t.hasPrefix("<|") && t.hasSuffix("|>"))
             || (t.hasPrefix("<｜") && t.hasSuffix("｜>")) || (t.hasPrefix("<unused") && t.hasSuffix(">"))
     }

@@ -46,4 +46,44 @@ final class SpecialVocabularyTests: XCTestCase {
             }
         }
     }
+
+    /// Byte-level BPE tokenizers (tokenizer.json): Vectors/gguf/bpe/VARIANT.gguf is the
+    /// converter's `--vocab-only` output for VARIANT/ (Vectors/generate_gguf_bpe.py).
+    func testBPETokenizersGiveTheConvertersTokenizerKeys() throws {
+        let bpe = repositoryRoot.appendingPathComponent("Vectors/gguf/bpe")
+        for (variant, family, pre) in [("qwen2", GGUFArchitecture.qwen2, "qwen2"), ("llama3", .llama, "llama-bpe")] {
+            let dir = bpe.appendingPathComponent(variant)
+            let configPath = dir.appendingPathComponent("config.json").path
+            let config = try JSONValue.parse(document: [UInt8](try Data(contentsOf: URL(fileURLWithPath: configPath))))
+            let arch = try ModelArchitecture(configFile: configPath)
+            let tokenizer = try GGUFExport.Tokenizer(directory: dir.path, family, vocabSize: arch.vocabSize)
+            XCTAssertEqual(tokenizer.bpe?.pre, pre, variant)
+            let ours = GGUFExport.metadata(config: config, arch, family, name: "Tiny", parameters: 0, outType: .f16,
+                                           vocabulary: tokenizer.sentencePiece, special: tokenizer.special, bpe: tokenizer.bpe)
+            let url = bpe.appendingPathComponent(variant + ".gguf")
+            let golden = try GGUFFile(bytes: try Data(contentsOf: url), file: url.path).metadata
+            func tail(_ m: [(key: String, value: GGUFValue)]) -> [(key: String, value: GGUFValue)] {
+                Array(m.drop { $0.key != "general.quantization_version" })
+            }
+            let (want, got) = (tail(golden), tail(ours))
+            XCTAssertGreaterThan(want.count, 8, "\(variant): the golden's tokenizer keys")
+            XCTAssertEqual(got.map(\.key), want.map(\.key), "\(variant): keys and order")
+            for (g, w) in zip(got, want) where g.key == w.key {
+                XCTAssertEqual(g.value, w.value, "\(variant): \(g.key)")
+            }
+        }
+    }
+
+    /// A pre-tokenizer qlora does not name is refused with one line naming tokenizer.json.
+    func testUnknownPreTokenizerIsRefused() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("bpe-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        try FileManager.default.copyItem(at: repositoryRoot.appendingPathComponent("Vectors/gguf/bpe/qwen2"), to: dir)
+        let file = dir.appendingPathComponent("tokenizer.json")
+        let text = try String(contentsOf: file, encoding: .utf8).replacingOccurrences(of: #"\\p{N}|"#, with: #"\\p{N}{1,2}|"#)
+        try text.write(to: file, atomically: true, encoding: .utf8)
+        XCTAssertThrowsError(try BPEVocabulary(directory: dir.path)) { e in
+            XCTAssertTrue("\(e)".contains("tokenizer.json: its pre-tokenizer is not one qlora names yet"), "\(e)")
+        }
+    }
 }

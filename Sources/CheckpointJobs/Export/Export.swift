@@ -88,16 +88,7 @@ public func exportGGUF(base: String, adapters specs: [MergeAdapter] = [], output
         throw CheckpointError.invalidPath(path: configPath, problem: "a LongRoPE Phi-3 (rope long_factor/short_factor) is not exported yet")
     }
     let arch = try ModelArchitecture(configFile: configPath)
-    let tokenizerPath = base + "/tokenizer.model"
-    guard FileManager.default.fileExists(atPath: tokenizerPath) else {
-        let bpe = FileManager.default.fileExists(atPath: base + "/tokenizer.json")
-        throw CheckpointError.invalidPath(path: base, problem: bpe
-            ? "has tokenizer.json but no tokenizer.model: export converts SentencePiece tokenizers so far, not BPE ones"
-            : "has no tokenizer.model: llama.cpp's converter refuses a checkpoint without its tokenizer, and llama.cpp cannot run one")
-    }
-    let sentencePiece = try SentencePieceModel(file: tokenizerPath)
-    var special = try SpecialVocabulary(directory: base, vocabSize: arch.vocabSize, addedTokens: family == .phi3 ? .phi3 : .sentencePiece)
-    if family != .llama { special.addSpacePrefix = nil }  // only LlamaModel.set_vocab reads add_prefix_space
+    let tokenizer = try GGUFExport.Tokenizer(directory: base, family, vocabSize: arch.vocabSize)
     var warnings: [String] = []
 
     let reader = try CheckpointReader(path: base)
@@ -134,7 +125,7 @@ public func exportGGUF(base: String, adapters specs: [MergeAdapter] = [], output
     }
     summary.warnings = warnings
     var metadata = GGUFExport.metadata(config: config, arch, family, name: name, parameters: summary.parameters, outType: convertedAs,
-                                            vocabulary: sentencePiece.ggufVocabulary(vocabSize: arch.vocabSize), special: special)
+                                            vocabulary: tokenizer.sentencePiece, special: tokenizer.special, bpe: tokenizer.bpe)
     // The file's tensors in order with their final types.
     var order = Array(planned.indices)
     var finalTypes = planned.map(\.type)

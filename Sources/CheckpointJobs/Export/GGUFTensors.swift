@@ -1,11 +1,12 @@
 import CheckpointFormats
+import FileOutput
 import Foundation
 import GGUF
 import QLoRA
 import SafeTensors
 
-/// The output types convert_hf_to_gguf.py writes itself (`--outtype`); llama-quantize's types
-/// come later (issue 16).
+/// The output types convert_hf_to_gguf.py writes itself (`--outtype`); llama-quantize's are
+/// `LlamaQuantizeMixture`.
 public enum GGUFOutType: String, CaseIterable, Sendable {
     case f32, f16, bf16, q8_0
 }
@@ -317,12 +318,13 @@ extension GGUFExport {
     }
 
     /// The metadata convert_hf_to_gguf.py writes for an `arch` model with a SentencePiece
-    /// tokenizer, in its order: the general keys; the hyperparameters (TextModel's, or
+    /// tokenizer (`vocabulary`) or a byte-level BPE one (`bpe`, then `vocabulary` is unused), in its order: the general keys; the hyperparameters (TextModel's, or
     /// Phi3MiniModel's own list), as transformers' config class holds them; the quantization
     /// version; the vocabulary and the special vocabulary.
     public static func metadata(config: JSONValue, _ a: ModelArchitecture, _ arch: GGUFArchitecture, name: String, parameters: Int, outType: GGUFOutType,
                                 vocabulary: (tokens: [String], scores: [Float], types: [Int32]),
-                                special: SpecialVocabulary? = nil) -> [(key: String, value: GGUFValue)] {
+                                special: SpecialVocabulary? = nil,
+                                bpe: (pre: String, tokens: [String], types: [Int32])? = nil) -> [(key: String, value: GGUFValue)] {
         let v = special?.apply(to: vocabulary) ?? vocabulary
         let p = arch.rawValue
         func u32(_ x: Int) -> GGUFValue { .uint32(UInt32(clamping: x)) }
@@ -371,11 +373,19 @@ extension GGUFExport {
         }
         m.append(("general.quantization_version", .uint32(2)))
         if let b = special?.addSpacePrefix { m.append(("tokenizer.ggml.add_space_prefix", .bool(b))) }
-        m.append(("tokenizer.ggml.model", .string("llama")))
-        m.append(("tokenizer.ggml.pre", .string("default")))
-        m.append(("tokenizer.ggml.tokens", .strings(v.tokens)))
-        m.append(("tokenizer.ggml.scores", .float32s(v.scores)))
-        m.append(("tokenizer.ggml.token_type", .int32s(v.types)))
+        if let bpe {
+            // _set_vocab_gpt2: no scores.
+            m.append(("tokenizer.ggml.model", .string("gpt2")))
+            m.append(("tokenizer.ggml.pre", .string(bpe.pre)))
+            m.append(("tokenizer.ggml.tokens", .strings(bpe.tokens)))
+            m.append(("tokenizer.ggml.token_type", .int32s(bpe.types)))
+        } else {
+            m.append(("tokenizer.ggml.model", .string("llama")))
+            m.append(("tokenizer.ggml.pre", .string("default")))
+            m.append(("tokenizer.ggml.tokens", .strings(v.tokens)))
+            m.append(("tokenizer.ggml.scores", .float32s(v.scores)))
+            m.append(("tokenizer.ggml.token_type", .int32s(v.types)))
+        }
         if let special {
             m += special.entries.map(metadata)
         } else {
@@ -389,6 +399,7 @@ extension GGUFExport {
     /// gguf-py's key and value of one special-vocabulary entry.
     static func metadata(_ e: SpecialVocabulary.Entry) -> (key: String, value: GGUFValue) {
         switch e {
+        case .merges(let m): return ("tokenizer.ggml.merges", .strings(m))
         case .tokenID(let kind, let id):
             let names = ["unk": "unknown", "sep": "seperator", "pad": "padding"]  // gguf-py's key names, its spelling
             return ("tokenizer.ggml.\(names[kind] ?? kind)_token_id", .uint32(UInt32(clamping: id)))
@@ -410,5 +421,40 @@ extension GGUFExport {
             out += [UInt8](repeating: 0, count: (header.alignment - t.bytes.count % header.alignment) % header.alignment)
         }
         return out
+    }
+}
+
+extension GGUFExport {
+    /// A checkpoint directory's tokenizer as the converter reads it for `family`: tokenizer.model
+    /// (SentencePiece) when there is one, else tokenizer.json (byte-level BPE, `_set_vocab_gpt2`);
+    /// Phi-3 reads tokenizer.model unless tokenizer_config.json says GPT2Tokenizer (Phi-4). With the
+    /// side files' special vocabulary.
+    public struct Tokenizer {
+        /// The SentencePiece vocabulary (empty for BPE).
+        public var sentencePiece: (tokens: [String], scores: [Float], types: [Int32]) = ([], [], [])
+        public var bpe: (pre: String, tokens: [String], types: [Int32])?
+        public var special: SpecialVocabulary
+
+        public init(directory base: String, _ family: GGUFArchitecture, vocabSize: Int) throws {
+            let fm = FileManager.default
+            let model = base + "/tokenizer.model"
+            var useBPE = !fm.fileExists(atPath: model) && fm.fileExists(atPath: base + "/tokenizer.json")
+            if family == .phi3, fm.fileExists(atPath: base + "/tokenizer_config.json"),
+               let tc = try? JSONValue.parse(document: [UInt8](InputFile.read(base + "/tokenizer_config.json"))), tc["tokenizer_class"] == .string("GPT2Tokenizer") {
+                useBPE = true
+            }
+            guard useBPE || fm.fileExists(atPath: model) else {
+                throw CheckpointError.invalidPath(path: base, problem: "has no tokenizer.model or tokenizer.json: llama.cpp's converter refuses a checkpoint without its tokenizer, and llama.cpp cannot run one")
+            }
+            if useBPE {
+                let v = try BPEVocabulary(directory: base)
+                let t = try v.ggufVocabulary(vocabSize: vocabSize, file: base + "/tokenizer.json")
+                bpe = (v.preTokenizer, t.tokens, t.types)
+            } else {
+                sentencePiece = try SentencePieceModel(file: model).ggufVocabulary(vocabSize: vocabSize)
+            }
+            special = try SpecialVocabulary(directory: base, vocabSize: vocabSize, addedTokens: useBPE ? .bpe : family == .phi3 ? .phi3 : .sentencePiece)
+            if family != .llama { special.addSpacePrefix = nil }  // only LlamaModel.set_vocab reads add_prefix_space
+        }
     }
 }
