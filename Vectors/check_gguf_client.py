@@ -22,6 +22,8 @@ of it; the others bf16 and Q8_0 from the dense model and Q4_K_M from NF4) and ch
   special  llama.cpp reads the chat template and pad token of the tokenizer_config.json the model
            carries;
   loads    llama.cpp loads the file and evaluates those tokens;
+  lora     the adapter alone (--lora-only, f32) on the bf16 base: llama.cpp's logits with the
+           adapter applied unmerged are the fp32 merge's within the bf16 tolerance;
   logits   llama.cpp's logits are transformers' own logits for the weights the file holds
            (each GGUF tensor dequantized by the gguf package, q/k rows un-permuted, run through
            transformers in fp32): relative RMS difference within ENGINE_TOLERANCE, the error of
@@ -185,6 +187,30 @@ def run_llama_cpp(path, ids, text):
     return llm, text_ids, np.array(llm.scores[:len(ids)], dtype=np.float32)
 
 
+def check_lora(qlora, t, family, model_dir, adapter, ids, reference):
+    """The adapter alone as a LoRA GGUF on the bf16 base: llama.cpp applies it unmerged (scale alpha/r)."""
+    base_gguf, lora_gguf = os.path.join(t, family + "-base.gguf"), os.path.join(t, family + "-lora.gguf")
+    what = f"{family} lora-only (f32 on a bf16 base)"
+    for args in (["export", model_dir, base_gguf, "--type", "bf16"], ["export", "--lora-only", adapter, lora_gguf, "--base", model_dir]):
+        r = subprocess.run([qlora, *args], capture_output=True, text=True)
+        if r.returncode != 0:
+            report(False, what + ": export", r.stderr.strip())
+            return
+    try:
+        runs = []
+        for lora in (lora_gguf, None):
+            llm = llama_cpp.Llama(model_path=base_gguf, lora_path=lora, n_ctx=128, n_threads=2, logits_all=True, verbose=False)
+            llm.eval(ids)
+            runs.append(np.array(llm.scores[:len(ids)], dtype=np.float32))
+    except Exception as e:
+        report(False, what + ": llama.cpp loads", str(e))
+        return
+    diff, without = rel_rms(runs[0], reference), rel_rms(runs[1], reference)
+    # Within the bf16 tolerance, and the adapter visibly applied: the base alone is at least 4x further off.
+    report(diff <= ENGINE_TOLERANCE["bf16"] and 4 * diff <= without, what + ": logits",
+           f"vs the fp32 merge {diff:.2e} (≤ {ENGINE_TOLERANCE['bf16']:.0e}; without the adapter {without:.2e}); {os.path.getsize(lora_gguf)} bytes")
+
+
 def check_family(qlora, t, family, config_class, fields, targets):
     model_dir = os.path.join(t, family)
     ids, adapter, merged, tokenizer_config = make_model(model_dir, family, config_class, fields, targets)
@@ -196,6 +222,7 @@ def check_family(qlora, t, family, config_class, fields, targets):
         runs = [(ty, model_dir) for ty in TYPES] + [("q4_k_m", nf4)]
     else:
         runs = [("bf16", model_dir), ("q8_0", model_dir), ("q4_k_m", nf4)]
+    check_lora(qlora, t, family, model_dir, adapter, ids, reference)
     template = tokenizer_config.get("chat_template")
     pad = tokenizer_config.get("pad_token")
     for ty, base in runs:

@@ -17,9 +17,14 @@ struct Export: ParsableCommand {
             OUTPUT appears only when complete.
             """)
 
-    @Argument(help: "Base checkpoint directory (config.json, tokenizer.model, dense or bnb-4bit safetensors).") var base: String
+    @Argument(help: ArgumentHelp("Base checkpoint directory (config.json, tokenizer.model or tokenizer.json, dense or bnb-4bit safetensors); with --lora-only, the PEFT adapter directory.",
+                                 valueName: "base-or-adapter"))
+    var input: String
     @Argument(help: "The GGUF file to write.") var output: String
-    @Option(help: "f32, f16, bf16, q8_0, q4_0, q4_k_m or iq4_nl.") var type: GGUFExportType
+    @Option(help: "f32, f16, bf16, q8_0, q4_0, q4_k_m or iq4_nl (with --lora-only: f32, f16, bf16 or q8_0; default f32).") var type: GGUFExportType?
+    @Flag(help: "Write the adapter alone as llama.cpp's LoRA GGUF (llama-cli --lora), as convert_lora_to_gguf.py does; needs --base.")
+    var loraOnly = false
+    @Option(help: ArgumentHelp("With --lora-only: the base checkpoint directory (only its config.json is read).", valueName: "dir")) var base: String?
     @Option(name: .customLong("adapter"), help: ArgumentHelp("A PEFT adapter to merge first (DIR or DIR=WEIGHT); repeat for more, merged in order.", valueName: "dir[=weight]"))
     var adapters: [String] = []
     @Option(help: "The dtype merged 4-bit weights take before conversion (as qlora merge --dtype): bf16, f16 or f32.") var mergedDtype: OutputDType = .bf16
@@ -28,9 +33,29 @@ struct Export: ParsableCommand {
     @Flag(help: "Print the summary as JSON.") var json = false
     @Flag(help: "Replace an existing OUTPUT (never an input), once the new one is complete.") var overwrite = false
 
+    func validate() throws {
+        if loraOnly {
+            guard let base, !base.isEmpty else { throw ValidationError("--lora-only needs --base DIR (the base checkpoint's config.json)") }
+            guard adapters.isEmpty, !report else { throw ValidationError("--lora-only writes one adapter as it is: --adapter and --report do not apply") }
+            guard (type ?? .f32).convertType != nil || type == .q8_0 else { throw ValidationError("--lora-only writes f32, f16, bf16 or q8_0") }
+        } else {
+            guard type != nil else { throw ValidationError("Missing expected argument '--type <type>'") }
+            guard base == nil else { throw ValidationError("--base is for --lora-only; the base is the first argument") }
+        }
+    }
+
     func run() {
         runReportingErrors {
             StagedOutput.installSignalCleanup()
+            if loraOnly {
+                let outType: GGUFOutType = type.flatMap { $0.convertType } ?? (type == .q8_0 ? .q8_0 : .f32)
+                let s = try exportLoRAGGUF(adapter: input, base: base!, output: output, type: outType, overwrite: overwrite)
+                if json { try printJSON(s); return }
+                print("exported \(s.modules) LoRA modules as convert_lora_to_gguf.py --outtype \(outType.rawValue); wrote \(s.bytesWritten) bytes to \(output)")
+                return
+            }
+            let type = type!
+            let base = input
             let specs = try adapters.map(parseAdapter)
             let line = ProgressLine("export")
             let s = try exportGGUF(base: base, adapters: specs, output: output, type: type, mergedDType: mergedDtype.elementType, report: report, overwrite: overwrite, progress: line.update)

@@ -128,3 +128,54 @@ final class GGUFQuantizeTests: XCTestCase {
         }
     }
 }
+
+/// `exportLoRAGGUF` against convert_lora_to_gguf.py (Vectors/gguf/lora.json, made by
+/// Vectors/generate_gguf_lora.py), to the byte.
+final class LoRAGGUFTests: XCTestCase {
+    /// generate_gguf_lora.py's adapter: rank 4 on the seven projections of Vectors/llama/tiny, bf16
+    /// values from `GGUFQuantizeTests.smallWeights`.
+    static func writeAdapter(_ dir: URL) throws {
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        try FileManager.default.copyItem(at: repositoryRoot.appendingPathComponent("Vectors/gguf/lora/adapter_config.json"), to: dir.appendingPathComponent("adapter_config.json"))
+        let dims: [(String, Int, Int)] = [("q_proj", 64, 64), ("k_proj", 64, 32), ("v_proj", 64, 32), ("o_proj", 64, 64), ("gate_proj", 64, 128), ("up_proj", 64, 128), ("down_proj", 128, 64)]
+        var shapes: [(String, [Int])] = []
+        for layer in 0..<2 {
+            for (module, n_in, n_out) in dims {
+                let group = ["gate_proj", "up_proj", "down_proj"].contains(module) ? "mlp" : "self_attn"
+                let p = "base_model.model.model.layers.\(layer).\(group).\(module)"
+                shapes += [(p + ".lora_A.weight", [4, n_in]), (p + ".lora_B.weight", [n_out, 4])]
+            }
+        }
+        let w = try SafeTensorsWriter(url: dir.appendingPathComponent("adapter_model.safetensors"), tensors: shapes.map { ($0.0, DType.bf16, $0.1) }, metadata: ["format": "pt"])
+        for (name, shape) in shapes {
+            try GGUFQuantizeTests.smallWeights(name, shape.reduce(1, *)).withUnsafeBytes { try w.write(name, bytes: $0) }
+        }
+        try w.finish()
+    }
+
+    func testLoRAGGUFIsTheConvertersToTheByte() throws {
+        let data = try Data(contentsOf: repositoryRoot.appendingPathComponent("Vectors/gguf/lora.json"))
+        let golden = try XCTUnwrap(try JSONSerialization.jsonObject(with: data) as? [String: Any])
+        let tmp = FileManager.default.temporaryDirectory.appendingPathComponent("lora-gguf-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: tmp) }
+        let adapter = tmp.appendingPathComponent("adapter")
+        try Self.writeAdapter(adapter)
+        for outType in GGUFOutType.allCases {
+            let want = try XCTUnwrap(golden[outType.rawValue] as? [String: Any])
+            let out = tmp.appendingPathComponent("lora-\(outType.rawValue).gguf")
+            let s = try exportLoRAGGUF(adapter: adapter.path, base: repositoryRoot.appendingPathComponent("Vectors/llama/tiny").path, output: out.path, type: outType)
+            XCTAssertEqual(s.modules, 14)
+            let bytes = try Data(contentsOf: out)
+            let file = try GGUFFile(bytes: bytes, file: out.path)
+            let wantTensors = try XCTUnwrap(want["tensors"] as? [[Any]])
+            XCTAssertEqual(file.header.tensors.map(\.name), wantTensors.map { $0[0] as! String }, "\(outType): tensor order")
+            for (t, w) in zip(file.header.tensors, wantTensors) {
+                XCTAssertEqual(t.type.description, w[1] as? String, "\(outType) \(t.name): type")
+                XCTAssertEqual(t.ne, w[2] as? [Int], "\(outType) \(t.name): dimensions")
+                XCTAssertEqual(SHA256.hex(Array(file.data(of: t))), w[3] as? String, "\(outType) \(t.name): bytes")
+            }
+            XCTAssertEqual(file.metadata.map(\.key), (want["metadata"] as? [[String]])?.map { $0[0] }, "\(outType): keys")
+            XCTAssertEqual(SHA256.hex([UInt8](bytes)), want["sha256"] as? String, "\(outType): the file")
+        }
+    }
+}
