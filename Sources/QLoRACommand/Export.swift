@@ -69,7 +69,7 @@ struct Export: ParsableCommand {
                 : "convert_hf_to_gguf.py --outtype auto (\(s.convertedAs)), then llama-quantize \(type.mixture!.rawValue)"
             let types = s.typeCounts.sorted { $0.value > $1.value || ($0.value == $1.value && $0.key < $1.key) }.map { "\($0.value) \($0.key)" }.joined(separator: ", ")
             print("exported \(s.tensors) tensors (\(types)) as \(how); merged \(s.merged), dequantized \(s.dequantized) 4-bit; wrote \(s.bytesWritten) bytes to \(output)")
-            if report { printServingReport(s) }
+            if report { printServingReport(s.serving, total: s.servingTotal) }
         }
     }
 }
@@ -78,17 +78,17 @@ extension GGUFExportType: ExpressibleByArgument {}
 
 /// The serving-format table: per merged weight and in total, ‖Q(W+ΔW) − (W+ΔW)‖/‖ΔW‖ and
 /// cos(Q(W+ΔW) − W, ΔW) for each format (llama.cpp's type of the tensor beside its mixture).
-func printServingReport(_ s: ExportSummary) {
-    guard !s.serving.isEmpty else {
+func printServingReport(_ rows: [ServingReportRow], total: ServingReportRow) {
+    guard !rows.isEmpty else {
         print("\nno adapter was merged: nothing to report on what serving keeps of a fine-tune")
         return
     }
     let formats = ServingFormat.allCases
-    let width = max(6, s.serving.map { escapingControlCharacters($0.name).count }.max() ?? 0)
+    let width = max(6, rows.map { escapingControlCharacters($0.name).count }.max() ?? 0)
     func pad(_ t: String, _ w: Int) -> String { t.padding(toLength: w, withPad: " ", startingAt: 0) }
     print("\nWhat each serving format keeps of the fine-tune: ‖Q(W+ΔW) − (W+ΔW)‖/‖ΔW‖ and cos(Q(W+ΔW) − W, ΔW)")
     print(pad("tensor", width) + formats.map { "   " + pad($0.rawValue, 22) }.joined())
-    for r in s.serving + [s.servingTotal] {
+    for r in rows + [total] {
         let cells = formats.map { f -> String in
             let type = r.ggmlTypes[f.rawValue].map { " \($0)" } ?? ""
             return "   " + pad(String(format: "%7.4f %7.4f", r.errorToDelta[f.rawValue] ?? 0, r.deltaCosine[f.rawValue] ?? 0) + type, 22)

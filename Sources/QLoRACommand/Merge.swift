@@ -24,7 +24,7 @@ struct Merge: ParsableCommand {
     var moreAdapters: [String] = []
     @Option(help: "Output dtype of merged 4-bit weights: bf16, f16 or f32.") var dtype: OutputDType = .bf16
     @Flag(help: "Re-quantize merged 4-bit weights to the base's 4-bit format.") var requantize = false
-    @Flag(help: "Per merged tensor: the error writing adds relative to ΔW and to W+ΔW, and how much of ΔW survives.") var report = false
+    @Flag(help: "Per merged tensor: the error writing adds relative to ΔW and to W+ΔW, and how much of ΔW survives; and what each serving format (NF4, Q8_0, Q4_K_M, IQ4_NL) keeps.") var report = false
     @Option(help: ArgumentHelp("With a 4-bit BASE: the 16-bit checkpoint it was quantized from. Reports how far merging into it, into the dequantized base (--dtype) and re-quantizing land from dequant(W4)+ΔW.", valueName: "original-base"))
     var compareOriginal: String?
     @Option(help: ArgumentHelp("Write shards of at most this size with an index, e.g. 5GB, 500MB, 2GiB or bytes.", valueName: "size"))
@@ -53,6 +53,13 @@ struct Merge: ParsableCommand {
                 print("\n" + pad("tensor") + "   ‖err‖/‖ΔW‖   ‖err‖/‖W+ΔW‖   cos(applied, ΔW)")
                 for r in s.report + [s.total] {
                     print(pad(r.name) + String(format: "   %10.4f   %12.3e   %16.4f", r.errorToDelta, r.errorToWeight, r.deltaCosine))
+                }
+            }
+            if report {
+                if s.serving.isEmpty {
+                    print("\n(what each serving format keeps: needs a checkpoint directory whose config.json names a family llama.cpp runs)")
+                } else {
+                    printServingReport(s.serving, total: s.servingTotal)
                 }
             }
             if compareOriginal != nil {

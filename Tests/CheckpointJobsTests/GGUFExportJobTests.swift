@@ -89,6 +89,17 @@ final class GGUFExportJobTests: XCTestCase {
                 XCTAssertEqual(e.deltaCosine[column]!, r.deltaCosine, accuracy: 1e-9, "\(r.name) \(column)")
             }
         }
+        // qlora merge --report gives the same serving rows as the export of the same merge.
+        XCTAssertEqual(dense.serving.count, exported.serving.count)
+        for r in dense.serving + [dense.servingTotal] {
+            let e = try XCTUnwrap(r.name == "total" ? exported.servingTotal : byName[r.name], r.name)
+            XCTAssertEqual(r.ggmlTypes, e.ggmlTypes, r.name)
+            for f in ServingFormat.allCases.map(\.rawValue) {
+                XCTAssertEqual(r.errorToDelta[f]!, e.errorToDelta[f]!, accuracy: 1e-12, "\(r.name) \(f)")
+                XCTAssertEqual(r.deltaCosine[f]!, e.deltaCosine[f]!, accuracy: 1e-12, "\(r.name) \(f)")
+            }
+        }
+        XCTAssertEqual(requantized.serving.count, 14, "the re-quantizing merge reports the serving formats too")
         let v = try XCTUnwrap(byName["model.layers.1.self_attn.v_proj.weight"])
         XCTAssertEqual(v.ggmlTypes["q4_k_m"], "Q6_K", "the last layer's attn_v gets more bits")
         XCTAssertEqual(byName["model.layers.0.self_attn.v_proj.weight"]?.ggmlTypes["q4_k_m"], "Q4_K")
@@ -112,7 +123,7 @@ final class GGUFExportJobTests: XCTestCase {
         try FileManager.default.removeItem(atPath: noTokenizer + "/tokenizer.model")
         refused(noTokenizer, "has no tokenizer.model")
         try Data("{}".utf8).write(to: URL(fileURLWithPath: noTokenizer + "/tokenizer.json"))
-        refused(noTokenizer, "not BPE ones")
+        refused(noTokenizer, "tokenizer.json: is not a BPE tokenizer")
         let qwen = tmp.appendingPathComponent("qwen").path
         try FileManager.default.copyItem(atPath: s.model, toPath: qwen)
         let config = try String(contentsOfFile: qwen + "/config.json", encoding: .utf8).replacingOccurrences(of: "LlamaForCausalLM", with: "GemmaForCausalLM")

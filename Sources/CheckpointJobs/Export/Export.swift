@@ -94,25 +94,9 @@ public func exportGGUF(base: String, adapters specs: [MergeAdapter] = [], output
     let reader = try CheckpointReader(path: base)
     let plan = try MergePlan(reader: reader, base: base, adapters: specs)
     let context = MergeContext(reader: reader, original: nil, options: MergeOptions(dtype: mergedDType, report: report, threads: threads))
-    // The dense checkpoint merge + dequantize would write: each 4-bit weight once, as its
-    // recorded dtype or (merged) as mergedDType, its constants dropped.
-    var companions = Set<String>()
-    for g in plan.groups.values { for m in g.members where m != g.name { companions.insert(m) } }
-    var dense: [GGUFExport.DenseTensor] = []
+    let dense = try ServingPlan.denseTensors(reader, plan, mergedDType: mergedDType)
     var entryOf: [String: CheckpointReader.Entry] = [:]
-    for e in reader.entries where !companions.contains(e.name) {
-        entryOf[e.name] = e
-        let file = reader.filePath(of: e.name)
-        if let g = plan.groups[e.name] {
-            let state = try BnB4BitFormat.state(of: g, from: reader)
-            dense.append(.init(name: e.name, shard: e.shardIndex, shape: state.shape, dtype: plan.weights[e.name] != nil ? mergedDType : state.dtype, file: file))
-        } else {
-            guard let t = ElementType(e.info.dtype) else {
-                throw CheckpointError.invalidTensor(file: file, tensor: e.name, problem: "dtype \(e.info.dtype) is not a float type")
-            }
-            dense.append(.init(name: e.name, shard: e.shardIndex, shape: e.info.shape, dtype: t, file: file))
-        }
-    }
+    for e in reader.entries { entryOf[e.name] = e }
     let convertedAs = type.convertType ?? GGUFExport.autoOutType(dense)
     let planned = try GGUFExport.plan(dense, arch, family, outType: convertedAs)
     var summary = ExportSummary()
@@ -145,16 +129,7 @@ public func exportGGUF(base: String, adapters specs: [MergeAdapter] = [], output
     summary.tensors = planned.count
     for i in order { summary.typeCounts[finalTypes[i].description, default: 0] += 1 }
 
-    // With a report: llama-quantize's type of each merged weight under each mixture.
-    var servingTypes: [String: [LlamaQuantizeMixture: GGMLType]] = [:]
-    if report {
-        let sorted = LlamaQuantize.loaderOrder(planned.map(\.name))
-        for mixture in LlamaQuantizeMixture.allCases {
-            let types = LlamaQuantize.types(names: sorted.map { planned[$0].name }, ne: sorted.map { planned[$0].ne }, current: sorted.map { planned[$0].type },
-                                            mixture: mixture, model: .init(layers: arch.layers, attentionHeads: arch.attentionHeads, keyValueHeads: arch.keyValueHeads))
-            for (k, i) in sorted.enumerated() { if let hf = planned[i].source { servingTypes[hf, default: [:]][mixture] = types[k] } }
-        }
-    }
+    let serving = report ? try ServingPlan(dense: dense, arch, family) : nil
 
     // fp32 values of a dense-checkpoint tensor: merged, dequantized, or read.
     func load(_ hf: String) throws -> [Float] {
@@ -164,10 +139,9 @@ public func exportGGUF(base: String, adapters specs: [MergeAdapter] = [], output
             summary.merged += 1
             let bytes = try context.merge(e, weight, file: file, sizingOnly: false).payloads[0]
             let merged = bytes.withUnsafeBytes { loadFloats($0, as: weight.quantized != nil ? mergedDType : ElementType(e.info.dtype)!) }
-            if report {
-                let convertedAs = planned.first { $0.source == hf }!.type
+            if let serving {
                 let row = try ServingReportRow.of(name: hf, base: try unmerged(hf), delta: context.lastDelta(count: merged.count), merged: merged,
-                                                  rows: weight.out, columns: weight.in, convertedAs: convertedAs, types: servingTypes[hf]!, threads: threads)
+                                                  rows: weight.out, columns: weight.in, convertedAs: serving.convertedAs[hf]!, types: serving.types[hf]!, threads: threads)
                 summary.serving.append(row)
                 summary.servingTotal.add(row)
             }

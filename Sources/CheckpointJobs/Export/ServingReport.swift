@@ -2,6 +2,58 @@ import CheckpointFormats
 import Foundation
 import GGUF
 import QLoRA
+import SafeTensors
+
+/// Where each merged weight goes on llama.cpp's serving path: the converter's type under
+/// `--outtype auto`, and llama-quantize's type per mixture (for the report's columns).
+struct ServingPlan {
+    var convertedAs: [String: GGMLType] = [:]
+    var types: [String: [LlamaQuantizeMixture: GGMLType]] = [:]
+
+    /// The dense checkpoint that merge + dequantize would write: each 4-bit weight once, as its
+    /// recorded dtype or (merged) as `mergedDType`, its constants dropped.
+    static func denseTensors(_ reader: CheckpointReader, _ plan: MergePlan, mergedDType: ElementType) throws -> [GGUFExport.DenseTensor] {
+        var companions = Set<String>()
+        for g in plan.groups.values { for m in g.members where m != g.name { companions.insert(m) } }
+        var dense: [GGUFExport.DenseTensor] = []
+        for e in reader.entries where !companions.contains(e.name) {
+            let file = reader.filePath(of: e.name)
+            if let g = plan.groups[e.name] {
+                let state = try BnB4BitFormat.state(of: g, from: reader)
+                dense.append(.init(name: e.name, shard: e.shardIndex, shape: state.shape, dtype: plan.weights[e.name] != nil ? mergedDType : state.dtype, file: file))
+            } else {
+                guard let t = ElementType(e.info.dtype) else {
+                    throw CheckpointError.invalidTensor(file: file, tensor: e.name, problem: "dtype \(e.info.dtype) is not a float type")
+                }
+                dense.append(.init(name: e.name, shard: e.shardIndex, shape: e.info.shape, dtype: t, file: file))
+            }
+        }
+        return dense
+    }
+
+    init(dense: [GGUFExport.DenseTensor], _ a: ModelArchitecture, _ family: GGUFArchitecture) throws {
+        let planned = try GGUFExport.plan(dense, a, family, outType: GGUFExport.autoOutType(dense))
+        let sorted = LlamaQuantize.loaderOrder(planned.map(\.name))
+        for t in planned { if let hf = t.source { convertedAs[hf] = t.type } }
+        for mixture in LlamaQuantizeMixture.allCases {
+            let types = LlamaQuantize.types(names: sorted.map { planned[$0].name }, ne: sorted.map { planned[$0].ne }, current: sorted.map { planned[$0].type },
+                                            mixture: mixture, model: .init(layers: a.layers, attentionHeads: a.attentionHeads, keyValueHeads: a.keyValueHeads))
+            for (k, i) in sorted.enumerated() { if let hf = planned[i].source { self.types[hf, default: [:]][mixture] = types[k] } }
+        }
+    }
+
+    /// The plan for a merge's base, when it is a checkpoint directory of a family llama.cpp runs
+    /// (its config.json says which); nil otherwise.
+    static func forMerge(_ reader: CheckpointReader, _ plan: MergePlan, mergedDType: ElementType) throws -> ServingPlan? {
+        let configPath = reader.directory + "/config.json"
+        guard FileManager.default.fileExists(atPath: configPath),
+              let config = try? JSONValue.parse(document: [UInt8](Data(contentsOf: URL(fileURLWithPath: configPath)))) else { return nil }
+        var names: [String] = []
+        if case .array(let a)? = config["architectures"] { names = a.compactMap { if case .string(let s) = $0 { return s }; return nil } }
+        guard let family = GGUFArchitecture(architectures: names), let arch = try? ModelArchitecture(configFile: configPath) else { return nil }
+        return try ServingPlan(dense: denseTensors(reader, plan, mergedDType: mergedDType), arch, family)
+    }
+}
 
 /// The formats a merged fine-tune is served in, side by side in `qlora export --report`.
 public enum ServingFormat: String, CaseIterable, Sendable, Codable {
@@ -49,6 +101,15 @@ public struct ServingReportRow: Sendable, Codable, PooledSums {
     }
 
     enum CodingKeys: String, CodingKey { case name, ggmlTypes, errorToDelta, deltaCosine }
+
+    /// `x` rounded to a dtype's precision (nearest even), as fp32.
+    static func rounded(_ x: Float, to t: ElementType) -> Float {
+        switch t {
+        case .float32: return x
+        case .bfloat16: return HalfPrecision.roundedToBFloat16(x)
+        case .float16: return HalfPrecision.float(float16Bits: HalfPrecision.float16Bits(x))
+        }
+    }
 
     /// The row of one weight [rows, columns] (row-major): `base` W and `delta` ΔW in fp32,
     /// `merged` the merged checkpoint's values (W+ΔW as PEFT's merge stores it); `convertedAs` the

@@ -1,5 +1,6 @@
 import CheckpointFormats
 import Foundation
+import GGUF
 import QLoRA
 import SafeTensors
 
@@ -32,6 +33,8 @@ public func mergeCheckpoint(base: String, adapters specs: [MergeAdapter], output
     let plan = try MergePlan(reader: job.reader, base: base, adapters: specs)
     let original = try options.compareOriginal.map { try plan.original($0, base: base) }
     let context = MergeContext(reader: job.reader, original: original, options: options)
+    // With a report, and a base llama.cpp runs: what each serving format keeps, per merged weight.
+    let serving = options.report ? try ServingPlan.forMerge(job.reader, plan, mergedDType: options.dtype) : nil
     let requantizing = options.requantize && plan.weights.values.contains { $0.quantized != nil }
     var summary = MergeSummary()
     summary.bytesWritten = try job.run(output: output, layout: options.maxShardSize.map { .shards(maxBytes: $0) } ?? .input, overwrite: overwrite, progress: progress,
@@ -60,6 +63,11 @@ public func mergeCheckpoint(base: String, adapters specs: [MergeAdapter], output
                 summary.report.append(row)
                 summary.total.add(row)
             }
+            if let serving, let types = serving.types[e.name], let convertedAs = serving.convertedAs[e.name], !weight.fanInFanOut {
+                let row = try servingRow(e, weight, merged, context: context, types: types, convertedAs: convertedAs, options: options)
+                summary.serving.append(row)
+                summary.servingTotal.add(row)
+            }
             if let row = merged.comparison {
                 summary.comparison.append(row)
                 summary.comparisonTotal.add(row)
@@ -68,4 +76,30 @@ public func mergeCheckpoint(base: String, adapters specs: [MergeAdapter], output
         }
     }, quantization: { try? plan.outputQuantization(requantize: options.requantize) })
     return summary
+}
+
+/// The serving-format row of one merged weight: the base as stored (dequantized for 4-bit), the
+/// delta the merge just computed, and the merged checkpoint's values (the written dense weight,
+/// or with `requantize` the fp32 sum rounded to `options.dtype`, the 16-bit merge).
+private func servingRow(_ e: CheckpointReader.Entry, _ weight: WeightPlan, _ merged: MergedWeight, context: MergeContext,
+                        types: [LlamaQuantizeMixture: GGMLType], convertedAs: GGMLType, options: MergeOptions) throws -> ServingReportRow {
+    let reader = context.reader
+    let base: [Float]
+    if let g = weight.group {
+        let w = try BnB4BitFormat.load(g, from: reader)
+        for m in g.members { reader.releasePages(of: m) }
+        base = w.dequantizedBytes().withUnsafeBytes { loadFloats($0, as: w.state.dtype) }
+    } else {
+        base = reader.withBytes(of: e.name) { loadFloats($0, as: ElementType(e.info.dtype)!) }
+        reader.releasePages(of: e.name)
+    }
+    let delta = context.lastDelta(count: base.count)
+    let values: [Float]
+    if weight.quantized != nil && options.requantize {
+        values = (0..<base.count).map { ServingReportRow.rounded(base[$0] + delta[$0], to: options.dtype) }
+    } else {
+        values = merged.payloads[0].withUnsafeBytes { loadFloats($0, as: weight.quantized != nil ? options.dtype : ElementType(e.info.dtype)!) }
+    }
+    return try ServingReportRow.of(name: e.name, base: base, delta: delta, merged: values, rows: weight.out, columns: weight.in,
+                                   convertedAs: convertedAs, types: types, threads: options.threads)
 }

@@ -50,4 +50,8 @@ public struct MergeSummary: Sendable, Codable {
     /// With `MergeOptions.compareOriginal`: one row per merged tensor, and their pooled total.
     public var comparison: [MergeComparisonRow] = []
     public var comparisonTotal = MergeComparisonRow(name: "total")
+    /// With `MergeOptions.report` and a base llama.cpp runs (a checkpoint directory whose
+    /// config.json names a family): what each serving format keeps, per merged weight, and in total.
+    public var serving: [ServingReportRow] = []
+    public var servingTotal = ServingReportRow(name: "total")
 }
