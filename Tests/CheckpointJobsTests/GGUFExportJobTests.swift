@@ -140,11 +140,12 @@ final class GGUFExportJobTests: XCTestCase {
         refused(badConfig, "tokenizer_config.json: is not valid JSON")
         // What the export writes differently from the converter is named in a warning.
         XCTAssertEqual(try exportGGUF(base: s.model, output: tmp.appendingPathComponent("w1.gguf").path, type: .q4_0).warnings, [])
-        let dashed = tmp.appendingPathComponent("Llama-2-7b-chat").path
-        try FileManager.default.copyItem(atPath: s.model, toPath: dashed)
-        let warned = try exportGGUF(base: dashed, output: tmp.appendingPathComponent("w2.gguf").path, type: .q4_0).warnings
+        let carded = tmp.appendingPathComponent("Llama-2-7b-chat").path
+        try FileManager.default.copyItem(atPath: s.model, toPath: carded)
+        try Data("---\nlicense: llama2\ntags:\n- chat\n---\n# Llama 2\n".utf8).write(to: URL(fileURLWithPath: carded + "/README.md"))
+        let warned = try exportGGUF(base: carded, output: tmp.appendingPathComponent("w2.gguf").path, type: .q4_0).warnings
         XCTAssertEqual(warned.count, 1)
-        XCTAssertTrue(warned.first?.contains("general.name is the directory name 'Llama-2-7b-chat'") == true, "\(warned)")
+        XCTAssertTrue(warned.first?.contains("README.md: the model card's metadata") == true, "\(warned)")
         // An existing OUTPUT is kept unless overwrite is asked for.
         try Data("keep".utf8).write(to: URL(fileURLWithPath: out))
         XCTAssertThrowsError(try exportGGUF(base: s.model, output: out, type: .q4_0))

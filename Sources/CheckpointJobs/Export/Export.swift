@@ -102,14 +102,11 @@ public func exportGGUF(base: String, adapters specs: [MergeAdapter] = [], output
     var summary = ExportSummary()
     summary.convertedAs = convertedAs.rawValue
     summary.parameters = planned.reduce(0) { $0 + $1.ne.reduce(1, *) }
-    let directoryName = URL(fileURLWithPath: base).standardizedFileURL.lastPathComponent
-    let name = GGUFExport.simpleModelName(directoryName: directoryName) ?? directoryName
-    if GGUFExport.simpleModelName(directoryName: directoryName) == nil {
-        warnings.append("general.name is the directory name '\(directoryName)' as is; llama.cpp's converter would split a name with '-' into basename, size, version and finetune keys")
-    }
+    if let w = GGUFNames.cardWarning(directory: base) { warnings.append(w) }
     summary.warnings = warnings
-    var metadata = GGUFExport.metadata(config: config, arch, family, name: name, parameters: summary.parameters, outType: convertedAs,
-                                            vocabulary: tokenizer.sentencePiece, special: tokenizer.special, bpe: tokenizer.bpe)
+    let general = GGUFNames.generalKeys(directory: base, config: config, parameters: summary.parameters) { GGUFExport.sizeLabel(parameters: $0) }
+    var metadata = GGUFExport.metadata(config: config, arch, family, name: "", parameters: summary.parameters, outType: convertedAs,
+                                       vocabulary: tokenizer.sentencePiece, special: tokenizer.special, bpe: tokenizer.bpe, general: general)
     // The file's tensors in order with their final types.
     var order = Array(planned.indices)
     var finalTypes = planned.map(\.type)

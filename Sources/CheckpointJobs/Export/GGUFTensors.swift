@@ -324,12 +324,14 @@ extension GGUFExport {
     public static func metadata(config: JSONValue, _ a: ModelArchitecture, _ arch: GGUFArchitecture, name: String, parameters: Int, outType: GGUFOutType,
                                 vocabulary: (tokens: [String], scores: [Float], types: [Int32]),
                                 special: SpecialVocabulary? = nil,
-                                bpe: (pre: String, tokens: [String], types: [Int32])? = nil) -> [(key: String, value: GGUFValue)] {
+                                bpe: (pre: String, tokens: [String], types: [Int32])? = nil,
+                                general: [(key: String, value: GGUFValue)]? = nil) -> [(key: String, value: GGUFValue)] {
         let v = special?.apply(to: vocabulary) ?? vocabulary
         let p = arch.rawValue
         func u32(_ x: Int) -> GGUFValue { .uint32(UInt32(clamping: x)) }
-        var m: [(key: String, value: GGUFValue)] = [("general.architecture", .string(p)), ("general.type", .string("model")),
-                                                     ("general.name", .string(name)), ("general.size_label", .string(sizeLabel(parameters: parameters)))]
+        var m: [(key: String, value: GGUFValue)] = [("general.architecture", .string(p)), ("general.type", .string("model"))]
+        // gguf-py's Metadata keys (GGUFNames.generalKeys), or a plain name and size label.
+        m += general ?? [("general.name", .string(name)), ("general.size_label", .string(sizeLabel(parameters: parameters)))]
         // The config classes' defaults when config.json has none.
         let contextLength = int(config["max_position_embeddings"]) ?? (arch == .phi3 ? 4096 : arch == .llama ? 2048 : 32768)
         if arch == .phi3 {
