@@ -50,6 +50,7 @@ struct Export: ParsableCommand {
             if loraOnly {
                 let outType: GGUFOutType = type.flatMap { $0.convertType } ?? (type == .q8_0 ? .q8_0 : .f32)
                 let s = try exportLoRAGGUF(adapter: input, base: base!, output: output, type: outType, overwrite: overwrite)
+                for w in s.warnings { FileHandle.standardError.write(Data("qlora: warning: \(escapingControlCharacters(w))\n".utf8)) }
                 if json { try printJSON(s); return }
                 print("exported \(s.modules) LoRA modules as convert_lora_to_gguf.py --outtype \(outType.rawValue); wrote \(s.bytesWritten) bytes to \(output)")
                 return

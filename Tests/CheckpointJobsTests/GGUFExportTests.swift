@@ -48,9 +48,8 @@ final class GGUFExportTests: XCTestCase {
         let golden = try XCTUnwrap(try JSONSerialization.jsonObject(with: data) as? [String: Any])
         // gguf-py's Metadata.load on such directory names gives these names.
         for (dir, name) in [("tiny", "Tiny"), ("my_model", "My_Model"), ("llama2", "Llama2"), ("Qwen", "Qwen"), ("v2model", "V2Model")] {
-            XCTAssertEqual(GGUFExport.simpleModelName(directoryName: dir), name, dir)
+            XCTAssertEqual(GGUFNames.idToTitle(dir), name, dir)
         }
-        XCTAssertNil(GGUFExport.simpleModelName(directoryName: "Llama-3.2-1B"))
         for outType in GGUFOutType.allCases {
             let want = try XCTUnwrap(golden[outType.rawValue] as? [String: Any])
             let tensors = try GGUFExport.llamaTensors(reader, arch, outType: outType)

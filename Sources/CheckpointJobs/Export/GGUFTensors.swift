@@ -285,27 +285,6 @@ extension GGUFExport {
         return String(format: "%.\(max(2 - digits, 0))f", scaled) + suffix
     }
 
-    /// gguf-py's model name from a directory name without '-' or spaces (`Metadata.load` then
-    /// gives `id_to_title`: an all-lowercase name in Python's str.title() form, "my_model" →
-    /// "My_Model", "v2model" → "V2Model", unless it looks like a version or starts with a digit).
-    /// Names with '-' go through gguf-py's fuller heuristics (basename, size, version,
-    /// finetune), which qlora does not follow yet: nil.
-    public static func simpleModelName(directoryName d: String) -> String? {
-        guard !d.isEmpty, !d.contains("-"), !d.unicodeScalars.contains(where: { CharacterSet.whitespacesAndNewlines.contains($0) }) else { return nil }
-        let cased = d.filter { $0.isLetter && ($0.isUppercase || $0.isLowercase) }
-        let allLower = !cased.isEmpty && cased.allSatisfy(\.isLowercase)
-        let versionLike = d.first?.isNumber == true || (d.first == "v" && d.dropFirst().split(separator: ".", omittingEmptySubsequences: false)
-            .allSatisfy { !$0.isEmpty && $0.allSatisfy(\.isASCII) && $0.allSatisfy(\.isNumber) })
-        guard allLower, !versionLike else { return d }
-        var out = "", previousCased = false
-        for c in d {
-            let isCased = c.isLetter && (c.isUppercase || c.isLowercase)
-            out += isCased ? (previousCased ? c.lowercased() : c.uppercased()) : String(c)
-            previousCased = isCased
-        }
-        return out
-    }
-
     static func int(_ v: JSONValue?) -> Int? { if case .number(let t)? = v { return Int(t) }; return nil }
 
     /// The metadata convert_hf_to_gguf.py writes for a Llama-architecture model with a

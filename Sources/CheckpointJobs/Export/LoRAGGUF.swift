@@ -8,6 +8,8 @@ import SafeTensors
 public struct LoRAExportSummary: Sendable, Codable {
     public var modules = 0
     public var bytesWritten = 0
+    /// What the file leaves out that the converter would write (one line each).
+    public var warnings: [String] = []
 }
 
 /// Writes a PEFT LoRA adapter as llama.cpp's LoRA GGUF (what `llama-cli --lora` loads), the bytes
@@ -67,13 +69,16 @@ public func exportLoRAGGUF(adapter directory: String, base: String, output: Stri
             tensors.append(GGUFTensor(name: name + suffix, ne: ne, type: type, bytes: bytes))
         }
     }
-    let directoryName = URL(fileURLWithPath: directory).standardizedFileURL.lastPathComponent
-    let metadata: [(key: String, value: GGUFValue)] = [
-        ("general.architecture", .string(family.rawValue)), ("general.type", .string("adapter")), ("adapter.type", .string("lora")),
-        ("general.name", .string(GGUFExport.simpleModelName(directoryName: directoryName) ?? directoryName)),
-        ("adapter.lora.alpha", .float32(Float(adapter.loraAlpha))), ("general.quantization_version", .uint32(2)),
-    ]
+    // gguf-py's Metadata for the adapter's directory, with the parameter count negated as gguf-py
+    // counts a LoRA (each adapted weight's out × in): no size label unless the name has one.
+    let adapted = adapter.modules.values.reduce(0) { $0 + $1.outFeatures * $1.inFeatures }
+    var adapterConfig = JSONValue.object([])
+    if let data = try? InputFile.read(directory + "/config.json"), let c = try? JSONValue.parse(document: [UInt8](data)) { adapterConfig = c }
+    let general = GGUFNames.generalKeys(directory: directory, config: adapterConfig, parameters: -adapted) { _ in "" }
+    let metadata: [(key: String, value: GGUFValue)] = [("general.architecture", .string(family.rawValue)), ("general.type", .string("adapter")),
+                                                        ("adapter.type", .string("lora"))]
+        + general + [("adapter.lora.alpha", .float32(Float(adapter.loraAlpha))), ("general.quantization_version", .uint32(2))]
     let bytes = try GGUFExport.fileBytes(metadata: metadata, tensors: tensors)
     try StagedOutput.write(Data(bytes), to: output, overwrite: overwrite, inputs: [directory, base])
-    return LoRAExportSummary(modules: adapter.modules.count, bytesWritten: bytes.count)
+    return LoRAExportSummary(modules: adapter.modules.count, bytesWritten: bytes.count, warnings: [GGUFNames.cardWarning(directory: directory)].compactMap { $0 })
 }
