@@ -13,8 +13,6 @@ is bitsandbytes' to the bit) with the same tokenizer and compares.
 Run: .venv/bin/python Vectors/generate_gguf_families.py --llama-cpp DIR --quantize BIN
      (as generate_gguf_quantize.py; needs torch, transformers, bitsandbytes, sentencepiece)
 """
-import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -31,28 +29,14 @@ from safetensors.torch import save_file
 
 transformers.logging.set_verbosity_error()
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from generate_gguf_quantize import describe, llama_cpp_args  # noqa: E402
 SPM = os.path.join(HERE, "gguf", "llama-tiny", "tokenizer.model")
 FAMILIES = {"mistral": [SPM], "qwen2": [SPM], "qwen3": [SPM], "phi3": [SPM]}
 
 
-def describe(gguf, path):
-    data = open(path, "rb").read()
-    r = gguf.GGUFReader(path)
-    return {
-        "bytes": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "metadata": [[k, gguf.GGUFValueType(f.types[0]).name] for k, f in r.fields.items() if not k.startswith("GGUF.")],
-        "tensors": [[x.name, x.tensor_type.name, [int(n) for n in x.shape], hashlib.sha256(x.data.tobytes()).hexdigest()] for x in r.tensors],
-    }
-
-
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--llama-cpp", required=True)
-    ap.add_argument("--quantize", required=True)
-    a = ap.parse_args()
-    sys.path.insert(0, os.path.join(a.llama_cpp, "gguf-py"))
-    import gguf
+    a, gguf = llama_cpp_args("--quantize")
     convert = os.path.join(a.llama_cpp, "convert_hf_to_gguf.py")
     report = {}
     for family, tokenizer_files in FAMILIES.items():
@@ -77,7 +61,7 @@ def main():
                 sys.exit(f"{family}: convert failed:\n{r.stderr[-2000:]}")
             q = os.path.join(t, "q4_k_m.gguf")
             subprocess.run([a.quantize, auto, q, "Q4_K_M", "2"], check=True, capture_output=True)
-            report[family] = {"auto": describe(gguf, auto), "q4_k_m": describe(gguf, q)}
+            report[family] = {"auto": describe(gguf, auto, dequantized=False), "q4_k_m": describe(gguf, q, dequantized=False)}
     commit = subprocess.run(["git", "-C", a.llama_cpp, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     report["made_by"] = {"scripts": "transformers dequantize() + save_pretrained; convert_hf_to_gguf.py --outtype auto; llama-quantize IN OUT Q4_K_M 2",
                          "commit": commit, "transformers": transformers.__version__}

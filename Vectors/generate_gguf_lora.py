@@ -10,8 +10,6 @@ and bytes' sha256.
 
 Run: .venv/bin/python Vectors/generate_gguf_lora.py --llama-cpp DIR   (torch, transformers, safetensors)
 """
-import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -24,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from generate_gguf_quantize import describe, small_weights  # noqa: E402
+from generate_gguf_quantize import describe, llama_cpp_args, small_weights  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "gguf", "lora")
@@ -49,11 +47,7 @@ def adapter_tensors():
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--llama-cpp", required=True)
-    a = ap.parse_args()
-    sys.path.insert(0, os.path.join(a.llama_cpp, "gguf-py"))
-    import gguf
+    a, gguf = llama_cpp_args()
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, "adapter_config.json"), "w") as f:
         json.dump(CONFIG, f, indent=2)
@@ -74,7 +68,7 @@ def main():
                                 "--outfile", out], capture_output=True, text=True)
             if r.returncode != 0:
                 sys.exit(r.stderr[-3000:])
-            report[outtype] = describe(gguf, out)
+            report[outtype] = describe(gguf, out, dequantized=False)
     commit = subprocess.run(["git", "-C", a.llama_cpp, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     report["made_by"] = {"script": "convert_lora_to_gguf.py ADAPTER --base llama/tiny --outtype T", "commit": commit}
     with open(os.path.join(HERE, "gguf", "lora.json"), "w") as f:

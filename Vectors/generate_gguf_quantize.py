@@ -91,25 +91,38 @@ def write_small(directory):
         json.dump(SMALL_CONFIG, f, indent=2)
 
 
-def describe(gguf, path):
+def llama_cpp_args(*extra):
+    """The scripts' command line: --llama-cpp DIR (plus `extra` required options), and gguf-py from that tree."""
+    ap = argparse.ArgumentParser()
+    for option in ("--llama-cpp",) + extra:
+        ap.add_argument(option, required=True)
+    a = ap.parse_args()
+    sys.path.insert(0, os.path.join(a.llama_cpp, "gguf-py"))
+    import gguf
+    return a, gguf
+
+
+def describe(gguf, path, dequantized=True):
+    """A GGUF file's size, sha256, metadata keys with their types, and per tensor its name, type,
+    dimensions, bytes' sha256 and (with `dequantized`) the sha256 of its fp32 values."""
     data = open(path, "rb").read()
     r = gguf.GGUFReader(path)
+
+    def tensor(x):
+        row = [x.name, x.tensor_type.name, [int(n) for n in x.shape], hashlib.sha256(x.data.tobytes()).hexdigest()]
+        if dequantized:
+            row.append(hashlib.sha256(gguf.quants.dequantize(x.data, x.tensor_type).astype("<f4").tobytes()).hexdigest())
+        return row
     return {
         "bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
         "metadata": [[k, gguf.GGUFValueType(f.types[0]).name] for k, f in r.fields.items() if not k.startswith("GGUF.")],
-        "tensors": [[x.name, x.tensor_type.name, [int(n) for n in x.shape], hashlib.sha256(x.data.tobytes()).hexdigest(),
-                     hashlib.sha256(gguf.quants.dequantize(x.data, x.tensor_type).astype("<f4").tobytes()).hexdigest()] for x in r.tensors],
+        "tensors": [tensor(x) for x in r.tensors],
     }
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--llama-cpp", required=True)
-    ap.add_argument("--quantize", required=True)
-    a = ap.parse_args()
-    sys.path.insert(0, os.path.join(a.llama_cpp, "gguf-py"))
-    import gguf
+    a, gguf = llama_cpp_args("--quantize")
     convert = os.path.join(a.llama_cpp, "convert_hf_to_gguf.py")
     report = {}
     with tempfile.TemporaryDirectory() as t:

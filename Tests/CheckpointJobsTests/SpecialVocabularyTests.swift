@@ -28,17 +28,7 @@ final class SpecialVocabularyTests: XCTestCase {
             let vocab = try SpecialVocabulary(directory: tmp.path, vocabSize: arch.vocabSize)
             let ours = GGUFExport.llamaMetadata(config: config, arch, name: "Tiny", parameters: 0, outType: .f16,
                                                 vocabulary: sp.ggufVocabulary(vocabSize: arch.vocabSize), special: vocab)
-            let url = special.appendingPathComponent(variant + ".gguf")
-            let golden = try GGUFFile(bytes: try Data(contentsOf: url), file: url.path).metadata
-            func tail(_ m: [(key: String, value: GGUFValue)]) -> [(key: String, value: GGUFValue)] {
-                Array(m.drop { $0.key != "general.quantization_version" })
-            }
-            let (want, got) = (tail(golden), tail(ours))
-            XCTAssertGreaterThan(want.count, 8, "\(variant): the golden's tokenizer keys")
-            XCTAssertEqual(got.map(\.key), want.map(\.key), "\(variant): keys and order")
-            for (g, w) in zip(got, want) where g.key == w.key {
-                XCTAssertEqual(g.value, w.value, "\(variant): \(g.key)")
-            }
+            let got = try assertTokenizerKeys(ours, golden: special.appendingPathComponent(variant + ".gguf"), variant)
             if variant == "added" {
                 // The end-of-turn token the template's trailing </s> displaced, and the added tokens' types.
                 XCTAssertEqual(got.first { $0.key == "tokenizer.ggml.eot_token_id" }?.value, .uint32(171))
@@ -60,18 +50,25 @@ final class SpecialVocabularyTests: XCTestCase {
             XCTAssertEqual(tokenizer.bpe?.pre, pre, variant)
             let ours = GGUFExport.metadata(config: config, arch, family, name: "Tiny", parameters: 0, outType: .f16,
                                            vocabulary: tokenizer.sentencePiece, special: tokenizer.special, bpe: tokenizer.bpe)
-            let url = bpe.appendingPathComponent(variant + ".gguf")
-            let golden = try GGUFFile(bytes: try Data(contentsOf: url), file: url.path).metadata
-            func tail(_ m: [(key: String, value: GGUFValue)]) -> [(key: String, value: GGUFValue)] {
-                Array(m.drop { $0.key != "general.quantization_version" })
-            }
-            let (want, got) = (tail(golden), tail(ours))
-            XCTAssertGreaterThan(want.count, 8, "\(variant): the golden's tokenizer keys")
-            XCTAssertEqual(got.map(\.key), want.map(\.key), "\(variant): keys and order")
-            for (g, w) in zip(got, want) where g.key == w.key {
-                XCTAssertEqual(g.value, w.value, "\(variant): \(g.key)")
-            }
+            try assertTokenizerKeys(ours, golden: bpe.appendingPathComponent(variant + ".gguf"), variant)
         }
+    }
+
+    /// Our metadata from general.quantization_version on (the tokenizer's keys) equals the golden
+    /// --vocab-only file's: keys, order and values. Returns ours.
+    @discardableResult
+    func assertTokenizerKeys(_ ours: [(key: String, value: GGUFValue)], golden url: URL, _ variant: String) throws -> [(key: String, value: GGUFValue)] {
+        let golden = try GGUFFile(bytes: try Data(contentsOf: url), file: url.path).metadata
+        func tail(_ m: [(key: String, value: GGUFValue)]) -> [(key: String, value: GGUFValue)] {
+            Array(m.drop { $0.key != "general.quantization_version" })
+        }
+        let (want, got) = (tail(golden), tail(ours))
+        XCTAssertGreaterThan(want.count, 8, "\(variant): the golden's tokenizer keys")
+        XCTAssertEqual(got.map(\.key), want.map(\.key), "\(variant): keys and order")
+        for (g, w) in zip(got, want) where g.key == w.key {
+            XCTAssertEqual(g.value, w.value, "\(variant): \(g.key)")
+        }
+        return got
     }
 
     /// A pre-tokenizer qlora does not name is refused with one line naming tokenizer.json.
