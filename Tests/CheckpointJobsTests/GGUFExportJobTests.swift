@@ -134,6 +134,11 @@ final class GGUFExportJobTests: XCTestCase {
         try Data([0x0A, 0xFF, 0xFF, 0xFF, 0xFF, 0x0F]).write(to: URL(fileURLWithPath: badTokenizer + "/tokenizer.model"))
         refused(badTokenizer, "tokenizer.model")
         refused(s.model, adapters: [tmp.appendingPathComponent("missing-adapter").path], "missing-adapter")
+        let hugeVocab = tmp.appendingPathComponent("huge-vocab").path
+        try FileManager.default.copyItem(atPath: s.model, toPath: hugeVocab)
+        let hugeConfig = try String(contentsOfFile: hugeVocab + "/config.json", encoding: .utf8).replacingOccurrences(of: "\"vocab_size\": 300", with: "\"vocab_size\": 100000000")
+        try hugeConfig.write(toFile: hugeVocab + "/config.json", atomically: true, encoding: .utf8)
+        refused(hugeVocab, "vocab_size 100000000 is not model.embed_tokens.weight's 300 rows")
         let badConfig = tmp.appendingPathComponent("bad-tokenizer-config").path
         try FileManager.default.copyItem(atPath: s.model, toPath: badConfig)
         try Data("{\"bos_token\": ".utf8).write(to: URL(fileURLWithPath: badConfig + "/tokenizer_config.json"))

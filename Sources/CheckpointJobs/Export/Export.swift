@@ -88,10 +88,19 @@ public func exportGGUF(base: String, adapters specs: [MergeAdapter] = [], output
         throw CheckpointError.invalidPath(path: configPath, problem: "a LongRoPE Phi-3 (rope long_factor/short_factor) is not exported yet")
     }
     let arch = try ModelArchitecture(configFile: configPath)
-    let tokenizer = try GGUFExport.Tokenizer(directory: base, family, vocabSize: arch.vocabSize)
     var warnings: [String] = []
 
     let reader = try CheckpointReader(path: base)
+    // The vocabulary is as long as config.json's vocab_size (the converter's rule), which must be
+    // the embedding's rows: llama.cpp checks one against the other, and a hostile vocab_size would
+    // otherwise size the token list.
+    if let embedding = reader.info(named: "model.embed_tokens.weight"), embedding.shape.count == 2, embedding.shape[0] != arch.vocabSize {
+        throw CheckpointError.invalidPath(path: configPath, problem: "vocab_size \(arch.vocabSize) is not model.embed_tokens.weight's \(embedding.shape[0]) rows")
+    }
+    guard reader.info(named: "model.embed_tokens.weight") != nil else {
+        throw CheckpointError.invalidPath(path: base, problem: "has no model.embed_tokens.weight")
+    }
+    let tokenizer = try GGUFExport.Tokenizer(directory: base, family, vocabSize: arch.vocabSize)
     let plan = try MergePlan(reader: reader, base: base, adapters: specs)
     let context = MergeContext(reader: reader, original: nil, options: MergeOptions(dtype: mergedDType, report: report, threads: threads))
     let dense = try ServingPlan.denseTensors(reader, plan, mergedDType: mergedDType)
