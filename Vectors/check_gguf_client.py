@@ -93,6 +93,11 @@ FAMILIES = [
     ("qwen3", Qwen3Config, dict(rope_theta=1000000.0, head_dim=64), PROJECTIONS),
     ("phi3", Phi3Config, dict(rope_theta=10000.0, pad_token_id=0, original_max_position_embeddings=512),
      ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
+    # LongRoPE (Phi-3-mini-128k, Phi-3.5-mini): 512 positions over an original 128, long and short factors.
+    ("phi3-longrope", Phi3Config, dict(pad_token_id=0, original_max_position_embeddings=128, rope_parameters=dict(
+        rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=1.0, original_max_position_embeddings=128,
+        long_factor=[1.0 + 0.25 * i for i in range(16)], short_factor=[1.0 + 0.0625 * i for i in range(16)])),
+     ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
 ]
 
 
@@ -148,7 +153,7 @@ def hf_from_gguf(path, config, family):
     per_layer = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
                  "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
                  "ffn_down": "mlp.down_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm", "attn_qkv": "self_attn.qkv_proj"}
-    if family == "phi3":
+    if config.model_type == "phi3":
         per_layer["ffn_up"] = "mlp.gate_up_proj"
     state = {}
     for t in gguf.GGUFReader(path).tensors:

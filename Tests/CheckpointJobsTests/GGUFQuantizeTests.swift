@@ -112,6 +112,28 @@ final class GGUFQuantizeTests: XCTestCase {
             try check(family, dir, .bf16, goldenKey: "auto", dequantized: false)
             try check(family, dir, .q4_k_m, goldenKey: "q4_k_m", dequantized: false)
         }
+        // A LongRoPE Phi-3 (generate_gguf_families.py's phi3_longrope), its weights from the names.
+        let dir = tmp.appendingPathComponent("phi3-longrope").appendingPathComponent("tiny")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        var config = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(contentsOf: repositoryRoot.appendingPathComponent("Vectors/families/phi3/tiny-nf4/config.json"))) as? [String: Any])
+        config["quantization_config"] = nil
+        config["max_position_embeddings"] = 1024
+        config["original_max_position_embeddings"] = 256
+        config["rope_parameters"] = ["rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 1.0,
+                                     "long_factor": [1.0, 1.25, 1.5, 2.0, 3.0, 4.5, 6.0, 8.0], "short_factor": [1.0, 1.0, 1.0, 1.0625, 1.125, 1.25, 1.5, 2.0]]
+        try JSONSerialization.data(withJSONObject: config).write(to: dir.appendingPathComponent("config.json"))
+        var shapes: [(String, [Int])] = [("model.embed_tokens.weight", [256, 64]), ("model.norm.weight", [64]), ("lm_head.weight", [256, 64])]
+        for l in 0..<2 {
+            let p = "model.layers.\(l)."
+            shapes += [(p + "input_layernorm.weight", [64]), (p + "post_attention_layernorm.weight", [64]), (p + "self_attn.qkv_proj.weight", [128, 64]),
+                       (p + "self_attn.o_proj.weight", [64, 64]), (p + "mlp.gate_up_proj.weight", [256, 64]), (p + "mlp.down_proj.weight", [64, 128])]
+        }
+        let w = try SafeTensorsWriter(url: dir.appendingPathComponent("model.safetensors"), tensors: shapes.map { ($0.0, DType.bf16, $0.1) }, metadata: ["format": "pt"])
+        for (name, shape) in shapes { try Self.smallWeights(name, shape.reduce(1, *)).withUnsafeBytes { try w.write(name, bytes: $0) } }
+        try w.finish()
+        try FileManager.default.copyItem(at: repositoryRoot.appendingPathComponent("Vectors/gguf/llama-tiny/tokenizer.model"), to: dir.appendingPathComponent("tokenizer.model"))
+        try check("phi3-longrope", dir, .bf16, goldenKey: "auto", dequantized: false)
+        try check("phi3-longrope", dir, .q4_k_m, goldenKey: "q4_k_m", dequantized: false)
     }
 
     func testExportIsConvertThenLlamaQuantizeToTheByte() throws {

@@ -84,9 +84,6 @@ public func exportGGUF(base: String, adapters specs: [MergeAdapter] = [], output
     guard let family = GGUFArchitecture(architectures: architectures) else {
         throw CheckpointError.invalidPath(path: configPath, problem: "export writes LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM and Phi3ForCausalLM; this checkpoint is \(architectures.first ?? "of no stated architecture")")
     }
-    if family == .phi3, config["rope_parameters"]?["long_factor"] != nil || config["rope_scaling"]?["long_factor"] != nil {
-        throw CheckpointError.invalidPath(path: configPath, problem: "a LongRoPE Phi-3 (rope long_factor/short_factor) is not exported yet")
-    }
     let arch = try ModelArchitecture(configFile: configPath)
     var warnings: [String] = []
 
@@ -107,7 +104,8 @@ public func exportGGUF(base: String, adapters specs: [MergeAdapter] = [], output
     var entryOf: [String: CheckpointReader.Entry] = [:]
     for e in reader.entries { entryOf[e.name] = e }
     let convertedAs = type.convertType ?? GGUFExport.autoOutType(dense)
-    let planned = try GGUFExport.plan(dense, arch, family, outType: convertedAs)
+    let longRoPE = family == .phi3 ? try GGUFExport.LongRoPE(config: config, arch, file: configPath) : nil
+    let planned = try GGUFExport.plan(dense, arch, family, outType: convertedAs, longRoPE: longRoPE)
     var summary = ExportSummary()
     summary.convertedAs = convertedAs.rawValue
     summary.parameters = planned.reduce(0) { $0 + $1.ne.reduce(1, *) }
@@ -115,7 +113,8 @@ public func exportGGUF(base: String, adapters specs: [MergeAdapter] = [], output
     summary.warnings = warnings
     let general = GGUFNames.generalKeys(directory: base, config: config, parameters: summary.parameters) { GGUFExport.sizeLabel(parameters: $0) }
     var metadata = GGUFExport.metadata(config: config, arch, family, name: "", parameters: summary.parameters, outType: convertedAs,
-                                       vocabulary: tokenizer.sentencePiece, special: tokenizer.special, bpe: tokenizer.bpe, general: general)
+                                       vocabulary: tokenizer.sentencePiece, special: tokenizer.special, bpe: tokenizer.bpe, general: general,
+                                       longRoPE: longRoPE)
     // The file's tensors in order with their final types.
     var order = Array(planned.indices)
     var finalTypes = planned.map(\.type)

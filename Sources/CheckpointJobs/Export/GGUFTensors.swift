@@ -134,10 +134,53 @@ public enum GGUFExport {
         return (type, out)
     }
 
+    /// Phi-3's LongRoPE (Phi3MiniModel.generate_extra_tensors): the long and short rope factors as
+    /// F32 tensors, and the attention factor for phi3.rope.scaling.attn_factor.
+    public struct LongRoPE: Sendable, Equatable {
+        public var long: [Float]
+        public var short: [Float]
+        public var attentionFactor: Float
+
+        /// From config.json's rope_parameters (or rope_scaling): nil without long factors; an
+        /// error where the converter stops (unknown type, factor lists of the wrong length).
+        public init?(config: JSONValue, _ a: ModelArchitecture, file: String) throws {
+            let rope = config["rope_parameters"] ?? config["rope_scaling"]
+            func numbers(_ v: JSONValue?) -> [Double]? {
+                guard case .array(let list)? = v else { return nil }
+                let d = list.compactMap { (x: JSONValue) -> Double? in if case .number(let s) = x { return Double(s) }; return nil }
+                return d.count == list.count ? d : nil
+            }
+            guard let long = numbers(rope?["long_factor"]), !long.isEmpty else { return nil }
+            guard let short = numbers(rope?["short_factor"]) else { throw CheckpointError.invalidPath(path: file, problem: "rope long_factor without short_factor") }
+            func int(_ v: JSONValue?) -> Int? { if case .number(let s)? = v { return Int(s) }; return nil }
+            guard let original = int(rope?["original_max_position_embeddings"]) ?? int(config["original_max_position_embeddings"]), original > 1,
+                  let maxPositions = int(config["max_position_embeddings"]), maxPositions > 0 else {
+                throw CheckpointError.invalidPath(path: file, problem: "LongRoPE needs max_position_embeddings and original_max_position_embeddings")
+            }
+            let dims = a.hiddenSize / max(a.attentionHeads, 1)
+            guard long.count == short.count, 2 * long.count == dims else {
+                throw CheckpointError.invalidPath(path: file, problem: "rope long and short factors must each have \(dims / 2) values (they have \(long.count) and \(short.count))")
+            }
+            var type = ""
+            if case .string(let t)? = rope?["rope_type"] ?? rope?["type"] { type = t.lowercased() }
+            let scale = Double(maxPositions) / Double(original)
+            switch type {
+            case "su", "longrope": attentionFactor = Float(scale > 1 ? (1 + log(scale) / log(Double(original))).squareRoot() : 1)
+            case "yarn": attentionFactor = Float(scale > 1 ? 0.1 * log(scale) + 1 : 1)
+            default: throw CheckpointError.invalidPath(path: file, problem: "rope type '\(type)' with long factors is not one the converter knows (longrope, su, yarn)")
+            }
+            self.long = long.map { Float($0) }
+            self.short = short.map { Float($0) }
+        }
+    }
+
     /// One output tensor, planned before any data is read: where its values come from (a
     /// checkpoint tensor, or the generated rope factors), its name, dimensions and type.
     public struct PlannedTensor: Sendable, Equatable {
+        /// The checkpoint tensor it comes from, or nil for a tensor the converter generates (`generated`).
         public var source: String?
+        /// A generated tensor's values (rope factors).
+        public var generated: [Float]? = nil
         public var name: String
         public var ne: [Int]
         public var type: GGMLType
@@ -193,10 +236,15 @@ public enum GGUFExport {
     }
 
     /// `llamaPlan` for any of the architectures.
-    public static func plan(_ dense: [DenseTensor], _ a: ModelArchitecture, _ arch: GGUFArchitecture, outType: GGUFOutType) throws -> [PlannedTensor] {
+    public static func plan(_ dense: [DenseTensor], _ a: ModelArchitecture, _ arch: GGUFArchitecture, outType: GGUFOutType,
+                            longRoPE: LongRoPE? = nil) throws -> [PlannedTensor] {
         var plan: [PlannedTensor] = []
         if arch == .llama, let factors = llama3RopeFactors(a) {
-            plan.append(PlannedTensor(source: nil, name: "rope_freqs.weight", ne: [factors.count], type: .f32))
+            plan.append(PlannedTensor(source: nil, generated: factors, name: "rope_freqs.weight", ne: [factors.count], type: .f32))
+        }
+        if let longRoPE {
+            plan.append(PlannedTensor(source: nil, generated: longRoPE.long, name: "rope_factors_long.weight", ne: [longRoPE.long.count], type: .f32))
+            plan.append(PlannedTensor(source: nil, generated: longRoPE.short, name: "rope_factors_short.weight", ne: [longRoPE.short.count], type: .f32))
         }
         for shard in Set(dense.map(\.shard)).sorted() {
             let tensors = dense.filter { $0.shard == shard }.sorted { $0.name.unicodeScalars.lexicographicallyPrecedes($1.name.unicodeScalars) }
@@ -236,7 +284,7 @@ public enum GGUFExport {
     /// The fp32 values of one planned tensor as the converter holds them before encoding: the
     /// rope factors, or the source tensor (`load`) with q_proj/k_proj rows permuted.
     public static func values(of t: PlannedTensor, _ a: ModelArchitecture, _ arch: GGUFArchitecture = .llama, load: (String) throws -> [Float]) rethrows -> [Float] {
-        guard let hf = t.source else { return llama3RopeFactors(a)! }
+        guard let hf = t.source else { return t.generated! }
         let x = try load(hf)
         if arch.permutesQK, t.ne.count == 2, hf.hasSuffix("q_proj.weight") || hf.hasSuffix("k_proj.weight") {
             return permuteRows(x, rows: t.ne[1], cols: t.ne[0], heads: hf.hasSuffix("q_proj.weight") ? a.attentionHeads : a.keyValueHeads)
@@ -304,11 +352,14 @@ extension GGUFExport {
                                 vocabulary: (tokens: [String], scores: [Float], types: [Int32]),
                                 special: SpecialVocabulary? = nil,
                                 bpe: (pre: String, tokens: [String], types: [Int32])? = nil,
-                                general: [(key: String, value: GGUFValue)]? = nil) -> [(key: String, value: GGUFValue)] {
+                                general: [(key: String, value: GGUFValue)]? = nil, longRoPE: LongRoPE? = nil) -> [(key: String, value: GGUFValue)] {
         let v = special?.apply(to: vocabulary) ?? vocabulary
         let p = arch.rawValue
         func u32(_ x: Int) -> GGUFValue { .uint32(UInt32(clamping: x)) }
-        var m: [(key: String, value: GGUFValue)] = [("general.architecture", .string(p)), ("general.type", .string("model"))]
+        var m: [(key: String, value: GGUFValue)] = [("general.architecture", .string(p))]
+        // Written while the converter generates the rope factor tensors, before the rest.
+        if let longRoPE { m.append(("phi3.rope.scaling.attn_factor", .float32(longRoPE.attentionFactor))) }
+        m.append(("general.type", .string("model")))
         // gguf-py's Metadata keys (GGUFNames.generalKeys), or a plain name and size label.
         m += general ?? [("general.name", .string(name)), ("general.size_label", .string(sizeLabel(parameters: parameters)))]
         // The config classes' defaults when config.json has none.
