@@ -8,8 +8,10 @@ import QLoRA
 public func loadTrainingData(path: String, vocabSize: Int) throws -> [TrainingExample] {
     let data = try InputFile.read(path)
     var examples: [TrainingExample] = []
-    for (n, line) in String(decoding: data, as: UTF8.self).split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
-        let text = line.trimmingCharacters(in: .whitespaces)
+    // Lines split on the scalar "\n": Swift reads "\r\n" as one Character, so a file with CRLF
+    // line ends would otherwise be one line.
+    for (n, line) in String(decoding: data, as: UTF8.self).unicodeScalars.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
+        let text = String(String.UnicodeScalarView(line)).trimmingCharacters(in: .whitespacesAndNewlines)
         if text.isEmpty { continue }
         func bad(_ p: String) -> CheckpointError { .invalidPath(path: "\(path):\(n + 1)", problem: p) }
         guard let obj = try? JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any] else { throw bad("not a JSON object") }

@@ -147,10 +147,14 @@ final class GGUFExportJobTests: XCTestCase {
         XCTAssertEqual(try exportGGUF(base: s.model, output: tmp.appendingPathComponent("w1.gguf").path, type: .q4_0).warnings, [])
         let carded = tmp.appendingPathComponent("Llama-2-7b-chat").path
         try FileManager.default.copyItem(atPath: s.model, toPath: carded)
-        try Data("---\nlicense: llama2\ntags:\n- chat\n---\n# Llama 2\n".utf8).write(to: URL(fileURLWithPath: carded + "/README.md"))
+        // A card's keys are carried; one with a value the reader does not take (a number) is named.
+        try Data("---\nlicense: llama2\ntags:\n- chat\nversion: 2.0\n---\n# Llama 2\n".utf8).write(to: URL(fileURLWithPath: carded + "/README.md"))
         let warned = try exportGGUF(base: carded, output: tmp.appendingPathComponent("w2.gguf").path, type: .q4_0).warnings
         XCTAssertEqual(warned.count, 1)
-        XCTAssertTrue(warned.first?.contains("README.md: the model card's metadata") == true, "\(warned)")
+        XCTAssertTrue(warned.first?.contains("README.md: the model card's version not read") == true, "\(warned)")
+        let file = try GGUFFile(bytes: Data(contentsOf: tmp.appendingPathComponent("w2.gguf")), file: "w2.gguf")
+        XCTAssertEqual(file.value("general.license"), .string("llama2"))
+        XCTAssertEqual(file.value("general.tags"), .strings(["chat"]))
         // An existing OUTPUT is kept unless overwrite is asked for.
         try Data("keep".utf8).write(to: URL(fileURLWithPath: out))
         XCTAssertThrowsError(try exportGGUF(base: s.model, output: out, type: .q4_0))

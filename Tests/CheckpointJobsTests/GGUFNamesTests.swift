@@ -30,6 +30,7 @@ final class GGUFNamesTests: XCTestCase {
     }
 
     func testGeneralKeysAreTheConverters() throws {
+        // Each directory's general.* keys: name heuristics, _name_or_path, generation_config.json and the model card.
         let files = try XCTUnwrap(golden["files"] as? [[String: Any]])
         for f in files {
             let dirName = f["directory"] as! String
@@ -40,6 +41,7 @@ final class GGUFNamesTests: XCTestCase {
             var config = "{\"architectures\": [\"LlamaForCausalLM\"]"
             if let n = f["name_or_path"] as? String { config += ", \"_name_or_path\": \"\(n)\"" }
             config += "}"
+            if let card = f["readme"] as? String { try Data(card.utf8).write(to: dir.appendingPathComponent("README.md")) }
             if let g = f["generation_config"] as? [String: Any] {
                 try JSONSerialization.data(withJSONObject: g).write(to: dir.appendingPathComponent("generation_config.json"))
             }
@@ -52,9 +54,43 @@ final class GGUFNamesTests: XCTestCase {
                 case .string(let s): XCTAssertEqual(s, w[2] as? String, "\(dirName) \(k.key)")
                 case .int32(let i): XCTAssertEqual(Int(i), w[2] as? Int, "\(dirName) \(k.key)")
                 case .float32(let x): XCTAssertEqual(x, Float(try XCTUnwrap(w[2] as? Double)), "\(dirName) \(k.key)")  // JSONSerialization reads the last digits of a double loosely; its float is exact
+                case .uint32(let u): XCTAssertEqual(Int(u), w[2] as? Int, "\(dirName) \(k.key)")
+                case .array(8, let items): XCTAssertEqual(items, (w[2] as? [String])?.map { GGUFValue.string($0) }, "\(dirName) \(k.key)")
                 default: XCTFail("\(dirName) \(k.key): \(k.value)")
                 }
             }
+        }
+    }
+}
+
+/// Model cards a user's checkpoint may carry: odd or hostile front matter is read or skipped,
+/// never a crash.
+final class ModelCardTests: XCTestCase {
+    func testOddFrontMatterIsReadOrSkipped() throws {
+        let tmp = FileManager.default.temporaryDirectory.appendingPathComponent("card-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: tmp, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: tmp) }
+        let cards: [(String, [String: String])] = [
+            ("---\nlicense: 'it''s mine'\ntags: [\"a, b\", c]\nlanguage:\n  - en\n  - fr\n---\n", ["general.license": "it's mine", "general.tags": "a, b|c", "general.languages": "en|fr"]),
+            ("---\nlicense: \"unterminated\ntags:\n-\n- x\n---", [:]),  // PyYAML refuses both; skipped
+            ("---\n:\n- \n  -\n\t\tlicense: mit\nlicense\n---\n", [:]),
+            ("---\r\nlicense: mit # comment\r\n---\r\n", ["general.license": "mit"]),
+            ("no front matter\nlicense: mit\n", [:]),
+            ("---\nlicense: " + String(repeating: "x", count: 100_000) + "\n" + String(repeating: "  - deep\n", count: 10_000) + "---\n",
+             ["general.license": String(repeating: "x", count: 100_000)]),
+        ]
+        for (text, want) in cards {
+            try Data(text.utf8).write(to: tmp.appendingPathComponent("README.md"))
+            let keys = GGUFNames.generalKeys(directory: tmp.path, config: .object([]), parameters: 0) { _ in "" }
+            for (key, value) in want {
+                let got = keys.first { $0.key == key }?.value
+                switch got {
+                case .string(let s)?: XCTAssertEqual(s, value, key)
+                case .array(8, let items)?: XCTAssertEqual(items.map { if case .string(let s) = $0 { return s } else { return "?" } }.joined(separator: "|"), value, key)
+                default: XCTFail("\(key): \(String(describing: got)) in \(text.prefix(60))")
+                }
+            }
+            XCTAssertNil(keys.first { $0.key == "general.license" && want["general.license"] == nil }, "\(text.prefix(60))")
         }
     }
 }

@@ -92,4 +92,12 @@ final class TrainingTests: TemporaryDirectoryTestCase {
         try "{\"input_ids\": [1, 2]}\n{\"input_ids\": [1, 999]}\n".write(toFile: path, atomically: true, encoding: .utf8)
         XCTAssertThrowsError(try loadTrainingData(path: path, vocabSize: 256)) { XCTAssertTrue("\($0)".contains("bad.jsonl:2") && "\($0)".contains("999"), "\($0)") }
     }
+
+    /// A JSONL file with Windows line ends ("\r\n", one Character to Swift) is still one example a line.
+    func testCRLFLinesAreLines() throws {
+        let path = tmp.appendingPathComponent("crlf.jsonl").path
+        try "{\"input_ids\": [1, 2]}\r\n{\"input_ids\": [3, 4, 5]}\r\n".write(toFile: path, atomically: true, encoding: .utf8)
+        let examples = try loadTrainingData(path: path, vocabSize: 256)
+        XCTAssertEqual(examples.map(\.inputIds), [[1, 2], [3, 4, 5]])
+    }
 }

@@ -7,9 +7,9 @@ import SafeTensors
 /// gguf-py's Metadata heuristics (metadata.py), which the converter uses for the general.* keys:
 /// a model id (config.json's `_name_or_path` when it names a model, else the directory's name)
 /// split into name, organization, basename, finetune, version and size label, and
-/// generation_config.json's sampling settings. Vectors/gguf/names.json holds it to gguf-py.
-/// The model card (README.md's YAML front matter: license, tags, base models, datasets, ...) is
-/// not read; `cardWarning` says so when there is one.
+/// generation_config.json's sampling settings, and the model card's keys (README.md's front
+/// matter: license, tags, languages, base models, datasets, names; `ModelCard`).
+/// Vectors/gguf/names.json holds it to gguf-py and the converter.
 public enum GGUFNames {
     /// The parts `Metadata.get_model_id_components` finds in a model id.
     public struct Components: Equatable, Sendable {
@@ -147,33 +147,113 @@ public enum GGUFNames {
             float("general.sampling.mirostat_tau", g["mirostat_tau"])
             float("general.sampling.mirostat_eta", g["mirostat_eta"])
         }
-        var name: String?, org: String?, basename: String?, finetune: String?, version: String?, size: String?
+        // The model card first (its values win), then config.json's _name_or_path, then the directory's name.
+        var meta: [String: String] = [:]
+        var license: String?, tags: [String]?, languages: [String]?
+        var baseModels: [[String: String]]?, datasets: [[String: String]]?
+        if let card = ModelCard(directory: directory) {
+            func use(_ key: String, _ cardKey: String) {
+                if meta[key] == nil, case .string(let v)? = card.values[cardKey] { meta[key] = v }
+            }
+            for k in ["name", "author", "version", "organization", "description", "finetune", "basename", "size_label"] { use(k, k) }
+            for k in ["url", "doi", "uuid", "repo_url"] { use("source_" + k, k) }
+            for k in ["name", "author", "version", "organization", "description", "finetune", "basename", "size_label"] { use(k, "model_" + k) }
+            for k in ["url", "doi", "uuid", "repo_url"] { use("source_" + k, "model_" + k) }
+            use("name", "model_name")
+            use("author", "model_creator")
+            use("basename", "model_type")
+            func sources(_ keys: [String]) -> [[String: String]]? {
+                guard let key = keys.first(where: { card.values[$0] != nil }) else { return nil }
+                let ids: [String]
+                switch card.values[key]! {
+                case .string(let s): ids = [s]
+                case .list(let l): ids = l
+                default: ids = []
+                }
+                return ids.map { entry(for: $0, totalParameters: parameters) }
+            }
+            baseModels = sources(["base_model", "base_models", "base_model_sources"])
+            datasets = sources(["datasets", "dataset", "dataset_sources"])
+            switch card.values["license"] {
+            case .string(let s)?: license = s
+            case .list(let l)?: license = l.joined(separator: ",")
+            default: break
+            }
+            use("license_name", "license_name")
+            use("license_link", "license_link")
+            func array(_ keys: [String]) -> [String]? {
+                var out: [String]?
+                for k in keys {
+                    switch card.values[k] {
+                    case .string(let s)?: out = (out ?? []) + [s]
+                    case .list(let l)?: out = (out ?? []) + l
+                    default: break
+                    }
+                }
+                return out
+            }
+            tags = array(["tags", "pipeline_tag"])
+            languages = array(["languages", "language"])
+        }
         func take(_ c: Components) {
-            if name == nil, let f = c.fullName { name = idToTitle(f) }
-            if org == nil, let o = c.organization { org = idToTitle(o) }
-            basename = basename ?? c.basename
-            finetune = finetune ?? c.finetune
-            version = version ?? c.version
-            size = size ?? c.sizeLabel
+            if meta["name"] == nil, let f = c.fullName { meta["name"] = idToTitle(f) }
+            if meta["organization"] == nil, let o = c.organization { meta["organization"] = idToTitle(o) }
+            meta["basename"] = meta["basename"] ?? c.basename
+            meta["finetune"] = meta["finetune"] ?? c.finetune
+            meta["version"] = meta["version"] ?? c.version
+            meta["size_label"] = meta["size_label"] ?? c.sizeLabel
         }
         if case .string(let id)? = config["_name_or_path"], id.filter({ $0 == "/" }).count <= 1 { take(components(id, totalParameters: parameters)) }
         let dir = URL(fileURLWithPath: directory).standardizedFileURL.lastPathComponent
         take(components(dir, totalParameters: parameters))
-        m.append(("general.name", .string(name ?? dir)))
-        if let version { m.append(("general.version", .string(version))) }
-        if let org { m.append(("general.organization", .string(org))) }
-        if let finetune { m.append(("general.finetune", .string(finetune))) }
-        if let basename { m.append(("general.basename", .string(basename))) }
+        m.append(("general.name", .string(meta["name"] ?? dir)))
+        for k in ["author", "version", "organization", "finetune", "basename", "description"] {
+            if let v = meta[k] { m.append(("general." + k, .string(v))) }
+        }
         // The converter counts parameters from the tensors it writes (none with --vocab-only: no label).
-        if let label = size ?? (parameters > 0 ? sizeLabel(parameters) : nil) { m.append(("general.size_label", .string(label))) }
+        if let label = meta["size_label"] ?? (parameters > 0 ? sizeLabel(parameters) : nil) { m.append(("general.size_label", .string(label))) }
+        if let license { m.append(("general.license", .string(license))) }
+        if let v = meta["license_name"] { m.append(("general.license.name", .string(v))) }
+        if let v = meta["license_link"] { m.append(("general.license.link", .string(v))) }
+        for k in ["url", "doi", "uuid", "repo_url"] { if let v = meta["source_" + k] { m.append(("general.source." + k, .string(v))) } }
+        for (kind, list) in [("base_model", baseModels), ("dataset", datasets)] {
+            guard let list else { continue }
+            m.append(("general.\(kind).count", .uint32(UInt32(list.count))))
+            for (i, e) in list.enumerated() {
+                for k in ["name", "author", "version", "organization", "description", "url", "doi", "uuid", "repo_url"] {
+                    if let v = e[k] { m.append(("general.\(kind).\(i).\(k)", .string(v))) }
+                }
+            }
+        }
+        if let tags { m.append(("general.tags", .strings(tags))) }
+        if let languages { m.append(("general.languages", .strings(languages))) }
         return m
     }
 
-    /// A warning when README.md has model-card front matter, whose keys the export leaves out.
+    /// A base model or dataset entry from a model card's id or URL (gguf-py's rules).
+    static func entry(for id: String, totalParameters: Int) -> [String: String] {
+        var e: [String: String] = [:]
+        func fill(_ c: Components, repo: Bool) {
+            if let f = c.fullName { e["name"] = idToTitle(f) }
+            if let o = c.organization { e["organization"] = idToTitle(o) }
+            if let v = c.version { e["version"] = v }
+            if repo, let o = c.organization, let f = c.fullName { e["repo_url"] = "https://huggingface.co/\(o)/\(f)" }
+        }
+        if id.hasPrefix("http://") || id.hasPrefix("https://") || id.hasPrefix("ssh://") {
+            e["repo_url"] = id
+            if id.contains("huggingface.co"), let r = id.range(of: #"^https?://huggingface.co/[^/]+/[^/]+$"#, options: .regularExpression) {
+                let path = id[r].split(separator: "/", maxSplits: 4, omittingEmptySubsequences: false)
+                if path.count == 5 { fill(components(path[3] + "/" + path[4], totalParameters: totalParameters), repo: false) }
+            }
+        } else {
+            fill(components(id, totalParameters: totalParameters), repo: true)
+        }
+        return e
+    }
+
+    /// A warning naming the model card's keys the converter would use but this reader skipped.
     public static func cardWarning(directory: String) -> String? {
-        guard let data = try? InputFile.read(directory + "/README.md"), let text = String(data: data, encoding: .utf8),
-              text.split(separator: "\n", omittingEmptySubsequences: false).first.map({ $0.trimmingCharacters(in: .init(charactersIn: "\r")) == "---" }) == true
-        else { return nil }
-        return "\(directory)/README.md: the model card's metadata (license, tags, languages, base models, datasets) is not carried; llama.cpp's converter writes it as general.* keys"
+        guard let card = ModelCard(directory: directory), !card.unreadable.isEmpty else { return nil }
+        return "\(directory)/README.md: the model card's \(card.unreadable.joined(separator: ", ")) not read (a value other than text or a list of text); llama.cpp's converter would write them as general.* keys"
     }
 }
