@@ -143,6 +143,7 @@ public func exportGGUF(base: String, adapters specs: [MergeAdapter] = [], output
         if let weight = plan.weights[hf] {
             summary.merged += 1
             let bytes = try context.merge(e, weight, file: file, sizingOnly: false).payloads[0]
+            reader.releasePages(of: hf)  // as the merge job does after each tensor: the base's pages leave the resident set
             let merged = bytes.withUnsafeBytes { loadFloats($0, as: weight.quantized != nil ? mergedDType : ElementType(e.info.dtype)!) }
             if let serving {
                 let row = try ServingReportRow.of(name: hf, base: try unmerged(hf), delta: context.lastDelta(count: merged.count), merged: merged,
