@@ -76,11 +76,25 @@ datasets: HuggingFaceH4/no_robots
 language: en
 ---
 """
+# PEFT's own card for an adapter trained on a local base (an absolute path as base_model: the
+# organization comes out empty, and gguf-py writes no key for an empty string).
+CARD_PEFT = """---
+base_model: /home/user/models/tiny
+library_name: peft
+tags:
+- base_model:adapter:/home/user/models/tiny
+- lora
+- transformers
+---
+
+# Model Card for Model ID
+"""
 FILES = [
     ("TinyLlama-1.1B-Chat-v1.0", None, {"temperature": 0.7, "top_p": 0.9, "top_k": 40, "repetition_penalty": 1.1, "max_length": 2048}, CARD_TINYLLAMA),
     ("tiny", "meta-llama/Llama-2-7b-chat-hf", None, None),
     ("Qwen2.5-0.5B-Instruct", "/home/user/models/Qwen2.5-0.5B-Instruct", {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "min_p": 0.0}, CARD_QWEN),
     ("llama-2-7b-sft-lora-v2", None, None, CARD_ADAPTER),
+    ("my-adapter", None, None, CARD_PEFT),
 ]
 
 

@@ -227,7 +227,7 @@ public enum GGUFNames {
         }
         if let tags { m.append(("general.tags", .strings(tags))) }
         if let languages { m.append(("general.languages", .strings(languages))) }
-        return m
+        return GGUFExport.withoutEmptyStrings(m)
     }
 
     /// A base model or dataset entry from a model card's id or URL (gguf-py's rules).

@@ -425,7 +425,12 @@ extension GGUFExport {
                 if let id = int(config[field]), id >= 0, id < a.vocabSize { m.append((key, .uint32(UInt32(id)))) }
             }
         }
-        return m
+        return withoutEmptyStrings(m)
+    }
+
+    /// gguf-py's add_string writes nothing for an empty string ("if not val: return"): the key is absent.
+    public static func withoutEmptyStrings(_ m: [(key: String, value: GGUFValue)]) -> [(key: String, value: GGUFValue)] {
+        m.filter { if case .string(let s) = $0.value { return !s.isEmpty }; return true }
     }
 
     /// gguf-py's key and value of one special-vocabulary entry.

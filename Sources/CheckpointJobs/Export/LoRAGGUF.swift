@@ -78,7 +78,7 @@ public func exportLoRAGGUF(adapter directory: String, base: String, output: Stri
     let metadata: [(key: String, value: GGUFValue)] = [("general.architecture", .string(family.rawValue)), ("general.type", .string("adapter")),
                                                         ("adapter.type", .string("lora"))]
         + general + [("adapter.lora.alpha", .float32(Float(adapter.loraAlpha))), ("general.quantization_version", .uint32(2))]
-    let bytes = try GGUFExport.fileBytes(metadata: metadata, tensors: tensors)
+    let bytes = try GGUFExport.fileBytes(metadata: GGUFExport.withoutEmptyStrings(metadata), tensors: tensors)
     try StagedOutput.write(Data(bytes), to: output, overwrite: overwrite, inputs: [directory, base])
     return LoRAExportSummary(modules: adapter.modules.count, bytesWritten: bytes.count, warnings: [GGUFNames.cardWarning(directory: directory)].compactMap { $0 })
 }
