@@ -118,35 +118,30 @@ final class GGUFExportJobTests: XCTestCase {
             XCTAssertFalse(FileManager.default.fileExists(atPath: out), "nothing written", file: file, line: line)
         }
         refused(s.model + "/model.safetensors", "export needs a checkpoint directory")
-        let noTokenizer = tmp.appendingPathComponent("no-tokenizer").path
-        try FileManager.default.copyItem(atPath: s.model, toPath: noTokenizer)
-        try FileManager.default.removeItem(atPath: noTokenizer + "/tokenizer.model")
+        // A copy of the sample checkpoint with one thing changed.
+        func variant(_ name: String, _ change: (String) throws -> Void) throws -> String {
+            let dir = tmp.appendingPathComponent(name).path
+            try FileManager.default.copyItem(atPath: s.model, toPath: dir)
+            try change(dir)
+            return dir
+        }
+        func replace(_ file: String, _ a: String, _ b: String) throws {
+            try String(contentsOfFile: file, encoding: .utf8).replacingOccurrences(of: a, with: b).write(toFile: file, atomically: true, encoding: .utf8)
+        }
+        let noTokenizer = try variant("no-tokenizer") { try FileManager.default.removeItem(atPath: $0 + "/tokenizer.model") }
         refused(noTokenizer, "has no tokenizer.model")
         try Data("{}".utf8).write(to: URL(fileURLWithPath: noTokenizer + "/tokenizer.json"))
         refused(noTokenizer, "tokenizer.json: is not a BPE tokenizer")
-        let qwen = tmp.appendingPathComponent("qwen").path
-        try FileManager.default.copyItem(atPath: s.model, toPath: qwen)
-        let config = try String(contentsOfFile: qwen + "/config.json", encoding: .utf8).replacingOccurrences(of: "LlamaForCausalLM", with: "GemmaForCausalLM")
-        try config.write(toFile: qwen + "/config.json", atomically: true, encoding: .utf8)
-        refused(qwen, "this checkpoint is GemmaForCausalLM")
-        let badTokenizer = tmp.appendingPathComponent("bad-tokenizer").path
-        try FileManager.default.copyItem(atPath: s.model, toPath: badTokenizer)
-        try Data([0x0A, 0xFF, 0xFF, 0xFF, 0xFF, 0x0F]).write(to: URL(fileURLWithPath: badTokenizer + "/tokenizer.model"))
-        refused(badTokenizer, "tokenizer.model")
+        refused(try variant("gemma") { try replace($0 + "/config.json", "LlamaForCausalLM", "GemmaForCausalLM") }, "this checkpoint is GemmaForCausalLM")
+        refused(try variant("bad-tokenizer") { try Data([0x0A, 0xFF, 0xFF, 0xFF, 0xFF, 0x0F]).write(to: URL(fileURLWithPath: $0 + "/tokenizer.model")) }, "tokenizer.model")
         refused(s.model, adapters: [tmp.appendingPathComponent("missing-adapter").path], "missing-adapter")
-        let hugeVocab = tmp.appendingPathComponent("huge-vocab").path
-        try FileManager.default.copyItem(atPath: s.model, toPath: hugeVocab)
-        let hugeConfig = try String(contentsOfFile: hugeVocab + "/config.json", encoding: .utf8).replacingOccurrences(of: "\"vocab_size\": 300", with: "\"vocab_size\": 100000000")
-        try hugeConfig.write(toFile: hugeVocab + "/config.json", atomically: true, encoding: .utf8)
-        refused(hugeVocab, "vocab_size 100000000 is not model.embed_tokens.weight's 300 rows")
-        let badConfig = tmp.appendingPathComponent("bad-tokenizer-config").path
-        try FileManager.default.copyItem(atPath: s.model, toPath: badConfig)
-        try Data("{\"bos_token\": ".utf8).write(to: URL(fileURLWithPath: badConfig + "/tokenizer_config.json"))
-        refused(badConfig, "tokenizer_config.json: is not valid JSON")
+        refused(try variant("huge-vocab") { try replace($0 + "/config.json", "\"vocab_size\": 300", "\"vocab_size\": 100000000") },
+                "vocab_size 100000000 is not model.embed_tokens.weight's 300 rows")
+        refused(try variant("bad-tokenizer-config") { try Data("{\"bos_token\": ".utf8).write(to: URL(fileURLWithPath: $0 + "/tokenizer_config.json")) },
+                "tokenizer_config.json: is not valid JSON")
         // What the export writes differently from the converter is named in a warning.
         XCTAssertEqual(try exportGGUF(base: s.model, output: tmp.appendingPathComponent("w1.gguf").path, type: .q4_0).warnings, [])
-        let carded = tmp.appendingPathComponent("Llama-2-7b-chat").path
-        try FileManager.default.copyItem(atPath: s.model, toPath: carded)
+        let carded = try variant("Llama-2-7b-chat") { _ in }
         // A card's keys are carried; one with a value the reader does not take (a number) is named.
         try Data("---\nlicense: llama2\ntags:\n- chat\nversion: 2.0\n---\n# Llama 2\n".utf8).write(to: URL(fileURLWithPath: carded + "/README.md"))
         let warned = try exportGGUF(base: carded, output: tmp.appendingPathComponent("w2.gguf").path, type: .q4_0).warnings
