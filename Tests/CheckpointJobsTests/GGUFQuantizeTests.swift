@@ -189,6 +189,7 @@ final class LoRAGGUFTests: XCTestCase {
             XCTAssertEqual(s.modules, 14)
             let bytes = try Data(contentsOf: out)
             let file = try GGUFFile(bytes: bytes, file: out.path)
+            XCTAssertEqual(file.header.encoded(), [UInt8](bytes.prefix(file.dataOffset)), "\(outType): the reader round-trips the header")
             let wantTensors = try XCTUnwrap(want["tensors"] as? [[Any]])
             XCTAssertEqual(file.header.tensors.map(\.name), wantTensors.map { $0[0] as! String }, "\(outType): tensor order")
             for (t, w) in zip(file.header.tensors, wantTensors) {
