@@ -202,3 +202,18 @@ final class LoRAGGUFTests: XCTestCase {
         }
     }
 }
+
+/// The export's threaded encoding writes the bytes one thread writes (rows are quantized on their own).
+final class GGUFExportEncodingTests: XCTestCase {
+    func testThreadsDoNotChangeTheBytes() {
+        let (rows, cols) = (101, 512)  // 16 rows a part at least: up to 6 parts
+        let bits = GGUFQuantizeTests.smallWeights("threads", rows * cols)
+        let x = bits.map { HalfPrecision.float(bfloat16Bits: $0) }
+        for type in [GGMLType.q4_K, .q6_K, .iq4_nl, .q8_0, .q5_0] {
+            let one = GGUFExportEncoding.encode(x, ne: [cols, rows], convertedAs: .bf16, final: type, threads: 1)
+            for threads in [2, 3, 8] {
+                XCTAssertEqual(GGUFExportEncoding.encode(x, ne: [cols, rows], convertedAs: .bf16, final: type, threads: threads), one, "\(type), \(threads) threads")
+            }
+        }
+    }
+}
