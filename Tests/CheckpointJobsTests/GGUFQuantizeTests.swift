@@ -76,25 +76,9 @@ final class GGUFQuantizeTests: XCTestCase {
         let want = try XCTUnwrap((golden[model] as? [String: Any])?[goldenKey] as? [String: Any], "\(model) \(goldenKey)")
         let out = dir.deletingLastPathComponent().appendingPathComponent("\(model)-\(type.rawValue).gguf")
         let summary = try exportGGUF(base: dir.path, output: out.path, type: type)
-        let data = try Data(contentsOf: out), bytes = [UInt8](data)
-        XCTAssertEqual(summary.bytesWritten, bytes.count, "\(model) \(type): bytes reported")
-        let file = try GGUFFile(bytes: data, file: out.path)
-        XCTAssertEqual(file.header.encoded(), [UInt8](data.prefix(file.dataOffset)), "\(model) \(type): the reader round-trips the header")
-        let wantTensors = try XCTUnwrap(want["tensors"] as? [[Any]])
-        XCTAssertEqual(file.header.tensors.map(\.name), wantTensors.map { $0[0] as! String }, "\(model) \(type): tensor order")
-        for (t, w) in zip(file.header.tensors, wantTensors) {
-            XCTAssertEqual(t.type.description, w[1] as? String, "\(model) \(type) \(t.name): type")
-            XCTAssertEqual(t.ne, w[2] as? [Int], "\(model) \(type) \(t.name): dimensions")
-            let data = file.data(of: t)
-            XCTAssertEqual(SHA256.hex(Array(data)), w[3] as? String, "\(model) \(type) \(t.name): bytes")
-            // Its values as the gguf package dequantizes them (fp32, little-endian).
-            let values = data.withUnsafeBytes { GGMLQuants.decode($0, as: LlamaQuantize.encoding(t.type), count: t.ne.reduce(1, *)) }
-            let valueBytes = values.withUnsafeBytes { Array($0) }
-            if dequantized { XCTAssertEqual(SHA256.hex(valueBytes), w[4] as? String, "\(model) \(type) \(t.name): dequantized values") }
-        }
-        XCTAssertEqual(file.metadata.map(\.key), (want["metadata"] as? [[String]])?.map { $0[0] }, "\(model) \(type): metadata keys and order")
-        XCTAssertEqual(bytes.count, want["bytes"] as? Int, "\(model) \(type): size")
-        XCTAssertEqual(SHA256.hex(bytes), want["sha256"] as? String, "\(model) \(type): the file's bytes")
+        let data = try Data(contentsOf: out)
+        XCTAssertEqual(summary.bytesWritten, data.count, "\(model) \(type): bytes reported")
+        try assertGGUF(data, path: out.path, equals: want, "\(model) \(type)", dequantized: dequantized)
     }
 
     /// The other families, exported from their NF4 checkpoints (Vectors/gguf/families.json: the
@@ -187,18 +171,7 @@ final class LoRAGGUFTests: XCTestCase {
             let out = tmp.appendingPathComponent("lora-\(outType.rawValue).gguf")
             let s = try exportLoRAGGUF(adapter: adapter.path, base: repositoryRoot.appendingPathComponent("Vectors/llama/tiny").path, output: out.path, type: outType)
             XCTAssertEqual(s.modules, 14)
-            let bytes = try Data(contentsOf: out)
-            let file = try GGUFFile(bytes: bytes, file: out.path)
-            XCTAssertEqual(file.header.encoded(), [UInt8](bytes.prefix(file.dataOffset)), "\(outType): the reader round-trips the header")
-            let wantTensors = try XCTUnwrap(want["tensors"] as? [[Any]])
-            XCTAssertEqual(file.header.tensors.map(\.name), wantTensors.map { $0[0] as! String }, "\(outType): tensor order")
-            for (t, w) in zip(file.header.tensors, wantTensors) {
-                XCTAssertEqual(t.type.description, w[1] as? String, "\(outType) \(t.name): type")
-                XCTAssertEqual(t.ne, w[2] as? [Int], "\(outType) \(t.name): dimensions")
-                XCTAssertEqual(SHA256.hex(Array(file.data(of: t))), w[3] as? String, "\(outType) \(t.name): bytes")
-            }
-            XCTAssertEqual(file.metadata.map(\.key), (want["metadata"] as? [[String]])?.map { $0[0] }, "\(outType): keys")
-            XCTAssertEqual(SHA256.hex([UInt8](bytes)), want["sha256"] as? String, "\(outType): the file")
+            try assertGGUF(try Data(contentsOf: out), path: out.path, equals: want, "\(outType)", dequantized: false)
         }
     }
 }
@@ -216,4 +189,30 @@ final class GGUFExportEncodingTests: XCTestCase {
             }
         }
     }
+}
+
+/// A GGUF file against a golden's description (generate_gguf_quantize.py's `describe`): the reader
+/// round-trips the header; every tensor's name, order, type, dimensions and bytes (and with
+/// `dequantized`, its values as the gguf package dequantizes them); the metadata keys in order;
+/// the size and the whole file's sha256.
+func assertGGUF(_ data: Data, path: String, equals want: [String: Any], _ label: String, dequantized: Bool,
+                file: StaticString = #filePath, line: UInt = #line) throws {
+    let gguf = try GGUFFile(bytes: data, file: path)
+    XCTAssertEqual(gguf.header.encoded(), [UInt8](data.prefix(gguf.dataOffset)), "\(label): the reader round-trips the header", file: file, line: line)
+    let wantTensors = try XCTUnwrap(want["tensors"] as? [[Any]], file: file, line: line)
+    XCTAssertEqual(gguf.header.tensors.map(\.name), wantTensors.map { $0[0] as! String }, "\(label): tensor order", file: file, line: line)
+    for (t, w) in zip(gguf.header.tensors, wantTensors) {
+        XCTAssertEqual(t.type.description, w[1] as? String, "\(label) \(t.name): type", file: file, line: line)
+        XCTAssertEqual(t.ne, w[2] as? [Int], "\(label) \(t.name): dimensions", file: file, line: line)
+        let bytes = gguf.data(of: t)
+        XCTAssertEqual(SHA256.hex(Array(bytes)), w[3] as? String, "\(label) \(t.name): bytes", file: file, line: line)
+        if dequantized {
+            // Its values as the gguf package dequantizes them (fp32, little-endian).
+            let values = bytes.withUnsafeBytes { GGMLQuants.decode($0, as: LlamaQuantize.encoding(t.type), count: t.ne.reduce(1, *)) }
+            XCTAssertEqual(SHA256.hex(values.withUnsafeBytes { Array($0) }), w[4] as? String, "\(label) \(t.name): dequantized values", file: file, line: line)
+        }
+    }
+    XCTAssertEqual(gguf.metadata.map(\.key), (want["metadata"] as? [[String]])?.map { $0[0] }, "\(label): metadata keys and order", file: file, line: line)
+    XCTAssertEqual(data.count, want["bytes"] as? Int, "\(label): size", file: file, line: line)
+    XCTAssertEqual(SHA256.hex([UInt8](data)), want["sha256"] as? String, "\(label): the file's bytes", file: file, line: line)
 }
