@@ -119,12 +119,12 @@ public enum KernelBench {
     }
 
     /// Median seconds of `repeats` runs of `body(i)` after one warm-up.
-    static func median(_ repeats: Int, _ body: (Int) -> Void) -> Double {
-        body(0)
+    static func median(_ repeats: Int, _ body: (Int) throws -> Void) rethrows -> Double {
+        try body(0)
         var times: [Double] = []
         for i in 0..<max(1, repeats) {
             let t0 = DispatchTime.now().uptimeNanoseconds
-            body(i + 1)
+            try body(i + 1)
             times.append(Double(DispatchTime.now().uptimeNanoseconds - t0) * 1e-9)
         }
         times.sort()
@@ -255,9 +255,9 @@ public enum KernelBench {
         let x = (0..<(tokens * a.hiddenSize)).map { _ in HalfPrecision.roundedToBFloat16(rng.normal()) }
         let dout = (0..<(tokens * a.hiddenSize)).map { _ in HalfPrecision.roundedToBFloat16(rng.normal() * 1e-3) }
         var states = layer.projections.map { (AdamWState(count: $0.loraA.count), AdamWState(count: $0.loraB.count)) }
-        let seconds = median(repeats) { _ in
+        let seconds = try median(repeats) { _ in
             for p in layer.projections { p.zeroGrad() }
-            _ = try! LlamaModel.layerStep(layer, config: cfg, x: x, dout: dout, batch: 1, seq: tokens)
+            _ = try LlamaModel.layerStep(layer, config: cfg, x: x, dout: dout, batch: 1, seq: tokens)
             for (i, p) in layer.projections.enumerated() {
                 AdamW.step(param: &p.loraA, grad: p.gradA, state: &states[i].0, config: AdamWConfig())
                 AdamW.step(param: &p.loraB, grad: p.gradB, state: &states[i].1, config: AdamWConfig())
@@ -283,10 +283,10 @@ public enum KernelBench {
                 Matmul4Bit.backwardInput(dy: d, tokens: s.tokens, weight: base, dx: $0, threads: threads, scratch: scratch, roundOutputToBF16: true) } }
         }
         var stateA = AdamWState(count: layer.loraA.count), stateB = AdamWState(count: layer.loraB.count)
-        let stepTime = median(repeats) { _ in
+        let stepTime = try median(repeats) { _ in
             layer.zeroGrad()
-            let (_, saved) = try! layer.forward(x, tokens: s.tokens)
-            _ = try! layer.backward(dy, saved: saved)
+            let (_, saved) = try layer.forward(x, tokens: s.tokens)
+            _ = try layer.backward(dy, saved: saved)
             AdamW.step(param: &layer.loraA, grad: layer.gradA, state: &stateA, config: AdamWConfig())
             AdamW.step(param: &layer.loraB, grad: layer.gradB, state: &stateB, config: AdamWConfig())
         }
