@@ -30,7 +30,7 @@ import bitsandbytes
 from safetensors.torch import save_file
 from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config,
                           Qwen3Config)
-from generate_llama import record_training_step  # the recorded step, shared with the Llama golden
+from generate_llama import record_training_step, save_dense_and_nf4  # shared with the Llama golden
 
 torch.set_num_threads(1)
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "families")
@@ -55,23 +55,8 @@ def family(fam, cfg, targets):
     os.makedirs(out_dir)
     torch.manual_seed(0)
     cfg.torch_dtype = "bfloat16"
-    dense = AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():  # norms away from 1 and biases away from 0 so that they matter
-        for n, p in dense.named_parameters():
-            if "norm" in n:
-                p.copy_(1 + 0.1 * torch.randn(p.shape))
-            elif n.endswith(".bias"):
-                p.copy_(0.1 * torch.randn(p.shape))
-    dense = dense.to(torch.bfloat16)
-    base_dir = os.path.join(out_dir, "tiny")
-    dense.save_pretrained(base_dir, safe_serialization=True)
-
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=bnb, dtype=torch.bfloat16,
-                                                 attn_implementation="eager", device_map="cpu")
-    model.save_pretrained(os.path.join(out_dir, "tiny-nf4"), safe_serialization=True)
-    shutil.rmtree(base_dir)  # the bnb-4bit file is what the tests load
+    model = save_dense_and_nf4(AutoModelForCausalLM.from_config(cfg), out_dir)
+    shutil.rmtree(os.path.join(out_dir, "tiny"))  # the bnb-4bit file is what the tests load
 
     tensors, loss, losses = record_training_step(model, targets)
 

@@ -19,7 +19,7 @@ import transformers
 import peft
 import bitsandbytes
 from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForCausalLM, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 from peft import LoraConfig, get_peft_model
 
 torch.set_num_threads(1)
@@ -29,6 +29,26 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def adapter_name(n):
     return n.replace("base_model.model.", "").replace(".default", "")
+
+
+def save_dense_and_nf4(dense, out_dir):
+    """`dense` in bf16 with its norms away from 1 (and biases away from 0) so that they matter,
+    saved as out_dir/tiny; then transformers' own NF4 + double quant of it saved as
+    out_dir/tiny-nf4 (the bnb-4bit layout transformers writes). Returns the NF4 model."""
+    with torch.no_grad():
+        for n, p in dense.named_parameters():
+            if "norm" in n:
+                p.copy_(1 + 0.1 * torch.randn(p.shape))
+            elif n.endswith(".bias"):
+                p.copy_(0.1 * torch.randn(p.shape))
+    base_dir = os.path.join(out_dir, "tiny")
+    dense.to(torch.bfloat16).save_pretrained(base_dir, safe_serialization=True)
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=bnb, dtype=torch.bfloat16,
+                                                 attn_implementation="eager", device_map="cpu")
+    model.save_pretrained(os.path.join(out_dir, "tiny-nf4"), safe_serialization=True)
+    return model
 
 
 def record_training_step(model, targets, record_logits_dtype=False):
@@ -90,20 +110,7 @@ def main():
                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                     "original_max_position_embeddings": 32},
                       torch_dtype="bfloat16")
-    dense = LlamaForCausalLM(cfg)
-    with torch.no_grad():  # norms away from 1 so that their weights matter
-        for n, p in dense.named_parameters():
-            if "norm" in n:
-                p.copy_(1 + 0.1 * torch.randn(p.shape))
-    dense = dense.to(torch.bfloat16)
-    base_dir = os.path.join(HERE, "tiny")
-    dense.save_pretrained(base_dir, safe_serialization=True)
-
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.bfloat16)
-    model = LlamaForCausalLM.from_pretrained(base_dir, quantization_config=bnb, torch_dtype=torch.bfloat16,
-                                             attn_implementation="eager", device_map="cpu")
-    model.save_pretrained(os.path.join(HERE, "tiny-nf4"), safe_serialization=True)  # the bnb-4bit layout transformers writes
+    model = save_dense_and_nf4(LlamaForCausalLM(cfg), HERE)
 
     tensors, loss, losses = record_training_step(model, TARGETS, record_logits_dtype=True)
 
