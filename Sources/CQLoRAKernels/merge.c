@@ -191,21 +191,19 @@ DEFINE_MERGE_VECTOR(avx2, AVX2, 8, 2)  // 8 accumulators + 4 loads of 16 registe
 int64_t qlora_lora_merge_rows(const float *coef, const float *m, int64_t r, int64_t cols,
                               int64_t row_begin, int64_t row_end, float scaling, int adapter_type,
                               const void *base, int base_type, void *out, int out_type, float *delta_out) {
-    switch (qlora_active_level()) {
-    case QLORA_LEVEL_AVX512:
+    // Levels are ordered: a CPU with AVX512-BF16 (level 3) runs the AVX-512 kernel.
+    const int level = qlora_active_level();
+    if (level >= QLORA_LEVEL_AVX512)
         return merge_rows_avx512(coef, m, r, cols, row_begin, row_end, scaling, adapter_type, base, base_type, out, out_type, delta_out);
-    case QLORA_LEVEL_AVX2:
+    if (level >= QLORA_LEVEL_AVX2)
         return merge_rows_avx2(coef, m, r, cols, row_begin, row_end, scaling, adapter_type, base, base_type, out, out_type, delta_out);
-    default:
-        return merge_rows_scalar(coef, m, r, cols, row_begin, row_end, scaling, adapter_type, base, base_type, out, out_type, delta_out);
-    }
+    return merge_rows_scalar(coef, m, r, cols, row_begin, row_end, scaling, adapter_type, base, base_type, out, out_type, delta_out);
 }
 
 void qlora_merge_report_sums(const void *base, int base_type, const float *delta, const void *written, int written_type,
                              int64_t n, double *acc) {
-    switch (qlora_active_level()) {
-    case QLORA_LEVEL_AVX512: report_sums_avx512(base, base_type, delta, written, written_type, n, acc); break;
-    case QLORA_LEVEL_AVX2: report_sums_avx2(base, base_type, delta, written, written_type, n, acc); break;
-    default: report_sums_scalar(base, base_type, delta, written, written_type, 0, n, acc);
-    }
+    const int level = qlora_active_level();
+    if (level >= QLORA_LEVEL_AVX512) report_sums_avx512(base, base_type, delta, written, written_type, n, acc);
+    else if (level >= QLORA_LEVEL_AVX2) report_sums_avx2(base, base_type, delta, written, written_type, n, acc);
+    else report_sums_scalar(base, base_type, delta, written, written_type, 0, n, acc);
 }

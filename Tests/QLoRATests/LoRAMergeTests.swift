@@ -125,6 +125,26 @@ final class LoRAMergeTests: XCTestCase {
         }
     }
 
+    /// Levels are ordered: at AVX512-BF16 (level 3) the merge kernels run their AVX-512 code,
+    /// not the scalar fallback (they once matched levels exactly, and a BF16 CPU merged in scalar).
+    /// The report's Float64 sums show which kernel ran: each level adds its lanes in its own order.
+    func testLevelsAboveAVX512RunTheAVX512MergeKernels() throws {
+        guard KernelLevel.cpu.rawValue >= KernelLevel.avx512bf16.rawValue else { throw XCTSkip("needs an AVX512-BF16 CPU") }
+        var rng = SplitMix64(seed: 9)
+        let n = 4099
+        let base = encodeForTest((0..<n).map { _ in Float(rng.normal()) }, as: .float32)
+        let delta = (0..<n).map { _ in Float(rng.normal()) * 0.01 }
+        let written = encodeForTest((0..<n).map { _ in Float(rng.normal()) }, as: .bfloat16)
+        func sums(_ level: KernelLevel) -> [Double] {
+            KernelLevel.setMaximum(level)
+            return base.withUnsafeBytes { b in delta.withUnsafeBufferPointer { d in
+                written.withUnsafeBytes { LoRAMerge.reportSums(base: b, baseType: .float32, delta: d, written: $0, writtenType: .bfloat16) } } }
+        }
+        let (scalar, avx512, top) = (sums(.scalar), sums(.avx512), sums(.avx512bf16))
+        XCTAssertNotEqual(scalar, avx512, "the data tells the kernels apart")
+        XCTAssertEqual(top, avx512)
+    }
+
     /// The report's Float64 sums at every level and for every element type against a plain loop
     /// (lanes add in another order: agreement to 1e-12 relative).
     func testReportSumsMatchPlainLoop() {
