@@ -58,7 +58,7 @@ public enum GGMLType: UInt32, Sendable, CaseIterable, CustomStringConvertible {
     /// number of blocks or the size overflows.
     public func byteCount(_ ne: [Int]) -> Int? {
         let (qk, size) = block
-        guard let first = ne.first, ne.allSatisfy({ $0 >= 0 }), first % qk == 0 else { return ne.isEmpty ? size : nil }
+        guard let first = ne.first, ne.allSatisfy({ $0 >= 0 }), first % qk == 0 else { return nil }
         var rows = 1
         for d in ne.dropFirst() {
             let (p, o) = rows.multipliedReportingOverflow(by: d)
@@ -72,7 +72,7 @@ public enum GGMLType: UInt32, Sendable, CaseIterable, CustomStringConvertible {
 }
 
 /// A metadata value: gguf-py's GGUFValueType, the type numbers the file stores.
-public indirect enum GGUFValue: Equatable, Sendable {
+public enum GGUFValue: Equatable, Sendable {
     case uint8(UInt8), int8(Int8), uint16(UInt16), int16(Int16), uint32(UInt32), int32(Int32), float32(Float), bool(Bool)
     case string(String)
     /// Elements of one type (`elementType`), as the file stores them.

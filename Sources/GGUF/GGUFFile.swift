@@ -15,7 +15,10 @@ public struct GGUFFile: Sendable {
     public func tensor(_ name: String) -> GGUFTensorInfo? { header.tensors.first { $0.name == name } }
 
     /// The bytes of one tensor.
-    public func data(of t: GGUFTensorInfo) -> Data { bytes.subdata(in: (dataOffset + t.offset)..<(dataOffset + t.offset + t.byteCount)) }
+    public func data(of t: GGUFTensorInfo) -> Data {
+        let start = bytes.startIndex + dataOffset + t.offset  // a Data slice keeps its parent's indices
+        return bytes.subdata(in: start..<(start + t.byteCount))
+    }
 
     /// Nesting of arrays in arrays the reader follows (gguf-py writes one level; deeper input is refused).
     static let maxArrayDepth = 4
@@ -32,19 +35,15 @@ public struct GGUFFile: Sendable {
             throw r.fail("header claims \(tensorCount) tensors and \(kvCount) metadata entries in \(r.bytes.count) bytes")
         }
         var metadata: [(key: String, value: GGUFValue)] = []
-        var seen = Set<String>()
         for _ in 0..<Int(kvCount) {
             let key = try r.string()
-            guard seen.insert(key).inserted else { throw r.fail("metadata key \(key) appears twice") }
             let type: UInt32 = try r.int()
             metadata.append((key, try r.value(type: type, depth: 0)))
         }
         var tensors: [(name: String, ne: [Int], type: GGMLType)] = []
         var offsets: [Int] = []
-        var names = Set<String>()
         for _ in 0..<Int(tensorCount) {
             let name = try r.string()
-            guard names.insert(name).inserted else { throw r.fail("tensor \(name) appears twice") }
             let dims: UInt32 = try r.int()
             guard (1...4).contains(dims) else { throw r.fail("tensor \(name) has \(dims) dimensions (1 to 4)") }
             var ne: [Int] = []
@@ -60,25 +59,23 @@ public struct GGUFFile: Sendable {
             tensors.append((name, ne, type))
             offsets.append(o)
         }
-        var header: GGUFHeader
-        do { header = try GGUFHeader(metadata: metadata, tensors: []) } catch let e as GGUFError { throw r.fail(e.problem) }
-        let alignment = header.alignment
-        var infos: [GGUFTensorInfo] = []
-        var dataOffset = (r.at + alignment - 1) / alignment * alignment
+        // The layout ggml reads (gguf.cpp): each tensor right after the one before, padded to the
+        // alignment. GGUFHeader lays tensors out so; a file whose offsets differ is refused.
+        let header: GGUFHeader
+        do { header = try GGUFHeader(metadata: metadata, tensors: tensors) } catch let e as GGUFError { throw r.fail(e.problem) }
+        var dataOffset = (r.at + header.alignment - 1) / header.alignment * header.alignment
         // A file without tensors may end right after its header, as gguf-py's vocab-only
         // files do (they never reach write_tensors_to_file, which pads).
         if tensors.isEmpty && r.at == r.bytes.count { dataOffset = r.at }
         guard dataOffset <= r.bytes.count else { throw r.fail("the file ends inside the header's padding") }
-        for (t, o) in zip(tensors, offsets) {
-            guard let n = t.type.byteCount(t.ne) else { throw r.fail("tensor \(t.name): dimensions \(t.ne) do not fit \(t.type)") }
-            guard o % alignment == 0 else { throw r.fail("tensor \(t.name) starts at \(o), not a multiple of the alignment \(alignment)") }
-            let (end, overflow) = o.addingReportingOverflow(n)
-            guard !overflow, end <= r.bytes.count - dataOffset else {
-                throw r.fail("tensor \(t.name) (\(n) bytes at data offset \(o)) runs past the end of the file (\(r.bytes.count - dataOffset) data bytes)")
+        for (t, o) in zip(header.tensors, offsets) {
+            guard o == t.offset else {
+                throw r.fail("tensor \(t.name) starts at data offset \(o), not \(t.offset) where the tensors before it and the alignment \(header.alignment) put it")
             }
-            infos.append(GGUFTensorInfo(name: t.name, ne: t.ne, type: t.type, offset: o, byteCount: n))
+            guard t.offset + t.byteCount <= r.bytes.count - dataOffset else {
+                throw r.fail("tensor \(t.name) (\(t.byteCount) bytes at data offset \(o)) runs past the end of the file (\(r.bytes.count - dataOffset) data bytes)")
+            }
         }
-        header.tensors = infos
         self.version = version
         self.header = header
         self.dataOffset = dataOffset

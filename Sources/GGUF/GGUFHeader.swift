@@ -13,6 +13,10 @@ public struct GGUFHeader: Sendable {
     /// sets it (a power of two), else 32.
     public init(metadata: [(key: String, value: GGUFValue)], tensors: [(name: String, ne: [Int], type: GGMLType)]) throws {
         self.metadata = metadata
+        // llama.cpp refuses a file that repeats a key or a tensor name; so does the writer.
+        var keys = Set<String>(), names = Set<String>()
+        for (k, _) in metadata where !keys.insert(k).inserted { throw GGUFError(file: "GGUF header", problem: "metadata key \(k) appears twice") }
+        for t in tensors where !names.insert(t.name).inserted { throw GGUFError(file: "GGUF header", problem: "tensor \(t.name) appears twice") }
         var alignment = GGUF.defaultAlignment
         if let a = metadata.first(where: { $0.key == "general.alignment" })?.value {
             guard case .uint32(let v) = a, v > 0, v & (v - 1) == 0 else {
@@ -24,7 +28,7 @@ public struct GGUFHeader: Sendable {
         var infos: [GGUFTensorInfo] = []
         var offset = 0
         for t in tensors {
-            guard let bytes = t.type.byteCount(t.ne), !t.ne.isEmpty, t.ne.count <= 4 else {
+            guard let bytes = t.type.byteCount(t.ne), t.ne.count <= 4 else {
                 throw GGUFError(file: "GGUF header", problem: "tensor \(t.name): dimensions \(t.ne) do not fit \(t.type) (ne[0] a multiple of \(t.type.block.elements), at most 4 dimensions)")
             }
             infos.append(GGUFTensorInfo(name: t.name, ne: t.ne, type: t.type, offset: offset, byteCount: bytes))
@@ -79,9 +83,8 @@ public struct GGUFHeader: Sendable {
     public static func append<T: FixedWidthInteger>(_ v: T, to out: inout [UInt8]) { put(v, &out) }
 
     static func put(_ s: String, _ out: inout [UInt8]) {
-        let bytes = Array(s.utf8)
-        put(UInt64(bytes.count), &out)
-        out += bytes
+        put(UInt64(s.utf8.count), &out)
+        out += s.utf8
     }
 
     static func put(_ v: GGUFValue, _ out: inout [UInt8]) {

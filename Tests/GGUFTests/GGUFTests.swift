@@ -138,7 +138,8 @@ final class GGUFHostileInputTests: XCTestCase {
         GGUFHeader.append(UInt32(0), to: &t)
         GGUFHeader.append(UInt64(0), to: &t)
         refuses(header(t, tensors: 1), "runs past the end of the file")
-        // A Q8_0 tensor whose rows are not whole blocks; an unknown ggml type; a misaligned offset.
+        // A Q8_0 tensor whose rows are not whole blocks; an unknown ggml type; a misaligned offset,
+        // and an aligned one with a gap before it (ggml reads tensors packed, each after the last).
         var q = t
         q.replaceSubrange((q.count - 12)..<(q.count - 8), with: [8, 0, 0, 0])
         refuses(header(q, tensors: 1), "do not fit Q8_0")
@@ -147,6 +148,22 @@ final class GGUFHostileInputTests: XCTestCase {
         refuses(header(u, tensors: 1), "ggml type 99")
         var m = t
         m.replaceSubrange((m.count - 8)..<m.count, with: [3, 0, 0, 0, 0, 0, 0, 0])
-        refuses(header(m + [UInt8](repeating: 0, count: 64), tensors: 1), "not a multiple of the alignment")
+        refuses(header(m + [UInt8](repeating: 0, count: 64), tensors: 1), "starts at data offset 3, not 0")
+        var g = t
+        g.replaceSubrange((g.count - 8)..<g.count, with: [32, 0, 0, 0, 0, 0, 0, 0])
+        refuses(header(g + [UInt8](repeating: 0, count: 64), tensors: 1), "starts at data offset 32, not 0")
+        // A key or a tensor name twice: the reader refuses it, and the writer never writes it.
+        XCTAssertThrowsError(try GGUFHeader(metadata: [("a", .uint8(1)), ("a", .uint8(2))], tensors: [])) { XCTAssertTrue("\($0)".contains("metadata key a appears twice")) }
+        XCTAssertThrowsError(try GGUFHeader(metadata: [], tensors: [("w", [32], .f32), ("w", [32], .f32)])) { XCTAssertTrue("\($0)".contains("tensor w appears twice")) }
+    }
+
+    /// A Data slice (indices not from 0) reads the same tensors as a fresh Data of its bytes.
+    func testASliceReadsAsItsBytes() throws {
+        let url = repositoryRoot.appendingPathComponent("Vectors/gguf/golden.gguf")
+        let bytes = try Data(contentsOf: url)
+        let padded = Data([1, 2, 3, 4, 5, 6, 7]) + bytes
+        let whole = try GGUFFile(bytes: bytes, file: "golden.gguf"), slice = try GGUFFile(bytes: padded[7...], file: "golden.gguf")
+        XCTAssertFalse(whole.header.tensors.isEmpty)
+        for t in whole.header.tensors { XCTAssertEqual(slice.data(of: t), whole.data(of: t), t.name) }
     }
 }

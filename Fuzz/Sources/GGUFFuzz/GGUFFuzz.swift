@@ -30,8 +30,8 @@ public func fuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
         let d = file.data(of: t)
         if let b = d.first { fuzzSink &+= b }
     }
-    // Re-encode: the same header with the tensors laid out in order (offsets may differ from
-    // the input's, which need not be packed), then parse it back.
+    // Re-encode: the same header with the tensors laid out in order (the reader accepts only
+    // that layout, so the offsets are the input's), then parse it back.
     let rebuilt: GGUFHeader
     do {
         rebuilt = try GGUFHeader(metadata: file.metadata, tensors: file.header.tensors.map { ($0.name, $0.ne, $0.type) })
@@ -41,7 +41,7 @@ public func fuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     let encoded = Data(rebuilt.encoded()) + Data(count: rebuilt.dataByteCount)
     let again: GGUFFile
     do { again = try GGUFFile(bytes: encoded, file: "re-encoded.gguf") } catch { fatalError("re-encoded header does not parse: \(error)") }
-    precondition(again.header.tensors == rebuilt.tensors, "tensor infos differ after a round trip")
+    precondition(again.header.tensors == rebuilt.tensors && rebuilt.tensors == file.header.tensors, "tensor infos differ after a round trip")
     precondition(again.metadata.count == file.metadata.count, "metadata count differs")
     for (a, b) in zip(again.metadata, file.metadata) {
         precondition(a.key == b.key && sameValue(a.value, b.value), "metadata \(a.key) differs after a round trip")
