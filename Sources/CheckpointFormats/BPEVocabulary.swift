@@ -23,8 +23,7 @@ public struct BPEVocabulary: Sendable, Equatable {
     public var preTokenizer: String
 
     public static func == (a: BPEVocabulary, b: BPEVocabulary) -> Bool {
-        a.preTokenizer == b.preTokenizer && a.vocab.map { "\($0.id) \($0.token)" } == b.vocab.map { "\($0.id) \($0.token)" }
-            && a.added.map { "\($0.id) \($0.content) \($0.special)" } == b.added.map { "\($0.id) \($0.content) \($0.special)" }
+        a.preTokenizer == b.preTokenizer && a.vocab.elementsEqual(b.vocab, by: ==) && a.added.elementsEqual(b.added, by: ==)
     }
 
     /// The Split regexes of the pre-tokenizers qlora names, with the normalizer each has.
@@ -36,11 +35,7 @@ public struct BPEVocabulary: Sendable, Equatable {
     /// Reads `directory`/tokenizer.json.
     public init(directory: String) throws {
         let path = directory + "/tokenizer.json"
-        let json: JSONValue
-        do { json = try JSONValue.parse(document: [UInt8](try InputFile.read(path))) } catch let e as JSONParseError {
-            throw CheckpointError.invalidPath(path: path, problem: "is not valid JSON (\(e))")
-        }
-        try self.init(json: json, file: path)
+        try self.init(json: try ConfigJSON.read(path), file: path)
     }
 
     public init(json: JSONValue, file: String) throws {

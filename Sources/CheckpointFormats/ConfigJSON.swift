@@ -1,3 +1,4 @@
+import FileOutput
 import Foundation
 import QLoRA
 import SafeTensors
@@ -19,6 +20,15 @@ public enum ConfigJSON {
     /// What PEFT's `PeftConfigMixin.save_pretrained` writes: `json.dumps(d, indent=2,
     /// sort_keys=True)`, with no trailing newline.
     public static func peftFile(_ value: JSONValue) -> Data { Data(value.pythonJSON()) }
+
+    /// A JSON file as qlora reads every one: a regular file (`InputFile`), numbers kept as text;
+    /// a problem names the file.
+    public static func read(_ path: String) throws -> JSONValue {
+        let data = try InputFile.read(path)
+        do { return try JSONValue.parse(document: [UInt8](data)) } catch {
+            throw CheckpointError.invalidPath(path: path, problem: "is not valid JSON (\(error))")
+        }
+    }
 
     /// A Python `int`'s JSON text.
     public static func int(_ x: Int) -> JSONValue { .number(String(x)) }

@@ -41,8 +41,7 @@ public struct SpecialVocabulary: Sendable, Equatable {
     public var entries: [Entry] = []
 
     public static func == (a: SpecialVocabulary, b: SpecialVocabulary) -> Bool {
-        a.addSpacePrefix == b.addSpacePrefix && a.entries == b.entries
-            && a.addedTokens.map { "\($0.id) \($0.content) \($0.type)" } == b.addedTokens.map { "\($0.id) \($0.content) \($0.type)" }
+        a.addSpacePrefix == b.addSpacePrefix && a.entries == b.entries && a.addedTokens.elementsEqual(b.addedTokens, by: ==)
     }
 
     /// The kinds with an id key in gguf-py's writer, and those with an add_ flag.
@@ -77,11 +76,7 @@ public struct SpecialVocabulary: Sendable, Equatable {
     public init(directory: String, vocabSize: Int, addedTokens rules: AddedTokenRules = .sentencePiece) throws {
         func json(_ name: String) throws -> JSONValue? {
             let path = directory + "/" + name
-            guard FileManager.default.fileExists(atPath: path) else { return nil }
-            let data = try InputFile.read(path)
-            do { return try JSONValue.parse(document: [UInt8](data)) } catch {
-                throw CheckpointError.invalidPath(path: path, problem: "is not valid JSON (\(error))")
-            }
+            return FileManager.default.fileExists(atPath: path) ? try ConfigJSON.read(path) : nil
         }
         func text(_ path: String) throws -> String {
             let data = try InputFile.read(path)
@@ -320,7 +315,8 @@ public struct SpecialVocabulary: Sendable, Equatable {
     }
 
     /// gguf-py's add_chat_template: a string, or a list of {name, template} (names sanitized to
-    /// [A-Za-z0-9_]; "default" is the plain key; the others' names listed after them).
+    /// [A-Za-z0-9_]; "default" is the plain key; the others' names listed after them). Two that
+    /// sanitize to one name are one key holding the later template, as gguf-py overwrites it.
     static func chatTemplateEntries(_ v: JSONValue?) -> [Entry] {
         switch v {
         case .string(let s)?: return [.chatTemplate(s)]
@@ -332,8 +328,10 @@ public struct SpecialVocabulary: Sendable, Equatable {
                 guard !name.isEmpty else { continue }
                 if name == "default" {
                     fallback = t
+                } else if let i = out.firstIndex(where: { if case .namedChatTemplate(name, _) = $0 { return true }; return false }) {
+                    out[i] = .namedChatTemplate(name: name, template: t)
                 } else {
-                    if !names.contains(name) { names.append(name) }
+                    names.append(name)
                     out.append(.namedChatTemplate(name: name, template: t))
                 }
             }

@@ -71,6 +71,20 @@ final class SpecialVocabularyTests: XCTestCase {
         return got
     }
 
+    /// Two additional chat templates whose names sanitize alike are one key, the later template
+    /// (gguf-py overwrites; a repeated key would make a file llama.cpp refuses).
+    func testChatTemplateNamesThatSanitizeAlikeAreOneKey() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("templates-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        try FileManager.default.createDirectory(at: dir.appendingPathComponent("additional_chat_templates"), withIntermediateDirectories: true)
+        try Data("{\"tokenizer_class\": \"LlamaTokenizer\"}".utf8).write(to: dir.appendingPathComponent("tokenizer_config.json"))
+        try Data("default".utf8).write(to: dir.appendingPathComponent("chat_template.jinja"))
+        try Data("first".utf8).write(to: dir.appendingPathComponent("additional_chat_templates/tool-use.jinja"))
+        try Data("second".utf8).write(to: dir.appendingPathComponent("additional_chat_templates/tool_use.jinja"))
+        let v = try SpecialVocabulary(directory: dir.path, vocabSize: 256)
+        XCTAssertEqual(v.entries, [.namedChatTemplate(name: "tool_use", template: "second"), .chatTemplateNames(["tool_use"]), .chatTemplate("default")])
+    }
+
     /// A pre-tokenizer qlora does not name is refused with one line naming tokenizer.json.
     func testUnknownPreTokenizerIsRefused() throws {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("bpe-\(UUID().uuidString)")
