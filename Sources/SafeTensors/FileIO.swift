@@ -88,7 +88,7 @@ final class ByteRegion: @unchecked Sendable {
 
 /// A new file opened exclusively (`O_CREAT | O_EXCL`) and written through a fixed-size buffer,
 /// so that arbitrarily large outputs use `capacity` bytes of memory.
-final class BufferedOutput {
+public final class BufferedOutput {
     /// Path named in error messages (the final target; `operationSuffix` names the temp file).
     let reportedPath: String
     let path: String
@@ -97,7 +97,7 @@ final class BufferedOutput {
     private var used = 0
     private let suffix: String
 
-    init(creating path: String, reportedAs reportedPath: String, capacity: Int) throws {
+    public init(creating path: String, reportedAs reportedPath: String, capacity: Int) throws {
         self.path = path
         self.reportedPath = reportedPath
         self.suffix = " of temporary file '\((path as NSString).lastPathComponent)'"
@@ -112,7 +112,7 @@ final class BufferedOutput {
     }
 
     /// Appends bytes; chunks at least as large as the buffer bypass it.
-    func append(_ bytes: UnsafeRawBufferPointer) throws {
+    public func append(_ bytes: UnsafeRawBufferPointer) throws {
         guard bytes.count > 0 else { return }
         if used + bytes.count > buffer.count {
             try flush()
@@ -132,7 +132,7 @@ final class BufferedOutput {
     }
 
     /// Flushes, fsyncs and closes; after this only `path` remains.
-    func syncAndClose() throws {
+    public func syncAndClose() throws {
         try flush()
         guard fsync(fd) == 0 else { throw ioError(reportedPath, "fsync" + suffix) }
         let result = close(fd)

@@ -178,14 +178,26 @@ final class LoRAGGUFTests: XCTestCase {
 
 /// The export's threaded encoding writes the bytes one thread writes (rows are quantized on their own).
 final class GGUFExportEncodingTests: XCTestCase {
-    func testThreadsDoNotChangeTheBytes() {
+    /// A finite value past f16's range becomes inf in the converter's f16 file, which llama-quantize
+    /// refuses: so does the export (it would otherwise write zeros for it).
+    func testAnF16ReadBackPastTheRangeIsRefused() {
+        var x = [Float](repeating: 0.5, count: 64)
+        x[37] = 70_000
+        XCTAssertNoThrow(try GGUFExportEncoding.encode(x, ne: [64], convertedAs: .f16, final: .f16))
+        XCTAssertThrowsError(try GGUFExportEncoding.encode(x, ne: [64], convertedAs: .f16, final: .q8_0)) {
+            XCTAssertEqual(($0 as? GGUFExportEncoding.NonFinite)?.index, 37)
+        }
+        XCTAssertNoThrow(try GGUFExportEncoding.encode(x, ne: [64], convertedAs: .bf16, final: .q8_0), "bf16 holds it")
+    }
+
+    func testThreadsDoNotChangeTheBytes() throws {
         let (rows, cols) = (101, 512)  // 16 rows a part at least: up to 6 parts
         let bits = GGUFQuantizeTests.smallWeights("threads", rows * cols)
         let x = bits.map { HalfPrecision.float(bfloat16Bits: $0) }
         for type in [GGMLType.q4_K, .q6_K, .iq4_nl, .q8_0, .q5_0] {
-            let one = GGUFExportEncoding.encode(x, ne: [cols, rows], convertedAs: .bf16, final: type, threads: 1)
+            let one = try GGUFExportEncoding.encode(x, ne: [cols, rows], convertedAs: .bf16, final: type, threads: 1)
             for threads in [2, 3, 8] {
-                XCTAssertEqual(GGUFExportEncoding.encode(x, ne: [cols, rows], convertedAs: .bf16, final: type, threads: threads), one, "\(type), \(threads) threads")
+                XCTAssertEqual(try GGUFExportEncoding.encode(x, ne: [cols, rows], convertedAs: .bf16, final: type, threads: threads), one, "\(type), \(threads) threads")
             }
         }
     }

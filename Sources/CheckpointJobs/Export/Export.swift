@@ -74,17 +74,7 @@ public func exportGGUF(base: String, adapters specs: [MergeAdapter] = [], output
             ? "export needs a checkpoint directory (config.json, tokenizer.model and the weights), not a file" : "does not exist")
     }
     let configPath = base + "/config.json"
-    let configBytes = try InputFile.read(configPath)
-    let config: JSONValue
-    do { config = try JSONValue.parse(document: [UInt8](configBytes)) } catch {
-        throw CheckpointError.invalidPath(path: configPath, problem: "is not valid JSON (\(error))")
-    }
-    let architectures: [String]
-    if case .array(let a)? = config["architectures"] { architectures = a.compactMap { if case .string(let s) = $0 { return s }; return nil } } else { architectures = [] }
-    guard let family = GGUFArchitecture(architectures: architectures) else {
-        throw CheckpointError.invalidPath(path: configPath, problem: "export writes LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM and Phi3ForCausalLM; this checkpoint is \(architectures.first ?? "of no stated architecture")")
-    }
-    let arch = try ModelArchitecture(configFile: configPath)
+    let (config, family, arch) = try GGUFArchitecture.load(config: configPath)
     var warnings: [String] = []
 
     let reader = try CheckpointReader(path: base)
@@ -99,10 +89,8 @@ public func exportGGUF(base: String, adapters specs: [MergeAdapter] = [], output
     }
     let tokenizer = try GGUFExport.Tokenizer(directory: base, family, vocabSize: arch.vocabSize)
     let plan = try MergePlan(reader: reader, base: base, adapters: specs)
-    let context = MergeContext(reader: reader, original: nil, options: MergeOptions(dtype: mergedDType, report: report, threads: threads))
+    let context = MergeContext(reader: reader, original: nil, options: MergeOptions(dtype: mergedDType, threads: threads))
     let dense = try ServingPlan.denseTensors(reader, plan, mergedDType: mergedDType)
-    var entryOf: [String: CheckpointReader.Entry] = [:]
-    for e in reader.entries { entryOf[e.name] = e }
     let convertedAs = type.convertType ?? GGUFExport.autoOutType(dense)
     let longRoPE = family == .phi3 ? try GGUFExport.LongRoPE(config: config, arch, file: configPath) : nil
     let planned = try GGUFExport.plan(dense, arch, family, outType: convertedAs, longRoPE: longRoPE)
@@ -125,9 +113,11 @@ public func exportGGUF(base: String, adapters specs: [MergeAdapter] = [], output
         for (k, i) in order.enumerated() { finalTypes[i] = types[k] }
         metadata = LlamaQuantize.metadata(metadata, mixture: mixture)
     }
+    // The file a tensor comes from, for messages (generated tensors: config.json).
+    func file(of t: GGUFExport.PlannedTensor) -> String { t.source.map(reader.filePath(of:)) ?? configPath }
     for i in order {
         guard finalTypes[i].byteCount(planned[i].ne) != nil else {
-            throw CheckpointError.invalidTensor(file: base, tensor: planned[i].source ?? planned[i].name, problem: "too large for a GGUF tensor")
+            throw CheckpointError.invalidTensor(file: file(of: planned[i]), tensor: planned[i].source ?? planned[i].name, problem: "too large for a GGUF tensor")
         }
     }
     let header = try GGUFHeader(metadata: metadata, tensors: order.map { (planned[$0].name, planned[$0].ne, finalTypes[$0]) })
@@ -138,29 +128,24 @@ public func exportGGUF(base: String, adapters specs: [MergeAdapter] = [], output
 
     // fp32 values of a dense-checkpoint tensor: merged, dequantized, or read.
     func load(_ hf: String) throws -> [Float] {
-        let e = entryOf[hf]!
-        let file = reader.filePath(of: hf)
+        let e = reader.entry(named: hf)!
         if let weight = plan.weights[hf] {
             summary.merged += 1
-            let bytes = try context.merge(e, weight, file: file, sizingOnly: false).payloads[0]
+            // A fan_in_fan_out weight is stored [in, out]: its rows are not the GGUF's, so no serving row.
+            let reporting = serving != nil && !weight.fanInFanOut
+            let m = try context.merge(e, weight, file: reader.filePath(of: hf), sizingOnly: false, keepingBase: reporting)
             reader.releasePages(of: hf)  // as the merge job does after each tensor: the base's pages leave the resident set
-            let merged = bytes.withUnsafeBytes { loadFloats($0, as: weight.quantized != nil ? mergedDType : ElementType(e.info.dtype)!) }
-            if let serving {
-                let row = try ServingReportRow.of(name: hf, base: try unmerged(hf), delta: context.lastDelta(count: merged.count), merged: merged,
-                                                  rows: weight.out, columns: weight.in, convertedAs: serving.convertedAs[hf]!, types: serving.types[hf]!, threads: threads)
+            let merged = m.payloads[0].withUnsafeBytes { loadFloats($0, as: weight.quantized != nil ? mergedDType : ElementType(e.info.dtype)!) }
+            if reporting, let serving {
+                let row = try ServingReportRow.of(name: hf, base: m.base!, delta: m.delta!, merged: merged, rows: weight.out, columns: weight.in,
+                                                  convertedAs: serving.convertedAs[hf]!, types: serving.types[hf]!, threads: threads)
                 summary.serving.append(row)
                 summary.servingTotal.add(row)
             }
             return merged
         }
-        return try unmerged(hf)
-    }
-
-    // fp32 values of a base tensor: dequantized or read.
-    func unmerged(_ hf: String) throws -> [Float] {
-        let e = entryOf[hf]!
         if let g = plan.groups[hf] {
-            if plan.weights[hf] == nil { summary.dequantized += 1 }
+            summary.dequantized += 1
             let w = try BnB4BitFormat.load(g, from: reader)
             for m in g.members { reader.releasePages(of: m) }
             return w.dequantizedBytes().withUnsafeBytes { loadFloats($0, as: w.state.dtype) }
@@ -171,29 +156,28 @@ public func exportGGUF(base: String, adapters specs: [MergeAdapter] = [], output
 
     let staged = try StagedOutput(output, kind: .file, overwrite: overwrite, inputs: [base] + specs.map(\.directory))
     do {
-        guard FileManager.default.createFile(atPath: staged.url.path, contents: nil), let handle = FileHandle(forWritingAtPath: staged.url.path) else {
-            throw CheckpointError.invalidPath(path: output, problem: "cannot be written")
-        }
-        defer { try? handle.close() }
-        try handle.write(contentsOf: header.encoded())
+        let out = try BufferedOutput(creating: staged.url.path, reportedAs: output, capacity: 8 << 20)
+        let headerBytes = header.encoded()
+        try headerBytes.withUnsafeBytes { try out.append($0) }
+        summary.bytesWritten = headerBytes.count
+        let zeros = [UInt8](repeating: 0, count: header.alignment)
         let total = order.reduce(0) { $0 + planned[$1].ne.reduce(1, *) }
         var done = 0
         for i in order {
             let t = planned[i]
             let x = try GGUFExport.values(of: t, arch, family, load: load)
-            if type.mixture != nil, finalTypes[i] != t.type, let bad = x.firstIndex(where: { !$0.isFinite }) {
-                throw CheckpointError.invalidTensor(file: base, tensor: t.source ?? t.name, problem: "element \(bad) is \(x[bad]); llama-quantize refuses non-finite values")
+            let bytes: [UInt8]
+            do { bytes = try GGUFExportEncoding.encode(x, ne: t.ne, convertedAs: t.type, final: finalTypes[i], threads: threads) } catch let e as GGUFExportEncoding.NonFinite {
+                throw CheckpointError.invalidTensor(file: file(of: t), tensor: t.source ?? t.name, problem: "\(e)")
             }
-            let bytes = GGUFExportEncoding.encode(x, ne: t.ne, convertedAs: t.type, final: finalTypes[i], threads: threads)
-            try handle.write(contentsOf: bytes)
             let pad = (header.alignment - bytes.count % header.alignment) % header.alignment
-            if pad > 0 { try handle.write(contentsOf: [UInt8](repeating: 0, count: pad)) }
+            try bytes.withUnsafeBytes { try out.append($0) }
+            try zeros.withUnsafeBytes { try out.append(UnsafeRawBufferPointer(rebasing: $0[0..<pad])) }
             summary.bytesWritten += bytes.count + pad
             done += t.ne.reduce(1, *)
             progress?(done, total, t.source ?? t.name)
         }
-        summary.bytesWritten += header.encoded().count
-        try handle.synchronize()
+        try out.syncAndClose()
         try staged.commit()
     } catch {
         staged.abort()
@@ -204,10 +188,19 @@ public func exportGGUF(base: String, adapters specs: [MergeAdapter] = [], output
 
 /// The encoding step of an export: the converter's type, then llama-quantize's where it differs.
 public enum GGUFExportEncoding {
+    /// A value llama-quantize refuses (it validates every row): the converter's file held it, or
+    /// its 16-bit read-back overflowed to it.
+    public struct NonFinite: Error, CustomStringConvertible {
+        public var index: Int
+        public var value: Float
+        public var description: String { "element \(index) is \(value) as llama-quantize reads it; llama-quantize refuses non-finite values" }
+    }
+
     /// `x` as the converter stores it (`convertedAs`: F32, F16, BF16 or its Q8_0), then, when
-    /// `final` differs, read back as fp32 and quantized to `final` as llama-quantize does. Rows
-    /// are split over `threads` (each row is quantized on its own, so the bytes do not depend on it).
-    public static func encode(_ x: [Float], ne: [Int], convertedAs: GGMLType, final: GGMLType, threads: Int = 1) -> [UInt8] {
+    /// `final` differs, read back as fp32 and quantized to `final` as llama-quantize does (a
+    /// non-finite value there is refused: `NonFinite`). Rows are split over `threads` (each row is
+    /// quantized on its own, so the bytes do not depend on it).
+    public static func encode(_ x: [Float], ne: [Int], convertedAs: GGMLType, final: GGMLType, threads: Int = 1) throws -> [UInt8] {
         var values = x
         if final != convertedAs {
             switch convertedAs {
@@ -215,6 +208,7 @@ public enum GGUFExportEncoding {
             case .f16: values = x.map { HalfPrecision.float(float16Bits: HalfPrecision.float16Bits($0)) }
             default: break  // F32: read back as it is
             }
+            if let bad = values.firstIndex(where: { !$0.isFinite }) { throw NonFinite(index: bad, value: values[bad]) }
         }
         let encoding = LlamaQuantize.encoding(final)
         let columns = ne.first ?? 1, rows = values.count / max(columns, 1)

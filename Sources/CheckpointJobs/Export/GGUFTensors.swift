@@ -33,6 +33,18 @@ public enum GGUFArchitecture: String, Sendable, CaseIterable {
         else { return nil }
     }
 
+    /// A checkpoint's config.json: its JSON, llama.cpp's architecture for it, and its shapes; one
+    /// line naming the file where the architecture is not one the export writes.
+    static func load(config path: String) throws -> (config: JSONValue, family: GGUFArchitecture, arch: ModelArchitecture) {
+        let config = try ConfigJSON.read(path)
+        var names: [String] = []
+        if case .array(let a)? = config["architectures"] { names = a.compactMap { if case .string(let s) = $0 { return s }; return nil } }
+        guard let family = GGUFArchitecture(architectures: names) else {
+            throw CheckpointError.invalidPath(path: path, problem: "export writes LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM and Phi3ForCausalLM; this checkpoint is \(names.first ?? "of no stated architecture")")
+        }
+        return (config, family, try ModelArchitecture(configFile: path))
+    }
+
     /// Only LlamaModel undoes Hugging Face's rotate-half layout of q and k.
     var permutesQK: Bool { self == .llama }
 

@@ -32,17 +32,7 @@ public func exportLoRAGGUF(adapter directory: String, base: String, output: Stri
     guard StagedOutput.isDirectory(base) else {
         throw CheckpointError.invalidPath(path: base, problem: "--base must be the base checkpoint's directory (its config.json is read)")
     }
-    let configBytes = try InputFile.read(configPath)
-    let config: JSONValue
-    do { config = try JSONValue.parse(document: [UInt8](configBytes)) } catch {
-        throw CheckpointError.invalidPath(path: configPath, problem: "is not valid JSON (\(error))")
-    }
-    var architectures: [String] = []
-    if case .array(let a)? = config["architectures"] { architectures = a.compactMap { if case .string(let s) = $0 { return s }; return nil } }
-    guard let family = GGUFArchitecture(architectures: architectures) else {
-        throw CheckpointError.invalidPath(path: configPath, problem: "export writes LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM and Phi3ForCausalLM; this checkpoint is \(architectures.first ?? "of no stated architecture")")
-    }
-    let arch = try ModelArchitecture(configFile: configPath)
+    let (_, family, arch) = try GGUFArchitecture.load(config: configPath)
     let adapter = try PEFTAdapter.load(directory: directory)
     guard !adapter.useRSLoRA, adapter.rankPattern.isEmpty, adapter.alphaPattern.isEmpty else {
         throw CheckpointError.invalidPath(path: directory, problem: "llama.cpp scales a LoRA GGUF by lora_alpha / r; this adapter's rsLoRA or rank/alpha patterns scale otherwise (merge it instead: qlora export BASE OUT --adapter DIR)")

@@ -1,4 +1,5 @@
 import CheckpointFormats
+import FileOutput
 import Foundation
 import GGUF
 import QLoRA
@@ -20,6 +21,7 @@ struct ServingPlan {
             let file = reader.filePath(of: e.name)
             if let g = plan.groups[e.name] {
                 let state = try BnB4BitFormat.state(of: g, from: reader)
+                for m in g.members { reader.releasePages(of: m) }  // read again, one at a time, when written
                 dense.append(.init(name: e.name, shard: e.shardIndex, shape: state.shape, dtype: plan.weights[e.name] != nil ? mergedDType : state.dtype, file: file))
             } else {
                 guard let t = ElementType(e.info.dtype) else {
@@ -42,16 +44,12 @@ struct ServingPlan {
         }
     }
 
-    /// The plan for a merge's base, when it is a checkpoint directory of a family llama.cpp runs
-    /// (its config.json says which); nil otherwise.
-    static func forMerge(_ reader: CheckpointReader, _ plan: MergePlan, mergedDType: ElementType) throws -> ServingPlan? {
-        let configPath = reader.directory + "/config.json"
-        guard FileManager.default.fileExists(atPath: configPath),
-              let config = try? JSONValue.parse(document: [UInt8](Data(contentsOf: URL(fileURLWithPath: configPath)))) else { return nil }
-        var names: [String] = []
-        if case .array(let a)? = config["architectures"] { names = a.compactMap { if case .string(let s) = $0 { return s }; return nil } }
-        guard let family = GGUFArchitecture(architectures: names), let arch = try? ModelArchitecture(configFile: configPath) else { return nil }
-        return try ServingPlan(dense: denseTensors(reader, plan, mergedDType: mergedDType), arch, family)
+    /// The plan for a merge's base when it is a checkpoint directory of a family llama.cpp runs
+    /// (its config.json says which) and the converter would take every tensor; nil otherwise: the
+    /// serving columns are an extra, and never stop a merge.
+    static func forMerge(_ reader: CheckpointReader, _ plan: MergePlan, mergedDType: ElementType) -> ServingPlan? {
+        guard StagedOutput.isDirectory(reader.path), let checkpoint = try? GGUFArchitecture.load(config: reader.directory + "/config.json") else { return nil }
+        return try? ServingPlan(dense: denseTensors(reader, plan, mergedDType: mergedDType), checkpoint.arch, checkpoint.family)
     }
 }
 
@@ -114,7 +112,7 @@ public struct ServingReportRow: Sendable, Codable, PooledSums {
     /// The row of one weight [rows, columns] (row-major): `base` W and `delta` ΔW in fp32,
     /// `merged` the merged checkpoint's values (W+ΔW as PEFT's merge stores it); `convertedAs` the
     /// converter's type, `types` llama-quantize's type for it per mixture.
-    static func of(name: String, base: [Float], delta: UnsafeBufferPointer<Float>, merged: [Float], rows: Int, columns: Int,
+    static func of(name: String, base: [Float], delta: [Float], merged: [Float], rows: Int, columns: Int,
                    convertedAs: GGMLType, types: [LlamaQuantizeMixture: GGMLType], threads: Int) throws -> ServingReportRow {
         let n = base.count
         precondition(delta.count == n && rows * columns == n, "serving report: sizes differ")
@@ -134,18 +132,12 @@ public struct ServingReportRow: Sendable, Codable, PooledSums {
             case .q8_0, .q4_k_m, .iq4_nl:
                 let mixture = format.mixture!, type = types[mixture]!
                 row.ggmlTypes[format.rawValue] = type.description
-                let bytes = GGUFExportEncoding.encode(merged, ne: [columns, rows], convertedAs: convertedAs, final: type, threads: threads)
+                let bytes = try GGUFExportEncoding.encode(merged, ne: [columns, rows], convertedAs: convertedAs, final: type, threads: threads)
                 served = bytes.withUnsafeBytes { GGMLQuants.decode($0, as: LlamaQuantize.encoding(type), count: n) }
             }
-            var s = [Double](repeating: 0, count: 5)
-            for i in 0..<n {
-                let err = Double(served[i]) - Double(sum[i]), d = Double(delta[i]), applied = Double(served[i]) - Double(base[i])
-                s[0] += err * err
-                s[1] += d * d
-                s[2] += Double(sum[i]) * Double(sum[i])
-                s[3] += applied * d
-                s[4] += applied * applied
-            }
+            // The merge report's sums (its C kernel): s = fl(base + delta) as above.
+            let s = base.withUnsafeBytes { b in delta.withUnsafeBufferPointer { d in served.withUnsafeBytes {
+                LoRAMerge.reportSums(base: b, baseType: .float32, delta: d, written: $0, writtenType: .float32) } } }
             for j in 0..<5 { row.sums[5 * k + j] = s[j] }
         }
         row.finish()

@@ -34,7 +34,7 @@ public func mergeCheckpoint(base: String, adapters specs: [MergeAdapter], output
     let original = try options.compareOriginal.map { try plan.original($0, base: base) }
     let context = MergeContext(reader: job.reader, original: original, options: options)
     // With a report, and a base llama.cpp runs: what each serving format keeps, per merged weight.
-    let serving = options.report ? try ServingPlan.forMerge(job.reader, plan, mergedDType: options.dtype) : nil
+    let serving = options.report ? ServingPlan.forMerge(job.reader, plan, mergedDType: options.dtype) : nil
     let requantizing = options.requantize && plan.weights.values.contains { $0.quantized != nil }
     var summary = MergeSummary()
     summary.bytesWritten = try job.run(output: output, layout: options.maxShardSize.map { .shards(maxBytes: $0) } ?? .input, overwrite: overwrite, progress: progress,
@@ -56,15 +56,17 @@ public func mergeCheckpoint(base: String, adapters specs: [MergeAdapter], output
                 outputs = [OutputTensor(name: e.name, dtype: DType(options.dtype), shape: [weight.out, weight.in])]
             }
         }
+        // A fan_in_fan_out weight is stored [in, out]: its rows are not the GGUF's, so no serving row.
+        let servingTypes = weight.fanInFanOut ? nil : serving.flatMap { s in s.types[e.name].map { ($0, s.convertedAs[e.name]!) } }
         return TensorPlan(outputs: outputs) { sink in
-            let merged = try context.merge(e, weight, file: file, sizingOnly: false)
+            let merged = try context.merge(e, weight, file: file, sizingOnly: false, keepingBase: servingTypes != nil)
             for bytes in merged.payloads { try sink.write(bytes) }
             if let row = merged.report {
                 summary.report.append(row)
                 summary.total.add(row)
             }
-            if let serving, let types = serving.types[e.name], let convertedAs = serving.convertedAs[e.name], !weight.fanInFanOut {
-                let row = try servingRow(e, weight, merged, context: context, types: types, convertedAs: convertedAs, options: options)
+            // A weight llama-quantize would refuse (a 16-bit read-back past f16's range) has no row.
+            if let (types, convertedAs) = servingTypes, let row = try? servingRow(e, weight, merged, types: types, convertedAs: convertedAs, options: options) {
                 summary.serving.append(row)
                 summary.servingTotal.add(row)
             }
@@ -78,22 +80,12 @@ public func mergeCheckpoint(base: String, adapters specs: [MergeAdapter], output
     return summary
 }
 
-/// The serving-format row of one merged weight: the base as stored (dequantized for 4-bit), the
-/// delta the merge just computed, and the merged checkpoint's values (the written dense weight,
-/// or with `requantize` the fp32 sum rounded to `options.dtype`, the 16-bit merge).
-private func servingRow(_ e: CheckpointReader.Entry, _ weight: WeightPlan, _ merged: MergedWeight, context: MergeContext,
+/// The serving-format row of one merged weight: the base and ΔW the merge used (`keepingBase`),
+/// and the merged checkpoint's values (the written dense weight, or with `requantize` the fp32
+/// sum rounded to `options.dtype`, the 16-bit merge).
+private func servingRow(_ e: CheckpointReader.Entry, _ weight: WeightPlan, _ merged: MergedWeight,
                         types: [LlamaQuantizeMixture: GGMLType], convertedAs: GGMLType, options: MergeOptions) throws -> ServingReportRow {
-    let reader = context.reader
-    let base: [Float]
-    if let g = weight.group {
-        let w = try BnB4BitFormat.load(g, from: reader)
-        for m in g.members { reader.releasePages(of: m) }
-        base = w.dequantizedBytes().withUnsafeBytes { loadFloats($0, as: w.state.dtype) }
-    } else {
-        base = reader.withBytes(of: e.name) { loadFloats($0, as: ElementType(e.info.dtype)!) }
-        reader.releasePages(of: e.name)
-    }
-    let delta = context.lastDelta(count: base.count)
+    let (base, delta) = (merged.base!, merged.delta!)
     let values: [Float]
     if weight.quantized != nil && options.requantize {
         values = (0..<base.count).map { ServingReportRow.rounded(base[$0] + delta[$0], to: options.dtype) }

@@ -9,6 +9,9 @@ struct MergedWeight {
     var payloads: [[UInt8]]
     var report: MergeReportRow?
     var comparison: MergeComparisonRow?
+    /// With `keepingBase`: the base as the merge read it (dequantized for 4-bit) and ΔW, in fp32.
+    var base: [Float]?
+    var delta: [Float]?
 }
 
 /// The per-tensor arithmetic of a merge.
@@ -34,12 +37,6 @@ final class MergeContext {
 
     private func deltaBuffer(_ n: Int) -> UnsafeMutableBufferPointer<Float> { Self.grow(&deltaStorage, n) }
 
-    /// ΔW (fp32, in the weight's stored layout) of the last tensor `merge` computed with a report
-    /// or comparison on; valid until the next `merge`.
-    func lastDelta(count n: Int) -> UnsafeBufferPointer<Float> {
-        precondition(n <= deltaStorage.count, "lastDelta: no delta of \(n) values")
-        return UnsafeBufferPointer(rebasing: deltaStorage[0..<n])
-    }
 
     private static func grow(_ storage: inout UnsafeMutableBufferPointer<Float>, _ n: Int) -> UnsafeMutableBufferPointer<Float> {
         if storage.count < n {
@@ -68,9 +65,11 @@ final class MergeContext {
         }
     }
 
-    func merge(_ e: CheckpointReader.Entry, _ plan: WeightPlan, file: String, sizingOnly: Bool) throws -> MergedWeight {
+    /// Merges one weight. `keepingBase` also hands back the base it read and ΔW (the serving
+    /// report's inputs), so that no caller reads or dequantizes the base a second time.
+    func merge(_ e: CheckpointReader.Entry, _ plan: WeightPlan, file: String, sizingOnly: Bool, keepingBase: Bool = false) throws -> MergedWeight {
         let n = plan.out * plan.in
-        let wantsDelta = !sizingOnly && (options.report || original != nil)
+        let wantsDelta = !sizingOnly && (options.report || original != nil || keepingBase)
         let delta = UnsafeBufferPointer(wantsDelta ? deltaBuffer(n) : UnsafeMutableBufferPointer(start: nil, count: 0))
         if let q = plan.quantized {
             let base4 = try BnB4BitFormat.load(plan.group!, from: reader)
@@ -87,6 +86,7 @@ final class MergeContext {
             let w = (bytes: base16, type: baseType)
             let written = applied.written()
             var result = MergedWeight(payloads: payloads)
+            if keepingBase { (result.base, result.delta) = (base16.withUnsafeBytes { loadFloats($0, as: baseType) }, Array(delta)) }
             if options.report { result.report = MergeReportRow(name: e.name, sums: sums(w, delta, written)) }
             if let original {
                 let other = try base16.withUnsafeBytes {
@@ -113,6 +113,7 @@ final class MergeContext {
             let applied = try apply(plan, base: raw, baseType: type, target: .dense(type),
                                     delta: wantsDelta ? UnsafeMutableBufferPointer(mutating: delta) : nil, file: file, tensor: e.name)
             var result = MergedWeight(payloads: [applied.bytes])
+            if keepingBase { (result.base, result.delta) = (loadFloats(raw, as: type), Array(delta)) }
             if options.report {
                 result.report = MergeReportRow(name: e.name, sums: applied.bytes.withUnsafeBytes { out in
                     LoRAMerge.reportSums(base: raw, baseType: type, delta: delta, written: out, writtenType: type)
