@@ -142,14 +142,14 @@ public struct MemoryMeasurement {
             let single = a.tensorGroups.filter { $0.count == 1 }.map { $0.shape.reduce(1, *) }
             progress?("allocating one layer's gradients and optimizer states (full fine-tune)")
             let (g, gBytes, gRSS) = probe { perLayer.map { [UInt16](repeating: 0, count: $0) } }
-            let (s, sBytes, sRSS) = probe { () -> [[UInt8]] in
-                perLayer.map { n in o.method == .full ? [UInt8](repeating: 0, count: 8 * n) : [UInt8](repeating: 0, count: n < 4096 ? 8 * n : 2 * (n + 4 * ((n + 255) / 256))) }
-            }
+            // The optimizer whose states these are: fp32 AdamW for a full fine-tune, 8-bit otherwise.
+            let optimizer: Optimizer = o.method == .full ? .adamw : .adamw8bit
+            let (s, sBytes, sRSS) = probe { () -> [[UInt8]] in perLayer.map { [UInt8](repeating: 0, count: optimizer.stateBytes($0)) } }
             keep += [g, s]
             let singleElements = single.reduce(0, +)
             let gradBytes = gBytes * a.layers + 2 * singleElements
             results["gradients"] = (gradBytes, gRSS * a.layers, "allocator (mallinfo2), one layer × \(a.layers); + 2 B × \(singleElements) for embeddings/lm_head/final norm, counted")
-            let stateSingle = single.reduce(0) { $0 + (o.method == .full ? 8 * $1 : ($1 < 4096 ? 8 * $1 : 2 * ($1 + 4 * (($1 + 255) / 256)))) }
+            let stateSingle = single.reduce(0) { $0 + optimizer.stateBytes($1) }
             results["optimizer_states"] = (sBytes * a.layers + stateSingle, sRSS * a.layers, "allocator (mallinfo2), one layer × \(a.layers); embeddings/lm_head counted")
             if o.method == .full {
                 let (m, mBytes, mRSS) = probe { perLayer.map { [Float](repeating: 0, count: $0) } }

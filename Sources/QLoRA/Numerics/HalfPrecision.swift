@@ -7,9 +7,7 @@ public enum HalfPrecision {
     /// vectorized CPU cast writes 0xFFFF instead: both are NaN, LlamaOpsTests pins the difference).
     @inline(__always)
     public static func bfloat16Bits(_ x: Float) -> UInt16 {
-        if x.isNaN { return 0x7FC0 }
-        let u = x.bitPattern
-        return UInt16(truncatingIfNeeded: (u &+ 0x7FFF &+ ((u >> 16) & 1)) >> 16)
+        UInt16(truncatingIfNeeded: roundedToBFloat16(x).bitPattern >> 16)
     }
 
     /// bf16 bits -> fp32 (exact).

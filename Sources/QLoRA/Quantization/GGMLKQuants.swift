@@ -23,6 +23,7 @@ extension GGMLQuants {
 
     /// IQ4_NL's 16 levels (ggml-common.h kvalues_iq4nl).
     public static let iq4nlValues: [Int8] = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113]
+    static let iq4nlFloats = iq4nlValues.map(Float.init)
 
     /// ggml's smallest group maximum treated as non-zero (GROUP_MAX_EPS).
     static let groupMaxEps: Float = 1e-15
@@ -41,8 +42,8 @@ extension GGMLQuants {
     }
 
     @inline(__always)
-    static func loadHalf(_ out: UnsafeMutableRawBufferPointer, _ at: Int) -> Float {
-        HalfPrecision.float(float16Bits: UInt16(out[at]) | UInt16(out[at + 1]) << 8)
+    static func loadHalf(_ bytes: UnsafeRawBufferPointer, _ at: Int) -> Float {
+        HalfPrecision.float(float16Bits: UInt16(bytes[at]) | UInt16(bytes[at + 1]) << 8)
     }
 
     /// C's (uint8_t) of a float: truncation toward zero, low byte.
@@ -216,7 +217,7 @@ extension GGMLQuants {
         }
         storeHalf(maxScale / 63, out, o)
         storeHalf(maxMin / 63, out, o + 2)
-        let dAll = loadHalf(out, o), dminAll = loadHalf(out, o + 2)
+        let dAll = loadHalf(UnsafeRawBufferPointer(out), o), dminAll = loadHalf(UnsafeRawBufferPointer(out), o + 2)
         for j in 0..<8 {
             let (sc, m): (UInt8, UInt8) = j < 4 ? (out[s + j] & 63, out[s + j + 4] & 63)
                 : ((out[s + j + 4] & 0xF) | ((out[s + j - 4] >> 6) << 4), (out[s + j + 4] >> 4) | ((out[s + j] >> 6) << 4))
@@ -335,7 +336,7 @@ extension GGMLQuants {
                 let iscale = -128 / maxScale
                 storeHalf(1 / iscale, out, dAt)
                 for g in 0..<16 { out[sc + g] = UInt8(bitPattern: Int8(truncatingIfNeeded: min(127, nearestInt(iscale * scales[g])))) }
-                let dAll = loadHalf(out, dAt)
+                let dAll = loadHalf(UnsafeRawBufferPointer(out), dAt)
                 for g in 0..<16 {
                     let d = dAll * Float(Int8(bitPattern: out[sc + g]))
                     if d == 0 { continue }
@@ -376,8 +377,7 @@ extension GGMLQuants {
     public static func quantizeIQ4_NL(_ x: UnsafeBufferPointer<Float>, into out: UnsafeMutableRawBufferPointer) {
         let (qk, size) = iq4_nlBlock
         precondition(x.count % qk == 0 && out.count == x.count / qk * size, "IQ4_NL: \(x.count) values need \(x.count / qk * size) bytes")
-        let values = iq4nlValues.map(Float.init)
-        values.withUnsafeBufferPointer { vp in
+        iq4nlFloats.withUnsafeBufferPointer { vp in
             let v = vp.baseAddress!
             let ntry = 7
             for b in 0..<(x.count / qk) {
@@ -429,7 +429,7 @@ extension GGMLQuants {
     /// `to_float`, in their arithmetic order), for reports of what a serving format keeps.
     public static func decode(_ bytes: UnsafeRawBufferPointer, as e: Encoding, count: Int) -> [Float] {
         precondition(bytes.count == byteCount(count, as: e), "\(e): \(count) values are \(byteCount(count, as: e)) bytes, not \(bytes.count)")
-        func half(_ at: Int) -> Float { HalfPrecision.float(float16Bits: UInt16(bytes[at]) | UInt16(bytes[at + 1]) << 8) }
+        func half(_ at: Int) -> Float { loadHalf(bytes, at) }
         var y = [Float](repeating: 0, count: count)
         switch e {
         case .f32:

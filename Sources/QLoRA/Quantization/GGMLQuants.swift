@@ -14,9 +14,7 @@ public enum GGMLQuants {
     /// bits and is made quiet (| 0x0040); everything else rounds to nearest even (infinities stay).
     @inline(__always)
     public static func bf16Bits(_ x: Float) -> UInt16 {
-        let u = x.bitPattern
-        if u & 0x7FFF_FFFF > 0x7F80_0000 { return UInt16(truncatingIfNeeded: u >> 16) | 0x0040 }
-        return UInt16(truncatingIfNeeded: (UInt64(u) + 0x7FFF + UInt64((u >> 16) & 1)) >> 16)
+        x.isNaN ? UInt16(truncatingIfNeeded: x.bitPattern >> 16) | 0x0040 : HalfPrecision.bfloat16Bits(x)
     }
 
     /// The encodings `bytes(_:as:)` writes.
@@ -92,9 +90,7 @@ public enum GGMLQuants {
             let d = amax / 127
             let id: Float = d != 0 ? 1 / d : 0
             let o = b * size
-            let dh = HalfPrecision.float16Bits(d)
-            out[o] = UInt8(truncatingIfNeeded: dh)
-            out[o + 1] = UInt8(truncatingIfNeeded: dh >> 8)
+            storeHalf(d, out, o)
             for j in 0..<qk { out[o + 2 + j] = UInt8(bitPattern: int8Truncating(roundf(x[b * qk + j] * id))) }
         }
     }
@@ -114,9 +110,7 @@ public enum GGMLQuants {
             let d = mx / -8
             let id: Float = d != 0 ? 1 / d : 0
             let o = b * size
-            let dh = HalfPrecision.float16Bits(d)
-            out[o] = UInt8(truncatingIfNeeded: dh)
-            out[o + 1] = UInt8(truncatingIfNeeded: dh >> 8)
+            storeHalf(d, out, o)
             for j in 0..<(qk / 2) {
                 let q0 = min(15, int8Truncating(x[b * qk + j] * id + 8.5))
                 let q1 = min(15, int8Truncating(x[b * qk + qk / 2 + j] * id + 8.5))
