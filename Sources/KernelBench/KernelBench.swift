@@ -134,6 +134,7 @@ public enum KernelBench {
     /// Runs the benchmark; `progress` gets a short label before each measurement.
     public static func run(_ o: KernelBenchOptions, progress: (String) -> Void = { _ in }) throws -> KernelBenchReport {
         BLAS.setThreads(o.threads)
+        LlamaOps.setThreadCount(o.threads)  // the training-step rows' layer ops and LoRA kernels too
         let llc = lastLevelCacheBytes
         var report = KernelBenchReport(openblasCore: BLAS.coreName, threads: BLAS.threads,
                                        kernelLevel: KernelLevel.active.description, lastLevelCacheBytes: llc)

@@ -15,7 +15,7 @@ import Foundation
 ///   with every bf16 rounding where the reference has it; only the order of the fp32 sums inside
 ///   each GEMM differs, so a rounded score, product or gradient can land on the adjacent bf16 value.
 ///
-/// Threads: `activeProcessorCount`. Work is split into fixed parts, each element or row written by
+/// Threads: `threadCount` (all cores by default). Work is split into fixed parts, each element or row written by
 /// exactly one part and computed the same way whichever thread runs it, so no result depends on
 /// the scheduling (training resumes bit-identically).
 extension LlamaOps {
@@ -26,7 +26,12 @@ extension LlamaOps {
         init(_ p: UnsafePointer<T>) { self.p = UnsafeMutablePointer(mutating: p) }
     }
 
-    static var threadCount: Int { ProcessInfo.processInfo.activeProcessorCount }
+    /// Worker threads for the layer ops and the 4-bit kernels under them: all cores unless
+    /// `setThreadCount` said otherwise (`qlora bench --threads`). Set before work starts, never
+    /// during it.
+    nonisolated(unsafe) private static var threadLimit: Int?
+    static var threadCount: Int { threadLimit ?? ProcessInfo.processInfo.activeProcessorCount }
+    public static func setThreadCount(_ n: Int) { threadLimit = max(1, n) }
 
     /// Runs `body` on contiguous parts of 0..<count, one part per thread, each at least `grain`
     /// items (small jobs stay on the calling thread).
