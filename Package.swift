@@ -50,7 +50,7 @@ let package = Package(
         /// RSS, a real decoder layer's step).
         .target(name: "Memory", dependencies: ["QLoRA", "CMallocInfo"]),
         /// The published claims (../shared/claims.md) as data, the checks that give each a verdict, and the precision figures.
-        .target(name: "Claims", dependencies: ["Memory", "QLoRA", "SafeTensors"]),
+        .target(name: "Claims", dependencies: ["Memory", "QLoRA", "SafeTensors", "GGUF", "CheckpointJobs"]),
         /// The main report: the component table, the claims and the memory chart, as Markdown and SVG text.
         .target(name: "Report", dependencies: ["Memory", "Claims", "QLoRA"]),
         /// `qlora bench`: the kernels timed against memcpy/sgemm/sgemv in one run.

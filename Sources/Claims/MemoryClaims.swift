@@ -1,6 +1,8 @@
 import Foundation
 import QLoRA
 import Memory
+import GGUF
+import CheckpointJobs
 
 /// M1–M22 of ../shared/claims.md: memory per component. "7B" is llama-2-7b; estimates are r=16
 /// on all linear layers, 2048 tokens × batch 1, gradient checkpointing, unless a row says otherwise.
@@ -172,9 +174,9 @@ extension Claims {
                            .off, "memory off: per-layer checkpointing keeps one layer's activations, not 70% of all; compute holds (+1 forward of 3)")
         },
         Claim("M22", "Mistral-7B Q4_K_M inference ~4.5 GB", "B") { _ in
-            // llama-quantize's Q4_K_M mix (llama.cpp src/llama-quant.cpp, llama_tensor_get_type):
-            // Q4_K by default, Q6_K for output.weight and, in the layers `use_more_bits` picks,
-            // for attn_v and ffn_down; norms stay F32. Q4_K is 144 B and Q6_K 210 B per 256 weights.
+            // llama-quantize's Q4_K_M mix (llama.cpp src/llama-quant.cpp, llama_tensor_get_type;
+            // `LlamaQuantize`): Q4_K by default, Q6_K for output.weight and, in the layers
+            // `use_more_bits` picks, for attn_v and ffn_down; norms stay F32.
             let a = ModelArchitecture.preset("mistral-7b")!
             let weights = ggufQ4KMBytes(a)
             let kvPerToken = 2 * a.layers * a.keyValueDim * 2  // K and V, f16, every layer
@@ -187,23 +189,21 @@ extension Claims {
     ]
 }
 
-/// The bytes of the weights of `a` in a GGUF quantized as llama-quantize's Q4_K_M (no imatrix,
-/// not a 70B or expert model): see M22.
+/// The bytes of the weights of `a` in a GGUF quantized as llama-quantize's Q4_K_M (no imatrix):
+/// the tensors convert_hf_to_gguf.py writes for a Llama-architecture model, typed by
+/// `LlamaQuantize`'s mixture rule (the one `qlora export --type q4_k_m` writes by); see M22.
 func ggufQ4KMBytes(_ a: ModelArchitecture) -> Int {
-    func q4k(_ n: Int) -> Int { n / 256 * 144 }
-    func q6k(_ n: Int) -> Int { n / 256 * 210 }
-    func moreBits(_ i: Int, _ n: Int) -> Bool { i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2 }
-    var bytes = q4k(a.vocabSize * a.hiddenSize) + 4 * a.hiddenSize  // token_embd, output_norm
-    if !a.tiedEmbeddings { bytes += q6k(a.vocabSize * a.hiddenSize) }  // output.weight
+    var hf = ["model.embed_tokens.weight", "model.norm.weight"] + (a.tiedEmbeddings ? [] : ["lm_head.weight"])
+    var shapes = [[a.vocabSize, a.hiddenSize], [a.hiddenSize]] + (a.tiedEmbeddings ? [] : [[a.vocabSize, a.hiddenSize]])
     for l in 0..<a.layers {
-        for t in a.layerTensors(l) {
-            let n = t.shape.reduce(1, *)
-            switch t.projection {
-            case nil: bytes += 4 * n  // norms, F32
-            case "v_proj"?, "down_proj"?: bytes += moreBits(l, a.layers) ? q6k(n) : q4k(n)
-            default: bytes += t.kind == .bias ? 4 * n : q4k(n)
-            }
-        }
+        for t in a.layerTensors(l) { hf.append(t.name); shapes.append(t.shape) }
     }
-    return bytes
+    let names = hf.map { GGUFExport.ggufName($0, .llama)! }
+    let ne = shapes.map { Array($0.reversed()) }  // ggml's order: columns first
+    let order = LlamaQuantize.loaderOrder(names)
+    let (n, e) = (order.map { names[$0] }, order.map { ne[$0] })
+    let current = e.map { $0.count >= 2 ? GGMLType.f16 : .f32 }  // the converter's: 1-D tensors F32
+    let types = LlamaQuantize.types(names: n, ne: e, current: current, mixture: .q4_k_m,
+                                    model: .init(layers: a.layers, attentionHeads: a.attentionHeads, keyValueHeads: a.keyValueHeads))
+    return zip(types, e).reduce(0) { $0 + $1.0.byteCount($1.1)! }
 }
