@@ -178,6 +178,15 @@ final class LoRAGGUFTests: XCTestCase {
 
 /// The export's threaded encoding writes the bytes one thread writes (rows are quantized on their own).
 final class GGUFExportEncodingTests: XCTestCase {
+    /// The GGUF module's block table (what a reader sizes tensors by) and the quantizers' (what
+    /// the writer fills) are two tables in two modules: they must agree for every type.
+    func testEveryTypesBlockIsItsQuantizersBlock() {
+        for t in GGMLType.allCases {
+            XCTAssertEqual(GGMLQuants.byteCount(t.block.elements, as: LlamaQuantize.encoding(t)), t.block.bytes, "\(t)")
+            XCTAssertEqual(GGMLQuants.byteCount(t.block.elements - 1, as: LlamaQuantize.encoding(t)), 0, "\(t): \(t.block.elements) values a block")
+        }
+    }
+
     /// A finite value past f16's range becomes inf in the converter's f16 file, which llama-quantize
     /// refuses: so does the export (it would otherwise write zeros for it).
     func testAnF16ReadBackPastTheRangeIsRefused() {

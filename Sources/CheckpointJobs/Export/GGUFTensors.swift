@@ -135,14 +135,7 @@ public enum GGUFExport {
     /// converter stores it for `outType`.
     public static func encode(_ x: [Float], ne: [Int], name: String, outType: GGUFOutType) -> (GGMLType, [UInt8]) {
         let type = type(name: name, ne: ne, outType: outType)
-        let encoding: GGMLQuants.Encoding
-        switch type {
-        case .f16: encoding = .f16
-        case .bf16: encoding = .bf16
-        case .q8_0: encoding = .q8_0
-        default: encoding = .f32
-        }
-        let out = x.withUnsafeBufferPointer { GGMLQuants.bytes($0, as: encoding) }
+        let out = x.withUnsafeBufferPointer { GGMLQuants.bytes($0, as: LlamaQuantize.encoding(type)) }
         return (type, out)
     }
 
