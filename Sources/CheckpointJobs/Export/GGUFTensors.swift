@@ -251,24 +251,21 @@ public enum GGUFExport {
             plan.append(PlannedTensor(source: nil, generated: longRoPE.long, name: "rope_factors_long.weight", ne: [longRoPE.long.count], type: .f32))
             plan.append(PlannedTensor(source: nil, generated: longRoPE.short, name: "rope_factors_short.weight", ne: [longRoPE.short.count], type: .f32))
         }
-        for shard in Set(dense.map(\.shard)).sorted() {
-            let tensors = dense.filter { $0.shard == shard }.sorted { $0.name.unicodeScalars.lexicographicallyPrecedes($1.name.unicodeScalars) }
-            for t in tensors where !t.name.hasSuffix(".rotary_emb.inv_freq") {
-                guard let name = ggufName(t.name, arch) else {
-                    throw CheckpointError.invalidTensor(file: t.file, tensor: t.name, problem: "llama.cpp's \(arch.rawValue) architecture has no tensor of this name")
-                }
-                guard (1...4).contains(t.shape.count) else {
-                    throw CheckpointError.invalidTensor(file: t.file, tensor: t.name, problem: "\(t.shape.count) dimensions; GGUF holds 1 to 4")
-                }
-                let ne = Array(t.shape.reversed())
-                if arch.permutesQK, t.shape.count == 2, t.name.hasSuffix("q_proj.weight") || t.name.hasSuffix("k_proj.weight") {
-                    let heads = t.name.hasSuffix("q_proj.weight") ? a.attentionHeads : a.keyValueHeads
-                    guard heads > 0, t.shape[0] % (2 * heads) == 0 else {
-                        throw CheckpointError.invalidTensor(file: t.file, tensor: t.name, problem: "\(t.shape[0]) rows do not split into \(heads) heads of rotary pairs (config.json)")
-                    }
-                }
-                plan.append(PlannedTensor(source: t.name, name: name, ne: ne, type: type(name: name, ne: ne, outType: outType)))
+        for t in converterOrder(dense) where !t.name.hasSuffix(".rotary_emb.inv_freq") {
+            guard let name = ggufName(t.name, arch) else {
+                throw CheckpointError.invalidTensor(file: t.file, tensor: t.name, problem: "llama.cpp's \(arch.rawValue) architecture has no tensor of this name")
             }
+            guard (1...4).contains(t.shape.count) else {
+                throw CheckpointError.invalidTensor(file: t.file, tensor: t.name, problem: "\(t.shape.count) dimensions; GGUF holds 1 to 4")
+            }
+            let ne = Array(t.shape.reversed())
+            if arch.permutesQK, t.shape.count == 2, t.name.hasSuffix("q_proj.weight") || t.name.hasSuffix("k_proj.weight") {
+                let heads = t.name.hasSuffix("q_proj.weight") ? a.attentionHeads : a.keyValueHeads
+                guard heads > 0, t.shape[0] % (2 * heads) == 0 else {
+                    throw CheckpointError.invalidTensor(file: t.file, tensor: t.name, problem: "\(t.shape[0]) rows do not split into \(heads) heads of rotary pairs (config.json)")
+                }
+            }
+            plan.append(PlannedTensor(source: t.name, name: name, ne: ne, type: type(name: name, ne: ne, outType: outType)))
         }
         return plan
     }
@@ -276,14 +273,17 @@ public enum GGUFExport {
     /// convert_hf_to_gguf.py's `--outtype auto`: the type of the first 2-D bf16 or f16 tensor it
     /// reads (bf16 or f16), f16 when there is none.
     public static func autoOutType(_ dense: [DenseTensor]) -> GGUFOutType {
-        for shard in Set(dense.map(\.shard)).sorted() {
-            let tensors = dense.filter { $0.shard == shard }.sorted { $0.name.unicodeScalars.lexicographicallyPrecedes($1.name.unicodeScalars) }
-            for t in tensors where t.shape.count >= 2 {
-                if t.dtype == .bfloat16 { return .bf16 }
-                if t.dtype == .float16 { return .f16 }
-            }
+        for t in converterOrder(dense) where t.shape.count >= 2 {
+            if t.dtype == .bfloat16 { return .bf16 }
+            if t.dtype == .float16 { return .f16 }
         }
         return .f16
+    }
+
+    /// The tensors in the order the converter reads them: shard by shard (by position), each
+    /// shard's tensors sorted by name (as safetensors' `keys()` lists them).
+    static func converterOrder(_ dense: [DenseTensor]) -> [DenseTensor] {
+        dense.sorted { a, b in a.shard != b.shard ? a.shard < b.shard : a.name.unicodeScalars.lexicographicallyPrecedes(b.name.unicodeScalars) }
     }
 
     /// The fp32 values of one planned tensor as the converter holds them before encoding: the
