@@ -7,13 +7,13 @@ import SafeTensors
 
 struct Export: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Write a Llama checkpoint (dense or bitsandbytes 4-bit, adapters merged) as llama.cpp's GGUF.",
+        abstract: "Write a Llama, Mistral, Qwen2, Qwen3 or Phi-3 checkpoint (dense or bitsandbytes 4-bit, adapters merged) as llama.cpp's GGUF.",
         discussion: """
             The bytes llama.cpp's own tools write: f32, f16 and bf16 as convert_hf_to_gguf.py --outtype; \
             q8_0, q4_0, q4_k_m and iq4_nl as convert_hf_to_gguf.py --outtype auto followed by llama-quantize \
             with that type (its per-tensor choices included). A 4-bit BASE is dequantized exactly (llama.cpp's \
             converter cannot read it); each --adapter is merged with PEFT's numerics as qlora merge does, in \
-            order. BASE must hold config.json and a SentencePiece tokenizer.model. Streamed tensor by tensor; \
+            order. BASE must hold config.json and a tokenizer (SentencePiece tokenizer.model or a BPE tokenizer.json). Streamed tensor by tensor; \
             OUTPUT appears only when complete.
             """)
 

@@ -54,8 +54,6 @@ struct Merge: ParsableCommand {
                 for r in s.report + [s.total] {
                     print(pad(r.name) + String(format: "   %10.4f   %12.3e   %16.4f", r.errorToDelta, r.errorToWeight, r.deltaCosine))
                 }
-            }
-            if report {
                 if s.serving.isEmpty {
                     print("\n(what each serving format keeps: needs a checkpoint directory whose config.json names a family llama.cpp runs)")
                 } else {
