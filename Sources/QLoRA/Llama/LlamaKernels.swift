@@ -398,7 +398,8 @@ extension LlamaOps {
     /// `attentionForward` where the CPU has AVX512-BF16: the same blocks, softmax and bf16
     /// rounding points, with q·kᵀ and P·v on `qlora_gemm_bf16_packed` (q, k, v and P are bf16
     /// values, so the products are exact in fp32 as with sgemm; only the fp32 summation order
-    /// differs). Each head's k and v are packed once for all of its query blocks.
+    /// differs). A KV head's k and v are packed once for all the query blocks of its query heads
+    /// in a part.
     static func attentionForwardBF16(q: [Float], k: [Float], v: [Float], batch: Int, seq: Int, heads: Int, kvHeads: Int,
                                      headDim d: Int) -> [Float] {
         let rep = heads / kvHeads, scale = 1 / Float(d).squareRoot()
@@ -412,13 +413,17 @@ extension LlamaOps {
                 let s = UnsafeMutablePointer<Float>.allocate(capacity: blk * seq)
                 let pa = UnsafeMutablePointer<UInt16>.allocate(capacity: blk * ldSeq)
                 defer { kS.deallocate(); vPV.deallocate(); qa.deallocate(); s.deallocate(); pa.deallocate() }
+                var packedKV = -1  // the (batch, kv head) kS and vPV hold: the query heads of a group share them
                 for u in units {
                     let b = u / heads, hh = u % heads, kh = hh / rep
                     let qh = pq.p + b * seq * ldq + hh * d, oh = po.p + b * seq * ldq + hh * d
                     let kh0 = pk.p + b * seq * ldk + kh * d, vh0 = pv.p + b * seq * ldk + kh * d
-                    // kS: B(e, j) = K[j][e] (keys in lanes, pairs along d); vPV: B(j, e) = V[j][e].
-                    qlora_pack_bf16_pairs(kh0, Int64(ldk), 0, Int64(d), Int64(seq), kS)
-                    qlora_pack_bf16_pairs(vh0, Int64(ldk), 1, Int64(seq), Int64(d), vPV)
+                    if packedKV != b * kvHeads + kh {
+                        // kS: B(e, j) = K[j][e] (keys in lanes, pairs along d); vPV: B(j, e) = V[j][e].
+                        qlora_pack_bf16_pairs(kh0, Int64(ldk), 0, Int64(d), Int64(seq), kS)
+                        qlora_pack_bf16_pairs(vh0, Int64(ldk), 1, Int64(seq), Int64(d), vPV)
+                        packedKV = b * kvHeads + kh
+                    }
                     var i0 = 0
                     while i0 < seq {
                         let m = min(blk, seq - i0), n = i0 + m, ldn = (n + 1) & ~1
@@ -462,14 +467,18 @@ extension LlamaOps {
                     for p in [kS, vS, kD, qP, gP, qa, ga, dsa, dsT, pT] { p.deallocate() }
                     probs.deallocate(); dp.deallocate()
                 }
+                var packedKV = -1  // the (batch, kv head) kS, vS and kD hold: the query heads of a group share them
                 for u in units {
                     let b = u / heads, hh = u % heads, kh = hh / rep
                     let qh = pq.p + b * seq * ldq + hh * d, gh = pg.p + b * seq * ldq + hh * d, dqh = pdq.p + b * seq * ldq + hh * d
                     let kh0 = pk.p + b * seq * ldk + kh * d, vh0 = pv.p + b * seq * ldk + kh * d
                     let dkh = pdkh.p + u * seq * d, dvh = pdvh.p + u * seq * d  // [seq, d]
-                    qlora_pack_bf16_pairs(kh0, Int64(ldk), 0, Int64(d), Int64(seq), kS)  // for Q·Kᵀ
-                    qlora_pack_bf16_pairs(vh0, Int64(ldk), 0, Int64(d), Int64(seq), vS)  // for dO·Vᵀ
-                    qlora_pack_bf16_pairs(kh0, Int64(ldk), 1, Int64(seq), Int64(d), kD)  // for dS·K
+                    if packedKV != b * kvHeads + kh {
+                        qlora_pack_bf16_pairs(kh0, Int64(ldk), 0, Int64(d), Int64(seq), kS)  // for Q·Kᵀ
+                        qlora_pack_bf16_pairs(vh0, Int64(ldk), 0, Int64(d), Int64(seq), vS)  // for dO·Vᵀ
+                        qlora_pack_bf16_pairs(kh0, Int64(ldk), 1, Int64(seq), Int64(d), kD)  // for dS·K
+                        packedKV = b * kvHeads + kh
+                    }
                     var i0 = 0
                     while i0 < seq {
                         let m = min(blk, seq - i0), n = i0 + m, ldn = (n + 1) & ~1, ldm = (m + 1) & ~1
