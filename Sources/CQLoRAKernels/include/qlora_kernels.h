@@ -106,7 +106,8 @@ void qlora_round_bf16_f32(const float *in, int64_t n, float *out);
 /// fp32 (order differs from sgemm, and between levels).
 /// Levels: scalar; AVX2 (blocksize % 8 == 0 and in % 8 == 0); AVX-512 (blocksize % 16 == 0 and
 /// in % 16 == 0; with both % 32 == 0, a paired version that needs a tokens * in fp32 scratch
-/// and falls back to the 16-wide one if it cannot allocate it).
+/// and falls back to the 16-wide one if it cannot allocate it); AVX512-BF16 (both % 64 == 0,
+/// `vdpbf16ps` on a tokens * in bf16 copy of x, falling back to AVX-512 without it).
 void qlora_gemv4_bf16(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t in, int64_t blocksize,
                       const float *code16, const float *absmax, const float *x, int64_t tokens,
                       float *y, int64_t ldy);

@@ -338,7 +338,8 @@ public enum KernelLevel: Int, Sendable, CustomStringConvertible {
     case scalar = 0
     case avx2 = 1
     case avx512 = 2
-    /// AVX-512 plus AVX512-BF16 (`vdpbf16ps`): only the bf16 GEMM of `Matmul4Bit` uses it.
+    /// AVX-512 plus AVX512-BF16 (`vdpbf16ps`): the bf16 GEMM and GEMV of `Matmul4Bit` and the
+    /// attention's GEMM use it; every other kernel runs its AVX-512 version (levels are minimums).
     case avx512bf16 = 3
 
     /// The best level this CPU supports.
