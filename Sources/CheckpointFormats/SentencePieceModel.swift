@@ -36,7 +36,7 @@ public struct SentencePieceModel: Sendable, Equatable {
                 case (2, 5): score = Float(bitPattern: try m.fixed32())
                 case (3, 0):
                     let v = try m.varint()
-                    guard let t = PieceType(rawValue: Int(truncatingIfNeeded: v)), v <= 6 else { throw m.fail("piece \(pieces.count) has type \(v) (1 to 6)") }
+                    guard v <= 6, let t = PieceType(rawValue: Int(v)) else { throw m.fail("piece \(pieces.count) has type \(v) (1 to 6)") }
                     type = t
                 default: try m.skip(w)
                 }
@@ -114,7 +114,7 @@ extension SentencePieceModel {
     /// "[PADi]" with score -10000 and type UNUSED, then piece i at id i with its score and type
     /// (NORMAL unless the piece is UNKNOWN, CONTROL, UNUSED or BYTE: a USER_DEFINED piece becomes
     /// NORMAL), pieces past `vocabSize` dropped. Types are GGUF's token types (the same numbers).
-    /// Not yet: added_tokens.json and tokenizer_config.json's added_tokens_decoder (issue 16).
+    /// The added tokens (added_tokens.json, added_tokens_decoder) go on top: `SpecialVocabulary`.
     public func ggufVocabulary(vocabSize: Int) -> (tokens: [String], scores: [Float], types: [Int32]) {
         var tokens = (0..<vocabSize).map { "[PAD\($0)]" }
         var scores = [Float](repeating: -10000, count: vocabSize)
