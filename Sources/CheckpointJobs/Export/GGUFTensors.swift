@@ -17,6 +17,7 @@ public struct GGUFTensor: Sendable, Equatable {
     public var ne: [Int]
     public var type: GGMLType
     public var bytes: [UInt8]
+    public init(name: String, ne: [Int], type: GGMLType, bytes: [UInt8]) { (self.name, self.ne, self.type, self.bytes) = (name, ne, type, bytes) }
 }
 
 /// llama.cpp's architectures that qlora's families convert to, as convert_hf_to_gguf.py picks
@@ -69,17 +70,13 @@ public enum GGUFArchitecture: String, Sendable, CaseIterable {
 /// export holds the same bytes (Vectors/gguf/llama-tiny/export.json holds it to that):
 /// - tensors in the converter's order: the generated `rope_freqs.weight` first (Llama-3 rope
 ///   scaling), then each shard's tensors sorted by name, as safetensors' `keys()` lists them;
-/// - names from gguf-py's tensor map (`llamaName`);
+/// - names from gguf-py's tensor map (`ggufName`);
 /// - q_proj and k_proj rows permuted from Hugging Face's rotate-half layout back to llama.cpp's
 ///   interleaved one (`LlamaModel.permute`);
 /// - every tensor read as fp32 (bf16 widened exactly), then: 1-D tensors and norms F32; the rest
 ///   the `--outtype` (F16 and BF16 rounded to nearest even, BF16 with ggml's NaN rule, Q8_0 by
 ///   ggml's reference quantizer, F16 where a row is not a whole number of Q8_0 blocks).
 public enum GGUFExport {
-    /// llama.cpp's name for a Hugging Face tensor of a Llama model (gguf-py's tensor map for
-    /// MODEL_ARCH.LLAMA), or nil for a name it does not map.
-    public static func llamaName(_ hf: String) -> String? { ggufName(hf, .llama) }
-
     /// llama.cpp's name for a Hugging Face tensor of an `arch` model, or nil for a name it does not map.
     public static func ggufName(_ hf: String, _ arch: GGUFArchitecture) -> String? {
         switch hf {
@@ -189,7 +186,6 @@ public enum GGUFExport {
         public var name: String
         public var ne: [Int]
         public var type: GGMLType
-        public var byteCount: Int { type.byteCount(ne)! }
     }
 
     /// The type the converter gives a tensor: F32 for 1-D tensors and norms, else `outType`
@@ -228,19 +224,9 @@ public enum GGUFExport {
         }
     }
 
-    /// Every output tensor of a dense Llama-architecture checkpoint, in the converter's order,
+    /// Every output tensor of a dense checkpoint of an `arch` model, in the converter's order,
     /// from the checkpoint's header alone (so the GGUF header can be written first and the data
     /// streamed tensor by tensor).
-    public static func llamaPlan(_ reader: CheckpointReader, _ a: ModelArchitecture, outType: GGUFOutType) throws -> [PlannedTensor] {
-        try llamaPlan(try denseTensors(reader), a, outType: outType)
-    }
-
-    /// `llamaPlan` for the tensors of a dense checkpoint (each shard's tensors sorted by name).
-    public static func llamaPlan(_ dense: [DenseTensor], _ a: ModelArchitecture, outType: GGUFOutType) throws -> [PlannedTensor] {
-        try plan(dense, a, .llama, outType: outType)
-    }
-
-    /// `llamaPlan` for any of the architectures.
     public static func plan(_ dense: [DenseTensor], _ a: ModelArchitecture, _ arch: GGUFArchitecture, outType: GGUFOutType,
                             longRoPE: LongRoPE? = nil) throws -> [PlannedTensor] {
         var plan: [PlannedTensor] = []
@@ -296,21 +282,6 @@ public enum GGUFExport {
         }
         return x
     }
-
-    /// The bytes of one planned tensor: read, permuted where the converter permutes, encoded.
-    public static func bytes(of t: PlannedTensor, _ reader: CheckpointReader, _ a: ModelArchitecture, outType: GGUFOutType) -> [UInt8] {
-        let x = values(of: t, a) { hf in
-            let info = reader.info(named: hf)!
-            return reader.withBytes(of: hf) { loadFloats($0, as: ElementType(info.dtype)!) }
-        }
-        return encode(x, ne: t.ne, name: t.name, outType: outType).1
-    }
-
-    /// Every tensor of a dense Llama-architecture checkpoint as the converter writes it, in memory
-    /// (tests; the export streams `llamaPlan` through `bytes(of:)`).
-    public static func llamaTensors(_ reader: CheckpointReader, _ a: ModelArchitecture, outType: GGUFOutType) throws -> [GGUFTensor] {
-        try llamaPlan(reader, a, outType: outType).map { GGUFTensor(name: $0.name, ne: $0.ne, type: $0.type, bytes: bytes(of: $0, reader, a, outType: outType)) }
-    }
 }
 
 // MARK: - Metadata and the whole file
@@ -339,15 +310,6 @@ extension GGUFExport {
     }
 
     static func int(_ v: JSONValue?) -> Int? { if case .number(let t)? = v { return Int(t) }; return nil }
-
-    /// The metadata convert_hf_to_gguf.py writes for a Llama-architecture model with a
-    /// SentencePiece tokenizer, in its order (TextModel.set_gguf_parameters, LlamaModel's,
-    /// the quantization version, the vocabulary, SpecialVocab's ids from config.json).
-    public static func llamaMetadata(config: JSONValue, _ a: ModelArchitecture, name: String, parameters: Int, outType: GGUFOutType,
-                                     vocabulary: (tokens: [String], scores: [Float], types: [Int32]),
-                                     special: SpecialVocabulary? = nil) -> [(key: String, value: GGUFValue)] {
-        metadata(config: config, a, .llama, name: name, parameters: parameters, outType: outType, vocabulary: vocabulary, special: special)
-    }
 
     /// The metadata convert_hf_to_gguf.py writes for an `arch` model with a SentencePiece
     /// tokenizer (`vocabulary`) or a byte-level BPE one (`bpe`, then `vocabulary` is unused), in its order: the general keys; the hyperparameters (TextModel's, or
