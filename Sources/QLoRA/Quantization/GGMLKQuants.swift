@@ -183,10 +183,10 @@ extension GGMLQuants {
 
     /// One 256-value super-block of Q4_K (nmax 15) or Q5_K (nmax 31): eight sub-blocks' scale and
     /// min by `makeQKX2Quants`, both quantized to 6 bits against the largest, then the levels
-    /// recomputed from the stored scales. Writes d, dmin and scales[12]; returns the levels in L.
+    /// recomputed from the stored scales. Writes d, dmin and scales[12]; returns the levels in scratch.L.
     static func superBlockK(_ x: UnsafePointer<Float>, nmax: Int, rmin: Float, nstep: Int, _ out: UnsafeMutableRawBufferPointer, _ o: Int,
-                            _ L: UnsafeMutablePointer<UInt8>, _ scratch: KScratch) {
-        let scales = scratch.floats, mins = scratch.floats + 8, w = scratch.floats + 16, aux = scratch.laux
+                            _ scratch: KScratch) {
+        let L = scratch.L, scales = scratch.floats, mins = scratch.floats + 8, w = scratch.floats + 16, aux = scratch.laux
         var maxScale: Float = 0, maxMin: Float = 0
         for j in 0..<8 {
             let xb = x + 32 * j
@@ -264,7 +264,7 @@ extension GGMLQuants {
         precondition(x.count % qk == 0 && out.count == x.count / qk * size, "\(name): \(x.count) values need \(x.count / qk * size) bytes")
         KScratch.with { scratch in
             for b in 0..<(x.count / qk) {
-                superBlockK(x.baseAddress! + b * qk, nmax: nmax, rmin: rmin, nstep: nstep, out, b * size, scratch.L, scratch)
+                superBlockK(x.baseAddress! + b * qk, nmax: nmax, rmin: rmin, nstep: nstep, out, b * size, scratch)
                 pack(scratch.L, b * size)
             }
         }
