@@ -923,6 +923,9 @@ static void softmax_causal_rows_scalar(float *s, int64_t rows, int64_t n, int64_
     }
 }
 
+/// The lanes of a 16-float step that hold values when `left` remain (all 16 when 16 or more).
+static inline __mmask16 mask16(int64_t left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u); }
+
 AVX512 static void softmax_causal_rows_avx512(float *s, int64_t rows, int64_t n, int64_t i0, float scale) {
     const __m512 vscale = _mm512_set1_ps(scale);
     for (int64_t r = 0; r < rows; r++) {
@@ -930,7 +933,7 @@ AVX512 static void softmax_causal_rows_avx512(float *s, int64_t rows, int64_t n,
         const int64_t len = i0 + r + 1;
         __m512 vmax = _mm512_set1_ps(-INFINITY);
         for (int64_t j = 0; j < len; j += 16) {
-            const __mmask16 m = len - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (len - j)) - 1u);
+            const __mmask16 m = mask16(len - j);
             __m512 v = round_bf16_avx512(_mm512_mul_ps(round_bf16_avx512(_mm512_maskz_loadu_ps(m, row + j)), vscale));
             _mm512_mask_storeu_ps(row + j, m, v);
             vmax = _mm512_mask_max_ps(vmax, m, vmax, v);
@@ -938,14 +941,14 @@ AVX512 static void softmax_causal_rows_avx512(float *s, int64_t rows, int64_t n,
         const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
         __m512 vsum = _mm512_setzero_ps();
         for (int64_t j = 0; j < len; j += 16) {
-            const __mmask16 m = len - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (len - j)) - 1u);
+            const __mmask16 m = mask16(len - j);
             __m512 e = _mm512_maskz_mov_ps(m, exp_nonpositive_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + j), mx)));
             _mm512_mask_storeu_ps(row + j, m, e);
             vsum = _mm512_add_ps(vsum, e);
         }
         const __m512 sum = _mm512_set1_ps(_mm512_reduce_add_ps(vsum));
         for (int64_t j = 0; j < len; j += 16) {
-            const __mmask16 m = len - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (len - j)) - 1u);
+            const __mmask16 m = mask16(len - j);
             _mm512_mask_storeu_ps(row + j, m, _mm512_div_ps(_mm512_maskz_loadu_ps(m, row + j), sum));
         }
         for (int64_t j = len; j < n; j++) row[j] = 0.0f;
@@ -975,14 +978,14 @@ AVX512 static void softmax_backward_rows_avx512(float *p, float *dp, int64_t row
         const int64_t len = i0 + r + 1;
         __m512 vdot = _mm512_setzero_ps();
         for (int64_t j = 0; j < len; j += 16) {
-            const __mmask16 m = len - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (len - j)) - 1u);
+            const __mmask16 m = mask16(len - j);
             __m512 d = round_bf16_avx512(_mm512_maskz_loadu_ps(m, dr + j));
             _mm512_mask_storeu_ps(dr + j, m, d);
             vdot = _mm512_fmadd_ps(d, _mm512_maskz_loadu_ps(m, pr + j), vdot);
         }
         const __m512 dot = _mm512_set1_ps(_mm512_reduce_add_ps(vdot));
         for (int64_t j = 0; j < len; j += 16) {
-            const __mmask16 m = len - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (len - j)) - 1u);
+            const __mmask16 m = mask16(len - j);
             __m512 pv = _mm512_maskz_loadu_ps(m, pr + j);
             __m512 ds = _mm512_mul_ps(round_bf16_avx512(_mm512_mul_ps(pv, _mm512_sub_ps(_mm512_maskz_loadu_ps(m, dr + j), dot))), vpost);
             _mm512_mask_storeu_ps(dr + j, m, ds);
