@@ -131,11 +131,10 @@ public enum Claims {
     /// The longest sequence searched for (tokens).
     static let longestSeqLen = Memory.Fit.longestSeqLen
 
-    /// The largest sequence length at batch 1 (r=16 on all linear layers, gradient
-    /// checkpointing) whose estimate satisfies `fits`, by bisection (every component grows with
-    /// the length); nil when not even one token does, `longestSeqLen` when every length does.
-    static func largestSeqLen(_ model: ModelArchitecture, _ method: TrainingMethod, where fits: (MemoryEstimate) -> Bool) throws -> Int? {
-        try Memory.Fit.largest(upTo: longestSeqLen) { fits(try estimate(model, method, seq: $0)) }
+    /// The options every fit is asked with: r=16 on all linear layers, gradient checkpointing,
+    /// batch 1, the LoRA methods with torch's AdamW (`qlora fit`'s defaults).
+    static func fitOptions(_ method: TrainingMethod) -> MemoryOptions {
+        MemoryOptions(method: method, rank: 16, targets: ModelArchitecture.projectionNames, batch: 1, gradientCheckpointing: true)
     }
 
     /// The sequence length a fit must reach to count as fitting: the length the other rows use.
@@ -143,17 +142,18 @@ public enum Claims {
 
     /// A model in an amount of memory: whether it fits `fitSeqLen` tokens, the largest length
     /// that fits (nil: not even one token), and that as text, e.g. "7B llama-2-7b in 24 GB: up to
-    /// 28,624 tokens".
+    /// 9,787 tokens".
     struct Fit {
         var fits: Bool
         var tokens: Int?
         var text: String
     }
 
-    /// Whether a model trains in `memoryGB` (GB = 10⁹ B), by the largest sequence length at
-    /// batch 1 that fits.
-    static func fit(_ label: String, _ model: ModelArchitecture, _ method: TrainingMethod, in memory: String, _ memoryGB: Double) throws -> Fit {
-        let n = try largestSeqLen(model, method) { Double($0.totalEstimatedBytes) <= memoryGB * gb }
+    /// Whether a model trains on `gpus` GPUs of `memoryGB` each (GB = 10⁹ B), by the largest
+    /// sequence length at batch 1 whose step fits: `Memory.Fit.largestSeqLen`, the one search and
+    /// criterion `qlora fit` answers with (several GPUs shard as FSDP's full shard).
+    static func fit(_ label: String, _ model: ModelArchitecture, _ method: TrainingMethod, in memory: String, _ memoryGB: Double, gpus: Int = 1) throws -> Fit {
+        let n = try Memory.Fit.largestSeqLen(model, fitOptions(method), memory: Int(memoryGB * gb), gpus: gpus, parallelism: gpus > 1 ? .fsdp : .ddp)
         let head = "\(label) \(model.name) in \(memory)"
         guard let n else { return Fit(fits: false, tokens: nil, text: "\(head): no (\(gigabytes(withoutActivations(try estimate(model, method)))) before activations)") }
         let tokens = n == longestSeqLen ? "over \(n.formatted()) tokens" : "up to \(n.formatted()) tokens"
@@ -162,7 +162,7 @@ public enum Claims {
 
     /// What every fit states: the setting that decides it.
     static func fitSetting(_ run: String) -> String {
-        "\(run), gradient checkpointing, batch 1: the largest sequence length that fits; GB = 10⁹ B"
+        "\(run), gradient checkpointing, batch 1: the largest sequence length that fits, as `qlora fit` answers it (the step's peak per GPU; \(Stack.default.description)); GB = 10⁹ B"
     }
 
     /// Fits as one figure and a verdict: holds when every one fits at `fitSeqLen` tokens.

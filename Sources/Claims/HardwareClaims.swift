@@ -4,8 +4,8 @@ import Memory
 
 /// M23–M30 of ../shared/claims.md: what fits where. The articles state no sequence length or
 /// batch, so a fit is the largest sequence length at batch 1 that fits (r=16 on all linear
-/// layers, gradient checkpointing), and a model "fits" when that is at least `fitSeqLen`.
-/// Memory spread over several GPUs is pooled, as FSDP/ZeRO-3 shard weights, gradients and states.
+/// layers, gradient checkpointing) as `qlora fit` finds it, and a model "fits" when that is at
+/// least `fitSeqLen`. Several GPUs shard weights, gradients and states as FSDP's full shard.
 extension Claims {
     /// LLaMA "30B" (32,528,943,616 parameters), not a preset: huggyllama/llama-30b config.json,
     /// hidden_size 6656, intermediate_size 17920, num_hidden_layers 60, num_attention_heads 52,
@@ -39,7 +39,7 @@ extension Claims {
         Claim("M24", "Even QLoRA needs ~2x the inference VRAM for a 7B model; full fine-tuning needs 10-20x", "B") { c in
             let bf16 = Double(c.fp16Size), fourBit = Double(bytes(c.q7, "base_weights", "quant_constants", "unquantized_weights"))
             let q = Double(c.q7.totalEstimatedBytes), f = Double(c.full.totalEstimatedBytes)
-            let twice = try largestSeqLen(c.l7, .qlora) { Double($0.totalEstimatedBytes) <= 2 * fourBit }
+            let twice = try Memory.Fit.largestSeqLen(c.l7, fitOptions(.qlora), memory: Int(2 * fourBit))
             let qlora = within(q / fourBit, 2)
             let fullHolds = inRange(f / bf16, 10, 20) || inRange(f / fourBit, 10, 20)
             return Finding(String(format: "llama-2-7b, 2048 tokens × 1, checkpointing, against inference weights alone (4-bit %.2f GB, bf16 %.2f GB; no KV cache): QLoRA %.2fx the 4-bit and %.2fx the bf16; full fine-tune (mixed precision) %.1fx the bf16 and %.1fx the 4-bit. QLoRA reaches 2x the 4-bit weights at %@ tokens × batch 1",
@@ -78,18 +78,18 @@ extension Claims {
                 try fit("13B", preset("llama-2-13b"), .lora, in: "24 GB", 24),
                 try fit("30B", llama30b, .lora, in: "48 GB", 48),
                 try fit("70B", preset("llama-3.1-70b"), .lora, in: "128 GB", 128),
-                try fit("70B", preset("llama-3.1-70b"), .lora, in: "2×80 GB", 160),
+                try fit("70B", preset("llama-3.1-70b"), .lora, in: "2×80 GB", 80, gpus: 2),
             ]
-            let fullSizes: [(String, ModelArchitecture, String, Double)] = [
-                ("7B", preset("llama-2-7b"), "48 GB", 48), ("13B", preset("llama-2-13b"), "80 GB", 80),
-                ("30B", llama30b, "4×80 GB", 320), ("70B", preset("llama-3.1-70b"), "8×80 GB", 640),
+            let fullSizes: [(String, ModelArchitecture, String, Double, Int)] = [
+                ("7B", preset("llama-2-7b"), "48 GB", 48, 1), ("13B", preset("llama-2-13b"), "80 GB", 80, 1),
+                ("30B", llama30b, "4×80 GB", 80, 4), ("70B", preset("llama-3.1-70b"), "8×80 GB", 80, 8),
             ]
-            let adam = try fullSizes.map { try fit($0.0, $0.1, .full, in: $0.2, $0.3) }
-            let adam8 = try fullSizes.map { try fit($0.0, $0.1, .full8BitAdam, in: $0.2, $0.3) }
+            let adam = try fullSizes.map { try fit($0.0, $0.1, .full, in: $0.2, $0.3, gpus: $0.4) }
+            let adam8 = try fullSizes.map { try fit($0.0, $0.1, .full8BitAdam, in: $0.2, $0.3, gpus: $0.4) }
             let counts = [lora, adam, adam8].map { rows in rows.filter(\.fits).count }
             let holds = counts[0] == lora.count && (counts[1] == adam.count || counts[2] == adam8.count)
             return Finding("LoRA (bf16 base): " + lora.map(\.text).joined(separator: "; ") + ". Full, mixed-precision AdamW: " + adam.map(\.text).joined(separator: "; ")
-                               + ". Full, 8-bit AdamW: " + adam8.map(\.text).joined(separator: "; ") + " (" + fitSetting("LoRA r=16 all linear; all runs") + "; several GPUs pooled; " + llama30bNote + ")",
+                               + ". Full, 8-bit AdamW: " + adam8.map(\.text).joined(separator: "; ") + " (" + fitSetting("LoRA r=16 all linear; all runs") + "; several GPUs sharded as FSDP; " + llama30bNote + ")",
                            holds ? .holds : .off,
                            (holds ? "holds: " : "off: ") + "LoRA \(counts[0]) of \(lora.count) fit; full fine-tune \(counts[1]) of \(adam.count) with mixed-precision AdamW, \(counts[2]) of \(adam8.count) with 8-bit AdamW (the optimizer decides it), at \(fitSeqLen) tokens × batch 1 or more")
         },
@@ -97,7 +97,7 @@ extension Claims {
             fits([
                 try fit("7B", preset("llama-2-7b"), .qlora, in: "12 GB", 12),
                 try fit("13B", preset("llama-2-13b"), .qlora, in: "24 GB", 24),
-                try fit("34B", codeLlama34b, .qlora, in: "2×24 GB", 48),
+                try fit("34B", codeLlama34b, .qlora, in: "2×24 GB", 24, gpus: 2),
             ], setting: fitSetting("QLoRA r=16 all linear") + "; " + codeLlama34bNote)
         },
         Claim("M29", "7B with QLoRA needs 8 to 12 GB of VRAM (an RTX 3060 12 GB is enough); 13B QLoRA trains on a 24 GB GPU", "E") { c in

@@ -28,14 +28,7 @@ import QLoRA
 /// Not here: the CUDA context, cuBLAS workspaces and the caching allocator's rounding and
 /// fragmentation ("reserved" versus "allocated"), and scratch inside kernels.
 public struct StepTimeline: Sendable, Codable {
-    /// Whose step: the recipe decides what is kept, where and when.
-    public enum Recipe: String, Sendable, Codable, CaseIterable {
-        /// transformers + PEFT + bitsandbytes: measured (Vectors/memory/peaks.json).
-        case transformers
-        /// Unsloth's QLoRA step as its source lays it out (`StepTimeline+Unsloth.swift`): not
-        /// measured, Unsloth runs only on CUDA with Triton.
-        case unsloth
-    }
+    public typealias Recipe = Stack.Recipe
 
     /// One moment of the step: the live bytes, by component.
     public struct Point: Sendable, Codable {
@@ -62,7 +55,7 @@ public struct StepTimeline: Sendable, Codable {
     /// - Parameter firstStep: the first step of a run, before AdamW has states (what
     ///   peaks.json measures); otherwise a later step, which holds the states from the start
     ///   (what a run needs).
-    public init(model a: ModelArchitecture, options o: MemoryOptions, firstStep: Bool = false, recipe: Recipe = .transformers) throws {
+    public init(model a: ModelArchitecture, options o: MemoryOptions, firstStep: Bool = false, recipe: Recipe = .peft) throws {
         if recipe == .unsloth {
             self = try StepTimeline(unsloth: a, options: o, firstStep: firstStep)
             return

@@ -30,13 +30,13 @@ struct MemoryCommand: ParsableCommand {
     @Flag(help: "Build the components in this process and measure them (allocator and RSS).") var measure = false
     @Option(help: ArgumentHelp("Model the whole step's memory over time (transformers + PEFT + bitsandbytes) and draw it as an SVG at PATH; prints the peak's phase.", valueName: "path"))
     var timeline: String?
-    @Option(help: "With --timeline: whose step, transformers (transformers + PEFT + bitsandbytes, measured) or unsloth (Unsloth's offloaded checkpointing and fused cross-entropy, from its source, not measured).")
-    var recipe: StepTimeline.Recipe = .transformers
+    @Option(help: "With --timeline: whose step, peft (transformers + PEFT get_peft_model + bitsandbytes, measured) or unsloth (Unsloth's offloaded checkpointing and fused cross-entropy, from its source, not measured).")
+    var recipe: StepTimeline.Recipe = .peft
     @Flag(help: "With --timeline: replace an existing SVG.") var overwrite = false
     @Flag(help: "Print JSON.") var json = false
 
     func validate() throws {
-        if recipe != .transformers && timeline == nil { throw ValidationError("--recipe chooses whose step --timeline draws; give --timeline PATH.svg") }
+        if recipe != .peft && timeline == nil { throw ValidationError("--recipe chooses whose step --timeline draws; give --timeline PATH.svg") }
     }
 
     func run() {

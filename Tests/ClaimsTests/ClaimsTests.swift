@@ -82,10 +82,33 @@ final class ClaimsTests: XCTestCase {
         XCTAssertEqual(Claims.codeLlama34b.totalParameters, 33_743_970_304)
         let a = try XCTUnwrap(ModelArchitecture.preset("llama-2-7b"))
         let budget = 12_000_000_000
-        let n = try XCTUnwrap(try Claims.largestSeqLen(a, .qlora) { $0.totalEstimatedBytes <= budget })
-        XCTAssertLessThanOrEqual(try Claims.estimate(a, .qlora, seq: n).totalEstimatedBytes, budget)
-        XCTAssertGreaterThan(try Claims.estimate(a, .qlora, seq: n + 1).totalEstimatedBytes, budget)
-        XCTAssertNil(try Claims.largestSeqLen(a, .full) { $0.totalEstimatedBytes <= budget })
+        let o = Claims.fitOptions(.qlora)
+        let n = try XCTUnwrap(try Fit.largestSeqLen(a, o, memory: budget))
+        func peak(_ seq: Int) throws -> Int { var q = o; q.seqLen = seq; return try Fit.perDeviceBytes(a, q, gpus: 1, parallelism: .ddp) }
+        XCTAssertLessThanOrEqual(try peak(n), budget)
+        XCTAssertGreaterThan(try peak(n + 1), budget)
+        XCTAssertNil(try Fit.largestSeqLen(a, Claims.fitOptions(.full), memory: budget))
+    }
+
+    /// One question, one answer: the claims' fits are `qlora fit`'s (the same search and
+    /// criterion), on one GPU and on several, and the claims name the stack they assume.
+    func testClaimsAndFitGiveTheSameLength() throws {
+        let questions: [(ModelArchitecture, TrainingMethod, Double, Int)] = [
+            (try XCTUnwrap(ModelArchitecture.preset("llama-2-7b")), .qlora, 24, 1), (try XCTUnwrap(ModelArchitecture.preset("llama-2-7b")), .qlora, 8, 1),
+            (Claims.codeLlama34b, .qlora, 24, 2), (try XCTUnwrap(ModelArchitecture.preset("llama-3.1-70b")), .lora, 80, 2),
+        ]
+        for (a, method, gb, gpus) in questions {
+            let claim = try Claims.fit("", a, method, in: "", gb, gpus: gpus)
+            let o = MemoryOptions(method: method, rank: 16, seqLen: 2048)  // qlora fit's defaults
+            let answers = try Fit.answer(a, o, memory: Int(gb * 1e9), gpus: gpus, parallelism: gpus > 1 ? .fsdp : .ddp)
+            let withCheckpointing = try XCTUnwrap(answers.first { $0.gradientCheckpointing })
+            XCTAssertEqual(claim.tokens, withCheckpointing.largestSeqLen, "\(a.name) \(method) in \(gpus)×\(gb) GB")
+            XCTAssertNotNil(claim.tokens)
+        }
+        let checks = try Claims.check(precision: PrecisionFigures())
+        for c in checks where ["M26", "M27", "M28", "M29"].contains(c.id) {
+            XCTAssertTrue(c.figure.contains(Stack.default.description), c.id)
+        }
     }
 
     /// M22's Q4_K_M byte count is llama-quantize's: the tensor bytes of its Q4_K_M file for the
