@@ -1,0 +1,118 @@
+import Memory
+import XCTest
+
+/// The caching allocator's replay against sequences worked out by hand from PyTorch's rules
+/// (c10/cuda/CUDACachingAllocator.cpp; see `CUDACachingAllocator`).
+final class CUDACachingAllocatorTests: XCTestCase {
+    let KiB = 1 << 10, MiB = 1 << 20
+
+    /// Small requests: rounded to 512 B, carved from one 2 MiB segment, reused by best fit.
+    func testSmallPool() throws {
+        var a = CUDACachingAllocator()
+        let x = try a.malloc(100)                  // 512 B from a new 2 MiB segment
+        XCTAssertEqual([a.allocated, a.reserved], [512, 2 * MiB])
+        _ = try a.malloc(1000)                     // 1,024 B from the same segment's free rest
+        XCTAssertEqual([a.allocated, a.reserved], [1536, 2 * MiB])
+        a.free(x)
+        _ = try a.malloc(512)                      // best fit: the freed 512 B block, not the large rest
+        XCTAssertEqual([a.allocated, a.reserved], [1536, 2 * MiB])
+        _ = try a.malloc(MiB)                      // exactly 1 MiB is still small: the same segment
+        XCTAssertEqual(a.reserved, 2 * MiB)
+        _ = try a.malloc(MiB)                      // the segment has 1 MiB − 1.5 KiB left: a second one
+        XCTAssertEqual(a.reserved, 4 * MiB)
+        XCTAssertEqual(a.allocated, 1536 + 2 * MiB)
+    }
+
+    /// 1–10 MiB requests share 20 MiB segments; a rest of 1 MiB or less is not split off, so the
+    /// whole block counts as allocated; 10 MiB and more get their own segment rounded to 2 MiB.
+    func testLargePoolSegmentsAndSplitting() throws {
+        var a = CUDACachingAllocator()
+        _ = try a.malloc(5 * MiB)                  // 20 MiB segment; 15 MiB split off
+        XCTAssertEqual([a.allocated, a.reserved], [5 * MiB, 20 * MiB])
+        _ = try a.malloc(14 * MiB + 512 * KiB)     // the 15 MiB block: 0.5 MiB left is not split
+        XCTAssertEqual([a.allocated, a.reserved], [20 * MiB, 20 * MiB])
+        var b = CUDACachingAllocator()
+        _ = try b.malloc(11 * MiB + 1)             // rounds to 11 MiB + 512 B: a 12 MiB segment, whole
+        XCTAssertEqual([b.allocated, b.reserved], [12 * MiB, 12 * MiB])
+        XCTAssertEqual(CUDACachingAllocator.segmentSize(10 * MiB), 10 * MiB)
+        XCTAssertEqual(CUDACachingAllocator.segmentSize(10 * MiB - 512), 20 * MiB)
+        XCTAssertEqual(CUDACachingAllocator.segmentSize(MiB), 2 * MiB)
+        XCTAssertEqual(CUDACachingAllocator.segmentSize(MiB + 512), 20 * MiB)
+    }
+
+    /// Freed neighbours merge inside a segment, and a wholly free segment goes back on
+    /// empty_cache; a partly used one stays.
+    func testMergeAndEmptyCache() throws {
+        var a = CUDACachingAllocator()
+        let x = try a.malloc(4 * MiB), y = try a.malloc(4 * MiB)   // one 20 MiB segment
+        let z = try a.malloc(13 * MiB)             // the 12 MiB rest cannot hold it: a 14 MiB segment,
+        XCTAssertEqual([a.allocated, a.reserved], [22 * MiB, 34 * MiB])   // whole (1 MiB left is not split)
+        a.free(x)
+        a.emptyCache()                              // the 20 MiB segment still holds y
+        XCTAssertEqual(a.reserved, 34 * MiB)
+        a.free(y)                                   // merges with x and the free rest: one free block
+        a.emptyCache()
+        XCTAssertEqual([a.allocated, a.reserved], [14 * MiB, 14 * MiB])
+        a.free(z)
+        a.emptyCache()
+        XCTAssertEqual([a.allocated, a.reserved, a.peakReserved, a.peakAllocated], [0, 0, 34 * MiB, 22 * MiB])
+    }
+
+    /// A freed block too small for the next request stays reserved: reserved runs ahead of
+    /// allocated. When cudaMalloc fails, wholly free segments are released and it is tried once
+    /// more; only then is it out of memory.
+    func testFragmentationRetryAndOutOfMemory() throws {
+        func run(capacity: Int?) throws -> CUDACachingAllocator {
+            var a = CUDACachingAllocator(.init(capacity: capacity))
+            let x = try a.malloc(100 * MiB)
+            _ = try a.malloc(100 * MiB)
+            a.free(x)
+            _ = try a.malloc(150 * MiB)             // x's 100 MiB cannot hold it
+            return a
+        }
+        let free = try run(capacity: nil)
+        XCTAssertEqual([free.allocated, free.reserved, free.retries], [250 * MiB, 350 * MiB, 0])
+        let tight = try run(capacity: 300 * MiB)    // 350 > 300: x's segment released, then 250 fits
+        XCTAssertEqual([tight.allocated, tight.reserved, tight.peakReserved, tight.retries], [250 * MiB, 250 * MiB, 250 * MiB, 1])
+        XCTAssertThrowsError(try run(capacity: 240 * MiB)) { error in   // 100 held + 150 > 240
+            XCTAssertEqual((error as? CUDACachingAllocator.OutOfMemory)?.requested, 150 * MiB)
+            XCTAssertEqual((error as? CUDACachingAllocator.OutOfMemory)?.reserved, 100 * MiB)
+        }
+    }
+
+    /// A large block is split only when more than 1 MiB is left: a 2 MiB-rounded segment for a
+    /// request that is not a multiple of 2 MiB keeps the slack inside the allocation.
+    func testLargeRestOfOneMiBOrLessStaysInTheBlock() throws {
+        var a = CUDACachingAllocator()
+        let x = try a.malloc(21 * MiB)             // segment 22 MiB; 1 MiB left is not split
+        XCTAssertEqual(a.allocated, 22 * MiB)
+        a.free(x)
+        _ = try a.malloc(20 * MiB + 512 * KiB)     // reuses it: 1.5 MiB left is split off
+        XCTAssertEqual([a.allocated, a.reserved], [20 * MiB + 512 * KiB, 22 * MiB])
+    }
+
+    /// Expandable segments: one segment per pool mapped in 20 MiB pages (large pool), so blocks
+    /// of different sizes pack into it; on failure the pages wholly inside free blocks are
+    /// unmapped and the mapping tried again.
+    func testExpandableSegments() throws {
+        var a = CUDACachingAllocator(.init(expandableSegments: true))
+        _ = try a.malloc(5 * MiB)                  // page 0 mapped
+        XCTAssertEqual([a.allocated, a.reserved], [5 * MiB, 20 * MiB])
+        _ = try a.malloc(30 * MiB)                 // [5, 35) MiB: page 1 mapped as well
+        XCTAssertEqual([a.allocated, a.reserved], [35 * MiB, 40 * MiB])
+        var b = CUDACachingAllocator()             // the same without: a 20 MiB and a 30 MiB segment
+        _ = try b.malloc(5 * MiB)
+        _ = try b.malloc(30 * MiB)
+        XCTAssertEqual(b.reserved, 50 * MiB)
+
+        var c = CUDACachingAllocator(.init(expandableSegments: true, capacity: 300 * MiB))
+        let x = try c.malloc(100 * MiB)            // pages 0–4
+        _ = try c.malloc(100 * MiB)                // pages 5–9
+        c.free(x)
+        _ = try c.malloc(150 * MiB)                // [200, 350) needs pages 10–17 (160 MiB): 360 > 300,
+        XCTAssertEqual(c.retries, 1)               // so x's pages 0–4 are unmapped first
+        XCTAssertEqual([c.allocated, c.reserved, c.peakReserved], [250 * MiB, 260 * MiB, 260 * MiB])
+        _ = try c.malloc(512)                      // the small pool has its own 2 MiB pages
+        XCTAssertEqual(c.reserved, 262 * MiB)
+    }
+}
