@@ -296,10 +296,17 @@ def run_config(c, tmp):
                                                        bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(d, **kw)
     model.config.use_cache = False
+    recipe = c.get("recipe", "peft")
     if c.get("prepare"):
         from peft import prepare_model_for_kbit_training
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    if c["ckpt"]:
+    if recipe == "peft-kbit":
+        # The PEFT docs' and the QLoRA paper's recipe, as written there: prepare_model_for_kbit_training
+        # with its defaults (it turns checkpointing on with gradient_checkpointing_kwargs={}, so torch's own
+        # use_reentrant default applies), then get_peft_model.
+        from peft import prepare_model_for_kbit_training
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=c["ckpt"])
+    elif c["ckpt"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if method == "full":
         for p in model.parameters():
@@ -437,6 +444,8 @@ def grid():
             name = f"{arch}-full-L{seq}-b{batch}-{'gc' if ckpt else 'nogc'}"
         if kw.get("prepare"):
             name += "-prepared"
+        if kw.get("recipe"):
+            name += "-" + kw["recipe"]
         cs.append(dict(name=name, arch=arch, seq=seq, ckpt=ckpt, r=r, targets=targets, batch=batch, **kw))
 
     a = "llama-h1024"
@@ -452,12 +461,19 @@ def grid():
     add(a, 1024, False, 16, "all", 1, method="lora")
     add(a, 256, False, 16, "all", 1, prepare=True)
     add(a, 512, False, 0, "none", 1, method="full")
+    # --recipe peft-kbit: prepare_model_for_kbit_training as the PEFT docs call it (issue 21).
+    for seq, ckpt in ((256, False), (1024, False), (1024, True), (512, True)):
+        add(a, seq, ckpt, 16, "all", 1, recipe="peft-kbit", **({"trace": True} if seq == 256 else {}))
+    add(a, 512, True, 16, "all", 4, recipe="peft-kbit")
+    add(a, 1024, True, 16, "attn", 1, recipe="peft-kbit")
     q = "qwen2-h896"
     for seq in (256, 1024, 2048):
         add(q, seq, False, 16, "all", 1)
         add(q, seq, True, 16, "all", 1)
     add(q, 1024, False, 64, "attn", 1)
     add(q, 512, False, 16, "all", 4)
+    add(q, 1024, False, 16, "all", 1, recipe="peft-kbit")
+    add(q, 1024, True, 16, "all", 1, recipe="peft-kbit")
     b = "llama-h4096"
     add(b, 256, False, 16, "all", 1)
     add(b, 256, True, 16, "all", 1)
@@ -465,8 +481,13 @@ def grid():
     add(b, 512, True, 16, "all", 1)
     add(b, 1024, True, 16, "all", 1)
     add(b, 512, True, 64, "attn", 1)
+    for seq in (256, 512, 1024):
+        add(b, seq, True, 16, "all", 1, recipe="peft-kbit")
+    add(b, 512, False, 16, "all", 1, recipe="peft-kbit")
     add("qwen2-h3584", 256, False, 16, "all", 1)
     add("qwen2-h3584", 256, True, 16, "all", 1)
+    add("qwen2-h3584", 256, True, 16, "all", 1, recipe="peft-kbit")
+    add("qwen2-h3584", 256, False, 16, "all", 1, recipe="peft-kbit")
     return cs
 
 
@@ -514,6 +535,11 @@ def main():
         configs=results,
     )
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    if only and os.path.exists(args.out):
+        # --only regenerates some configurations: the others are kept as they were, in the grid's order.
+        old = {c["name"]: c for c in json.load(open(args.out))["configs"]}
+        old.update({c["name"]: c for c in doc["configs"]})
+        doc["configs"] = [old[c["name"]] for c in grid() if c["name"] in old]
     configs = doc.pop("configs")
     text = json.dumps(doc, indent=1)[:-2] + ',\n "configs": [\n' + ",\n".join(json.dumps(c, separators=(",", ":")) for c in configs) + "\n ]\n}\n"
     json.loads(text)

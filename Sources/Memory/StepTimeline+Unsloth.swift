@@ -32,34 +32,49 @@ extension StepTimeline {
     /// Bytes per token Unsloth's head keeps from its forward to its backward.
     public static func unslothHeadBytesPerToken(_ a: ModelArchitecture) -> Int { 2 * a.vocabSize + 4 + 4 * a.hiddenSize + 4 + 8 }
 
-    init(unsloth a: ModelArchitecture, options o: MemoryOptions, firstStep: Bool) throws {
+    init(unsloth a: ModelArchitecture, options o: MemoryOptions, firstStep: Bool, stack: Stack) throws {
         guard o.isLoRA else { throw MemoryError.badOption("the unsloth recipe models LoRA and QLoRA steps, not full fine-tuning") }
-        let held = try Held(a, o)
+        let held = try Held(a, o, stack: stack)
         let t = o.tokens, h = a.hiddenSize, i = a.intermediateSize
         let layer = Self.unslothLayerBytesPerToken(a), head = Self.unslothHeadBytesPerToken(a)
-        let rope = 4 * a.headDim
-        var points: [Point] = []
-        func add(_ phase: String, activations: Int, transient: Int = 0, gradients: Int = 0, states: Int? = nil) {
-            points.append(held.point(phase, firstStep: firstStep, activations: activations, transient: transient, gradients: gradients, states: states))
-        }
-        add(firstStep ? "weights loaded" : "step begins (AdamW states held from earlier steps)", activations: 0)
+        var s = StepTrace()
+        held.load(into: &s, firstStep: firstStep)
+        s.mark(firstStep ? "weights loaded" : "step begins (AdamW states held from earlier steps)")
+        let workspace = stack.runtime == .cuda ? s.alloc(stack.cuda.cublasWorkspaceBytes, .transient) : nil
+        let rope = s.alloc(4 * a.headDim * t, .activations)
         for l in 0..<a.layers {
-            add("forward layer \(l) (input offloaded to host)", activations: rope * t, transient: t * (4 * h + 6 * i) + held.dequantized)
+            // Nothing stays: the layer's input goes to host memory; its MLP is its largest moment.
+            let mlp = s.alloc(t * (4 * h + 6 * i), .transient)
+            held.dequantizeEach(into: &s, mark: "forward layer \(l) (input offloaded to host)")
+            s.free(mlp)
         }
-        add("head forward (bf16 logits, log-sum-exp)", activations: rope * t + t * head, transient: 0)
-        add("head backward (the logits' gradient in place)", activations: rope * t + t * head, transient: t * 2 * h)
-        var gradients = 0
+        let headKept = s.alloc(t * head, .activations)
+        s.mark("head forward (bf16 logits, log-sum-exp)")
+        let workspace2 = stack.runtime == .cuda ? s.alloc(stack.cuda.cublasWorkspaceBytes, .transient) : nil
+        let dx = s.alloc(t * 2 * h, .transient)
+        s.mark("head backward (the logits' gradient in place)")
+        s.free([dx, headKept])
+        var gradients: [StepTrace.Tensor] = []
         for l in (0..<a.layers).reversed() {
-            add("backward layer \(l) (input back from host, recompute)", activations: rope * t,
-                transient: t * (2 * h + layer + 4 * h + 2 * i) + held.dequantized, gradients: gradients + held.perLayerGradients)
-            gradients += held.perLayerGradients
+            gradients += s.alloc(held.layerGradientSizes, .gradients)
+            let again = s.alloc(t * (2 * h + layer + 4 * h + 2 * i), .transient)
+            held.dequantizeEach(into: &s, mark: "backward layer \(l) (input back from host, recompute)")
+            s.free(again)
         }
-        add("optimizer step", activations: 0, transient: 2 * held.largestParameter, gradients: held.gradientBytes, states: held.stateBytes)
-        add("end of step (zero_grad)", activations: 0, states: held.stateBytes)
+        s.free(rope)
+        _ = firstStep ? held.allocStates(into: &s) : []
+        let temporaries = s.alloc(stack.runtime == .cuda ? held.foreachTemporarySizes : held.singleTensorTemporarySizes, .transient)
+        s.mark("optimizer step")
+        s.free(temporaries)
+        s.free(gradients)
+        _ = (workspace, workspace2)
+        s.mark("end of step (zero_grad)")
         recipe = .unsloth
-        self.points = points
+        self.stack = stack
+        trace = s
+        points = s.points
         peakIndex = Self.peakIndex(points)
-        keptBytesPerToken = rope + head
+        keptBytesPerToken = 4 * a.headDim + head
         headKeptBytesPerToken = head
         hostBytes = a.layers * t * 2 * h
     }

@@ -27,7 +27,7 @@ import QLoRA
 ///
 /// Not here: the CUDA context, cuBLAS workspaces and the caching allocator's rounding and
 /// fragmentation ("reserved" versus "allocated"), and scratch inside kernels.
-public struct StepTimeline: Sendable, Codable {
+public struct StepTimeline: Sendable {
     public typealias Recipe = Stack.Recipe
 
     /// One moment of the step: the live bytes, by component.
@@ -52,103 +52,279 @@ public struct StepTimeline: Sendable, Codable {
     /// checkpoints.
     public var hostBytes = 0
 
+    /// The allocations and frees of the step, in order (`StepTrace`): what the points read, and
+    /// what `onCUDA` replays through PyTorch's caching allocator.
+    public var trace: StepTrace
+    /// The stack the step runs on.
+    public var stack: Stack
+
     /// - Parameter firstStep: the first step of a run, before AdamW has states (what
     ///   peaks.json measures); otherwise a later step, which holds the states from the start
     ///   (what a run needs).
-    public init(model a: ModelArchitecture, options o: MemoryOptions, firstStep: Bool = false, recipe: Recipe = .peft) throws {
-        if recipe == .unsloth {
-            self = try StepTimeline(unsloth: a, options: o, firstStep: firstStep)
+    public init(model a: ModelArchitecture, options o: MemoryOptions, firstStep: Bool = false, recipe: Recipe) throws {
+        try self.init(model: a, options: o, firstStep: firstStep, stack: Stack(recipe: recipe))
+    }
+
+    public init(model a: ModelArchitecture, options o: MemoryOptions, firstStep: Bool = false, stack: Stack = .default) throws {
+        if stack.recipe == .unsloth {
+            self = try StepTimeline(unsloth: a, options: o, firstStep: firstStep, stack: stack)
             return
         }
-        self.recipe = recipe
-        let held = try Held(a, o)
-        let (gradientBytes, stateBytes) = (held.gradientBytes, held.stateBytes)
-        let (largestParameter, dequantized, perLayerGradients) = (held.largestParameter, held.dequantized, held.perLayerGradients)
+        let kbit = stack.recipe == .peftKbit
+        if kbit && o.method != .qlora {
+            throw MemoryError.badOption("the peft-kbit recipe prepares a 4-bit model (prepare_model_for_kbit_training): use --method qlora")
+        }
+        self.stack = stack
+        self.recipe = stack.recipe
+        let held = try Held(a, o, stack: stack)
         let t = o.tokens
         let h = a.hiddenSize, v = a.vocabSize
-        // Per token, SDPA attention (transformers' default): the same layer and head terms as the
-        // estimate's activations.
-        let layerKept = MemoryEstimate.activationBytesPerToken(a, o)
-        let rope = 4 * a.headDim
-        let head = MemoryEstimate.headActivationBytesPerToken(a, o)
-
-        var points: [Point] = []
-        func add(_ phase: String, activations: Int, transient: Int = 0, gradients: Int = 0, states: Int? = nil) {
-            points.append(held.point(phase, firstStep: firstStep, activations: activations, transient: transient, gradients: gradients, states: states))
-        }
-        add(firstStep ? "weights loaded" : "step begins (AdamW states held from earlier steps)", activations: 0)
         let gc = o.gradientCheckpointing
-        var kept = rope * t
+        var s = StepTrace()
+        // The stream's element size: bf16, or fp32 once prepare_model_for_kbit_training has cast
+        // the embedding (and so the residual stream) to fp32.
+        let e = kbit ? 4 : 2
+        held.load(into: &s, firstStep: firstStep)
+        s.mark(firstStep ? "weights loaded" : "step begins (AdamW states held from earlier steps)")
+        let workspace = stack.runtime == .cuda ? s.alloc(stack.cuda.cublasWorkspaceBytes, .transient) : nil
+        // Rope's cos and sin (bf16, fp32 with the kbit stream), kept by every layer's q and k.
+        let rope = s.alloc(t * e * 2 * a.headDim, .activations)
+        // With checkpointing: the position ids (int64) and each layer's input, the stream's dtype.
+        let positions = gc ? s.alloc(8 * t, .activations) : nil
+        var layerKept: [[StepTrace.Tensor]] = []
         for l in 0..<a.layers {
-            kept += t * (gc ? 2 * h : (l == 0 ? layerKept - (4 * h + 4) : layerKept))
-            add("forward layer \(l)", activations: kept, transient: dequantized)
+            layerKept.append(gc ? [s.alloc(t * e * h, .activations)] : s.alloc(Self.layerTerms(a, o, kbit: kbit, first: l == 0).map { t * $0 }, .activations))
+            held.dequantizeEach(into: &s, mark: "forward layer \(l)")
         }
-        if gc { kept += 8 * t }
-        let layersKept = kept
-        // The head's forward: bf16 logits (2V) and their fp32 upcast (4V) live while the
-        // log-softmax (4V) is computed.
-        add("head forward (logits, fp32 upcast, log-softmax)", activations: layersKept, transient: t * (4 * h + 4 + 10 * v))
-        kept += t * head
-        add("end of forward (loss)", activations: kept)
-        add("head backward (the log-softmax's fp32 gradient)", activations: kept, transient: t * (8 * v - 8))
-        var gradients = 0
-        var activations = layersKept
+        // The head. kbit: the last layer's fp32 output is the final norm's input (with
+        // checkpointing it is kept here); the fp32 lm_head gives fp32 logits, no upcast. peft: the
+        // final norm keeps an fp32 copy of its input; bf16 logits, their fp32 upcast.
+        var headKept: [StepTrace.Tensor] = []
+        if kbit {
+            if gc { headKept.append(s.alloc(t * 4 * h, .activations)) }
+            headKept.append(s.alloc(t * 4, .activations))                        // 1/rms
+        } else {
+            headKept += s.alloc([t * 4 * h, t * 4], .activations)              // fp32 input, 1/rms
+        }
+        let normed = s.alloc(t * (kbit ? 4 : 2) * h, .transient)
+        let logits = s.alloc(t * (kbit ? 4 : 2) * v, .transient)
+        let upcast = kbit ? nil : s.alloc(t * 4 * v, .transient)
+        let labels = s.alloc(8 * (o.seqLen + 1) * o.batch, .activations)         // padded, shifted int64 labels
+        let logSoftmax = s.alloc(t * 4 * v, .activations)
+        s.mark("head forward (logits\(kbit ? ", fp32 from the fp32 lm_head" : ", fp32 upcast"), log-softmax)")
+        if let upcast { s.free(upcast) }
+        s.free([normed, logits])
+        s.mark("end of forward (loss)")
+        let kept = s.liveBytes - s.points[0].bytes - (workspace.map { _ in stack.cuda.cublasWorkspaceBytes } ?? 0)
+        let workspace2 = stack.runtime == .cuda ? s.alloc(stack.cuda.cublasWorkspaceBytes, .transient) : nil   // the autograd thread's
+        let nllGradient = s.alloc(t * 4 * v, .transient)
+        s.free(labels)
+        let logSoftmaxGradient = s.alloc(t * 4 * v, .transient)
+        s.mark("head backward (the log-softmax's fp32 gradient)")
+        s.free([nllGradient, logSoftmax])
+        let logitsGradient = kbit ? nil : s.alloc(t * 2 * v, .transient)          // cast back to the bf16 logits
+        s.free(logSoftmaxGradient)
+        if let logitsGradient { s.free(logitsGradient) }
+        s.free(headKept)
+        var gradients: [StepTrace.Tensor] = []
         for l in (0..<a.layers).reversed() {
+            let grads = s.alloc(held.layerGradientSizes, .gradients)
+            gradients += grads
             if gc {
                 // Recomputing the layer: its activations again, the gradients in flight through it
-                // (6h, fitted to the measured grid), the dequantized weight, the LoRA gradients.
-                add("backward layer \(l) (recompute)", activations: activations, transient: t * (layerKept + 6 * h) + dequantized,
-                    gradients: gradients + perLayerGradients)
+                // (fitted to the measured grid, see `recomputeInFlightBytesPerToken`), the
+                // dequantized weight, the LoRA gradients.
+                let again = s.alloc(Self.layerTerms(a, o, kbit: kbit, first: false).map { t * $0 } + [t * Self.recomputeInFlightBytesPerToken(a, kbit: kbit)], .transient)
+                held.dequantizeEach(into: &s, mark: "backward layer \(l) (recompute)")
+                s.free(again)
             } else {
-                add("backward layer \(l)", activations: activations, transient: dequantized, gradients: gradients + perLayerGradients)
+                held.dequantizeEach(into: &s, mark: "backward layer \(l)")
             }
-            activations -= t * (gc ? 2 * h : (l == 0 ? layerKept - (4 * h + 4) : layerKept))
-            gradients += perLayerGradients
-            add("after backward layer \(l)", activations: max(activations, 0), gradients: gradients)
+            s.free(layerKept[l])
+            s.mark("after backward layer \(l)")
         }
-        gradients = gradientBytes
-        add("optimizer step (AdamW, foreach)", activations: 0, transient: 2 * largestParameter, gradients: gradients, states: stateBytes)
-        add("end of step (zero_grad)", activations: 0, states: stateBytes)
-        self.points = points
+        s.free(rope)
+        if let positions { s.free(positions) }
+        let states = firstStep ? held.allocStates(into: &s) : []
+        let temporaries = s.alloc(stack.runtime == .cuda ? held.foreachTemporarySizes : held.singleTensorTemporarySizes, .transient)
+        s.mark(stack.runtime == .cuda ? "optimizer step (AdamW, foreach: a temporary per parameter)" : "optimizer step (AdamW, foreach)")
+        s.free(temporaries)
+        s.free(gradients)
+        _ = (states, workspace, workspace2)
+        s.mark("end of step (zero_grad)")
+        trace = s
+        points = s.points
         peakIndex = Self.peakIndex(points)
         keptBytesPerToken = t > 0 ? kept / t : 0
-        headKeptBytesPerToken = head
+        headKeptBytesPerToken = kbit ? 4 * v + 4 + 8 : MemoryEstimate.headActivationBytesPerToken(a, o)
+    }
+
+    /// The tensors a decoder layer keeps for backward, bytes per token each.
+    /// - peft (bf16 stream; `MemoryEstimate.activationBytesPerToken`, measured): each RMSNorm's
+    ///   fp32 input and 1/rms (the first layer's input norm keeps nothing: its input, the frozen
+    ///   embedding's output, needs no gradient), q/k after RoPE and v, the attention output and
+    ///   fp32 log-sum-exp, gate, silu(gate) and up, and PEFT's fp32 copy of each adapted module's
+    ///   input with A·x;
+    /// - peft-kbit (`prepare_model_for_kbit_training`: embedding and norms fp32, so the whole
+    ///   stream is fp32; measured in peaks.json's `-peft-kbit` rows): the second norm's input and
+    ///   both 1/rms, the normed inputs LoRA keeps (the cast to the adapters' fp32 is a no-op),
+    ///   q/k/v, the attention output and log-sum-exp, gate, silu(gate), up and the down
+    ///   projection's input when it is adapted, A·x, and the layer's fp32 output (the next
+    ///   norm's input).
+    public static func layerTerms(_ a: ModelArchitecture, _ o: MemoryOptions, kbit: Bool, first: Bool) -> [Int] {
+        let h = a.hiddenSize, q = a.queryDim, kv = a.keyValueDim, i = a.intermediateSize
+        let qkNorm = a.qkNorm ? [4 * (q + kv), 4 * (a.attentionHeads + a.keyValueHeads)] : []
+        let modules = o.isLoRA ? a.adaptedModules(o.targets) : []
+        let ax = modules.map { _ in 4 * o.rank }
+        let dropout = o.loraDropout > 0 ? modules.map { 4 * a.projectionShape($0).in } : []
+        guard kbit else {
+            let norm1 = first ? [] : [4 * h, 4]
+            let lora = o.isLoRA ? modules.map { 4 * a.projectionShape($0).in } + ax + dropout : [2 * h, 2 * h, 2 * i]
+            return norm1 + [2 * q, 2 * kv, 2 * kv, 2 * q, 4 * a.attentionHeads] + qkNorm + [4 * h, 4, 2 * i, 2 * i, 2 * i] + lora
+        }
+        let adapted = Set(modules)
+        func any(_ names: String...) -> Bool { names.contains { adapted.contains($0) } }
+        return (first ? [] : [4])
+            + (any("q_proj", "k_proj", "v_proj", "qkv_proj") ? [4 * h] : [])
+            + [4 * q, 4 * kv, 4 * kv, 4 * q, 4 * a.attentionHeads] + qkNorm
+            + [4 * h, 4] + (any("gate_proj", "up_proj", "gate_up_proj") ? [4 * h] : [])
+            + [4 * i, 4 * i, 4 * i] + (any("down_proj") ? [4 * i] : [])
+            + [4 * h] + ax + dropout
+    }
+
+    /// Recomputing a checkpointed layer in backward holds, beside its activations again, the
+    /// gradients in flight through it: three hidden-sized tensors per token in the stream's
+    /// dtype, 6h bytes in bf16, fitted to the measured grid (peaks.json's `-gc` rows at
+    /// llama-2-7b's and qwen2.5-7b's layer shapes, within 2.5%); 12h in the kbit recipe's fp32
+    /// stream (its `-gc-peft-kbit` rows at llama-2-7b's shapes, within 2.5%).
+    public static func recomputeInFlightBytesPerToken(_ a: ModelArchitecture, kbit: Bool) -> Int {
+        3 * a.hiddenSize * (kbit ? 4 : 2)
     }
 
     /// What a step holds whatever keeps its activations: weights, adapters, their gradients and
-    /// the optimizer's states, the dequantized weight of a 4-bit matmul.
+    /// the optimizer's states, the dequantized weight of a 4-bit matmul; as tensors, in the order
+    /// the stack allocates them.
     struct Held {
-        var weights, adapters, gradientBytes, stateBytes, largestParameter, dequantized, perLayerGradients: Int
+        let a: ModelArchitecture, o: MemoryOptions, stack: Stack
+        var gradientBytes, stateBytes, largestParameter: Int
+        let fourBit: Bool
+        /// Bytes per element of the parameters that are not 4-bit (bf16; fp32 after
+        /// prepare_model_for_kbit_training).
+        let unquantized: Int
 
-        init(_ a: ModelArchitecture, _ o: MemoryOptions) throws {
+        init(_ a: ModelArchitecture, _ o: MemoryOptions, stack: Stack) throws {
             let e = try MemoryEstimate(model: a, options: o)
+            (self.a, self.o, self.stack) = (a, o, stack)
             let modules = o.isLoRA ? a.adaptedModules(o.targets) : []
-            func bytes(_ names: String...) -> Int { names.reduce(0) { $0 + (e.component($1)?.estimatedBytes ?? 0) } }
-            weights = o.isLoRA ? bytes("base_weights", "quant_constants", "unquantized_weights") : bytes("base_weights")
-            adapters = bytes("lora_params")
+            fourBit = o.method == .qlora
+            unquantized = stack.recipe == .peftKbit ? 4 : 2
             let trainable = e.params.trainable
             // Gradients and optimizer states as the real step holds them.
             gradientBytes = o.isLoRA ? 4 * trainable : 2 * trainable
             let tensors = o.isLoRA ? 2 * modules.count * a.layers : a.tensorGroups.reduce(0) { $0 + $1.count }
             switch o.method {
-            case .qlora, .lora: stateBytes = o.optimizer == .adamw ? 8 * trainable + 4 * tensors + 4 : bytes("optimizer_states")
+            case .qlora, .lora: stateBytes = o.optimizer == .adamw ? 8 * trainable + 4 * tensors + 4 : e.component("optimizer_states")!.estimatedBytes
             case .full: stateBytes = 4 * trainable + 4 * tensors + 4   // torch keeps AdamW moments in the bf16 parameters' dtype
-            case .full8BitAdam: stateBytes = bytes("optimizer_states")
+            case .full8BitAdam: stateBytes = e.component("optimizer_states")!.estimatedBytes
             }
             largestParameter = o.isLoRA
                 ? 4 * (modules.map { max(o.rank * a.projectionShape($0).in, a.projectionShape($0).out * o.rank) }.max() ?? 0)
                 : 2 * (a.tensorGroups.map { $0.shape.reduce(1, *) }.max() ?? 0)
-            // bitsandbytes dequantizes a 4-bit weight to bf16 for each matmul, forward and backward.
-            dequantized = o.method == .qlora ? 2 * (a.projections.map { $0.outFeatures * $0.inFeatures }.max() ?? 0) : 0
-            perLayerGradients = a.layers > 0 ? gradientBytes / a.layers : 0
         }
 
-        /// A moment of the step; the optimizer's states are held from the start except in a run's
-        /// first step, unless `states` says otherwise.
-        func point(_ phase: String, firstStep: Bool, activations: Int, transient: Int, gradients: Int, states: Int?) -> Point {
-            Point(phase: phase, components: ["weights": weights, "adapters": adapters, "activations": activations, "transient": transient,
-                                             "gradients": gradients, "optimizer_states": states ?? (firstStep ? 0 : stateBytes)])
+        /// The adapters' A and B of one layer, elements each.
+        var adapterElements: [Int] {
+            guard o.isLoRA else { return [] }
+            return a.adaptedModules(o.targets).flatMap { p -> [Int] in let s = a.projectionShape(p); return [o.rank * s.in, s.out * o.rank] }
         }
+
+        /// One layer's gradients: fp32 LoRA A and B, or (full fine-tuning) its share of the bf16
+        /// gradients.
+        var layerGradientSizes: [Int] { o.isLoRA ? adapterElements.map { 4 * $0 } : [a.layers > 0 ? gradientBytes / a.layers : 0] }
+
+        /// Loads the model as transformers + bitsandbytes do: each 4-bit weight comes to the
+        /// device in bf16 and is quantized there (Params4bit's `_quantize`: the bf16 copy freed
+        /// once the packed weight and its constants exist); the rest in bf16; the kbit recipe then
+        /// casts every parameter that is not 4-bit to fp32 (`param.data = param.data.to(fp32)`)
+        /// and empties the cache; PEFT adds the fp32 adapters; a later step holds AdamW's states.
+        func load(into s: inout StepTrace, firstStep: Bool) {
+            var cast: [(StepTrace.Tensor, Int)] = []
+            func plain(_ n: Int) { cast.append((s.alloc(2 * n, .weights), n)) }
+            plain(a.vocabSize * a.hiddenSize)
+            for l in 0..<a.layers {
+                for t in a.layerTensors(l) {
+                    let n = t.shape.reduce(1, *)
+                    if t.kind == .projection {
+                        if fourBit {
+                            let bf16 = s.alloc(2 * n, .transient)
+                            let b = MemoryEstimate.fourBitBytes(elements: n, blocksize: o.blocksize, doubleQuant: o.doubleQuant)
+                            s.alloc([b.data, b.constants], .weights)
+                            s.free(bf16)
+                        } else {
+                            s.alloc(2 * n, .weights)
+                        }
+                    } else {
+                        plain(n)
+                    }
+                }
+            }
+            plain(a.hiddenSize)
+            if !a.tiedEmbeddings { plain(a.vocabSize * a.hiddenSize) }
+            if unquantized == 4 {
+                for (bf16, n) in cast {
+                    s.alloc(4 * n, .weights)
+                    s.free(bf16)
+                }
+                s.emptyCache()
+            }
+            for _ in 0..<a.layers { s.alloc(adapterElements.map { 4 * $0 }, .adapters) }
+            if !firstStep { _ = allocStates(into: &s) }
+        }
+
+        /// AdamW's states: two moments per trainable tensor and the step counts.
+        func allocStates(into s: inout StepTrace) -> [StepTrace.Tensor] {
+            let moments: [Int]
+            switch (o.isLoRA, o.optimizer, o.method) {
+            case (true, .adamw, _): moments = (0..<a.layers).flatMap { _ in adapterElements.flatMap { [4 * $0, 4 * $0] } }
+            case (true, _, _): moments = (0..<a.layers).flatMap { _ in adapterElements.map { o.optimizer.stateBytes($0) } }
+            default: moments = []
+            }
+            let counted = moments.reduce(0, +)
+            return s.alloc(moments + [stateBytes - counted], .optimizerStates)
+        }
+
+        /// The optimizer step's temporaries. On CUDA torch's AdamW takes its foreach path
+        /// (torch/optim/adam.py `_multi_tensor_adam`: `exp_avg_sq_sqrt =
+        /// torch._foreach_sqrt(device_exp_avg_sqs)`, one tensor per parameter at once);
+        /// bitsandbytes' 8-bit optimizers update in their kernels.
+        var foreachTemporarySizes: [Int] {
+            switch (o.isLoRA, o.optimizer, o.method) {
+            case (true, .adamw, _): return (0..<a.layers).flatMap { _ in adapterElements.map { 4 * $0 } }
+            case (false, _, .full): return a.tensorGroups.flatMap { g in [Int](repeating: 2 * g.shape.reduce(1, *), count: g.count) }
+            default: return []
+            }
+        }
+
+        /// On CPU (no foreach kernels) AdamW runs tensor by tensor: temporaries of two of the
+        /// largest tensors (measured).
+        var singleTensorTemporarySizes: [Int] { [largestParameter, largestParameter] }
+
+        /// bitsandbytes dequantizes a 4-bit weight to bf16 for each matmul, forward and backward,
+        /// and frees it after: the layer's projections in turn, the moment read at the largest.
+        func dequantizeEach(into s: inout StepTrace, mark phase: String) {
+            guard fourBit else { return s.mark(phase) }
+            let sizes = a.projections.map { 2 * $0.outFeatures * $0.inFeatures }
+            let largest = sizes.firstIndex(of: sizes.max()!)!
+            for (k, n) in sizes.enumerated() {
+                let w = s.alloc(n, .transient)
+                if k == largest { s.mark(phase) }
+                s.free(w)
+            }
+        }
+
+        /// The dequantized bf16 weight of the largest 4-bit matmul.
+        var dequantized: Int { fourBit ? 2 * (a.projections.map { $0.outFeatures * $0.inFeatures }.max() ?? 0) : 0 }
+        var perLayerGradients: Int { layerGradientSizes.reduce(0, +) }
     }
 
     /// The first moment with the most bytes.
