@@ -51,10 +51,33 @@ public enum Fit {
         }
     }
 
-    /// Per-device peak bytes of a run.
-    public static func perDeviceBytes(_ a: ModelArchitecture, _ o: MemoryOptions, gpus: Int, parallelism: Parallelism) throws -> Int {
-        perDeviceBytes(try StepTimeline(model: a, options: o), layers: a.layers, gpus: gpus, parallelism: parallelism,
-                       pagedStates: o.isLoRA && o.optimizer == .pagedAdamw8bit)
+    /// Per-device peak bytes of a run: on the CPU runtime the step's live peak; on CUDA what the
+    /// device holds at it (`CUDAStep.deviceBytes`: reserved and the context).
+    public static func perDeviceBytes(_ a: ModelArchitecture, _ o: MemoryOptions, gpus: Int, parallelism: Parallelism, stack: Stack = .default) throws -> Int {
+        let step = try StepTimeline(model: a, options: o, stack: stack)
+        if stack.runtime == .cuda {
+            try singleGPU(gpus)
+            return try step.onCUDA().deviceBytes
+        }
+        return perDeviceBytes(step, layers: a.layers, gpus: gpus, parallelism: parallelism, pagedStates: o.isLoRA && o.optimizer == .pagedAdamw8bit)
+    }
+
+    /// Whether a run fits `memory` bytes per device. On CUDA: whether its trace runs through the
+    /// caching allocator without running out (which frees cached segments and retries before it
+    /// gives up), with the context taken from the device first.
+    public static func fits(_ a: ModelArchitecture, _ o: MemoryOptions, memory: Int, gpus: Int, parallelism: Parallelism, stack: Stack = .default) throws -> Bool {
+        guard stack.runtime == .cuda else { return try perDeviceBytes(a, o, gpus: gpus, parallelism: parallelism, stack: stack) <= memory }
+        try singleGPU(gpus)
+        do {
+            _ = try StepTimeline(model: a, options: o, stack: stack).onCUDA(memory: memory)
+            return true
+        } catch is CUDACachingAllocator.OutOfMemory {
+            return false
+        }
+    }
+
+    static func singleGPU(_ gpus: Int) throws {
+        guard gpus == 1 else { throw MemoryError.badOption("--runtime cuda models one GPU; several GPUs are answered with --runtime cpu (the ZeRO paper's accounting of live bytes)") }
     }
 
     /// The longest sequence searched for, in tokens.
@@ -75,21 +98,21 @@ public enum Fit {
 
     /// The largest sequence length at `batch` whose per-device memory is at most `memory` bytes.
     public static func largestSeqLen(_ a: ModelArchitecture, _ o: MemoryOptions, batch: Int = 1, memory: Int, gpus: Int = 1,
-                                     parallelism: Parallelism = .ddp) throws -> Int? {
+                                     parallelism: Parallelism = .ddp, stack: Stack = .default) throws -> Int? {
         try largest(upTo: longestSeqLen) { seq in
             var q = o
             (q.seqLen, q.batch) = (seq, batch)
-            return try perDeviceBytes(a, q, gpus: gpus, parallelism: parallelism) <= memory
+            return try fits(a, q, memory: memory, gpus: gpus, parallelism: parallelism, stack: stack)
         }
     }
 
     /// The largest batch (per device) at `o.seqLen` whose per-device memory is at most `memory`.
     public static func largestBatch(_ a: ModelArchitecture, _ o: MemoryOptions, memory: Int, gpus: Int = 1,
-                                    parallelism: Parallelism = .ddp) throws -> Int? {
+                                    parallelism: Parallelism = .ddp, stack: Stack = .default) throws -> Int? {
         try largest(upTo: 4096) { b in
             var q = o
             q.batch = b
-            return try perDeviceBytes(a, q, gpus: gpus, parallelism: parallelism) <= memory
+            return try fits(a, q, memory: memory, gpus: gpus, parallelism: parallelism, stack: stack)
         }
     }
 
@@ -100,21 +123,26 @@ public enum Fit {
         public var largestSeqLen: Int?
         /// Largest per-device batch at the asked length (nil: not even one sequence).
         public var largestBatch: Int?
-        /// Per-device bytes at batch 1 and the asked length.
+        /// Per-device bytes at batch 1 and the asked length (CUDA: reserved and the context).
         public var bytesAtSeqLen: Int
+        /// CUDA only: max_memory_allocated and max_memory_reserved at batch 1 and the asked length.
+        public var allocatedPeakAtSeqLen: Int?
+        public var reservedPeakAtSeqLen: Int?
     }
 
     /// `qlora fit` for one model, method and memory: with and without gradient checkpointing.
-    public static func answer(_ a: ModelArchitecture, _ o: MemoryOptions, memory: Int, gpus: Int, parallelism: Parallelism) throws -> [Answer] {
+    public static func answer(_ a: ModelArchitecture, _ o: MemoryOptions, memory: Int, gpus: Int, parallelism: Parallelism, stack: Stack = .default) throws -> [Answer] {
         try [false, true].map { gc in
             var q = o
             q.gradientCheckpointing = gc
             var one = q
             one.batch = 1
+            let cuda = stack.runtime == .cuda ? try StepTimeline(model: a, options: one, stack: stack).onCUDA() : nil
             return Answer(gradientCheckpointing: gc,
-                          largestSeqLen: try largestSeqLen(a, q, memory: memory, gpus: gpus, parallelism: parallelism),
-                          largestBatch: try largestBatch(a, q, memory: memory, gpus: gpus, parallelism: parallelism),
-                          bytesAtSeqLen: try perDeviceBytes(a, one, gpus: gpus, parallelism: parallelism))
+                          largestSeqLen: try largestSeqLen(a, q, memory: memory, gpus: gpus, parallelism: parallelism, stack: stack),
+                          largestBatch: try largestBatch(a, q, memory: memory, gpus: gpus, parallelism: parallelism, stack: stack),
+                          bytesAtSeqLen: try cuda?.deviceBytes ?? perDeviceBytes(a, one, gpus: gpus, parallelism: parallelism, stack: stack),
+                          allocatedPeakAtSeqLen: cuda?.allocatedPeak, reservedPeakAtSeqLen: cuda?.reservedPeak)
         }
     }
 

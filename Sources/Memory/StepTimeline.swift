@@ -281,8 +281,11 @@ public struct StepTimeline: Sendable {
             if !firstStep { _ = allocStates(into: &s) }
         }
 
-        /// AdamW's states: two moments per trainable tensor and the step counts.
+        /// AdamW's states: two moments per trainable tensor and the step counts. On CUDA a paged
+        /// optimizer's states are bitsandbytes' `cudaMallocManaged` buffers (`get_paged`), outside
+        /// torch's allocator and movable to host memory: none on the device here.
         func allocStates(into s: inout StepTrace) -> [StepTrace.Tensor] {
+            if stack.runtime == .cuda && o.isLoRA && o.optimizer == .pagedAdamw8bit { return [] }
             let moments: [Int]
             switch (o.isLoRA, o.optimizer, o.method) {
             case (true, .adamw, _): moments = (0..<a.layers).flatMap { _ in adapterElements.flatMap { [4 * $0, 4 * $0] } }
@@ -332,4 +335,35 @@ public struct StepTimeline: Sendable {
 
     /// Bytes at the step's peak.
     public var peakBytes: Int { peak.bytes }
+}
+
+/// A step on CUDA: its allocation trace replayed through PyTorch's caching allocator.
+public struct CUDAStep: Sendable {
+    /// `torch.cuda.max_memory_allocated()`: the blocks handed out, rounded.
+    public var allocatedPeak: Int
+    /// `torch.cuda.max_memory_reserved()`: the segments the allocator holds.
+    public var reservedPeak: Int
+    /// Reserved and allocated at each point of the timeline.
+    public var reservedAtPoints: [Int]
+    public var allocatedAtPoints: [Int]
+    /// The CUDA context, outside the allocator.
+    public var contextBytes: Int
+    /// cudaMalloc retries after freeing cached segments.
+    public var retries: Int
+    /// What the device holds at the peak: reserved and the context.
+    public var deviceBytes: Int { reservedPeak + contextBytes }
+}
+
+extension StepTimeline {
+    /// The step on CUDA: its trace through the caching allocator of `stack.cuda` (the trace has
+    /// the cuBLAS workspaces and AdamW's foreach temporaries when the step was built for
+    /// `--runtime cuda`). With `memory`, the device's total: the allocator may have what the
+    /// context leaves, and a step that runs out throws `CUDACachingAllocator.OutOfMemory`.
+    public func onCUDA(memory: Int? = nil) throws -> CUDAStep {
+        let settings = CUDACachingAllocator.Settings(expandableSegments: stack.cuda.expandableSegments,
+                                                     capacity: memory.map { max($0 - stack.cuda.contextBytes, 0) })
+        let r = try trace.replay(settings)
+        return CUDAStep(allocatedPeak: r.allocator.peakAllocated, reservedPeak: r.allocator.peakReserved, reservedAtPoints: r.reservedAtPoints,
+                        allocatedAtPoints: r.allocatedAtPoints, contextBytes: stack.cuda.contextBytes, retries: r.allocator.retries)
+    }
 }

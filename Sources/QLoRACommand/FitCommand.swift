@@ -26,6 +26,7 @@ struct FitCommand: ParsableCommand {
     @Option(help: "The sequence length the batch answer is for (and the matrix's).") var seqLen = 2048
     @Option(help: "The LoRA methods' optimizer: adamw, adamw-8bit or paged-adamw-8bit (paged states count nothing on the GPU).") var optimizer: Optimizer = .adamw
     @Flag(help: "A table of every preset × method × common GPU size (12-128 GB) at --seq-len × batch 1 with checkpointing.") var matrix = false
+    @OptionGroup var stackOptions: StackOptions
     @Flag(help: "Print JSON.") var json = false
 
     func validate() throws {
@@ -37,15 +38,16 @@ struct FitCommand: ParsableCommand {
     func run() {
         runReportingErrors {
             let targetList = try ModelArchitecture.targetProjections(targets)
-            if matrix { return try printMatrix(targets: targetList) }
+            let stack = try stackOptions.stack()
+            if matrix { return try printMatrix(targets: targetList, stack: stack) }
             let bytes = try parseByteSize(memory!)
             let arch = try architecture(model: model, config: config)
             let o = MemoryOptions(method: method, rank: rank, targets: targetList, seqLen: seqLen, optimizer: optimizer)
-            let answers = try Fit.answer(arch, o, memory: bytes, gpus: gpus, parallelism: parallelism)
+            let answers = try Fit.answer(arch, o, memory: bytes, gpus: gpus, parallelism: parallelism, stack: stack)
             if json {
-                struct Output: Encodable { var model: String; var method: String; var memoryBytes: Int; var gpus: Int; var parallelism: String; var seqLen: Int; var answers: [Fit.Answer] }
+                struct Output: Encodable { var model: String; var method: String; var memoryBytes: Int; var gpus: Int; var parallelism: String; var seqLen: Int; var stack: String; var answers: [Fit.Answer] }
                 return try printJSON(Output(model: arch.name, method: method.rawValue, memoryBytes: bytes, gpus: gpus, parallelism: parallelism.rawValue,
-                                            seqLen: seqLen, answers: answers))
+                                            seqLen: seqLen, stack: stack.description, answers: answers))
             }
             print("\(arch.name), \(method.rawValue)" + (o.isLoRA ? ", r=\(rank) on \(arch.adaptedModules(targetList).joined(separator: ","))" : "")
                   + ": \(formatBytes(bytes)) per GPU × \(gpus)" + (gpus > 1 ? " (\(parallelism.rawValue))" : ""))
@@ -59,17 +61,21 @@ struct FitCommand: ParsableCommand {
                              a.bytesAtSeqLen <= bytes ? formatBytes(bytes - a.bytesAtSeqLen) : "short by \(formatBytes(a.bytesAtSeqLen - bytes))"])
             }
             print(table(rows))
-            print("\nPer device at the step's peak as transformers + PEFT + bitsandbytes reach it (`qlora memory --timeline`); not counted: the CUDA context, cuBLAS workspaces and the caching allocator's reserve.")
+            print("\nStack: \(stack.description).")
+            print(stack.runtime == .cuda
+                  ? "A length or batch fits when the step's allocations run through PyTorch's caching allocator without running out of memory (cached segments freed and retried first), after the CUDA context; bytes are reserved + context at the peak."
+                  : "Per device at the step's peak (`qlora memory --timeline`); not counted: the CUDA context, cuBLAS workspaces and the caching allocator's reserve (--runtime cuda counts them).")
         }
     }
 
-    func printMatrix(targets: [String]) throws {
+    func printMatrix(targets: [String], stack: Stack) throws {
         struct Cell: Encodable { var model: String; var method: String; var gpuGB: Int; var bytes: Int; var fits: Bool; var headroomBytes: Int }
         var cells: [Cell] = []
         for a in ModelArchitecture.presets {
             for m in TrainingMethod.allCases {
+                if m != .qlora && stack.recipe != .peft { continue }   // peft-kbit and unsloth are QLoRA recipes
                 let b = try Fit.perDeviceBytes(a, MemoryOptions(method: m, rank: rank, targets: targets, seqLen: seqLen, gradientCheckpointing: true),
-                                               gpus: 1, parallelism: .ddp)
+                                               gpus: 1, parallelism: .ddp, stack: stack)
                 for g in Fit.commonGPUSizesGB {
                     cells.append(Cell(model: a.name, method: m.rawValue, gpuGB: g, bytes: b, fits: b <= g * 1_000_000_000, headroomBytes: g * 1_000_000_000 - b))
                 }
@@ -77,7 +83,8 @@ struct FitCommand: ParsableCommand {
         }
         if json { return try printJSON(cells) }
         print("Per-GPU memory of one training step at \(seqLen.formatted()) tokens × batch 1, gradient checkpointing, r=\(rank) (LoRA methods), one GPU;")
-        print("each cell: the headroom in GB if it fits, × if not (GB = 10⁹ B). The step's peak; the CUDA context and allocator caching come on top.\n")
+        print("each cell: the headroom in GB if it fits, × if not (GB = 10⁹ B). Stack: \(stack.description)"
+              + (stack.runtime == .cuda ? ".\n" : "; the CUDA context and allocator caching come on top.\n"))
         var rows = [["model", "method", "needs"] + Fit.commonGPUSizesGB.map { "\($0) GB" }]
         for chunk in stride(from: 0, to: cells.count, by: Fit.commonGPUSizesGB.count) {
             let row = cells[chunk..<(chunk + Fit.commonGPUSizesGB.count)]

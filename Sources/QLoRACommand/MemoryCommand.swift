@@ -30,13 +30,14 @@ struct MemoryCommand: ParsableCommand {
     @Flag(help: "Build the components in this process and measure them (allocator and RSS).") var measure = false
     @Option(help: ArgumentHelp("Model the whole step's memory over time (transformers + PEFT + bitsandbytes) and draw it as an SVG at PATH; prints the peak's phase.", valueName: "path"))
     var timeline: String?
-    @Option(help: "With --timeline: whose step, peft (transformers + PEFT get_peft_model + bitsandbytes, measured) or unsloth (Unsloth's offloaded checkpointing and fused cross-entropy, from its source, not measured).")
-    var recipe: StepTimeline.Recipe = .peft
+    @OptionGroup var stackOptions: StackOptions
     @Flag(help: "With --timeline: replace an existing SVG.") var overwrite = false
     @Flag(help: "Print JSON.") var json = false
 
     func validate() throws {
-        if recipe != .peft && timeline == nil { throw ValidationError("--recipe chooses whose step --timeline draws; give --timeline PATH.svg") }
+        if (stackOptions.recipe != .peft || stackOptions.runtime != .cpu) && timeline == nil {
+            throw ValidationError("--recipe and --runtime choose whose step --timeline draws; give --timeline PATH.svg")
+        }
     }
 
     func run() {
@@ -47,12 +48,15 @@ struct MemoryCommand: ParsableCommand {
             var m = try MemoryEstimate(model: arch, options: o)
             var scope: String? = nil
             if measure { scope = try measureWithProgress(&m, model: arch) }
-            let step = try timeline.map { _ in try StepTimeline(model: arch, options: o, recipe: recipe) }
+            let stack = try stackOptions.stack()
+            let recipe = stack.recipe
+            let step = try timeline.map { _ in try StepTimeline(model: arch, options: o, stack: stack) }
+            let cuda = try step.flatMap { $0.stack.runtime == .cuda ? try $0.onCUDA() : nil }
             if let step, let path = timeline {
                 let title = "One training step's memory over time: \(arch.name), \(method.rawValue)"
                 let subtitle = "r=\(rank) on \(arch.adaptedModules(o.targets).joined(separator: ",")), \(seqLen) tokens × \(batch)"
                     + (gradCheckpointing || recipe == .unsloth ? ", gradient checkpointing" : "")
-                    + (recipe == .unsloth ? "; Unsloth's step from its source, not measured (GB = 10⁹ B)" : "; transformers + PEFT + bitsandbytes, live tensor bytes (GB = 10⁹ B)")
+                    + "; \(stack.description) (GB = 10⁹ B)"
                 try StagedOutput.write(Data(TimelineChart.svg(step, title: title, subtitle: subtitle).utf8), to: path, overwrite: overwrite)
             }
             if json {
@@ -61,7 +65,7 @@ struct MemoryCommand: ParsableCommand {
                 try printJSON(doc, snakeCase: false)
             } else {
                 print(memoryTable(m, scope: scope))
-                if let step, let path = timeline { print("\n" + timelineTable(step) + "\n\nwrote \(path)") }
+                if let step, let path = timeline { print("\n" + timelineTable(step, cuda: cuda) + "\n\nwrote \(path)") }
             }
         }
     }
@@ -69,7 +73,6 @@ struct MemoryCommand: ParsableCommand {
 
 extension TrainingMethod: ExpressibleByArgument {}
 extension Optimizer: ExpressibleByArgument {}
-extension StepTimeline.Recipe: ExpressibleByArgument {}
 
 /// `MemoryMeasurement.measure` with a progress line; returns the measurement's scope line(s).
 func measureWithProgress(_ m: inout MemoryEstimate, model arch: ModelArchitecture) throws -> String {
@@ -126,16 +129,23 @@ func memoryTable(_ m: MemoryEstimate, scope: String?) -> String {
     return lines.joined(separator: "\n")
 }
 
-/// The step's phases with their live bytes by component, the peak marked.
-func timelineTable(_ t: StepTimeline) -> String {
+/// The step's phases with their live bytes by component, the peak marked; on CUDA also what
+/// the caching allocator has allocated and reserved at each.
+func timelineTable(_ t: StepTimeline, cuda: CUDAStep? = nil) -> String {
     let names = StepTimeline.componentOrder
-    var rows = [["phase", "total"] + names]
+    var rows = [["phase", "total"] + names + (cuda == nil ? [] : ["allocated", "reserved"])]
     for (i, p) in t.points.enumerated() {
-        rows.append([(i == t.peakIndex ? "▶ " : "  ") + p.phase, formatBytes(p.bytes)] + names.map { formatBytes(p.components[$0] ?? 0) })
+        rows.append([(i == t.peakIndex ? "▶ " : "  ") + p.phase, formatBytes(p.bytes)] + names.map { formatBytes(p.components[$0] ?? 0) }
+                    + (cuda.map { [formatBytes($0.allocatedAtPoints[i]), formatBytes($0.reservedAtPoints[i])] } ?? []))
     }
-    let whose = t.recipe == .unsloth ? "Unsloth's step from its source, not measured; bytes on the GPU" : "transformers + PEFT + bitsandbytes, live tensor bytes"
-    return "The step over time (\(whose)):\n" + table(rows)
-        + "\n\npeak: \(formatBytes(t.peakBytes)) at \(t.peak.phase)"
+    var text = "The step over time (\(t.stack.description)):\n" + table(rows)
+        + "\n\npeak: \(formatBytes(t.peakBytes)) live at \(t.peak.phase)"
         + (t.hostBytes > 0 ? "; checkpoints offloaded to host memory: \(formatBytes(t.hostBytes))" : "")
-        + "; not modelled: the CUDA context, cuBLAS workspaces, the caching allocator's reserve."
+    if let cuda {
+        text += "\nCUDA: max_memory_allocated \(formatBytes(cuda.allocatedPeak)), max_memory_reserved \(formatBytes(cuda.reservedPeak)), "
+            + "with the context \(formatBytes(cuda.deviceBytes)) on the device."
+    } else {
+        text += "; not counted: the CUDA context, cuBLAS workspaces, the caching allocator's reserve (--runtime cuda counts them)."
+    }
+    return text
 }

@@ -1,4 +1,5 @@
 import Memory
+import QLoRA
 import XCTest
 
 /// The caching allocator's replay against sequences worked out by hand from PyTorch's rules
@@ -114,5 +115,63 @@ final class CUDACachingAllocatorTests: XCTestCase {
         XCTAssertEqual([c.allocated, c.reserved, c.peakReserved], [250 * MiB, 260 * MiB, 260 * MiB])
         _ = try c.malloc(512)                      // the small pool has its own 2 MiB pages
         XCTAssertEqual(c.reserved, 262 * MiB)
+    }
+}
+
+/// The step on CUDA: its trace through the caching allocator.
+final class CUDAStepTests: XCTestCase {
+    let a = ModelArchitecture.preset("llama-3.1-8b")!
+    let o = MemoryOptions(method: .qlora, rank: 32, seqLen: 2048, gradientCheckpointing: true)
+
+    /// The trace is the timeline: at every point the allocator has handed out at least the live
+    /// bytes (blocks are rounded up) and reserved at least that; the cuBLAS workspaces (one per
+    /// thread) and AdamW's foreach temporaries are on the device only on CUDA.
+    func testTheTraceIsTheTimeline() throws {
+        let cpu = try StepTimeline(model: a, options: o)
+        let gpu = try StepTimeline(model: a, options: o, stack: Stack(runtime: .cuda))
+        let r = try gpu.onCUDA()
+        XCTAssertEqual(r.allocatedAtPoints.count, gpu.points.count)
+        for (i, p) in gpu.points.enumerated() {
+            XCTAssertGreaterThanOrEqual(r.allocatedAtPoints[i], p.bytes, p.phase)
+            XCTAssertGreaterThanOrEqual(r.reservedAtPoints[i], r.allocatedAtPoints[i], p.phase)
+        }
+        XCTAssertGreaterThanOrEqual(r.reservedPeak, r.allocatedPeak)
+        XCTAssertEqual(r.deviceBytes, r.reservedPeak + 400 << 20)
+        // After the forward both workspaces are held: 2 × 8.125 MiB more than the CPU step.
+        let end = gpu.points.count - 1
+        XCTAssertEqual(gpu.points[end].bytes - cpu.points[end].bytes, 2 * CUDASettings.workspaceBeforeHopper)
+        // foreach: a temporary per LoRA tensor at once (its fp32 size), against two of the largest on CPU.
+        let step = { (t: StepTimeline) in t.points.first { $0.phase.hasPrefix("optimizer step") }!.components["transient"]! }
+        let trainable = try MemoryEstimate(model: a, options: o).params.trainable
+        XCTAssertEqual(step(gpu) - 2 * CUDASettings.workspaceBeforeHopper, 4 * trainable)
+        XCTAssertLessThan(step(cpu), 4 * trainable)
+    }
+
+    /// Fitting on CUDA asks the allocator: a length fits when the replay does not run out of
+    /// memory, and one token more does; the answer is below the CPU stack's live-bytes answer.
+    func testFitOnCUDAIsTheAllocatorsAnswer() throws {
+        let stack = Stack(recipe: .peftKbit, runtime: .cuda)
+        let memory = 12_000_000_000
+        let n = try XCTUnwrap(try Fit.largestSeqLen(a, o, memory: memory, stack: stack))
+        func at(_ seq: Int) throws -> StepTimeline { var q = o; q.seqLen = seq; return try StepTimeline(model: a, options: q, stack: stack) }
+        XCTAssertNoThrow(try at(n).onCUDA(memory: memory))
+        XCTAssertThrowsError(try at(n + 1).onCUDA(memory: memory)) { XCTAssertTrue($0 is CUDACachingAllocator.OutOfMemory) }
+        XCTAssertLessThan(n, try XCTUnwrap(try Fit.largestSeqLen(a, o, memory: memory, stack: Stack(recipe: .peftKbit))))
+        // Out of memory at 8 GB: the kbit recipe's fp32 embedding and lm_head (4.2 GB) and the
+        // 4-bit layers leave too little.
+        XCTAssertNil(try Fit.largestSeqLen(a, o, memory: 8_000_000_000, stack: stack))
+        XCTAssertThrowsError(try Fit.largestSeqLen(a, o, memory: memory, gpus: 2, parallelism: .fsdp, stack: stack))
+    }
+
+    /// bitsandbytes' paged optimizer states are cudaMallocManaged buffers: nothing in the
+    /// allocator's reserve.
+    func testPagedStatesAreOutsideTheAllocator() throws {
+        var paged = o, eight = o
+        paged.optimizer = .pagedAdamw8bit
+        eight.optimizer = .adamw8bit
+        let p = try StepTimeline(model: a, options: paged, stack: Stack(runtime: .cuda)), e = try StepTimeline(model: a, options: eight, stack: Stack(runtime: .cuda))
+        XCTAssertEqual(p.points[0].components["optimizer_states"], 0)
+        XCTAssertGreaterThan(e.points[0].components["optimizer_states"]!, 0)
+        XCTAssertLessThan(try p.onCUDA().allocatedPeak, try e.onCUDA().allocatedPeak)
     }
 }
