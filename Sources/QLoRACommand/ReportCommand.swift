@@ -32,7 +32,7 @@ struct ReportCommand: ParsableCommand {
             try Data(MemoryReport.svg(panels).utf8).write(to: staged.url(for: "memory.svg"))
             let step = try StepTimeline(model: arch, options: m.options)
             try Data(TimelineChart.svg(step, title: "One training step's memory over time: \(arch.name), \(m.method.rawValue)",
-                                       subtitle: "r=\(m.options.rank) on all linear layers, \(m.options.seqLen) tokens × \(m.options.batch); transformers + PEFT + bitsandbytes, live tensor bytes").utf8)
+                                       subtitle: "r=\(m.options.rank) on all linear layers, \(m.options.seqLen) tokens × \(m.options.batch); \(step.stack.description)").utf8)
                 .write(to: staged.url(for: "timeline.svg"))
             try Data((MemoryReport.markdown(defaultEstimate: m, measurementScope: scope, claims: claims, chartFile: "memory.svg", panels: panels)
                       + MemoryReport.timelineSection(step, model: arch.name, options: m.options, chartFile: "timeline.svg")).utf8)
@@ -41,7 +41,7 @@ struct ReportCommand: ParsableCommand {
             print(memoryTable(m, scope: scope))
             print("")
             print(claimsTable(claims))
-            print("\nstep peak: \(formatBytes(step.peakBytes)) at \(step.peak.phase)\nwrote \(out)/report.md, \(out)/memory.svg and \(out)/timeline.svg")
+            print("\nstep peak: \(formatBytes(step.peakBytes)) at \(step.peak.phase) (\(step.stack.description))\nwrote \(out)/report.md, \(out)/memory.svg and \(out)/timeline.svg")
         }
     }
 }

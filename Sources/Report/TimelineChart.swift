@@ -71,7 +71,7 @@ extension MemoryReport {
         var s = "## The step's peak, not only what is kept\n\n"
         s += "\(model), \(o.method.rawValue), \(o.seqLen) tokens × \(o.batch)\(o.gradientCheckpointing ? ", gradient checkpointing" : ""): "
         s += "the step peaks at **\(gb(t.peakBytes))** during \(t.peak.phase), \(gb(t.peakBytes - t.points[0].bytes)) above the \(gb(t.points[0].bytes)) held before it "
-        s += "(transformers + PEFT + bitsandbytes, live tensor bytes; held to the real stack's measured peaks within 3% by the tests).\n\n"
+        s += "(stack: \(t.stack.description); held to the real stack's measured peaks within 3% by the tests).\n\n"
         s += "![the step's memory over time](\(chartFile))\n\n"
         return s
     }
