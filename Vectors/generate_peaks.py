@@ -287,6 +287,84 @@ def checkpoint(arch, tmp):
     return _CKPT[arch]
 
 
+def install_marks(tr, layers, core):
+    """Phase marks: hooks on each decoder layer (forward pre/post, backward pre) and the final norm."""
+    marks = []      # (label, live at end, max within segment, op at max)
+
+    state = {"bwd": False}
+    seg_name = ["start"]
+
+    def set_next(name):
+        seg_name[0] = name
+        tr.phase = name
+
+    def end_seg(label, next_name):
+        marks.append(dict(at=label, seg=seg_name[0], live=tr.total, seg_max=tr.seg_max, seg_max_op=tr.seg_max_op))
+        tr.seg_max, tr.seg_max_op = tr.total, None
+        set_next(next_name)
+
+    hooks = []
+    for li, layer in enumerate(layers):
+        def pre(mod, args, li=li):
+            if state["bwd"]:
+                end_seg(f"before_recompute_{li}", f"backward_{li}_recompute")
+            else:
+                end_seg(f"before_forward_{li}", f"forward_{li}")
+
+        def post(mod, args, out, li=li):
+            if state["bwd"]:
+                end_seg(f"after_recompute_{li}", f"backward_{li}")
+            else:
+                end_seg(f"after_forward_{li}", "between" if li + 1 < len(layers) else "final_norm+lm_head+loss")
+
+        def bpre(mod, gout, li=li):
+            nxt = "head" if li == len(layers) - 1 else f"layer_{li + 1}"
+            end_seg(f"after_backward_{nxt}", f"backward_{li}")
+
+        hooks.append(layer.register_forward_pre_hook(pre))
+        hooks.append(layer.register_forward_hook(post))
+        hooks.append(layer.register_full_backward_pre_hook(bpre))
+
+    def norm_pre(mod, args):
+        if not state["bwd"]:
+            end_seg("before_final_norm", "final_norm+lm_head+loss")
+    hooks.append(core.norm.register_forward_pre_hook(norm_pre))
+
+    return marks, end_seg, set_next, state, hooks
+
+
+def record(c, tr, marks, kept_snap, model, layers, tokens, baseline, n_trainable, dtypes, upcast, opt, secs):
+    """One configuration's row of peaks.json."""
+    V = model.config.vocab_size
+    m = {x["at"]: x for x in marks}
+    after_fwd = m["after_forward"]["live"]
+    head_start = m["before_final_norm"]["live"]
+    per_layer = [m[f"after_forward_{i}"]["live"] - m[f"before_forward_{i}"]["live"] for i in range(len(layers))]
+    opt_state = sum(t.untyped_storage().nbytes() for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor))
+    rec = dict(c)
+    rec.update(
+        name=c["name"], tokens=tokens, vocab=V, hidden=model.config.hidden_size, intermediate=model.config.intermediate_size,
+        trainable_params=n_trainable, trainable_dtypes=dtypes, fp32_base_params=upcast,
+        baseline_bytes=baseline,
+        peak_bytes=tr.peak, peak_above_baseline=tr.peak - baseline, peak_phase=tr.peak_where[0], peak_op=tr.peak_where[1],
+        kept_after_forward=after_fwd - baseline,
+        head_live_delta=after_fwd - head_start,
+        kept_by_phase=kept_snap["by_phase"],
+        head_kept=kept_snap["by_phase"].get("final_norm+lm_head+loss", 0),
+        head_kept_per_token=kept_snap["by_phase"].get("final_norm+lm_head+loss", 0) / tokens,
+        per_layer_kept=[kept_snap["by_phase"].get(f"forward_{i}", 0) for i in range(len(layers))],
+        per_layer_kept_per_token=[kept_snap["by_phase"].get(f"forward_{i}", 0) / tokens for i in range(len(layers))],
+        per_layer_live_delta=per_layer,
+        kept_largest=kept_snap["largest"],
+        peak_by_phase=tr.peak_snapshot["by_phase"], peak_largest=tr.peak_snapshot["largest"],
+        optimizer_state_bytes=opt_state,
+        end_bytes=tr.total, end_above_baseline=tr.total - baseline,
+        timeline=[[x["at"], x["live"] - baseline, x["seg"], x["seg_max"] - baseline, x["seg_max_op"]] for x in marks],
+        ops=tr.ops, seconds=round(secs, 1),
+    )
+    return rec
+
+
 def run_config(c, tmp):
     d = checkpoint(c["arch"], tmp)
     kw = dict(dtype=torch.bfloat16, attn_implementation=c.get("attn", "sdpa"))
@@ -333,46 +411,7 @@ def run_config(c, tmp):
     labels[:, :8] = -100
 
     tr = LiveBytes()
-    marks = []      # (label, live at end, max within segment, op at max)
-
-    state = {"bwd": False}
-    seg_name = ["start"]
-
-    def set_next(name):
-        seg_name[0] = name
-        tr.phase = name
-
-    def end_seg(label, next_name):
-        marks.append(dict(at=label, seg=seg_name[0], live=tr.total, seg_max=tr.seg_max, seg_max_op=tr.seg_max_op))
-        tr.seg_max, tr.seg_max_op = tr.total, None
-        set_next(next_name)
-
-    hooks = []
-    for li, layer in enumerate(layers):
-        def pre(mod, args, li=li):
-            if state["bwd"]:
-                end_seg(f"before_recompute_{li}", f"backward_{li}_recompute")
-            else:
-                end_seg(f"before_forward_{li}", f"forward_{li}")
-
-        def post(mod, args, out, li=li):
-            if state["bwd"]:
-                end_seg(f"after_recompute_{li}", f"backward_{li}")
-            else:
-                end_seg(f"after_forward_{li}", "between" if li + 1 < len(layers) else "final_norm+lm_head+loss")
-
-        def bpre(mod, gout, li=li):
-            nxt = "head" if li == len(layers) - 1 else f"layer_{li + 1}"
-            end_seg(f"after_backward_{nxt}", f"backward_{li}")
-
-        hooks.append(layer.register_forward_pre_hook(pre))
-        hooks.append(layer.register_forward_hook(post))
-        hooks.append(layer.register_full_backward_pre_hook(bpre))
-
-    def norm_pre(mod, args):
-        if not state["bwd"]:
-            end_seg("before_final_norm", "final_norm+lm_head+loss")
-    hooks.append(core.norm.register_forward_pre_hook(norm_pre))
+    marks, end_seg, set_next, state, hooks = install_marks(tr, layers, core)
 
     gc.collect()
     tr.add_baseline()
@@ -399,36 +438,94 @@ def run_config(c, tmp):
     for h in hooks:
         h.remove()
 
-    m = {x["at"]: x for x in marks}
-    after_fwd = m["after_forward"]["live"]
-    head_start = m["before_final_norm"]["live"]
-    per_layer = [m[f"after_forward_{i}"]["live"] - m[f"before_forward_{i}"]["live"] for i in range(len(layers))]
-    opt_state = sum(t.untyped_storage().nbytes() for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor))
-    tokens = B * L
-    rec = dict(c)
-    rec.update(
-        name=c["name"], tokens=tokens, vocab=V, hidden=model.config.hidden_size, intermediate=model.config.intermediate_size,
-        trainable_params=n_trainable, trainable_dtypes=dtypes, fp32_base_params=upcast,
-        baseline_bytes=baseline,
-        peak_bytes=tr.peak, peak_above_baseline=tr.peak - baseline, peak_phase=tr.peak_where[0], peak_op=tr.peak_where[1],
-        kept_after_forward=after_fwd - baseline,
-        head_live_delta=after_fwd - head_start,
-        kept_by_phase=kept_snap["by_phase"],
-        head_kept=kept_snap["by_phase"].get("final_norm+lm_head+loss", 0),
-        head_kept_per_token=kept_snap["by_phase"].get("final_norm+lm_head+loss", 0) / tokens,
-        per_layer_kept=[kept_snap["by_phase"].get(f"forward_{i}", 0) for i in range(len(layers))],
-        per_layer_kept_per_token=[kept_snap["by_phase"].get(f"forward_{i}", 0) / tokens for i in range(len(layers))],
-        per_layer_live_delta=per_layer,
-        kept_largest=kept_snap["largest"],
-        peak_by_phase=tr.peak_snapshot["by_phase"], peak_largest=tr.peak_snapshot["largest"],
-        optimizer_state_bytes=opt_state,
-        end_bytes=tr.total, end_above_baseline=tr.total - baseline,
-        timeline=[[x["at"], x["live"] - baseline, x["seg"], x["seg_max"] - baseline, x["seg_max_op"]] for x in marks],
-        ops=tr.ops, seconds=round(secs, 1),
-    )
+    rec = record(c, tr, marks, kept_snap, model, layers, B * L, baseline, n_trainable, dtypes, upcast, opt, secs)
     if c.get("trace"):
         rec["head_trace"] = tr.trace
     del train_model, model, opt, params, loss, tr
+    gc.collect()
+    return rec
+
+
+def run_trl(c, tmp):
+    """TRL's SFTTrainer (the installed trl; its version goes in the row), one real training step
+    through `trainer.train()`: SFTConfig's defaults but for one step of B sequences of L tokens
+    (bf16=True, the Trainer's default optimizer, gradient clipping), LoRA as the other rows. The
+    tracker starts at the Trainer's `training_step` and stops at `on_step_end`."""
+    import trl
+    from datasets import Dataset
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+    d = checkpoint(c["arch"], tmp)
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16, attn_implementation=c.get("attn", "sdpa"),
+                                                 quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                                                        bnb_4bit_use_double_quant=True,
+                                                                                        bnb_4bit_compute_dtype=torch.bfloat16))
+    V = model.config.vocab_size
+    # A word-level tokenizer over the model's vocabulary: the data is already token ids.
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab={f"t{i}": i for i in range(V)}, unk_token="t0")),
+                                  pad_token="t0", eos_token="t1")
+    B, L = c["batch"], c["seq"]
+    g = torch.Generator().manual_seed(1)
+    ds = Dataset.from_dict({"input_ids": torch.randint(2, V, (B, L), generator=g).tolist()})
+    args = SFTConfig(output_dir=os.path.join(tmp, "trl-out"), per_device_train_batch_size=B, max_steps=1, learning_rate=2e-4,
+                     weight_decay=0.01, bf16=True, gradient_checkpointing=c["ckpt"], report_to="none", save_strategy="no",
+                     logging_steps=1, max_length=L, packing=False, dataloader_num_workers=0, use_cpu=True)
+    lcfg = LoraConfig(r=c["r"], lora_alpha=2 * c["r"], lora_dropout=0.0, target_modules=ALL if c["targets"] == "all" else ATTN,
+                      task_type="CAUSAL_LM")
+    tr = LiveBytes()
+    run = {}
+
+    class Marks(TrainerCallback):
+        def on_pre_optimizer_step(self, *a, **k):
+            run["end_seg"]("after_backward", "optimizer_step")
+            run["state"]["bwd"] = False
+
+        def on_optimizer_step(self, *a, **k):
+            run["end_seg"]("after_optimizer_step", "zero_grad")
+
+        def on_step_end(self, *a, **k):
+            run["end_seg"]("after_zero_grad", "end")
+            tr.__exit__(None, None, None)
+            run["secs"] = time.time() - run["t0"]
+
+    class Tracked(SFTTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            gc.collect()
+            tr.add_baseline()
+            run["baseline"] = tr.base = tr.total
+            tr.snap_peaks = True
+            if c.get("trace"):
+                tr.trace_phases = {"final_norm+lm_head+loss", "backward_head", "after"}
+            run["t0"] = time.time()
+            tr.__enter__()
+            run["set_next"]("embed")
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    trainer = Tracked(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=lcfg, callbacks=[Marks()])
+    core = trainer.model.base_model.model.model
+    layers = list(core.layers)
+    marks, end_seg, set_next, state, hooks = install_marks(tr, layers, core)
+    run.update(end_seg=end_seg, set_next=set_next, state=state)
+
+    def top_post(mod, a, out):
+        end_seg("after_forward", "backward_head")
+        run["kept"] = tr.snapshot()
+        state["bwd"] = True
+    hooks.append(trainer.model.register_forward_hook(top_post))
+    trainer.train()
+    for h in hooks:
+        h.remove()
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    rec = record(c, tr, marks, run["kept"], model, layers, B * L, run["baseline"], sum(p.numel() for p in params),
+                 sorted({str(p.dtype) for p in params}),
+                 sorted({f"{n}:{p.dtype}" for n, p in trainer.model.named_parameters() if p.dtype == torch.float32 and "lora_" not in n}),
+                 trainer.optimizer, run["secs"])
+    rec.update(trl=trl.__version__, optim=str(args.optim), mixed_precision=str(trainer.accelerator.mixed_precision))
+    if c.get("trace"):
+        rec["head_trace"] = tr.trace
+    del trainer, model, tr, params
     gc.collect()
     return rec
 
@@ -466,6 +563,9 @@ def grid():
         add(a, seq, ckpt, 16, "all", 1, recipe="peft-kbit", **({"trace": True} if seq == 256 else {}))
     add(a, 512, True, 16, "all", 4, recipe="peft-kbit")
     add(a, 1024, True, 16, "attn", 1, recipe="peft-kbit")
+    # --recipe trl: TRL's SFTTrainer, one step through trainer.train() (issue 21).
+    for seq, ckpt, batch in ((256, False, 1), (1024, False, 1), (1024, True, 1), (512, True, 4)):
+        add(a, seq, ckpt, 16, "all", batch, recipe="trl", **({"trace": True} if seq == 256 else {}))
     q = "qwen2-h896"
     for seq in (256, 1024, 2048):
         add(q, seq, False, 16, "all", 1)
@@ -474,6 +574,7 @@ def grid():
     add(q, 512, False, 16, "all", 4)
     add(q, 1024, False, 16, "all", 1, recipe="peft-kbit")
     add(q, 1024, True, 16, "all", 1, recipe="peft-kbit")
+    add(q, 1024, True, 16, "all", 1, recipe="trl")
     b = "llama-h4096"
     add(b, 256, False, 16, "all", 1)
     add(b, 256, True, 16, "all", 1)
@@ -484,6 +585,8 @@ def grid():
     for seq in (256, 512, 1024):
         add(b, seq, True, 16, "all", 1, recipe="peft-kbit")
     add(b, 512, False, 16, "all", 1, recipe="peft-kbit")
+    add(b, 512, True, 16, "all", 1, recipe="trl")
+    add(b, 512, False, 16, "all", 1, recipe="trl")
     add("qwen2-h3584", 256, False, 16, "all", 1)
     add("qwen2-h3584", 256, True, 16, "all", 1)
     add("qwen2-h3584", 256, True, 16, "all", 1, recipe="peft-kbit")
@@ -520,7 +623,7 @@ def main():
         for c in grid():
             if only and c["name"] not in only and c["arch"] not in only:
                 continue
-            r = run_config(c, tmp)
+            r = run_trl(c, tmp) if c.get("recipe") == "trl" else run_config(c, tmp)
             print(f"{r['name']}: {r['seconds']}s baseline {r['baseline_bytes']} kept {r['kept_after_forward']} "
                   f"head {r['head_kept_per_token']:.1f}/tok peak+{r['peak_above_baseline']} at {r['peak_phase']} ({r['peak_op']})", flush=True)
             results.append(r)
