@@ -238,9 +238,15 @@ public struct MemoryEstimate: Sendable, Codable {
     /// The fp32 inputs and A·x results LoRA keeps per token in one layer (PEFT casts the
     /// input to the adapter's fp32 for each adapter; `LoRALinear.Saved` holds the same).
     public static func loraActivationBytesPerToken(_ a: ModelArchitecture, _ o: MemoryOptions) -> Int {
-        a.adaptedModules(o.targets).reduce(0) { t, p in
+        loraActivationTermsPerToken(a, o).reduce(0, +)
+    }
+
+    /// The same, tensor by tensor: per adapted module its fp32 input, A·x and (with dropout) the
+    /// dropped input.
+    static func loraActivationTermsPerToken(_ a: ModelArchitecture, _ o: MemoryOptions) -> [Int] {
+        a.adaptedModules(o.targets).flatMap { p -> [Int] in
             let s = a.projectionShape(p)
-            return t + 4 * s.in + 4 * o.rank + (o.loraDropout > 0 ? 4 * s.in : 0)
+            return [4 * s.in, 4 * o.rank] + (o.loraDropout > 0 ? [4 * s.in] : [])
         }
     }
 
@@ -280,11 +286,17 @@ public struct MemoryEstimate: Sendable, Codable {
     ///   (q/k/v share it), normed x 2h (gate/up) and silu(gate)·up 2i;
     /// - LoRA: `loraActivationBytesPerToken`.
     public static func activationBytesPerToken(_ a: ModelArchitecture, _ o: MemoryOptions) -> Int {
+        activationTermsPerToken(a, o).reduce(0, +)
+    }
+
+    /// The same, tensor by tensor, in forward order; the first two are the input norm's fp32
+    /// input and 1/rms (which the first layer does not keep: its input, the frozen embedding's
+    /// output, needs no gradient).
+    public static func activationTermsPerToken(_ a: ModelArchitecture, _ o: MemoryOptions) -> [Int] {
         let h = a.hiddenSize, q = a.queryDim, kv = a.keyValueDim, i = a.intermediateSize
-        var bytes = 2 * (4 * h + 4) + 2 * (q + 2 * kv) + 2 * q + 4 * a.attentionHeads + 6 * i
-        if a.qkNorm { bytes += 4 * (q + kv) + 4 * (a.attentionHeads + a.keyValueHeads) }
-        if o.isLoRA { bytes += loraActivationBytesPerToken(a, o) } else { bytes += 2 * h + 2 * h + 2 * i }
-        return bytes
+        let qkNorm = a.qkNorm ? [4 * (q + kv), 4 * (a.attentionHeads + a.keyValueHeads)] : []
+        return [4 * h, 4, 2 * q, 2 * kv, 2 * kv, 2 * q, 4 * a.attentionHeads] + qkNorm + [4 * h, 4, 2 * i, 2 * i, 2 * i]
+            + (o.isLoRA ? loraActivationTermsPerToken(a, o) : [2 * h, 2 * h, 2 * i])
     }
 
     /// After the last layer: the final RMSNorm (4h + 4), the fp32 log-softmax of the logits

@@ -38,9 +38,7 @@ extension StepTimeline {
         let t = o.tokens, h = a.hiddenSize, i = a.intermediateSize
         let layer = Self.unslothLayerBytesPerToken(a), head = Self.unslothHeadBytesPerToken(a)
         var s = StepTrace()
-        held.load(into: &s, firstStep: firstStep)
-        s.mark(firstStep ? "weights loaded" : "step begins (AdamW states held from earlier steps)")
-        let workspace = stack.runtime == .cuda ? s.alloc(stack.cuda.cublasWorkspaceBytes, .transient) : nil
+        held.begin(&s, firstStep: firstStep)
         let rope = s.alloc(4 * a.headDim * t, .activations)
         for l in 0..<a.layers {
             // Nothing stays: the layer's input goes to host memory; its MLP is its largest moment.
@@ -50,7 +48,7 @@ extension StepTimeline {
         }
         let headKept = s.alloc(t * head, .activations)
         s.mark("head forward (bf16 logits, log-sum-exp)")
-        let workspace2 = stack.runtime == .cuda ? s.alloc(stack.cuda.cublasWorkspaceBytes, .transient) : nil
+        held.cublasWorkspace(&s)   // the autograd thread's
         let dx = s.alloc(t * 2 * h, .transient)
         s.mark("head backward (the logits' gradient in place)")
         s.free([dx, headKept])
@@ -62,14 +60,7 @@ extension StepTimeline {
             s.free(again)
         }
         s.free(rope)
-        _ = firstStep ? held.allocStates(into: &s) : []
-        let temporaries = s.alloc(stack.runtime == .cuda ? held.foreachTemporarySizes : held.singleTensorTemporarySizes, .transient)
-        s.mark("optimizer step")
-        s.free(temporaries)
-        s.free(gradients)
-        _ = (workspace, workspace2)
-        s.mark("end of step (zero_grad)")
-        recipe = .unsloth
+        held.optimizerStep(&s, firstStep: firstStep, gradients: gradients)
         self.stack = stack
         trace = s
         points = s.points

@@ -25,8 +25,10 @@ import QLoRA
 ///   bf16 full fine-tune) and 4 B of step per tensor; its foreach step adds temporaries of two of
 ///   the largest tensors.
 ///
-/// Not here: the CUDA context, cuBLAS workspaces and the caching allocator's rounding and
-/// fragmentation ("reserved" versus "allocated"), and scratch inside kernels.
+/// The step is built as its allocations and frees in order (`StepTrace`); the points read it.
+/// On the CPU runtime that is all; `onCUDA` replays the same trace through PyTorch's caching
+/// allocator (with the CUDA runtime's cuBLAS workspaces and AdamW's foreach temporaries in the
+/// trace, and the CUDA context beside it). Scratch inside kernels is not here.
 public struct StepTimeline: Sendable {
     public typealias Recipe = Stack.Recipe
 
@@ -40,7 +42,7 @@ public struct StepTimeline: Sendable {
 
     public static let componentOrder = ["weights", "adapters", "activations", "transient", "gradients", "optimizer_states"]
 
-    public var recipe: Recipe
+    public var recipe: Recipe { stack.recipe }
     public var points: [Point]
     public var peakIndex: Int
     public var peak: Point { points[peakIndex] }
@@ -75,7 +77,6 @@ public struct StepTimeline: Sendable {
             throw MemoryError.badOption("the peft-kbit recipe prepares a 4-bit model (prepare_model_for_kbit_training): use --method qlora")
         }
         self.stack = stack
-        self.recipe = stack.recipe
         let held = try Held(a, o, stack: stack)
         let t = o.tokens
         let h = a.hiddenSize, v = a.vocabSize
@@ -84,9 +85,8 @@ public struct StepTimeline: Sendable {
         // The stream's element size: bf16, or fp32 once prepare_model_for_kbit_training has cast
         // the embedding (and so the residual stream) to fp32.
         let e = kbit ? 4 : 2
-        held.load(into: &s, firstStep: firstStep)
-        s.mark(firstStep ? "weights loaded" : "step begins (AdamW states held from earlier steps)")
-        let workspace = stack.runtime == .cuda ? s.alloc(stack.cuda.cublasWorkspaceBytes, .transient) : nil
+        held.begin(&s, firstStep: firstStep)
+        let start = s.liveBytes
         // Rope's cos and sin (bf16, fp32 with the kbit stream), kept by every layer's q and k.
         let rope = s.alloc(t * e * 2 * a.headDim, .activations)
         // With checkpointing: the position ids (int64) and each layer's input, the stream's dtype.
@@ -115,8 +115,8 @@ public struct StepTimeline: Sendable {
         if let upcast { s.free(upcast) }
         s.free([normed, logits])
         s.mark("end of forward (loss)")
-        let kept = s.liveBytes - s.points[0].bytes - (workspace.map { _ in stack.cuda.cublasWorkspaceBytes } ?? 0)
-        let workspace2 = stack.runtime == .cuda ? s.alloc(stack.cuda.cublasWorkspaceBytes, .transient) : nil   // the autograd thread's
+        let kept = s.liveBytes - start
+        held.cublasWorkspace(&s)   // the autograd thread's
         let nllGradient = s.alloc(t * 4 * v, .transient)
         s.free(labels)
         let logSoftmaxGradient = s.alloc(t * 4 * v, .transient)
@@ -145,13 +145,7 @@ public struct StepTimeline: Sendable {
         }
         s.free(rope)
         if let positions { s.free(positions) }
-        let states = firstStep ? held.allocStates(into: &s) : []
-        let temporaries = s.alloc(stack.runtime == .cuda ? held.foreachTemporarySizes : held.singleTensorTemporarySizes, .transient)
-        s.mark(stack.runtime == .cuda ? "optimizer step (AdamW, foreach: a temporary per parameter)" : "optimizer step (AdamW, foreach)")
-        s.free(temporaries)
-        s.free(gradients)
-        _ = (states, workspace, workspace2)
-        s.mark("end of step (zero_grad)")
+        held.optimizerStep(&s, firstStep: firstStep, gradients: gradients)
         trace = s
         points = s.points
         peakIndex = Self.peakIndex(points)
@@ -160,11 +154,8 @@ public struct StepTimeline: Sendable {
     }
 
     /// The tensors a decoder layer keeps for backward, bytes per token each.
-    /// - peft (bf16 stream; `MemoryEstimate.activationBytesPerToken`, measured): each RMSNorm's
-    ///   fp32 input and 1/rms (the first layer's input norm keeps nothing: its input, the frozen
-    ///   embedding's output, needs no gradient), q/k after RoPE and v, the attention output and
-    ///   fp32 log-sum-exp, gate, silu(gate) and up, and PEFT's fp32 copy of each adapted module's
-    ///   input with A·x;
+    /// - peft (bf16 stream): `MemoryEstimate.activationTermsPerToken` (measured), without the
+    ///   input norm's in the first layer;
     /// - peft-kbit (`prepare_model_for_kbit_training`: embedding and norms fp32, so the whole
     ///   stream is fp32; measured in peaks.json's `-peft-kbit` rows): the second norm's input and
     ///   both 1/rms, the normed inputs LoRA keeps (the cast to the adapters' fp32 is a no-op),
@@ -172,16 +163,12 @@ public struct StepTimeline: Sendable {
     ///   projection's input when it is adapted, A·x, and the layer's fp32 output (the next
     ///   norm's input).
     public static func layerTerms(_ a: ModelArchitecture, _ o: MemoryOptions, kbit: Bool, first: Bool) -> [Int] {
+        guard kbit else { return Array(MemoryEstimate.activationTermsPerToken(a, o).dropFirst(first ? 2 : 0)) }
         let h = a.hiddenSize, q = a.queryDim, kv = a.keyValueDim, i = a.intermediateSize
         let qkNorm = a.qkNorm ? [4 * (q + kv), 4 * (a.attentionHeads + a.keyValueHeads)] : []
-        let modules = o.isLoRA ? a.adaptedModules(o.targets) : []
+        let modules = a.adaptedModules(o.targets)
         let ax = modules.map { _ in 4 * o.rank }
         let dropout = o.loraDropout > 0 ? modules.map { 4 * a.projectionShape($0).in } : []
-        guard kbit else {
-            let norm1 = first ? [] : [4 * h, 4]
-            let lora = o.isLoRA ? modules.map { 4 * a.projectionShape($0).in } + ax + dropout : [2 * h, 2 * h, 2 * i]
-            return norm1 + [2 * q, 2 * kv, 2 * kv, 2 * q, 4 * a.attentionHeads] + qkNorm + [4 * h, 4, 2 * i, 2 * i, 2 * i] + lora
-        }
         let adapted = Set(modules)
         func any(_ names: String...) -> Bool { names.contains { adapted.contains($0) } }
         return (first ? [] : [4])
@@ -281,6 +268,32 @@ public struct StepTimeline: Sendable {
             if !firstStep { _ = allocStates(into: &s) }
         }
 
+        /// The step's start: the model loaded, its first point, and on CUDA the forward thread's
+        /// cuBLAS workspace.
+        func begin(_ s: inout StepTrace, firstStep: Bool) {
+            load(into: &s, firstStep: firstStep)
+            s.mark(firstStep ? "weights loaded" : "step begins (AdamW states held from earlier steps)")
+            cublasWorkspace(&s)
+        }
+
+        /// On CUDA, a thread's cuBLAS workspace, allocated at its first matmul and kept.
+        func cublasWorkspace(_ s: inout StepTrace) {
+            if stack.runtime == .cuda { s.alloc(stack.cuda.cublasWorkspaceBytes, .transient) }
+        }
+
+        /// The optimizer step (a first step allocates the states) and zero_grad, which frees the
+        /// gradients.
+        func optimizerStep(_ s: inout StepTrace, firstStep: Bool, gradients: [StepTrace.Tensor]) {
+            if firstStep { _ = allocStates(into: &s) }
+            let temporaries = s.alloc(stack.runtime == .cuda ? foreachTemporarySizes : singleTensorTemporarySizes, .transient)
+            let eightBit = o.isLoRA ? o.optimizer != .adamw : o.method == .full8BitAdam
+            s.mark(eightBit ? "optimizer step (\(o.isLoRA ? o.optimizer.rawValue : "adamw-8bit"))"
+                   : stack.runtime == .cuda ? "optimizer step (AdamW, foreach: a temporary per parameter)" : "optimizer step (AdamW, foreach)")
+            s.free(temporaries)
+            s.free(gradients)
+            s.mark("end of step (zero_grad)")
+        }
+
         /// AdamW's states: two moments per trainable tensor and the step counts. On CUDA a paged
         /// optimizer's states are bitsandbytes' `cudaMallocManaged` buffers (`get_paged`), outside
         /// torch's allocator and movable to host memory: none on the device here.
@@ -325,9 +338,6 @@ public struct StepTimeline: Sendable {
             }
         }
 
-        /// The dequantized bf16 weight of the largest 4-bit matmul.
-        var dequantized: Int { fourBit ? 2 * (a.projections.map { $0.outFeatures * $0.inFeatures }.max() ?? 0) : 0 }
-        var perLayerGradients: Int { layerGradientSizes.reduce(0, +) }
     }
 
     /// The first moment with the most bytes.
