@@ -365,13 +365,21 @@ def record(c, tr, marks, kept_snap, model, layers, tokens, baseline, n_trainable
     return rec
 
 
-def run_config(c, tmp):
-    d = checkpoint(c["arch"], tmp)
-    kw = dict(dtype=torch.bfloat16, attn_implementation=c.get("attn", "sdpa"))
+NF4 = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def lora_config(c):
+    return LoraConfig(r=c["r"], lora_alpha=2 * c["r"], lora_dropout=0.0, target_modules=ALL if c["targets"] == "all" else ATTN,
+                      task_type="CAUSAL_LM")
+
+
+def load_model(c, d, **kw):
+    """A configuration's model from checkpoint directory `d`, wrapped as its recipe wraps it:
+    (the transformers model, what trains). `kw` goes to from_pretrained (device_map on a GPU)."""
+    kw = dict(dtype=torch.bfloat16, attn_implementation=c.get("attn", "sdpa"), **kw)
     method = c.get("method", "qlora")
     if method == "qlora":
-        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                                       bnb_4bit_compute_dtype=torch.bfloat16)
+        kw["quantization_config"] = BitsAndBytesConfig(**NF4)
     model = AutoModelForCausalLM.from_pretrained(d, **kw)
     model.config.use_cache = False
     recipe = c.get("recipe", "peft")
@@ -389,11 +397,12 @@ def run_config(c, tmp):
     if method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
-        train_model = model
-    else:
-        lcfg = LoraConfig(r=c["r"], lora_alpha=2 * c["r"], lora_dropout=0.0, target_modules=ALL if c["targets"] == "all" else ATTN,
-                          task_type="CAUSAL_LM")
-        train_model = get_peft_model(model, lcfg)
+        return model, model
+    return model, get_peft_model(model, lora_config(c))
+
+
+def run_config(c, tmp):
+    model, train_model = load_model(c, checkpoint(c["arch"], tmp))
     train_model.train()
     params = [p for p in train_model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
@@ -459,9 +468,7 @@ def run_trl(c, tmp):
     from trl import SFTConfig, SFTTrainer
     d = checkpoint(c["arch"], tmp)
     model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16, attn_implementation=c.get("attn", "sdpa"),
-                                                 quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                                                        bnb_4bit_use_double_quant=True,
-                                                                                        bnb_4bit_compute_dtype=torch.bfloat16))
+                                                 quantization_config=BitsAndBytesConfig(**NF4))
     V = model.config.vocab_size
     # A word-level tokenizer over the model's vocabulary: the data is already token ids.
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab={f"t{i}": i for i in range(V)}, unk_token="t0")),
@@ -472,8 +479,6 @@ def run_trl(c, tmp):
     args = SFTConfig(output_dir=os.path.join(tmp, "trl-out"), per_device_train_batch_size=B, max_steps=1, learning_rate=2e-4,
                      weight_decay=0.01, bf16=True, gradient_checkpointing=c["ckpt"], report_to="none", save_strategy="no",
                      logging_steps=1, max_length=L, packing=False, dataloader_num_workers=0, use_cpu=True)
-    lcfg = LoraConfig(r=c["r"], lora_alpha=2 * c["r"], lora_dropout=0.0, target_modules=ALL if c["targets"] == "all" else ATTN,
-                      task_type="CAUSAL_LM")
     tr = LiveBytes()
     run = {}
 
@@ -503,7 +508,7 @@ def run_trl(c, tmp):
             run["set_next"]("embed")
             return super().training_step(model, inputs, num_items_in_batch)
 
-    trainer = Tracked(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=lcfg, callbacks=[Marks()])
+    trainer = Tracked(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=lora_config(c), callbacks=[Marks()])
     core = trainer.model.base_model.model.model
     layers = list(core.layers)
     marks, end_seg, set_next, state, hooks = install_marks(tr, layers, core)

@@ -43,29 +43,9 @@ import generate_peaks as gp  # noqa: E402  (the CPU grid, its checkpoints and re
 FIT_CAPS_GB = [8, 12, 16, 24, 40, 48, 80]
 
 
-def load(c, tmp, device="cuda"):
-    """The configuration's model on the GPU, wrapped as its recipe wraps it."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-    from peft import LoraConfig, get_peft_model
-    d = gp.checkpoint(c["arch"], tmp) if "arch" in c else c["dir"]
-    kw = dict(dtype=torch.bfloat16, attn_implementation=c.get("attn", "sdpa"), device_map={"": 0})
-    if c.get("method", "qlora") == "qlora":
-        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                                       bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(d, **kw)
-    model.config.use_cache = False
-    recipe = c.get("recipe", "peft")
-    if recipe == "peft-kbit":
-        from peft import prepare_model_for_kbit_training
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=c["ckpt"])
-    elif c["ckpt"]:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if c.get("method") == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model
-    targets = gp.ALL if c["targets"] == "all" else gp.ATTN
-    return get_peft_model(model, LoraConfig(r=c["r"], lora_alpha=2 * c["r"], lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM"))
+def load(c, tmp):
+    """The configuration's model on the GPU, wrapped as its recipe wraps it (generate_peaks.py's own loader)."""
+    return gp.load_model(c, gp.checkpoint(c["arch"], tmp) if "arch" in c else c["dir"], device_map={"": 0})[1]
 
 
 def step(model, batch, seq, vocab):
