@@ -24,7 +24,9 @@ struct StackOptions: ParsableArguments {
     func stack() throws -> Stack {
         var cuda = CUDASettings(cublasWorkspaceBytes: gpuArch == .hopper ? CUDASettings.workspaceHopper : CUDASettings.workspaceBeforeHopper,
                                 expandableSegments: expandableSegments)
-        if let c = cudaContext { cuda.contextBytes = try parseByteSize(c) }
+        if let c = cudaContext {
+            do { cuda.contextBytes = try parseByteSize(c) } catch { throw ValidationError("--cuda-context: \(error)") }
+        }
         return Stack(recipe: recipe, runtime: runtime, cuda: cuda)
     }
 }
