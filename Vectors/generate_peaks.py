@@ -22,7 +22,15 @@ Phases are marked by hooks: forward pre/post hooks on each decoder layer, the fi
 gradient w.r.t. a layer's output is ready: the end of the backward of what comes after it), and
 the driver around backward, step and zero_grad.
 
+Rows with a `transformers` key (names ending in `-tf4.46`) ran under that older transformers, in a
+second venv (Vectors/requirements-tf4.46.txt: torch 2.5.1, transformers 4.46.3, PEFT 0.13.2, no
+bitsandbytes, so bf16 LoRA only); every row records the versions it ran with (`versions`). A row is
+only run under the transformers it names (rows without the key: not under any the grid names):
+naming another venv's row in --only is refused, and a run over the whole grid skips it, keeping
+its committed values.
+
 Run: .venv/bin/python Vectors/generate_peaks.py [--only NAME,...] [--verify-only]
+     .venv-tf4.46/bin/python Vectors/generate_peaks.py --only NAME-tf4.46,...
 Writes Vectors/memory/peaks.json.
 """
 import argparse
@@ -42,7 +50,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 import transformers
 import peft
-import bitsandbytes
+try:
+    import bitsandbytes
+except ImportError:  # the transformers 4.46 venv (bf16 LoRA rows only): bitsandbytes of that era needs CUDA for 4-bit
+    bitsandbytes = None
 from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM)
 from peft import LoraConfig, get_peft_model
@@ -55,10 +66,10 @@ ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 # ----------------------------------------------------------------------------- the tracker
 
-_GEMM4 = torch.ops.bitsandbytes.gemm_4bit.default
+_GEMM4 = torch.ops.bitsandbytes.gemm_4bit.default if bitsandbytes is not None else None
 try:
     from bitsandbytes.backends.default.ops import _gemm_4bit_default_impl as _GEMM4_IMPL
-except ImportError:  # another bitsandbytes: the op is then counted by its output only
+except ImportError:  # another bitsandbytes, or none: the op is then counted by its output only
     _GEMM4_IMPL = None
 
 class LiveBytes(TorchDispatchMode):
@@ -210,6 +221,9 @@ def verify():
     res["views_casts"] = dict(after_alloc=d1, after_del_base=d2, after_del_view=d3)
     assert (d1, d2, d3) == (6000, 6000, 2000), (d1, d2, d3)
     del b
+    if bitsandbytes is None:  # no 4-bit layer to check: case 4 runs on a bf16 linear
+        lin = torch.nn.Linear(128, 64, bias=False, dtype=torch.bfloat16)
+        return _census_check(res, lin)
     # 3. the baseline census sees a bnb 4-bit layer's packed weight and quant state.
     lin = bitsandbytes.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")
     lin.weight = bitsandbytes.nn.Params4bit(torch.randn(64, 128, dtype=torch.bfloat16), requires_grad=False,
@@ -224,6 +238,10 @@ def verify():
     for k, n in expect.items():
         assert tr.live.get(k) == n, (k, n, tr.live.get(k))
     res["bnb_layer"] = {"packed_weight": 4096, "absmax_u8": 128, "nested_absmax": 4, "code": 64, "nested_code": 1024}
+    return _census_check(res, lin)
+
+
+def _census_check(res, lin):
     # 4. the live total after an op sequence equals a fresh gc census.
     tr = LiveBytes()
     tr.add_baseline()
@@ -240,6 +258,41 @@ def verify():
     assert not missing, missing
     res["census_match"] = dict(tracked=tr.total, census=sum(c.values()), tracked_not_in_census=sum(extra.values()))
     return res
+
+
+# ----------------------------------------------------------------------------- versions
+
+def versions():
+    """What this process runs with (a row's `versions`; the file's for the main venv)."""
+    v = dict(torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__)
+    if bitsandbytes is not None:
+        v["bitsandbytes"] = bitsandbytes.__version__
+    v["python"] = sys.version.split()[0]
+    return v
+
+
+def _is(version, want):
+    return version == want or version.startswith(want + ".")
+
+
+def runs_here(c):
+    """A row runs only under the transformers it names (`transformers`: "4.46"); a row naming none,
+    under the main venv's, i.e. any transformers that no row of the grid names."""
+    want = c.get("transformers")
+    if want:
+        return _is(transformers.__version__, want)
+    return not any(_is(transformers.__version__, g["transformers"]) for g in grid() if g.get("transformers"))
+
+
+def needs(c):
+    want = c.get("transformers")
+    return (f"transformers {want} (.venv-tf4.46, Vectors/requirements-tf4.46.txt)" if want
+            else "the main venv's transformers (.venv, Vectors/requirements.txt)")
+
+
+# transformers 5 renamed from_pretrained's torch_dtype to dtype; 4.x would pass `dtype` on to the config
+# and load the weights in fp32.
+DTYPE_KW = "torch_dtype" if int(transformers.__version__.split(".")[0]) < 5 else "dtype"
 
 
 # ----------------------------------------------------------------------------- models
@@ -343,7 +396,7 @@ def record(c, tr, marks, kept_snap, model, layers, tokens, baseline, n_trainable
     opt_state = sum(t.untyped_storage().nbytes() for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor))
     rec = dict(c)
     rec.update(
-        name=c["name"], tokens=tokens, vocab=V, hidden=model.config.hidden_size, intermediate=model.config.intermediate_size,
+        name=c["name"], versions=versions(), tokens=tokens, vocab=V, hidden=model.config.hidden_size, intermediate=model.config.intermediate_size,
         trainable_params=n_trainable, trainable_dtypes=dtypes, fp32_base_params=upcast,
         baseline_bytes=baseline,
         peak_bytes=tr.peak, peak_above_baseline=tr.peak - baseline, peak_phase=tr.peak_where[0], peak_op=tr.peak_where[1],
@@ -376,7 +429,10 @@ def lora_config(c):
 def load_model(c, d, **kw):
     """A configuration's model from checkpoint directory `d`, wrapped as its recipe wraps it:
     (the transformers model, what trains). `kw` goes to from_pretrained (device_map on a GPU)."""
-    kw = dict(dtype=torch.bfloat16, attn_implementation=c.get("attn", "sdpa"), **kw)
+    if not runs_here(c):
+        raise RuntimeError(f"{c.get('name', 'this configuration')} needs {needs(c)}; this is transformers {transformers.__version__}")
+    kw = dict(attn_implementation=c.get("attn", "sdpa"), **kw)
+    kw[DTYPE_KW] = torch.bfloat16
     method = c.get("method", "qlora")
     if method == "qlora":
         kw["quantization_config"] = BitsAndBytesConfig(**NF4)
@@ -548,6 +604,8 @@ def grid():
             name += "-prepared"
         if kw.get("recipe"):
             name += "-" + kw["recipe"]
+        if kw.get("transformers"):  # run under that transformers, in its own venv (see the docstring)
+            name += "-tf" + kw["transformers"]
         cs.append(dict(name=name, arch=arch, seq=seq, ckpt=ckpt, r=r, targets=targets, batch=batch, **kw))
 
     a = "llama-h1024"
@@ -560,7 +618,15 @@ def grid():
     add(a, 512, False, 16, "all", 4)
     add(a, 512, True, 16, "all", 4)
     add(a, 1024, False, 16, "all", 1, attn="eager")
+    add(a, 1024, True, 16, "all", 1, attn="eager")
+    add(a, 1024, False, 16, "all", 1, attn="eager", recipe="peft-kbit")
     add(a, 1024, False, 16, "all", 1, method="lora")
+    add(a, 512, False, 16, "all", 4, method="lora")
+    add(a, 512, True, 16, "all", 4, method="lora")
+    # The same bf16 LoRA steps under transformers 4.46.3 + PEFT 0.13.2 (torch 2.5.1), in .venv-tf4.46.
+    add(a, 1024, False, 16, "all", 1, method="lora", transformers="4.46")
+    add(a, 512, False, 16, "all", 4, method="lora", transformers="4.46")
+    add(a, 512, True, 16, "all", 4, method="lora", transformers="4.46")
     add(a, 256, False, 16, "all", 1, prepare=True)
     add(a, 512, False, 0, "none", 1, method="full")
     # --recipe peft-kbit: prepare_model_for_kbit_training as the PEFT docs call it (issue 21).
@@ -577,6 +643,9 @@ def grid():
         add(q, seq, True, 16, "all", 1)
     add(q, 1024, False, 64, "attn", 1)
     add(q, 512, False, 16, "all", 4)
+    add(q, 1024, False, 16, "all", 1, attn="eager")
+    add(q, 512, False, 16, "all", 4, method="lora")
+    add(q, 512, False, 16, "all", 4, method="lora", transformers="4.46")
     add(q, 1024, False, 16, "all", 1, recipe="peft-kbit")
     add(q, 1024, True, 16, "all", 1, recipe="peft-kbit")
     add(q, 1024, True, 16, "all", 1, recipe="trl")
@@ -618,15 +687,23 @@ def main():
     args = ap.parse_args()
     if args.summary:
         return summary(args.out)
+    only = set(filter(None, args.only.split(",")))
+    wrong = [c for c in grid() if c["name"] in only and not runs_here(c)]
+    if wrong:  # named rows of another venv: refused, before anything runs
+        sys.exit(f"generate_peaks.py: this is transformers {transformers.__version__}; "
+                 + "; ".join(f"{c['name']} needs {needs(c)}" for c in wrong))
     ver = verify()
     print("tracker verified:", json.dumps(ver), flush=True)
     if args.verify_only:
         return
-    only = set(filter(None, args.only.split(",")))
-    results = []
+    results, skipped = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for c in grid():
             if only and c["name"] not in only and c["arch"] not in only:
+                continue
+            if not runs_here(c):
+                print(f"skipping {c['name']}: needs {needs(c)}; its committed row is kept", flush=True)
+                skipped.append(c["name"])
                 continue
             r = run_trl(c, tmp) if c.get("recipe") == "trl" else run_config(c, tmp)
             print(f"{r['name']}: {r['seconds']}s baseline {r['baseline_bytes']} kept {r['kept_after_forward']} "
@@ -637,15 +714,20 @@ def main():
               "(Vectors/generate_peaks.py). Bytes are storage nbytes, each storage once; baseline = every tensor reachable "
               "before the step. timeline rows: [boundary, live - baseline at it, segment ending there, max live - baseline within "
               "that segment, op at that max].",
-        versions=dict(torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__,
-                      bitsandbytes=bitsandbytes.__version__, python=sys.version.split()[0]),
+        versions=versions(),
         tracker_checks=ver,
         configs=results,
     )
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    if only and os.path.exists(args.out):
-        # --only regenerates some configurations: the others are kept as they were, in the grid's order.
-        old = {c["name"]: c for c in json.load(open(args.out))["configs"]}
+    if (only or skipped) and os.path.exists(args.out):
+        # --only regenerates some configurations (a whole run, all but those of another venv): the others
+        # are kept as they were, in the grid's order.
+        prev = json.load(open(args.out))
+        if prev.get("versions", {}).get("transformers") != transformers.__version__ and (only or not runs_here({})):
+            # the file's versions and tracker checks describe the main venv (a whole run there rewrites them):
+            # rows from another venv, or some rows, keep them (each row has its own `versions`).
+            doc["versions"], doc["tracker_checks"] = prev["versions"], prev["tracker_checks"]
+        old = {c["name"]: c for c in prev["configs"]}
         old.update({c["name"]: c for c in doc["configs"]})
         doc["configs"] = [old[c["name"]] for c in grid() if c["name"] in old]
     configs = doc.pop("configs")

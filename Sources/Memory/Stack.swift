@@ -15,6 +15,13 @@ public struct Stack: Sendable, Codable, Equatable {
         /// residual stream are fp32; checkpointing on with torch's default, reentrant), then
         /// `get_peft_model`: measured (peaks.json's `-peft-kbit` rows).
         case peftKbit = "peft-kbit"
+        /// TRL 1.16's `SFTTrainer` (trl/trainer/sft_trainer.py): `get_peft_model`, the adapters
+        /// cast to bf16 on a quantized model, bf16 autocast, the Trainer's fused AdamW (states in
+        /// the adapters' bf16), and TRL's fused LM head (`add_fused_lm_head`,
+        /// trl/kernels/chunked_logprob.py): no logits kept, the vocabulary projected in tiles of
+        /// 4,096 tokens × 32,768 entries; on CUDA its Triton kernels work on the tile in place,
+        /// elsewhere seven fp32 copies of a tile: measured on CPU (peaks.json's `-trl` rows).
+        case trl
         /// Unsloth's QLoRA step as its source lays it out (`StepTimeline+Unsloth.swift`): not
         /// measured, Unsloth runs only on CUDA with Triton.
         case unsloth
@@ -30,12 +37,53 @@ public struct Stack: Sendable, Codable, Equatable {
         case cuda
     }
 
+    /// transformers' attention implementation (`attn_implementation`).
+    public enum Attention: String, Sendable, Codable, CaseIterable {
+        /// torch's scaled_dot_product_attention: keeps q, k, v, the output and an fp32
+        /// log-sum-exp per head (measured: every peaks.json row without a suffix).
+        case sdpa
+        /// transformers' `eager_attention_forward`: keeps the fp32 softmax of the scores and its
+        /// cast to the stream's dtype, heads × sequence per token (measured: the `-eager` rows).
+        case eager
+        /// flash-attn 2 (`flash_attention_2`, CUDA only): keeps what SDPA's flash kernel keeps;
+        /// its backward allocates an fp32 dq accumulator and, for grouped-query attention, dk and
+        /// dv expanded to every query head (flash-attn's csrc/flash_attn/flash_api.cpp `mha_bwd`).
+        case flashAttention2 = "flash_attention_2"
+    }
+
+    /// The transformers release whose head and loss the step follows.
+    public enum Transformers: String, Sendable, Codable, CaseIterable {
+        /// 4.46 to 4.5x: `ForCausalLMLoss` upcasts the logits to fp32 and copies
+        /// `shift_logits = logits[..., :-1, :].contiguous()`, a copy only when batch > 1
+        /// (measured: peaks.json's `-tf4.46` rows).
+        case v4_46 = "4.46"
+        /// 5.x: the labels are padded and shifted instead, the logits are not copied (measured:
+        /// every other row, transformers 5.23).
+        case v5 = "5"
+    }
+
     public var recipe: Recipe = .peft
     public var runtime: Runtime = .cpu
     public var cuda = CUDASettings()
+    public var attention: Attention = .sdpa
+    public var transformers: Transformers = .v5
 
-    public init(recipe: Recipe = .peft, runtime: Runtime = .cpu, cuda: CUDASettings = CUDASettings()) {
-        (self.recipe, self.runtime, self.cuda) = (recipe, runtime, cuda)
+    public init(recipe: Recipe = .peft, runtime: Runtime = .cpu, cuda: CUDASettings = CUDASettings(),
+                attention: Attention = .sdpa, transformers: Transformers = .v5) {
+        (self.recipe, self.runtime, self.cuda, self.attention, self.transformers) = (recipe, runtime, cuda, attention, transformers)
+    }
+
+    /// A stack that does not exist: one line naming the options.
+    public func validate() throws {
+        if attention == .flashAttention2 && runtime != .cuda {
+            throw MemoryError.badOption("--attention flash_attention_2 runs only on CUDA: add --runtime cuda")
+        }
+        if recipe == .trl && transformers == .v4_46 {
+            throw MemoryError.badOption("--recipe trl models TRL 1.16, which needs transformers 4.56 or later: drop --transformers 4.46")
+        }
+        if recipe == .unsloth && (attention != .sdpa || transformers != .v5) {
+            throw MemoryError.badOption("--recipe unsloth brings its own attention and loss: --attention and --transformers describe the Hugging Face recipes")
+        }
     }
 
     /// What `qlora fit`, `qlora memory` and the claims answer for unless told otherwise.
@@ -43,10 +91,13 @@ public struct Stack: Sendable, Codable, Equatable {
 
     /// The stack in words, for every answer's heading.
     public var description: String {
+        let tf = transformers == .v5 ? "transformers 5.x" : "transformers 4.46"
+        let attn = ", \(attention.rawValue) attention"
         let r: String
         switch recipe {
-        case .peft: r = "recipe peft: transformers 5.x + PEFT get_peft_model + bitsandbytes, SDPA attention"
-        case .peftKbit: r = "recipe peft-kbit: transformers 5.x + PEFT prepare_model_for_kbit_training + get_peft_model + bitsandbytes, SDPA attention"
+        case .peft: r = "recipe peft: \(tf) + PEFT get_peft_model + bitsandbytes" + attn
+        case .peftKbit: r = "recipe peft-kbit: \(tf) + PEFT prepare_model_for_kbit_training + get_peft_model + bitsandbytes" + attn
+        case .trl: r = "recipe trl: TRL 1.16 SFTTrainer (bf16 adapters and autocast, fused AdamW, fused LM head) + \(tf) + PEFT + bitsandbytes" + attn
         case .unsloth: r = "recipe unsloth: Unsloth's step from its source (not measured)"
         }
         switch runtime {

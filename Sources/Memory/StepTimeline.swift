@@ -68,89 +68,189 @@ public struct StepTimeline: Sendable {
     }
 
     public init(model a: ModelArchitecture, options o: MemoryOptions, firstStep: Bool = false, stack: Stack = .default) throws {
+        try stack.validate()
         if stack.recipe == .unsloth {
             self = try StepTimeline(unsloth: a, options: o, firstStep: firstStep, stack: stack)
             return
         }
-        let kbit = stack.recipe == .peftKbit
-        if kbit && o.method != .qlora {
-            throw MemoryError.badOption("the peft-kbit recipe prepares a 4-bit model (prepare_model_for_kbit_training): use --method qlora")
+        let kbit = stack.recipe == .peftKbit, trl = stack.recipe == .trl
+        if (kbit || trl) && o.method != .qlora {
+            throw MemoryError.badOption(kbit ? "the peft-kbit recipe prepares a 4-bit model (prepare_model_for_kbit_training): use --method qlora"
+                                             : "the trl recipe models TRL's SFTTrainer on a 4-bit model: use --method qlora")
         }
         self.stack = stack
         let held = try Held(a, o, stack: stack)
         let t = o.tokens
         let h = a.hiddenSize, v = a.vocabSize
         let gc = o.gradientCheckpointing
+        let cuda = stack.runtime == .cuda
         var s = StepTrace()
         // The stream's element size: bf16, or fp32 once prepare_model_for_kbit_training has cast
         // the embedding (and so the residual stream) to fp32.
         let e = kbit ? 4 : 2
         held.begin(&s, firstStep: firstStep)
         let start = s.liveBytes
-        // Rope's cos and sin (bf16, fp32 with the kbit stream), kept by every layer's q and k.
-        let rope = s.alloc(t * e * 2 * a.headDim, .activations)
-        // With checkpointing: the position ids (int64) and each layer's input, the stream's dtype.
-        let positions = gc ? s.alloc(8 * t, .activations) : nil
+        // Rope's cos and sin (bf16, fp32 with the kbit stream), kept by every layer's q and k:
+        // one row per position, shared by the batch ([1, seq, head_dim]).
+        let rope = s.alloc(o.seqLen * e * 2 * a.headDim, .activations)
+        // With checkpointing: the position ids (int64, per position) and each layer's input, the
+        // stream's dtype.
+        let positions = gc ? s.alloc(8 * o.seqLen, .activations) : nil
+        // Eager attention adds an explicit causal mask, [batch, 1, seq, seq] in the stream's dtype;
+        // checkpointing keeps it as every layer's input (measured: the `-gc-eager` row; without
+        // checkpointing it is gone by the end of the forward).
+        let mask = gc && stack.attention == .eager ? s.alloc(o.batch * o.seqLen * o.seqLen * e, .activations) : nil
         var layerKept: [[StepTrace.Tensor]] = []
         for l in 0..<a.layers {
-            layerKept.append(gc ? [s.alloc(t * e * h, .activations)] : s.alloc(Self.layerTerms(a, o, kbit: kbit, first: l == 0).map { t * $0 }, .activations))
+            layerKept.append(gc ? [s.alloc(t * e * h, .activations)] : s.alloc(Self.layerTerms(a, o, stack: stack, first: l == 0).map { t * $0 }, .activations))
             held.dequantizeEach(into: &s, mark: "forward layer \(l)")
         }
-        // The head. kbit: the last layer's fp32 output is the final norm's input (with
-        // checkpointing it is kept here); the fp32 lm_head gives fp32 logits, no upcast. peft: the
-        // final norm keeps an fp32 copy of its input; bf16 logits, their fp32 upcast.
+        let kept: Int
         var headKept: [StepTrace.Tensor] = []
-        if kbit {
-            if gc { headKept.append(s.alloc(t * 4 * h, .activations)) }
-            headKept.append(s.alloc(t * 4, .activations))                        // 1/rms
+        if trl {
+            // TRL's fused LM head (trl/trainer/utils.py `add_fused_lm_head`, trl/kernels/
+            // chunked_logprob.py `ChunkedLogProbFunction`): the final norm keeps its fp32 input and
+            // 1/rms; the head saves its bf16 input (the normed hidden states without the last
+            // position: a view at batch 1, a copy otherwise; on CUDA the rows with a label,
+            // `hidden_states[mask]`) and per token a few scalars; no logits are kept. The
+            // projection runs in tiles of n = min(tokens, 4,096) × c = min(V, 32,768) into one
+            // bf16 buffer of n × 32,768.
+            let shifted = t - o.batch
+            let n = min(shifted, Self.trlTokenTile), c = min(v, Self.trlVocabularyTile)
+            headKept += s.alloc([t * 4 * h, t * 4, shifted * 2 * h, t * Self.trlHeadScalarBytesPerToken], .activations)
+            let buffer = s.alloc(2 * n * Self.trlVocabularyTile, .transient)
+            // Folding a tile into the running log-sum-exp (entropy and top-1 requested by
+            // SFTTrainer): torch's fallback holds three fp32 tiles; Triton's kernel none.
+            let fold = cuda ? nil : s.alloc(3 * 4 * n * c, .transient)
+            s.mark("head forward (TRL's fused LM head: tiles of \(n) tokens × \(c) vocabulary entries, no logits kept)")
+            if let fold { s.free(fold) }
+            s.free(buffer)
+            s.mark("end of forward (loss)")
+            kept = s.liveBytes - start
+            held.cublasWorkspace(&s)   // the autograd thread's
+            // Backward: the fp32 gradient of the hidden states, the tile buffer again; per tile
+            // (torch's fallback, `_backward_tile`) seven fp32 copies and a bool mask of the tile,
+            // then `_addmm_fp32`'s fp32 copies of the tile and of the lm_head's rows of it; Triton
+            // turns the tile into its gradient in place and cuBLAS accumulates in fp32
+            // (`out_dtype`, torch >= 2.8).
+            let gradHidden = s.alloc(shifted * 4 * h, .transient)
+            let buffer2 = s.alloc(2 * n * Self.trlVocabularyTile, .transient)
+            if cuda {
+                s.mark("head backward (TRL's Triton kernel: the tile's gradient in place)")
+            } else {
+                let tile = s.alloc(29 * n * c, .transient)
+                s.mark("head backward (a tile's fp32 log-probabilities and gradient)")
+                s.free(tile)
+                let addmm = s.alloc([4 * n * c, 4 * c * h], .transient)
+                s.mark("head backward (fp32 copies of a tile and of its lm_head rows)")
+                s.free(addmm)
+            }
+            s.free(buffer2)
+            let bf16Gradient = s.alloc(shifted * 2 * h, .transient)
+            s.free(gradHidden)
+            s.free(bf16Gradient)
+            s.free(headKept)
         } else {
-            headKept += s.alloc([t * 4 * h, t * 4], .activations)              // fp32 input, 1/rms
+            // The head. kbit: the last layer's fp32 output is the final norm's input (with
+            // checkpointing it is kept here); the fp32 lm_head gives fp32 logits, no upcast. peft:
+            // the final norm keeps an fp32 copy of its input; bf16 logits, their fp32 upcast.
+            if kbit {
+                if gc { headKept.append(s.alloc(t * 4 * h, .activations)) }
+                headKept.append(s.alloc(t * 4, .activations))                        // 1/rms
+            } else {
+                headKept += s.alloc([t * 4 * h, t * 4], .activations)              // fp32 input, 1/rms
+            }
+            let normed = s.alloc(t * (kbit ? 4 : 2) * h, .transient)
+            let logits = s.alloc(t * (kbit ? 4 : 2) * v, .transient)
+            let upcast = kbit ? nil : s.alloc(t * 4 * v, .transient)
+            // transformers 4.46's ForCausalLMLoss: shift_logits = logits[..., :-1, :].contiguous(),
+            // a copy when batch > 1 (a view of a batch of one is already contiguous).
+            let shiftCopy = stack.transformers == .v4_46 && o.batch > 1 ? s.alloc((t - o.batch) * 4 * v, .transient) : nil
+            // 5.x pads and shifts the int64 labels (a new tensor); 4.46 slices them (a view).
+            let labels = stack.transformers == .v4_46 ? nil : s.alloc(8 * (o.seqLen + 1) * o.batch, .activations)
+            let logSoftmax = s.alloc((stack.transformers == .v4_46 ? t - o.batch : t) * 4 * v, .activations)
+            s.mark("head forward (logits\(kbit ? ", fp32 from the fp32 lm_head" : ", fp32 upcast")\(shiftCopy == nil ? "" : ", shifted copy"), log-softmax)")
+            if let shiftCopy { s.free(shiftCopy) }
+            if let upcast { s.free(upcast) }
+            s.free([normed, logits])
+            s.mark("end of forward (loss)")
+            kept = s.liveBytes - start
+            held.cublasWorkspace(&s)   // the autograd thread's
+            let rows = stack.transformers == .v4_46 ? t - o.batch : t
+            let nllGradient = s.alloc(rows * 4 * v, .transient)
+            if let labels { s.free(labels) }
+            let logSoftmaxGradient = s.alloc(rows * 4 * v, .transient)
+            s.mark("head backward (the log-softmax's fp32 gradient)")
+            s.free([nllGradient, logSoftmax])
+            // 4.46 at batch > 1: the slice's backward scatters the gradient into zeros of the
+            // unshifted logits' shape.
+            let unshifted = shiftCopy == nil ? nil : s.alloc(t * 4 * v, .transient)
+            if unshifted != nil { s.mark("head backward (the shifted slice's gradient into fp32 zeros)") }
+            s.free(logSoftmaxGradient)
+            let logitsGradient = kbit ? nil : s.alloc(t * 2 * v, .transient)          // cast back to the bf16 logits
+            if let unshifted { s.free(unshifted) }
+            if let logitsGradient { s.free(logitsGradient) }
+            s.free(headKept)
         }
-        let normed = s.alloc(t * (kbit ? 4 : 2) * h, .transient)
-        let logits = s.alloc(t * (kbit ? 4 : 2) * v, .transient)
-        let upcast = kbit ? nil : s.alloc(t * 4 * v, .transient)
-        let labels = s.alloc(8 * (o.seqLen + 1) * o.batch, .activations)         // padded, shifted int64 labels
-        let logSoftmax = s.alloc(t * 4 * v, .activations)
-        s.mark("head forward (logits\(kbit ? ", fp32 from the fp32 lm_head" : ", fp32 upcast"), log-softmax)")
-        if let upcast { s.free(upcast) }
-        s.free([normed, logits])
-        s.mark("end of forward (loss)")
-        let kept = s.liveBytes - start
-        held.cublasWorkspace(&s)   // the autograd thread's
-        let nllGradient = s.alloc(t * 4 * v, .transient)
-        s.free(labels)
-        let logSoftmaxGradient = s.alloc(t * 4 * v, .transient)
-        s.mark("head backward (the log-softmax's fp32 gradient)")
-        s.free([nllGradient, logSoftmax])
-        let logitsGradient = kbit ? nil : s.alloc(t * 2 * v, .transient)          // cast back to the bf16 logits
-        s.free(logSoftmaxGradient)
-        if let logitsGradient { s.free(logitsGradient) }
-        s.free(headKept)
         var gradients: [StepTrace.Tensor] = []
         for l in (0..<a.layers).reversed() {
             let grads = s.alloc(held.layerGradientSizes, .gradients)
             gradients += grads
+            // flash-attn's backward on CUDA (SDPA's flash kernel is the same code): an fp32
+            // accumulator for dq, [batch, seq rounded up to 128, heads, head_dim rounded up to 32
+            // (to 8 below 32)], and with grouped-query attention dk and dv for every query head.
+            let attentionScratch = cuda && stack.attention != .eager ? Self.flashBackwardScratchBytes(a, o) : 0
             if gc {
                 // Recomputing the layer: its activations again, the gradients in flight through it
                 // (fitted to the measured grid, see `recomputeInFlightBytesPerToken`), the
                 // dequantized weight, the LoRA gradients.
-                let again = s.alloc(Self.layerTerms(a, o, kbit: kbit, first: false).map { t * $0 } + [t * Self.recomputeInFlightBytesPerToken(a, kbit: kbit)], .transient)
+                let again = s.alloc(Self.layerTerms(a, o, stack: stack, first: false).map { t * $0 } + [t * Self.recomputeInFlightBytesPerToken(a, kbit: kbit)], .transient)
+                let scratch = attentionScratch > 0 ? s.alloc(attentionScratch, .transient) : nil
                 held.dequantizeEach(into: &s, mark: "backward layer \(l) (recompute)")
+                if let scratch { s.free(scratch) }
                 s.free(again)
             } else {
+                let scratch = attentionScratch > 0 ? s.alloc(attentionScratch, .transient) : nil
                 held.dequantizeEach(into: &s, mark: "backward layer \(l)")
+                if let scratch { s.free(scratch) }
             }
             s.free(layerKept[l])
             s.mark("after backward layer \(l)")
         }
         s.free(rope)
         if let positions { s.free(positions) }
+        if let mask { s.free(mask) }
         held.optimizerStep(&s, firstStep: firstStep, gradients: gradients)
         trace = s
         points = s.points
         peakIndex = Self.peakIndex(points)
         keptBytesPerToken = t > 0 ? kept / t : 0
-        headKeptBytesPerToken = kbit ? 4 * v + 4 + 8 : MemoryEstimate.headActivationBytesPerToken(a, o)
+        switch stack.recipe {
+        case .peftKbit: headKeptBytesPerToken = 4 * v + 4 + 8
+        case .trl: headKeptBytesPerToken = 6 * h + Self.trlHeadScalarBytesPerToken
+        default: headKeptBytesPerToken = MemoryEstimate.headActivationBytesPerToken(a, o)
+        }
+    }
+
+    /// TRL's fused LM head's tiles (trl/kernels/chunked_logprob.py `TOKEN_CHUNK_SIZE`,
+    /// trl/trainer/utils.py `_CHUNKED_LOGPROB_CHUNK_SIZE`).
+    public static let trlTokenTile = 4096, trlVocabularyTile = 32768
+    /// What TRL's fused head keeps per token besides the hidden states, measured in peaks.json's
+    /// `-trl` rows (6h + 31.9 to 32.0 B per token): the clamped int64 labels (8), the fp32
+    /// log-sum-exp (4), the log-probabilities and their two masked copies (12), and the bool
+    /// label masks.
+    public static let trlHeadScalarBytesPerToken = 32
+
+    /// flash-attn's backward scratch for one layer (csrc/flash_attn/flash_api.cpp `mha_bwd`):
+    /// `dq_accum`, fp32 [batch, round_up(seq, 128), heads, round_up(head_dim, 32)], and with fewer
+    /// key/value heads than query heads `dk_expanded` and `dv_expanded`, bf16 [batch, seq, heads,
+    /// head_dim] each.
+    public static func flashBackwardScratchBytes(_ a: ModelArchitecture, _ o: MemoryOptions) -> Int {
+        let d = a.headDim, roundedSeq = (o.seqLen + 127) / 128 * 128
+        let roundedDim = d <= 32 ? (d + 7) / 8 * 8 : (d + 31) / 32 * 32
+        let dqAccum = 4 * o.batch * roundedSeq * a.attentionHeads * roundedDim
+        let expanded = a.keyValueHeads < a.attentionHeads ? 2 * 2 * o.tokens * a.attentionHeads * d : 0
+        return dqAccum + expanded
     }
 
     /// The tensors a decoder layer keeps for backward, bytes per token each.
@@ -161,22 +261,61 @@ public struct StepTimeline: Sendable {
     ///   both 1/rms, the normed inputs LoRA keeps (the cast to the adapters' fp32 is a no-op),
     ///   q/k/v, the attention output and log-sum-exp, gate, silu(gate), up and the down
     ///   projection's input when it is adapted, A·x, and the layer's fp32 output (the next
-    ///   norm's input).
-    public static func layerTerms(_ a: ModelArchitecture, _ o: MemoryOptions, kbit: Bool, first: Bool) -> [Int] {
-        guard kbit else { return Array(MemoryEstimate.activationTermsPerToken(a, o).dropFirst(first ? 2 : 0)) }
+    ///   norm's input);
+    /// - trl (bf16 adapters under bf16 autocast; measured in the `-trl` rows): as peft, but each
+    ///   adapter's A keeps its bf16 input, once per distinct input tensor (q/k/v share the normed
+    ///   input, gate/up theirs, o_proj's is the attention output SDPA keeps anyway, down_proj's is
+    ///   silu(gate)·up), and A·x in bf16;
+    /// - eager attention (the `-eager` rows) keeps, instead of SDPA's output and log-sum-exp, the
+    ///   fp32 softmax of the scores and its cast to the stream's dtype (one tensor in the fp32
+    ///   stream), heads × sequence each per token, and k and v repeated to every query head
+    ///   (`repeat_kv`) when there are fewer key/value heads.
+    public static func layerTerms(_ a: ModelArchitecture, _ o: MemoryOptions, stack: Stack, first: Bool) -> [Int] {
         let h = a.hiddenSize, q = a.queryDim, kv = a.keyValueDim, i = a.intermediateSize
-        let qkNorm = a.qkNorm ? [4 * (q + kv), 4 * (a.attentionHeads + a.keyValueHeads)] : []
+        let kbit = stack.recipe == .peftKbit, e = kbit ? 4 : 2
         let modules = a.adaptedModules(o.targets)
-        let ax = modules.map { _ in 4 * o.rank }
-        let dropout = o.loraDropout > 0 ? modules.map { 4 * a.projectionShape($0).in } : []
         let adapted = Set(modules)
         func any(_ names: String...) -> Bool { names.contains { adapted.contains($0) } }
-        return (first ? [] : [4])
-            + (any("q_proj", "k_proj", "v_proj", "qkv_proj") ? [4 * h] : [])
-            + [4 * q, 4 * kv, 4 * kv, 4 * q, 4 * a.attentionHeads] + qkNorm
-            + [4 * h, 4] + (any("gate_proj", "up_proj", "gate_up_proj") ? [4 * h] : [])
-            + [4 * i, 4 * i, 4 * i] + (any("down_proj") ? [4 * i] : [])
-            + [4 * h] + ax + dropout
+        // q, k, v as attention keeps them, and what it keeps besides.
+        let attention: [Int]
+        if stack.attention == .eager {
+            let repeated = a.keyValueHeads < a.attentionHeads ? q : kv
+            let probabilities = a.attentionHeads * o.seqLen
+            attention = [e * q, e * repeated, e * repeated, 4 * probabilities] + (kbit ? [] : [2 * probabilities])
+                + (any("o_proj") && stack.recipe == .trl || kbit && any("o_proj") ? [e * q] : [])
+        } else {
+            // transformers 4.46's SDPA attention classes call repeat_kv before SDPA, so k and v
+            // are kept at every query head (measured: the qwen2 `-tf4.46` row); 5.x passes
+            // enable_gqa and keeps them as they are. flash-attn takes grouped heads as they are.
+            let repeated = stack.transformers == .v4_46 && stack.attention == .sdpa && a.keyValueHeads < a.attentionHeads ? q : kv
+            attention = [e * q, e * repeated, e * repeated, e * q, 4 * a.attentionHeads]
+        }
+        switch stack.recipe {
+        case .peftKbit:
+            let qkNorm = a.qkNorm ? [4 * (q + kv), 4 * (a.attentionHeads + a.keyValueHeads)] : []
+            let ax = modules.map { _ in 4 * o.rank }
+            let dropout = o.loraDropout > 0 ? modules.map { 4 * a.projectionShape($0).in } : []
+            return (first ? [] : [4])
+                + (any("q_proj", "k_proj", "v_proj", "qkv_proj") ? [4 * h] : [])
+                + attention + qkNorm
+                + [4 * h, 4] + (any("gate_proj", "up_proj", "gate_up_proj") ? [4 * h] : [])
+                + [4 * i, 4 * i, 4 * i] + (any("down_proj") ? [4 * i] : [])
+                + [4 * h] + ax + dropout
+        case .trl:
+            let qkNorm = a.qkNorm ? [2 * (q + kv), 4 * (a.attentionHeads + a.keyValueHeads)] : []
+            // One bf16 input per group of adapters fed the same tensor; o_proj's is kept above.
+            let inputs = a.sharedInputGroups.filter { !adapted.isDisjoint(with: $0) && !$0.contains("o_proj") }
+                .map { g in 2 * a.projectionShape(g.first { adapted.contains($0) }!).in }
+            let dropout = o.loraDropout > 0 ? modules.map { 2 * a.projectionShape($0).in } : []
+            return (first ? [] : [4 * h, 4]) + attention + qkNorm + [4 * h, 4, 2 * i, 2 * i, 2 * i]
+                + inputs + modules.map { _ in 2 * o.rank } + dropout
+        default:
+            // activationTermsPerToken: [norm input, 1/rms,] q, k, v, output, log-sum-exp, ...
+            var terms = Array(MemoryEstimate.activationTermsPerToken(a, o).dropFirst(first ? 2 : 0))
+            let at = first ? 0 : 2
+            terms.replaceSubrange(at..<(at + 5), with: attention)
+            return terms
+        }
     }
 
     /// Recomputing a checkpointed layer in backward holds, beside its activations again, the
@@ -198,6 +337,12 @@ public struct StepTimeline: Sendable {
         /// Bytes per element of the parameters that are not 4-bit (bf16; fp32 after
         /// prepare_model_for_kbit_training).
         let unquantized: Int
+        /// Bytes per element of the adapters, their gradients and AdamW's moments: fp32, or bf16
+        /// in TRL's recipe (SFTTrainer casts a quantized model's adapters to bf16; torch's AdamW
+        /// keeps its moments in the parameter's dtype).
+        let adapterElement: Int
+        /// TRL's Trainer defaults to torch's fused AdamW: one kernel per step, no temporaries.
+        let fusedAdamW: Bool
 
         init(_ a: ModelArchitecture, _ o: MemoryOptions, stack: Stack) throws {
             let e = try MemoryEstimate(model: a, options: o)
@@ -205,12 +350,16 @@ public struct StepTimeline: Sendable {
             let modules = o.isLoRA ? a.adaptedModules(o.targets) : []
             fourBit = o.method == .qlora
             unquantized = stack.recipe == .peftKbit ? 4 : 2
+            adapterElement = stack.recipe == .trl ? 2 : 4
+            fusedAdamW = stack.recipe == .trl && o.optimizer == .adamw
             let trainable = e.params.trainable
             // Gradients and optimizer states as the real step holds them.
-            gradientBytes = o.isLoRA ? 4 * trainable : 2 * trainable
+            gradientBytes = o.isLoRA ? adapterElement * trainable : 2 * trainable
             let tensors = o.isLoRA ? 2 * modules.count * a.layers : a.tensorGroups.reduce(0) { $0 + $1.count }
             switch o.method {
-            case .qlora, .lora: stateBytes = o.optimizer == .adamw ? 8 * trainable + 4 * tensors + 4 : e.component("optimizer_states")!.estimatedBytes
+            case .qlora, .lora:
+                stateBytes = o.optimizer != .adamw ? e.component("optimizer_states")!.estimatedBytes
+                    : fusedAdamW ? 2 * adapterElement * trainable + 4 * tensors : 8 * trainable + 4 * tensors + 4
             case .full: stateBytes = 4 * trainable + 4 * tensors + 4   // torch keeps AdamW moments in the bf16 parameters' dtype
             case .full8BitAdam: stateBytes = e.component("optimizer_states")!.estimatedBytes
             }
@@ -227,7 +376,7 @@ public struct StepTimeline: Sendable {
 
         /// One layer's gradients: fp32 LoRA A and B, or (full fine-tuning) its share of the bf16
         /// gradients.
-        var layerGradientSizes: [Int] { o.isLoRA ? adapterElements.map { 4 * $0 } : [a.layers > 0 ? gradientBytes / a.layers : 0] }
+        var layerGradientSizes: [Int] { o.isLoRA ? adapterElements.map { adapterElement * $0 } : [a.layers > 0 ? gradientBytes / a.layers : 0] }
 
         /// Loads the model as transformers + bitsandbytes do: each 4-bit weight comes to the
         /// device in bf16 and is quantized there (Params4bit's `_quantize`: the bf16 copy freed
@@ -264,7 +413,14 @@ public struct StepTimeline: Sendable {
                 }
                 s.emptyCache()
             }
-            for _ in 0..<a.layers { s.alloc(adapterElements.map { 4 * $0 }, .adapters) }
+            for _ in 0..<a.layers {
+                let fp32 = s.alloc(adapterElements.map { 4 * $0 }, .adapters)
+                if adapterElement == 2 {
+                    // TRL: `param.data = param.data.to(torch.bfloat16)`, adapter by adapter.
+                    s.alloc(adapterElements.map { 2 * $0 }, .adapters)
+                    s.free(fp32)
+                }
+            }
             if !firstStep { _ = allocStates(into: &s) }
         }
 
@@ -285,9 +441,10 @@ public struct StepTimeline: Sendable {
         /// gradients.
         func optimizerStep(_ s: inout StepTrace, firstStep: Bool, gradients: [StepTrace.Tensor]) {
             if firstStep { _ = allocStates(into: &s) }
-            let temporaries = s.alloc(stack.runtime == .cuda ? foreachTemporarySizes : singleTensorTemporarySizes, .transient)
+            let temporaries = s.alloc(fusedAdamW ? [] : stack.runtime == .cuda ? foreachTemporarySizes : singleTensorTemporarySizes, .transient)
             let eightBit = o.isLoRA ? o.optimizer != .adamw : o.method == .full8BitAdam
             s.mark(eightBit ? "optimizer step (\(o.isLoRA ? o.optimizer.rawValue : "adamw-8bit"))"
+                   : fusedAdamW ? "optimizer step (AdamW, fused)"
                    : stack.runtime == .cuda ? "optimizer step (AdamW, foreach: a temporary per parameter)" : "optimizer step (AdamW, foreach)")
             s.free(temporaries)
             s.free(gradients)
@@ -301,7 +458,7 @@ public struct StepTimeline: Sendable {
             if stack.runtime == .cuda && o.isLoRA && o.optimizer == .pagedAdamw8bit { return [] }
             let moments: [Int]
             switch (o.isLoRA, o.optimizer, o.method) {
-            case (true, .adamw, _): moments = (0..<a.layers).flatMap { _ in adapterElements.flatMap { [4 * $0, 4 * $0] } }
+            case (true, .adamw, _): moments = (0..<a.layers).flatMap { _ in adapterElements.flatMap { [adapterElement * $0, adapterElement * $0] } }
             case (true, _, _): moments = (0..<a.layers).flatMap { _ in adapterElements.map { o.optimizer.stateBytes($0) } }
             default: moments = []
             }

@@ -73,7 +73,7 @@ struct FitCommand: ParsableCommand {
         var cells: [Cell] = []
         for a in ModelArchitecture.presets {
             for m in TrainingMethod.allCases {
-                if m != .qlora && stack.recipe != .peft { continue }   // peft-kbit and unsloth are QLoRA recipes
+                if m != .qlora && stack.recipe != .peft { continue }   // peft-kbit, trl and unsloth are QLoRA recipes
                 let b = try Fit.perDeviceBytes(a, MemoryOptions(method: m, rank: rank, targets: targets, seqLen: seqLen, gradientCheckpointing: true),
                                                gpus: 1, parallelism: .ddp, stack: stack)
                 for g in Fit.commonGPUSizesGB {

@@ -35,8 +35,9 @@ struct MemoryCommand: ParsableCommand {
     @Flag(help: "Print JSON.") var json = false
 
     func validate() throws {
-        if (stackOptions.recipe != .peft || stackOptions.runtime != .cpu) && timeline == nil {
-            throw ValidationError("--recipe and --runtime choose whose step --timeline draws; give --timeline PATH.svg")
+        let o = stackOptions
+        if (o.recipe != .peft || o.runtime != .cpu || o.attention != .sdpa || o.transformers != .v5) && timeline == nil {
+            throw ValidationError("--recipe, --runtime, --attention and --transformers choose whose step --timeline draws; give --timeline PATH.svg")
         }
     }
 

@@ -3,8 +3,12 @@ import Memory
 
 /// The stack a memory answer is for (`Stack`): `qlora memory` and `qlora fit` take the same options.
 struct StackOptions: ParsableArguments {
-    @Option(help: "Whose step: peft (get_peft_model), peft-kbit (prepare_model_for_kbit_training first, as the PEFT docs and the QLoRA paper call it), or unsloth (from Unsloth's source, not measured).")
+    @Option(help: "Whose step: peft (get_peft_model), peft-kbit (prepare_model_for_kbit_training first, as the PEFT docs and the QLoRA paper call it), trl (TRL 1.16's SFTTrainer: bf16 adapters, fused AdamW, its fused LM head), or unsloth (from Unsloth's source, not measured).")
     var recipe: Stack.Recipe = .peft
+    @Option(help: "transformers' attention: sdpa, eager (keeps the attention probabilities), or flash_attention_2 (CUDA only).")
+    var attention: Stack.Attention = .sdpa
+    @Option(help: ArgumentHelp("The transformers release whose head and loss are modelled: 5 (5.x) or 4.46 (4.46 to 4.5x: copies the shifted logits when batch > 1).", valueName: "version"))
+    var transformers: Stack.Transformers = .v5
     @Option(help: "cpu (live tensor bytes) or cuda (the same step through PyTorch's caching allocator, with cuBLAS workspaces, AdamW's foreach temporaries and the CUDA context).")
     var runtime: Stack.Runtime = .cpu
     @Flag(help: "With --runtime cuda: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True.") var expandableSegments = false
@@ -27,9 +31,13 @@ struct StackOptions: ParsableArguments {
         if let c = cudaContext {
             do { cuda.contextBytes = try parseByteSize(c) } catch { throw ValidationError("--cuda-context: \(error)") }
         }
-        return Stack(recipe: recipe, runtime: runtime, cuda: cuda)
+        let stack = Stack(recipe: recipe, runtime: runtime, cuda: cuda, attention: attention, transformers: transformers)
+        do { try stack.validate() } catch { throw ValidationError("\(error)") }
+        return stack
     }
 }
 
 extension Stack.Recipe: ExpressibleByArgument {}
 extension Stack.Runtime: ExpressibleByArgument {}
+extension Stack.Attention: ExpressibleByArgument {}
+extension Stack.Transformers: ExpressibleByArgument {}

@@ -175,3 +175,67 @@ final class CUDAStepTests: XCTestCase {
         XCTAssertLessThan(try p.onCUDA().allocatedPeak, try e.onCUDA().allocatedPeak)
     }
 }
+
+/// The stack's other options, where no CPU measurement reaches: TRL's head on CUDA, flash-attn's
+/// backward scratch, and the combinations that do not exist.
+final class StackOptionTests: XCTestCase {
+    let a = ModelArchitecture.preset("llama-3.1-8b")!
+    let o = MemoryOptions(method: .qlora, rank: 32, seqLen: 4096, gradientCheckpointing: true)
+
+    /// TRL's Triton kernels work on the bf16 tile in place: the head's backward on CUDA holds the
+    /// tile buffer (4,096 × 32,768 bf16) and the hidden states' fp32 gradient, nothing of the
+    /// vocabulary per token; torch's fallback on CPU holds seven fp32 copies and a mask of a tile.
+    func testTRLHeadOnCUDAKeepsNoVocabularyPerToken() throws {
+        let gpu = try StepTimeline(model: a, options: o, stack: Stack(recipe: .trl, runtime: .cuda))
+        let cpu = try StepTimeline(model: a, options: o, stack: Stack(recipe: .trl))
+        func head(_ t: StepTimeline) -> Int { t.points.filter { $0.phase.hasPrefix("head backward") }.map { $0.components["transient"]! }.max()! }
+        // The labels are shifted: 4,095 rows, one tile of them.
+        let shifted = o.tokens - 1, tile = shifted * 32768
+        XCTAssertEqual(head(gpu), 2 * CUDASettings.workspaceBeforeHopper + shifted * 4 * 4096 + 2 * tile)
+        XCTAssertEqual(head(cpu), shifted * 4 * 4096 + 2 * tile + 29 * tile)
+        // Adapters, their gradients and AdamW's moments in bf16; no foreach temporaries (fused).
+        let trainable = try MemoryEstimate(model: a, options: o).params.trainable
+        XCTAssertEqual(gpu.points[0].components["adapters"], 2 * trainable)
+        let step = gpu.points.first { $0.phase.hasPrefix("optimizer step") }!
+        XCTAssertEqual(step.phase, "optimizer step (AdamW, fused)")
+        XCTAssertEqual(step.components["gradients"], 2 * trainable)
+        XCTAssertEqual(step.components["transient"], 2 * CUDASettings.workspaceBeforeHopper)
+    }
+
+    /// flash-attn's mha_bwd: dq_accum fp32 [b, round_up(s, 128), heads, round_up(d, 32)], and dk,
+    /// dv expanded to the query heads under grouped-query attention (llama-3.1-8b: 32 heads, 8
+    /// key/value heads, head_dim 128).
+    func testFlashAttentionBackwardScratch() throws {
+        var q = o
+        q.seqLen = 1000
+        XCTAssertEqual(StepTimeline.flashBackwardScratchBytes(a, q), 4 * 1024 * 32 * 128 + 2 * 2 * 1000 * 32 * 128)
+        let mha = ModelArchitecture.preset("llama-2-7b")!
+        XCTAssertEqual(StepTimeline.flashBackwardScratchBytes(mha, q), 4 * 1024 * 32 * 128)
+        let sdpa = try StepTimeline(model: a, options: o, stack: Stack(recipe: .peftKbit, runtime: .cuda))
+        let fa2 = try StepTimeline(model: a, options: o, stack: Stack(recipe: .peftKbit, runtime: .cuda, attention: .flashAttention2))
+        XCTAssertEqual(sdpa.peakBytes, fa2.peakBytes, "SDPA's flash kernel on CUDA is flash-attn 2's code")
+        // The scratch is there while a layer is recomputed, on CUDA only.
+        let cpu = try StepTimeline(model: a, options: o, stack: Stack(recipe: .peftKbit))
+        func recompute(_ t: StepTimeline) -> Int { t.points.first { $0.phase.hasPrefix("backward layer 31") }!.components["transient"]! }
+        XCTAssertEqual(recompute(fa2) - recompute(cpu), 2 * CUDASettings.workspaceBeforeHopper + StepTimeline.flashBackwardScratchBytes(a, o))
+    }
+
+    /// Eager attention keeps the probabilities: heads × seq per token more than SDPA, 6 B each in
+    /// the bf16 stream (fp32 softmax and its bf16 cast), 4 B in the kbit recipe's fp32 stream.
+    func testEagerKeepsTheProbabilities() throws {
+        var q = o
+        q.gradientCheckpointing = false
+        q.seqLen = 512
+        let sdpa = StepTimeline.layerTerms(a, q, stack: Stack(), first: false).reduce(0, +)
+        let eager = StepTimeline.layerTerms(a, q, stack: Stack(attention: .eager), first: false).reduce(0, +)
+        // k and v repeated to 32 heads (2·4096 each instead of 2·1024), no output or log-sum-exp kept.
+        XCTAssertEqual(eager - sdpa, 6 * 32 * 512 + 2 * 2 * (4096 - 1024) - 2 * 4096 - 4 * 32)
+    }
+
+    func testStacksThatDoNotExist() {
+        XCTAssertThrowsError(try StepTimeline(model: a, options: o, stack: Stack(attention: .flashAttention2)))
+        XCTAssertThrowsError(try StepTimeline(model: a, options: o, stack: Stack(recipe: .trl, transformers: .v4_46)))
+        XCTAssertThrowsError(try StepTimeline(model: a, options: MemoryOptions(method: .lora), stack: Stack(recipe: .trl)))
+        XCTAssertThrowsError(try StepTimeline(model: a, options: o, stack: Stack(recipe: .unsloth, attention: .eager)))
+    }
+}
