@@ -92,7 +92,7 @@ public struct Stack: Sendable, Codable, Equatable {
     /// The stack in words, for every answer's heading.
     public var description: String {
         let tf = transformers == .v5 ? "transformers 5.x" : "transformers 4.46"
-        let attn = ", \(attention.rawValue) attention"
+        let attn = ", " + [Attention.sdpa: "SDPA", .eager: "eager", .flashAttention2: "FlashAttention-2"][attention]! + " attention"
         let r: String
         switch recipe {
         case .peft: r = "recipe peft: \(tf) + PEFT get_peft_model + bitsandbytes" + attn

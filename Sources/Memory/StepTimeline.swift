@@ -288,7 +288,14 @@ public struct StepTimeline: Sendable {
             // are kept at every query head (measured: the qwen2 `-tf4.46` row); 5.x passes
             // enable_gqa and keeps them as they are. flash-attn takes grouped heads as they are.
             let repeated = stack.transformers == .v4_46 && stack.attention == .sdpa && a.keyValueHeads < a.attentionHeads ? q : kv
-            attention = [e * q, e * repeated, e * repeated, e * q, 4 * a.attentionHeads]
+            if stack.attention == .flashAttention2 && kbit {
+                // flash-attn computes in bf16 only: transformers casts the fp32 stream's q, k, v to
+                // the pre-quantization dtype (`_pre_quantization_dtype`), so the kernel keeps bf16
+                // copies and a bf16 output, which o_proj's fp32 adapter copies again.
+                attention = [2 * q, 2 * kv, 2 * kv, 2 * q, 4 * a.attentionHeads] + (any("o_proj") ? [4 * q] : [])
+            } else {
+                attention = [e * q, e * repeated, e * repeated, e * q, 4 * a.attentionHeads]
+            }
         }
         switch stack.recipe {
         case .peftKbit:

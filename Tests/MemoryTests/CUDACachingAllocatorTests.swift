@@ -217,7 +217,12 @@ final class StackOptionTests: XCTestCase {
         // The scratch is there while a layer is recomputed, on CUDA only.
         let cpu = try StepTimeline(model: a, options: o, stack: Stack(recipe: .peftKbit))
         func recompute(_ t: StepTimeline) -> Int { t.points.first { $0.phase.hasPrefix("backward layer 31") }!.components["transient"]! }
-        XCTAssertEqual(recompute(fa2) - recompute(cpu), 2 * CUDASettings.workspaceBeforeHopper + StepTimeline.flashBackwardScratchBytes(a, o))
+        XCTAssertEqual(recompute(sdpa) - recompute(cpu), 2 * CUDASettings.workspaceBeforeHopper + StepTimeline.flashBackwardScratchBytes(a, o))
+        // In the kbit recipe flash-attn gets bf16 copies of the fp32 q, k, v and gives a bf16
+        // output, which o_proj's fp32 adapter copies: 4·kv per token less than SDPA's fp32 set.
+        let kbitSDPA = StepTimeline.layerTerms(a, o, stack: Stack(recipe: .peftKbit), first: false).reduce(0, +)
+        let kbitFA2 = StepTimeline.layerTerms(a, o, stack: Stack(recipe: .peftKbit, runtime: .cuda, attention: .flashAttention2), first: false).reduce(0, +)
+        XCTAssertEqual(kbitSDPA - kbitFA2, 4 * 1024)
     }
 
     /// Eager attention keeps the probabilities: heads × seq per token more than SDPA, 6 B each in
