@@ -53,13 +53,27 @@ public struct Stack: Sendable, Codable, Equatable {
 
     /// The transformers release whose head and loss the step follows.
     public enum Transformers: String, Sendable, Codable, CaseIterable {
-        /// 4.46 to 4.5x: `ForCausalLMLoss` upcasts the logits to fp32 and copies
-        /// `shift_logits = logits[..., :-1, :].contiguous()`, a copy only when batch > 1
-        /// (measured: peaks.json's `-tf4.46` rows).
+        /// 4.46 to 4.48: `ForCausalLMLoss` upcasts the logits to fp32 and copies
+        /// `shift_logits = logits[..., :-1, :].contiguous()`, a copy only when batch > 1 (4.49
+        /// pads the labels instead, as 5.x does); SDPA gets k and v repeated to every query head
+        /// (measured: peaks.json's `-tf4.46` rows, transformers 4.46.3).
         case v4_46 = "4.46"
         /// 5.x: the labels are padded and shifted instead, the logits are not copied (measured:
         /// every other row, transformers 5.23).
         case v5 = "5"
+
+        /// The modelled behaviour of a release number: "4.46" to "4.48.x" are 4.46's (read from
+        /// each release's transformers/loss/loss_utils.py); "5", "5.x" or any 5.y.z are 5's.
+        /// Other releases are not modelled: nil (4.49 to 4.57 pad the labels as 5.x does but still
+        /// repeat k and v for SDPA, a mixture no measurement here covers).
+        public init?(release text: String) {
+            if let exact = Transformers(rawValue: text) { self = exact; return }
+            let parts = text.split(separator: ".", omittingEmptySubsequences: false)
+            guard let major = parts.first.flatMap({ Int($0) }) else { return nil }
+            if major == 5 && (parts.count == 1 || parts[1] == "x" || Int(parts[1]) != nil) { self = .v5; return }
+            guard major == 4, parts.count >= 2, let minor = Int(parts[1]), (46...48).contains(minor) else { return nil }
+            self = .v4_46
+        }
     }
 
     public var recipe: Recipe = .peft
@@ -91,7 +105,7 @@ public struct Stack: Sendable, Codable, Equatable {
 
     /// The stack in words, for every answer's heading.
     public var description: String {
-        let tf = transformers == .v5 ? "transformers 5.x" : "transformers 4.46"
+        let tf = transformers == .v5 ? "transformers 5.x" : "transformers 4.46–4.48"
         let attn = ", " + [Attention.sdpa: "SDPA", .eager: "eager", .flashAttention2: "FlashAttention-2"][attention]! + " attention"
         let r: String
         switch recipe {

@@ -36,7 +36,7 @@ struct MemoryCommand: ParsableCommand {
 
     func validate() throws {
         let o = stackOptions
-        if (o.recipe != .peft || o.runtime != .cpu || o.attention != .sdpa || o.transformers != .v5) && timeline == nil {
+        if (o.recipe != .peft || o.runtime != .cpu || o.attention != .sdpa || Stack.Transformers(release: o.transformers) != .v5) && timeline == nil {
             throw ValidationError("--recipe, --runtime, --attention and --transformers choose whose step --timeline draws; give --timeline PATH.svg")
         }
     }

@@ -7,8 +7,8 @@ struct StackOptions: ParsableArguments {
     var recipe: Stack.Recipe = .peft
     @Option(help: "transformers' attention: sdpa, eager (keeps the attention probabilities), or flash_attention_2 (CUDA only).")
     var attention: Stack.Attention = .sdpa
-    @Option(help: ArgumentHelp("The transformers release whose head and loss are modelled: 5 (5.x) or 4.46 (4.46 to 4.5x: copies the shifted logits when batch > 1).", valueName: "version"))
-    var transformers: Stack.Transformers = .v5
+    @Option(help: ArgumentHelp("The transformers release whose head and loss are modelled: 5 (any 5.x) or 4.46 to 4.48 (copies the shifted logits when batch > 1, repeats k and v before SDPA); 4.49 to 4.57 are not modelled.", valueName: "version"))
+    var transformers: String = "5"
     @Option(help: "cpu (live tensor bytes) or cuda (the same step through PyTorch's caching allocator, with cuBLAS workspaces, AdamW's foreach temporaries and the CUDA context).")
     var runtime: Stack.Runtime = .cpu
     @Flag(help: "With --runtime cuda: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True.") var expandableSegments = false
@@ -31,7 +31,11 @@ struct StackOptions: ParsableArguments {
         if let c = cudaContext {
             do { cuda.contextBytes = try parseByteSize(c) } catch { throw ValidationError("--cuda-context: \(error)") }
         }
-        let stack = Stack(recipe: recipe, runtime: runtime, cuda: cuda, attention: attention, transformers: transformers)
+        guard let release = Stack.Transformers(release: transformers) else {
+            throw ValidationError("--transformers \(transformers) is not modelled: 4.46 to 4.48 (the shifted-logits copy) and 5.x are; "
+                                  + "4.49 to 4.57 pad the labels as 5.x does but still repeat k and v for SDPA, which no measurement here covers")
+        }
+        let stack = Stack(recipe: recipe, runtime: runtime, cuda: cuda, attention: attention, transformers: release)
         do { try stack.validate() } catch { throw ValidationError("\(error)") }
         return stack
     }
@@ -40,4 +44,4 @@ struct StackOptions: ParsableArguments {
 extension Stack.Recipe: ExpressibleByArgument {}
 extension Stack.Runtime: ExpressibleByArgument {}
 extension Stack.Attention: ExpressibleByArgument {}
-extension Stack.Transformers: ExpressibleByArgument {}
+

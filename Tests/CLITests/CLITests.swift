@@ -283,6 +283,16 @@ final class CLITests: TemporaryDirectoryTestCase {
         XCTAssertEqual(r.status, 0, r.stderr)
         XCTAssertTrue(r.stdout.contains("phi-4") && r.stdout.contains("128 GB"), r.stdout)
         try expectFailure(["fit", "--model", "llama-2-7b"], mentions: ["--memory"], noOutput: tmp.appendingPathComponent("none").path)
+        // The stack options: each named in the answer; a stack that does not exist is one line.
+        r = try run(["fit", "--memory", "12GB", "--model", "llama-3.1-8b", "--rank", "32", "--recipe", "peft-kbit", "--transformers", "4.48.3",
+                     "--attention", "flash_attention_2", "--runtime", "cuda"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertTrue(r.stdout.contains("transformers 4.46–4.48") && r.stdout.contains("FlashAttention-2") && r.stdout.contains("caching allocator"), r.stdout)
+        r = try run(["fit", "--memory", "12GB", "--model", "llama-3.1-8b", "--recipe", "trl", "--runtime", "cuda"])
+        XCTAssertTrue(r.status == 0 && r.stdout.contains("TRL 1.16"), r.stdout + r.stderr)
+        try expectFailure(["fit", "--memory", "12GB", "--transformers", "4.50"], mentions: ["4.50", "not modelled"], noOutput: tmp.appendingPathComponent("none").path)
+        try expectFailure(["fit", "--memory", "12GB", "--attention", "flash_attention_2"], mentions: ["--runtime cuda"], noOutput: tmp.appendingPathComponent("none").path)
+        try expectFailure(["fit", "--memory", "12GB", "--recipe", "trl", "--transformers", "4.46"], mentions: ["TRL 1.16"], noOutput: tmp.appendingPathComponent("none").path)
     }
 
     func testCacheSnapshotsAsInputs() throws {
