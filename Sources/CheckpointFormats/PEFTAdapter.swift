@@ -21,6 +21,9 @@ public struct PEFTAdapter: Sendable {
         /// The dtype A and B were stored in (their values are exact in fp32). PEFT's merge casts
         /// the delta back to it when it is 16-bit.
         public var storedType: ElementType = .float32
+        /// DoRA's magnitude vector m [out] (`lora_magnitude_vector`, fp32 values), for an adapter
+        /// with `use_dora`.
+        public var magnitude: [Float]? = nil
 
         public init(path: String, rank: Int, inFeatures: Int, outFeatures: Int, loraA: [Float], loraB: [Float],
                     storedType: ElementType = .float32) {
@@ -54,6 +57,51 @@ public struct PEFTAdapter: Sendable {
     public var taskType: String? = "CAUSAL_LM"
     /// Adapted modules by path.
     public var modules: [String: Module] = [:]
+    /// `use_dora`: every module carries a magnitude vector, and merging rescales each row of
+    /// W + ΔW to it (Liu et al. 2024; peft/tuners/lora/variants.py `DoraLinearVariant`).
+    public var useDora = false
+    /// `modules_to_save`: module names (a path or its last components) trained whole; the
+    /// adapter holds their weights, which replace the base's.
+    public var modulesToSave: [String] = []
+    /// `trainable_token_indices`: per module name (`embed_tokens`, `lm_head`), the rows of the
+    /// embedding trained (PEFT's TrainableTokens).
+    public var trainableTokenIndices: [String: [Int]] = [:]
+    /// Whole tensors the adapter holds for the base's, by base tensor name: a `modules_to_save`
+    /// module's weights, and embedding layers saved with `save_embedding_layers` (a resized
+    /// vocabulary's, `token_adapter.base_layer.weight`).
+    public var savedTensors: [String: SavedTensor] = [:]
+    /// Trainable-token rows by base tensor name (`token_adapter.trainable_tokens_delta`: despite
+    /// the name, the rows' new values).
+    public var tokenRows: [String: TokenRows] = [:]
+
+    /// A tensor the adapter stores whole.
+    public struct SavedTensor: Sendable, Equatable {
+        public var dtype: DType
+        public var shape: [Int]
+        public var bytes: [UInt8]
+    }
+
+    /// Rows of an embedding (or lm_head) the adapter trained: `values` [indices.count, columns].
+    public struct TokenRows: Sendable, Equatable {
+        public var indices: [Int]
+        public var columns: Int
+        public var values: [Float]
+    }
+
+    /// Whether the adapter is LoRA on linear layers alone (no DoRA, whole modules or token rows):
+    /// what PEFT's oldest readers and llama.cpp's converter take.
+    public var isPlainLoRA: Bool { !useDora && savedTensors.isEmpty && tokenRows.isEmpty }
+
+    /// What makes the adapter more than LoRA on linear layers, in words ("DoRA", "modules_to_save
+    /// (lm_head)", …), for a refusal.
+    public var extraKinds: [String] {
+        var kinds: [String] = []
+        if useDora { kinds.append("DoRA (use_dora)") }
+        let whole = savedTensors.keys.filter { n in !tokenRows.keys.contains(n) }.sorted()
+        if !whole.isEmpty { kinds.append("whole modules (\(whole.joined(separator: ", ")))") }
+        if !tokenRows.isEmpty { kinds.append("trainable tokens (\(tokenRows.keys.sorted().joined(separator: ", ")))") }
+        return kinds
+    }
 
     public static let configFile = "adapter_config.json"
     public static let weightsFile = "adapter_model.safetensors"
@@ -104,7 +152,6 @@ public struct PEFTAdapter: Sendable {
         guard let r = try typed("r", "an integer", JSONField.integer) else { throw bad("r is missing") }
         guard r > 0 else { throw bad("r is \(r); it must be a positive integer") }
         guard let alpha = try typed("lora_alpha", "a number", JSONField.number) else { throw bad("lora_alpha is missing") }
-        if try typed("use_dora", "true or false", JSONField.boolean) == true { throw bad("DoRA adapters are not supported") }
         let targets: PEFTTargets
         do { targets = try PEFTTargets.read(c) } catch let e as PEFTTargetsError { throw bad(e.description) }
         var names: [String] = []
@@ -127,6 +174,28 @@ public struct PEFTAdapter: Sendable {
         a.alphaPattern = try map("alpha_pattern", "a number", JSONField.number)
         a.baseModelNameOrPath = try typed("base_model_name_or_path", "a string", string)
         a.taskType = try typed("task_type", "a string", string)
+        a.useDora = try typed("use_dora", "true or false", JSONField.boolean) ?? false
+        if let v = present("modules_to_save") {
+            guard let list = v as? [Any], let names = list.map({ $0 as? String }) as? [String] else {
+                throw bad("modules_to_save is \(JSONField.describe(v)), not a list of module names")
+            }
+            a.modulesToSave = names
+        }
+        if let v = present("trainable_token_indices") {
+            // A list names rows of the input embedding; an object maps module names to rows.
+            func rows(_ e: Any, _ what: String) throws -> [Int] {
+                guard let list = e as? [Any] else { throw bad("trainable_token_indices\(what) is \(JSONField.describe(e)), not a list of token ids") }
+                return try list.map { x in
+                    guard let i = JSONField.integer(x), i >= 0 else { throw bad("trainable_token_indices\(what) holds \(JSONField.describe(x)), not a token id") }
+                    return i
+                }
+            }
+            if let o = v as? [String: Any] {
+                a.trainableTokenIndices = try o.mapValues { try rows($0, "") }
+            } else {
+                a.trainableTokenIndices = ["embed_tokens": try rows(v, "")]
+            }
+        }
 
         let weightsPath = dir.appendingPathComponent(weightsFile).path
         let picklePath = dir.appendingPathComponent(pickleWeightsFile).path
@@ -137,15 +206,48 @@ public struct PEFTAdapter: Sendable {
         let file = try SafeTensorsFile(path: weightsPath)
         func badTensor(_ t: String, _ p: String) -> CheckpointError { .invalidTensor(file: weightsPath, tensor: t, problem: p) }
         var halves: [String: (a: TensorInfo?, b: TensorInfo?)] = [:]
+        var magnitudes: [String: TensorInfo] = [:]
+        var deltas: [String: TensorInfo] = [:]
+        func named(_ path: Substring, in names: [String]) -> String? {
+            names.first { path == $0 || path.hasSuffix("." + $0) }
+        }
         for t in file.tensors {
-            guard t.name.hasPrefix(prefix), t.name.hasSuffix(".lora_A.weight") || t.name.hasSuffix(".lora_B.weight") else {
-                throw badTensor(t.name, "not a LoRA weight (expected base_model.model.<module>.lora_A.weight / lora_B.weight)")
+            guard t.name.hasPrefix(prefix) else { throw badTensor(t.name, "not a PEFT adapter tensor (expected base_model.model.<module>…)") }
+            let rest = t.name.dropFirst(prefix.count)
+            func strip(_ suffix: String) -> String? { rest.hasSuffix(suffix) ? String(rest.dropLast(suffix.count)) : nil }
+            if let path = strip(".lora_A.weight") ?? strip(".lora_B.weight") {
+                var h = halves[path] ?? (nil, nil)
+                if rest.hasSuffix(".lora_A.weight") { h.a = t } else { h.b = t }
+                halves[path] = h
+            } else if let path = strip(".lora_magnitude_vector") {
+                guard a.useDora else { throw badTensor(t.name, "a DoRA magnitude vector, but \(configFile) does not set use_dora") }
+                magnitudes[path] = t
+            } else if let path = strip(".token_adapter.trainable_tokens_delta") {
+                deltas[path] = t
+            } else if let path = strip(".token_adapter.base_layer.weight") {
+                // An embedding layer saved whole under its trainable-token wrapper (save_embedding_layers).
+                a.savedTensors[path + ".weight"] = try saved(file, t, weightsPath)
+            } else if strip(".modules_to_save.weight") != nil || strip(".original_module.weight") != nil
+                        || strip(".modules_to_save.bias") != nil || strip(".original_module.bias") != nil {
+                // Copies PEFT writes beside a saved module's own key and ignores on load.
+                continue
+            } else if let path = strip(".weight") ?? strip(".bias"),
+                      named(Substring(path), in: a.modulesToSave) != nil || named(Substring(path), in: embeddingLayerNames) != nil {
+                // A modules_to_save module's weights, or an embedding layer saved whole.
+                a.savedTensors[String(rest)] = try saved(file, t, weightsPath)
+            } else {
+                throw badTensor(t.name, "not a tensor of a PEFT LoRA adapter (lora_A/lora_B, lora_magnitude_vector, a modules_to_save module, "
+                                + "a saved embedding layer or trainable_tokens_delta)")
             }
-            let isA = t.name.hasSuffix(".lora_A.weight")
-            let path = String(t.name.dropFirst(prefix.count).dropLast(".lora_A.weight".count))
-            var h = halves[path] ?? (nil, nil)
-            if isA { h.a = t } else { h.b = t }
-            halves[path] = h
+        }
+        for (path, t) in deltas.sorted(by: { $0.key < $1.key }) {
+            guard let key = named(Substring(path), in: Array(a.trainableTokenIndices.keys)), let indices = a.trainableTokenIndices[key] else {
+                throw badTensor(t.name, "trainable token rows for \(path), which \(configFile)'s trainable_token_indices does not name")
+            }
+            guard t.shape.count == 2, t.shape[0] == indices.count else {
+                throw badTensor(t.name, "shape \(t.shape) does not hold \(indices.count) rows (trainable_token_indices[\"\(key)\"])")
+            }
+            a.tokenRows[path + ".weight"] = TokenRows(indices: indices, columns: t.shape[1], values: try floats(file, t, weightsPath))
         }
         for (path, h) in halves.sorted(by: { $0.key < $1.key }) {
             guard let ta = h.a, let tb = h.b else { throw badTensor(prefix + path, "has only one of lora_A / lora_B") }
@@ -162,11 +264,34 @@ public struct PEFTAdapter: Sendable {
                 throw badTensor(ta.name, "rank \(ta.shape[0]) (lora_B \(tb.shape[1])) disagrees with the config's r = \(expected)")
             }
             let stored = ElementType(ta.dtype) ?? .float32
-            a.modules[path] = Module(path: path, rank: expected, inFeatures: ta.shape[1], outFeatures: tb.shape[0],
-                                     loraA: try floats(file, ta, weightsPath), loraB: try floats(file, tb, weightsPath), storedType: stored)
+            var m = Module(path: path, rank: expected, inFeatures: ta.shape[1], outFeatures: tb.shape[0],
+                           loraA: try floats(file, ta, weightsPath), loraB: try floats(file, tb, weightsPath), storedType: stored)
+            if a.useDora {
+                guard let tm = magnitudes.removeValue(forKey: path) else { throw badTensor(ta.name, "use_dora is set but \(path) has no lora_magnitude_vector") }
+                guard tm.shape == [m.outFeatures] else {
+                    throw badTensor(tm.name, "shape \(tm.shape); a DoRA magnitude vector has one value per output feature, [\(m.outFeatures)]")
+                }
+                m.magnitude = try floats(file, tm, weightsPath)
+            }
+            a.modules[path] = m
         }
-        guard !a.modules.isEmpty else { throw CheckpointError.invalidPath(path: weightsPath, problem: "holds no LoRA weights") }
+        if let (path, t) = magnitudes.first { throw badTensor(t.name, "a DoRA magnitude vector for \(path), which has no lora_A / lora_B") }
+        guard !a.modules.isEmpty || !a.savedTensors.isEmpty || !a.tokenRows.isEmpty else {
+            throw CheckpointError.invalidPath(path: weightsPath, problem: "holds no LoRA weights")
+        }
         return a
+    }
+
+    /// PEFT's embedding layers (peft/utils/constants.py `EMBEDDING_LAYER_NAMES`), which
+    /// `save_embedding_layers` saves whole.
+    public static let embeddingLayerNames = ["embed_tokens", "lm_head"]
+    var embeddingLayerNames: [String] { Self.embeddingLayerNames }
+
+    static func saved(_ f: SafeTensorsFile, _ t: TensorInfo, _ path: String) throws -> SavedTensor {
+        guard ElementType(t.dtype) != nil else {
+            throw CheckpointError.invalidTensor(file: path, tensor: t.name, problem: "dtype \(t.dtype.rawValue) is not a float type")
+        }
+        return SavedTensor(dtype: t.dtype, shape: t.shape, bytes: f.withBytes(of: t.name) { Array($0) })
     }
 
     static func floats(_ f: SafeTensorsFile, _ t: TensorInfo, _ path: String) throws -> [Float] {

@@ -38,15 +38,6 @@ public func withAlignedBytes<R>(_ raw: UnsafeRawBufferPointer, alignment: Int, _
     return try body(UnsafeRawBufferPointer(copy))
 }
 
-/// Float values of stored elements of `type`, from possibly unaligned little-endian bytes.
-public func loadFloats(_ raw: UnsafeRawBufferPointer, as type: ElementType = .float32) -> [Float] {
-    switch type {
-    case .float32: return (0..<(raw.count / 4)).map { raw.loadUnaligned(fromByteOffset: $0 * 4, as: Float.self) }
-    case .bfloat16: return (0..<(raw.count / 2)).map { HalfPrecision.float(bfloat16Bits: raw.loadUnaligned(fromByteOffset: $0 * 2, as: UInt16.self)) }
-    case .float16: return (0..<(raw.count / 2)).map { HalfPrecision.float(float16Bits: raw.loadUnaligned(fromByteOffset: $0 * 2, as: UInt16.self)) }
-    }
-}
-
 /// fp32 values rounded once to `type` (sign of zero kept), as raw bytes.
 public func encode(_ v: [Float], as type: ElementType) -> [UInt8] {
     switch type {

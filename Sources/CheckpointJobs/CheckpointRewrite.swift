@@ -28,6 +28,15 @@ struct TensorPlan {
     static var drop: TensorPlan { TensorPlan(outputs: [], produce: { _ in }) }
 }
 
+/// What a job changes among a directory checkpoint's sidecar files besides
+/// `quantization_config`: config.json keys to set (e.g. a resized vocabulary's `vocab_size`), and
+/// files to take from elsewhere instead of the input's (an adapter's tokenizer files).
+struct SidecarEdits {
+    var config: [(key: String, value: JSONValue)] = []
+    /// Output file name → the file to copy there.
+    var files: [String: String] = [:]
+}
+
 /// How output tensors are laid out in files.
 enum OutputLayout {
     /// One output file per input shard, with the input's file names (a single-file input gives
@@ -84,7 +93,8 @@ final class CheckpointRewrite {
     /// - Returns: the bytes written (every output file).
     @discardableResult
     func run(output: String, layout: OutputLayout, overwrite: Bool, progress: ProgressHandler?, planningCost: (CheckpointReader.Entry) -> Int = { _ in 0 },
-             plan: (CheckpointReader.Entry) throws -> TensorPlan, quantization: () -> BnBQuantizationConfig?) throws -> Int {
+             plan: (CheckpointReader.Entry) throws -> TensorPlan, quantization: () -> BnBQuantizationConfig?,
+             sidecars: SidecarEdits = SidecarEdits()) throws -> Int {
         var isDirectory = reader.index != nil || inputIsDirectory
         if case .shards(let m) = layout {
             guard m > 0 else { throw CheckpointError.invalidPath(path: output, problem: "max shard size must be positive") }
@@ -123,7 +133,7 @@ final class CheckpointRewrite {
                 progress?(done, total, e.name)
             }
             let bytes = try sink.finish()
-            try copySidecars(into: staged, quantization: quantization())
+            try copySidecars(into: staged, quantization: quantization(), edits: sidecars)
             try staged.commit()
             return bytes
         } catch {
@@ -135,21 +145,31 @@ final class CheckpointRewrite {
     /// Copies config.json, tokenizer files etc. from a directory checkpoint (not its shards, index,
     /// subdirectories or hidden files), with config.json's `quantization_config` rewritten; a
     /// symbolic link is copied as the file it points to.
-    func copySidecars(into staged: StagedOutput, quantization: BnBQuantizationConfig?) throws {
+    func copySidecars(into staged: StagedOutput, quantization: BnBQuantizationConfig?, edits: SidecarEdits = SidecarEdits()) throws {
         guard staged.kind == .directory, inputIsDirectory else { return }
         let fm = FileManager.default
         let skip = Set(reader.shardFileNames + [ShardIndex.fileName])
         for name in try fm.contentsOfDirectory(atPath: reader.directory).sorted() where !skip.contains(name) && !name.hasPrefix(".") {
             let src = URL(fileURLWithPath: reader.directory).appendingPathComponent(name)
-            guard !StagedOutput.isDirectory(src.path), !name.hasSuffix(".safetensors") else { continue }
+            guard !StagedOutput.isDirectory(src.path), !name.hasSuffix(".safetensors"), edits.files[name] == nil else { continue }
             let dst = staged.url(for: name)
             if name == "config.json", let data = try? InputFile.read(src.path),
                let rewritten = BnBQuantizationConfig.rewrite(config: data, quantization: quantization) {
-                try rewritten.write(to: dst)
+                try Self.setting(edits.config, in: rewritten).write(to: dst)
             } else {
                 try copyContent(of: src.path, to: dst)
             }
         }
+        for (name, src) in edits.files.sorted(by: { $0.key < $1.key }) { try copyContent(of: src, to: staged.url(for: name)) }
+    }
+
+    /// config.json with `values` set (replaced where present, appended otherwise).
+    static func setting(_ values: [(key: String, value: JSONValue)], in config: Data) -> Data {
+        guard !values.isEmpty, case .object(var members)? = try? JSONValue.parse(document: [UInt8](config)) else { return config }
+        for (k, v) in values {
+            if let i = members.firstIndex(where: { $0.key == k }) { members[i].value = v } else { members.append(JSONMember(key: k, value: v)) }
+        }
+        return ConfigJSON.transformersFile(.object(members))
     }
 
     /// Copies the file at `path`, or the file a chain of symbolic links there ends at, as a

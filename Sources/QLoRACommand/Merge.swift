@@ -10,7 +10,10 @@ struct Merge: ParsableCommand {
         abstract: "Merge PEFT LoRA adapters into a dense or bitsandbytes-4bit base checkpoint.",
         discussion: """
             Numerics as PEFT's merge_and_unload: delta = (B·A)·scaling in fp32 (cast back to a 16-bit \
-            adapter's dtype), W += delta with torch's type promotion. A dense base keeps its dtype. A 4-bit \
+            adapter's dtype), W += delta with torch's type promotion; DoRA rescales each row of W + delta \
+            to its magnitude; modules_to_save and saved embedding layers replace the base's tensors \
+            (a resized vocabulary sets vocab_size), trainable-token rows are written in, and tokenizer \
+            files in an adapter directory replace the base's. A dense base keeps its dtype. A 4-bit \
             base is dequantized exactly and written as --dtype (default bf16, the "merged_16bit" export), \
             or with --requantize re-quantized to its 4-bit format. ADAPTER is merged first, then each \
             --adapter in order; DIR=WEIGHT scales that adapter's delta. OUTPUT appears only when complete.
@@ -46,6 +49,8 @@ struct Merge: ParsableCommand {
                 return
             }
             print("merged \(s.merged) tensors, copied \(s.copied); wrote \(s.bytesWritten) bytes to \(output)")
+            for r in s.replaced { print("  \(escapingControlCharacters(r.name)): \(escapingControlCharacters(r.how))") }
+            if !s.tokenizerFiles.isEmpty { print("  tokenizer files from the adapter: \(s.tokenizerFiles.joined(separator: ", "))") }
             let width = max(6, s.report.map { escapingControlCharacters($0.name).count }.max() ?? 0,
                             s.comparison.map { escapingControlCharacters($0.name).count }.max() ?? 0)
             func pad(_ t: String) -> String { escapingControlCharacters(t).padding(toLength: width, withPad: " ", startingAt: 0) }

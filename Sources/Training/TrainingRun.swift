@@ -56,15 +56,24 @@ public final class TrainingRun {
     /// `out` is checked before anything is loaded: it may not be, or be inside, the model
     /// directory or any other input, nor an existing file; an existing directory with anything in
     /// it needs `overwrite`, unless `resume` continues a checkpoint inside it.
+    /// An adapter to continue: LoRA on linear layers, what `qlora train` trains.
+    static func plainLoRA(_ directory: String) throws -> PEFTAdapter {
+        let a = try PEFTAdapter.load(directory: directory)
+        guard a.isPlainLoRA else {
+            throw CheckpointError.invalidPath(path: directory, problem: "holds \(a.extraKinds.joined(separator: " and ")); qlora train continues LoRA adapters only")
+        }
+        return a
+    }
+
     public init(model dir: String, data path: String, out: String, options o: TrainOptions, resume: String? = nil, adapter start: String? = nil,
                 overwrite: Bool = false) throws {
         let inputs = [dir, path] + [start].compactMap { $0 }
         try Self.checkOut(out, inputs: inputs, resume: resume, overwrite: overwrite)
-        var adapter: PEFTAdapter? = try start.map { try PEFTAdapter.load(directory: $0) }
+        var adapter: PEFTAdapter? = try start.map { try Self.plainLoRA($0) }
         var states: [String: AdamWState] = [:]
         var state = TrainingState(step: 0, nextExample: 0, losses: [])
         if let r = resume {
-            adapter = try PEFTAdapter.load(directory: r)
+            adapter = try Self.plainLoRA(r)
             states = try OptimizerCheckpoint.load(path: r + "/optimizer.safetensors").states
             guard let d = try? InputFile.read(r + "/trainer_state.json"), let s = try? JSONDecoder().decode(TrainingState.self, from: d) else {
                 throw CheckpointError.invalidPath(path: r + "/trainer_state.json", problem: "missing or not a qlora trainer state")

@@ -73,6 +73,6 @@ final class PEFTAdapterTests: TemporaryDirectoryTestCase {
         try FileManager.default.createDirectory(at: odd, withIntermediateDirectories: true)
         try FileManager.default.copyItem(atPath: peftDir + "/adapter_config.json", toPath: odd.appendingPathComponent("adapter_config.json").path)
         try SafeTensorsWriter.write(url: odd.appendingPathComponent("adapter_model.safetensors"), tensors: [(name: "proj.weight", dtype: .f32, shape: [1], bytes: [0, 0, 0, 0])])
-        XCTAssertThrowsError(try PEFTAdapter.load(directory: odd.path)) { XCTAssertTrue("\($0)".contains("not a LoRA weight"), "\($0)") }
+        XCTAssertThrowsError(try PEFTAdapter.load(directory: odd.path)) { XCTAssertTrue("\($0)".contains("not a PEFT adapter tensor"), "\($0)") }
     }
 }

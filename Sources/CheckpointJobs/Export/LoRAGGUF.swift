@@ -37,6 +37,13 @@ public func exportLoRAGGUF(adapter directory: String, base: String, output: Stri
     guard !adapter.useRSLoRA, adapter.rankPattern.isEmpty, adapter.alphaPattern.isEmpty else {
         throw CheckpointError.invalidPath(path: directory, problem: "llama.cpp scales a LoRA GGUF by lora_alpha / r; this adapter's rsLoRA or rank/alpha patterns scale otherwise (merge it instead: qlora export BASE OUT --adapter DIR)")
     }
+    // convert_lora_to_gguf.py takes only lora_A / lora_B (and skips `.base_layer.weight`): a
+    // magnitude vector, a whole module or trainable-token rows stop it ("Not a lora_A or lora_B
+    // tensor").
+    guard adapter.isPlainLoRA else {
+        throw CheckpointError.invalidPath(path: directory, problem: "holds \(adapter.extraKinds.joined(separator: " and ")), which a LoRA GGUF cannot carry "
+                                          + "(llama.cpp's convert_lora_to_gguf.py refuses them too); merge it instead: qlora export BASE OUT --adapter DIR")
+    }
     guard !adapter.fanInFanOut else {
         throw CheckpointError.invalidPath(path: directory, problem: "a fan_in_fan_out adapter has no LoRA GGUF layout")
     }

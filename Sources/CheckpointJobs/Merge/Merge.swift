@@ -40,6 +40,23 @@ public func mergeCheckpoint(base: String, adapters specs: [MergeAdapter], output
     summary.bytesWritten = try job.run(output: output, layout: options.maxShardSize.map { .shards(maxBytes: $0) } ?? .input, overwrite: overwrite, progress: progress,
                                        planningCost: { e in requantizing && plan.weights[e.name] != nil ? e.info.byteCount : 0 }, plan: { e in
         if plan.isRegenerated(e.name) { return .drop }
+        if let r = plan.replacements[e.name] {
+            let dtype = r.whole?.dtype ?? e.info.dtype, shape = r.whole?.shape ?? e.info.shape
+            return TensorPlan(outputs: [OutputTensor(name: e.name, dtype: dtype, shape: shape)]) { sink in
+                var bytes = try r.whole?.bytes ?? job.reader.withBytes(of: e.name) { Array($0) }
+                let type = ElementType(dtype)!
+                for rows in r.rows {
+                    // PEFT's TrainableTokensLayer.merge: `index_copy` of the rows cast to the tensor's dtype.
+                    let row = rows.columns * type.byteSize
+                    for (k, index) in rows.indices.enumerated() {
+                        let encoded = encode(Array(rows.values[(k * rows.columns)..<((k + 1) * rows.columns)]), as: type)
+                        bytes.replaceSubrange((index * row)..<((index + 1) * row), with: encoded)
+                    }
+                }
+                try sink.write(bytes)
+                summary.replaced.append(MergeSummary.Replacement(name: e.name, how: r.how.joined(separator: "; then ")))
+            }
+        }
         guard let weight = plan.weights[e.name] else {
             summary.copied += 1
             return .copy(e.info)
@@ -76,7 +93,9 @@ public func mergeCheckpoint(base: String, adapters specs: [MergeAdapter], output
             }
             summary.merged += 1
         }
-    }, quantization: { try? plan.outputQuantization(requantize: options.requantize) })
+    }, quantization: { try? plan.outputQuantization(requantize: options.requantize) },
+       sidecars: SidecarEdits(config: plan.configEdits, files: plan.tokenizerFiles))
+    summary.tokenizerFiles = plan.tokenizerFiles.keys.sorted()
     return summary
 }
 

@@ -139,6 +139,39 @@ final class MergeContext {
             var out = target.isDense ? [UInt8](unsafeUninitializedCapacity: n * outType.byteSize) { _, count in count = n * outType.byteSize } : []
             let sum = target.isDense ? UnsafeMutableRawBufferPointer(start: nil, count: 0) : UnsafeMutableRawBufferPointer(Self.grow(&sumStorage, n))
             let m = step.module
+            if let magnitude = m.magnitude {
+                // DoRA (the plan allows it as a weight's only step): PEFT rounds the rescaled
+                // weight to the weight's own dtype (the dequantized dtype of a 4-bit base) before
+                // a 4-bit base re-quantizes it or a dense merge writes it.
+                let wType: ElementType
+                switch target {
+                case .dense(let t): wType = plan.quantized != nil ? baseType : t
+                case .requantize: wType = baseType
+                }
+                var w = [UInt8](repeating: 0, count: n * wType.byteSize)
+                let bad = w.withUnsafeMutableBytes { wb in
+                    LoRAMerge.doraMerge(loraA: m.loraA, loraB: m.loraB, rank: m.rank, inFeatures: m.inFeatures, outFeatures: m.outFeatures,
+                                        scaling: step.scaling, adapterType: m.storedType, magnitude: magnitude, base: base, baseType: baseType,
+                                        into: wb, outType: wType, deltaOut: delta, threads: options.threads)
+                }
+                if let bad {
+                    throw CheckpointError.invalidTensor(file: file, tensor: tensor, problem: "merged value \(bad) is not finite; nothing written")
+                }
+                switch target {
+                case .dense(let t):
+                    return Applied(bytes: t == wType ? w : w.withUnsafeBytes { encode(loadFloats($0, as: wType), as: t) }, type: t, quantized: nil)
+                case .requantize(let qt, let bs, let dq):
+                    let q: Result<Quantized4Bit, QuantizationError> = w.withUnsafeBytes { raw in
+                        Result { () throws(QuantizationError) in
+                            try quantize4Bit(FloatElements.view(raw, as: wType), shape: [plan.out, plan.in], quantType: qt, blocksize: bs, doubleQuant: dq)
+                        }
+                    }
+                    switch q {
+                    case .success(let q): return Applied(bytes: [], type: q.state.dtype, quantized: q)
+                    case .failure(let error): throw CheckpointError.quantization(file: file, tensor: tensor, error: error)
+                    }
+                }
+            }
             let bad = withCurrent(current, base) { cur, curType in
                 out.withUnsafeMutableBytes { array in
                     stepDelta.withUnsafeMutableBufferPointer { sd in

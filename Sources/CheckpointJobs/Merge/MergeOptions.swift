@@ -43,6 +43,15 @@ public struct MergeAdapter: Sendable {
 public struct MergeSummary: Sendable, Codable {
     public var merged = 0
     public var copied = 0
+    /// Tensors an adapter replaced whole or wrote token rows into, in the order written.
+    public var replaced: [Replacement] = []
+    /// Tokenizer files taken from the adapter directories.
+    public var tokenizerFiles: [String] = []
+
+    public struct Replacement: Sendable, Codable {
+        public var name: String
+        public var how: String
+    }
     public var bytesWritten = 0
     /// With `MergeOptions.report`: one row per merged tensor, and their pooled total (norms in Float64).
     public var report: [MergeReportRow] = []

@@ -25,12 +25,30 @@ struct WeightPlan {
     var steps: [MergeStep] = []
 }
 
+/// A base tensor an adapter replaces whole (`modules_to_save`, a saved embedding layer) or
+/// writes rows into (trainable tokens), in adapter order.
+struct ReplacementPlan {
+    /// The last whole tensor an adapter gives (nil: the base's), and what it replaced.
+    var whole: PEFTAdapter.SavedTensor?
+    /// Token rows written into it after, in order (PEFT's `index_copy` of the rows, cast to the
+    /// tensor's dtype).
+    var rows: [PEFTAdapter.TokenRows] = []
+    /// How the merge changed it, in words, for the summary.
+    var how: [String] = []
+}
+
 /// Every adapted weight of a merge and the steps that apply to it, in adapter order; made and
 /// checked against the base before anything is written.
 struct MergePlan {
     let reader: CheckpointReader
     /// Adapted weights by tensor name.
     var weights: [String: WeightPlan] = [:]
+    /// Tensors replaced whole or given token rows, by tensor name.
+    var replacements: [String: ReplacementPlan] = [:]
+    /// config.json keys the merge changes: `vocab_size` when the adapters resize the embedding.
+    var configEdits: [(key: String, value: JSONValue)] = []
+    /// Tokenizer files taken from the adapter directories (the last that has each), by name.
+    var tokenizerFiles: [String: String] = [:]
     /// The base's 4-bit weights by name.
     let groups: [String: BnB4BitFormat.Group]
     /// Constant tensors of a 4-bit weight, by name, to that weight's name.
@@ -69,11 +87,84 @@ struct MergePlan {
                 }
             }
             try adapter.validate(againstBase: shapes, baseName: base)
+            if adapter.useDora && adapter.fanInFanOut {
+                throw CheckpointError.invalidPath(path: specs[a].directory, problem: "a DoRA adapter with fan_in_fan_out (GPT-2's Conv1D layout) is not supported")
+            }
             for (path, m) in adapter.modules {
                 weights[path + ".weight"]!.steps.append(MergeStep(module: m, scaling: adapter.config(for: path).scaling * specs[a].weight,
                                                                   fanInFanOut: adapter.fanInFanOut))
             }
         }
+        try planReplacements(adapters, specs: specs, base: base)
+        // PEFT merges a DoRA adapter after others by unmerging them to take the base's norm, and
+        // merging them again (`_unmerged_base_weight`): a round trip through the weight's dtype
+        // that no golden here covers.
+        for (name, w) in weights.sorted(by: { $0.key < $1.key }) where w.steps.count > 1 && w.steps.contains(where: { $0.module.magnitude != nil }) {
+            throw CheckpointError.invalidTensor(file: base, tensor: name, problem: "a DoRA adapter and another adapter both change this weight; merge them one at a time")
+        }
+    }
+
+    /// Tokenizer files PEFT users save beside an adapter (`tokenizer.save_pretrained`), which a
+    /// merged model takes in place of the base's: they hold the added tokens.
+    static let tokenizerFileNames = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                                     "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json"]
+
+    /// The whole tensors and token rows of every adapter, checked against the base: a whole
+    /// tensor has the base's shape, or (an embedding layer) more rows of the same width; rows
+    /// name rows the tensor has; nothing both replaced and LoRA-adapted. A resized embedding sets
+    /// config.json's `vocab_size`, and lm_head must follow it.
+    mutating func planReplacements(_ adapters: [PEFTAdapter], specs: [MergeAdapter], base: String) throws {
+        for (a, adapter) in adapters.enumerated() {
+            let dir = specs[a].directory
+            func refuse(_ name: String, _ problem: String) -> CheckpointError { .invalidTensor(file: base, tensor: name, problem: problem) }
+            for (name, t) in adapter.savedTensors.sorted(by: { $0.key < $1.key }) {
+                guard let info = reader.info(named: name), groups[name] == nil, ElementType(info.dtype) != nil else {
+                    throw refuse(name, "the adapter \(dir) holds this tensor whole, but the base has no such float tensor")
+                }
+                guard weights[name] == nil else { throw refuse(name, "the adapter \(dir) replaces this tensor whole, and a LoRA adapter also targets it") }
+                let embedding = PEFTAdapter.embeddingLayerNames.contains { name.hasSuffix($0 + ".weight") }
+                let fits = t.shape == info.shape || (embedding && t.shape.count == 2 && info.shape.count == 2 && t.shape[1] == info.shape[1] && t.shape[0] >= info.shape[0])
+                guard fits else { throw refuse(name, "the adapter \(dir) holds it as \(t.shape), the base as \(info.shape)") }
+                var r = replacements[name] ?? ReplacementPlan()
+                r.whole = t
+                r.rows = []
+                r.how.append(t.shape == info.shape ? "replaced by \(dir)'s" : "resized from \(info.shape[0]) to \(t.shape[0]) rows, replaced by \(dir)'s")
+                replacements[name] = r
+            }
+            for (name, rows) in adapter.tokenRows.sorted(by: { $0.key < $1.key }) {
+                guard let info = reader.info(named: name), groups[name] == nil, ElementType(info.dtype) != nil, info.shape.count == 2 else {
+                    throw refuse(name, "the adapter \(dir) trains rows of this tensor, but the base has no such 2-D float tensor")
+                }
+                guard weights[name] == nil else { throw refuse(name, "the adapter \(dir) trains rows of this tensor, and a LoRA adapter also targets it") }
+                var r = replacements[name] ?? ReplacementPlan()
+                let shape = r.whole?.shape ?? info.shape
+                guard rows.columns == shape[1] else { throw refuse(name, "the adapter \(dir)'s token rows are \(rows.columns) wide, the tensor \(shape[1])") }
+                if let bad = rows.indices.first(where: { $0 >= shape[0] }) {
+                    throw refuse(name, "the adapter \(dir) trains token \(bad), but the tensor has \(shape[0]) rows")
+                }
+                r.rows.append(rows)
+                r.how.append("\(rows.indices.count) trainable token rows written from \(dir)")
+                replacements[name] = r
+            }
+            for file in Self.tokenizerFileNames where FileManager.default.fileExists(atPath: dir + "/" + file) {
+                tokenizerFiles[file] = dir + "/" + file
+            }
+        }
+        // A resized vocabulary: the embedding's rows are config.json's vocab_size, and an untied
+        // lm_head has as many.
+        let resized = replacements.compactMap { (name, r) -> (String, Int)? in
+            guard let w = r.whole, let info = reader.info(named: name), w.shape[0] != info.shape[0] else { return nil }
+            return (name, w.shape[0])
+        }.sorted { $0.0 < $1.0 }
+        guard let (first, rows) = resized.first else { return }
+        let heads = reader.entries.map(\.name).filter { n in PEFTAdapter.embeddingLayerNames.contains { n.hasSuffix($0 + ".weight") } }
+        for n in heads {
+            let r = replacements[n]?.whole?.shape[0] ?? reader.info(named: n)!.shape[0]
+            guard r == rows else {
+                throw CheckpointError.invalidTensor(file: base, tensor: n, problem: "has \(r) rows after the merge, but \(first) has \(rows): the adapters resize the vocabulary for one and not the other")
+            }
+        }
+        configEdits = [("vocab_size", ConfigJSON.int(rows))]
     }
 
     /// Whether tensor `name` is a constant of an adapted 4-bit weight (regenerated or dropped with it).

@@ -121,3 +121,86 @@ extension ElementType {
     /// `qlora_float_type` in the C kernels.
     var kernelCode: Int { self == .float32 ? 0 : self == .bfloat16 ? 1 : 2 }
 }
+
+extension LoRAMerge {
+    /// DoRA's merge of one weight (Liu et al. 2024; PEFT's `DoraLinearVariant.merge_unsafe`, and
+    /// `merge_safe` for a 4-bit base, peft/tuners/lora/variants.py):
+    ///
+    ///     // W: [out, in] base (stored elements), A: [r, in], B: [out, r], m: [out]
+    ///     s = fl32(W + ΔW)                    // ΔW = get_delta_weight, fp32; W promoted exactly
+    ///     n[o] = ‖s[o, :]‖₂                   // get_weight_norm: torch.linalg.norm(dim=1), fp32
+    ///     W'[o, i] = fl32(fl32(m[o] / n[o]) · s[o, i]), rounded once to `outType` (`.to(orig_dtype)`)
+    ///
+    /// PEFT takes the norm from the unmerged base with scaling 1 (ΔW already holds the scaling),
+    /// and the sum it scales is the same s. The norm's fp32 sum follows torch's CPU reduction
+    /// (`rowNorm`). `deltaOut` receives W' − W in fp32, what DoRA changed (the report's ΔW).
+    /// - Returns: nil, or the flat index of the first merged value that is not finite.
+    public static func doraMerge(loraA a: [Float], loraB b: [Float], rank r: Int, inFeatures k: Int, outFeatures n: Int,
+                                 scaling: Double, adapterType: ElementType = .float32, magnitude: [Float],
+                                 base: UnsafeRawBufferPointer, baseType: ElementType,
+                                 into out: UnsafeMutableRawBufferPointer, outType: ElementType,
+                                 deltaOut: UnsafeMutableBufferPointer<Float>? = nil, threads: Int = 1) -> Int? {
+        precondition(magnitude.count == n, "DoRA merge: one magnitude per output feature")
+        var sum = [Float](repeating: 0, count: n * k)
+        let bad = sum.withUnsafeMutableBytes { s in
+            merge(loraA: a, loraB: b, rank: r, inFeatures: k, outFeatures: n, scaling: scaling, adapterType: adapterType,
+                  base: base, baseType: baseType, into: s, outType: .float32, threads: threads)
+        }
+        if let bad { return bad }
+        let baseValues = deltaOut == nil ? [] : loadFloats(base, as: baseType)
+        var firstBad: Int? = nil
+        sum.withUnsafeBufferPointer { s in
+            for o in 0..<n {
+                let row = UnsafeBufferPointer(rebasing: s[(o * k)..<((o + 1) * k)])
+                let factor = magnitude[o] / rowNorm(row)
+                for i in 0..<k {
+                    let v = factor * row[i]
+                    let j = o * k + i
+                    let written: Float
+                    switch outType {
+                    case .float32:
+                        out.storeBytes(of: v, toByteOffset: 4 * j, as: Float.self)
+                        written = v
+                    case .bfloat16:
+                        let h = HalfPrecision.bfloat16Bits(v)
+                        out.storeBytes(of: h, toByteOffset: 2 * j, as: UInt16.self)
+                        written = HalfPrecision.float(bfloat16Bits: h)
+                    case .float16:
+                        let h = HalfPrecision.float16Bits(v)
+                        out.storeBytes(of: h, toByteOffset: 2 * j, as: UInt16.self)
+                        written = HalfPrecision.float(float16Bits: h)
+                    }
+                    if firstBad == nil && !written.isFinite { firstBad = j }
+                    if let deltaOut { deltaOut[j] = written - baseValues[j] }
+                }
+            }
+        }
+        return firstBad
+    }
+
+    /// ‖x‖₂ in fp32 as torch 2.15's CPU `linalg.norm` sums a contiguous row: x·x accumulated into
+    /// 8 fp32 partial sums (element i into partial i mod 8) over the row's multiples of 8, the
+    /// partials added in order, then the remaining elements one by one, then the square root
+    /// (matched bit for bit to torch on rows of 16 and more; shorter rows take another path in
+    /// torch).
+    public static func rowNorm(_ x: UnsafeBufferPointer<Float>) -> Float {
+        var lanes = SIMD8<Float>(repeating: 0)
+        let full = x.count / 8 * 8
+        var i = 0
+        while i < full {
+            var v = SIMD8<Float>()
+            for l in 0..<8 { v[l] = x[i + l] }
+            let square = v * v
+            lanes = lanes + square
+            i += 8
+        }
+        var total: Float = 0
+        for l in 0..<8 { total = total + lanes[l] }
+        while i < x.count {
+            let square = x[i] * x[i]
+            total = total + square
+            i += 1
+        }
+        return total.squareRoot()
+    }
+}

@@ -54,3 +54,12 @@ public enum FloatElements {
         }
     }
 }
+
+/// Float values of stored elements of `type`, from possibly unaligned little-endian bytes.
+public func loadFloats(_ raw: UnsafeRawBufferPointer, as type: ElementType = .float32) -> [Float] {
+    switch type {
+    case .float32: return (0..<(raw.count / 4)).map { raw.loadUnaligned(fromByteOffset: $0 * 4, as: Float.self) }
+    case .bfloat16: return (0..<(raw.count / 2)).map { HalfPrecision.float(bfloat16Bits: raw.loadUnaligned(fromByteOffset: $0 * 2, as: UInt16.self)) }
+    case .float16: return (0..<(raw.count / 2)).map { HalfPrecision.float(float16Bits: raw.loadUnaligned(fromByteOffset: $0 * 2, as: UInt16.self)) }
+    }
+}
