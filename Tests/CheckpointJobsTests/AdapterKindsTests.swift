@@ -153,6 +153,34 @@ final class AdapterKindsTests: TemporaryDirectoryTestCase {
         }
     }
 
+    /// `qlora export BASE --adapter DIR` merges through the same engine: for DoRA, a trained
+    /// lm_head and trainable tokens, its GGUF is the export of `qlora merge`'s output. A resized
+    /// vocabulary is refused in one step (merge first: the GGUF's vocabulary is one directory's).
+    func testExportMergesEveryKindAsTheMergeDoes() throws {
+        let base = tmp.appendingPathComponent("tiny-tok")
+        try FileManager.default.copyItem(atPath: tiny, toPath: base.path)
+        try FileManager.default.copyItem(at: repositoryRoot.appendingPathComponent("Vectors/gguf/llama-tiny/tokenizer.model"),
+                                         to: base.appendingPathComponent("tokenizer.model"))
+        for kind in ["dora-bf16", "modules-to-save", "trainable-tokens"] {
+            let merged = tmp.appendingPathComponent("\(kind)-merged/model")
+            try FileManager.default.createDirectory(at: merged.deletingLastPathComponent(), withIntermediateDirectories: true)
+            try mergeCheckpoint(base: base.path, adapter: adapterDir(kind), output: merged.path, options: MergeOptions())
+            let (a, b) = (tmp.appendingPathComponent("\(kind)-a.gguf").path, tmp.appendingPathComponent("\(kind)-b.gguf").path)
+            let direct = tmp.appendingPathComponent("\(kind)-direct/model")
+            try FileManager.default.createDirectory(at: direct.deletingLastPathComponent(), withIntermediateDirectories: true)
+            try FileManager.default.copyItem(at: base, to: direct)   // the same directory name, so general.name agrees
+            let s = try exportGGUF(base: direct.path, adapters: [MergeAdapter(adapterDir(kind))], output: a, type: .bf16)
+            try exportGGUF(base: merged.path, output: b, type: .bf16)
+            XCTAssertEqual(try Data(contentsOf: URL(fileURLWithPath: a)), try Data(contentsOf: URL(fileURLWithPath: b)), kind)
+            XCTAssertEqual(s.merged, kind == "modules-to-save" ? 4 : 14, kind)
+        }
+        let out = tmp.appendingPathComponent("resized.gguf").path
+        XCTAssertThrowsError(try exportGGUF(base: base.path, adapters: [MergeAdapter(adapterDir("resized-vocab"))], output: out, type: .bf16)) {
+            XCTAssertTrue("\($0)".contains("merge it first"), "\($0)")
+        }
+        XCTAssertFalse(FileManager.default.fileExists(atPath: out))
+    }
+
     /// torch's row norm, as `LoRAMerge.rowNorm` sums it: against the plain fp64 norm, within fp32
     /// rounding, and its order (8 partial sums, then the tail) visible on a row where it matters.
     func testRowNormOrder() {

@@ -89,6 +89,11 @@ public func exportGGUF(base: String, adapters specs: [MergeAdapter] = [], output
     }
     let tokenizer = try GGUFExport.Tokenizer(directory: base, family, vocabSize: arch.vocabSize)
     let plan = try MergePlan(reader: reader, base: base, adapters: specs)
+    if !plan.configEdits.isEmpty {
+        // The GGUF's vocabulary comes from the tokenizer files and vocab_size of one directory.
+        throw CheckpointError.invalidPath(path: specs.last!.directory, problem: "resizes the vocabulary (added tokens): merge it first (qlora merge BASE ADAPTER MERGED), "
+                                          + "which writes vocab_size and the adapter's tokenizer files, then export MERGED")
+    }
     let context = MergeContext(reader: reader, original: nil, options: MergeOptions(dtype: mergedDType, threads: threads))
     let dense = try ServingPlan.denseTensors(reader, plan, mergedDType: mergedDType)
     let convertedAs = type.convertType ?? GGUFExport.autoOutType(dense)
@@ -143,6 +148,13 @@ public func exportGGUF(base: String, adapters specs: [MergeAdapter] = [], output
                 summary.servingTotal.add(row)
             }
             return merged
+        }
+        if let r = plan.replacements[hf] {
+            // A modules_to_save module's weights or trainable-token rows, as the merge writes them.
+            let dtype = r.whole?.dtype ?? e.info.dtype
+            let bytes = try r.bytes(dtype: dtype) { try reader.withBytes(of: hf) { Array($0) } }
+            reader.releasePages(of: hf)
+            return bytes.withUnsafeBytes { loadFloats($0, as: ElementType(dtype)!) }
         }
         if let g = plan.groups[hf] {
             summary.dequantized += 1

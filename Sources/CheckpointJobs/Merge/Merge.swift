@@ -43,17 +43,7 @@ public func mergeCheckpoint(base: String, adapters specs: [MergeAdapter], output
         if let r = plan.replacements[e.name] {
             let dtype = r.whole?.dtype ?? e.info.dtype, shape = r.whole?.shape ?? e.info.shape
             return TensorPlan(outputs: [OutputTensor(name: e.name, dtype: dtype, shape: shape)]) { sink in
-                var bytes = try r.whole?.bytes ?? job.reader.withBytes(of: e.name) { Array($0) }
-                let type = ElementType(dtype)!
-                for rows in r.rows {
-                    // PEFT's TrainableTokensLayer.merge: `index_copy` of the rows cast to the tensor's dtype.
-                    let row = rows.columns * type.byteSize
-                    for (k, index) in rows.indices.enumerated() {
-                        let encoded = encode(Array(rows.values[(k * rows.columns)..<((k + 1) * rows.columns)]), as: type)
-                        bytes.replaceSubrange((index * row)..<((index + 1) * row), with: encoded)
-                    }
-                }
-                try sink.write(bytes)
+                try sink.write(try r.bytes(dtype: dtype) { try job.reader.withBytes(of: e.name) { Array($0) } })
                 summary.replaced.append(MergeSummary.Replacement(name: e.name, how: r.how.joined(separator: "; then ")))
             }
         }

@@ -35,6 +35,22 @@ struct ReplacementPlan {
     var rows: [PEFTAdapter.TokenRows] = []
     /// How the merge changed it, in words, for the summary.
     var how: [String] = []
+
+    /// The tensor's bytes after the merge: the whole tensor (or `base()`, the base's bytes), with
+    /// the token rows written in order (PEFT's TrainableTokensLayer.merge: `index_copy` of the
+    /// rows cast to the tensor's dtype).
+    func bytes(dtype: DType, base: () throws -> [UInt8]) rethrows -> [UInt8] {
+        var bytes = try whole?.bytes ?? base()
+        let type = ElementType(dtype)!
+        for rows in rows {
+            let row = rows.columns * type.byteSize
+            for (k, index) in rows.indices.enumerated() {
+                let encoded = encode(Array(rows.values[(k * rows.columns)..<((k + 1) * rows.columns)]), as: type)
+                bytes.replaceSubrange((index * row)..<((index + 1) * row), with: encoded)
+            }
+        }
+        return bytes
+    }
 }
 
 /// Every adapted weight of a merge and the steps that apply to it, in adapter order; made and
