@@ -22,6 +22,13 @@ Phases are marked by hooks: forward pre/post hooks on each decoder layer, the fi
 gradient w.r.t. a layer's output is ready: the end of the backward of what comes after it), and
 the driver around backward, step and zero_grad.
 
+Rows with `dora` (names ending in `-dora`) wrap with LoraConfig(use_dora=True): PEFT's DoraLinearVariant
+on bitsandbytes' Linear4bit. Rows with `trace` log the head's every op and free (`head_trace`); rows
+with `trace_layers` log the last decoder layer's forward, checkpointed recompute and backward
+(`layer_trace`: each op's outputs, the bytes it added, live - baseline; each free names the op and
+phase that allocated it; zero-byte markers where each LoRA module is entered and left and where each
+trainable parameter's gradient is accumulated, from hooks that allocate nothing).
+
 Rows with a `transformers` key (names ending in `-tf4.46`) ran under that older transformers, in a
 second venv (Vectors/requirements-tf4.46.txt: torch 2.5.1, transformers 4.46.3, PEFT 0.13.2, no
 bitsandbytes, so bf16 LoRA only); every row records the versions it ran with (`versions`). A row is
@@ -90,6 +97,7 @@ class LiveBytes(TorchDispatchMode):
         self.ops = 0
         self.trace_phases = set()  # phases whose every op and free is logged
         self.trace = []
+        self.trace_free_what = False  # layer traces: a free names the op and phase that allocated the storage
         self.base = 0
 
     def _freed(self, key, n):
@@ -97,7 +105,16 @@ class LiveBytes(TorchDispatchMode):
             del self.live[key]
             self.total -= n
             if self.phase in self.trace_phases:
-                self.trace.append([self.phase, "free", -n, self.total - self.base])
+                what = "free"
+                if self.trace_free_what:
+                    ph, op = self.info.get(key, ("baseline", "baseline"))
+                    what = f"free {op} (from {ph})"
+                self.trace.append([self.phase, what, -n, self.total - self.base])
+
+    def mark(self, what):
+        """A marker line in a traced phase (a module entered or left, a gradient accumulated); no bytes."""
+        if self.phase in self.trace_phases:
+            self.trace.append([self.phase, what, 0, self.total - self.base])
 
     def add(self, t, op="baseline"):
         if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.is_meta:
@@ -422,8 +439,26 @@ NF4 = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_qua
 
 
 def lora_config(c):
+    kw = dict(use_dora=True) if c.get("dora") else {}  # DoRA rows (`-dora`): PEFT's DoraLinearVariant on every target
     return LoraConfig(r=c["r"], lora_alpha=2 * c["r"], lora_dropout=0.0, target_modules=ALL if c["targets"] == "all" else ATTN,
-                      task_type="CAUSAL_LM")
+                      task_type="CAUSAL_LM", **kw)
+
+
+def trace_layer_marks(tr, layer):
+    """For a `trace_layers` row: marker lines in the traced layer's trace. Forward pre/post hooks on each
+    LoRA module (they fire again in a checkpointed recompute) and post-accumulate-grad hooks on its
+    trainable parameters (lora_A, lora_B, DoRA's magnitude): none changes the autograd graph or allocates."""
+    hooks = []
+    for name, mod in layer.named_modules():
+        if not hasattr(mod, "lora_A"):
+            continue
+        hooks.append(mod.register_forward_pre_hook(lambda m, a, name=name: tr.mark(f"enter {name}")))
+        hooks.append(mod.register_forward_hook(lambda m, a, o, name=name: tr.mark(f"leave {name}")))
+        for pn, p in mod.named_parameters():
+            if p.requires_grad:
+                hooks.append(p.register_post_accumulate_grad_hook(
+                    lambda p, what=f"grad {name}.{pn.replace('.default', '')} {str(p.dtype).replace('torch.', '')}{list(p.shape)}": tr.mark(what)))
+    return hooks
 
 
 def load_model(c, d, **kw):
@@ -485,6 +520,13 @@ def run_config(c, tmp):
     tr.snap_peaks = True
     if c.get("trace"):
         tr.trace_phases = {"final_norm+lm_head+loss", "backward_head", "after"}
+    if c.get("trace_layers"):
+        # the last decoder layer (its input requires grad, as every layer's but the first): its forward,
+        # its recompute (checkpointing) and its backward, op by op
+        li = len(layers) - 1
+        tr.trace_phases |= {f"forward_{li}", f"backward_{li}_recompute", f"backward_{li}"}
+        tr.trace_free_what = True
+        hooks += trace_layer_marks(tr, layers[li])
     t0 = time.time()
     with tr:
         set_next("embed")
@@ -505,7 +547,9 @@ def run_config(c, tmp):
 
     rec = record(c, tr, marks, kept_snap, model, layers, B * L, baseline, n_trainable, dtypes, upcast, opt, secs)
     if c.get("trace"):
-        rec["head_trace"] = tr.trace
+        rec["head_trace"] = [x for x in tr.trace if x[0] in ("final_norm+lm_head+loss", "backward_head", "after")]
+    if c.get("trace_layers"):
+        rec["layer_trace"] = [x for x in tr.trace if x[0] not in ("final_norm+lm_head+loss", "backward_head", "after")]
     del train_model, model, opt, params, loss, tr
     gc.collect()
     return rec
@@ -606,6 +650,8 @@ def grid():
             name += "-" + kw["recipe"]
         if kw.get("transformers"):  # run under that transformers, in its own venv (see the docstring)
             name += "-tf" + kw["transformers"]
+        if kw.get("dora"):  # LoraConfig(use_dora=True)
+            name += "-dora"
         cs.append(dict(name=name, arch=arch, seq=seq, ckpt=ckpt, r=r, targets=targets, batch=batch, **kw))
 
     a = "llama-h1024"
@@ -637,6 +683,12 @@ def grid():
     # --recipe trl: TRL's SFTTrainer, one step through trainer.train() (issue 21).
     for seq, ckpt, batch in ((256, False, 1), (1024, False, 1), (1024, True, 1), (512, True, 4)):
         add(a, seq, ckpt, 16, "all", batch, recipe="trl", **({"trace": True} if seq == 256 else {}))
+    # DoRA (LoraConfig(use_dora=True)): two carry the last decoder layer's op-by-op trace (`layer_trace`).
+    add(a, 256, False, 16, "all", 1, dora=True, trace_layers=True)
+    add(a, 1024, False, 16, "all", 1, dora=True)
+    add(a, 1024, True, 16, "all", 1, dora=True, trace_layers=True)
+    add(a, 512, True, 16, "all", 4, dora=True)
+    add(a, 1024, False, 16, "attn", 1, dora=True)
     q = "qwen2-h896"
     for seq in (256, 1024, 2048):
         add(q, seq, False, 16, "all", 1)
@@ -649,6 +701,7 @@ def grid():
     add(q, 1024, False, 16, "all", 1, recipe="peft-kbit")
     add(q, 1024, True, 16, "all", 1, recipe="peft-kbit")
     add(q, 1024, True, 16, "all", 1, recipe="trl")
+    add(q, 1024, False, 16, "all", 1, dora=True)
     b = "llama-h4096"
     add(b, 256, False, 16, "all", 1)
     add(b, 256, True, 16, "all", 1)
@@ -661,6 +714,8 @@ def grid():
     add(b, 512, False, 16, "all", 1, recipe="peft-kbit")
     add(b, 512, True, 16, "all", 1, recipe="trl")
     add(b, 512, False, 16, "all", 1, recipe="trl")
+    add(b, 256, True, 16, "all", 1, dora=True)
+    add(b, 512, False, 16, "all", 1, dora=True)
     add("qwen2-h3584", 256, False, 16, "all", 1)
     add("qwen2-h3584", 256, True, 16, "all", 1)
     add("qwen2-h3584", 256, True, 16, "all", 1, recipe="peft-kbit")

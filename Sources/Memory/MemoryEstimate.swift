@@ -52,13 +52,16 @@ public struct MemoryOptions: Sendable, Codable {
     public var loraDropout = 0.0
     /// The LoRA methods' optimizer.
     public var optimizer: Optimizer = .adamw
+    /// DoRA (PEFT's `use_dora`): a trainable fp32 magnitude per output feature of each adapted
+    /// projection, and the forward's weight norm (measured: peaks.json's `-dora` rows).
+    public var dora = false
 
     public init(method: TrainingMethod = .qlora, rank: Int = 16, alpha: Double = 32, targets: [String] = ModelArchitecture.projectionNames,
                 seqLen: Int = 2048, batch: Int = 1, gradientCheckpointing: Bool = false, doubleQuant: Bool = true, blocksize: Int = 64,
-                loraDropout: Double = 0, optimizer: Optimizer = .adamw) {
+                loraDropout: Double = 0, optimizer: Optimizer = .adamw, dora: Bool = false) {
         (self.method, self.rank, self.alpha, self.targets, self.seqLen, self.batch) = (method, rank, alpha, targets, seqLen, batch)
         (self.gradientCheckpointing, self.doubleQuant, self.blocksize, self.loraDropout) = (gradientCheckpointing, doubleQuant, blocksize, loraDropout)
-        self.optimizer = optimizer
+        (self.optimizer, self.dora) = (optimizer, dora)
     }
 
     public var tokens: Int { seqLen * batch }
@@ -163,7 +166,11 @@ public struct MemoryEstimate: Sendable, Codable {
         let others = groups.filter { $0.kind != .projection }
         let projectionElements = projections.reduce(0) { $0 + $1.elements }
         let otherElements = others.reduce(0) { $0 + $1.elements }
-        let loraElements = o.isLoRA ? a.adaptedModules(o.targets).reduce(0) { t, p in let s = a.projectionShape(p); return t + o.rank * (s.in + s.out) } * a.layers : 0
+        // DoRA adds one magnitude per output feature of each adapted projection.
+        let loraElements = o.isLoRA ? a.adaptedModules(o.targets).reduce(0) { t, p in
+            let s = a.projectionShape(p)
+            return t + o.rank * (s.in + s.out) + (o.dora ? s.out : 0)
+        } * a.layers : 0
         params = Parameters(total: a.totalParameters, quantized: o.method == .qlora ? projectionElements : 0,
                             trainable: o.isLoRA ? loraElements : a.totalParameters)
         activationBytesPerLayerPerToken = Self.activationBytesPerToken(a, o)
@@ -186,7 +193,7 @@ public struct MemoryEstimate: Sendable, Codable {
             c.append(MemoryComponent(name: "gradients", estimatedBytes: 2 * a.totalParameters, basis: "bf16, one per parameter"))
         }
         if o.isLoRA {
-            c.append(MemoryComponent(name: "lora_params", estimatedBytes: 4 * loraElements, basis: "r·(in+out) per adapted projection, fp32"))
+            c.append(MemoryComponent(name: "lora_params", estimatedBytes: 4 * loraElements, basis: o.dora ? "r·(in+out) + out (DoRA's magnitude) per adapted projection, fp32" : "r·(in+out) per adapted projection, fp32"))
             c.append(MemoryComponent(name: "lora_grads", estimatedBytes: 4 * loraElements, basis: "fp32, one per adapter parameter"))
             if o.optimizer == .adamw {
                 c.append(MemoryComponent(name: "optimizer_states", estimatedBytes: 8 * loraElements, basis: "AdamW exp_avg + exp_avg_sq, fp32"))
@@ -246,7 +253,9 @@ public struct MemoryEstimate: Sendable, Codable {
     static func loraActivationTermsPerToken(_ a: ModelArchitecture, _ o: MemoryOptions) -> [Int] {
         a.adaptedModules(o.targets).flatMap { p -> [Int] in
             let s = a.projectionShape(p)
-            return [4 * s.in, 4 * o.rank] + (o.loraDropout > 0 ? [4 * s.in] : [])
+            // DoRA also keeps the base layer's bf16 result and the adapter's fp32 result, which
+            // `(m/‖W‖ − 1)·base + m/‖W‖·lora·s` multiplies (peft/tuners/lora/dora.py forward).
+            return [4 * s.in, 4 * o.rank] + (o.loraDropout > 0 ? [4 * s.in] : []) + (o.dora ? [2 * s.out, 4 * s.out] : [])
         }
     }
 

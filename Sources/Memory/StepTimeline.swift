@@ -78,6 +78,9 @@ public struct StepTimeline: Sendable {
             throw MemoryError.badOption(kbit ? "the peft-kbit recipe prepares a 4-bit model (prepare_model_for_kbit_training): use --method qlora"
                                              : "the trl recipe models TRL's SFTTrainer on a 4-bit model: use --method qlora")
         }
+        if o.dora && (stack.recipe != .peft || !o.isLoRA) {
+            throw MemoryError.badOption("DoRA is modelled on the peft recipe's LoRA and QLoRA steps (measured: peaks.json's -dora rows)")
+        }
         self.stack = stack
         let held = try Held(a, o, stack: stack)
         let t = o.tokens
@@ -103,7 +106,12 @@ public struct StepTimeline: Sendable {
         var layerKept: [[StepTrace.Tensor]] = []
         for l in 0..<a.layers {
             layerKept.append(gc ? [s.alloc(t * e * h, .activations)] : s.alloc(Self.layerTerms(a, o, stack: stack, first: l == 0).map { t * $0 }, .activations))
-            held.dequantizeEach(into: &s, mark: "forward layer \(l)")
+            if o.dora {
+                if !gc { layerKept[l].append(s.alloc(Self.doraKeptVectorBytes(a, o, first: l == 0), .activations)) }
+                held.doraForward(into: &s, grad: !gc, mark: "forward layer \(l)")
+            } else {
+                held.dequantizeEach(into: &s, mark: "forward layer \(l)")
+            }
         }
         let kept: Int
         var headKept: [StepTrace.Tensor] = []
@@ -206,12 +214,22 @@ public struct StepTimeline: Sendable {
                 // dequantized weight, the LoRA gradients.
                 let again = s.alloc(Self.layerTerms(a, o, stack: stack, first: false).map { t * $0 } + [t * Self.recomputeInFlightBytesPerToken(a, kbit: kbit)], .transient)
                 let scratch = attentionScratch > 0 ? s.alloc(attentionScratch, .transient) : nil
-                held.dequantizeEach(into: &s, mark: "backward layer \(l) (recompute)")
+                if o.dora {
+                    let vectors = s.alloc(Self.doraKeptVectorBytes(a, o, first: false), .transient)
+                    held.doraForward(into: &s, grad: true, mark: "backward layer \(l) (recompute)")
+                    s.free(vectors)
+                } else {
+                    held.dequantizeEach(into: &s, mark: "backward layer \(l) (recompute)")
+                }
                 if let scratch { s.free(scratch) }
                 s.free(again)
             } else {
                 let scratch = attentionScratch > 0 ? s.alloc(attentionScratch, .transient) : nil
+                // DoRA's backward through a module: the fp32 and bf16 gradients of its two
+                // results and their products, 18 B per output feature and token, measured.
+                let dora = o.dora ? s.alloc(t * Self.doraBackwardBytesPerToken(a, o), .transient) : nil
                 held.dequantizeEach(into: &s, mark: "backward layer \(l)")
+                if let dora { s.free(dora) }
                 if let scratch { s.free(scratch) }
             }
             s.free(layerKept[l])
@@ -230,6 +248,38 @@ public struct StepTimeline: Sendable {
         case .trl: headKeptBytesPerToken = 6 * h + Self.trlHeadScalarBytesPerToken
         default: headKeptBytesPerToken = MemoryEstimate.headActivationBytesPerToken(a, o)
         }
+    }
+
+    /// DoRA's fp32 vectors a layer keeps per adapted module (peft/tuners/lora/dora.py forward):
+    /// the weight norm, m / ‖W‖ and m / ‖W‖ − 1, 12·out; the first layer's q, k and v keep no
+    /// m / ‖W‖ − 1 (their input needs no gradient). Measured in the `-dora` rows.
+    public static func doraKeptVectorBytes(_ a: ModelArchitecture, _ o: MemoryOptions, first: Bool) -> Int {
+        a.adaptedModules(o.targets).reduce(0) { t, p in
+            let out = a.projectionShape(p).out
+            return t + (first && ["q_proj", "k_proj", "v_proj", "qkv_proj"].contains(p) ? 8 : 12) * out
+        }
+    }
+
+    /// The most a DoRA module's forward holds beyond what the layer keeps (PEFT 0.21.2's
+    /// `DoraLinearLayer.forward`, measured op by op in the `-dora` rows): with gradients, the
+    /// identity `x_eye` [in, in] and A·x_eye [in, r] in fp32, kept by lora_weight's graph, and the
+    /// larger of the weight norm's moment (lora_weight, W in fp32, scaling·lora_weight and their
+    /// sum: 16·in·out) and the output's (lora_weight and W: 8·in·out, and per token 12·out of
+    /// products, 2·out more with a bias); without (a checkpointed first forward) no identity is
+    /// kept. The largest adapted module's.
+    public static func doraForwardTransientBytes(_ a: ModelArchitecture, _ o: MemoryOptions, grad: Bool) -> Int {
+        a.adaptedModules(o.targets).map { p -> Int in
+            let (k, n) = (a.projectionShape(p).in, a.projectionShape(p).out)
+            let bias = a.attentionQKVBias && ["q_proj", "k_proj", "v_proj", "qkv_proj"].contains(p) ? 2 : 0
+            let output = 8 * k * n + o.tokens * (12 + bias) * n + (grad ? 0 : o.tokens * (4 * n + 4 * o.rank))
+            return (grad ? 4 * k * k + 4 * k * o.rank : 0) + max(16 * k * n, output)
+        }.max() ?? 0
+    }
+
+    /// DoRA's backward through a module beyond plain LoRA's: 18 B per output feature and token,
+    /// the largest adapted module's.
+    public static func doraBackwardBytesPerToken(_ a: ModelArchitecture, _ o: MemoryOptions) -> Int {
+        18 * (a.adaptedModules(o.targets).map { a.projectionShape($0).out }.max() ?? 0)
     }
 
     /// TRL's fused LM head's tiles (trl/kernels/chunked_logprob.py `TOKEN_CHUNK_SIZE`,
@@ -362,7 +412,7 @@ public struct StepTimeline: Sendable {
             let trainable = e.params.trainable
             // Gradients and optimizer states as the real step holds them.
             gradientBytes = o.isLoRA ? adapterElement * trainable : 2 * trainable
-            let tensors = o.isLoRA ? 2 * modules.count * a.layers : a.tensorGroups.reduce(0) { $0 + $1.count }
+            let tensors = o.isLoRA ? (o.dora ? 3 : 2) * modules.count * a.layers : a.tensorGroups.reduce(0) { $0 + $1.count }
             switch o.method {
             case .qlora, .lora:
                 stateBytes = o.optimizer != .adamw ? e.component("optimizer_states")!.estimatedBytes
@@ -375,10 +425,22 @@ public struct StepTimeline: Sendable {
                 : 2 * (a.tensorGroups.map { $0.shape.reduce(1, *) }.max() ?? 0)
         }
 
-        /// The adapters' A and B of one layer, elements each.
+        /// The adapters' A and B of one layer (and DoRA's magnitude), elements each.
         var adapterElements: [Int] {
             guard o.isLoRA else { return [] }
-            return a.adaptedModules(o.targets).flatMap { p -> [Int] in let s = a.projectionShape(p); return [o.rank * s.in, s.out * o.rank] }
+            return a.adaptedModules(o.targets).flatMap { p -> [Int] in
+                let s = a.projectionShape(p)
+                return [o.rank * s.in, s.out * o.rank] + (o.dora ? [s.out] : [])
+            }
+        }
+
+        /// A DoRA layer's forward: its largest module's transients (`doraForwardTransientBytes`),
+        /// or the largest dequantized weight of a module without DoRA if larger.
+        func doraForward(into s: inout StepTrace, grad: Bool, mark phase: String) {
+            let dequantized = fourBit ? 2 * (a.projections.map { $0.outFeatures * $0.inFeatures }.max() ?? 0) : 0
+            let w = s.alloc(max(StepTimeline.doraForwardTransientBytes(a, o, grad: grad), dequantized), .transient)
+            s.mark(phase + " (DoRA's weight norm)")
+            s.free(w)
         }
 
         /// One layer's gradients: fp32 LoRA A and B, or (full fine-tuning) its share of the bf16

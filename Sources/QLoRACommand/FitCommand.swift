@@ -25,6 +25,7 @@ struct FitCommand: ParsableCommand {
     @Option(help: "Adapted projections: all, attention, mlp, or a list such as q,v.") var targets = "all"
     @Option(help: "The sequence length the batch answer is for (and the matrix's).") var seqLen = 2048
     @Option(help: "The LoRA methods' optimizer: adamw, adamw-8bit or paged-adamw-8bit (paged states count nothing on the GPU).") var optimizer: Optimizer = .adamw
+    @Flag(help: "DoRA (PEFT's use_dora): a magnitude per output feature, and each module's weight norm in the forward.") var dora = false
     @Flag(help: "A table of every preset × method × common GPU size (12-128 GB) at --seq-len × batch 1 with checkpointing.") var matrix = false
     @OptionGroup var stackOptions: StackOptions
     @Flag(help: "Print JSON.") var json = false
@@ -33,6 +34,7 @@ struct FitCommand: ParsableCommand {
         guard gpus > 0 else { throw ValidationError("--gpus must be positive") }
         guard rank > 0, seqLen > 0 else { throw ValidationError("--rank and --seq-len must be positive") }
         if !matrix && memory == nil { throw ValidationError("give --memory SIZE (e.g. 24GB), or --matrix") }
+        if dora && !matrix && method != .qlora && method != .lora { throw ValidationError("--dora trains LoRA adapters: use --method qlora or lora") }
     }
 
     func run() {
@@ -42,7 +44,7 @@ struct FitCommand: ParsableCommand {
             if matrix { return try printMatrix(targets: targetList, stack: stack) }
             let bytes = try parseByteSize(memory!)
             let arch = try architecture(model: model, config: config)
-            let o = MemoryOptions(method: method, rank: rank, targets: targetList, seqLen: seqLen, optimizer: optimizer)
+            let o = MemoryOptions(method: method, rank: rank, targets: targetList, seqLen: seqLen, optimizer: optimizer, dora: dora)
             let answers = try Fit.answer(arch, o, memory: bytes, gpus: gpus, parallelism: parallelism, stack: stack)
             if json {
                 struct Output: Encodable { var model: String; var method: String; var memoryBytes: Int; var gpus: Int; var parallelism: String; var seqLen: Int; var stack: String; var answers: [Fit.Answer] }
@@ -74,7 +76,8 @@ struct FitCommand: ParsableCommand {
         for a in ModelArchitecture.presets {
             for m in TrainingMethod.allCases {
                 if m != .qlora && stack.recipe != .peft { continue }   // peft-kbit, trl and unsloth are QLoRA recipes
-                let b = try Fit.perDeviceBytes(a, MemoryOptions(method: m, rank: rank, targets: targets, seqLen: seqLen, gradientCheckpointing: true),
+                let b = try Fit.perDeviceBytes(a, MemoryOptions(method: m, rank: rank, targets: targets, seqLen: seqLen, gradientCheckpointing: true,
+                                                                          dora: dora && (m == .qlora || m == .lora)),
                                                gpus: 1, parallelism: .ddp, stack: stack)
                 for g in Fit.commonGPUSizesGB {
                     cells.append(Cell(model: a.name, method: m.rawValue, gpuGB: g, bytes: b, fits: b <= g * 1_000_000_000, headroomBytes: g * 1_000_000_000 - b))

@@ -26,6 +26,7 @@ struct MemoryCommand: ParsableCommand {
     @Option(parsing: .unconditional, help: "Sequences per step.") var batch = 1
     @Flag(help: "Gradient checkpointing per decoder layer.") var gradCheckpointing = false
     @Option(help: "The LoRA methods' optimizer: adamw, adamw-8bit or paged-adamw-8bit (paged states count nothing on the GPU).") var optimizer: Optimizer = .adamw
+    @Flag(help: "DoRA (PEFT's use_dora): a magnitude per output feature, and each module's weight norm in the forward.") var dora = false
     @Flag(inversion: .prefixedNo, help: "Double quantization of the 4-bit constants.") var doubleQuant = true
     @Flag(help: "Build the components in this process and measure them (allocator and RSS).") var measure = false
     @Option(help: ArgumentHelp("Model the whole step's memory over time (transformers + PEFT + bitsandbytes) and draw it as an SVG at PATH; prints the peak's phase.", valueName: "path"))
@@ -35,6 +36,7 @@ struct MemoryCommand: ParsableCommand {
     @Flag(help: "Print JSON.") var json = false
 
     func validate() throws {
+        if dora && method != .qlora && method != .lora { throw ValidationError("--dora trains LoRA adapters: use --method qlora or lora") }
         let o = stackOptions
         if (o.recipe != .peft || o.runtime != .cpu || o.attention != .sdpa || Stack.Transformers(release: o.transformers) != .v5) && timeline == nil {
             throw ValidationError("--recipe, --runtime, --attention and --transformers choose whose step --timeline draws; give --timeline PATH.svg")
@@ -45,7 +47,7 @@ struct MemoryCommand: ParsableCommand {
         runReportingErrors {
             let arch = try architecture(model: model, config: config)
             let o = MemoryOptions(method: method, rank: rank, alpha: alpha, targets: try ModelArchitecture.targetProjections(targets), seqLen: seqLen,
-                                  batch: batch, gradientCheckpointing: gradCheckpointing, doubleQuant: doubleQuant, optimizer: optimizer)
+                                  batch: batch, gradientCheckpointing: gradCheckpointing, doubleQuant: doubleQuant, optimizer: optimizer, dora: dora)
             var m = try MemoryEstimate(model: arch, options: o)
             var scope: String? = nil
             if measure { scope = try measureWithProgress(&m, model: arch) }

@@ -38,7 +38,7 @@ final class StepTimelineTests: XCTestCase {
             let method: TrainingMethod = name.contains("-full-") ? .full : name.contains("-lora-") ? .lora : .qlora
             let targets = (c["targets"] as! String) == "attn" ? ModelArchitecture.attentionProjections : ModelArchitecture.projectionNames
             let o = MemoryOptions(method: method, rank: max(c["r"] as? Int ?? 1, 1), targets: targets, seqLen: c["seq"] as! Int, batch: c["batch"] as! Int,
-                                  gradientCheckpointing: c["ckpt"] as! Bool)
+                                  gradientCheckpointing: c["ckpt"] as! Bool, dora: c["dora"] as? Bool ?? false)
             let recipe = try XCTUnwrap(Stack.Recipe(rawValue: c["recipe"] as? String ?? "peft"), name)
             let attention = try XCTUnwrap(Stack.Attention(rawValue: c["attn"] as? String ?? "sdpa"), name)
             let transformers = try XCTUnwrap(Stack.Transformers(rawValue: c["transformers"] as? String ?? "5"), name)
@@ -52,7 +52,8 @@ final class StepTimelineTests: XCTestCase {
             // And in the same phase.
             let phase = c["peak_phase"] as! String
             let expected = phase == "backward_head" ? "head backward" : phase == "final_norm+lm_head+loss" ? "head forward"
-                : phase == "optimizer_step" ? "optimizer step" : "backward layer " + phase.dropFirst("backward_".count)
+                : phase == "optimizer_step" ? "optimizer step"
+                : phase.hasPrefix("forward_") ? "forward layer " + phase.dropFirst("forward_".count) : "backward layer " + phase.dropFirst("backward_".count)
             XCTAssertTrue(model.peak.phase.hasPrefix(expected), "\(name): peak in \(model.peak.phase), measured in \(phase)")
             XCTAssertEqual(Double(model.points[0].bytes), Double(c["baseline_bytes"] as! Int), accuracy: Self.peakTolerance * Double(c["baseline_bytes"] as! Int), "\(name) weights")
             if method != .full {
@@ -112,5 +113,25 @@ final class UnslothRecipeTests: XCTestCase {
         let hf = try StepTimeline(model: a, options: o)
         XCTAssertGreaterThan(hf.peakBytes - u.peakBytes, 2048 * 8 * 128256)
         XCTAssertThrowsError(try StepTimeline(model: a, options: MemoryOptions(method: .full), recipe: .unsloth))
+    }
+}
+
+/// DoRA's terms beyond plain LoRA (PEFT 0.21.2's DoraLinearLayer; the -dora rows of peaks.json
+/// hold the step, these the parts).
+final class DoRAMemoryTests: XCTestCase {
+    func testMagnitudesAndKeptResults() throws {
+        let a = ModelArchitecture.preset("llama-2-7b")!
+        let o = MemoryOptions(method: .qlora, rank: 16, seqLen: 1024, gradientCheckpointing: false, dora: true)
+        var plain = o
+        plain.dora = false
+        // One fp32 magnitude per output feature of each adapted projection: 32 × (4·4096 + 2·11008 + 4096).
+        let outs = 4 * 4096 + 2 * 11008 + 4096
+        XCTAssertEqual(try MemoryEstimate(model: a, options: o).params.trainable - MemoryEstimate(model: a, options: plain).params.trainable, 32 * outs)
+        // Per token each module keeps its bf16 base result and fp32 adapter result: 6·out.
+        XCTAssertEqual(MemoryEstimate.activationBytesPerToken(a, o) - MemoryEstimate.activationBytesPerToken(a, plain), 6 * outs)
+        // The forward's weight norm of down_proj (in 11008, out 4096): x_eye and A·x_eye, then 16·in·out.
+        XCTAssertEqual(StepTimeline.doraForwardTransientBytes(a, o, grad: true), 4 * 11008 * 11008 + 4 * 11008 * 16 + 16 * 11008 * 4096)
+        XCTAssertThrowsError(try StepTimeline(model: a, options: o, stack: Stack(recipe: .peftKbit)))
+        XCTAssertThrowsError(try StepTimeline(model: a, options: MemoryOptions(method: .full, dora: true)))
     }
 }
