@@ -53,10 +53,12 @@ vectors:
 	.venv/bin/python Vectors/generate_presets.py
 	.venv/bin/python Vectors/generate_llama.py
 	.venv/bin/python Vectors/generate_families.py
+	.venv/bin/python Vectors/generate_adapter_training.py
 	.venv/bin/python Vectors/generate_llama_ops.py
 	.venv/bin/python Vectors/generate_bnb_variants.py
 	.venv/bin/python Vectors/generate_interop.py
 	.venv/bin/python Vectors/generate_peft_targets.py
+	.venv/bin/python Vectors/generate_peft_kinds.py
 	.venv/bin/python Vectors/generate_peaks.py
 	.venv/bin/python Vectors/generate_gguf.py
 

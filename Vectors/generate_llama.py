@@ -51,22 +51,39 @@ def save_dense_and_nf4(dense, out_dir):
     return model
 
 
-def record_training_step(model, targets, record_logits_dtype=False):
+def record_training_step(model, targets, record_logits_dtype=False, config_extra=None, init=None, save_dir=None,
+                         train=False):
     """PEFT LoRA r=8 (alpha 16, fp32 adapters, B drawn non-zero so every gradient is non-trivial)
     on `targets` of a loaded model, and what qlora's golden tests compare: the adapters as drawn
     ("init."), one batch's ids and labels (with ignored positions), logits and loss, every LoRA
     gradient ("grad."), the adapters after 3 torch AdamW steps at lr 1e-3 ("step3.") and the
-    three losses. generate_families.py records each family with it too."""
-    pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0, bias="none"))
+    three losses. generate_families.py records each family with it too.
+
+    Every trainable parameter is recorded, in its own dtype (fp32 for LoRA; a DoRA magnitude
+    vector and a modules_to_save copy are trainable too). generate_adapter_training.py passes
+    `config_extra` (more LoraConfig fields: use_dora, modules_to_save, task_type), `init` (values,
+    by recorded name, copied into parameters after B is drawn: the existing goldens' lora_A),
+    `save_dir` (PEFT's save_pretrained after the 3 steps, its model card removed) and `train`
+    (the step in train mode, as a Trainer runs it; the goldens of this script and of
+    generate_families.py ran in the eval mode from_pretrained leaves, where bitsandbytes' CPU
+    AVX512-BF16 path repacks every 4-bit weight whose input does not require grad (layer 0's
+    q/k/v) on its first forward and computes it with a bf16 absmax)."""
+    pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0, bias="none",
+                                          **(config_extra or {})))
+    if train:
+        pm.train()
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        for n, p in pm.named_parameters():
+            if init is not None and adapter_name(n) in init:
+                p.copy_(init[adapter_name(n)])
     tensors = {}
     lora = {n: p for n, p in pm.named_parameters() if p.requires_grad}
     for n, p in lora.items():
-        tensors["init." + adapter_name(n)] = p.detach().float().clone()
+        tensors["init." + adapter_name(n)] = p.detach().clone()
 
     ids = torch.randint(0, 256, (2, 16), generator=g)
     labels = ids.clone()
@@ -82,7 +99,7 @@ def record_training_step(model, targets, record_logits_dtype=False):
     tensors["loss"] = out.loss.detach().float().reshape(1)
     out.loss.backward()
     for n, p in lora.items():
-        tensors["grad." + adapter_name(n)] = p.grad.detach().float().clone()
+        tensors["grad." + adapter_name(n)] = p.grad.detach().clone()
 
     opt = torch.optim.AdamW(list(lora.values()), lr=1e-3)  # weight decay 0.01, torch's defaults
     losses = [out.loss.item()]
@@ -94,8 +111,11 @@ def record_training_step(model, targets, record_logits_dtype=False):
         losses.append(o.loss.item())
         opt.step()
     for n, p in lora.items():
-        tensors["step3." + adapter_name(n)] = p.detach().float().clone()
+        tensors["step3." + adapter_name(n)] = p.detach().clone()
     tensors["step_losses"] = torch.tensor(losses, dtype=torch.float32)
+    if save_dir is not None:
+        pm.save_pretrained(save_dir)
+        os.remove(os.path.join(save_dir, "README.md"))  # PEFT's model card: not needed
     return tensors, out.loss.item(), losses
 
 

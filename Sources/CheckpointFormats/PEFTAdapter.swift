@@ -353,7 +353,7 @@ public struct PEFTAdapter: Sendable {
             ("rank_pattern", object(rankPattern.sorted { $0.key < $1.key }.map { ($0.key, ConfigJSON.int($0.value)) })),
             ("revision", .null), ("target_modules", .array(targetModules.map { .string($0) })), ("target_parameters", .null),
             ("task_type", taskType.map { .string($0) } ?? .null), ("trainable_token_indices", .null), ("use_bdlora", .null),
-            ("use_dora", .bool(false)), ("use_qalora", .bool(false)), ("use_rslora", .bool(useRSLoRA)), ("velora_config", .null),
+            ("use_dora", .bool(useDora)), ("use_qalora", .bool(false)), ("use_rslora", .bool(useRSLoRA)), ("velora_config", .null),
         ])
     }
 
@@ -364,6 +364,10 @@ public struct PEFTAdapter: Sendable {
         for m in modules.values.sorted(by: { $0.path < $1.path }) {
             tensors.append((Self.prefix + m.path + ".lora_A.weight", DType(m.storedType), [m.rank, m.inFeatures], encode(m.loraA, as: m.storedType)))
             tensors.append((Self.prefix + m.path + ".lora_B.weight", DType(m.storedType), [m.outFeatures, m.rank], encode(m.loraB, as: m.storedType)))
+            if let mag = m.magnitude {
+                // PEFT strips `.weight` from the magnitude's key (LoraModel._get_adapter_state_dict).
+                tensors.append((Self.prefix + m.path + ".lora_magnitude_vector", .f32, [m.outFeatures], encode(mag, as: .float32)))
+            }
         }
         try SafeTensorsWriter.write(url: directory.appendingPathComponent(Self.weightsFile), tensors: tensors, metadata: ["format": "pt"])
     }

@@ -32,6 +32,7 @@ struct Train: ParsableCommand {
     @Option(help: "Continue from OUT/checkpoint-N.") var resume: String?
     @Option(help: "Start from this PEFT adapter (its rank and alpha; new optimizer state).") var adapter: String?
     @Option(help: "Seed of the new adapters' initialization.") var seed: UInt64 = 0
+    @Flag(help: "DoRA (PEFT's use_dora): new adapters also train a magnitude per output feature, PEFT's DoRA forward and backward.") var dora = false
     @Option(help: "Output directory for the adapter and checkpoints (new or empty, unless --overwrite or --resume from inside it).") var out = "qlora-adapter"
     @Flag(help: "Write into an existing --out that holds other files, replacing an adapter there.") var overwrite = false
 
@@ -44,12 +45,14 @@ struct Train: ParsableCommand {
         guard seqLen > 1 else { throw ValidationError("--seq-len must be at least 2, got \(seqLen)") }
         guard saveEvery >= 0 else { throw ValidationError("--save-every must be 0 or more, got \(saveEvery)") }
         guard resume == nil || adapter == nil else { throw ValidationError("give --resume or --adapter, not both") }
+        guard !dora || (resume == nil && adapter == nil) else { throw ValidationError("--dora makes new adapters; an adapter given with --adapter or --resume keeps its own kind") }
     }
 
     func run() {
         runReportingErrors {
-            let o = TrainOptions(rank: rank, alpha: alpha, lr: lr, steps: steps, batch: batch, gradAccum: gradAccum, seqLen: seqLen,
+            var o = TrainOptions(rank: rank, alpha: alpha, lr: lr, steps: steps, batch: batch, gradAccum: gradAccum, seqLen: seqLen,
                                  gradientCheckpointing: gradCheckpointing, saveEvery: saveEvery, seed: seed)
+            o.dora = dora
             let job = try TrainingRun(model: model, data: data, out: out, options: o, resume: resume, adapter: adapter, overwrite: overwrite)
             HeapReuse.keepFreedMemory()  // every step reuses the last one's buffers (see HeapReuse)
             // SIGTERM, SIGHUP: remove what is being staged; Ctrl-C saves a checkpoint (below).

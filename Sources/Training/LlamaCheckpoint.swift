@@ -24,7 +24,7 @@ public enum LlamaCheckpoint {
     /// it); otherwise new adapters of `rank`/`alpha` on all seven projections, initialized as PEFT
     /// does (A Kaiming-uniform from `seed`, B zero).
     public static func load(directory: String, adapter: PEFTAdapter? = nil, rank: Int = 16, alpha: Double = 32, dropout: Double = 0,
-                            seed: UInt64 = 0) throws -> LlamaModel {
+                            seed: UInt64 = 0, dora: Bool = false) throws -> LlamaModel {
         let cfg = try config(directory: directory)
         let reader = try CheckpointReader(path: directory)
         let groups = Dictionary(uniqueKeysWithValues: try BnB4BitFormat.groups(of: reader).map { ($0.name, $0) })
@@ -71,6 +71,12 @@ public enum LlamaCheckpoint {
                     layer = try LoRALinear(base: base, config: LoRAConfig(rank: rank, alpha: alpha, dropout: dropout), seed: seed &+ UInt64(l * 7 + p))
                 }
                 if projection.hasBias { layer.bias = try dense(path + ".bias", [out]) }
+                // DoRA: the adapter's magnitude, or PEFT's initial one (the base's row norms).
+                if let m = adapter?.modules[path]?.magnitude {
+                    do { try layer.enableDoRA(magnitude: m) } catch { throw CheckpointError.invalidPath(path: directory, problem: "\(path): \(error)") }
+                } else if adapter == nil && dora {
+                    do { try layer.enableDoRA() } catch { throw CheckpointError.invalidPath(path: directory, problem: "\(path): \(error)") }
+                }
                 projections.append(layer)
             }
             let norms = cfg.qkNorm ? (try dense("model.layers.\(l).self_attn.q_norm.weight", [cfg.headDim]), try dense("model.layers.\(l).self_attn.k_norm.weight", [cfg.headDim])) : nil
@@ -112,6 +118,8 @@ public enum LlamaCheckpoint {
         a.baseModelNameOrPath = baseModel
         for (path, l) in model.adapters {
             a.modules[path] = .init(path: path, rank: l.config.rank, inFeatures: l.inFeatures, outFeatures: l.outFeatures, loraA: l.loraA, loraB: l.loraB)
+            a.modules[path]!.magnitude = l.magnitude
+            if l.magnitude != nil { a.useDora = true }
         }
         return a
     }

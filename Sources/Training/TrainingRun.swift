@@ -17,6 +17,8 @@ public struct TrainOptions: Sendable {
     /// Save a resumable checkpoint (adapter + optimizer state) every this many steps (0: never).
     public var saveEvery = 50
     public var seed: UInt64 = 0
+    /// DoRA (PEFT's `use_dora`) on new adapters.
+    public var dora = false
 
     public init(rank: Int = 16, alpha: Double = 32, lr: Double = 2e-4, weightDecay: Double = 0.01, steps: Int = 100, batch: Int = 1,
                 gradAccum: Int = 1, seqLen: Int = 512, gradientCheckpointing: Bool = false, saveEvery: Int = 50, seed: UInt64 = 0) {
@@ -59,8 +61,10 @@ public final class TrainingRun {
     /// An adapter to continue: LoRA on linear layers, what `qlora train` trains.
     static func plainLoRA(_ directory: String) throws -> PEFTAdapter {
         let a = try PEFTAdapter.load(directory: directory)
-        guard a.isPlainLoRA else {
-            throw CheckpointError.invalidPath(path: directory, problem: "holds \(a.extraKinds.joined(separator: " and ")); qlora train continues LoRA adapters only")
+        var other = a
+        other.useDora = false
+        guard other.isPlainLoRA else {
+            throw CheckpointError.invalidPath(path: directory, problem: "holds \(other.extraKinds.joined(separator: " and ")); qlora train continues LoRA and DoRA adapters only")
         }
         return a
     }
@@ -100,7 +104,7 @@ public final class TrainingRun {
         } catch let e as TrainingError {
             throw CheckpointError.invalidPath(path: dir, problem: e.description)
         }
-        model = try LlamaCheckpoint.load(directory: dir, adapter: adapter, rank: o.rank, alpha: o.alpha, seed: o.seed)
+        model = try LlamaCheckpoint.load(directory: dir, adapter: adapter, rank: o.rank, alpha: o.alpha, seed: o.seed, dora: o.dora)
         self.data = data
         let adam = AdamWConfig(lr: o.lr, weightDecay: o.weightDecay)
         trainer = LlamaTrainer(model: model, optimizer: adam, checkpointing: o.gradientCheckpointing, states: states)

@@ -198,6 +198,23 @@ final class CLITests: TemporaryDirectoryTestCase {
         XCTAssertTrue(r.stdout.contains("trained 3 steps"), r.stdout)
         XCTAssertTrue(r.stderr.contains("step 3/3"), r.stderr)
         XCTAssertTrue(FileManager.default.fileExists(atPath: out + "/adapter_model.safetensors"))
+        // --dora: a DoRA adapter PEFT's format holds (use_dora, a magnitude per module), resumable
+        // and mergeable.
+        let doraOut = tmp.appendingPathComponent("dora").path
+        r = try run(["train", "--model", model, "--data", model + "-copy.jsonl", "--steps", "2", "--batch", "2", "--seq-len", "12", "--dora",
+                     "--save-every", "1", "--out", doraOut])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let config = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: doraOut + "/adapter_config.json"))) as? [String: Any])
+        XCTAssertEqual(config["use_dora"] as? Bool, true)
+        let tensors = try SafeTensorsFile(path: doraOut + "/adapter_model.safetensors").tensors.map(\.name)
+        XCTAssertEqual(tensors.filter { $0.hasSuffix(".lora_magnitude_vector") }.count, tensors.filter { $0.hasSuffix(".lora_A.weight") }.count)
+        r = try run(["train", "--model", model, "--data", model + "-copy.jsonl", "--steps", "3", "--batch", "2", "--seq-len", "12",
+                     "--resume", doraOut + "/checkpoint-1", "--out", doraOut])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        r = try run(["merge", model, doraOut, tmp.appendingPathComponent("dora-merged").path])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        try expectFailure(["train", "--model", model, "--data", model + "-copy.jsonl", "--dora", "--adapter", out, "--out", tmp.appendingPathComponent("x").path],
+                          mentions: ["--dora"], noOutput: tmp.appendingPathComponent("x").path)
 
         let p = Process()
         p.executableURL = qloraBinary

@@ -12,7 +12,7 @@ public struct TrainingExample: Sendable, Equatable {
 
 /// QLoRA training of a `LlamaModel`'s adapters: batches of fixed-length sequences, gradient
 /// accumulation (the loss of each micro-batch divided by their count, as HF's Trainer does),
-/// AdamW on every lora_A and lora_B.
+/// AdamW on every lora_A and lora_B (and DoRA's magnitudes).
 public final class LlamaTrainer {
     public let model: LlamaModel
     public var optimizer: AdamWConfig
@@ -28,6 +28,7 @@ public final class LlamaTrainer {
         for (path, l) in model.adapters {
             if s[path + ".lora_A.weight"] == nil { s[path + ".lora_A.weight"] = AdamWState(count: l.loraA.count) }
             if s[path + ".lora_B.weight"] == nil { s[path + ".lora_B.weight"] = AdamWState(count: l.loraB.count) }
+            if let m = l.magnitude, s[path + ".lora_magnitude_vector.weight"] == nil { s[path + ".lora_magnitude_vector.weight"] = AdamWState(count: m.count) }
         }
         self.states = s
     }
@@ -63,9 +64,13 @@ public final class LlamaTrainer {
             if counted > 1 {
                 for i in l.gradA.indices { l.gradA[i] *= scale }
                 for i in l.gradB.indices { l.gradB[i] *= scale }
+                for i in l.gradMagnitude.indices { l.gradMagnitude[i] *= scale }
             }
             AdamW.step(param: &l.loraA, grad: l.gradA, state: &states[path + ".lora_A.weight"]!, config: optimizer)
             AdamW.step(param: &l.loraB, grad: l.gradB, state: &states[path + ".lora_B.weight"]!, config: optimizer)
+            if l.magnitude != nil {
+                AdamW.step(param: &l.magnitude!, grad: l.gradMagnitude, state: &states[path + ".lora_magnitude_vector.weight"]!, config: optimizer)
+            }
         }
         return (total / Float(counted), peak)
     }

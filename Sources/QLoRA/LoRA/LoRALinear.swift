@@ -64,6 +64,10 @@ public final class LoRALinear {
     /// The base layer's bias [out] (bf16 values, frozen), or nil: added to the base matmul's
     /// fp32 sum before its one rounding to bf16, as torch's bf16 `linear` with a bias does.
     public var bias: [Float]? = nil
+    /// DoRA's magnitude m [out] (PEFT's `lora_magnitude_vector`, fp32, trained), or nil for
+    /// plain LoRA; its accumulated gradient.
+    public var magnitude: [Float]? = nil
+    public var gradMagnitude: [Float] = []
     /// The base matmul's reusable buffers. Layers that run one after another can share one
     /// (`LlamaModel` gives all its projections the same), so it holds one activation copy and
     /// one weight panel instead of one per layer.
@@ -109,6 +113,12 @@ public final class LoRALinear {
     /// input and its rank-r projection, plus the dropout mask when dropout is on.
     public struct Saved {
         public let tokens: Int
+        /// DoRA: the base layer's bf16 result less its bias, the adapter's fp32 result
+        /// (B·A·x, unscaled), both [tokens, out], and m / ‖W + s·B·A‖ per output feature.
+        var doraBase: [Float] = []
+        var doraLoRA: [Float] = []
+        var doraScale: [Float] = []
+        var doraNorm: [Float] = []
         /// dropout(x): [tokens, in].
         let xDropped: [Float]
         /// dropout(x) · Aᵀ: [tokens, r].
@@ -117,14 +127,14 @@ public final class LoRALinear {
         let mask: [Float]
 
         /// Bytes held for backward (exact).
-        public var byteCount: Int { (xDropped.count + h.count + mask.count) * MemoryLayout<Float>.size }
+        public var byteCount: Int { (xDropped.count + h.count + mask.count + doraBase.count + doraLoRA.count + doraScale.count + doraNorm.count) * MemoryLayout<Float>.size }
 
         /// The address of the kept input: layers fed the same tensor without dropout keep one
         /// buffer between them (the input array itself, shared copy-on-write).
         var inputAddress: UnsafeRawPointer? { xDropped.withUnsafeBytes { $0.baseAddress } }
 
         /// Bytes of this layer's own arrays, its input excluded.
-        var byteCountWithoutInput: Int { (h.count + mask.count) * MemoryLayout<Float>.size }
+        var byteCountWithoutInput: Int { (h.count + mask.count + doraBase.count + doraLoRA.count + doraScale.count + doraNorm.count) * MemoryLayout<Float>.size }
     }
 
     /// Forward.
@@ -169,6 +179,26 @@ public final class LoRALinear {
         sgemm(false, true, tokens, n, r, h, r, b, r, 0, &l, n)
         round(&l)
         let s = Float(config.scaling)
+        if let magnitude {
+            // DoRA, as PEFT's bnb Linear4bit forward with DoraLinearLayer (peft/tuners/lora/
+            // bnb.py, dora.py): with W the dequantized bf16 weight in fp32 and the norm detached,
+            //   y = bf16(result + ((m/‖W + s·B·A‖ − 1)·(result − bias) + (m/‖…‖ · B·A·x)·s))
+            // in fp32, rounded to bf16 once.
+            let norm = doraNorm()
+            let scale = (0..<n).map { magnitude[$0] / norm[$0] }
+            var baseResult = y
+            if let bias { for t in 0..<tokens { for j in 0..<n { baseResult[t * n + j] = HalfPrecision.roundedToBFloat16(y[t * n + j] - bias[j]) } } }
+            for t in 0..<tokens {
+                for j in 0..<n {
+                    let i = t * n + j
+                    let dora = (scale[j] - 1) * baseResult[i] + (scale[j] * l[i]) * s
+                    y[i] = HalfPrecision.roundedToBFloat16(y[i] + dora)
+                }
+            }
+            var saved = Saved(tokens: tokens, xDropped: xd, h: h, mask: mask)
+            (saved.doraBase, saved.doraLoRA, saved.doraScale, saved.doraNorm) = (baseResult, l, scale, norm)
+            return (y, saved)
+        }
         for i in l.indices { l[i] = l[i] * s }
         round(&l)
         if bf16Activations {
@@ -193,15 +223,31 @@ public final class LoRALinear {
         guard dy.count == t * n else { throw .shapeMismatch("dy has \(dy.count) values, expected [\(t), \(n)]") }
         var dx = [Float](repeating: 0, count: inputGradient ? t * k : 0)
         if inputGradient {
-            dy.withUnsafeBufferPointer { d in
+            (magnitude == nil ? dy : doraBaseGradient(dy, saved)).withUnsafeBufferPointer { d in
                 dx.withUnsafeMutableBufferPointer { Matmul4Bit.backwardInput(dy: d, tokens: t, weight: base, dx: $0, threads: LlamaOps.threadCount, scratch: scratch,
                                                                              roundOutputToBF16: true) }
             }
         }
         let s = Float(config.scaling)
         var g = rounded(dy)  // the adapter output's cast back to fp32 sends a bf16 gradient
-        for i in g.indices { g[i] = g[i] * s }
-        round(&g)
+        if magnitude != nil {
+            // DoRA: d(m/‖·‖) gathers dy·(result − bias) and dy·s·(B·A·x) over the tokens; the
+            // adapter's gradient is dy·s·(m/‖·‖); the base layer's output gets dy from the sum
+            // and bf16(dy·(m/‖·‖ − 1)) from the rescaling, added in bf16.
+            var dScale = [Double](repeating: 0, count: n)
+            for tt in 0..<t {
+                for j in 0..<n {
+                    let i = tt * n + j
+                    let ds = dy[i] * s
+                    dScale[j] += Double(dy[i] * saved.doraBase[i]) + Double(ds * saved.doraLoRA[i])
+                    g[i] = ds * saved.doraScale[j]
+                }
+            }
+            for j in 0..<n { gradMagnitude[j] += Float(dScale[j]) / saved.doraNorm[j] }
+        } else {
+            for i in g.indices { g[i] = g[i] * s }
+            round(&g)
+        }
         let a = rounded(loraA), b = rounded(loraB)
         // gradB [n, r] += gᵀ [n, t] · h [t, r]  (with bf16 compute: the bf16 gradient, added in fp32)
         var gb = [Float](repeating: 0, count: n * r)
@@ -249,6 +295,44 @@ public final class LoRALinear {
     public func zeroGrad() {
         for i in gradA.indices { gradA[i] = 0 }
         for i in gradB.indices { gradB[i] = 0 }
+        for i in gradMagnitude.indices { gradMagnitude[i] = 0 }
+    }
+
+    /// Makes this a DoRA layer with magnitude `m`, or (nil) PEFT's initial magnitude: the row
+    /// norm of the dequantized bf16 weight plus s·B·A with A and B in bf16, rounded to bf16
+    /// (`DoraLinearLayer.update_layer` runs after the adapters are moved to the base's bf16
+    /// compute dtype; the fp32 cast of the parameter follows).
+    public func enableDoRA(magnitude m: [Float]? = nil) throws(LoRAError) {
+        if let m, m.count != outFeatures { throw .shapeMismatch("lora_magnitude_vector has \(m.count) values, expected [\(outFeatures)]") }
+        guard config.dropout == 0 else { throw .invalidConfig("DoRA with lora_dropout > 0 recomputes the base layer (PEFT's DoraLinearVariant); qlora trains DoRA without dropout") }
+        magnitude = m ?? doraNorm(adapterType: .bfloat16).map { HalfPrecision.roundedToBFloat16($0) }
+        gradMagnitude = [Float](repeating: 0, count: outFeatures)
+    }
+
+    /// ‖W + s·B·A‖ per output feature in fp32 (dora.py `get_weight_norm`: W the dequantized bf16
+    /// weight, B·A the adapter's weight, summed in torch's CPU order), with A and B rounded to
+    /// `adapterType` first.
+    func doraNorm(adapterType: ElementType = .float32) -> [Float] {
+        let k = inFeatures, n = outFeatures, r = config.rank
+        var w = [Float](repeating: 0, count: n * k)
+        w.withUnsafeMutableBufferPointer { base.dequantizeRowsBF16(0..<n, into: $0.baseAddress!, threads: LlamaOps.threadCount) }
+        let bf16 = adapterType == .bfloat16
+        func round(_ x: Float) -> Float { bf16 ? HalfPrecision.roundedToBFloat16(x) : x }
+        let a = loraA.map { round($0) }, b = loraB.map { round($0) }
+        var ba = [Float](repeating: 0, count: n * k)
+        sgemm(false, false, n, k, r, b, r, a, k, 0, &ba, k)
+        let s = Float(config.scaling)
+        return (0..<n).map { o in
+            let row = (0..<k).map { i in round(w[o * k + i] + round(s * round(ba[o * k + i]))) }
+            return row.withUnsafeBufferPointer { LoRAMerge.rowNorm($0) }
+        }
+    }
+
+    /// The base layer output's gradient under DoRA: dy from the sum, bf16(dy·(m/‖·‖ − 1)) from
+    /// the rescaling, added in bf16.
+    func doraBaseGradient(_ dy: [Float], _ saved: Saved) -> [Float] {
+        let n = outFeatures
+        return dy.indices.map { i in HalfPrecision.roundedToBFloat16(dy[i] + HalfPrecision.roundedToBFloat16(dy[i] * (saved.doraScale[i % n] - 1))) }
     }
 
     /// Row-major fp32 GEMM: C [m, n] = op(A) [m, k] · op(B) [k, n] + beta · C.

@@ -1,0 +1,121 @@
+import XCTest
+import CheckpointFormats
+import QLoRA
+import SafeTensors
+import TestSupport
+import Training
+
+/// Training a DoRA adapter on the 4-bit base (`qlora train --dora`) against PEFT 0.21.2 +
+/// transformers + bitsandbytes (Vectors/llama/golden-dora.safetensors and
+/// Vectors/families/qwen2/golden-dora.safetensors, made by generate_adapter_training.py in train
+/// mode): logits, loss, the gradients of A, B and the magnitude, and 3 AdamW steps, held to
+/// LlamaTests' tolerances (which say why they are that size), and the adapter qlora saves
+/// against the one PEFT saved after those steps.
+final class AdapterTrainingTests: XCTestCase {
+    /// (the base directory, the plain golden holding the initial A and B, the DoRA golden, PEFT's saved adapter)
+    static let cases = [
+        ("llama", "Vectors/llama/tiny-nf4", "Vectors/llama", "Vectors/llama/adapter-dora"),
+        ("qwen2", "Vectors/families/qwen2/tiny-nf4", "Vectors/families/qwen2", "Vectors/families/qwen2/adapter-dora"),
+    ]
+
+    func ints(_ v: VectorFile, _ name: String) -> [Int] {
+        v.bytes(name).withUnsafeBytes { raw in (0..<(raw.count / 8)).map { Int(raw.loadUnaligned(fromByteOffset: 8 * $0, as: Int64.self)) } }
+    }
+
+    func relMax(_ got: [Float], _ want: [Float]) -> Double {
+        var d = 0.0, s = 0.0
+        for i in want.indices { d = max(d, Double(abs(got[i] - want[i]))); s = max(s, Double(abs(want[i]))) }
+        return d / s
+    }
+
+    func testDoRAStepsMatchPEFT() throws {
+        for (family, base, dir, saved) in Self.cases {
+            let plain = try VectorFile("golden", directory: dir), v = try VectorFile("golden-dora", directory: dir)
+            let directory = repositoryRoot.appendingPathComponent(base).path
+            let arch = try LlamaCheckpoint.config(directory: directory)
+            var adapter = PEFTAdapter(rank: 8, loraAlpha: 16, targetModules: arch.moduleNames)
+            adapter.useDora = true
+            for l in 0..<arch.layers {
+                for p in arch.projections {
+                    let path = p.modulePath(layer: l)
+                    let a = plain.info("init.\(path).lora_A.weight"), b = plain.info("init.\(path).lora_B.weight")
+                    adapter.modules[path] = .init(path: path, rank: 8, inFeatures: a.shape[1], outFeatures: b.shape[0],
+                                                  loraA: plain.floats("init.\(path).lora_A.weight"), loraB: plain.floats("init.\(path).lora_B.weight"))
+                    adapter.modules[path]!.magnitude = v.floats("init.\(path).lora_magnitude_vector.weight")
+                }
+            }
+            let m = try LlamaCheckpoint.load(directory: directory, adapter: adapter)
+            let ids = ints(v, "input_ids"), labels = ints(v, "labels")
+            var config = AdamWConfig(lr: 1e-3)
+            config.weightDecay = 0.01
+            let trainer = LlamaTrainer(model: m, optimizer: config)
+            var losses: [Float] = []
+            for step in 0..<3 {
+                m.zeroGrad()
+                let (loss, logits, acts) = try m.forward(ids: ids, labels: labels, batch: 2, seq: 16)
+                losses.append(loss)
+                try m.backward(acts)
+                if step == 0 {
+                    let lc = relMax(logits, v.floats("logits"))
+                    XCTAssertLessThan(lc, LlamaTests.logitTolerance, "\(family) logits")
+                    var worst = 0.0
+                    for (path, layer) in m.adapters {
+                        for (name, got) in [("lora_A.weight", layer.gradA), ("lora_B.weight", layer.gradB), ("lora_magnitude_vector.weight", layer.gradMagnitude)] {
+                            let e = relMax(got, v.floats("grad.\(path).\(name)"))
+                            worst = max(worst, e)
+                            XCTAssertLessThan(e, LlamaTests.gradientTolerance, "\(family) grad \(path) \(name)")
+                        }
+                    }
+                    print(String(format: "%@ DoRA: logits %.2f, worst gradient %.2f of the tolerance", family, lc / LlamaTests.logitTolerance, worst / LlamaTests.gradientTolerance))
+                }
+                for (path, l) in m.adapters {
+                    AdamW.step(param: &l.loraA, grad: l.gradA, state: &trainer.states[path + ".lora_A.weight"]!, config: config)
+                    AdamW.step(param: &l.loraB, grad: l.gradB, state: &trainer.states[path + ".lora_B.weight"]!, config: config)
+                    AdamW.step(param: &l.magnitude!, grad: l.gradMagnitude, state: &trainer.states[path + ".lora_magnitude_vector.weight"]!, config: config)
+                }
+            }
+            for (g, w) in zip(losses, v.floats("step_losses")) {
+                XCTAssertEqual(g, w, accuracy: LlamaTests.lossTolerance * abs(w), "\(family) loss")
+            }
+            // After 3 steps: the adapter qlora saves against PEFT's, within LlamaTests' AdamW tolerance
+            // for elements with a large gradient.
+            let ours = tmpDirectory().appendingPathComponent("\(family)-dora")
+            try LlamaCheckpoint.adapter(of: m).save(directory: ours.path)
+            let mine = try PEFTAdapter.load(directory: ours.path), peft = try PEFTAdapter.load(directory: repositoryRoot.appendingPathComponent(saved).path)
+            XCTAssertTrue(mine.useDora && peft.useDora)
+            XCTAssertEqual(Set(mine.modules.keys), Set(peft.modules.keys))
+            var total = 0, far = 0
+            for (path, p) in peft.modules {
+                let q = mine.modules[path]!
+                for (name, got, want) in [("lora_A", q.loraA, p.loraA), ("lora_B", q.loraB, p.loraB), ("lora_magnitude_vector", q.magnitude!, p.magnitude!)] {
+                    let grad = v.floats("grad.\(path).\(name).weight"), gmax = grad.map { abs($0) }.max()!
+                    for i in want.indices {
+                        let d = Double(abs(got[i] - want[i])) / config.lr
+                        total += 1
+                        if abs(grad[i]) >= LlamaTests.largeGradient * gmax {
+                            XCTAssertLessThan(d, LlamaTests.adamTolerance, "\(family) step 3 \(path) \(name)[\(i)]")
+                        } else if d > LlamaTests.adamTolerance { far += 1 }
+                    }
+                }
+            }
+            XCTAssertLessThan(Double(far), LlamaTests.smallGradientOutliers * Double(total), "\(family): \(far) of \(total) small-gradient elements beyond tolerance")
+        }
+    }
+
+    /// New DoRA adapters start from PEFT's magnitude: the row norms of the dequantized bf16
+    /// weight (B is zero), rounded to bf16.
+    func testNewDoRAAdaptersStartAtTheWeightNorm() throws {
+        let directory = repositoryRoot.appendingPathComponent("Vectors/llama/tiny-nf4").path
+        let m = try LlamaCheckpoint.load(directory: directory, rank: 8, alpha: 16, dora: true)
+        let v = try VectorFile("golden-dora", directory: "Vectors/llama")
+        for (path, layer) in m.adapters {
+            XCTAssertEqual(layer.magnitude, v.floats("init.\(path).lora_magnitude_vector.weight"), path)
+        }
+    }
+
+    func tmpDirectory() -> URL {
+        let u = FileManager.default.temporaryDirectory.appendingPathComponent("qlora-dora-\(ProcessInfo.processInfo.processIdentifier)-\(UUID().uuidString)")
+        try? FileManager.default.createDirectory(at: u, withIntermediateDirectories: true)
+        return u
+    }
+}
