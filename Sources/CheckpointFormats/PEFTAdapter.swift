@@ -79,6 +79,7 @@ public struct PEFTAdapter: Sendable {
         public var dtype: DType
         public var shape: [Int]
         public var bytes: [UInt8]
+        public init(dtype: DType, shape: [Int], bytes: [UInt8]) { (self.dtype, self.shape, self.bytes) = (dtype, shape, bytes) }
     }
 
     /// Rows of an embedding (or lm_head) the adapter trained: `values` [indices.count, columns].
@@ -348,7 +349,7 @@ public struct PEFTAdapter: Sendable {
             ("layers_to_transform", .null), ("loftq_config", .object([])),
             ("lora_alpha", number(loraAlpha)), ("lora_bias", .bool(false)), ("lora_dropout", ConfigJSON.float(loraDropout)),
             ("lora_ga_config", .null), ("megatron_config", .null), ("megatron_core", .string("megatron.core")),
-            ("modules_to_save", .null), ("monteclora_config", .null), ("peft_type", .string("LORA")),
+            ("modules_to_save", modulesToSave.isEmpty ? .null : .array(modulesToSave.map { .string($0) })), ("monteclora_config", .null), ("peft_type", .string("LORA")),
             ("peft_version", .string(Self.peftVersion)), ("qalora_group_size", ConfigJSON.int(16)), ("r", ConfigJSON.int(rank)),
             ("rank_pattern", object(rankPattern.sorted { $0.key < $1.key }.map { ($0.key, ConfigJSON.int($0.value)) })),
             ("revision", .null), ("target_modules", .array(targetModules.map { .string($0) })), ("target_parameters", .null),
@@ -369,6 +370,7 @@ public struct PEFTAdapter: Sendable {
                 tensors.append((Self.prefix + m.path + ".lora_magnitude_vector", .f32, [m.outFeatures], encode(mag, as: .float32)))
             }
         }
+        for (name, t) in savedTensors.sorted(by: { $0.key < $1.key }) { tensors.append((Self.prefix + name, t.dtype, t.shape, t.bytes)) }
         try SafeTensorsWriter.write(url: directory.appendingPathComponent(Self.weightsFile), tensors: tensors, metadata: ["format": "pt"])
     }
 }

@@ -33,8 +33,22 @@ struct Train: ParsableCommand {
     @Option(help: "Start from this PEFT adapter (its rank and alpha; new optimizer state).") var adapter: String?
     @Option(help: "Seed of the new adapters' initialization.") var seed: UInt64 = 0
     @Flag(help: "DoRA (PEFT's use_dora): new adapters also train a magnitude per output feature, PEFT's DoRA forward and backward.") var dora = false
+    @Option(help: ArgumentHelp("Train these modules whole as well (PEFT's modules_to_save): lm_head, embed_tokens or both, comma-separated; bf16 copies with bf16 AdamW states, as PEFT trains them.", valueName: "modules"))
+    var modulesToSave: String?
     @Option(help: "Output directory for the adapter and checkpoints (new or empty, unless --overwrite or --resume from inside it).") var out = "qlora-adapter"
     @Flag(help: "Write into an existing --out that holds other files, replacing an adapter there.") var overwrite = false
+
+    /// --modules-to-save as modules.
+    func wholeModules() throws -> [LlamaModel.WholeModule] {
+        guard let modulesToSave else { return [] }
+        return try modulesToSave.split(separator: ",").map { name in
+            let n = name.trimmingCharacters(in: .whitespaces)
+            guard let w = LlamaModel.WholeModule(rawValue: n) else {
+                throw ValidationError("--modules-to-save: '\(n)' is not lm_head or embed_tokens, the modules qlora trains whole")
+            }
+            return w
+        }
+    }
 
     func validate() throws {
         guard lr.isFinite, lr > 0 else { throw ValidationError("--lr must be a positive finite number, got \(lr)") }
@@ -46,6 +60,10 @@ struct Train: ParsableCommand {
         guard saveEvery >= 0 else { throw ValidationError("--save-every must be 0 or more, got \(saveEvery)") }
         guard resume == nil || adapter == nil else { throw ValidationError("give --resume or --adapter, not both") }
         guard !dora || (resume == nil && adapter == nil) else { throw ValidationError("--dora makes new adapters; an adapter given with --adapter or --resume keeps its own kind") }
+        guard modulesToSave == nil || (resume == nil && adapter == nil) else {
+            throw ValidationError("--modules-to-save makes new adapters; an adapter given with --adapter or --resume keeps its own modules")
+        }
+        _ = try wholeModules()
     }
 
     func run() {
@@ -53,6 +71,7 @@ struct Train: ParsableCommand {
             var o = TrainOptions(rank: rank, alpha: alpha, lr: lr, steps: steps, batch: batch, gradAccum: gradAccum, seqLen: seqLen,
                                  gradientCheckpointing: gradCheckpointing, saveEvery: saveEvery, seed: seed)
             o.dora = dora
+            o.modulesToSave = try wholeModules()
             let job = try TrainingRun(model: model, data: data, out: out, options: o, resume: resume, adapter: adapter, overwrite: overwrite)
             HeapReuse.keepFreedMemory()  // every step reuses the last one's buffers (see HeapReuse)
             // SIGTERM, SIGHUP: remove what is being staged; Ctrl-C saves a checkpoint (below).

@@ -24,7 +24,7 @@ public enum LlamaCheckpoint {
     /// it); otherwise new adapters of `rank`/`alpha` on all seven projections, initialized as PEFT
     /// does (A Kaiming-uniform from `seed`, B zero).
     public static func load(directory: String, adapter: PEFTAdapter? = nil, rank: Int = 16, alpha: Double = 32, dropout: Double = 0,
-                            seed: UInt64 = 0, dora: Bool = false) throws -> LlamaModel {
+                            seed: UInt64 = 0, dora: Bool = false, modulesToSave: [LlamaModel.WholeModule] = []) throws -> LlamaModel {
         let cfg = try config(directory: directory)
         let reader = try CheckpointReader(path: directory)
         let groups = Dictionary(uniqueKeysWithValues: try BnB4BitFormat.groups(of: reader).map { ($0.name, $0) })
@@ -86,7 +86,20 @@ public enum LlamaCheckpoint {
         }
         let embed = try dense("model.embed_tokens.weight", [cfg.vocabSize, h])
         let head = cfg.tiedEmbeddings ? nil : try dense("lm_head.weight", [cfg.vocabSize, h])
-        return LlamaModel(config: cfg, embedTokens: embed, layers: layers, finalNorm: try dense("model.norm.weight", [h]), lmHead: head)
+        let model = LlamaModel(config: cfg, embedTokens: embed, layers: layers, finalNorm: try dense("model.norm.weight", [h]), lmHead: head)
+        // Whole modules trained (modules_to_save): the adapter's copies, or the base's to start.
+        var whole = Set(modulesToSave)
+        for w in LlamaModel.WholeModule.allCases {
+            guard let t = adapter?.savedTensors[w.tensorName] else { continue }
+            guard t.shape == [cfg.vocabSize, h], let type = ElementType(t.dtype) else {
+                throw CheckpointError.invalidPath(path: directory, problem: "the adapter's \(w.tensorName) is \(t.dtype.rawValue) \(t.shape); qlora trains it as [\(cfg.vocabSize), \(h)]")
+            }
+            let values = t.bytes.withUnsafeBytes { loadFloats($0, as: type) }.map { HalfPrecision.roundedToBFloat16($0) }
+            if w == .lmHead { model.lmHead = values } else { model.embedTokens = values }
+            whole.insert(w)
+        }
+        model.trainedModules = whole
+        return model
     }
 
     static func weight(_ q: Quantized4Bit, file: String, tensor: String) throws -> Linear4BitWeight {
@@ -120,6 +133,12 @@ public enum LlamaCheckpoint {
             a.modules[path] = .init(path: path, rank: l.config.rank, inFeatures: l.inFeatures, outFeatures: l.outFeatures, loraA: l.loraA, loraB: l.loraB)
             a.modules[path]!.magnitude = l.magnitude
             if l.magnitude != nil { a.useDora = true }
+        }
+        // Whole modules as PEFT saves them: `base_model.model.lm_head.weight`, bf16.
+        for w in LlamaModel.WholeModule.allCases where model.trainedModules.contains(w) {
+            a.modulesToSave.append(w.rawValue)
+            let values = w == .lmHead ? model.lmHead : model.embedTokens
+            a.savedTensors[w.tensorName] = .init(dtype: .bf16, shape: [model.config.vocabSize, model.config.hiddenSize], bytes: encode(values, as: .bfloat16))
         }
         return a
     }

@@ -19,6 +19,8 @@ public struct TrainOptions: Sendable {
     public var seed: UInt64 = 0
     /// DoRA (PEFT's `use_dora`) on new adapters.
     public var dora = false
+    /// Modules trained whole (PEFT's `modules_to_save`) on new adapters.
+    public var modulesToSave: [LlamaModel.WholeModule] = []
 
     public init(rank: Int = 16, alpha: Double = 32, lr: Double = 2e-4, weightDecay: Double = 0.01, steps: Int = 100, batch: Int = 1,
                 gradAccum: Int = 1, seqLen: Int = 512, gradientCheckpointing: Bool = false, saveEvery: Int = 50, seed: UInt64 = 0) {
@@ -61,10 +63,13 @@ public final class TrainingRun {
     /// An adapter to continue: LoRA on linear layers, what `qlora train` trains.
     static func plainLoRA(_ directory: String) throws -> PEFTAdapter {
         let a = try PEFTAdapter.load(directory: directory)
+        // LoRA and DoRA, and lm_head / embed_tokens trained whole; not token rows or other modules.
         var other = a
         other.useDora = false
+        for w in LlamaModel.WholeModule.allCases { other.savedTensors[w.tensorName] = nil }
         guard other.isPlainLoRA else {
-            throw CheckpointError.invalidPath(path: directory, problem: "holds \(other.extraKinds.joined(separator: " and ")); qlora train continues LoRA and DoRA adapters only")
+            throw CheckpointError.invalidPath(path: directory, problem: "holds \(other.extraKinds.joined(separator: " and ")); qlora train continues LoRA and DoRA adapters "
+                                              + "and lm_head / embed_tokens trained whole")
         }
         return a
     }
@@ -104,7 +109,8 @@ public final class TrainingRun {
         } catch let e as TrainingError {
             throw CheckpointError.invalidPath(path: dir, problem: e.description)
         }
-        model = try LlamaCheckpoint.load(directory: dir, adapter: adapter, rank: o.rank, alpha: o.alpha, seed: o.seed, dora: o.dora)
+        model = try LlamaCheckpoint.load(directory: dir, adapter: adapter, rank: o.rank, alpha: o.alpha, seed: o.seed, dora: o.dora,
+                                         modulesToSave: adapter == nil ? o.modulesToSave : [])
         self.data = data
         let adam = AdamWConfig(lr: o.lr, weightDecay: o.weightDecay)
         trainer = LlamaTrainer(model: model, optimizer: adam, checkpointing: o.gradientCheckpointing, states: states)

@@ -215,6 +215,17 @@ final class CLITests: TemporaryDirectoryTestCase {
         XCTAssertEqual(r.status, 0, r.stderr)
         try expectFailure(["train", "--model", model, "--data", model + "-copy.jsonl", "--dora", "--adapter", out, "--out", tmp.appendingPathComponent("x").path],
                           mentions: ["--dora"], noOutput: tmp.appendingPathComponent("x").path)
+        // --modules-to-save: lm_head saved whole in PEFT's name and dtype, and listed in the config.
+        let saveOut = tmp.appendingPathComponent("mts").path
+        r = try run(["train", "--model", model, "--data", model + "-copy.jsonl", "--steps", "2", "--batch", "2", "--seq-len", "12",
+                     "--modules-to-save", "lm_head", "--out", saveOut])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let saveConfig = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: saveOut + "/adapter_config.json"))) as? [String: Any])
+        XCTAssertEqual(saveConfig["modules_to_save"] as? [String], ["lm_head"])
+        let head = try XCTUnwrap(try SafeTensorsFile(path: saveOut + "/adapter_model.safetensors").tensors.first { $0.name == "base_model.model.lm_head.weight" })
+        XCTAssertEqual(head.dtype, .bf16)
+        try expectFailure(["train", "--model", model, "--data", model + "-copy.jsonl", "--modules-to-save", "score", "--out", tmp.appendingPathComponent("x").path],
+                          mentions: ["score"], noOutput: tmp.appendingPathComponent("x").path)
 
         let p = Process()
         p.executableURL = qloraBinary

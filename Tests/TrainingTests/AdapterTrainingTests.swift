@@ -102,6 +102,68 @@ final class AdapterTrainingTests: XCTestCase {
         }
     }
 
+    /// modules_to_save (lm_head on Llama and Qwen2, embed_tokens on Llama): the module trained
+    /// whole as a bf16 copy beside the LoRA adapters, against PEFT's goldens: the losses of 3
+    /// AdamW steps, the module's bf16 gradient, and the module and adapters qlora saves after
+    /// them against PEFT's saved adapter.
+    func testModulesToSaveStepsMatchPEFT() throws {
+        for (family, base, dir, module, golden) in [
+            ("llama", "Vectors/llama/tiny-nf4", "Vectors/llama", LlamaModel.WholeModule.lmHead, "modules-to-save"),
+            ("qwen2", "Vectors/families/qwen2/tiny-nf4", "Vectors/families/qwen2", .lmHead, "modules-to-save"),
+            ("llama", "Vectors/llama/tiny-nf4", "Vectors/llama", .embedTokens, "modules-to-save-embed"),
+        ] {
+            let plain = try VectorFile("golden", directory: dir), v = try VectorFile("golden-" + golden, directory: dir)
+            let directory = repositoryRoot.appendingPathComponent(base).path
+            let arch = try LlamaCheckpoint.config(directory: directory)
+            var adapter = PEFTAdapter(rank: 8, loraAlpha: 16, targetModules: arch.moduleNames)
+            for l in 0..<arch.layers {
+                for p in arch.projections {
+                    let path = p.modulePath(layer: l)
+                    let a = plain.info("init.\(path).lora_A.weight"), b = plain.info("init.\(path).lora_B.weight")
+                    adapter.modules[path] = .init(path: path, rank: 8, inFeatures: a.shape[1], outFeatures: b.shape[0],
+                                                  loraA: plain.floats("init.\(path).lora_A.weight"), loraB: plain.floats("init.\(path).lora_B.weight"))
+                }
+            }
+            let m = try LlamaCheckpoint.load(directory: directory, adapter: adapter, modulesToSave: [module])
+            XCTAssertEqual(m.trainedModules, [module])
+            let ids = ints(v, "input_ids"), labels = ints(v, "labels")
+            let examples = (0..<2).map { b in TrainingExample(inputIds: Array(ids[(b * 16)..<((b + 1) * 16)]), labels: Array(labels[(b * 16)..<((b + 1) * 16)])) }
+            let trainer = LlamaTrainer(model: m, optimizer: AdamWConfig(lr: 1e-3, weightDecay: 0.01))
+            var losses: [Float] = []
+            for step in 0..<3 {
+                losses.append(try trainer.step([examples], seq: 16).loss)
+                if step == 0 {
+                    let got = module == .lmHead ? m.gradLMHead : m.gradEmbedTokens
+                    let want = v.withElements("grad.\(module.tensorName.dropLast(".weight".count)).modules_to_save.weight") { e in (0..<e.count).map { e[$0] } }
+                    let e = relMax(got, want)
+                    XCTAssertLessThan(e, LlamaTests.gradientTolerance, "\(family) \(module.rawValue) gradient")
+                    print(String(format: "%@ %@: gradient %.2f of the tolerance", family, module.rawValue, e / LlamaTests.gradientTolerance))
+                }
+            }
+            for (g, w) in zip(losses, v.floats("step_losses")) {
+                XCTAssertEqual(g, w, accuracy: LlamaTests.lossTolerance * abs(w), "\(family) \(module.rawValue) loss")
+            }
+            // The module qlora saves after 3 steps against PEFT's: bf16 values within a bf16 step
+            // of lr-sized AdamW moves (elements move by about lr per step, each rounded to bf16).
+            let ours = tmpDirectory().appendingPathComponent("\(family)-\(golden)")
+            try LlamaCheckpoint.adapter(of: m).save(directory: ours.path)
+            let mine = try PEFTAdapter.load(directory: ours.path)
+            let peft = try PEFTAdapter.load(directory: repositoryRoot.appendingPathComponent("\(dir)/adapter-\(golden)").path)
+            XCTAssertEqual(mine.modulesToSave, [module.rawValue])
+            XCTAssertEqual(peft.modulesToSave, [module.rawValue])
+            let (a, b) = (try XCTUnwrap(mine.savedTensors[module.tensorName]), try XCTUnwrap(peft.savedTensors[module.tensorName]))
+            XCTAssertEqual(a.shape, b.shape)
+            let x = a.bytes.withUnsafeBytes { loadFloats($0, as: .bfloat16) }, y = b.bytes.withUnsafeBytes { loadFloats($0, as: .bfloat16) }
+            var far = 0
+            for i in y.indices where abs(x[i] - y[i]) > Float(LlamaTests.adamTolerance * 1e-3) + abs(y[i]) * Self.bf16Step { far += 1 }
+            XCTAssertLessThan(Double(far), LlamaTests.smallGradientOutliers * Double(y.count), "\(family) \(module.rawValue): \(far) of \(y.count) elements apart")
+        }
+    }
+
+    /// One bf16 rounding step relative to the value (2⁻⁸): two bf16 AdamW runs whose inputs
+    /// differ in the last bits may round an element's update apart by one step.
+    static let bf16Step: Float = 1.0 / 256
+
     /// New DoRA adapters start from PEFT's magnitude: the row norms of the dequantized bf16
     /// weight (B is zero), rounded to bf16.
     func testNewDoRAAdaptersStartAtTheWeightNorm() throws {

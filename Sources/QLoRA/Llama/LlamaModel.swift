@@ -54,12 +54,30 @@ public final class LlamaLayer {
 public final class LlamaModel {
     public let config: ModelArchitecture
     /// [vocab, hidden], bf16 values.
-    public let embedTokens: [Float]
+    public var embedTokens: [Float]
     public let layers: [LlamaLayer]
     public let finalNorm: [Float]
     /// [vocab, hidden], bf16 values (the embedding matrix when tied).
-    public let lmHead: [Float]
+    public var lmHead: [Float]
     let inverseFrequencies: [Float]
+
+    /// Modules trained whole (PEFT's `modules_to_save`): PEFT trains a bf16 copy of each (the
+    /// wrapper is no tuner layer, so `autocast_adapter_dtype` leaves it bf16), with a bf16
+    /// gradient. A trained lm_head of a tied model is its own copy, as PEFT's (untied) is.
+    public enum WholeModule: String, Sendable, CaseIterable {
+        case lmHead = "lm_head", embedTokens = "embed_tokens"
+        /// The tensor's name in the checkpoint.
+        public var tensorName: String { self == .lmHead ? "lm_head.weight" : "model.embed_tokens.weight" }
+    }
+    public var trainedModules: Set<WholeModule> = [] {
+        didSet {
+            gradLMHead = trainedModules.contains(.lmHead) ? [Float](repeating: 0, count: lmHead.count) : []
+            gradEmbedTokens = trainedModules.contains(.embedTokens) ? [Float](repeating: 0, count: embedTokens.count) : []
+        }
+    }
+    /// Their accumulated gradients (bf16 values), [vocab, hidden].
+    public var gradLMHead: [Float] = []
+    public var gradEmbedTokens: [Float] = []
 
     public init(config: ModelArchitecture, embedTokens: [Float], layers: [LlamaLayer], finalNorm: [Float], lmHead: [Float]?) {
         precondition(embedTokens.count == config.vocabSize * config.hiddenSize && layers.count == config.layers)
@@ -133,6 +151,8 @@ public final class LlamaModel {
         var layerInputs: [BF16Array]
         var finalInput: BF16Array, finalRstd: [Float]
         var dlogits: [Float]
+        /// The batch's token ids, for a trained embedding's gradient.
+        var ids: [Int] = []
         /// Bytes held for backward by the decoder layers (exact count of the arrays kept).
         public var layerBytes: Int { layerInputs.reduce(0) { $0 + $1.byteCount } + caches.reduce(0) { $0 + ($1?.byteCount ?? 0) } }
         /// All bytes held for backward: the layers, the final norm's input and 1/rms, and the
@@ -278,7 +298,8 @@ public final class LlamaModel {
         let (n, rstd) = LlamaOps.rmsnormForward(x, finalNorm, tokens: t, eps: Float(c.rmsNormEps))
         let logits = LlamaOps.linearForward(n, lmHead, tokens: t, inFeatures: h, outFeatures: c.vocabSize)
         let (loss, dlogits, _) = LlamaOps.crossEntropy(logits: logits, labels: labels, batch: batch, seq: seq, vocab: c.vocabSize)
-        return (loss, logits, Activations(batch: batch, seq: seq, caches: caches, layerInputs: inputs, finalInput: BF16Array(x), finalRstd: rstd, dlogits: dlogits))
+        return (loss, logits, Activations(batch: batch, seq: seq, caches: caches, layerInputs: inputs, finalInput: BF16Array(x), finalRstd: rstd, dlogits: dlogits,
+                                          ids: trainedModules.contains(.embedTokens) ? ids : []))
     }
 
     /// Backward from the loss: adds every LoRA gradient into the layers' `gradA` / `gradB`.
@@ -286,13 +307,28 @@ public final class LlamaModel {
         let c = config, t = a.batch * a.seq
         let (cos, sin) = LlamaOps.ropeTables(seq: a.seq, inverseFrequencies: inverseFrequencies)
         let dn = LlamaOps.linearBackwardInput(a.dlogits, lmHead, tokens: t, inFeatures: c.hiddenSize, outFeatures: c.vocabSize)
+        if trainedModules.contains(.lmHead) {
+            // lm_head's bf16 weight gradient, dlogitsᵀ · normed: [vocab, hidden], added to .grad in bf16.
+            let (n, _) = LlamaOps.rmsnormForward(a.finalInput.floats, finalNorm, tokens: t, eps: Float(c.rmsNormEps))
+            let g = LlamaOps.linearBackwardWeight(a.dlogits, n, tokens: t, inFeatures: c.hiddenSize, outFeatures: c.vocabSize)
+            for i in g.indices { gradLMHead[i] = HalfPrecision.roundedToBFloat16(gradLMHead[i] + g[i]) }
+        }
         var dx = LlamaOps.rmsnormBackward(dn, a.finalInput.floats, finalNorm, rstd: a.finalRstd, tokens: t)
+        let embedding = trainedModules.contains(.embedTokens)
         for i in layers.indices.reversed() {
             let cache: LayerCache
             if let kept = a.caches[i] { cache = kept } else {
                 cache = try layerForward(layers[i], a.layerInputs[i].floats, batch: a.batch, seq: a.seq, cos: cos, sin: sin).1
             }
-            dx = try layerBackward(layers[i], dx, cache, batch: a.batch, seq: a.seq, cos: cos, sin: sin, inputGradient: i > 0)
+            dx = try layerBackward(layers[i], dx, cache, batch: a.batch, seq: a.seq, cos: cos, sin: sin, inputGradient: i > 0 || embedding)
+        }
+        if embedding {
+            // The embedding's bf16 gradient: each token's row of dx added into its id's row, one
+            // after another, each sum rounded to bf16 (torch's CPU embedding backward on bf16).
+            let h = c.hiddenSize
+            for (k, id) in a.ids.enumerated() {
+                for j in 0..<h { gradEmbedTokens[id * h + j] = HalfPrecision.roundedToBFloat16(gradEmbedTokens[id * h + j] + dx[k * h + j]) }
+            }
         }
     }
 
@@ -302,7 +338,11 @@ public final class LlamaModel {
         return layers.enumerated().flatMap { l, layer in zip(modules, layer.projections).map { ($0.modulePath(layer: l), $1) } }
     }
 
-    public func zeroGrad() { for a in adapters { a.layer.zeroGrad() } }
+    public func zeroGrad() {
+        for a in adapters { a.layer.zeroGrad() }
+        for i in gradLMHead.indices { gradLMHead[i] = 0 }
+        for i in gradEmbedTokens.indices { gradEmbedTokens[i] = 0 }
+    }
 
     /// One decoder layer's training step on its own (forward, backward from `dout`), for
     /// measuring: returns dx and the bytes the forward kept for backward (`afterForward` runs

@@ -254,6 +254,14 @@ public enum LlamaOps {
         return y.map(bf16)
     }
 
+    /// The bf16 weight gradient of `y = x · wᵀ`: dyᵀ [out, T] · x [T, in] -> [out, in], the fp32
+    /// sum rounded to bf16 once (torch's bf16 matmul on CPU accumulates in fp32).
+    public static func linearBackwardWeight(_ dy: [Float], _ x: [Float], tokens: Int, inFeatures k: Int, outFeatures n: Int) -> [Float] {
+        var dw = [Float](repeating: 0, count: n * k)
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Int32(n), Int32(k), Int32(tokens), 1, dy, Int32(n), x, Int32(k), 0, &dw, Int32(k))
+        return dw.map(bf16)
+    }
+
     /// dy: [T, out] -> bf16(dy · w): [T, in].
     public static func linearBackwardInput(_ dy: [Float], _ w: [Float], tokens: Int, inFeatures k: Int, outFeatures n: Int) -> [Float] {
         var dx = [Float](repeating: 0, count: tokens * k)

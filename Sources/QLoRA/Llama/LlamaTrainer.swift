@@ -12,7 +12,7 @@ public struct TrainingExample: Sendable, Equatable {
 
 /// QLoRA training of a `LlamaModel`'s adapters: batches of fixed-length sequences, gradient
 /// accumulation (the loss of each micro-batch divided by their count, as HF's Trainer does),
-/// AdamW on every lora_A and lora_B (and DoRA's magnitudes).
+/// AdamW on every lora_A and lora_B (and DoRA's magnitudes, and whole modules trained).
 public final class LlamaTrainer {
     public let model: LlamaModel
     public var optimizer: AdamWConfig
@@ -29,6 +29,9 @@ public final class LlamaTrainer {
             if s[path + ".lora_A.weight"] == nil { s[path + ".lora_A.weight"] = AdamWState(count: l.loraA.count) }
             if s[path + ".lora_B.weight"] == nil { s[path + ".lora_B.weight"] = AdamWState(count: l.loraB.count) }
             if let m = l.magnitude, s[path + ".lora_magnitude_vector.weight"] == nil { s[path + ".lora_magnitude_vector.weight"] = AdamWState(count: m.count) }
+        }
+        for w in model.trainedModules where s[w.tensorName] == nil {
+            s[w.tensorName] = AdamWState(count: w == .lmHead ? model.lmHead.count : model.embedTokens.count)
         }
         self.states = s
     }
@@ -72,6 +75,21 @@ public final class LlamaTrainer {
                 AdamW.step(param: &l.magnitude!, grad: l.gradMagnitude, state: &states[path + ".lora_magnitude_vector.weight"]!, config: optimizer)
             }
         }
+        // Whole modules (modules_to_save): bf16 parameters, gradients and moments.
+        if model.trainedModules.contains(.lmHead) {
+            if counted > 1 { for i in model.gradLMHead.indices { model.gradLMHead[i] = HalfPrecision.roundedToBFloat16(model.gradLMHead[i] * scale) } }
+            AdamW.stepBF16(param: &model.lmHead, grad: model.gradLMHead, state: &states[WholeModuleName.lmHead]!, config: optimizer)
+        }
+        if model.trainedModules.contains(.embedTokens) {
+            if counted > 1 { for i in model.gradEmbedTokens.indices { model.gradEmbedTokens[i] = HalfPrecision.roundedToBFloat16(model.gradEmbedTokens[i] * scale) } }
+            AdamW.stepBF16(param: &model.embedTokens, grad: model.gradEmbedTokens, state: &states[WholeModuleName.embedTokens]!, config: optimizer)
+        }
         return (total / Float(counted), peak)
     }
+}
+
+/// The AdamW state names of whole modules.
+enum WholeModuleName {
+    static let lmHead = LlamaModel.WholeModule.lmHead.tensorName
+    static let embedTokens = LlamaModel.WholeModule.embedTokens.tensorName
 }

@@ -73,6 +73,30 @@ public enum AdamW {
         return end - (end - start) * (1 - weight)
     }
 
+    /// The same step on a bf16 parameter with bf16 moments (a trained `modules_to_save` copy):
+    /// torch's single-tensor path runs each tensor op in fp32 and rounds its result to bf16, so
+    /// the parameter, both moments and every intermediate (the decayed parameter, √v, √v/√bc₂,
+    /// the denominator) are bf16 values.
+    public static func stepBF16(param: inout [Float], grad: [Float], state: inout AdamWState, config c: AdamWConfig) {
+        precondition(param.count == grad.count && state.expAvg.count == param.count, "AdamW: sizes differ")
+        let r = HalfPrecision.roundedToBFloat16
+        state.step += 1
+        let t = Double(state.step)
+        let decay = Float(1 - c.lr * c.weightDecay)
+        let w1 = Float(1 - c.beta1), b2 = Float(c.beta2), w2 = Float(1 - c.beta2)
+        let bc1 = 1 - pow(c.beta1, t), bc2 = 1 - pow(c.beta2, t)
+        let bc2Sqrt = Float(bc2.squareRoot()), eps = Float(c.eps), negStep = Float(-(c.lr / bc1))
+        for i in param.indices {
+            let g = grad[i]
+            param[i] = r(param[i] * decay)
+            state.expAvg[i] = r(lerp(state.expAvg[i], g, w1))
+            state.expAvgSq[i] = r(state.expAvgSq[i] * b2)
+            state.expAvgSq[i] = r(state.expAvgSq[i].addingProduct(w2 * g, g))
+            let denom = r(r(r(state.expAvgSq[i].squareRoot()) / bc2Sqrt) + eps)
+            param[i] = r(param[i] + negStep * state.expAvg[i] / denom)
+        }
+    }
+
     public static func step(param: inout [Float], grad: [Float], state: inout AdamWState, config: AdamWConfig) {
         param.withUnsafeMutableBufferPointer { p in grad.withUnsafeBufferPointer { g in step(param: p, grad: g, state: &state, config: config) } }
     }
