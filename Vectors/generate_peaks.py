@@ -6,7 +6,7 @@ PEFT LoRA (dropout 0), and one training step is run on CPU:
 
     loss = model(input_ids=ids, labels=labels).loss     # the output object (bf16 logits) is dropped here
     loss.backward()
-    opt.step()                                           # torch.optim.AdamW(lora params, lr=2e-4, weight_decay=0.01), foreach
+    opt.step()                                           # torch.optim.AdamW(trainable params, lr=2e-4, weight_decay=0.01): single-tensor on CPU
     opt.zero_grad(set_to_none=True)
 
 What is measured is LIVE TENSOR BYTES, not RSS: a TorchDispatchMode sees every aten op (bitsandbytes'
@@ -23,7 +23,12 @@ gradient w.r.t. a layer's output is ready: the end of the backward of what comes
 the driver around backward, step and zero_grad.
 
 Rows with `dora` (names ending in `-dora`) wrap with LoraConfig(use_dora=True): PEFT's DoraLinearVariant
-on bitsandbytes' Linear4bit. Rows with `trace` log the head's every op and free (`head_trace`); rows
+on bitsandbytes' Linear4bit. Rows with `save` (names ending in `-save-lm_head` / `-save-embed_tokens`) wrap with
+LoraConfig(modules_to_save=[save]): PEFT's ModulesToSaveWrapper, a deep copy of that module (bf16)
+trained whole, in the optimizer with the LoRA parameters; the row adds `save_params`, `save_opt_state`
+and `tied` (whether embed_tokens and lm_head share a weight after wrapping).
+
+Rows with `trace` log the head's every op and free (`head_trace`); rows
 with `trace_layers` log the last decoder layer's forward, checkpointed recompute and backward
 (`layer_trace`: each op's outputs, the bytes it added, live - baseline; each free names the op and
 phase that allocated it; zero-byte markers where each LoRA module is entered and left and where each
@@ -440,8 +445,28 @@ NF4 = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_qua
 
 def lora_config(c):
     kw = dict(use_dora=True) if c.get("dora") else {}  # DoRA rows (`-dora`): PEFT's DoraLinearVariant on every target
+    if c.get("save"):  # modules_to_save rows (`-save-MODULE`): PEFT's ModulesToSaveWrapper, a trained copy of MODULE
+        kw["modules_to_save"] = [c["save"]]
     return LoraConfig(r=c["r"], lora_alpha=2 * c["r"], lora_dropout=0.0, target_modules=ALL if c["targets"] == "all" else ATTN,
                       task_type="CAUSAL_LM", **kw)
+
+
+def save_info(train_model, model, opt):
+    """For a modules_to_save row: every trainable parameter that is not a LoRA matrix (name, dtype, shape,
+    bytes), its AdamW state (each tensor's dtype and bytes), and whether the input embedding and lm_head
+    still share one weight after get_peft_model (and whether the trained copy shares it)."""
+    ps = [(n, p) for n, p in train_model.named_parameters() if p.requires_grad and "lora_" not in n]
+    # PEFT's wrapper forwards attribute access to its active copy (`wrapper.weight` is the copy's): the originals
+    emb, out = model.get_input_embeddings(), model.get_output_embeddings()
+    emb, orig = getattr(emb, "original_module", emb).weight, getattr(out, "original_module", out).weight
+    return dict(
+        save_params=[[n, str(p.dtype).replace("torch.", ""), list(p.shape), p.untyped_storage().nbytes()] for n, p in ps],
+        save_opt_state=[[n, {k: [str(t.dtype).replace("torch.", ""), t.untyped_storage().nbytes()] for k, t in opt.state[p].items()
+                             if isinstance(t, torch.Tensor)}] for n, p in ps],
+        tied=dict(config_tie_word_embeddings=bool(getattr(model.config, "tie_word_embeddings", False)),
+                  embed_is_lm_head_original=orig.untyped_storage().data_ptr() == emb.untyped_storage().data_ptr(),
+                  trained_copies_share_embed=[n for n, p in ps if p.untyped_storage().data_ptr() == emb.untyped_storage().data_ptr()]),
+    )
 
 
 def trace_layer_marks(tr, layer):
@@ -546,6 +571,8 @@ def run_config(c, tmp):
         h.remove()
 
     rec = record(c, tr, marks, kept_snap, model, layers, B * L, baseline, n_trainable, dtypes, upcast, opt, secs)
+    if c.get("save"):
+        rec.update(save_info(train_model, model, opt))
     if c.get("trace"):
         rec["head_trace"] = [x for x in tr.trace if x[0] in ("final_norm+lm_head+loss", "backward_head", "after")]
     if c.get("trace_layers"):
@@ -652,6 +679,8 @@ def grid():
             name += "-tf" + kw["transformers"]
         if kw.get("dora"):  # LoraConfig(use_dora=True)
             name += "-dora"
+        if kw.get("save"):  # LoraConfig(modules_to_save=[save])
+            name += "-save-" + kw["save"]
         cs.append(dict(name=name, arch=arch, seq=seq, ckpt=ckpt, r=r, targets=targets, batch=batch, **kw))
 
     a = "llama-h1024"
@@ -716,6 +745,12 @@ def grid():
     add(b, 512, False, 16, "all", 1, recipe="trl")
     add(b, 256, True, 16, "all", 1, dora=True)
     add(b, 512, False, 16, "all", 1, dora=True)
+    # modules_to_save (LoraConfig(modules_to_save=[...])): each next to its plain row of the same name without `-save-...`.
+    add(a, 512, False, 16, "all", 1, save="lm_head", trace=True)
+    add(a, 1024, True, 16, "all", 1, save="lm_head")
+    add(a, 512, False, 16, "all", 1, save="embed_tokens")
+    add(q, 1024, True, 16, "all", 1, save="lm_head")   # tied embeddings: see `save_params` / `tied` in the row
+    add(b, 512, True, 16, "all", 1, save="lm_head", trace=True)   # the weight gradient's mm tops the head's backward here
     add("qwen2-h3584", 256, False, 16, "all", 1)
     add("qwen2-h3584", 256, True, 16, "all", 1)
     add("qwen2-h3584", 256, True, 16, "all", 1, recipe="peft-kbit")

@@ -55,6 +55,10 @@ public struct MemoryOptions: Sendable, Codable {
     /// DoRA (PEFT's `use_dora`): a trainable fp32 magnitude per output feature of each adapted
     /// projection, and the forward's weight norm (measured: peaks.json's `-dora` rows).
     public var dora = false
+    /// Modules trained whole (PEFT's `modules_to_save`): "lm_head", "embed_tokens". PEFT trains a
+    /// bf16 copy of each with a bf16 gradient and bf16 AdamW moments (measured: peaks.json's
+    /// `-save-*` rows).
+    public var modulesToSave: [String] = []
 
     public init(method: TrainingMethod = .qlora, rank: Int = 16, alpha: Double = 32, targets: [String] = ModelArchitecture.projectionNames,
                 seqLen: Int = 2048, batch: Int = 1, gradientCheckpointing: Bool = false, doubleQuant: Bool = true, blocksize: Int = 64,
@@ -154,6 +158,9 @@ public struct MemoryEstimate: Sendable, Codable {
         let activationBytes = try checked(CheckedSize.product(tokens, perToken), "the activations (\(tokens) tokens × \(perToken) B per token)")
         _ = try checked(CheckedSize.sum(CheckedSize.product(a.totalParameters, 16) ?? .max, loraBytes, activationBytes), "the total")
         let known = ModelArchitecture.projectionNames + ModelArchitecture.fusedModules.map(\.name)
+        for m in o.modulesToSave where m != "lm_head" && m != "embed_tokens" {
+            throw MemoryError.badOption("modules_to_save '\(m)': lm_head and embed_tokens are the modules trained whole here")
+        }
         for t in o.targets where !known.contains(t) {
             throw MemoryError.badOption("unknown target '\(t)'; targets are \(known.joined(separator: ", "))")
         }
@@ -171,8 +178,9 @@ public struct MemoryEstimate: Sendable, Codable {
             let s = a.projectionShape(p)
             return t + o.rank * (s.in + s.out) + (o.dora ? s.out : 0)
         } * a.layers : 0
+        let wholeElements = o.isLoRA ? o.modulesToSave.count * a.vocabSize * a.hiddenSize : 0
         params = Parameters(total: a.totalParameters, quantized: o.method == .qlora ? projectionElements : 0,
-                            trainable: o.isLoRA ? loraElements : a.totalParameters)
+                            trainable: o.isLoRA ? loraElements + wholeElements : a.totalParameters)
         activationBytesPerLayerPerToken = Self.activationBytesPerToken(a, o)
 
         var c: [MemoryComponent] = []
@@ -204,6 +212,10 @@ public struct MemoryEstimate: Sendable, Codable {
                 }
                 c.append(MemoryComponent(name: "optimizer_states", estimatedBytes: states,
                                          basis: "\(o.optimizer.rawValue): 2 states × (1 B + f32 absmax per 256); tensors < 4096 elements fp32" + (o.optimizer == .pagedAdamw8bit ? "; paged: may live in CPU memory" : "")))
+            }
+            if wholeElements > 0 {
+                c.append(MemoryComponent(name: "modules_to_save", estimatedBytes: 8 * wholeElements,
+                                         basis: "\(o.modulesToSave.joined(separator: ", ")) trained whole: PEFT's bf16 copy, its bf16 gradient and AdamW's two bf16 moments"))
             }
         } else if o.method == .full {
             c.append(MemoryComponent(name: "optimizer_states", estimatedBytes: 8 * a.totalParameters, basis: "AdamW exp_avg + exp_avg_sq, fp32"))

@@ -81,6 +81,10 @@ public struct StepTimeline: Sendable {
         if o.dora && (stack.recipe != .peft || !o.isLoRA) {
             throw MemoryError.badOption("DoRA is modelled on the peft recipe's LoRA and QLoRA steps (measured: peaks.json's -dora rows)")
         }
+        if !o.modulesToSave.isEmpty && (stack.recipe != .peft || !o.isLoRA) {
+            throw MemoryError.badOption("modules_to_save is modelled on the peft recipe's LoRA and QLoRA steps (measured: peaks.json's -save rows)")
+        }
+        let trainsHead = o.modulesToSave.contains("lm_head"), trainsEmbedding = o.modulesToSave.contains("embed_tokens")
         self.stack = stack
         let held = try Held(a, o, stack: stack)
         let t = o.tokens
@@ -105,7 +109,8 @@ public struct StepTimeline: Sendable {
         let mask = gc && stack.attention == .eager ? s.alloc(o.batch * o.seqLen * o.seqLen * e, .activations) : nil
         var layerKept: [[StepTrace.Tensor]] = []
         for l in 0..<a.layers {
-            layerKept.append(gc ? [s.alloc(t * e * h, .activations)] : s.alloc(Self.layerTerms(a, o, stack: stack, first: l == 0).map { t * $0 }, .activations))
+            // A trained embedding's output needs a gradient: the first layer keeps its input norm's.
+            layerKept.append(gc ? [s.alloc(t * e * h, .activations)] : s.alloc(Self.layerTerms(a, o, stack: stack, first: l == 0 && !trainsEmbedding).map { t * $0 }, .activations))
             if o.dora {
                 if !gc { layerKept[l].append(s.alloc(Self.doraKeptVectorBytes(a, o, first: l == 0), .activations)) }
                 held.doraForward(into: &s, grad: !gc, mark: "forward layer \(l)")
@@ -115,6 +120,7 @@ public struct StepTimeline: Sendable {
         }
         let kept: Int
         var headKept: [StepTrace.Tensor] = []
+        var wholeGradients: [StepTrace.Tensor] = []
         if trl {
             // TRL's fused LM head (trl/trainer/utils.py `add_fused_lm_head`, trl/kernels/
             // chunked_logprob.py `ChunkedLogProbFunction`): the final norm keeps its fp32 input and
@@ -168,6 +174,8 @@ public struct StepTimeline: Sendable {
             } else {
                 headKept += s.alloc([t * 4 * h, t * 4], .activations)              // fp32 input, 1/rms
             }
+            // A trained lm_head's weight gradient needs its input: the final norm's bf16 output.
+            if trainsHead { headKept.append(s.alloc(t * 2 * h, .activations)) }
             let normed = s.alloc(t * (kbit ? 4 : 2) * h, .transient)
             let logits = s.alloc(t * (kbit ? 4 : 2) * v, .transient)
             let upcast = kbit ? nil : s.alloc(t * 4 * v, .transient)
@@ -196,11 +204,16 @@ public struct StepTimeline: Sendable {
             if unshifted != nil { s.mark("head backward (the shifted slice's gradient into fp32 zeros)") }
             s.free(logSoftmaxGradient)
             let logitsGradient = kbit ? nil : s.alloc(t * 2 * v, .transient)          // cast back to the bf16 logits
+            if trainsHead {
+                // lm_head's bf16 weight gradient (dlogitsᵀ · normed), kept as .grad until zero_grad.
+                wholeGradients.append(s.alloc(2 * v * h, .gradients))
+                s.mark("head backward (lm_head's weight gradient)")
+            }
             if let unshifted { s.free(unshifted) }
             if let logitsGradient { s.free(logitsGradient) }
             s.free(headKept)
         }
-        var gradients: [StepTrace.Tensor] = []
+        var gradients: [StepTrace.Tensor] = wholeGradients
         for l in (0..<a.layers).reversed() {
             let grads = s.alloc(held.layerGradientSizes, .gradients)
             gradients += grads
@@ -235,6 +248,11 @@ public struct StepTimeline: Sendable {
             s.free(layerKept[l])
             s.mark("after backward layer \(l)")
         }
+        if trainsEmbedding {
+            // The embedding's dense bf16 gradient (embedding_dense_backward), the backward's last op.
+            gradients.append(s.alloc(2 * v * h, .gradients))
+            s.mark("embedding backward (its weight gradient)")
+        }
         s.free(rope)
         if let positions { s.free(positions) }
         if let mask { s.free(mask) }
@@ -246,7 +264,7 @@ public struct StepTimeline: Sendable {
         switch stack.recipe {
         case .peftKbit: headKeptBytesPerToken = 4 * v + 4 + 8
         case .trl: headKeptBytesPerToken = 6 * h + Self.trlHeadScalarBytesPerToken
-        default: headKeptBytesPerToken = MemoryEstimate.headActivationBytesPerToken(a, o)
+        default: headKeptBytesPerToken = MemoryEstimate.headActivationBytesPerToken(a, o) + (trainsHead ? 2 * h : 0)
         }
     }
 
@@ -400,6 +418,8 @@ public struct StepTimeline: Sendable {
         let adapterElement: Int
         /// TRL's Trainer defaults to torch's fused AdamW: one kernel per step, no temporaries.
         let fusedAdamW: Bool
+        /// Elements of one module trained whole (vocab × hidden), and how many there are.
+        let wholeElements: Int, wholeModules: Int
 
         init(_ a: ModelArchitecture, _ o: MemoryOptions, stack: Stack) throws {
             let e = try MemoryEstimate(model: a, options: o)
@@ -409,7 +429,9 @@ public struct StepTimeline: Sendable {
             unquantized = stack.recipe == .peftKbit ? 4 : 2
             adapterElement = stack.recipe == .trl ? 2 : 4
             fusedAdamW = stack.recipe == .trl && o.optimizer == .adamw
-            let trainable = e.params.trainable
+            wholeModules = o.isLoRA ? o.modulesToSave.count : 0
+            wholeElements = a.vocabSize * a.hiddenSize
+            let trainable = e.params.trainable - wholeModules * wholeElements
             // Gradients and optimizer states as the real step holds them.
             gradientBytes = o.isLoRA ? adapterElement * trainable : 2 * trainable
             let tensors = o.isLoRA ? (o.dora ? 3 : 2) * modules.count * a.layers : a.tensorGroups.reduce(0) { $0 + $1.count }
@@ -421,7 +443,8 @@ public struct StepTimeline: Sendable {
             case .full8BitAdam: stateBytes = e.component("optimizer_states")!.estimatedBytes
             }
             largestParameter = o.isLoRA
-                ? 4 * (modules.map { max(o.rank * a.projectionShape($0).in, a.projectionShape($0).out * o.rank) }.max() ?? 0)
+                ? max(4 * (modules.map { max(o.rank * a.projectionShape($0).in, a.projectionShape($0).out * o.rank) }.max() ?? 0),
+                      o.modulesToSave.isEmpty ? 0 : 2 * a.vocabSize * a.hiddenSize)
                 : 2 * (a.tensorGroups.map { $0.shape.reduce(1, *) }.max() ?? 0)
         }
 
@@ -482,6 +505,8 @@ public struct StepTimeline: Sendable {
                 }
                 s.emptyCache()
             }
+            // modules_to_save: PEFT's bf16 copy of each (ModulesToSaveWrapper.update deep-copies it).
+            for _ in 0..<wholeModules { s.alloc(2 * wholeElements, .adapters) }
             for _ in 0..<a.layers {
                 let fp32 = s.alloc(adapterElements.map { 4 * $0 }, .adapters)
                 if adapterElement == 2 {
@@ -514,7 +539,7 @@ public struct StepTimeline: Sendable {
             let eightBit = o.isLoRA ? o.optimizer != .adamw : o.method == .full8BitAdam
             s.mark(eightBit ? "optimizer step (\(o.isLoRA ? o.optimizer.rawValue : "adamw-8bit"))"
                    : fusedAdamW ? "optimizer step (AdamW, fused)"
-                   : stack.runtime == .cuda ? "optimizer step (AdamW, foreach: a temporary per parameter)" : "optimizer step (AdamW, foreach)")
+                   : stack.runtime == .cuda ? "optimizer step (AdamW, foreach: a temporary per parameter)" : "optimizer step (AdamW, tensor by tensor)")
             s.free(temporaries)
             s.free(gradients)
             s.mark("end of step (zero_grad)")
@@ -532,7 +557,9 @@ public struct StepTimeline: Sendable {
             default: moments = []
             }
             let counted = moments.reduce(0, +)
-            return s.alloc(moments + [stateBytes - counted], .optimizerStates)
+            // A whole module's moments are bf16, as its parameter (and a 4 B step).
+            let whole = (0..<wholeModules).flatMap { _ in [2 * wholeElements, 2 * wholeElements, 4] }
+            return s.alloc(moments + [stateBytes - counted] + whole, .optimizerStates)
         }
 
         /// The optimizer step's temporaries. On CUDA torch's AdamW takes its foreach path
@@ -541,7 +568,7 @@ public struct StepTimeline: Sendable {
         /// bitsandbytes' 8-bit optimizers update in their kernels.
         var foreachTemporarySizes: [Int] {
             switch (o.isLoRA, o.optimizer, o.method) {
-            case (true, .adamw, _): return (0..<a.layers).flatMap { _ in adapterElements.map { 4 * $0 } }
+            case (true, .adamw, _): return (0..<a.layers).flatMap { _ in adapterElements.map { 4 * $0 } } + (0..<wholeModules).map { _ in 2 * wholeElements }
             case (false, _, .full): return a.tensorGroups.flatMap { g in [Int](repeating: 2 * g.shape.reduce(1, *), count: g.count) }
             default: return []
             }

@@ -26,6 +26,8 @@ struct FitCommand: ParsableCommand {
     @Option(help: "The sequence length the batch answer is for (and the matrix's).") var seqLen = 2048
     @Option(help: "The LoRA methods' optimizer: adamw, adamw-8bit or paged-adamw-8bit (paged states count nothing on the GPU).") var optimizer: Optimizer = .adamw
     @Flag(help: "DoRA (PEFT's use_dora): a magnitude per output feature, and each module's weight norm in the forward.") var dora = false
+    @Option(help: ArgumentHelp("Modules trained whole (PEFT's modules_to_save): lm_head, embed_tokens or both, comma-separated.", valueName: "modules"))
+    var modulesToSave: String?
     @Flag(help: "A table of every preset × method × common GPU size (12-128 GB) at --seq-len × batch 1 with checkpointing.") var matrix = false
     @OptionGroup var stackOptions: StackOptions
     @Flag(help: "Print JSON.") var json = false
@@ -44,7 +46,8 @@ struct FitCommand: ParsableCommand {
             if matrix { return try printMatrix(targets: targetList, stack: stack) }
             let bytes = try parseByteSize(memory!)
             let arch = try architecture(model: model, config: config)
-            let o = MemoryOptions(method: method, rank: rank, targets: targetList, seqLen: seqLen, optimizer: optimizer, dora: dora)
+            var o = MemoryOptions(method: method, rank: rank, targets: targetList, seqLen: seqLen, optimizer: optimizer, dora: dora)
+            o.modulesToSave = modulesToSave.map { $0.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) } } ?? []
             let answers = try Fit.answer(arch, o, memory: bytes, gpus: gpus, parallelism: parallelism, stack: stack)
             if json {
                 struct Output: Encodable { var model: String; var method: String; var memoryBytes: Int; var gpus: Int; var parallelism: String; var seqLen: Int; var stack: String; var answers: [Fit.Answer] }

@@ -27,6 +27,8 @@ struct MemoryCommand: ParsableCommand {
     @Flag(help: "Gradient checkpointing per decoder layer.") var gradCheckpointing = false
     @Option(help: "The LoRA methods' optimizer: adamw, adamw-8bit or paged-adamw-8bit (paged states count nothing on the GPU).") var optimizer: Optimizer = .adamw
     @Flag(help: "DoRA (PEFT's use_dora): a magnitude per output feature, and each module's weight norm in the forward.") var dora = false
+    @Option(help: ArgumentHelp("Modules trained whole (PEFT's modules_to_save): lm_head, embed_tokens or both, comma-separated.", valueName: "modules"))
+    var modulesToSave: String?
     @Flag(inversion: .prefixedNo, help: "Double quantization of the 4-bit constants.") var doubleQuant = true
     @Flag(help: "Build the components in this process and measure them (allocator and RSS).") var measure = false
     @Option(help: ArgumentHelp("Model the whole step's memory over time (transformers + PEFT + bitsandbytes) and draw it as an SVG at PATH; prints the peak's phase.", valueName: "path"))
@@ -46,8 +48,9 @@ struct MemoryCommand: ParsableCommand {
     func run() {
         runReportingErrors {
             let arch = try architecture(model: model, config: config)
-            let o = MemoryOptions(method: method, rank: rank, alpha: alpha, targets: try ModelArchitecture.targetProjections(targets), seqLen: seqLen,
+            var o = MemoryOptions(method: method, rank: rank, alpha: alpha, targets: try ModelArchitecture.targetProjections(targets), seqLen: seqLen,
                                   batch: batch, gradientCheckpointing: gradCheckpointing, doubleQuant: doubleQuant, optimizer: optimizer, dora: dora)
+            o.modulesToSave = modulesToSave.map { $0.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) } } ?? []
             var m = try MemoryEstimate(model: arch, options: o)
             var scope: String? = nil
             if measure { scope = try measureWithProgress(&m, model: arch) }

@@ -37,8 +37,9 @@ final class StepTimelineTests: XCTestCase {
             let arch = try XCTUnwrap(Self.architectures[c["arch"] as! String], name)
             let method: TrainingMethod = name.contains("-full-") ? .full : name.contains("-lora-") ? .lora : .qlora
             let targets = (c["targets"] as! String) == "attn" ? ModelArchitecture.attentionProjections : ModelArchitecture.projectionNames
-            let o = MemoryOptions(method: method, rank: max(c["r"] as? Int ?? 1, 1), targets: targets, seqLen: c["seq"] as! Int, batch: c["batch"] as! Int,
+            var o = MemoryOptions(method: method, rank: max(c["r"] as? Int ?? 1, 1), targets: targets, seqLen: c["seq"] as! Int, batch: c["batch"] as! Int,
                                   gradientCheckpointing: c["ckpt"] as! Bool, dora: c["dora"] as? Bool ?? false)
+            o.modulesToSave = (c["save"] as? String).map { [$0] } ?? []
             let recipe = try XCTUnwrap(Stack.Recipe(rawValue: c["recipe"] as? String ?? "peft"), name)
             let attention = try XCTUnwrap(Stack.Attention(rawValue: c["attn"] as? String ?? "sdpa"), name)
             let transformers = try XCTUnwrap(Stack.Transformers(rawValue: c["transformers"] as? String ?? "5"), name)

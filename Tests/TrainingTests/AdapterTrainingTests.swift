@@ -18,46 +18,26 @@ final class AdapterTrainingTests: XCTestCase {
         ("qwen2", "Vectors/families/qwen2/tiny-nf4", "Vectors/families/qwen2", "Vectors/families/qwen2/adapter-dora"),
     ]
 
-    func ints(_ v: VectorFile, _ name: String) -> [Int] {
-        v.bytes(name).withUnsafeBytes { raw in (0..<(raw.count / 8)).map { Int(raw.loadUnaligned(fromByteOffset: 8 * $0, as: Int64.self)) } }
-    }
-
-    func relMax(_ got: [Float], _ want: [Float]) -> Double {
-        var d = 0.0, s = 0.0
-        for i in want.indices { d = max(d, Double(abs(got[i] - want[i]))); s = max(s, Double(abs(want[i]))) }
-        return d / s
-    }
-
     func testDoRAStepsMatchPEFT() throws {
         for (family, base, dir, saved) in Self.cases {
             let plain = try VectorFile("golden", directory: dir), v = try VectorFile("golden-dora", directory: dir)
             let directory = repositoryRoot.appendingPathComponent(base).path
             let arch = try LlamaCheckpoint.config(directory: directory)
-            var adapter = PEFTAdapter(rank: 8, loraAlpha: 16, targetModules: arch.moduleNames)
+            var adapter = plain.initialAdapter(arch)
             adapter.useDora = true
-            for l in 0..<arch.layers {
-                for p in arch.projections {
-                    let path = p.modulePath(layer: l)
-                    let a = plain.info("init.\(path).lora_A.weight"), b = plain.info("init.\(path).lora_B.weight")
-                    adapter.modules[path] = .init(path: path, rank: 8, inFeatures: a.shape[1], outFeatures: b.shape[0],
-                                                  loraA: plain.floats("init.\(path).lora_A.weight"), loraB: plain.floats("init.\(path).lora_B.weight"))
-                    adapter.modules[path]!.magnitude = v.floats("init.\(path).lora_magnitude_vector.weight")
-                }
-            }
+            for path in adapter.modules.keys { adapter.modules[path]!.magnitude = v.floats("init.\(path).lora_magnitude_vector.weight") }
             let m = try LlamaCheckpoint.load(directory: directory, adapter: adapter)
-            let ids = ints(v, "input_ids"), labels = ints(v, "labels")
-            var config = AdamWConfig(lr: 1e-3)
-            config.weightDecay = 0.01
+            let ids = v.ints("input_ids"), labels = v.ints("labels")
+            let lc = relMax(try m.forward(ids: ids, labels: labels, batch: 2, seq: 16).logits, v.floats("logits"))
+            XCTAssertLessThan(lc, LlamaTests.logitTolerance, "\(family) logits")
+            // Three steps of the trainer `qlora train` runs: AdamW on A, B and the magnitudes.
+            let examples = (0..<2).map { b in TrainingExample(inputIds: Array(ids[(b * 16)..<((b + 1) * 16)]), labels: Array(labels[(b * 16)..<((b + 1) * 16)])) }
+            let config = AdamWConfig(lr: 1e-3, weightDecay: 0.01)
             let trainer = LlamaTrainer(model: m, optimizer: config)
             var losses: [Float] = []
             for step in 0..<3 {
-                m.zeroGrad()
-                let (loss, logits, acts) = try m.forward(ids: ids, labels: labels, batch: 2, seq: 16)
-                losses.append(loss)
-                try m.backward(acts)
+                losses.append(try trainer.step([examples], seq: 16).loss)
                 if step == 0 {
-                    let lc = relMax(logits, v.floats("logits"))
-                    XCTAssertLessThan(lc, LlamaTests.logitTolerance, "\(family) logits")
                     var worst = 0.0
                     for (path, layer) in m.adapters {
                         for (name, got) in [("lora_A.weight", layer.gradA), ("lora_B.weight", layer.gradB), ("lora_magnitude_vector.weight", layer.gradMagnitude)] {
@@ -67,11 +47,6 @@ final class AdapterTrainingTests: XCTestCase {
                         }
                     }
                     print(String(format: "%@ DoRA: logits %.2f, worst gradient %.2f of the tolerance", family, lc / LlamaTests.logitTolerance, worst / LlamaTests.gradientTolerance))
-                }
-                for (path, l) in m.adapters {
-                    AdamW.step(param: &l.loraA, grad: l.gradA, state: &trainer.states[path + ".lora_A.weight"]!, config: config)
-                    AdamW.step(param: &l.loraB, grad: l.gradB, state: &trainer.states[path + ".lora_B.weight"]!, config: config)
-                    AdamW.step(param: &l.magnitude!, grad: l.gradMagnitude, state: &trainer.states[path + ".lora_magnitude_vector.weight"]!, config: config)
                 }
             }
             for (g, w) in zip(losses, v.floats("step_losses")) {
@@ -115,18 +90,9 @@ final class AdapterTrainingTests: XCTestCase {
             let plain = try VectorFile("golden", directory: dir), v = try VectorFile("golden-" + golden, directory: dir)
             let directory = repositoryRoot.appendingPathComponent(base).path
             let arch = try LlamaCheckpoint.config(directory: directory)
-            var adapter = PEFTAdapter(rank: 8, loraAlpha: 16, targetModules: arch.moduleNames)
-            for l in 0..<arch.layers {
-                for p in arch.projections {
-                    let path = p.modulePath(layer: l)
-                    let a = plain.info("init.\(path).lora_A.weight"), b = plain.info("init.\(path).lora_B.weight")
-                    adapter.modules[path] = .init(path: path, rank: 8, inFeatures: a.shape[1], outFeatures: b.shape[0],
-                                                  loraA: plain.floats("init.\(path).lora_A.weight"), loraB: plain.floats("init.\(path).lora_B.weight"))
-                }
-            }
-            let m = try LlamaCheckpoint.load(directory: directory, adapter: adapter, modulesToSave: [module])
+            let m = try LlamaCheckpoint.load(directory: directory, adapter: plain.initialAdapter(arch), modulesToSave: [module])
             XCTAssertEqual(m.trainedModules, [module])
-            let ids = ints(v, "input_ids"), labels = ints(v, "labels")
+            let ids = v.ints("input_ids"), labels = v.ints("labels")
             let examples = (0..<2).map { b in TrainingExample(inputIds: Array(ids[(b * 16)..<((b + 1) * 16)]), labels: Array(labels[(b * 16)..<((b + 1) * 16)])) }
             let trainer = LlamaTrainer(model: m, optimizer: AdamWConfig(lr: 1e-3, weightDecay: 0.01))
             var losses: [Float] = []

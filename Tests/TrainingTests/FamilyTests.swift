@@ -13,34 +13,13 @@ final class FamilyTests: XCTestCase {
     /// transformers' bnb-4bit file of the family, with PEFT's initial adapters.
     func model(_ family: String, _ v: VectorFile) throws -> LlamaModel {
         let directory = repositoryRoot.appendingPathComponent("Vectors/families/\(family)/tiny-nf4").path
-        let arch = try LlamaCheckpoint.config(directory: directory)
-        var adapter = PEFTAdapter(rank: 8, loraAlpha: 16, targetModules: arch.moduleNames)
-        for l in 0..<arch.layers {
-            for p in arch.projections {
-                let path = p.modulePath(layer: l)
-                let a = v.info("init.\(path).lora_A.weight"), b = v.info("init.\(path).lora_B.weight")
-                adapter.modules[path] = .init(path: path, rank: 8, inFeatures: a.shape[1], outFeatures: b.shape[0],
-                                              loraA: v.floats("init.\(path).lora_A.weight"), loraB: v.floats("init.\(path).lora_B.weight"))
-            }
-        }
-        return try LlamaCheckpoint.load(directory: directory, adapter: adapter)
-    }
-
-    func ints(_ v: VectorFile, _ name: String) -> [Int] {
-        v.bytes(name).withUnsafeBytes { raw in (0..<(raw.count / 8)).map { Int(raw.loadUnaligned(fromByteOffset: 8 * $0, as: Int64.self)) } }
-    }
-
-    /// max |a - b| / max |b|.
-    func relMax(_ got: [Float], _ want: [Float]) -> Double {
-        var d = 0.0, s = 0.0
-        for i in want.indices { d = max(d, Double(abs(got[i] - want[i]))); s = max(s, Double(abs(want[i]))) }
-        return d / s
+        return try LlamaCheckpoint.load(directory: directory, adapter: v.initialAdapter(try LlamaCheckpoint.config(directory: directory)))
     }
 
     func check(_ family: String, file: StaticString = #filePath, line: UInt = #line) throws {
         let v = try golden(family)
         let m = try model(family, v)
-        let ids = ints(v, "input_ids"), labels = ints(v, "labels")
+        let ids = v.ints("input_ids"), labels = v.ints("labels")
         var config = AdamWConfig(lr: 1e-3)
         config.weightDecay = 0.01
         var states = m.adapters.map { (AdamWState(count: $0.layer.loraA.count), AdamWState(count: $0.layer.loraB.count)) }

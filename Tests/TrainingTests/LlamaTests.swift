@@ -11,10 +11,6 @@ import TestSupport
 final class LlamaTests: XCTestCase {
     func golden() throws -> VectorFile { try VectorFile("golden", directory: "Vectors/llama") }
 
-    func ints(_ v: VectorFile, _ name: String) -> [Int] {
-        v.bytes(name).withUnsafeBytes { raw in (0..<(raw.count / 8)).map { Int(raw.loadUnaligned(fromByteOffset: 8 * $0, as: Int64.self)) } }
-    }
-
     /// The model of Vectors/llama/tiny-nf4 (transformers' own bnb-4bit file) with PEFT's initial adapters.
     func model(_ v: VectorFile, directory: String = "Vectors/llama/tiny-nf4") throws -> LlamaModel {
         var adapter = PEFTAdapter(rank: 8, loraAlpha: 16, targetModules: ModelArchitecture.projectionNames)
@@ -60,7 +56,7 @@ final class LlamaTests: XCTestCase {
     func testForwardBackwardAndThreeAdamWStepsMatchTransformersPEFT() throws {
         let v = try golden()
         let m = try model(v)
-        let ids = ints(v, "input_ids"), labels = ints(v, "labels")
+        let ids = v.ints("input_ids"), labels = v.ints("labels")
         let (loss, logits, acts) = try m.forward(ids: ids, labels: labels, batch: 2, seq: 16)
         let wantLoss = v.floats("loss")[0]
         // bf16 activations through two layers: values agree to a few bf16 ulps (2^-8 relative).
@@ -129,7 +125,7 @@ extension LlamaTests {
     /// bf16 checkpoint, quantized on load, is the same model as transformers' bnb-4bit file.
     func testCheckpointingAndDenseLoadGiveTheSameStep() throws {
         let v = try golden()
-        let ids = ints(v, "input_ids"), labels = ints(v, "labels")
+        let ids = v.ints("input_ids"), labels = v.ints("labels")
         var grads: [[Float]] = []
         for (dir, gc) in [("Vectors/llama/tiny-nf4", false), ("Vectors/llama/tiny-nf4", true), ("Vectors/llama/tiny", false)] {
             let m = try model(v, directory: dir)
