@@ -101,7 +101,11 @@ func architecture(model: String?, config: String?) throws -> ModelArchitecture {
             throw ValidationError("unknown model '\(m)'; presets: \(ModelArchitecture.presets.map(\.name).joined(separator: ", "))")
         }
         return a
-    case (nil, let c?): return try ModelArchitecture(configFile: c)
+    case (nil, let c?):
+        let a = try ModelArchitecture(configFile: c)
+        // Never a Llama's answer for a model that is not one.
+        if let problem = a.undescribed.first { throw CheckpointError.invalidPath(path: c, problem: problem) }
+        return a
     default: throw ValidationError("give --model or --config, not both")
     }
 }

@@ -290,6 +290,21 @@ final class CLITests: TemporaryDirectoryTestCase {
         try expectFailure(["quantize", base, tmp.appendingPathComponent("x").path, "--compute-dtype", "f8"], mentions: ["f8"], noOutput: tmp.appendingPathComponent("x").path)
     }
 
+    /// A config.json these fields do not describe (another family, a mixture of experts) gets
+    /// one line naming the file and what is missing from `qlora memory` and `qlora fit`, never a
+    /// Llama's answer.
+    func testUndescribedModelsAreRefusedNotCountedAsLlama() throws {
+        let shape: [String: Any] = ["hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 24, "num_attention_heads": 16,
+                                    "num_key_value_heads": 8, "vocab_size": 151936]
+        for (name, extra, problem) in [("gemma", ["model_type": "gemma3_text"], "model_type gemma3_text is not described"),
+                                       ("moe", ["model_type": "qwen3", "num_experts": 128], "mixture of experts (num_experts 128) is not described")] as [(String, [String: Any], String)] {
+            let config = tmp.appendingPathComponent(name + ".json")
+            try JSONSerialization.data(withJSONObject: shape.merging(extra) { $1 }).write(to: config)
+            try expectFailure(["memory", "--config", config.path], mentions: [config.path, problem], noOutput: tmp.appendingPathComponent("none").path)
+            try expectFailure(["fit", "--config", config.path, "--memory", "24GB"], mentions: [config.path, problem], noOutput: tmp.appendingPathComponent("none").path)
+        }
+    }
+
     /// `qlora memory --timeline` draws the step and names its peak; `--json` carries it; `qlora fit` answers.
     func testTimelineAndFitAsDocumented() throws {
         let svg = tmp.appendingPathComponent("step.svg").path

@@ -290,6 +290,22 @@ public struct ModelArchitecture: Sendable, Equatable, Codable {
     /// The model types qlora's decoder (`LlamaModel`) runs.
     public static let trainableModelTypes = ["llama", "mistral", "qwen2", "qwen3", "phi3"]
 
+    /// The model types whose layers these fields describe, for memory and fit: the same five.
+    /// Another family differs in what the fields do not say (Gemma ties its embeddings by
+    /// default, its MLP and norms differ), so counting it as a Llama would be wrong.
+    public static let describedModelTypes = trainableModelTypes
+
+    /// What keeps these fields from describing the model at all, one problem per feature by its
+    /// config name; empty when `qlora memory` and `qlora fit` can count it.
+    public var undescribed: [String] {
+        var problems: [String] = []
+        if !Self.describedModelTypes.contains(modelType) {
+            problems.append("model_type \(modelType) is not described (\(Self.describedModelTypes.joined(separator: ", ")) are); counting it as a Llama would be wrong")
+        }
+        problems += unmodelledFeatures.map { "\($0) is not described: its parameters and activations are counted nowhere yet" }
+        return problems
+    }
+
     /// What qlora's decoder (`LlamaModel`) cannot run in this architecture, one problem per
     /// feature, by its config name; empty when it can be trained. The memory estimate counts
     /// every architecture these fields describe; a new family extends this list.
