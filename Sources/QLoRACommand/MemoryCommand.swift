@@ -102,6 +102,16 @@ func architecture(model: String?, config: String?) throws -> ModelArchitecture {
         }
         return a
     case (nil, let c?):
+        // A mixture of experts transformers 5 builds: say what a 4-bit load of it holds (its
+        // experts stay bf16), then refuse; its step is not modelled yet.
+        if let data = try? InputFile.read(c), let json = try? JSONSerialization.jsonObject(with: data) as? [String: Any],
+           let type = json["model_type"] as? String, MixtureOfExperts.Family(rawValue: type) != nil {
+            let moe: MixtureOfExperts
+            do { moe = try MixtureOfExperts(config: json) } catch { throw CheckpointError.invalidPath(path: c, problem: "\(error)") }
+            let held = moe.heldAfterFourBitLoad.values.reduce(0, +)
+            throw CheckpointError.invalidPath(path: c, problem: "a mixture of experts (\(type), \(moe.experts) experts): a transformers 5 + bitsandbytes 4-bit load holds "
+                                              + "\(gigabytes(held)), \(gigabytes(moe.expertBytes)) of it experts kept in bf16 (only nn.Linear is quantized); its training step is not modelled yet")
+        }
         let a = try ModelArchitecture(configFile: c)
         // Never a Llama's answer for a model that is not one.
         if let problem = a.undescribed.first { throw CheckpointError.invalidPath(path: c, problem: problem) }

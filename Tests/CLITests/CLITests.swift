@@ -297,7 +297,12 @@ final class CLITests: TemporaryDirectoryTestCase {
         let shape: [String: Any] = ["hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 24, "num_attention_heads": 16,
                                     "num_key_value_heads": 8, "vocab_size": 151936]
         for (name, extra, problem) in [("gemma", ["model_type": "gemma3_text"], "model_type gemma3_text is not described"),
-                                       ("moe", ["model_type": "qwen3", "num_experts": 128], "mixture of experts (num_experts 128) is not described")] as [(String, [String: Any], String)] {
+                                       ("moe", ["model_type": "qwen3", "num_experts": 128], "mixture of experts (num_experts 128) is not described"),
+                                       // Qwen3-30B-A3B's shape: what a 4-bit load holds, its experts bf16 (Vectors/memory/moe.json).
+                                       ("qwen3moe", ["model_type": "qwen3_moe", "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 48,
+                                                     "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "moe_intermediate_size": 768,
+                                                     "num_experts": 128, "num_experts_per_tok": 8],
+                                        "holds 59.72 GB, 57.98 GB of it experts kept in bf16")] as [(String, [String: Any], String)] {
             let config = tmp.appendingPathComponent(name + ".json")
             try JSONSerialization.data(withJSONObject: shape.merging(extra) { $1 }).write(to: config)
             try expectFailure(["memory", "--config", config.path], mentions: [config.path, problem], noOutput: tmp.appendingPathComponent("none").path)

@@ -1,0 +1,30 @@
+import Foundation
+import Memory
+import TestSupport
+import XCTest
+
+/// What transformers 5 + bitsandbytes hold after a 4-bit load of Qwen3-MoE, Mixtral and gpt-oss
+/// (experts, router, embeddings and norms bf16; attention and dense MLPs NF4), against
+/// Vectors/memory/moe.json kind by kind, to the byte: the tiny models as loaded on CPU and the
+/// real sizes as built on the meta device.
+final class MixtureOfExpertsTests: XCTestCase {
+    func testHeldBytesAfterAFourBitLoad() throws {
+        let data = try Data(contentsOf: repositoryRoot.appendingPathComponent("Vectors/memory/moe.json"))
+        let families = try XCTUnwrap((try JSONSerialization.jsonObject(with: data) as? [String: Any])?["families"] as? [String: [String: Any]])
+        XCTAssertEqual(Set(families.keys), ["qwen3_moe", "mixtral", "gpt_oss"])
+        for (name, f) in families {
+            // The tiny model, loaded.
+            let tiny = try MixtureOfExperts(config: try XCTUnwrap(f["saved_config_json"] as? [String: Any]))
+            let kinds = try XCTUnwrap((f["load_4bit"] as? [String: Any])?["by_kind"] as? [String: [String: Any]])
+            var want = kinds.mapValues { ($0["bytes"] as! Int) + ($0["quant_state_bytes"] as! Int) }
+            want["rotary_buffer"] = nil
+            XCTAssertEqual(tiny.heldAfterFourBitLoad, want, "\(name) tiny")
+            // The real size.
+            let real = try XCTUnwrap(f["real_size"] as? [String: Any])
+            let model = try MixtureOfExperts(config: try XCTUnwrap(real["config"] as? [String: Any]))
+            let after = try XCTUnwrap(real["after_4bit"] as? [String: Any])
+            XCTAssertEqual(model.heldAfterFourBitLoad, try XCTUnwrap(after["bytes_by_kind"] as? [String: Int]), "\(name) real")
+            XCTAssertEqual(model.heldAfterFourBitLoad.values.reduce(0, +), after["held_bytes"] as? Int, "\(name) real total")
+        }
+    }
+}
