@@ -158,6 +158,8 @@ public struct MemoryEstimate: Sendable, Codable {
         let activationBytes = try checked(CheckedSize.product(tokens, perToken), "the activations (\(tokens) tokens × \(perToken) B per token)")
         _ = try checked(CheckedSize.sum(CheckedSize.product(a.totalParameters, 16) ?? .max, loraBytes, activationBytes), "the total")
         let known = ModelArchitecture.projectionNames + ModelArchitecture.fusedModules.map(\.name)
+        // Never a Llama's count for a model these fields do not describe.
+        if let problem = a.undescribed.first { throw MemoryError.badOption("\(a.name): \(problem)") }
         for m in o.modulesToSave where m != "lm_head" && m != "embed_tokens" {
             throw MemoryError.badOption("modules_to_save '\(m)': lm_head and embed_tokens are the modules trained whole here")
         }

@@ -1,5 +1,6 @@
 import Foundation
 import Memory
+import QLoRA
 import TestSupport
 import XCTest
 
@@ -26,5 +27,11 @@ final class MixtureOfExpertsTests: XCTestCase {
             XCTAssertEqual(model.heldAfterFourBitLoad, try XCTUnwrap(after["bytes_by_kind"] as? [String: Int]), "\(name) real")
             XCTAssertEqual(model.heldAfterFourBitLoad.values.reduce(0, +), after["held_bytes"] as? Int, "\(name) real total")
         }
+    }
+
+    /// The library refuses, as the commands do, to count a model these fields do not describe.
+    func testMemoryEstimateRefusesUndescribedModels() {
+        let gemma = ModelArchitecture(name: "g", modelType: "gemma2", hiddenSize: 64, intermediateSize: 128, layers: 2, attentionHeads: 4, vocabSize: 256)
+        XCTAssertThrowsError(try MemoryEstimate(model: gemma, options: MemoryOptions())) { XCTAssertTrue("\($0)".contains("gemma2 is not described"), "\($0)") }
     }
 }

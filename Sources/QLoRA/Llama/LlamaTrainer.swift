@@ -76,20 +76,17 @@ public final class LlamaTrainer {
             }
         }
         // Whole modules (modules_to_save): bf16 parameters, gradients and moments.
-        if model.trainedModules.contains(.lmHead) {
-            if counted > 1 { for i in model.gradLMHead.indices { model.gradLMHead[i] = HalfPrecision.roundedToBFloat16(model.gradLMHead[i] * scale) } }
-            AdamW.stepBF16(param: &model.lmHead, grad: model.gradLMHead, state: &states[WholeModuleName.lmHead]!, config: optimizer)
-        }
-        if model.trainedModules.contains(.embedTokens) {
-            if counted > 1 { for i in model.gradEmbedTokens.indices { model.gradEmbedTokens[i] = HalfPrecision.roundedToBFloat16(model.gradEmbedTokens[i] * scale) } }
-            AdamW.stepBF16(param: &model.embedTokens, grad: model.gradEmbedTokens, state: &states[WholeModuleName.embedTokens]!, config: optimizer)
+        for w in model.trainedModules {
+            let head = w == .lmHead
+            var grad = head ? model.gradLMHead : model.gradEmbedTokens
+            if counted > 1 { for i in grad.indices { grad[i] = HalfPrecision.roundedToBFloat16(grad[i] * scale) } }
+            if head {
+                AdamW.stepBF16(param: &model.lmHead, grad: grad, state: &states[w.tensorName]!, config: optimizer)
+            } else {
+                AdamW.stepBF16(param: &model.embedTokens, grad: grad, state: &states[w.tensorName]!, config: optimizer)
+            }
         }
         return (total / Float(counted), peak)
     }
 }
 
-/// The AdamW state names of whole modules.
-enum WholeModuleName {
-    static let lmHead = LlamaModel.WholeModule.lmHead.tensorName
-    static let embedTokens = LlamaModel.WholeModule.embedTokens.tensorName
-}

@@ -322,10 +322,9 @@ public final class LoRALinear {
         var ba = [Float](repeating: 0, count: n * k)
         sgemm(false, false, n, k, r, b, r, a, k, 0, &ba, k)
         let s = Float(config.scaling)
-        return (0..<n).map { o in
-            let row = (0..<k).map { i in round(w[o * k + i] + round(s * round(ba[o * k + i]))) }
-            return row.withUnsafeBufferPointer { LoRAMerge.rowNorm($0) }
-        }
+        // W + s·B·A into `ba`'s storage, then each row's norm: no array per row in the forward.
+        for i in ba.indices { ba[i] = round(w[i] + round(s * round(ba[i]))) }
+        return ba.withUnsafeBufferPointer { sum in (0..<n).map { o in LoRAMerge.rowNorm(UnsafeBufferPointer(rebasing: sum[(o * k)..<((o + 1) * k)])) } }
     }
 
     /// The base layer output's gradient under DoRA: dy from the sum, bf16(dy·(m/‖·‖ − 1)) from
