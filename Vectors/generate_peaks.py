@@ -66,8 +66,9 @@ try:
     import bitsandbytes
 except ImportError:  # the transformers 4.46 venv (bf16 LoRA rows only): bitsandbytes of that era needs CUDA for 4-bit
     bitsandbytes = None
-from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM,
-                          Qwen2Config, Qwen2ForCausalLM)
+from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, GptOssConfig, GptOssForCausalLM, LlamaConfig,
+                          LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                          Qwen3MoeConfig, Qwen3MoeForCausalLM)
 from peft import LoraConfig, get_peft_model
 
 torch.set_num_threads(int(os.environ.get("PEAKS_THREADS", "2")))
@@ -331,6 +332,14 @@ def qwen2_config(h, i, heads, kv, vocab, layers=2, tied=True):
                        tie_word_embeddings=tied, torch_dtype="bfloat16")
 
 
+def qwen3moe_config(mlp_only_layers=()):
+    return Qwen3MoeConfig(hidden_size=1024, intermediate_size=3072, moe_intermediate_size=384, num_hidden_layers=2,
+                          num_attention_heads=16, num_key_value_heads=2, head_dim=128, num_experts=128, num_experts_per_tok=8,
+                          decoder_sparse_step=1, mlp_only_layers=list(mlp_only_layers), norm_topk_prob=True,
+                          vocab_size=151936, max_position_embeddings=4096, rms_norm_eps=1e-6, rope_theta=1e6,
+                          use_sliding_window=False, tie_word_embeddings=False)
+
+
 ARCHS = {
     # llama-2-7b's ratios (head_dim 128 -> 64, intermediate 2.6875 h) at hidden 1024, its vocab.
     "llama-h1024": lambda: (LlamaForCausalLM, llama_config(1024, 2816, 16, 16, 32000)),
@@ -340,6 +349,24 @@ ARCHS = {
     "qwen2-h896": lambda: (Qwen2ForCausalLM, qwen2_config(896, 4864, 14, 2, 48000)),
     # qwen2.5-7b's exact layer shapes and vocab (GQA 28:4, q/k/v biases, untied), 2 layers.
     "qwen2-h3584": lambda: (Qwen2ForCausalLM, qwen2_config(3584, 18944, 28, 4, 152064, tied=False)),
+    # Mixtures of experts (issue 23), each family's real ratios at half or less of its width, its real
+    # vocabulary, expert count and routing: Qwen3-30B-A3B's (128 experts, top 8, q = 2h, GQA 16:2, per-head
+    # q/k norms), one dense layer first in the `-dense0` variant (mlp_only_layers); Mixtral-8x7B's (8
+    # experts of 3.5h, top 2, GQA 4:1); gpt-oss-20b's (32 experts of h with biases, top 4, router bias,
+    # attention biases and sinks, sliding/full layers, yarn rope).
+    "qwen3moe-h1024": lambda: (Qwen3MoeForCausalLM, qwen3moe_config()),
+    "qwen3moe-h1024-dense0": lambda: (Qwen3MoeForCausalLM, qwen3moe_config(mlp_only_layers=[0])),
+    "mixtral-h1024": lambda: (MixtralForCausalLM, MixtralConfig(
+        hidden_size=1024, intermediate_size=3584, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+        num_local_experts=8, num_experts_per_tok=2, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+        rope_theta=1e6, sliding_window=None, tie_word_embeddings=False)),
+    "gptoss-h1024": lambda: (GptOssForCausalLM, GptOssConfig(
+        hidden_size=1024, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=24, num_key_value_heads=4,
+        head_dim=64, num_local_experts=32, num_experts_per_tok=4, vocab_size=201088, sliding_window=128,
+        layer_types=["sliding_attention", "full_attention"], attention_bias=True, tie_word_embeddings=False,
+        max_position_embeddings=4096, rms_norm_eps=1e-5, swiglu_limit=7.0,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                         "truncate": False, "original_max_position_embeddings": 4096})),
 }
 
 _CKPT = {}
@@ -443,8 +470,19 @@ def record(c, tr, marks, kept_snap, model, layers, tokens, baseline, n_trainable
 NF4 = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
 
 
+EXPERT_PARAMETERS = ["experts.gate_up_proj", "experts.down_proj"]
+
+
 def lora_config(c):
-    kw = dict(use_dora=True) if c.get("dora") else {}  # DoRA rows (`-dora`): PEFT's DoraLinearVariant on every target
+    kw = dict(use_dora=True) if c.get("dora") else {}
+    if c["targets"] in ("attn+experts", "all-linear"):
+        # Mixtures of experts: LoRA on each layer's fused 3-D expert parameters through PEFT's
+        # target_parameters (`attn+experts`), or PEFT's own "all-linear", which on these models resolves to the
+        # attention projections plus target_parameters on the experts and the router (moe.json `peft_all_linear`).
+        if c["targets"] == "all-linear":
+            return LoraConfig(r=c["r"], lora_alpha=2 * c["r"], lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+        return LoraConfig(r=c["r"], lora_alpha=2 * c["r"], lora_dropout=0.0, target_modules=ATTN,
+                          target_parameters=EXPERT_PARAMETERS, task_type="CAUSAL_LM")  # DoRA rows (`-dora`): PEFT's DoraLinearVariant on every target
     if c.get("save"):  # modules_to_save rows (`-save-MODULE`): PEFT's ModulesToSaveWrapper, a trained copy of MODULE
         kw["modules_to_save"] = [c["save"]]
     return LoraConfig(r=c["r"], lora_alpha=2 * c["r"], lora_dropout=0.0, target_modules=ALL if c["targets"] == "all" else ATTN,
@@ -498,6 +536,14 @@ def load_model(c, d, **kw):
         kw["quantization_config"] = BitsAndBytesConfig(**NF4)
     model = AutoModelForCausalLM.from_pretrained(d, **kw)
     model.config.use_cache = False
+    if c.get("experts") == "nf4-parametrize":
+        # bitsandbytes' parametrize route (`-experts-nf4` rows): each layer's fused expert parameters quantized
+        # whole to NF4 + double quant; reading one dequantizes it to bf16 (moe.json `bnb_parametrize`).
+        import bitsandbytes.nn.parametrize as bnb_parametrize
+        for mod in model.modules():
+            if type(mod).__name__.endswith("Experts"):
+                for pn in ("gate_up_proj", "down_proj"):
+                    bnb_parametrize.replace_parameter_4bit(mod, pn, compress_statistics=True, quant_type="nf4")
     recipe = c.get("recipe", "peft")
     if c.get("prepare"):
         from peft import prepare_model_for_kbit_training
@@ -681,6 +727,8 @@ def grid():
             name += "-dora"
         if kw.get("save"):  # LoraConfig(modules_to_save=[save])
             name += "-save-" + kw["save"]
+        if kw.get("experts"):  # a mixture of experts' experts quantized by another route
+            name += "-experts-" + kw["experts"].split("-")[0]
         cs.append(dict(name=name, arch=arch, seq=seq, ckpt=ckpt, r=r, targets=targets, batch=batch, **kw))
 
     a = "llama-h1024"
@@ -755,6 +803,29 @@ def grid():
     add("qwen2-h3584", 256, True, 16, "all", 1)
     add("qwen2-h3584", 256, True, 16, "all", 1, recipe="peft-kbit")
     add("qwen2-h3584", 256, False, 16, "all", 1, recipe="peft-kbit")
+    # Mixtures of experts (issue 23): transformers 5's default experts (grouped_mm), bf16 as a 4-bit load
+    # leaves them; LoRA on attention, on attention and experts (target_parameters), PEFT's all-linear; the
+    # experts quantized through bitsandbytes' parametrize route.
+    for m in ("qwen3moe-h1024", "mixtral-h1024"):
+        # op-by-op traces (`layer_trace`): Qwen3-MoE's forward and backward, Mixtral's checkpointed recompute
+        fwd, rec = ({"trace_layers": True}, {}) if m.startswith("qwen3") else ({}, {"trace_layers": True})
+        add(m, 512, False, 16, "attn", 1, **fwd)
+        add(m, 512, True, 16, "attn", 1)
+        add(m, 512, False, 16, "attn+experts", 1, **fwd)
+        add(m, 512, True, 16, "attn+experts", 1, **rec)
+        add(m, 512, False, 16, "all-linear", 1)
+        add(m, 1024, False, 16, "attn", 1)
+        add(m, 512, False, 16, "attn", 1, experts="nf4-parametrize", **fwd)
+        add(m, 512, True, 16, "attn", 1, experts="nf4-parametrize", **rec)
+    add("qwen3moe-h1024-dense0", 512, False, 16, "attn", 1)
+    add("qwen3moe-h1024-dense0", 512, False, 16, "attn+experts", 1)
+    add("mixtral-h1024", 256, False, 16, "attn", 4)
+    g = "gptoss-h1024"   # sinks: transformers has no SDPA path for gpt-oss (eager on CPU)
+    add(g, 512, False, 16, "attn", 1, attn="eager", trace_layers=True)
+    add(g, 512, True, 16, "attn", 1, attn="eager")
+    add(g, 512, False, 16, "attn+experts", 1, attn="eager")
+    add(g, 512, True, 16, "attn+experts", 1, attn="eager")
+    add(g, 512, False, 16, "attn", 1, attn="eager", experts="nf4-parametrize")
     return cs
 
 

@@ -11,7 +11,8 @@ import re
 
 import torch
 import transformers
-from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config, AutoModelForCausalLM
+from transformers import (AutoModelForCausalLM, GptOssConfig, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config, Qwen2Config,
+                          Qwen3Config, Qwen3MoeConfig)
 
 # The shape-deciding fields of each model's published config.json.
 PRESETS = {
@@ -45,6 +46,22 @@ PRESETS = {
                                        num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True)),
     "llama-3.2-3b": (LlamaConfig, dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
                                        num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=True)),
+    # Mixtures of experts (issue 23): Qwen/Qwen3-30B-A3B, mistralai/Mixtral-8x7B-v0.1, openai/gpt-oss-20b and -120b.
+    "qwen3-30b-a3b": (Qwen3MoeConfig, dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+                                           num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+                                           num_experts_per_tok=8, decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True,
+                                           vocab_size=151936, tie_word_embeddings=False)),
+    "mixtral-8x7b": (MixtralConfig, dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                                         num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000,
+                                         tie_word_embeddings=False)),
+    "gpt-oss-20b": (GptOssConfig, dict(hidden_size=2880, intermediate_size=2880, num_hidden_layers=24, num_attention_heads=64,
+                                       num_key_value_heads=8, head_dim=64, num_local_experts=32, num_experts_per_tok=4,
+                                       vocab_size=201088, sliding_window=128, tie_word_embeddings=False,
+                                       layer_types=["sliding_attention", "full_attention"] * 12)),
+    "gpt-oss-120b": (GptOssConfig, dict(hidden_size=2880, intermediate_size=2880, num_hidden_layers=36, num_attention_heads=64,
+                                        num_key_value_heads=8, head_dim=64, num_local_experts=128, num_experts_per_tok=4,
+                                        vocab_size=201088, sliding_window=128, tie_word_embeddings=False,
+                                        layer_types=["sliding_attention", "full_attention"] * 18)),
 }
 
 

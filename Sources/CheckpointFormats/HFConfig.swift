@@ -11,8 +11,12 @@ extension ModelArchitecture {
     /// config with the same fields). Errors name the file and the field. Features qlora's decoder does not
     /// implement are recorded, not refused (`unsupportedForTraining` names them).
     public init(configFile path: String) throws {
+        try self.init(configData: try InputFile.read(path), path: path)
+    }
+
+    /// The same from config.json's bytes; `path` names the file in errors.
+    public init(configData data: Data, path: String) throws {
         func bad(_ problem: String) -> CheckpointError { .invalidPath(path: path, problem: problem) }
-        let data = try InputFile.read(path)
         guard let c = try? JSONSerialization.jsonObject(with: data) as? [String: Any] else { throw bad("is not a JSON object") }
         func int(_ k: String) throws -> Int {
             guard let v = c[k], !(v is NSNull) else { throw bad("\(k) is missing") }
@@ -49,8 +53,12 @@ extension ModelArchitecture {
         let windowed = ["qwen2", "qwen3"].contains(type)
             ? ((c["use_sliding_window"] as? Bool) ?? false) || ((c["layer_types"] as? [String]) ?? []).contains("sliding_attention") : true
         if windowed, let w = c["sliding_window"] as? Int, w > 0 { slidingWindow = w }
-        for key in ["num_experts", "num_local_experts", "n_routed_experts"] {
-            if let n = c[key] as? Int, n > 0 { unmodelledFeatures.append("mixture of experts (\(key) \(n))") }
+        if let family = Experts.Family(rawValue: type) {
+            self = .moe(self, try Self.experts(family, c, layers: layers, path: path))
+        } else {
+            for key in ["num_experts", "num_local_experts", "n_routed_experts"] {
+                if let n = c[key] as? Int, n > 0 { unmodelledFeatures.append("mixture of experts (\(key) \(n))") }
+            }
         }
         if c["vision_config"] != nil { unmodelledFeatures.append("a vision tower (vision_config)") }
         rmsNormEps = number(c["rms_norm_eps"]) ?? 1e-6
@@ -68,5 +76,39 @@ extension ModelArchitecture {
             ropeScaling = .llama3(.init(factor: f, lowFreqFactor: lo, highFreqFactor: hi, originalMaxPositions: orig))
         case let other: ropeScaling = .unsupported(other)
         }
+    }
+
+    /// The most layers a mixture of experts may have here (each layer's kind is looked at).
+    static let maxExpertLayers = 1 << 16
+
+    /// A mixture of experts' fields as transformers' config classes read them (Qwen3MoeConfig,
+    /// MixtralConfig, GptOssConfig); errors name the field.
+    static func experts(_ family: Experts.Family, _ c: [String: Any], layers: Int, path: String) throws -> Experts {
+        func bad(_ problem: String) -> CheckpointError { .invalidPath(path: path, problem: problem) }
+        func positive(_ keys: [String]) throws -> Int {
+            for k in keys {
+                guard let v = c[k], !(v is NSNull) else { continue }
+                guard let n = JSONField.integer(v), n > 0, n <= maxDimension else { throw bad("\(k) is \(JSONField.describe(v)), not a positive integer up to 2^40") }
+                return n
+            }
+            throw bad("\(keys.joined(separator: " or ")) is missing: a \(family.rawValue) mixture of experts needs it")
+        }
+        guard layers <= maxExpertLayers else { throw bad("num_hidden_layers \(layers) is above qlora's limit of \(maxExpertLayers) for a mixture of experts") }
+        // Qwen3-MoE's published config.json says num_experts; transformers 5 saves num_local_experts.
+        let count = try positive(["num_local_experts", "num_experts"])
+        let perToken = try positive(["num_experts_per_tok", "experts_per_token"])
+        guard perToken <= count else { throw bad("num_experts_per_tok \(perToken) is more than the \(count) experts") }
+        var x = Experts(family: family, count: count, perToken: perToken,
+                        intermediateSize: try positive(family == .qwen3MoE ? ["moe_intermediate_size"] : ["intermediate_size"]))
+        if family == .qwen3MoE {
+            // transformers' Qwen3MoeDecoderLayer: experts unless the layer is in mlp_only_layers,
+            // and only every decoder_sparse_step-th layer.
+            let step = c["decoder_sparse_step"].flatMap(JSONField.integer) ?? 1
+            let only = Set(((c["mlp_only_layers"] as? [Any]) ?? []).compactMap(JSONField.integer))
+            x.denseLayers = (0..<layers).filter { only.contains($0) || step <= 0 || ($0 + 1) % step != 0 }
+            // Qwen3MoeConfig's default is false; Mixtral always renormalises; gpt-oss' softmax is over the top k.
+            x.normalizesTopK = (c["norm_topk_prob"] as? Bool) ?? false
+        }
+        return x
     }
 }

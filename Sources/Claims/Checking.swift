@@ -152,10 +152,12 @@ public enum Claims {
     /// Whether a model trains on `gpus` GPUs of `memoryGB` each (GB = 10⁹ B), by the largest
     /// sequence length at batch 1 whose step fits: `Memory.Fit.largestSeqLen`, the one search and
     /// criterion `qlora fit` answers with (several GPUs shard as FSDP's full shard).
-    static func fit(_ label: String, _ model: ModelArchitecture, _ method: TrainingMethod, in memory: String, _ memoryGB: Double, gpus: Int = 1) throws -> Fit {
-        let n = try Memory.Fit.largestSeqLen(model, fitOptions(method), memory: Int(memoryGB * gb), gpus: gpus, parallelism: gpus > 1 ? .fsdp : .ddp)
+    static func fit(_ label: String, _ model: ModelArchitecture, _ method: TrainingMethod, in memory: String, _ memoryGB: Double, gpus: Int = 1,
+                    options: MemoryOptions? = nil) throws -> Fit {
+        let o = options ?? fitOptions(method)
+        let n = try Memory.Fit.largestSeqLen(model, o, memory: Int(memoryGB * gb), gpus: gpus, parallelism: gpus > 1 ? .fsdp : .ddp)
         let head = "\(label) \(model.name) in \(memory)"
-        guard let n else { return Fit(fits: false, tokens: nil, text: "\(head): no (\(gigabytes(withoutActivations(try estimate(model, method)))) before activations)") }
+        guard let n else { return Fit(fits: false, tokens: nil, text: "\(head): no (\(gigabytes(withoutActivations(try MemoryEstimate(model: model, options: o)))) before activations)") }
         let tokens = n == longestSeqLen ? "over \(n.formatted()) tokens" : "up to \(n.formatted()) tokens"
         return Fit(fits: n >= fitSeqLen, tokens: n, text: "\(head): " + (n >= fitSeqLen ? tokens : "only \(tokens)"))
     }

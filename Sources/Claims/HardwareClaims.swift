@@ -64,13 +64,28 @@ extension Claims {
                                + String(format: "60 GB for all 5 checkpoints together is adapter + states at r≈%.0f", rankFor60))
         },
         Claim("M26", "QLoRA hardware fit: 7B on a 24 GB RTX 3090; 13B on a 16 GB RTX 4080 (tight); 30B on a 24 GB RTX 4090; 70B on 128 GB (DGX Spark / Mac M5 Max); 120B (gpt-oss) on 128-192 GB", "A") { _ in
+            // gpt-oss-120b ships its experts in MXFP4 (per 32 values 16 B of e2m1 pairs and one
+            // e8m0 scale); transformers refuses a BitsAndBytesConfig on that checkpoint and
+            // Mxfp4Config(dequantize=True) loads them as bf16 (moe.json), as does a bf16 copy
+            // loaded in 4-bit: the experts a QLoRA run holds are bf16 unless bitsandbytes'
+            // parametrize route quantizes them after loading.
+            let oss = preset("gpt-oss-120b")
+            let expertValues = oss.tensorGroups.filter { $0.kind == .expert }.reduce(0) { $0 + $1.elements }
+            var nf4 = fitOptions(.qlora)
+            nf4.experts = .nf4
+            let asHeld = try fit("120B", oss, .qlora, in: "192 GB", 192)
+            let routed = try fit("120B", oss, .qlora, in: "128 GB", 128, options: nf4)
             let f = fits([
                 try fit("7B", preset("llama-2-7b"), .qlora, in: "24 GB", 24),
                 try fit("13B", preset("llama-2-13b"), .qlora, in: "16 GB", 16),
                 try fit("30B", llama30b, .qlora, in: "24 GB", 24),
                 try fit("70B", preset("llama-3.1-70b"), .qlora, in: "128 GB", 128),
-            ], setting: fitSetting("QLoRA r=16 all linear") + "; " + llama30bNote)
-            return Finding(f.figure, f.verdict, f.detail + "; 120B (gpt-oss) not checked: a mixture-of-experts model with MXFP4 experts, which no dense Llama-shaped architecture here describes")
+                asHeld,
+            ], setting: fitSetting("QLoRA r=16 all linear (on gpt-oss PEFT's all-linear is the attention)") + "; " + llama30bNote)
+            return Finding(f.figure + "; with its experts through bitsandbytes' parametrize route (--experts nf4): " + routed.text,
+                           f.verdict,
+                           f.detail + "; 120B (gpt-oss) as transformers 5 + bitsandbytes hold it: its \(gigabytes(expertValues / 32 * 17)) of MXFP4 experts load as \(gigabytes(2 * expertValues)) of bf16 (only nn.Linear is quantized), "
+                               + (asHeld.fits ? "and it fits 192 GB" : "so it does not fit 192 GB") + "; it fits 128 GB only with the experts quantized after loading (\(routed.fits ? "fits" : "does not fit"), the route decides it)")
         },
         Claim("M27", "LoRA fit: 7B and 13B on a 24 GB RTX 4090; 30B on 2x24 GB or 48 GB; 70B on 128 GB or 2x H100. Full FT fit: 7B on 2x24 GB or one 48 GB; 13B on 2x A100 40 GB or one H100 80 GB; 30B on 4x A100 80 GB; 70B on 8x H100 80 GB", "A") { _ in
             let lora = [

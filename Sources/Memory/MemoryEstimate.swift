@@ -36,6 +36,20 @@ public enum Optimizer: String, Sendable, CaseIterable, Codable {
     }
 }
 
+/// How a mixture of experts' fused expert parameters are held during training.
+public enum ExpertRoute: String, Sendable, CaseIterable, Codable {
+    /// As transformers 5 + bitsandbytes load them: bf16, whatever the quantization config says
+    /// (only `nn.Linear` is replaced by Linear4bit; bitsandbytes #1849).
+    case bf16
+    /// bitsandbytes' parametrize route (`bitsandbytes.nn.parametrize.replace_parameter_4bit` on
+    /// each fused parameter after loading): NF4 + double quant, one quant state per 3-D tensor;
+    /// reading the parameter dequantizes it whole to bf16, so every forward holds a bf16 copy of
+    /// the layer's experts, kept for backward (measured: peaks.json's `-experts-nf4` rows). PEFT's
+    /// target_parameters does not find a parametrized expert (moe.json), so LoRA here is on the
+    /// linear modules only.
+    case nf4
+}
+
 /// What is trained and at what size.
 public struct MemoryOptions: Sendable, Codable {
     public var method: TrainingMethod = .qlora
@@ -59,6 +73,11 @@ public struct MemoryOptions: Sendable, Codable {
     /// bf16 copy of each with a bf16 gradient and bf16 AdamW moments (measured: peaks.json's
     /// `-save-*` rows).
     public var modulesToSave: [String] = []
+    /// How a mixture of experts' experts are held.
+    public var experts: ExpertRoute = .bf16
+    /// The rank of experts.gate_up_proj's adapter over `rank`: PEFT's "all-linear" on a mixture
+    /// of experts gives it twice the rank (its rank_pattern; moe.json `peft_all_linear`).
+    public var expertGateUpRankFactor = 1
 
     public init(method: TrainingMethod = .qlora, rank: Int = 16, alpha: Double = 32, targets: [String] = ModelArchitecture.projectionNames,
                 seqLen: Int = 2048, batch: Int = 1, gradientCheckpointing: Bool = false, doubleQuant: Bool = true, blocksize: Int = 64,
@@ -150,16 +169,21 @@ public struct MemoryEstimate: Sendable, Codable {
         // the options is multiplied with checks, and the largest sum of components is checked
         // once here, so the arithmetic below cannot overflow.
         let tokens = try checked(CheckedSize.product(o.seqLen, o.batch), "seq-len × batch")
-        let adaptedWidth = a.adaptedModules(o.targets).reduce(0) { t, p in let s = a.projectionShape(p); return t + s.in + s.out }
-        let loraBytes = try checked(CheckedSize.product(o.rank, adaptedWidth, a.layers, 16), "the LoRA adapters' bytes (rank × (in + out) × modules × layers × 16 B)")
-        let perToken = try checked(CheckedSize.sum(CheckedSize.product(a.layers, Self.activationBytesPerToken(a, o) + 2 * a.hiddenSize) ?? .max,
+        let loraBytes = try checked(CheckedSize.product(Self.loraElements(a, o), 16), "the LoRA adapters' bytes (their parameters × 16 B)")
+        let perToken = try checked(CheckedSize.sum(CheckedSize.product(a.layers, Self.largestLayerActivationBytesPerToken(a, o) + 2 * a.hiddenSize) ?? .max,
                                                    Self.headActivationBytesPerToken(a, o), Self.qloraLayerStepPeakBytesPerToken(a, o)),
                                    "activation bytes per token")
         let activationBytes = try checked(CheckedSize.product(tokens, perToken), "the activations (\(tokens) tokens × \(perToken) B per token)")
         _ = try checked(CheckedSize.sum(CheckedSize.product(a.totalParameters, 16) ?? .max, loraBytes, activationBytes), "the total")
-        let known = ModelArchitecture.projectionNames + ModelArchitecture.fusedModules.map(\.name)
+        let known = ModelArchitecture.projectionNames + ModelArchitecture.fusedModules.map(\.name) + ModelArchitecture.parameterTargets
         // Never a Llama's count for a model these fields do not describe.
         if let problem = a.undescribed.first { throw MemoryError.badOption("\(a.name): \(problem)") }
+        if a.experts == nil, let t = o.targets.first(where: ModelArchitecture.parameterTargets.contains) {
+            throw MemoryError.badOption("target '\(t)': \(a.name) has no experts (it is not a mixture of experts)")
+        }
+        if o.experts == .nf4, a.experts != nil, let t = o.targets.first(where: ModelArchitecture.parameterTargets.contains) {
+            throw MemoryError.badOption("target '\(t)' with --experts nf4: PEFT's target_parameters finds no parametrized expert (bitsandbytes' parametrize route); adapt the linear modules only")
+        }
         for m in o.modulesToSave where m != "lm_head" && m != "embed_tokens" {
             throw MemoryError.badOption("modules_to_save '\(m)': lm_head and embed_tokens are the modules trained whole here")
         }
@@ -172,18 +196,17 @@ public struct MemoryEstimate: Sendable, Codable {
         options = o
         let groups = a.tensorGroups
         let projections = groups.filter { $0.kind == .projection }
-        let others = groups.filter { $0.kind != .projection }
+        let expertGroups = groups.filter { $0.kind == .expert }
+        let others = groups.filter { $0.kind != .projection && $0.kind != .expert }
         let projectionElements = projections.reduce(0) { $0 + $1.elements }
+        let expertElements = expertGroups.reduce(0) { $0 + $1.elements }
         let otherElements = others.reduce(0) { $0 + $1.elements }
-        // DoRA adds one magnitude per output feature of each adapted projection.
-        let loraElements = o.isLoRA ? a.adaptedModules(o.targets).reduce(0) { t, p in
-            let s = a.projectionShape(p)
-            return t + o.rank * (s.in + s.out) + (o.dora ? s.out : 0)
-        } * a.layers : 0
+        let loraElements = o.isLoRA ? Self.loraElements(a, o) : 0
         let wholeElements = o.isLoRA ? o.modulesToSave.count * a.vocabSize * a.hiddenSize : 0
-        params = Parameters(total: a.totalParameters, quantized: o.method == .qlora ? projectionElements : 0,
+        let quantizesExperts = o.method == .qlora && o.experts == .nf4
+        params = Parameters(total: a.totalParameters, quantized: o.method == .qlora ? projectionElements + (quantizesExperts ? expertElements : 0) : 0,
                             trainable: o.isLoRA ? loraElements + wholeElements : a.totalParameters)
-        activationBytesPerLayerPerToken = Self.activationBytesPerToken(a, o)
+        activationBytesPerLayerPerToken = Self.largestLayerActivationBytesPerToken(a, o)
 
         var c: [MemoryComponent] = []
         switch o.method {
@@ -194,24 +217,29 @@ public struct MemoryEstimate: Sendable, Codable {
             c.append(MemoryComponent(name: "quant_constants", estimatedBytes: constants,
                                      basis: o.doubleQuant ? "per weight: absmax u8 per \(o.blocksize) + nested absmax f32 per 256 blocks + quant_map 64 B + nested_quant_map 1 KiB"
                                                           : "per weight: absmax f32 per \(o.blocksize) + quant_map 64 B"))
-            c.append(MemoryComponent(name: "unquantized_weights", estimatedBytes: 2 * otherElements, basis: "embeddings, norms, lm_head, biases in bf16"))
+            c.append(MemoryComponent(name: "unquantized_weights", estimatedBytes: 2 * otherElements, basis: "embeddings, norms, lm_head, biases\(a.experts == nil ? "" : ", routers") in bf16"))
+            if !expertGroups.isEmpty {
+                c.append(quantizesExperts
+                    ? MemoryComponent(name: "experts", estimatedBytes: expertGroups.reduce(0) { $0 + $1.count * Self.parametrizedNF4Bytes($1.shape.reduce(1, *)) },
+                                      basis: "NF4 + double quant per fused expert tensor (bitsandbytes' replace_parameter_4bit): n/2 + absmax and nested absmax + codes + offset")
+                    : MemoryComponent(name: "experts", estimatedBytes: 2 * expertElements,
+                                      basis: "bf16: transformers 5's bitsandbytes integration quantizes only nn.Linear, and the experts are fused 3-D parameters (bitsandbytes #1849)"))
+            }
         case .lora:
-            c.append(MemoryComponent(name: "base_weights", estimatedBytes: 2 * projectionElements, basis: "projection weights in bf16 (frozen)"))
+            c.append(MemoryComponent(name: "base_weights", estimatedBytes: 2 * (projectionElements + expertElements), basis: "projection\(a.experts == nil ? "" : " and expert") weights in bf16 (frozen)"))
             c.append(MemoryComponent(name: "unquantized_weights", estimatedBytes: 2 * otherElements, basis: "embeddings, norms, lm_head, biases in bf16"))
         case .full, .full8BitAdam:
             c.append(MemoryComponent(name: "base_weights", estimatedBytes: 2 * a.totalParameters, basis: "every parameter in bf16"))
             c.append(MemoryComponent(name: "gradients", estimatedBytes: 2 * a.totalParameters, basis: "bf16, one per parameter"))
         }
         if o.isLoRA {
-            c.append(MemoryComponent(name: "lora_params", estimatedBytes: 4 * loraElements, basis: o.dora ? "r·(in+out) + out (DoRA's magnitude) per adapted projection, fp32" : "r·(in+out) per adapted projection, fp32"))
+            c.append(MemoryComponent(name: "lora_params", estimatedBytes: 4 * loraElements, basis: (o.dora ? "r·(in+out) + out (DoRA's magnitude) per adapted projection, fp32" : "r·(in+out) per adapted projection, fp32")
+                                     + (o.targets.contains("experts") ? "; r·experts·(in+out) per fused expert parameter (PEFT's target_parameters)" : "")))
             c.append(MemoryComponent(name: "lora_grads", estimatedBytes: 4 * loraElements, basis: "fp32, one per adapter parameter"))
             if o.optimizer == .adamw {
                 c.append(MemoryComponent(name: "optimizer_states", estimatedBytes: 8 * loraElements, basis: "AdamW exp_avg + exp_avg_sq, fp32"))
             } else {
-                let states = a.adaptedModules(o.targets).reduce(0) { t, p in
-                    let s = a.projectionShape(p)
-                    return t + a.layers * (o.optimizer.stateBytes(o.rank * s.in) + o.optimizer.stateBytes(s.out * o.rank))
-                }
+                let states = Self.adapterTensorElements(a, o).reduce(0) { $0 + $1.count * o.optimizer.stateBytes($1.elements) }
                 c.append(MemoryComponent(name: "optimizer_states", estimatedBytes: states,
                                          basis: "\(o.optimizer.rawValue): 2 states × (1 B + f32 absmax per 256); tensors < 4096 elements fp32" + (o.optimizer == .pagedAdamw8bit ? "; paged: may live in CPU memory" : "")))
             }
@@ -230,14 +258,24 @@ public struct MemoryEstimate: Sendable, Codable {
         let perLayer = activationBytesPerLayerPerToken
         let head = Self.headActivationBytesPerToken(a, o)
         let layerInput = 2 * a.hiddenSize
+        let allLayers = a.layerKinds.reduce(0) { $0 + $1.count * Self.activationBytesPerToken(a, o, layer: $1.layer) }
         let activations = o.gradientCheckpointing
             ? o.tokens * (a.layers * layerInput + perLayer + head)
-            : o.tokens * (a.layers * perLayer + head)
+            : o.tokens * (allLayers + head)
+        if let x = a.experts, (o.isLoRA && o.targets.contains("experts")) || (o.method == .qlora && o.experts == .nf4) {
+            // grouped_mm keeps the weights it multiplied: a bf16 copy of each sparse layer's experts
+            // (PEFT's merged W + B·A, or bitsandbytes' dequantized parametrization) for as long as
+            // the layer's activations (measured: peaks.json's attn+experts and -experts-nf4 rows).
+            let copy = 2 * 3 * x.count * x.intermediateSize * a.hiddenSize
+            c.append(MemoryComponent(name: "expert_weight_copies", estimatedBytes: (o.gradientCheckpointing ? 1 : a.sparseLayers) * copy,
+                                     basis: (o.experts == .nf4 ? "bitsandbytes dequantizes" : "PEFT's target_parameters merges W + B·A for") + " each sparse layer's experts into bf16 (\(gigabytes(copy)) a layer), kept for its backward: "
+                                        + (o.gradientCheckpointing ? "one layer at a time with checkpointing" : "every sparse layer without checkpointing")))
+        }
         c.append(MemoryComponent(name: "activations", estimatedBytes: activations,
                                  basis: o.gradientCheckpointing
                                     ? "tokens × (layers × 2h (checkpointed layer inputs) + one layer recomputed (\(perLayer) B/token) + head (\(head) B/token))"
                                     : "tokens × (layers × \(perLayer) B/token + head \(head) B/token)"))
-        if o.isLoRA {
+        if o.isLoRA && a.experts == nil {
             c.append(MemoryComponent(name: "(qlora layer step peak, one layer)", estimatedBytes: o.tokens * Self.qloraLayerStepPeakBytesPerToken(a, o),
                                      basis: "kept activations + the backward's live fp32 gradients at its high-water mark (16h + 16i per token) + the matmul scratch (4·max(h, i))"))
             c.append(MemoryComponent(name: "(activations with checkpointing: qlora's decoder layer, one layer)", estimatedBytes: o.tokens * 2 * a.hiddenSize,
@@ -256,16 +294,72 @@ public struct MemoryEstimate: Sendable, Codable {
         return (CheckedSize.ceilingDivision(n, 2), constants)
     }
 
+    /// Every LoRA tensor the options train (A, B, DoRA's magnitude; PEFT's target_parameters
+    /// adapters on the experts, [rank·experts, in] and [out, rank·experts] per fused parameter,
+    /// and on the router), elements each, with how many of it the model has.
+    public static func adapterTensorElements(_ a: ModelArchitecture, _ o: MemoryOptions) -> [(elements: Int, count: Int)] {
+        guard o.isLoRA else { return [] }
+        return a.layerKinds.flatMap { l, n in layerAdapterElements(a, o, layer: l).map { ($0, n) } }
+    }
+
+    /// One layer's LoRA tensors, elements each, in the order PEFT creates them.
+    public static func layerAdapterElements(_ a: ModelArchitecture, _ o: MemoryOptions, layer l: Int) -> [Int] {
+        var t = a.adaptedModules(o.targets, layer: l).flatMap { p -> [Int] in
+            let s = a.projectionShape(p)
+            return [o.rank * s.in, s.out * o.rank] + (o.dora ? [s.out] : [])
+        }
+        guard let x = a.experts, a.isSparse(layer: l) else { return t }
+        let (h, e, i) = (a.hiddenSize, x.count, x.intermediateSize)
+        if o.targets.contains("experts") {
+            let r = o.rank * o.expertGateUpRankFactor
+            t += [r * e * h, 2 * i * r * e, o.rank * e * i, h * o.rank * e]
+        }
+        if o.targets.contains("router") { t += [o.rank * h, e * o.rank] }
+        return t
+    }
+
+    /// Every trainable LoRA parameter.
+    public static func loraElements(_ a: ModelArchitecture, _ o: MemoryOptions) -> Int {
+        adapterTensorElements(a, o).reduce(0) { $0 + $1.elements * $1.count }
+    }
+
+    /// Bytes bitsandbytes holds for one tensor of `n` values quantized to NF4 with double
+    /// quantization, as a parametrization or a Params4bit holds it in memory: packed n/2, 8-bit
+    /// absmax per 64, fp32 nested absmax per 256 blocks, the NF4 code (16 fp32), the offset
+    /// (fp32) and the nested code (256 fp32) (moe.json `quant_state_layout`).
+    public static func parametrizedNF4Bytes(_ n: Int) -> Int {
+        let blocks = CheckedSize.ceilingDivision(n, 64)
+        return CheckedSize.ceilingDivision(n, 2) + blocks + 4 * CheckedSize.ceilingDivision(blocks, 256) + 64 + 4 + 1024
+    }
+
+    /// What a transformers 5 + bitsandbytes 4-bit load holds, by kind (moe.json's names): NF4
+    /// projections with their quant state, everything else bf16 (experts included).
+    public static func heldAfterFourBitLoad(_ a: ModelArchitecture) -> [String: Int] {
+        var held: [String: Int] = [:]
+        for g in a.tensorGroups {
+            let n = g.shape.reduce(1, *)
+            let kind: String
+            switch g.kind {
+            case .projection: kind = "quantized_projection"
+            case .bias: kind = "linear_bias"
+            case .expert: kind = "expert_weight"
+            default: kind = g.kind.rawValue
+            }
+            held[kind, default: 0] += g.count * (g.kind == .projection ? parametrizedNF4Bytes(n) : 2 * n)
+        }
+        return held
+    }
+
     /// The fp32 inputs and A·x results LoRA keeps per token in one layer (PEFT casts the
     /// input to the adapter's fp32 for each adapter; `LoRALinear.Saved` holds the same).
-    public static func loraActivationBytesPerToken(_ a: ModelArchitecture, _ o: MemoryOptions) -> Int {
-        loraActivationTermsPerToken(a, o).reduce(0, +)
+    public static func loraActivationBytesPerToken(_ a: ModelArchitecture, _ o: MemoryOptions, layer l: Int = 0) -> Int {
+        loraActivationTermsPerToken(a, o, layer: l).reduce(0, +)
     }
 
     /// The same, tensor by tensor: per adapted module its fp32 input, A·x and (with dropout) the
     /// dropped input.
-    static func loraActivationTermsPerToken(_ a: ModelArchitecture, _ o: MemoryOptions) -> [Int] {
-        a.adaptedModules(o.targets).flatMap { p -> [Int] in
+    static func loraActivationTermsPerToken(_ a: ModelArchitecture, _ o: MemoryOptions, layer l: Int = 0) -> [Int] {
+        a.adaptedModules(o.targets, layer: l).flatMap { p -> [Int] in
             let s = a.projectionShape(p)
             // DoRA also keeps the base layer's bf16 result and the adapter's fp32 result, which
             // `(m/‖W‖ − 1)·base + m/‖W‖·lora·s` multiplies (peft/tuners/lora/dora.py forward).
@@ -308,18 +402,49 @@ public struct MemoryEstimate: Sendable, Codable {
     /// - trained projections (full fine-tune): their bf16 inputs not already kept, normed x 2h
     ///   (q/k/v share it), normed x 2h (gate/up) and silu(gate)·up 2i;
     /// - LoRA: `loraActivationBytesPerToken`.
-    public static func activationBytesPerToken(_ a: ModelArchitecture, _ o: MemoryOptions) -> Int {
-        activationTermsPerToken(a, o).reduce(0, +)
+    public static func activationBytesPerToken(_ a: ModelArchitecture, _ o: MemoryOptions, layer l: Int = 0) -> Int {
+        activationTermsPerToken(a, o, layer: l).reduce(0, +)
+    }
+
+    /// The most any layer keeps per token.
+    public static func largestLayerActivationBytesPerToken(_ a: ModelArchitecture, _ o: MemoryOptions) -> Int {
+        a.layerKinds.map { activationBytesPerToken(a, o, layer: $0.layer) }.max() ?? 0
     }
 
     /// The same, tensor by tensor, in forward order; the first two are the input norm's fp32
     /// input and 1/rms (which the first layer does not keep: its input, the frozen embedding's
     /// output, needs no gradient).
-    public static func activationTermsPerToken(_ a: ModelArchitecture, _ o: MemoryOptions) -> [Int] {
+    public static func activationTermsPerToken(_ a: ModelArchitecture, _ o: MemoryOptions, layer l: Int = 0) -> [Int] {
         let h = a.hiddenSize, q = a.queryDim, kv = a.keyValueDim, i = a.intermediateSize
         let qkNorm = a.qkNorm ? [4 * (q + kv), 4 * (a.attentionHeads + a.keyValueHeads)] : []
-        return [4 * h, 4, 2 * q, 2 * kv, 2 * kv, 2 * q, 4 * a.attentionHeads] + qkNorm + [4 * h, 4, 2 * i, 2 * i, 2 * i]
-            + (o.isLoRA ? loraActivationTermsPerToken(a, o) : [2 * h, 2 * h, 2 * i])
+        let mlp = a.isSparse(layer: l) ? expertTermsPerToken(a, o) : [2 * i, 2 * i, 2 * i]
+        return [4 * h, 4, 2 * q, 2 * kv, 2 * kv, 2 * q, 4 * a.attentionHeads] + qkNorm + [4 * h, 4] + mlp
+            + (o.isLoRA ? loraActivationTermsPerToken(a, o, layer: l) : [2 * h, 2 * h, 2 * i])
+    }
+
+    /// What a sparse layer's experts keep per token for backward, as transformers 5's grouped_mm
+    /// path runs them (integrations/moe.py `grouped_mm_experts_forward`; measured op by op in
+    /// peaks.json's MoE rows), k experts per token, E experts of width i:
+    /// - the router: Qwen3-MoE and Mixtral its fp32 softmax (4E), the top-k indices (8k) and,
+    ///   renormalised, their sum and the divided copy (4 + 4k); gpt-oss the indices and the
+    ///   softmax of the top k in bf16 (2k);
+    /// - the gather in expert order: the sort's permutation, the token of each row and the
+    ///   inverse permutation (int64, 24k), each row's routing weight (bf16 2k; Mixtral keeps
+    ///   its router's fp32, 4k);
+    /// - per row: gate_up's output (4i), the activation (SwiGLU's silu(gate) 2i; gpt-oss' clamped
+    ///   SwiGLU its clamp, sigmoid, product and up + 1, 8i), the down projection's output (2h);
+    /// - with LoRA on the experts the weights need gradients, so grouped_mm also keeps its inputs:
+    ///   the gathered rows (2h) and the down projection's input (2i).
+    public static func expertTermsPerToken(_ a: ModelArchitecture, _ o: MemoryOptions) -> [Int] {
+        guard let x = a.experts else { return [] }
+        let (h, e, k, i) = (a.hiddenSize, x.count, x.perToken, x.intermediateSize)
+        let router = x.family == .gptOSS ? [8 * k, 2 * k] : [4 * e, 8 * k] + (x.normalizesTopK ? [4, 4 * k] : [])
+        let weight = x.family == .mixtral ? 4 * k : 2 * k
+        let activation = x.family == .gptOSS ? 8 * i : 2 * i
+        let trained = o.isLoRA && o.targets.contains("experts") ? [2 * h * k, 2 * i * k] : []
+        // An adapted router's weight needs its input: the normed hidden states (2h).
+        let routerInput = o.isLoRA && o.targets.contains("router") ? [2 * h] : []
+        return router + [24 * k, weight, 4 * i * k, activation * k, 2 * h * k] + trained + routerInput
     }
 
     /// After the last layer: the final RMSNorm (4h + 4), the fp32 log-softmax of the logits

@@ -43,7 +43,7 @@ extension StepTimeline {
         for l in 0..<a.layers {
             // Nothing stays: the layer's input goes to host memory; its MLP is its largest moment.
             let mlp = s.alloc(t * (4 * h + 6 * i), .transient)
-            held.dequantizeEach(into: &s, mark: "forward layer \(l) (input offloaded to host)")
+            held.dequantizeEach(into: &s, layer: l, mark: "forward layer \(l) (input offloaded to host)")
             s.free(mlp)
         }
         let headKept = s.alloc(t * head, .activations)
@@ -54,9 +54,9 @@ extension StepTimeline {
         s.free([dx, headKept])
         var gradients: [StepTrace.Tensor] = []
         for l in (0..<a.layers).reversed() {
-            gradients += s.alloc(held.layerGradientSizes, .gradients)
+            gradients += s.alloc(held.layerGradientSizes(layer: l), .gradients)
             let again = s.alloc(t * (2 * h + layer + 4 * h + 2 * i), .transient)
-            held.dequantizeEach(into: &s, mark: "backward layer \(l) (input back from host, recompute)")
+            held.dequantizeEach(into: &s, layer: l, mark: "backward layer \(l) (input back from host, recompute)")
             s.free(again)
         }
         s.free(rope)

@@ -69,6 +69,13 @@ public struct StepTimeline: Sendable {
 
     public init(model a: ModelArchitecture, options o: MemoryOptions, firstStep: Bool = false, stack: Stack = .default) throws {
         try stack.validate()
+        if a.experts != nil && (stack.recipe != .peft || o.dora || stack.transformers != .v5 || stack.attention == .flashAttention2) {
+            // Measured for mixtures of experts: transformers 5 + PEFT (peaks.json's qwen3moe,
+            // mixtral and gptoss rows); the others would move the experts (prepare_model_for_kbit
+            // training casts every bf16 expert to fp32) or change kernels no measurement covers.
+            throw MemoryError.badOption("\(a.name): a mixture of experts' step is modelled for the peft recipe on transformers 5 with sdpa or eager attention, without DoRA (measured); "
+                                        + "\(stack.recipe != .peft ? "the \(stack.recipe.rawValue) recipe" : o.dora ? "DoRA" : stack.transformers != .v5 ? "transformers \(stack.transformers.rawValue)" : "flash_attention_2") is not")
+        }
         if stack.recipe == .unsloth {
             self = try StepTimeline(unsloth: a, options: o, firstStep: firstStep, stack: stack)
             return
@@ -106,16 +113,23 @@ public struct StepTimeline: Sendable {
         // Eager attention adds an explicit causal mask, [batch, 1, seq, seq] in the stream's dtype;
         // checkpointing keeps it as every layer's input (measured: the `-gc-eager` row; without
         // checkpointing it is gone by the end of the forward).
-        let mask = gc && stack.attention == .eager ? s.alloc(o.batch * o.seqLen * o.seqLen * e, .activations) : nil
+        // gpt-oss (attention sinks) has no SDPA path in transformers: it runs eager attention.
+        let mask = gc && (stack.attention == .eager || a.attentionSinks) ? s.alloc(o.batch * o.seqLen * o.seqLen * e, .activations) : nil
         var layerKept: [[StepTrace.Tensor]] = []
+        // A sparse layer's copies of its fused expert weights, kept for the backward.
+        var expertCopies: [(gateUp: StepTrace.Tensor?, down: StepTrace.Tensor?)] = []
         for l in 0..<a.layers {
             // A trained embedding's output needs a gradient: the first layer keeps its input norm's.
-            layerKept.append(gc ? [s.alloc(t * e * h, .activations)] : s.alloc(Self.layerTerms(a, o, stack: stack, first: l == 0 && !trainsEmbedding).map { t * $0 }, .activations))
+            layerKept.append(gc ? [s.alloc(t * e * h, .activations)]
+                             : s.alloc(Self.layerTerms(a, o, stack: stack, layer: l, first: l == 0 && !trainsEmbedding).map { t * $0 }, .activations))
+            let experts = held.expertsForward(into: &s, layer: l, keep: !gc)
+            layerKept[l] += experts.others
+            expertCopies.append((experts.gateUp, experts.down))
             if o.dora {
                 if !gc { layerKept[l].append(s.alloc(Self.doraKeptVectorBytes(a, o, first: l == 0), .activations)) }
                 held.doraForward(into: &s, grad: !gc, mark: "forward layer \(l)")
             } else {
-                held.dequantizeEach(into: &s, mark: "forward layer \(l)")
+                held.dequantizeEach(into: &s, layer: l, mark: "forward layer \(l)")
             }
         }
         let kept: Int
@@ -215,8 +229,10 @@ public struct StepTimeline: Sendable {
         }
         var gradients: [StepTrace.Tensor] = wholeGradients
         for l in (0..<a.layers).reversed() {
-            let grads = s.alloc(held.layerGradientSizes, .gradients)
-            gradients += grads
+            // A sparse layer's gradients come after its experts' backward (measured); a dense
+            // layer's are counted from its start.
+            let sparse = a.isSparse(layer: l)
+            if !sparse { gradients += s.alloc(held.layerGradientSizes(layer: l), .gradients) }
             // flash-attn's backward on CUDA (SDPA's flash kernel is the same code): an fp32
             // accumulator for dq, [batch, seq rounded up to 128, heads, head_dim rounded up to 32
             // (to 8 below 32)], and with grouped-query attention dk and dv for every query head.
@@ -225,23 +241,30 @@ public struct StepTimeline: Sendable {
                 // Recomputing the layer: its activations again, the gradients in flight through it
                 // (fitted to the measured grid, see `recomputeInFlightBytesPerToken`), the
                 // dequantized weight, the LoRA gradients.
-                let again = s.alloc(Self.layerTerms(a, o, stack: stack, first: false).map { t * $0 } + [t * Self.recomputeInFlightBytesPerToken(a, kbit: kbit)], .transient)
+                let again = s.alloc(Self.layerTerms(a, o, stack: stack, layer: l, first: false).map { t * $0 }
+                                    + [t * Self.recomputeInFlightBytesPerToken(a, kbit: kbit)], .transient)
+                let experts = held.expertsForward(into: &s, layer: l, keep: true)
+                held.expertsBackward(into: &s, layer: l, copies: (experts.gateUp, experts.down), mark: "backward layer \(l) (recompute)")
+                if sparse { gradients += s.alloc(held.layerGradientSizes(layer: l), .gradients) }
                 let scratch = attentionScratch > 0 ? s.alloc(attentionScratch, .transient) : nil
                 if o.dora {
                     let vectors = s.alloc(Self.doraKeptVectorBytes(a, o, first: false), .transient)
                     held.doraForward(into: &s, grad: true, mark: "backward layer \(l) (recompute)")
                     s.free(vectors)
                 } else {
-                    held.dequantizeEach(into: &s, mark: "backward layer \(l) (recompute)")
+                    held.dequantizeEach(into: &s, layer: l, mark: "backward layer \(l) (recompute)")
                 }
                 if let scratch { s.free(scratch) }
+                s.free(experts.others)
                 s.free(again)
             } else {
                 let scratch = attentionScratch > 0 ? s.alloc(attentionScratch, .transient) : nil
+                held.expertsBackward(into: &s, layer: l, copies: expertCopies[l], mark: "backward layer \(l)")
+                if sparse { gradients += s.alloc(held.layerGradientSizes(layer: l), .gradients) }
                 // DoRA's backward through a module: the fp32 and bf16 gradients of its two
                 // results and their products, 18 B per output feature and token, measured.
                 let dora = o.dora ? s.alloc(t * Self.doraBackwardBytesPerToken(a, o), .transient) : nil
-                held.dequantizeEach(into: &s, mark: "backward layer \(l)")
+                held.dequantizeEach(into: &s, layer: l, mark: "backward layer \(l)")
                 if let dora { s.free(dora) }
                 if let scratch { s.free(scratch) }
             }
@@ -338,7 +361,7 @@ public struct StepTimeline: Sendable {
     ///   fp32 softmax of the scores and its cast to the stream's dtype (one tensor in the fp32
     ///   stream), heads × sequence each per token, and k and v repeated to every query head
     ///   (`repeat_kv`) when there are fewer key/value heads.
-    public static func layerTerms(_ a: ModelArchitecture, _ o: MemoryOptions, stack: Stack, first: Bool) -> [Int] {
+    public static func layerTerms(_ a: ModelArchitecture, _ o: MemoryOptions, stack: Stack, layer l: Int = 0, first: Bool) -> [Int] {
         let h = a.hiddenSize, q = a.queryDim, kv = a.keyValueDim, i = a.intermediateSize
         let kbit = stack.recipe == .peftKbit, e = kbit ? 4 : 2
         let modules = a.adaptedModules(o.targets)
@@ -346,7 +369,14 @@ public struct StepTimeline: Sendable {
         func any(_ names: String...) -> Bool { names.contains { adapted.contains($0) } }
         // q, k, v as attention keeps them, and what it keeps besides.
         let attention: [Int]
-        if stack.attention == .eager {
+        if a.attentionSinks {
+            // gpt-oss' eager attention with sinks (transformers' gpt_oss `eager_attention_forward`,
+            // all in the stream's bf16; measured in the gptoss rows): q after rope, k and v repeated
+            // to every query head, the row maxima's indices (int64) and the softmax over the keys
+            // and the sink, heads × (sequence + 1) per token.
+            let repeated = a.keyValueHeads < a.attentionHeads ? q : kv
+            attention = [2 * q, 2 * repeated, 2 * repeated, 8 * a.attentionHeads, 2 * a.attentionHeads * (o.seqLen + 1)]
+        } else if stack.attention == .eager {
             let repeated = a.keyValueHeads < a.attentionHeads ? q : kv
             let probabilities = a.attentionHeads * o.seqLen
             attention = [e * q, e * repeated, e * repeated, 4 * probabilities] + (kbit ? [] : [2 * probabilities])
@@ -386,7 +416,7 @@ public struct StepTimeline: Sendable {
                 + inputs + modules.map { _ in 2 * o.rank } + dropout
         default:
             // activationTermsPerToken: [norm input, 1/rms,] q, k, v, output, log-sum-exp, ...
-            var terms = Array(MemoryEstimate.activationTermsPerToken(a, o).dropFirst(first ? 2 : 0))
+            var terms = Array(MemoryEstimate.activationTermsPerToken(a, o, layer: l).dropFirst(first ? 2 : 0))
             let at = first ? 0 : 2
             terms.replaceSubrange(at..<(at + 5), with: attention)
             return terms
@@ -434,7 +464,7 @@ public struct StepTimeline: Sendable {
             let trainable = e.params.trainable - wholeModules * wholeElements
             // Gradients and optimizer states as the real step holds them.
             gradientBytes = o.isLoRA ? adapterElement * trainable : 2 * trainable
-            let tensors = o.isLoRA ? (o.dora ? 3 : 2) * modules.count * a.layers : a.tensorGroups.reduce(0) { $0 + $1.count }
+            let tensors = o.isLoRA ? MemoryEstimate.adapterTensorElements(a, o).reduce(0) { $0 + $1.count } : a.tensorGroups.reduce(0) { $0 + $1.count }
             switch o.method {
             case .qlora, .lora:
                 stateBytes = o.optimizer != .adamw ? e.component("optimizer_states")!.estimatedBytes
@@ -443,18 +473,84 @@ public struct StepTimeline: Sendable {
             case .full8BitAdam: stateBytes = e.component("optimizer_states")!.estimatedBytes
             }
             largestParameter = o.isLoRA
-                ? max(4 * (modules.map { max(o.rank * a.projectionShape($0).in, a.projectionShape($0).out * o.rank) }.max() ?? 0),
+                ? max(4 * (MemoryEstimate.adapterTensorElements(a, o).map(\.elements).max() ?? 0),
                       o.modulesToSave.isEmpty ? 0 : 2 * a.vocabSize * a.hiddenSize)
                 : 2 * (a.tensorGroups.map { $0.shape.reduce(1, *) }.max() ?? 0)
         }
 
-        /// The adapters' A and B of one layer (and DoRA's magnitude), elements each.
-        var adapterElements: [Int] {
-            guard o.isLoRA else { return [] }
-            return a.adaptedModules(o.targets).flatMap { p -> [Int] in
-                let s = a.projectionShape(p)
-                return [o.rank * s.in, s.out * o.rank] + (o.dora ? [s.out] : [])
+        /// Layer `l`'s adapters: A and B (and DoRA's magnitude; target_parameters' on the
+        /// experts and router), elements each.
+        func adapterElements(layer l: Int) -> [Int] { MemoryEstimate.layerAdapterElements(a, o, layer: l) }
+
+        /// What a sparse layer's experts make in the forward and keep for backward beyond the
+        /// per-token terms (measured op by op in peaks.json's MoE rows), bytes each: the expert
+        /// offsets (int32 per expert) and the others; then the copies of the fused weights that
+        /// grouped_mm keeps for the backward, gate_up's and down's: with LoRA on the experts,
+        /// PEFT's ParamWrapper merges each, W + B·A in bf16 [experts, out, in] (`baddbmm`, with bf16
+        /// casts of A and B among the others); bitsandbytes' parametrization dequantizes each
+        /// whole to bf16; with the router adapted, its merged weight is among the others.
+        struct ExpertForward { var others: [Int] = [], gateUp = 0, down = 0 }
+
+        func expertForward(layer l: Int) -> ExpertForward {
+            guard let x = a.experts, a.isSparse(layer: l) else { return ExpertForward() }
+            let (h, e, i, r) = (a.hiddenSize, x.count, x.intermediateSize, o.rank)
+            var f = ExpertForward(others: [4 * e])
+            if trainsExperts {
+                f.others += [2 * r * o.expertGateUpRankFactor * e * (h + 2 * i), 2 * r * e * (i + h)]
             }
+            if trainsExperts || fourBit && o.experts == .nf4 { (f.gateUp, f.down) = (2 * e * 2 * i * h, 2 * e * i * h) }
+            if o.isLoRA && o.targets.contains("router") { f.others.append(2 * e * h) }
+            return f
+        }
+
+        var trainsExperts: Bool { o.isLoRA && o.targets.contains("experts") }
+
+        /// A sparse layer's forward: what it keeps (nil after a checkpointed forward, which keeps
+        /// nothing of it) and, the weight copies held, the moment of grouped_mm's down projection
+        /// with its input (2ik per token; kept anyway when the experts train).
+        func expertsForward(into s: inout StepTrace, layer l: Int, keep: Bool) -> (others: [StepTrace.Tensor], gateUp: StepTrace.Tensor?, down: StepTrace.Tensor?) {
+            guard let x = a.experts, a.isSparse(layer: l) else { return ([], nil, nil) }
+            let f = expertForward(layer: l)
+            let kind: StepTrace.Component = keep ? .activations : .transient
+            let others = s.alloc(f.others, kind)
+            let gateUp = f.gateUp > 0 ? s.alloc(f.gateUp, kind) : nil, down = f.down > 0 ? s.alloc(f.down, kind) : nil
+            if !trainsExperts {
+                let input = s.alloc(o.tokens * 2 * x.intermediateSize * x.perToken, .transient)
+                s.free(input)
+            }
+            guard keep else {
+                s.free(others + [gateUp, down].compactMap { $0 })
+                return ([], nil, nil)
+            }
+            return (others, gateUp, down)
+        }
+
+        /// A sparse layer's backward through its experts, in the order autograd runs it (measured
+        /// op by op): combining the rows back into tokens (with bf16 routing weights the gradient,
+        /// its zeros and the scattered rows, 6hk per token; Mixtral's fp32 weights, 14hk); with LoRA
+        /// on the experts the down projection's weight gradient [experts, hidden, intermediate] and
+        /// the rows in flight; the down copy freed; the activation's gradients (three per row, 6ik
+        /// + 4k); gate_up's weight gradient when the experts train (the activations its backward
+        /// has used up already freed); its copy freed.
+        func expertsBackward(into s: inout StepTrace, layer l: Int, copies: (gateUp: StepTrace.Tensor?, down: StepTrace.Tensor?), mark phase: String) {
+            guard let x = a.experts, a.isSparse(layer: l) else { return }
+            let (h, e, i, k, t) = (a.hiddenSize, x.count, x.intermediateSize, x.perToken, o.tokens)
+            func moment(_ bytes: Int, _ what: String) {
+                let b = s.alloc(bytes, .transient)
+                s.mark(phase + " (" + what + ")")
+                s.free(b)
+            }
+            moment(t * (x.family == .mixtral ? 14 : 6) * h * k, "the experts' rows back into tokens")
+            if trainsExperts { moment(2 * e * h * i + t * (2 * h * k + 2 * i * k), "down_proj's expert weight gradient") }
+            if let d = copies.down { s.free(d) }
+            moment(t * (6 * i * k + 4 * k), "the experts' activation gradients")
+            if trainsExperts {
+                // By now the activation's backward has freed gate_up's output, the activation
+                // and the down projection's input (kept per token; counted here as freed).
+                let freed = t * k * (4 * i + (x.family == .gptOSS ? 8 : 2) * i + 2 * i)
+                moment(max(0, 2 * e * 2 * i * h + t * (2 * h * k + 4 * i * k) - freed), "gate_up_proj's expert weight gradient")
+            }
+            if let g = copies.gateUp { s.free(g) }
         }
 
         /// A DoRA layer's forward: its largest module's transients (`doraForwardTransientBytes`),
@@ -468,7 +564,7 @@ public struct StepTimeline: Sendable {
 
         /// One layer's gradients: fp32 LoRA A and B, or (full fine-tuning) its share of the bf16
         /// gradients.
-        var layerGradientSizes: [Int] { o.isLoRA ? adapterElements.map { adapterElement * $0 } : [a.layers > 0 ? gradientBytes / a.layers : 0] }
+        func layerGradientSizes(layer l: Int) -> [Int] { o.isLoRA ? adapterElements(layer: l).map { adapterElement * $0 } : [a.layers > 0 ? gradientBytes / a.layers : 0] }
 
         /// Loads the model as transformers + bitsandbytes do: each 4-bit weight comes to the
         /// device in bf16 and is quantized there (Params4bit's `_quantize`: the bf16 copy freed
@@ -482,7 +578,9 @@ public struct StepTimeline: Sendable {
             for l in 0..<a.layers {
                 for t in a.layerTensors(l) {
                     let n = t.shape.reduce(1, *)
-                    if t.kind == .projection {
+                    if t.kind == .expert && fourBit && o.experts == .nf4 {
+                        s.alloc(MemoryEstimate.parametrizedNF4Bytes(n), .weights)
+                    } else if t.kind == .projection {
                         if fourBit {
                             let bf16 = s.alloc(2 * n, .transient)
                             let b = MemoryEstimate.fourBitBytes(elements: n, blocksize: o.blocksize, doubleQuant: o.doubleQuant)
@@ -507,11 +605,11 @@ public struct StepTimeline: Sendable {
             }
             // modules_to_save: PEFT's bf16 copy of each (ModulesToSaveWrapper.update deep-copies it).
             for _ in 0..<wholeModules { s.alloc(2 * wholeElements, .adapters) }
-            for _ in 0..<a.layers {
-                let fp32 = s.alloc(adapterElements.map { 4 * $0 }, .adapters)
+            for l in 0..<a.layers {
+                let fp32 = s.alloc(adapterElements(layer: l).map { 4 * $0 }, .adapters)
                 if adapterElement == 2 {
                     // TRL: `param.data = param.data.to(torch.bfloat16)`, adapter by adapter.
-                    s.alloc(adapterElements.map { 2 * $0 }, .adapters)
+                    s.alloc(adapterElements(layer: l).map { 2 * $0 }, .adapters)
                     s.free(fp32)
                 }
             }
@@ -552,8 +650,8 @@ public struct StepTimeline: Sendable {
             if stack.runtime == .cuda && o.isLoRA && o.optimizer == .pagedAdamw8bit { return [] }
             let moments: [Int]
             switch (o.isLoRA, o.optimizer, o.method) {
-            case (true, .adamw, _): moments = (0..<a.layers).flatMap { _ in adapterElements.flatMap { [adapterElement * $0, adapterElement * $0] } }
-            case (true, _, _): moments = (0..<a.layers).flatMap { _ in adapterElements.map { o.optimizer.stateBytes($0) } }
+            case (true, .adamw, _): moments = (0..<a.layers).flatMap { l in adapterElements(layer: l).flatMap { [adapterElement * $0, adapterElement * $0] } }
+            case (true, _, _): moments = (0..<a.layers).flatMap { l in adapterElements(layer: l).map { o.optimizer.stateBytes($0) } }
             default: moments = []
             }
             let counted = moments.reduce(0, +)
@@ -568,7 +666,7 @@ public struct StepTimeline: Sendable {
         /// bitsandbytes' 8-bit optimizers update in their kernels.
         var foreachTemporarySizes: [Int] {
             switch (o.isLoRA, o.optimizer, o.method) {
-            case (true, .adamw, _): return (0..<a.layers).flatMap { _ in adapterElements.map { 4 * $0 } } + (0..<wholeModules).map { _ in 2 * wholeElements }
+            case (true, .adamw, _): return (0..<a.layers).flatMap { l in adapterElements(layer: l).map { 4 * $0 } } + (0..<wholeModules).map { _ in 2 * wholeElements }
             case (false, _, .full): return a.tensorGroups.flatMap { g in [Int](repeating: 2 * g.shape.reduce(1, *), count: g.count) }
             default: return []
             }
@@ -580,9 +678,9 @@ public struct StepTimeline: Sendable {
 
         /// bitsandbytes dequantizes a 4-bit weight to bf16 for each matmul, forward and backward,
         /// and frees it after: the layer's projections in turn, the moment read at the largest.
-        func dequantizeEach(into s: inout StepTrace, mark phase: String) {
+        func dequantizeEach(into s: inout StepTrace, layer l: Int, mark phase: String) {
             guard fourBit else { return s.mark(phase) }
-            let sizes = a.projections.map { 2 * $0.outFeatures * $0.inFeatures }
+            let sizes = a.projections(layer: l).map { 2 * $0.outFeatures * $0.inFeatures }
             let largest = sizes.firstIndex(of: sizes.max()!)!
             for (k, n) in sizes.enumerated() {
                 let w = s.alloc(n, .transient)

@@ -22,7 +22,9 @@ struct FitCommand: ParsableCommand {
     @Option(help: "A Hugging Face config.json instead of a preset.") var config: String?
     @Option(help: "full, full-8bit-adam, lora or qlora.") var method: TrainingMethod = .qlora
     @Option(help: "LoRA rank.") var rank = 16
-    @Option(help: "Adapted projections: all, attention, mlp, or a list such as q,v.") var targets = "all"
+    @Option(help: "Adapted projections: all, attention, mlp, all-linear (PEFT's resolution), or a list such as q,v or attention,experts.") var targets = "all"
+    @Option(help: "A mixture of experts' experts: bf16 (as transformers 5 + bitsandbytes load them) or nf4 (bitsandbytes' replace_parameter_4bit after loading).")
+    var experts: ExpertRoute = .bf16
     @Option(help: "The sequence length the batch answer is for (and the matrix's).") var seqLen = 2048
     @Option(help: "The LoRA methods' optimizer: adamw, adamw-8bit or paged-adamw-8bit (paged states count nothing on the GPU).") var optimizer: Optimizer = .adamw
     @Flag(help: "DoRA (PEFT's use_dora): a magnitude per output feature, and each module's weight norm in the forward.") var dora = false
@@ -37,16 +39,18 @@ struct FitCommand: ParsableCommand {
         guard rank > 0, seqLen > 0 else { throw ValidationError("--rank and --seq-len must be positive") }
         if !matrix && memory == nil { throw ValidationError("give --memory SIZE (e.g. 24GB), or --matrix") }
         if dora && !matrix && method != .qlora && method != .lora { throw ValidationError("--dora trains LoRA adapters: use --method qlora or lora") }
+        if experts == .nf4 && !matrix && method != .qlora { throw ValidationError("--experts nf4 quantizes a 4-bit model's experts: use --method qlora") }
     }
 
     func run() {
         runReportingErrors {
-            let targetList = try ModelArchitecture.targetProjections(targets)
             let stack = try stackOptions.stack()
-            if matrix { return try printMatrix(targets: targetList, stack: stack) }
+            if matrix { return try printMatrix(stack: stack) }
             let bytes = try parseByteSize(memory!)
             let arch = try architecture(model: model, config: config)
-            var o = MemoryOptions(method: method, rank: rank, targets: targetList, seqLen: seqLen, optimizer: optimizer, dora: dora)
+            var o = MemoryOptions(method: method, rank: rank, seqLen: seqLen, optimizer: optimizer, dora: dora)
+            try o.setTargets(targets, for: arch)
+            o.experts = experts
             o.modulesToSave = modulesToSave.map { $0.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) } } ?? []
             let answers = try Fit.answer(arch, o, memory: bytes, gpus: gpus, parallelism: parallelism, stack: stack)
             if json {
@@ -54,7 +58,7 @@ struct FitCommand: ParsableCommand {
                 return try printJSON(Output(model: arch.name, method: method.rawValue, memoryBytes: bytes, gpus: gpus, parallelism: parallelism.rawValue,
                                             seqLen: seqLen, stack: stack.description, answers: answers))
             }
-            print("\(arch.name), \(method.rawValue)" + (o.isLoRA ? ", r=\(rank) on \(arch.adaptedModules(targetList).joined(separator: ","))" : "")
+            print("\(arch.name), \(method.rawValue)" + (o.isLoRA ? ", r=\(rank) on \(adaptedDescription(arch, o))" : "")
                   + ": \(formatBytes(bytes)) per GPU × \(gpus)" + (gpus > 1 ? " (\(parallelism.rawValue))" : ""))
             print("")
             let header = ["", "largest seq-len (batch 1)", "largest batch at \(seqLen.formatted()) tokens", "at \(seqLen.formatted()) × 1", "headroom"]
@@ -73,17 +77,25 @@ struct FitCommand: ParsableCommand {
         }
     }
 
-    func printMatrix(targets: [String], stack: Stack) throws {
+    func printMatrix(stack: Stack) throws {
         struct Cell: Encodable { var model: String; var method: String; var gpuGB: Int; var bytes: Int; var fits: Bool; var headroomBytes: Int }
         var cells: [Cell] = []
         for a in ModelArchitecture.presets {
+            // A mixture of experts' QLoRA rows: its experts as transformers 5 + bitsandbytes hold
+            // them (bf16), and through bitsandbytes' parametrize route (nf4).
+            let routes: [ExpertRoute] = a.experts == nil ? [.bf16] : ExpertRoute.allCases
             for m in TrainingMethod.allCases {
                 if m != .qlora && stack.recipe != .peft { continue }   // peft-kbit, trl and unsloth are QLoRA recipes
-                let b = try Fit.perDeviceBytes(a, MemoryOptions(method: m, rank: rank, targets: targets, seqLen: seqLen, gradientCheckpointing: true,
-                                                                          dora: dora && (m == .qlora || m == .lora)),
-                                               gpus: 1, parallelism: .ddp, stack: stack)
-                for g in Fit.commonGPUSizesGB {
-                    cells.append(Cell(model: a.name, method: m.rawValue, gpuGB: g, bytes: b, fits: b <= g * 1_000_000_000, headroomBytes: g * 1_000_000_000 - b))
+                for route in m == .qlora ? routes : [.bf16] {
+                    var o = MemoryOptions(method: m, rank: rank, seqLen: seqLen, gradientCheckpointing: true, dora: dora && (m == .qlora || m == .lora))
+                    try o.setTargets(targets, for: a)
+                    o.experts = route
+                    if route == .nf4 { o.targets.removeAll { ModelArchitecture.parameterTargets.contains($0) } }
+                    let b = try Fit.perDeviceBytes(a, o, gpus: 1, parallelism: .ddp, stack: stack)
+                    let label = a.experts == nil || m != .qlora ? m.rawValue : "\(m.rawValue), experts \(route.rawValue)"
+                    for g in Fit.commonGPUSizesGB {
+                        cells.append(Cell(model: a.name, method: label, gpuGB: g, bytes: b, fits: b <= g * 1_000_000_000, headroomBytes: g * 1_000_000_000 - b))
+                    }
                 }
             }
         }
@@ -103,6 +115,14 @@ struct FitCommand: ParsableCommand {
 }
 
 extension Parallelism: ExpressibleByArgument {}
+
+/// The adapted modules, and a mixture of experts' adapted parameters, for a header line.
+func adaptedDescription(_ a: ModelArchitecture, _ o: MemoryOptions) -> String {
+    let params = o.targets.filter(ModelArchitecture.parameterTargets.contains)
+    let modules = a.layerKinds.flatMap { a.adaptedModules(o.targets, layer: $0.layer) }
+    return (modules.reduce(into: [String]()) { if !$0.contains($1) { $0.append($1) } } + params).joined(separator: ",")
+        + (o.expertGateUpRankFactor != 1 ? " (experts' gate_up_proj at r=\(o.rank * o.expertGateUpRankFactor))" : "")
+}
 
 /// Columns padded to their widest cell; the first two left-aligned, the rest right-aligned.
 func table(_ rows: [[String]]) -> String {

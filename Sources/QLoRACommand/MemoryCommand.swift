@@ -21,7 +21,10 @@ struct MemoryCommand: ParsableCommand {
     // Numbers parse `.unconditional`ly: a negative one reaches the estimate's own check.
     @Option(parsing: .unconditional, help: "LoRA rank.") var rank = 16
     @Option(parsing: .unconditional, help: "LoRA alpha (recorded; it does not change memory).") var alpha = 32.0
-    @Option(help: "Adapted projections: all, attention, mlp, or a list such as q,v or q_proj,v_proj.") var targets = "all"
+    @Option(help: "Adapted projections: all, attention, mlp, all-linear (PEFT's resolution), or a list such as q,v, q_proj,v_proj or attention,experts (a mixture of experts' experts and router through PEFT's target_parameters).")
+    var targets = "all"
+    @Option(help: "A mixture of experts' experts: bf16 (as transformers 5 + bitsandbytes load them) or nf4 (bitsandbytes' replace_parameter_4bit after loading).")
+    var experts: ExpertRoute = .bf16
     @Option(parsing: .unconditional, help: "Tokens per sequence.") var seqLen = 2048
     @Option(parsing: .unconditional, help: "Sequences per step.") var batch = 1
     @Flag(help: "Gradient checkpointing per decoder layer.") var gradCheckpointing = false
@@ -39,6 +42,7 @@ struct MemoryCommand: ParsableCommand {
 
     func validate() throws {
         if dora && method != .qlora && method != .lora { throw ValidationError("--dora trains LoRA adapters: use --method qlora or lora") }
+        if experts == .nf4 && method != .qlora { throw ValidationError("--experts nf4 quantizes a 4-bit model's experts: use --method qlora") }
         let o = stackOptions
         if (o.recipe != .peft || o.runtime != .cpu || o.attention != .sdpa || Stack.Transformers(release: o.transformers) != .v5) && timeline == nil {
             throw ValidationError("--recipe, --runtime, --attention and --transformers choose whose step --timeline draws; give --timeline PATH.svg")
@@ -48,8 +52,10 @@ struct MemoryCommand: ParsableCommand {
     func run() {
         runReportingErrors {
             let arch = try architecture(model: model, config: config)
-            var o = MemoryOptions(method: method, rank: rank, alpha: alpha, targets: try ModelArchitecture.targetProjections(targets), seqLen: seqLen,
+            var o = MemoryOptions(method: method, rank: rank, alpha: alpha, seqLen: seqLen,
                                   batch: batch, gradientCheckpointing: gradCheckpointing, doubleQuant: doubleQuant, optimizer: optimizer, dora: dora)
+            try o.setTargets(targets, for: arch)
+            o.experts = experts
             o.modulesToSave = modulesToSave.map { $0.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) } } ?? []
             var m = try MemoryEstimate(model: arch, options: o)
             var scope: String? = nil
@@ -60,7 +66,7 @@ struct MemoryCommand: ParsableCommand {
             let cuda = try step.flatMap { $0.stack.runtime == .cuda ? try $0.onCUDA() : nil }
             if let step, let path = timeline {
                 let title = "One training step's memory over time: \(arch.name), \(method.rawValue)"
-                let subtitle = "r=\(rank) on \(arch.adaptedModules(o.targets).joined(separator: ",")), \(seqLen) tokens × \(batch)"
+                let subtitle = "r=\(rank) on \(adaptedDescription(arch, o)), \(seqLen) tokens × \(batch)"
                     + (gradCheckpointing || recipe == .unsloth ? ", gradient checkpointing" : "")
                     + "; \(stack.description) (GB = 10⁹ B)"
                 try StagedOutput.write(Data(TimelineChart.svg(step, title: title, subtitle: subtitle).utf8), to: path, overwrite: overwrite)
@@ -78,6 +84,18 @@ struct MemoryCommand: ParsableCommand {
 }
 
 extension TrainingMethod: ExpressibleByArgument {}
+extension ExpertRoute: ExpressibleByArgument {}
+
+extension MemoryOptions {
+    /// `--targets` for `arch`: PEFT's "all-linear" as PEFT resolves it on this model, or a list.
+    mutating func setTargets(_ text: String, for arch: ModelArchitecture) throws {
+        if text.lowercased() == "all-linear" {
+            (targets, expertGateUpRankFactor) = arch.peftAllLinear
+        } else {
+            targets = try ModelArchitecture.targetProjections(text)
+        }
+    }
+}
 extension Optimizer: ExpressibleByArgument {}
 
 /// `MemoryMeasurement.measure` with a progress line; returns the measurement's scope line(s).
@@ -102,16 +120,6 @@ func architecture(model: String?, config: String?) throws -> ModelArchitecture {
         }
         return a
     case (nil, let c?):
-        // A mixture of experts transformers 5 builds: say what a 4-bit load of it holds (its
-        // experts stay bf16), then refuse; its step is not modelled yet.
-        if let data = try? InputFile.read(c), let json = try? JSONSerialization.jsonObject(with: data) as? [String: Any],
-           let type = json["model_type"] as? String, MixtureOfExperts.Family(rawValue: type) != nil {
-            let moe: MixtureOfExperts
-            do { moe = try MixtureOfExperts(config: json) } catch { throw CheckpointError.invalidPath(path: c, problem: "\(error)") }
-            let held = moe.heldAfterFourBitLoad.values.reduce(0, +)
-            throw CheckpointError.invalidPath(path: c, problem: "a mixture of experts (\(type), \(moe.experts) experts): a transformers 5 + bitsandbytes 4-bit load holds "
-                                              + "\(gigabytes(held)), \(gigabytes(moe.expertBytes)) of it experts kept in bf16 (only nn.Linear is quantized); its training step is not modelled yet")
-        }
         let a = try ModelArchitecture(configFile: c)
         // Never a Llama's answer for a model that is not one.
         if let problem = a.undescribed.first { throw CheckpointError.invalidPath(path: c, problem: problem) }
@@ -130,7 +138,7 @@ func formatBytes(_ b: Int) -> String {
 
 func memoryTable(_ m: MemoryEstimate, scope: String?) -> String {
     let o = m.options
-    var lines = ["\(m.model), \(m.method.rawValue)" + (o.isLoRA ? ", r=\(o.rank) on \(m.architecture.adaptedModules(o.targets).joined(separator: ","))" : "")
+    var lines = ["\(m.model), \(m.method.rawValue)" + (o.isLoRA ? ", r=\(o.rank) on \(adaptedDescription(m.architecture, o))" : "")
                  + ", seq \(o.seqLen) × batch \(o.batch)" + (o.gradientCheckpointing ? ", gradient checkpointing" : "")
                  + (o.method == .qlora ? (o.doubleQuant ? ", double quant" : ", no double quant") : ""),
                  "parameters: \(m.params.total.formatted()) total, \(m.params.quantized.formatted()) quantized, \(m.params.trainable.formatted()) trainable"

@@ -298,16 +298,35 @@ final class CLITests: TemporaryDirectoryTestCase {
                                     "num_key_value_heads": 8, "vocab_size": 151936]
         for (name, extra, problem) in [("gemma", ["model_type": "gemma3_text"], "model_type gemma3_text is not described"),
                                        ("moe", ["model_type": "qwen3", "num_experts": 128], "mixture of experts (num_experts 128) is not described"),
-                                       // Qwen3-30B-A3B's shape: what a 4-bit load holds, its experts bf16 (Vectors/memory/moe.json).
-                                       ("qwen3moe", ["model_type": "qwen3_moe", "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 48,
-                                                     "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "moe_intermediate_size": 768,
-                                                     "num_experts": 128, "num_experts_per_tok": 8],
-                                        "holds 59.72 GB, 57.98 GB of it experts kept in bf16")] as [(String, [String: Any], String)] {
+                                       ("qwen2moe", ["model_type": "qwen2_moe", "num_experts": 60], "model_type qwen2_moe is not described"),
+                                       // A described family without a field it needs.
+                                       ("qwen3moe-partial", ["model_type": "qwen3_moe", "num_experts": 128, "num_experts_per_tok": 8],
+                                        "moe_intermediate_size is missing")] as [(String, [String: Any], String)] {
             let config = tmp.appendingPathComponent(name + ".json")
             try JSONSerialization.data(withJSONObject: shape.merging(extra) { $1 }).write(to: config)
             try expectFailure(["memory", "--config", config.path], mentions: [config.path, problem], noOutput: tmp.appendingPathComponent("none").path)
             try expectFailure(["fit", "--config", config.path, "--memory", "24GB"], mentions: [config.path, problem], noOutput: tmp.appendingPathComponent("none").path)
         }
+    }
+
+    /// A mixture of experts transformers 5 builds is counted as it holds it: Qwen3-30B-A3B's
+    /// config.json as published (num_experts), its experts bf16 after a "4-bit" load
+    /// (Vectors/memory/moe.json), or NF4 through bitsandbytes' parametrize route.
+    func testMixtureOfExpertsMemoryAndFit() throws {
+        let config = tmp.appendingPathComponent("qwen3-30b-a3b.json")
+        try Data(#"{"model_type": "qwen3_moe", "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": true, "vocab_size": 151936}"#.utf8).write(to: config)
+        var r = try run(["memory", "--config", config.path])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertTrue(r.stdout.contains("experts") && r.stdout.contains("57.98 GB") && r.stdout.contains("bitsandbytes #1849"), r.stdout)
+        r = try run(["memory", "--config", config.path, "--experts", "nf4"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        // NF4 experts, but without checkpointing every layer's dequantized bf16 copy stays for the backward.
+        XCTAssertTrue(r.stdout.contains("14.96 GB") && r.stdout.contains("expert_weight_copies    57.98 GB"), r.stdout)
+        r = try run(["fit", "--model", "qwen3-30b-a3b", "--memory", "80GB", "--targets", "all-linear"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertTrue(r.stdout.contains("experts,router (experts' gate_up_proj at r=32)"), r.stdout)
+        try expectFailure(["fit", "--model", "qwen3-30b-a3b", "--memory", "80GB", "--recipe", "peft-kbit"], mentions: ["peft-kbit recipe is not"], noOutput: tmp.appendingPathComponent("none").path)
+        try expectFailure(["fit", "--model", "llama-2-7b", "--memory", "80GB", "--targets", "attention,experts"], mentions: ["has no experts"], noOutput: tmp.appendingPathComponent("none").path)
     }
 
     /// `qlora memory --timeline` draws the step and names its peak; `--json` carries it; `qlora fit` answers.

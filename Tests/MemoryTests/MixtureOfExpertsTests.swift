@@ -1,4 +1,5 @@
 import Foundation
+import CheckpointFormats
 import Memory
 import QLoRA
 import TestSupport
@@ -15,18 +16,26 @@ final class MixtureOfExpertsTests: XCTestCase {
         XCTAssertEqual(Set(families.keys), ["qwen3_moe", "mixtral", "gpt_oss"])
         for (name, f) in families {
             // The tiny model, loaded.
-            let tiny = try MixtureOfExperts(config: try XCTUnwrap(f["saved_config_json"] as? [String: Any]))
+            let tiny = try Self.architecture(try XCTUnwrap(f["saved_config_json"] as? [String: Any]), name)
             let kinds = try XCTUnwrap((f["load_4bit"] as? [String: Any])?["by_kind"] as? [String: [String: Any]])
             var want = kinds.mapValues { ($0["bytes"] as! Int) + ($0["quant_state_bytes"] as! Int) }
             want["rotary_buffer"] = nil
-            XCTAssertEqual(tiny.heldAfterFourBitLoad, want, "\(name) tiny")
+            XCTAssertEqual(MemoryEstimate.heldAfterFourBitLoad(tiny), want, "\(name) tiny")
             // The real size.
             let real = try XCTUnwrap(f["real_size"] as? [String: Any])
-            let model = try MixtureOfExperts(config: try XCTUnwrap(real["config"] as? [String: Any]))
+            let model = try Self.architecture(try XCTUnwrap(real["config"] as? [String: Any]), name)
             let after = try XCTUnwrap(real["after_4bit"] as? [String: Any])
-            XCTAssertEqual(model.heldAfterFourBitLoad, try XCTUnwrap(after["bytes_by_kind"] as? [String: Int]), "\(name) real")
-            XCTAssertEqual(model.heldAfterFourBitLoad.values.reduce(0, +), after["held_bytes"] as? Int, "\(name) real total")
+            let held = MemoryEstimate.heldAfterFourBitLoad(model)
+            XCTAssertEqual(held, try XCTUnwrap(after["bytes_by_kind"] as? [String: Int]), "\(name) real")
+            XCTAssertEqual(held.values.reduce(0, +), after["held_bytes"] as? Int, "\(name) real total")
+            // The bf16 load holds every parameter in bf16.
+            XCTAssertEqual(2 * model.totalParameters, (real["dense_bf16"] as? [String: Any])?["bytes"] as? Int, "\(name) bf16")
         }
+    }
+
+    /// config.json as moe.json recorded it, through qlora's reader.
+    static func architecture(_ config: [String: Any], _ name: String) throws -> ModelArchitecture {
+        try ModelArchitecture(configData: try JSONSerialization.data(withJSONObject: config), path: name)
     }
 
     /// The library refuses, as the commands do, to count a model these fields do not describe.

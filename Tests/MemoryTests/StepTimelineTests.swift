@@ -1,4 +1,5 @@
 import Foundation
+import CheckpointFormats
 import Memory
 import QLoRA
 import TestSupport
@@ -24,6 +25,19 @@ final class StepTimelineTests: XCTestCase {
                                          keyValueHeads: 4, vocabSize: 152064, attentionQKVBias: true),
     ]
 
+    /// The mixtures of experts generate_peaks.py builds, from config.json as transformers writes them.
+    static let expertArchitectures: [String: String] = [
+        "qwen3moe-h1024": #"{"model_type": "qwen3_moe", "hidden_size": 1024, "intermediate_size": 3072, "moe_intermediate_size": 384, "num_hidden_layers": 2, "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 128, "num_local_experts": 128, "num_experts_per_tok": 8, "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": true, "vocab_size": 151936, "tie_word_embeddings": false}"#,
+        "qwen3moe-h1024-dense0": #"{"model_type": "qwen3_moe", "hidden_size": 1024, "intermediate_size": 3072, "moe_intermediate_size": 384, "num_hidden_layers": 2, "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 128, "num_local_experts": 128, "num_experts_per_tok": 8, "decoder_sparse_step": 1, "mlp_only_layers": [0], "norm_topk_prob": true, "vocab_size": 151936, "tie_word_embeddings": false}"#,
+        "mixtral-h1024": #"{"model_type": "mixtral", "hidden_size": 1024, "intermediate_size": 3584, "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2, "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": 32000, "tie_word_embeddings": false}"#,
+        "gptoss-h1024": #"{"model_type": "gpt_oss", "hidden_size": 1024, "intermediate_size": 1024, "num_hidden_layers": 2, "num_attention_heads": 24, "num_key_value_heads": 4, "head_dim": 64, "num_local_experts": 32, "num_experts_per_tok": 4, "vocab_size": 201088, "sliding_window": 128, "layer_types": ["sliding_attention", "full_attention"], "attention_bias": true, "tie_word_embeddings": false}"#,
+    ]
+
+    static func architecture(_ name: String) throws -> ModelArchitecture? {
+        if let a = architectures[name] { return a }
+        return try expertArchitectures[name].map { try ModelArchitecture(configData: Data($0.utf8), path: name) }
+    }
+
     func testPeaksAndKeptBytesOfTheRealStack() throws {
         let data = try Data(contentsOf: repositoryRoot.appendingPathComponent("Vectors/memory/peaks.json"))
         let configs = try XCTUnwrap((try JSONSerialization.jsonObject(with: data) as? [String: Any])?["configs"] as? [[String: Any]])
@@ -34,12 +48,23 @@ final class StepTimelineTests: XCTestCase {
             // "-prepared" row; the recipe as the docs call it is the "-peft-kbit" rows); full
             // fine-tuning's forward is approximated (its peak, the optimizer's, is held).
             if name.hasSuffix("-prepared") { continue }
-            let arch = try XCTUnwrap(Self.architectures[c["arch"] as! String], name)
+            let arch = try XCTUnwrap(try Self.architecture(c["arch"] as! String), name)
             let method: TrainingMethod = name.contains("-full-") ? .full : name.contains("-lora-") ? .lora : .qlora
-            let targets = (c["targets"] as! String) == "attn" ? ModelArchitecture.attentionProjections : ModelArchitecture.projectionNames
+            var targets: [String]
+            switch c["targets"] as! String {
+            case "attn": targets = ModelArchitecture.attentionProjections
+            case "attn+experts": targets = ModelArchitecture.attentionProjections + ["experts"]
+            case "all-linear": targets = arch.peftAllLinear.targets
+            default: targets = ModelArchitecture.projectionNames
+            }
             var o = MemoryOptions(method: method, rank: max(c["r"] as? Int ?? 1, 1), targets: targets, seqLen: c["seq"] as! Int, batch: c["batch"] as! Int,
                                   gradientCheckpointing: c["ckpt"] as! Bool, dora: c["dora"] as? Bool ?? false)
             o.modulesToSave = (c["save"] as? String).map { [$0] } ?? []
+            if c["targets"] as! String == "all-linear" { o.expertGateUpRankFactor = arch.peftAllLinear.expertGateUpRankFactor }
+            if c["experts"] as? String == "nf4-parametrize" { o.experts = .nf4 }
+            if arch.experts != nil {
+                XCTAssertEqual(try MemoryEstimate(model: arch, options: o).params.trainable, c["trainable_params"] as? Int, "\(name) trainable parameters")
+            }
             let recipe = try XCTUnwrap(Stack.Recipe(rawValue: c["recipe"] as? String ?? "peft"), name)
             let attention = try XCTUnwrap(Stack.Attention(rawValue: c["attn"] as? String ?? "sdpa"), name)
             let transformers = try XCTUnwrap(Stack.Transformers(rawValue: c["transformers"] as? String ?? "5"), name)

@@ -1,7 +1,8 @@
 import Foundation
 
-/// A decoder-only transformer (Llama, Mistral, Qwen2, Qwen3 and Phi-3 families) as its
-/// config.json describes it:
+/// A decoder-only transformer (Llama, Mistral, Qwen2, Qwen3 and Phi-3 families, and the
+/// mixtures of experts Qwen3-MoE, Mixtral and gpt-oss for memory and fit) as its config.json
+/// describes it:
 /// the one description of a model that the decoder (`LlamaModel`), the memory estimate, the
 /// checkpoint loader and the sample writer share. Every parameter tensor, its shape and its
 /// module path follow from these fields (`projections`, `tensorGroups`, `layerTensors`).
@@ -60,6 +61,60 @@ public struct ModelArchitecture: Sendable, Equatable, Codable {
     /// Features of the config that no part of qlora models, by name (mixture of experts, a
     /// vision tower), found by the config reader.
     public var unmodelledFeatures: [String] = []
+    /// The mixture of experts in place of the MLP (`experts.sparseLayers`), or nil for a dense model.
+    public var experts: Experts? = nil
+    /// Each attention head has a learned sink logit (gpt-oss' `self_attn.sinks`, [heads]) that
+    /// joins the softmax, and transformers runs it with eager attention (no SDPA path).
+    public var attentionSinks = false
+
+    /// A mixture of experts as transformers 5 builds it (Qwen3-MoE, Mixtral, gpt-oss): each
+    /// sparse layer's experts are two fused 3-D parameters, `mlp.experts.gate_up_proj` [experts,
+    /// 2·intermediate, hidden] and `mlp.experts.down_proj` [experts, hidden, intermediate]
+    /// (gpt-oss stores both transposed, with biases), beside a router [experts, hidden]; the
+    /// experts run through transformers' grouped_mm path (integrations/moe.py
+    /// `grouped_mm_experts_forward`, the default `experts_implementation`): the tokens gathered in
+    /// expert order, one row per token and chosen expert.
+    public struct Experts: Sendable, Equatable, Codable {
+        public enum Family: String, Sendable, Codable, CaseIterable { case qwen3MoE = "qwen3_moe", mixtral, gptOSS = "gpt_oss" }
+        public var family: Family
+        /// Experts per sparse layer (`num_local_experts`; Qwen3-MoE's published `num_experts`).
+        public var count: Int
+        /// Experts each token is routed to (`num_experts_per_tok`).
+        public var perToken: Int
+        /// One expert's MLP width (Qwen3-MoE's `moe_intermediate_size`, the others' `intermediate_size`).
+        public var intermediateSize: Int
+        /// Layers with a dense MLP instead (Qwen3-MoE's `mlp_only_layers`, `decoder_sparse_step`).
+        public var denseLayers: [Int] = []
+        /// The top-k routing weights are renormalised to sum to one (Qwen3-MoE's `norm_topk_prob`;
+        /// Mixtral always): the router keeps their sum and the divided copy.
+        public var normalizesTopK = true
+
+        public init(family: Family, count: Int, perToken: Int, intermediateSize: Int, denseLayers: [Int] = []) {
+            (self.family, self.count, self.perToken, self.intermediateSize, self.denseLayers) = (family, count, perToken, intermediateSize, denseLayers)
+        }
+
+        /// gpt-oss: a bias on the router and on each expert's projections.
+        public var biases: Bool { family == .gptOSS }
+        /// The module holding the router: `mlp.gate` (Qwen3-MoE, Mixtral) or `mlp.router` (gpt-oss).
+        public var routerModule: String { family == .gptOSS ? "router" : "gate" }
+    }
+
+    /// One layer of each kind (dense first, then sparse) with how many layers are of its kind:
+    /// what every per-layer count multiplies.
+    public var layerKinds: [(layer: Int, count: Int)] {
+        guard let x = experts else { return [(0, layers)] }
+        let dense = Set(x.denseLayers.filter { $0 < layers })
+        // Among the first dense.count + 1 layers one is sparse, unless every layer is dense.
+        let firstSparse = (0...dense.count).first { $0 < layers && !dense.contains($0) }
+        return [(dense.min(), denseMLPLayers), (firstSparse, sparseLayers)].compactMap { l, n in l.flatMap { n > 0 ? ($0, n) : nil } }
+    }
+
+    /// Whether layer `l` has experts rather than a dense MLP.
+    public func isSparse(layer l: Int) -> Bool { experts.map { !$0.denseLayers.contains(l) } ?? false }
+    /// How many layers have experts.
+    public var sparseLayers: Int { experts.map { layers - $0.denseLayers.filter { $0 < layers }.count } ?? 0 }
+    /// How many layers have a dense MLP.
+    public var denseMLPLayers: Int { layers - sparseLayers }
 
     public init(name: String, modelType: String = "llama", hiddenSize: Int, intermediateSize: Int, layers: Int, attentionHeads: Int,
                 keyValueHeads: Int? = nil, headDim: Int? = nil, vocabSize: Int, tiedEmbeddings: Bool = false, attentionQKVBias: Bool = false) {
@@ -91,6 +146,10 @@ public struct ModelArchitecture: Sendable, Equatable, Codable {
 
     /// The seven projections of a decoder layer, in HF's names and in forward order.
     public static let projectionNames = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    /// LoRA targets that are parameters, not modules (PEFT's `target_parameters`): a mixture of
+    /// experts' fused expert weights (`experts.gate_up_proj`, `experts.down_proj`) and its router
+    /// weight.
+    public static let parameterTargets = ["experts", "router"]
     /// Named groups of projections for `targetProjections(_:)`.
     public static let attentionProjections = ["q_proj", "k_proj", "v_proj", "o_proj"]
     public static let mlpProjections = ["gate_proj", "up_proj", "down_proj"]
@@ -116,8 +175,12 @@ public struct ModelArchitecture: Sendable, Equatable, Codable {
     /// seven projections, or with `fusedProjections` qkv_proj, o_proj, gate_up_proj, down_proj.
     public var moduleNames: [String] { fusedProjections ? ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] : Self.projectionNames }
 
-    /// The linear modules with their shapes and biases, in `moduleNames` order.
+    /// The linear modules with their shapes and biases, in `moduleNames` order (a sparse layer
+    /// has only the attention's: its experts are not `nn.Linear`).
     public var projections: [Projection] { moduleNames.map(projection) }
+
+    /// Layer `l`'s linear modules.
+    public func projections(layer l: Int) -> [Projection] { isSparse(layer: l) ? projections.filter { $0.block == "self_attn" } : projections }
 
     /// Projection `name` (one of `projectionNames`, or a fused module).
     public func projection(_ name: String) -> Projection {
@@ -164,6 +227,25 @@ public struct ModelArchitecture: Sendable, Equatable, Codable {
         return moduleNames.filter(wanted.contains)
     }
 
+    /// PEFT 0.21.2's `target_modules="all-linear"` on this model: every linear module but the
+    /// head on a dense model; on Qwen3-MoE and Mixtral the attention projections plus, through
+    /// target_parameters, the experts (gate_up_proj at twice the rank) and the router (PEFT
+    /// misses Qwen3-MoE's dense-layer MLPs); on gpt-oss the attention only (moe.json
+    /// `peft_all_linear`).
+    public var peftAllLinear: (targets: [String], expertGateUpRankFactor: Int) {
+        switch experts?.family {
+        case nil: return (moduleNames, 1)
+        case .gptOSS?: return (Self.attentionProjections, 1)
+        case _?: return (Self.attentionProjections + Self.parameterTargets, 2)
+        }
+    }
+
+    /// The modules a target list adapts in layer `l` (a sparse layer has no dense MLP).
+    public func adaptedModules(_ targets: [String], layer l: Int) -> [String] {
+        let present = Set(projections(layer: l).map(\.name))
+        return adaptedModules(targets).filter(present.contains)
+    }
+
     /// Modules fed the same tensor: q/k/v (or qkv) the normed input, o the attention output,
     /// gate/up (or gate_up) the normed residual, down the SwiGLU product.
     public var sharedInputGroups: [[String]] {
@@ -172,23 +254,26 @@ public struct ModelArchitecture: Sendable, Equatable, Codable {
     }
 
     /// The projections a target list names: `all`, `attention`, `mlp`, or a comma-separated list
-    /// such as `q,v` or `q_proj,v_proj`; returned in `projectionNames` order.
+    /// of those and names such as `q,v`, `q_proj,v_proj` or `attention,experts` (`experts` and
+    /// `router`: a mixture of experts' parameters); returned in `projectionNames` order.
     public static func targetProjections(_ text: String) throws -> [String] {
         switch text.lowercased() {
         case "all": return projectionNames
         case "attention": return attentionProjections
         case "mlp": return mlpProjections
         default:
-            let names = try text.split(separator: ",").map { part -> String in
+            let names = try text.split(separator: ",").flatMap { part -> [String] in
                 let t = part.trimmingCharacters(in: .whitespaces).lowercased()
+                if parameterTargets.contains(t) { return [t] }
+                if ["all", "attention", "mlp"].contains(t) { return try targetProjections(t) }
                 let name = t.hasSuffix("_proj") ? t : t + "_proj"
                 guard projectionNames.contains(name) || fusedModules.contains(where: { $0.name == name }) else {
-                    throw ArchitectureError("unknown target '\(part)'; use all, attention, mlp or names from \(projectionNames.joined(separator: ", ")) (qkv_proj, gate_up_proj when fused)")
+                    throw ArchitectureError("unknown target '\(part)'; use all, attention, mlp or names from \(projectionNames.joined(separator: ", ")) (qkv_proj, gate_up_proj when fused; experts, router in a mixture of experts), comma-separated")
                 }
-                return name
+                return [name]
             }
             guard !names.isEmpty else { throw ArchitectureError("--targets is empty") }
-            return (projectionNames + fusedModules.map(\.name)).filter(names.contains)
+            return (projectionNames + fusedModules.map(\.name) + parameterTargets).filter(names.contains)
         }
     }
 
@@ -201,6 +286,15 @@ public struct ModelArchitecture: Sendable, Equatable, Codable {
         case lmHead = "lm_head"
         case norm
         case bias
+        /// A sparse layer's fused expert weights, [experts, out, in] (bf16 after a 4-bit load:
+        /// transformers' bitsandbytes integration replaces only `nn.Linear`).
+        case expert
+        /// gpt-oss' expert biases.
+        case expertBias = "expert_bias"
+        /// The router's weight (and gpt-oss' bias), an `nn.Parameter` of a router module.
+        case router
+        /// gpt-oss' attention sinks, one per head.
+        case sinks
     }
 
     /// One parameter tensor pattern (`*` for the layer index) and how many times it occurs.
@@ -228,16 +322,36 @@ public struct ModelArchitecture: Sendable, Equatable, Codable {
         }
         let attention = moduleNames.filter { projection($0).block == "self_attn" }, mlp = moduleNames.filter { projection($0).block == "mlp" }
         let qk = qkNorm ? [norm("self_attn.q_norm", headDim), norm("self_attn.k_norm", headDim)] : []
-        return [norm("input_layernorm", hiddenSize)] + block(attention) + qk + [norm("post_attention_layernorm", hiddenSize)] + block(mlp)
+        let sinks = attentionSinks ? [TensorGroup(name: "model.layers.\(l).self_attn.sinks", shape: [attentionHeads], count: 1, kind: .sinks)] : []
+        let head = [norm("input_layernorm", hiddenSize)] + block(attention) + qk + sinks + [norm("post_attention_layernorm", hiddenSize)]
+        guard let x = experts, isSparse(layer: l) else { return head + block(mlp) }
+        // The names and shapes transformers 5 gives the parameters in memory (a checkpoint may
+        // hold Qwen3-MoE's and Mixtral's experts one by one; transformers fuses them on load).
+        let p = "model.layers.\(l).mlp.", (e, i, h) = (x.count, x.intermediateSize, hiddenSize)
+        var t = [TensorGroup(name: p + x.routerModule + ".weight", shape: [e, h], count: 1, kind: .router)]
+        if x.biases { t.append(TensorGroup(name: p + "router.bias", shape: [e], count: 1, kind: .router)) }
+        t.append(TensorGroup(name: p + "experts.gate_up_proj", shape: x.biases ? [e, h, 2 * i] : [e, 2 * i, h], count: 1, kind: .expert))
+        if x.biases { t.append(TensorGroup(name: p + "experts.gate_up_proj_bias", shape: [e, 2 * i], count: 1, kind: .expertBias)) }
+        t.append(TensorGroup(name: p + "experts.down_proj", shape: x.biases ? [e, i, h] : [e, h, i], count: 1, kind: .expert))
+        if x.biases { t.append(TensorGroup(name: p + "experts.down_proj_bias", shape: [e, h], count: 1, kind: .expertBias)) }
+        return head + t
     }
 
     /// Every parameter, layer tensors as patterns with `*` for the layer, as transformers' model
     /// class creates them (`Vectors/memory/presets.json` pins the presets to transformers' own counts).
     public var tensorGroups: [TensorGroup] {
         var g = [TensorGroup(name: "model.embed_tokens.weight", shape: [vocabSize, hiddenSize], count: 1, kind: .embedding)]
-        for t in layerTensors(0) {
-            g.append(TensorGroup(name: t.name.replacingOccurrences(of: "model.layers.0.", with: "model.layers.*."), shape: t.shape,
-                                 count: layers, kind: t.kind, projection: t.projection))
+        // Layers of one kind (dense, sparse) have the same tensors: the first of each kind
+        // stands for all of them; what both kinds have is counted once per layer.
+        for (l, n) in layerKinds {
+            for t in layerTensors(l) {
+                let name = t.name.replacingOccurrences(of: "model.layers.\(l).", with: "model.layers.*.")
+                if let k = g.firstIndex(where: { $0.name == name && $0.shape == t.shape }) {
+                    g[k].count += n
+                } else {
+                    g.append(TensorGroup(name: name, shape: t.shape, count: n, kind: t.kind, projection: t.projection))
+                }
+            }
         }
         g.append(TensorGroup(name: "model.norm.weight", shape: [hiddenSize], count: 1, kind: .norm))
         if !tiedEmbeddings { g.append(TensorGroup(name: "lm_head.weight", shape: [vocabSize, hiddenSize], count: 1, kind: .lmHead)) }
@@ -272,6 +386,12 @@ public struct ModelArchitecture: Sendable, Equatable, Codable {
                 return "\(name) \(heads) × head_dim \(headDim) is above qlora's limit of 2^40 (\(Self.maxDimension))"
             }
         }
+        if let x = experts {
+            for (name, v) in [("num_local_experts", x.count), ("num_experts_per_tok", x.perToken), ("the experts' intermediate_size", x.intermediateSize)] {
+                guard v > 0, v <= Self.maxDimension else { return "\(name) is \(v); it must be a positive integer up to 2^40" }
+            }
+            guard layers <= 1 << 16 else { return "num_hidden_layers \(layers) is above qlora's limit of 65536 for a mixture of experts" }
+        }
         // Every dimension is now at most 2^40, so the shapes below (sums of a few) fit; their
         // products may not.
         var total = 0
@@ -293,7 +413,7 @@ public struct ModelArchitecture: Sendable, Equatable, Codable {
     /// The model types whose layers these fields describe, for memory and fit: the same five.
     /// Another family differs in what the fields do not say (Gemma ties its embeddings by
     /// default, its MLP and norms differ), so counting it as a Llama would be wrong.
-    public static let describedModelTypes = trainableModelTypes
+    public static let describedModelTypes = trainableModelTypes + Experts.Family.allCases.map(\.rawValue)
 
     /// What keeps these fields from describing the model at all, one problem per feature by its
     /// config name; empty when `qlora memory` and `qlora fit` can count it.
@@ -346,7 +466,27 @@ public struct ModelArchitecture: Sendable, Equatable, Codable {
         phi3(ModelArchitecture(name: "phi-4", modelType: "phi3", hiddenSize: 5120, intermediateSize: 17920, layers: 40, attentionHeads: 40, keyValueHeads: 10, vocabSize: 100352)),
         ModelArchitecture(name: "llama-3.2-1b", hiddenSize: 2048, intermediateSize: 8192, layers: 16, attentionHeads: 32, keyValueHeads: 8, vocabSize: 128256, tiedEmbeddings: true),
         ModelArchitecture(name: "llama-3.2-3b", hiddenSize: 3072, intermediateSize: 8192, layers: 28, attentionHeads: 24, keyValueHeads: 8, vocabSize: 128256, tiedEmbeddings: true),
+        // Mixtures of experts (memory and fit; qlora's decoder does not run them).
+        moe(ModelArchitecture(name: "qwen3-30b-a3b", modelType: "qwen3_moe", hiddenSize: 2048, intermediateSize: 6144, layers: 48, attentionHeads: 32,
+                              keyValueHeads: 4, headDim: 128, vocabSize: 151936), Experts(family: .qwen3MoE, count: 128, perToken: 8, intermediateSize: 768)),
+        moe(ModelArchitecture(name: "mixtral-8x7b", modelType: "mixtral", hiddenSize: 4096, intermediateSize: 14336, layers: 32, attentionHeads: 32,
+                              keyValueHeads: 8, vocabSize: 32000), Experts(family: .mixtral, count: 8, perToken: 2, intermediateSize: 14336)),
+        moe(ModelArchitecture(name: "gpt-oss-20b", modelType: "gpt_oss", hiddenSize: 2880, intermediateSize: 2880, layers: 24, attentionHeads: 64,
+                              keyValueHeads: 8, headDim: 64, vocabSize: 201088), Experts(family: .gptOSS, count: 32, perToken: 4, intermediateSize: 2880)),
+        moe(ModelArchitecture(name: "gpt-oss-120b", modelType: "gpt_oss", hiddenSize: 2880, intermediateSize: 2880, layers: 36, attentionHeads: 64,
+                              keyValueHeads: 8, headDim: 64, vocabSize: 201088), Experts(family: .gptOSS, count: 128, perToken: 4, intermediateSize: 2880)),
     ]
+
+    /// A mixture of experts as its family's config class sets it up (the reader's
+    /// `ModelArchitecture(configFile:)` does the same from config.json).
+    public static func moe(_ a: ModelArchitecture, _ x: Experts) -> ModelArchitecture {
+        var a = a
+        a.experts = x
+        a.qkNorm = x.family == .qwen3MoE
+        a.attentionSinks = x.family == .gptOSS
+        a.attentionBias = x.family == .gptOSS
+        return a
+    }
 
     private static func qwen3(_ a: ModelArchitecture) -> ModelArchitecture { var a = a; a.qkNorm = true; return a }
     private static func phi3(_ a: ModelArchitecture) -> ModelArchitecture { var a = a; a.fusedProjections = true; return a }
