@@ -5,6 +5,10 @@ Run by hand where torch, transformers, PEFT and bitsandbytes are installed (CI n
     swift build -c release --product qlora
     .venv/bin/python Vectors/check_interop.py [path/to/qlora]      # default .build/release/qlora
 
+For the mixtures of experts (Qwen3-MoE with a dense first layer, Mixtral, gpt-oss) quantize and dequantize
+are checked the same way (experts and router stay bf16, as transformers 5 + bitsandbytes keep them), and
+export and train must refuse with one line.
+
 For each model family (a tiny random model written by transformers' save_pretrained in bf16) it
 runs the qlora binary and loads every output back:
 
@@ -46,7 +50,8 @@ import peft
 import bitsandbytes
 import safetensors
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, GptOssConfig, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config,
+                          Qwen2Config, Qwen3Config, Qwen3MoeConfig)
 from peft import LoraConfig, PeftModel, get_peft_model
 
 transformers.logging.set_verbosity_error()
@@ -64,6 +69,17 @@ FAMILIES = [
     ("qwen2", Qwen2Config, dict(SMALL, rope_theta=10000.0)),                  # q/k/v biases
     ("qwen3", Qwen3Config, dict(SMALL, rope_theta=10000.0, head_dim=32)),     # q/k norms, head_dim != hidden/heads
     ("phi3", Phi3Config, dict(SMALL, rope_theta=10000.0, pad_token_id=0)),    # fused qkv_proj, gate_up_proj
+]
+# Mixtures of experts (issue 23): quantize and dequantize only; qlora's merge, train and export refuse them.
+MOE = [
+    ("qwen3_moe", Qwen3MoeConfig, dict(SMALL, head_dim=32, moe_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
+                                       decoder_sparse_step=1, mlp_only_layers=[0], norm_topk_prob=True, rope_theta=10000.0)),
+    ("mixtral", MixtralConfig, dict(SMALL, intermediate_size=96, num_local_experts=4, num_experts_per_tok=2, sliding_window=None,
+                                    rope_theta=10000.0)),
+    ("gpt_oss", GptOssConfig, dict(SMALL, head_dim=16, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+                                   layer_types=["sliding_attention", "full_attention"], attention_bias=True, swiglu_limit=7.0,
+                                   rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
+                                                    "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 8})),
 ]
 NF4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                          bnb_4bit_compute_dtype=torch.bfloat16)
@@ -267,6 +283,58 @@ def family_checks(binary, family, config_class, fields, work):
           not problems and diff == 0, "; ".join(problems[:3]) or f"max |diff| {diff:.3g}")
 
 
+def moe_checks(binary, family, config_class, fields, work):
+    """A mixture of experts: qlora quantize writes what transformers 5 + bitsandbytes write (attention and dense
+    MLPs 4-bit, experts and router bf16) and transformers loads it with its own 4-bit load's logits; dequantize
+    gives transformers' dequantize(); the jobs that do not handle experts refuse with one line."""
+    torch.manual_seed(0)
+    dense_dir = os.path.join(work, "dense")
+    model = AutoModelForCausalLM.from_config(config_class(**fields))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.copy_(1 + 0.1 * torch.randn(p.shape))
+            elif "router" in n or n.endswith("mlp.gate.weight") or "sinks" in n or p.dim() == 3 or n.endswith("_bias"):
+                p.copy_(0.1 * torch.randn(p.shape))   # transformers initialises some of these to zero: routing must matter
+    model.to(torch.bfloat16).save_pretrained(dense_dir)
+    ids = torch.randint(0, fields["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(1))
+    for variant, flags, bnb in VARIANTS:
+        out = os.path.join(work, "q-" + variant)
+        qlora(binary, "quantize", dense_dir, out, *flags)
+        theirs_q = load(dense_dir, quantization_config=bnb, dtype=torch.bfloat16)
+        with tempfile.TemporaryDirectory() as t:
+            theirs_q.save_pretrained(t)
+            problems, n = same_tensors(shard(out), load_file(shard(t)))
+            with open(os.path.join(t, "config.json")) as f, open(os.path.join(out, "config.json")) as g:
+                same_config = f.read() == g.read()
+        check(family, "quantize", f"{variant}: stored tensors equal transformers' save_pretrained ({n} tensors)", not problems,
+              "; ".join(problems[:3]))
+        check(family, "quantize", f"{variant}: config.json equals transformers' byte for byte", same_config)
+        ours_q = load(out)
+        n4 = sum(isinstance(m, bitsandbytes.nn.Linear4bit) for m in ours_q.modules())
+        t4 = sum(isinstance(m, bitsandbytes.nn.Linear4bit) for m in theirs_q.modules())
+        experts = [p.dtype for n_, p in ours_q.named_parameters() if "experts" in n_]
+        diff = max_diff(logits(ours_q, ids), logits(theirs_q, ids))
+        check(family, "quantize", f"{variant}: from_pretrained: {n4} Linear4bit (transformers' own: {t4}), experts {sorted(set(map(str, experts)))}, "
+              "logits equal transformers' own 4-bit load", n4 == t4 and diff == 0 and experts and all(d == torch.bfloat16 for d in experts),
+              f"max |diff| {diff:.3g}")
+    d_dir = os.path.join(work, "d")
+    qlora(binary, "dequantize", os.path.join(work, "q-nf4-dq"), d_dir)
+    theirs_d = load(dense_dir, quantization_config=NF4, dtype=torch.bfloat16)
+    theirs_d.dequantize()
+    diff = max_diff(logits(load(d_dir), ids), logits(theirs_d, ids))
+    check(family, "dequantize", "loads as a plain model; logits equal transformers' dequantize()", diff == 0, f"max |diff| {diff:.3g}")
+    data = os.path.join(work, "data.jsonl")
+    with open(data, "w") as f:
+        f.write(json.dumps({"input_ids": list(range(16))}) + "\n")
+    for args in (["export", dense_dir, os.path.join(work, "x.gguf"), "--type", "f16"],
+                 ["train", "--model", dense_dir, "--data", data, "--steps", "1", "--seq-len", "16", "--out", os.path.join(work, "a")]):
+        r = subprocess.run([binary, *args], capture_output=True, text=True)
+        lines = r.stderr.strip().splitlines()
+        check(family, args[0], "refused with one line, nothing written", r.returncode != 0 and len(lines) == 1
+              and not os.path.exists(os.path.join(work, "x.gguf")) and not os.path.exists(os.path.join(work, "a")), lines[0] if lines else "")
+
+
 def main():
     binary = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else ".build/release/qlora")
     print(f"versions: torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
@@ -277,6 +345,12 @@ def main():
             try:
                 family_checks(binary, family, config_class, fields, work)
             except Exception as e:  # a crash is a failed check of the family, named
+                check(family, "-", f"stopped: {type(e).__name__}: {e}", False)
+    for family, config_class, fields in MOE:
+        with tempfile.TemporaryDirectory(prefix=f"interop-{family}-") as work:
+            try:
+                moe_checks(binary, family, config_class, fields, work)
+            except Exception as e:
                 check(family, "-", f"stopped: {type(e).__name__}: {e}", False)
     failed = sum(not ok for _, _, ok in results)
     print(f"{len(results) - failed} of {len(results)} checks passed")

@@ -817,6 +817,11 @@ def grid():
         add(m, 1024, False, 16, "attn", 1)
         add(m, 512, False, 16, "attn", 1, experts="nf4-parametrize", **fwd)
         add(m, 512, True, 16, "attn", 1, experts="nf4-parametrize", **rec)
+    # prepare_model_for_kbit_training on a mixture of experts: every bf16 parameter, the experts included, cast to fp32.
+    add("qwen3moe-h1024", 512, False, 16, "attn", 1, recipe="peft-kbit", trace_layers=True)
+    add("qwen3moe-h1024", 512, True, 16, "attn", 1, recipe="peft-kbit")
+    add("mixtral-h1024", 512, False, 16, "attn", 1, recipe="peft-kbit")
+    add("mixtral-h1024", 512, True, 16, "attn+experts", 1, recipe="peft-kbit")
     add("qwen3moe-h1024-dense0", 512, False, 16, "attn", 1)
     add("qwen3moe-h1024-dense0", 512, False, 16, "attn+experts", 1)
     add("mixtral-h1024", 256, False, 16, "attn", 4)

@@ -21,6 +21,10 @@ public struct QuantizeOptions: Sendable {
     public var exclude: String? = nil
     /// Name fragments left unquantized by default: embeddings, the output head and norms.
     public static let defaultSkipFragments = ["embed", "lm_head", "norm"]
+    /// More fragments left unquantized by default: a mixture of experts' experts and router, as
+    /// transformers 5 + bitsandbytes leave them (`ModelArchitecture.sixteenBitFragments`; set
+    /// from the checkpoint's config.json).
+    public var modelSkipFragments: [String] = []
 
     public init(quantType: QuantType = .nf4, blocksize: Int = 64, doubleQuant: Bool = true, include: String? = nil, exclude: String? = nil,
                 quantStorage: DType = .u8, computeDtype: ElementType = .bfloat16) {
@@ -35,7 +39,7 @@ public struct QuantizeOptions: Sendable {
         guard info.shape.count == 2, info.elementCount > 0, [DType.f32, .bf16, .f16].contains(info.dtype) else { return false }
         if let include {
             guard try matches(include, info.name) else { return false }
-        } else if Self.defaultSkipFragments.contains(where: { info.name.contains($0) }) {
+        } else if (Self.defaultSkipFragments + modelSkipFragments).contains(where: { info.name.contains($0) }) {
             return false
         }
         if let exclude, try matches(exclude, info.name) { return false }
@@ -63,6 +67,15 @@ public struct QuantizeOptions: Sendable {
 @discardableResult
 public func quantizeCheckpoint(input: String, output: String, options: QuantizeOptions,
                                overwrite: Bool = false, progress: ProgressHandler? = nil) throws -> JobSummary {
+    var options = options
+    if let model = try describedModel(checkpoint: input) {
+        options.modelSkipFragments = model.sixteenBitFragments
+        let config = (input as NSString).appendingPathComponent("config.json")
+        if let q = try ConfigJSON.read(config)["quantization_config"], case .string(let method)? = q["quant_method"] {
+            // gpt-oss ships MXFP4 experts: transformers refuses a bitsandbytes config on it (moe.json).
+            throw CheckpointError.invalidPath(path: config, problem: "is already quantized (quantization_config quant_method \(method)); quantize a 16-bit checkpoint")
+        }
+    }
     let job = try CheckpointRewrite(input: input)
     let reader = job.reader
     guard BnB4BitFormat.groups(in: reader.tensorNames).isEmpty else {

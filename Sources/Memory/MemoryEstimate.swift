@@ -435,16 +435,19 @@ public struct MemoryEstimate: Sendable, Codable {
     ///   SwiGLU its clamp, sigmoid, product and up + 1, 8i), the down projection's output (2h);
     /// - with LoRA on the experts the weights need gradients, so grouped_mm also keeps its inputs:
     ///   the gathered rows (2h) and the down projection's input (2i).
-    public static func expertTermsPerToken(_ a: ModelArchitecture, _ o: MemoryOptions) -> [Int] {
+    ///
+    /// `elementSize` is the experts' and the stream's: 2 (bf16), or 4 once
+    /// prepare_model_for_kbit_training has cast them to fp32 (the routing weights then stay fp32).
+    public static func expertTermsPerToken(_ a: ModelArchitecture, _ o: MemoryOptions, elementSize s: Int = 2) -> [Int] {
         guard let x = a.experts else { return [] }
         let (h, e, k, i) = (a.hiddenSize, x.count, x.perToken, x.intermediateSize)
-        let router = x.family == .gptOSS ? [8 * k, 2 * k] : [4 * e, 8 * k] + (x.normalizesTopK ? [4, 4 * k] : [])
-        let weight = x.family == .mixtral ? 4 * k : 2 * k
-        let activation = x.family == .gptOSS ? 8 * i : 2 * i
-        let trained = o.isLoRA && o.targets.contains("experts") ? [2 * h * k, 2 * i * k] : []
+        let router = x.family == .gptOSS ? [8 * k, s * k] : [4 * e, 8 * k] + (x.normalizesTopK ? [4, 4 * k] : [])
+        let weight = x.family == .mixtral ? 4 * k : s * k
+        let activation = (x.family == .gptOSS ? 4 : 1) * s * i
+        let trained = o.isLoRA && o.targets.contains("experts") ? [s * h * k, s * i * k] : []
         // An adapted router's weight needs its input: the normed hidden states (2h).
-        let routerInput = o.isLoRA && o.targets.contains("router") ? [2 * h] : []
-        return router + [24 * k, weight, 4 * i * k, activation * k, 2 * h * k] + trained + routerInput
+        let routerInput = o.isLoRA && o.targets.contains("router") ? [s * h] : []
+        return router + [24 * k, weight, 2 * s * i * k, activation * k, s * h * k] + trained + routerInput
     }
 
     /// After the last layer: the final RMSNorm (4h + 4), the fp32 log-softmax of the logits

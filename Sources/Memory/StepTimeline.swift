@@ -69,11 +69,11 @@ public struct StepTimeline: Sendable {
 
     public init(model a: ModelArchitecture, options o: MemoryOptions, firstStep: Bool = false, stack: Stack = .default) throws {
         try stack.validate()
-        if a.experts != nil && (stack.recipe != .peft || o.dora || stack.transformers != .v5 || stack.attention == .flashAttention2) {
-            // Measured for mixtures of experts: transformers 5 + PEFT (peaks.json's qwen3moe,
-            // mixtral and gptoss rows); the others would move the experts (prepare_model_for_kbit
-            // training casts every bf16 expert to fp32) or change kernels no measurement covers.
-            throw MemoryError.badOption("\(a.name): a mixture of experts' step is modelled for the peft recipe on transformers 5 with sdpa or eager attention, without DoRA (measured); "
+        if a.experts != nil && (![.peft, .peftKbit].contains(stack.recipe) || o.dora || stack.transformers != .v5 || stack.attention == .flashAttention2) {
+            // Measured for mixtures of experts: transformers 5 + PEFT, with and without
+            // prepare_model_for_kbit_training (peaks.json's qwen3moe, mixtral and gptoss rows);
+            // the other recipes and kernels no measurement covers.
+            throw MemoryError.badOption("\(a.name): a mixture of experts' step is modelled for the peft and peft-kbit recipes on transformers 5 with sdpa or eager attention, without DoRA (measured); "
                                         + "\(stack.recipe != .peft ? "the \(stack.recipe.rawValue) recipe" : o.dora ? "DoRA" : stack.transformers != .v5 ? "transformers \(stack.transformers.rawValue)" : "flash_attention_2") is not")
         }
         if stack.recipe == .unsloth {
@@ -364,7 +364,7 @@ public struct StepTimeline: Sendable {
     public static func layerTerms(_ a: ModelArchitecture, _ o: MemoryOptions, stack: Stack, layer l: Int = 0, first: Bool) -> [Int] {
         let h = a.hiddenSize, q = a.queryDim, kv = a.keyValueDim, i = a.intermediateSize
         let kbit = stack.recipe == .peftKbit, e = kbit ? 4 : 2
-        let modules = a.adaptedModules(o.targets)
+        let modules = a.adaptedModules(o.targets, layer: l)
         let adapted = Set(modules)
         func any(_ names: String...) -> Bool { names.contains { adapted.contains($0) } }
         // q, k, v as attention keeps them, and what it keeps besides.
@@ -404,7 +404,7 @@ public struct StepTimeline: Sendable {
                 + (any("q_proj", "k_proj", "v_proj", "qkv_proj") ? [4 * h] : [])
                 + attention + qkNorm
                 + [4 * h, 4] + (any("gate_proj", "up_proj", "gate_up_proj") ? [4 * h] : [])
-                + [4 * i, 4 * i, 4 * i] + (any("down_proj") ? [4 * i] : [])
+                + (a.isSparse(layer: l) ? MemoryEstimate.expertTermsPerToken(a, o, elementSize: 4) : [4 * i, 4 * i, 4 * i]) + (any("down_proj") ? [4 * i] : [])
                 + [4 * h] + ax + dropout
         case .trl:
             let qkNorm = a.qkNorm ? [2 * (q + kv), 4 * (a.attentionHeads + a.keyValueHeads)] : []
@@ -494,12 +494,15 @@ public struct StepTimeline: Sendable {
         func expertForward(layer l: Int) -> ExpertForward {
             guard let x = a.experts, a.isSparse(layer: l) else { return ExpertForward() }
             let (h, e, i, r) = (a.hiddenSize, x.count, x.intermediateSize, o.rank)
+            // The experts' element size: bf16, fp32 after prepare_model_for_kbit_training (its casts
+            // of A and B to the weight's dtype then cost nothing: fp32 already).
+            let s = unquantized
             var f = ExpertForward(others: [4 * e])
-            if trainsExperts {
+            if trainsExperts && s == 2 {
                 f.others += [2 * r * o.expertGateUpRankFactor * e * (h + 2 * i), 2 * r * e * (i + h)]
             }
-            if trainsExperts || fourBit && o.experts == .nf4 { (f.gateUp, f.down) = (2 * e * 2 * i * h, 2 * e * i * h) }
-            if o.isLoRA && o.targets.contains("router") { f.others.append(2 * e * h) }
+            if trainsExperts || fourBit && o.experts == .nf4 { (f.gateUp, f.down) = (s * e * 2 * i * h, s * e * i * h) }
+            if o.isLoRA && o.targets.contains("router") { f.others.append(s * e * h) }
             return f
         }
 
@@ -515,7 +518,7 @@ public struct StepTimeline: Sendable {
             let others = s.alloc(f.others, kind)
             let gateUp = f.gateUp > 0 ? s.alloc(f.gateUp, kind) : nil, down = f.down > 0 ? s.alloc(f.down, kind) : nil
             if !trainsExperts {
-                let input = s.alloc(o.tokens * 2 * x.intermediateSize * x.perToken, .transient)
+                let input = s.alloc(o.tokens * unquantized * x.intermediateSize * x.perToken, .transient)
                 s.free(input)
             }
             guard keep else {
@@ -534,21 +537,21 @@ public struct StepTimeline: Sendable {
         /// has used up already freed); its copy freed.
         func expertsBackward(into s: inout StepTrace, layer l: Int, copies: (gateUp: StepTrace.Tensor?, down: StepTrace.Tensor?), mark phase: String) {
             guard let x = a.experts, a.isSparse(layer: l) else { return }
-            let (h, e, i, k, t) = (a.hiddenSize, x.count, x.intermediateSize, x.perToken, o.tokens)
+            let (h, e, i, k, t, s2) = (a.hiddenSize, x.count, x.intermediateSize, x.perToken, o.tokens, unquantized)
             func moment(_ bytes: Int, _ what: String) {
                 let b = s.alloc(bytes, .transient)
                 s.mark(phase + " (" + what + ")")
                 s.free(b)
             }
-            moment(t * (x.family == .mixtral ? 14 : 6) * h * k, "the experts' rows back into tokens")
-            if trainsExperts { moment(2 * e * h * i + t * (2 * h * k + 2 * i * k), "down_proj's expert weight gradient") }
+            moment(t * (x.family == .mixtral || s2 == 4 ? 14 : 6) * h * k * s2 / 2, "the experts' rows back into tokens")
+            if trainsExperts { moment(s2 * e * h * i + t * s2 * (h * k + i * k), "down_proj's expert weight gradient") }
             if let d = copies.down { s.free(d) }
-            moment(t * (6 * i * k + 4 * k), "the experts' activation gradients")
+            moment(t * (3 * s2 * i * k + 4 * k), "the experts' activation gradients")
             if trainsExperts {
                 // By now the activation's backward has freed gate_up's output, the activation
                 // and the down projection's input (kept per token; counted here as freed).
-                let freed = t * k * (4 * i + (x.family == .gptOSS ? 8 : 2) * i + 2 * i)
-                moment(max(0, 2 * e * 2 * i * h + t * (2 * h * k + 4 * i * k) - freed), "gate_up_proj's expert weight gradient")
+                let freed = t * k * s2 * (2 * i + (x.family == .gptOSS ? 4 : 1) * i + i)
+                moment(max(0, s2 * e * 2 * i * h + t * s2 * (h * k + 2 * i * k) - freed), "gate_up_proj's expert weight gradient")
             }
             if let g = copies.gateUp { s.free(g) }
         }

@@ -80,6 +80,7 @@ struct FitCommand: ParsableCommand {
     func printMatrix(stack: Stack) throws {
         struct Cell: Encodable { var model: String; var method: String; var gpuGB: Int; var bytes: Int; var fits: Bool; var headroomBytes: Int }
         var cells: [Cell] = []
+        var unmodelled: [String: String] = [:]
         for a in ModelArchitecture.presets {
             // A mixture of experts' QLoRA rows: its experts as transformers 5 + bitsandbytes hold
             // them (bf16), and through bitsandbytes' parametrize route (nf4).
@@ -91,15 +92,25 @@ struct FitCommand: ParsableCommand {
                     try o.setTargets(targets, for: a)
                     o.experts = route
                     if route == .nf4 { o.targets.removeAll { ModelArchitecture.parameterTargets.contains($0) } }
-                    let b = try Fit.perDeviceBytes(a, o, gpus: 1, parallelism: .ddp, stack: stack)
                     let label = a.experts == nil || m != .qlora ? m.rawValue : "\(m.rawValue), experts \(route.rawValue)"
+                    let b: Int
+                    do {
+                        b = try Fit.perDeviceBytes(a, o, gpus: 1, parallelism: .ddp, stack: stack)
+                    } catch let e as MemoryError where a.experts != nil {
+                        // A mixture of experts under a recipe no measurement covers: said, not guessed.
+                        unmodelled[a.name] = "\(e)"
+                        continue
+                    }
                     for g in Fit.commonGPUSizesGB {
                         cells.append(Cell(model: a.name, method: label, gpuGB: g, bytes: b, fits: b <= g * 1_000_000_000, headroomBytes: g * 1_000_000_000 - b))
                     }
                 }
             }
         }
-        if json { return try printJSON(cells) }
+        if json {
+            struct Output: Encodable { var cells: [Cell]; var notModelled: [String: String] }
+            return unmodelled.isEmpty ? try printJSON(cells) : try printJSON(Output(cells: cells, notModelled: unmodelled))
+        }
         print("Per-GPU memory of one training step at \(seqLen.formatted()) tokens × batch 1, gradient checkpointing, r=\(rank) (LoRA methods), one GPU;")
         print("each cell: the headroom in GB if it fits, × if not (GB = 10⁹ B). Stack: \(stack.description)"
               + (stack.runtime == .cuda ? ".\n" : "; the CUDA context and allocator caching come on top.\n"))
@@ -111,6 +122,7 @@ struct FitCommand: ParsableCommand {
                         + row.map { $0.fits ? String(format: "%.1f", Double($0.headroomBytes) / 1e9) : "×" })
         }
         print(table(rows))
+        if !unmodelled.isEmpty { print("\nnot in the table:\n" + unmodelled.sorted { $0.key < $1.key }.map { "  \($0.value)" }.joined(separator: "\n")) }
     }
 }
 

@@ -307,6 +307,22 @@ final class CLITests: TemporaryDirectoryTestCase {
             try expectFailure(["memory", "--config", config.path], mentions: [config.path, problem], noOutput: tmp.appendingPathComponent("none").path)
             try expectFailure(["fit", "--config", config.path, "--memory", "24GB"], mentions: [config.path, problem], noOutput: tmp.appendingPathComponent("none").path)
         }
+        // The checkpoint jobs whose answer depends on the family refuse it too, naming config.json.
+        let gemma = tmp.appendingPathComponent("gemma-checkpoint")
+        try FileManager.default.createDirectory(at: gemma, withIntermediateDirectories: true)
+        try JSONSerialization.data(withJSONObject: shape.merging(["model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]]) { $1 })
+            .write(to: gemma.appendingPathComponent("config.json"))
+        try FileManager.default.copyItem(at: repositoryRoot.appendingPathComponent("Vectors/checkpoint/model.safetensors"), to: gemma.appendingPathComponent("model.safetensors"))
+        let data = tmp.appendingPathComponent("data.jsonl")
+        try Data("{\"input_ids\": [1, 2, 3, 4, 5, 6, 7, 8]}\n".utf8).write(to: data)
+        let out = tmp.appendingPathComponent("out").path
+        let config = gemma.appendingPathComponent("config.json").path
+        for (args, problem) in [(["quantize", gemma.path, out], "model_type gemma3_text is not described"),
+                                (["merge", gemma.path, repositoryRoot.appendingPathComponent("Vectors/peft_adapter").path, out], "model_type gemma3_text is not described"),
+                                (["export", gemma.path, out, "--type", "f16"], "this checkpoint is Gemma3ForCausalLM"),
+                                (["train", "--model", gemma.path, "--data", data.path, "--out", out], "model_type gemma3_text is not supported for training")] {
+            try expectFailure(args, mentions: [config, problem], noOutput: out)
+        }
     }
 
     /// A mixture of experts transformers 5 builds is counted as it holds it: Qwen3-30B-A3B's
@@ -325,7 +341,7 @@ final class CLITests: TemporaryDirectoryTestCase {
         r = try run(["fit", "--model", "qwen3-30b-a3b", "--memory", "80GB", "--targets", "all-linear"])
         XCTAssertEqual(r.status, 0, r.stderr)
         XCTAssertTrue(r.stdout.contains("experts,router (experts' gate_up_proj at r=32)"), r.stdout)
-        try expectFailure(["fit", "--model", "qwen3-30b-a3b", "--memory", "80GB", "--recipe", "peft-kbit"], mentions: ["peft-kbit recipe is not"], noOutput: tmp.appendingPathComponent("none").path)
+        try expectFailure(["fit", "--model", "qwen3-30b-a3b", "--memory", "80GB", "--recipe", "trl"], mentions: ["trl recipe is not"], noOutput: tmp.appendingPathComponent("none").path)
         try expectFailure(["fit", "--model", "llama-2-7b", "--memory", "80GB", "--targets", "attention,experts"], mentions: ["has no experts"], noOutput: tmp.appendingPathComponent("none").path)
     }
 

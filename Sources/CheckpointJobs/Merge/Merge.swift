@@ -29,6 +29,7 @@ public func mergeCheckpoint(base: String, adapters specs: [MergeAdapter], output
                             progress: ProgressHandler? = nil) throws -> MergeSummary {
     precondition(!specs.isEmpty, "mergeCheckpoint needs at least one adapter")
     if let m = options.maxShardSize, m <= 0 { throw CheckpointError.invalidPath(path: output, problem: "max shard size must be positive") }
+    _ = try describedModel(checkpoint: base)
     let job = try CheckpointRewrite(input: base, otherInputs: specs.map(\.directory) + [options.compareOriginal].compactMap { $0 })
     let plan = try MergePlan(reader: job.reader, base: base, adapters: specs)
     let original = try options.compareOriginal.map { try plan.original($0, base: base) }

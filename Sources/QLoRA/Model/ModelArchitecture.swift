@@ -415,13 +415,16 @@ public struct ModelArchitecture: Sendable, Equatable, Codable {
     /// default, its MLP and norms differ), so counting it as a Llama would be wrong.
     public static let describedModelTypes = trainableModelTypes + Experts.Family.allCases.map(\.rawValue)
 
+    /// Why a model_type is not described, or nil when it is.
+    public static func undescribedTypeProblem(_ type: String) -> String? {
+        describedModelTypes.contains(type) ? nil
+            : "model_type \(type) is not described (\(describedModelTypes.joined(separator: ", ")) are); counting it as a Llama would be wrong"
+    }
+
     /// What keeps these fields from describing the model at all, one problem per feature by its
     /// config name; empty when `qlora memory` and `qlora fit` can count it.
     public var undescribed: [String] {
-        var problems: [String] = []
-        if !Self.describedModelTypes.contains(modelType) {
-            problems.append("model_type \(modelType) is not described (\(Self.describedModelTypes.joined(separator: ", ")) are); counting it as a Llama would be wrong")
-        }
+        var problems = Self.undescribedTypeProblem(modelType).map { [$0] } ?? []
         problems += unmodelledFeatures.map { "\($0) is not described: its parameters and activations are counted nowhere yet" }
         return problems
     }
