@@ -67,8 +67,8 @@ try:
 except ImportError:  # the transformers 4.46 venv (bf16 LoRA rows only): bitsandbytes of that era needs CUDA for 4-bit
     bitsandbytes = None
 from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, GptOssConfig, GptOssForCausalLM, LlamaConfig,
-                          LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
-                          Qwen3MoeConfig, Qwen3MoeForCausalLM)
+                          LlamaForCausalLM, Llama4ForCausalLM, Llama4TextConfig, MixtralConfig, MixtralForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 from peft import LoraConfig, get_peft_model
 
 torch.set_num_threads(int(os.environ.get("PEAKS_THREADS", "2")))
@@ -360,6 +360,13 @@ ARCHS = {
         hidden_size=1024, intermediate_size=3584, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
         num_local_experts=8, num_experts_per_tok=2, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
         rope_theta=1e6, sliding_window=None, tie_word_embeddings=False)),
+    # Llama 4 Scout's text model (16 experts of 1.6h, top 1 with a sigmoid router, a shared expert, MoE in every
+    # layer, L2 q/k norm, NoPE every 4th layer, chunked attention past 8192) at hidden 1024, its vocabulary.
+    "llama4-h1024": lambda: (Llama4ForCausalLM, Llama4TextConfig(
+        hidden_size=1024, intermediate_size=1664, intermediate_size_mlp=3328, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=2, head_dim=128, num_local_experts=16, num_experts_per_tok=1, interleave_moe_layer_step=1,
+        vocab_size=202048, max_position_embeddings=4096, rms_norm_eps=1e-5, attention_chunk_size=8192, use_qk_norm=True,
+        no_rope_layers=[1, 0], tie_word_embeddings=False)),
     "gptoss-h1024": lambda: (GptOssForCausalLM, GptOssConfig(
         hidden_size=1024, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=24, num_key_value_heads=4,
         head_dim=64, num_local_experts=32, num_experts_per_tok=4, vocab_size=201088, sliding_window=128,
@@ -825,6 +832,9 @@ def grid():
     add("qwen3moe-h1024-dense0", 512, False, 16, "attn", 1)
     add("qwen3moe-h1024-dense0", 512, False, 16, "attn+experts", 1)
     add("mixtral-h1024", 256, False, 16, "attn", 4)
+    for ckpt in (False, True):
+        add("llama4-h1024", 512, ckpt, 16, "attn", 1, **({} if ckpt else {"trace_layers": True}))
+    add("llama4-h1024", 512, False, 16, "all", 1)
     g = "gptoss-h1024"   # sinks: transformers has no SDPA path for gpt-oss (eager on CPU)
     add(g, 512, False, 16, "attn", 1, attn="eager", trace_layers=True)
     add(g, 512, True, 16, "attn", 1, attn="eager")

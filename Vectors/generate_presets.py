@@ -11,7 +11,7 @@ import re
 
 import torch
 import transformers
-from transformers import (AutoModelForCausalLM, GptOssConfig, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config, Qwen2Config,
+from transformers import (AutoModelForCausalLM, GptOssConfig, LlamaConfig, Llama4TextConfig, MistralConfig, MixtralConfig, Phi3Config, Qwen2Config,
                           Qwen3Config, Qwen3MoeConfig)
 
 # The shape-deciding fields of each model's published config.json.
@@ -58,6 +58,11 @@ PRESETS = {
                                        num_key_value_heads=8, head_dim=64, num_local_experts=32, num_experts_per_tok=4,
                                        vocab_size=201088, sliding_window=128, tie_word_embeddings=False,
                                        layer_types=["sliding_attention", "full_attention"] * 12)),
+    # meta-llama/Llama-4-Scout-17B-16E's text_config (Llama4ForCausalLM; the vision tower is not counted).
+    "llama-4-scout": (Llama4TextConfig, dict(hidden_size=5120, intermediate_size=8192, intermediate_size_mlp=16384, num_hidden_layers=48,
+                                             num_attention_heads=40, num_key_value_heads=8, head_dim=128, num_local_experts=16,
+                                             num_experts_per_tok=1, interleave_moe_layer_step=1, vocab_size=202048, use_qk_norm=True,
+                                             tie_word_embeddings=False)),
     "gpt-oss-120b": (GptOssConfig, dict(hidden_size=2880, intermediate_size=2880, num_hidden_layers=36, num_attention_heads=64,
                                         num_key_value_heads=8, head_dim=64, num_local_experts=128, num_experts_per_tok=4,
                                         vocab_size=201088, sliding_window=128, tie_word_embeddings=False,

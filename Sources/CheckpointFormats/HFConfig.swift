@@ -55,6 +55,14 @@ extension ModelArchitecture {
         if windowed, let w = c["sliding_window"] as? Int, w > 0 { slidingWindow = w }
         if let family = Experts.Family(rawValue: type) {
             self = .moe(self, try Self.experts(family, c, layers: layers, path: path))
+            if family == .llama4 {
+                // The dense layers' MLP is intermediate_size_mlp wide; no_rope_layers has 0 where rope is skipped.
+                intermediateSize = try optionalInt("intermediate_size_mlp") ?? 16384
+                let interval = c["no_rope_layer_interval"].flatMap(JSONField.integer) ?? 4
+                let flags = (c["no_rope_layers"] as? [Any])?.compactMap(JSONField.integer)
+                noRopeLayers = (0..<layers).filter { l in flags.map { l < $0.count && $0[l] == 0 } ?? ((l + 1) % max(interval, 1) == 0) }
+                l2QKNorm = (c["use_qk_norm"] as? Bool) ?? true
+            }
         } else {
             for key in ["num_experts", "num_local_experts", "n_routed_experts"] {
                 if let n = c[key] as? Int, n > 0 { unmodelledFeatures.append("mixture of experts (\(key) \(n))") }
@@ -100,6 +108,15 @@ extension ModelArchitecture {
         guard perToken <= count else { throw bad("num_experts_per_tok \(perToken) is more than the \(count) experts") }
         var x = Experts(family: family, count: count, perToken: perToken,
                         intermediateSize: try positive(family == .qwen3MoE ? ["moe_intermediate_size"] : ["intermediate_size"]))
+        if family == .llama4 {
+            // Llama4TextConfig: intermediate_size is an expert's (and the shared expert's) width;
+            // moe_layers, or every interleave_moe_layer_step-th layer, have experts.
+            x.sharedIntermediateSize = x.intermediateSize
+            let step = c["interleave_moe_layer_step"].flatMap(JSONField.integer) ?? 1
+            let moe = (c["moe_layers"] as? [Any]).map { Set($0.compactMap(JSONField.integer)) }
+                ?? Set(stride(from: max(step - 1, 0), to: layers, by: max(step, 1)))
+            x.denseLayers = (0..<layers).filter { !moe.contains($0) }
+        }
         if family == .qwen3MoE {
             // transformers' Qwen3MoeDecoderLayer: experts unless the layer is in mlp_only_layers,
             // and only every decoder_sparse_step-th layer.

@@ -305,7 +305,7 @@ public struct MemoryEstimate: Sendable, Codable {
     /// One layer's LoRA tensors, elements each, in the order PEFT creates them.
     public static func layerAdapterElements(_ a: ModelArchitecture, _ o: MemoryOptions, layer l: Int) -> [Int] {
         var t = a.adaptedModules(o.targets, layer: l).flatMap { p -> [Int] in
-            let s = a.projectionShape(p)
+            let s = a.projectionShape(p, layer: l)
             return [o.rank * s.in, s.out * o.rank] + (o.dora ? [s.out] : [])
         }
         guard let x = a.experts, a.isSparse(layer: l) else { return t }
@@ -360,7 +360,7 @@ public struct MemoryEstimate: Sendable, Codable {
     /// dropped input.
     static func loraActivationTermsPerToken(_ a: ModelArchitecture, _ o: MemoryOptions, layer l: Int = 0) -> [Int] {
         a.adaptedModules(o.targets, layer: l).flatMap { p -> [Int] in
-            let s = a.projectionShape(p)
+            let s = a.projectionShape(p, layer: l)
             // DoRA also keeps the base layer's bf16 result and the adapter's fp32 result, which
             // `(m/‖W‖ − 1)·base + m/‖W‖·lora·s` multiplies (peft/tuners/lora/dora.py forward).
             return [4 * s.in, 4 * o.rank] + (o.loraDropout > 0 ? [4 * s.in] : []) + (o.dora ? [2 * s.out, 4 * s.out] : [])
@@ -416,7 +416,9 @@ public struct MemoryEstimate: Sendable, Codable {
     /// output, needs no gradient).
     public static func activationTermsPerToken(_ a: ModelArchitecture, _ o: MemoryOptions, layer l: Int = 0) -> [Int] {
         let h = a.hiddenSize, q = a.queryDim, kv = a.keyValueDim, i = a.intermediateSize
-        let qkNorm = a.qkNorm ? [4 * (q + kv), 4 * (a.attentionHeads + a.keyValueHeads)] : []
+        // Llama 4: q and k L2-normed in fp32 on rope layers; a NoPE layer's per-position query scale.
+        let ropeless = a.noRopeLayers.contains(l)
+        let qkNorm = a.qkNorm || a.l2QKNorm && !ropeless ? [4 * (q + kv), 4 * (a.attentionHeads + a.keyValueHeads)] : ropeless ? [4] : []
         let mlp = a.isSparse(layer: l) ? expertTermsPerToken(a, o) : [2 * i, 2 * i, 2 * i]
         return [4 * h, 4, 2 * q, 2 * kv, 2 * kv, 2 * q, 4 * a.attentionHeads] + qkNorm + [4 * h, 4] + mlp
             + (o.isLoRA ? loraActivationTermsPerToken(a, o, layer: l) : [2 * h, 2 * h, 2 * i])
@@ -441,6 +443,14 @@ public struct MemoryEstimate: Sendable, Codable {
     public static func expertTermsPerToken(_ a: ModelArchitecture, _ o: MemoryOptions, elementSize s: Int = 2) -> [Int] {
         guard let x = a.experts else { return [] }
         let (h, e, k, i) = (a.hiddenSize, x.count, x.perToken, x.intermediateSize)
+        if x.family == .llama4 {
+            // transformers' Llama4TextMoe: the top-k indices and values, the fp32 sigmoid of the
+            // scattered scores (4E), every expert's copy of the hidden states (repeat, 2hE) and
+            // its score (2E); per expert and token gate_up's output (4i) and silu(gate) (2i); the
+            // shared expert's gate, silu(gate) and up (6i').
+            let shared = x.sharedIntermediateSize ?? 0
+            return [10 * k, 4 * e, 2 * h * e, 2 * e, 4 * i * e, 2 * i * e, 2 * shared, 2 * shared, 2 * shared]
+        }
         let router = x.family == .gptOSS ? [8 * k, s * k] : [4 * e, 8 * k] + (x.normalizesTopK ? [4, 4 * k] : [])
         let weight = x.family == .mixtral ? 4 * k : s * k
         let activation = (x.family == .gptOSS ? 4 : 1) * s * i

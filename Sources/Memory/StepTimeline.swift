@@ -69,6 +69,9 @@ public struct StepTimeline: Sendable {
 
     public init(model a: ModelArchitecture, options o: MemoryOptions, firstStep: Bool = false, stack: Stack = .default) throws {
         try stack.validate()
+        if let x = a.experts, x.family == .llama4 && (stack.recipe != .peft || o.targets.contains { ModelArchitecture.parameterTargets.contains($0) } || o.experts != .bf16) {
+            throw MemoryError.badOption("\(a.name): Llama 4's step is modelled for the peft recipe with LoRA on its linear modules and bf16 experts (measured: peaks.json's llama4 rows)")
+        }
         if a.experts != nil && (![.peft, .peftKbit].contains(stack.recipe) || o.dora || stack.transformers != .v5 || stack.attention == .flashAttention2) {
             // Measured for mixtures of experts: transformers 5 + PEFT, with and without
             // prepare_model_for_kbit_training (peaks.json's qwen3moe, mixtral and gptoss rows);
@@ -518,7 +521,7 @@ public struct StepTimeline: Sendable {
             let others = s.alloc(f.others, kind)
             let gateUp = f.gateUp > 0 ? s.alloc(f.gateUp, kind) : nil, down = f.down > 0 ? s.alloc(f.down, kind) : nil
             if !trainsExperts {
-                let input = s.alloc(o.tokens * unquantized * x.intermediateSize * x.perToken, .transient)
+                let input = s.alloc(o.tokens * unquantized * x.intermediateSize * x.rowsPerToken, .transient)
                 s.free(input)
             }
             guard keep else {
@@ -537,7 +540,7 @@ public struct StepTimeline: Sendable {
         /// has used up already freed); its copy freed.
         func expertsBackward(into s: inout StepTrace, layer l: Int, copies: (gateUp: StepTrace.Tensor?, down: StepTrace.Tensor?), mark phase: String) {
             guard let x = a.experts, a.isSparse(layer: l) else { return }
-            let (h, e, i, k, t, s2) = (a.hiddenSize, x.count, x.intermediateSize, x.perToken, o.tokens, unquantized)
+            let (h, e, i, k, t, s2) = (a.hiddenSize, x.count, x.intermediateSize, x.rowsPerToken, o.tokens, unquantized)
             func moment(_ bytes: Int, _ what: String) {
                 let b = s.alloc(bytes, .transient)
                 s.mark(phase + " (" + what + ")")

@@ -63,6 +63,14 @@ public struct ModelArchitecture: Sendable, Equatable, Codable {
     public var unmodelledFeatures: [String] = []
     /// The mixture of experts in place of the MLP (`experts.sparseLayers`), or nil for a dense model.
     public var experts: Experts? = nil
+    /// Llama 4: layers that skip rope (NoPE; transformers' `no_rope_layers` has 0 there) and scale
+    /// their queries by position instead (`attn_temperature_tuning`); the others normalise q and
+    /// k by their L2 norm (`use_qk_norm`, no weights).
+    public var noRopeLayers: [Int] = []
+    public var l2QKNorm = false
+    /// The MLP's module: `mlp`, or Llama 4's `feed_forward`.
+    public var mlpModule: String { experts?.family == .llama4 ? "feed_forward" : "mlp" }
+
     /// Each attention head has a learned sink logit (gpt-oss' `self_attn.sinks`, [heads]) that
     /// joins the softmax, and transformers runs it with eager attention (no SDPA path).
     public var attentionSinks = false
@@ -75,7 +83,7 @@ public struct ModelArchitecture: Sendable, Equatable, Codable {
     /// `grouped_mm_experts_forward`, the default `experts_implementation`): the tokens gathered in
     /// expert order, one row per token and chosen expert.
     public struct Experts: Sendable, Equatable, Codable {
-        public enum Family: String, Sendable, Codable, CaseIterable { case qwen3MoE = "qwen3_moe", mixtral, gptOSS = "gpt_oss" }
+        public enum Family: String, Sendable, Codable, CaseIterable { case qwen3MoE = "qwen3_moe", mixtral, gptOSS = "gpt_oss", llama4 = "llama4_text" }
         public var family: Family
         /// Experts per sparse layer (`num_local_experts`; Qwen3-MoE's published `num_experts`).
         public var count: Int
@@ -88,15 +96,26 @@ public struct ModelArchitecture: Sendable, Equatable, Codable {
         /// The top-k routing weights are renormalised to sum to one (Qwen3-MoE's `norm_topk_prob`;
         /// Mixtral always): the router keeps their sum and the divided copy.
         public var normalizesTopK = true
+        /// Llama 4's shared expert beside the routed ones: an MLP of this width (nn.Linear
+        /// modules, so a 4-bit load quantizes it).
+        public var sharedIntermediateSize: Int? = nil
 
-        public init(family: Family, count: Int, perToken: Int, intermediateSize: Int, denseLayers: [Int] = []) {
+        public init(family: Family, count: Int, perToken: Int, intermediateSize: Int, denseLayers: [Int] = [], sharedIntermediateSize: Int? = nil) {
             (self.family, self.count, self.perToken, self.intermediateSize, self.denseLayers) = (family, count, perToken, intermediateSize, denseLayers)
+            self.sharedIntermediateSize = sharedIntermediateSize
         }
 
         /// gpt-oss: a bias on the router and on each expert's projections.
         public var biases: Bool { family == .gptOSS }
-        /// The module holding the router: `mlp.gate` (Qwen3-MoE, Mixtral) or `mlp.router` (gpt-oss).
-        public var routerModule: String { family == .gptOSS ? "router" : "gate" }
+        /// The module holding the router: `mlp.gate` (Qwen3-MoE, Mixtral) or `mlp.router` (gpt-oss,
+        /// Llama 4's `feed_forward.router`).
+        public var routerModule: String { family == .gptOSS || family == .llama4 ? "router" : "gate" }
+        /// The expert weights stored [experts, in, out] (gpt-oss, Llama 4) rather than [experts, out, in].
+        public var transposed: Bool { family == .gptOSS || family == .llama4 }
+        /// Rows the experts compute per token: the k chosen ones through transformers' grouped_mm;
+        /// Llama 4's `Llama4TextExperts` runs every expert on every token (`torch.bmm` over
+        /// the repeated, score-weighted hidden states).
+        public var rowsPerToken: Int { family == .llama4 ? count : perToken }
     }
 
     /// One layer of each kind (dense first, then sparse) with how many layers are of its kind:
@@ -177,14 +196,19 @@ public struct ModelArchitecture: Sendable, Equatable, Codable {
 
     /// The linear modules with their shapes and biases, in `moduleNames` order (a sparse layer
     /// has only the attention's: its experts are not `nn.Linear`).
-    public var projections: [Projection] { moduleNames.map(projection) }
+    public var projections: [Projection] { moduleNames.map { projection($0) } }
 
     /// Layer `l`'s linear modules.
-    public func projections(layer l: Int) -> [Projection] { isSparse(layer: l) ? projections.filter { $0.block == "self_attn" } : projections }
+    public func projections(layer l: Int) -> [Projection] {
+        guard isSparse(layer: l) else { return projections }
+        return moduleNames.map { projection($0, layer: l) }.filter { $0.block == "self_attn" || experts?.sharedIntermediateSize != nil }
+    }
 
-    /// Projection `name` (one of `projectionNames`, or a fused module).
-    public func projection(_ name: String) -> Projection {
-        let h = hiddenSize, i = intermediateSize
+    /// Projection `name` (one of `projectionNames`, or a fused module); with a layer, as that
+    /// layer has it (Llama 4's sparse layers: the MLP names are its shared expert's).
+    public func projection(_ name: String, layer: Int? = nil) -> Projection {
+        let shared = layer.map { isSparse(layer: $0) } == true ? experts?.sharedIntermediateSize : nil
+        let h = hiddenSize, i = shared ?? intermediateSize
         let attention = Self.attentionProjections.contains(name) || name == "qkv_proj"
         let (out, inF): (Int, Int)
         switch name {
@@ -198,12 +222,13 @@ public struct ModelArchitecture: Sendable, Equatable, Codable {
         default: preconditionFailure("unknown projection \(name)")
         }
         let bias = attention ? (attentionBias || (attentionQKVBias && name != "o_proj")) : mlpBias
-        return Projection(name: name, block: attention ? "self_attn" : "mlp", outFeatures: out, inFeatures: inF, hasBias: bias)
+        let block = attention ? "self_attn" : shared != nil ? mlpModule + ".shared_expert" : mlpModule
+        return Projection(name: name, block: block, outFeatures: out, inFeatures: inF, hasBias: bias)
     }
 
-    /// [out, in] of projection `p`.
-    public func projectionShape(_ p: String) -> (out: Int, in: Int) {
-        let s = projection(p)
+    /// [out, in] of projection `p` (in layer `layer`, where layers differ).
+    public func projectionShape(_ p: String, layer: Int? = nil) -> (out: Int, in: Int) {
+        let s = projection(p, layer: layer)
         return (s.outFeatures, s.inFeatures)
     }
 
@@ -314,27 +339,28 @@ public struct ModelArchitecture: Sendable, Equatable, Codable {
         func norm(_ n: String, _ size: Int) -> TensorGroup { TensorGroup(name: "model.layers.\(l).\(n).weight", shape: [size], count: 1, kind: .norm) }
         func block(_ names: [String]) -> [TensorGroup] {
             names.flatMap { p -> [TensorGroup] in
-                let s = projection(p)
+                let s = projection(p, layer: l)
                 let path = s.modulePath(layer: l)
                 let w = TensorGroup(name: path + ".weight", shape: [s.outFeatures, s.inFeatures], count: 1, kind: .projection, projection: p)
                 return s.hasBias ? [w, TensorGroup(name: path + ".bias", shape: [s.outFeatures], count: 1, kind: .bias, projection: p)] : [w]
             }
         }
-        let attention = moduleNames.filter { projection($0).block == "self_attn" }, mlp = moduleNames.filter { projection($0).block == "mlp" }
+        let attention = moduleNames.filter { projection($0).block == "self_attn" }, mlp = moduleNames.filter { projection($0).block != "self_attn" }
         let qk = qkNorm ? [norm("self_attn.q_norm", headDim), norm("self_attn.k_norm", headDim)] : []
         let sinks = attentionSinks ? [TensorGroup(name: "model.layers.\(l).self_attn.sinks", shape: [attentionHeads], count: 1, kind: .sinks)] : []
         let head = [norm("input_layernorm", hiddenSize)] + block(attention) + qk + sinks + [norm("post_attention_layernorm", hiddenSize)]
         guard let x = experts, isSparse(layer: l) else { return head + block(mlp) }
         // The names and shapes transformers 5 gives the parameters in memory (a checkpoint may
         // hold Qwen3-MoE's and Mixtral's experts one by one; transformers fuses them on load).
-        let p = "model.layers.\(l).mlp.", (e, i, h) = (x.count, x.intermediateSize, hiddenSize)
+        let p = "model.layers.\(l).\(mlpModule).", (e, i, h) = (x.count, x.intermediateSize, hiddenSize)
         var t = [TensorGroup(name: p + x.routerModule + ".weight", shape: [e, h], count: 1, kind: .router)]
         if x.biases { t.append(TensorGroup(name: p + "router.bias", shape: [e], count: 1, kind: .router)) }
-        t.append(TensorGroup(name: p + "experts.gate_up_proj", shape: x.biases ? [e, h, 2 * i] : [e, 2 * i, h], count: 1, kind: .expert))
+        t.append(TensorGroup(name: p + "experts.gate_up_proj", shape: x.transposed ? [e, h, 2 * i] : [e, 2 * i, h], count: 1, kind: .expert))
         if x.biases { t.append(TensorGroup(name: p + "experts.gate_up_proj_bias", shape: [e, 2 * i], count: 1, kind: .expertBias)) }
-        t.append(TensorGroup(name: p + "experts.down_proj", shape: x.biases ? [e, i, h] : [e, h, i], count: 1, kind: .expert))
+        t.append(TensorGroup(name: p + "experts.down_proj", shape: x.transposed ? [e, i, h] : [e, h, i], count: 1, kind: .expert))
         if x.biases { t.append(TensorGroup(name: p + "experts.down_proj_bias", shape: [e, h], count: 1, kind: .expertBias)) }
-        return head + t
+        // Llama 4's shared expert: linear modules.
+        return head + t + (x.sharedIntermediateSize != nil ? block(mlp) : [])
     }
 
     /// Every parameter, layer tensors as patterns with `*` for the layer, as transformers' model
@@ -476,9 +502,20 @@ public struct ModelArchitecture: Sendable, Equatable, Codable {
                               keyValueHeads: 8, vocabSize: 32000), Experts(family: .mixtral, count: 8, perToken: 2, intermediateSize: 14336)),
         moe(ModelArchitecture(name: "gpt-oss-20b", modelType: "gpt_oss", hiddenSize: 2880, intermediateSize: 2880, layers: 24, attentionHeads: 64,
                               keyValueHeads: 8, headDim: 64, vocabSize: 201088), Experts(family: .gptOSS, count: 32, perToken: 4, intermediateSize: 2880)),
+        llama4(ModelArchitecture(name: "llama-4-scout", modelType: "llama4_text", hiddenSize: 5120, intermediateSize: 16384, layers: 48, attentionHeads: 40,
+                                 keyValueHeads: 8, headDim: 128, vocabSize: 202048),
+               Experts(family: .llama4, count: 16, perToken: 1, intermediateSize: 8192, sharedIntermediateSize: 8192)),
         moe(ModelArchitecture(name: "gpt-oss-120b", modelType: "gpt_oss", hiddenSize: 2880, intermediateSize: 2880, layers: 36, attentionHeads: 64,
                               keyValueHeads: 8, headDim: 64, vocabSize: 201088), Experts(family: .gptOSS, count: 128, perToken: 4, intermediateSize: 2880)),
     ]
+
+    /// Llama 4 Scout's text model (meta-llama/Llama-4-Scout-17B-16E: text_config; the vision
+    /// tower is not counted), as Llama4TextConfig sets it up.
+    public static func llama4(_ a: ModelArchitecture, _ x: Experts, noRopeInterval: Int = 4) -> ModelArchitecture {
+        var a = moe(a, x)
+        a.noRopeLayers = (0..<a.layers).filter { ($0 + 1) % noRopeInterval == 0 }
+        return a
+    }
 
     /// A mixture of experts as its family's config class sets it up (the reader's
     /// `ModelArchitecture(configFile:)` does the same from config.json).
@@ -486,6 +523,7 @@ public struct ModelArchitecture: Sendable, Equatable, Codable {
         var a = a
         a.experts = x
         a.qkNorm = x.family == .qwen3MoE
+        a.l2QKNorm = x.family == .llama4
         a.attentionSinks = x.family == .gptOSS
         a.attentionBias = x.family == .gptOSS
         return a
