@@ -142,6 +142,23 @@ def shard(directory):
     return os.path.join(directory, "model.safetensors")
 
 
+def quantize_both(binary, family, variant, dense_dir, out, flags, bnb, with_their_files=None):
+    """qlora quantize of dense_dir into out, checked against transformers' own 4-bit load of it as its
+    save_pretrained writes it (tensors, config.json); returns that model and with_their_files(its directory)."""
+    qlora(binary, "quantize", dense_dir, out, *flags)
+    theirs_q = load(dense_dir, quantization_config=bnb, dtype=torch.bfloat16)
+    with tempfile.TemporaryDirectory() as t:
+        theirs_q.save_pretrained(t)
+        problems, n = same_tensors(shard(out), load_file(shard(t)))
+        with open(os.path.join(t, "config.json")) as f, open(os.path.join(out, "config.json")) as g:
+            same_config = f.read() == g.read()
+        extra = with_their_files(t) if with_their_files else None
+    check(family, "quantize", f"{variant}: stored tensors equal transformers' save_pretrained ({n} tensors)", not problems,
+          "; ".join(problems[:3]))
+    check(family, "quantize", f"{variant}: config.json equals transformers' byte for byte", same_config)
+    return theirs_q, extra
+
+
 def family_checks(binary, family, config_class, fields, work):
     torch.manual_seed(0)
     dense_dir, q_dir, d_dir = (os.path.join(work, n) for n in ("dense", "q-nf4-dq", "d"))
@@ -157,22 +174,14 @@ def family_checks(binary, family, config_class, fields, work):
     # quantize, every 4-bit variant: qlora writes, transformers reads; transformers writes, qlora reads
     for variant, flags, bnb in VARIANTS:
         out = os.path.join(work, "q-" + variant)
-        qlora(binary, "quantize", dense_dir, out, *flags)
-        theirs_q = load(dense_dir, quantization_config=bnb, dtype=torch.bfloat16)
-        with tempfile.TemporaryDirectory() as t:
-            theirs_q.save_pretrained(t)
-            problems, n = same_tensors(shard(out), load_file(shard(t)))
-            with open(os.path.join(t, "config.json")) as f, open(os.path.join(out, "config.json")) as g:
-                same_config = f.read() == g.read()
-            # The other way: qlora dequantizes transformers' file as transformers does.
+
+        def read_theirs(t):  # the other way: qlora dequantizes transformers' file as transformers does
             back = os.path.join(work, "theirs-deq-" + variant)
             qlora(binary, "dequantize", t, back)
             theirs_q2 = load(dense_dir, quantization_config=bnb, dtype=torch.bfloat16)
             theirs_q2.dequantize()
-            read_problems, _ = same_tensors(shard(back), theirs_q2.state_dict())
-        check(family, "quantize", f"{variant}: stored tensors equal transformers' save_pretrained ({n} tensors)", not problems,
-              "; ".join(problems[:3]))
-        check(family, "quantize", f"{variant}: config.json equals transformers' byte for byte", same_config)
+            return same_tensors(shard(back), theirs_q2.state_dict())[0]
+        theirs_q, read_problems = quantize_both(binary, family, variant, dense_dir, out, flags, bnb, read_theirs)
         ours_q = load(out)
         n4 = sum(isinstance(m, bitsandbytes.nn.Linear4bit) for m in ours_q.modules())
         diff = max_diff(logits(ours_q, ids), logits(theirs_q, ids))
@@ -300,16 +309,7 @@ def moe_checks(binary, family, config_class, fields, work):
     ids = torch.randint(0, fields["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(1))
     for variant, flags, bnb in VARIANTS:
         out = os.path.join(work, "q-" + variant)
-        qlora(binary, "quantize", dense_dir, out, *flags)
-        theirs_q = load(dense_dir, quantization_config=bnb, dtype=torch.bfloat16)
-        with tempfile.TemporaryDirectory() as t:
-            theirs_q.save_pretrained(t)
-            problems, n = same_tensors(shard(out), load_file(shard(t)))
-            with open(os.path.join(t, "config.json")) as f, open(os.path.join(out, "config.json")) as g:
-                same_config = f.read() == g.read()
-        check(family, "quantize", f"{variant}: stored tensors equal transformers' save_pretrained ({n} tensors)", not problems,
-              "; ".join(problems[:3]))
-        check(family, "quantize", f"{variant}: config.json equals transformers' byte for byte", same_config)
+        theirs_q, _ = quantize_both(binary, family, variant, dense_dir, out, flags, bnb)
         ours_q = load(out)
         n4 = sum(isinstance(m, bitsandbytes.nn.Linear4bit) for m in ours_q.modules())
         t4 = sum(isinstance(m, bitsandbytes.nn.Linear4bit) for m in theirs_q.modules())

@@ -298,12 +298,12 @@ public struct MemoryEstimate: Sendable, Codable {
     /// adapters on the experts, [rank·experts, in] and [out, rank·experts] per fused parameter,
     /// and on the router), elements each, with how many of it the model has.
     public static func adapterTensorElements(_ a: ModelArchitecture, _ o: MemoryOptions) -> [(elements: Int, count: Int)] {
-        guard o.isLoRA else { return [] }
-        return a.layerKinds.flatMap { l, n in layerAdapterElements(a, o, layer: l).map { ($0, n) } }
+        a.layerKinds.flatMap { l, n in layerAdapterElements(a, o, layer: l).map { ($0, n) } }
     }
 
     /// One layer's LoRA tensors, elements each, in the order PEFT creates them.
     public static func layerAdapterElements(_ a: ModelArchitecture, _ o: MemoryOptions, layer l: Int) -> [Int] {
+        guard o.isLoRA else { return [] }
         var t = a.adaptedModules(o.targets, layer: l).flatMap { p -> [Int] in
             let s = a.projectionShape(p, layer: l)
             return [o.rank * s.in, s.out * o.rank] + (o.dora ? [s.out] : [])

@@ -511,8 +511,8 @@ public struct StepTimeline: Sendable {
 
         var trainsExperts: Bool { o.isLoRA && o.targets.contains("experts") }
 
-        /// A sparse layer's forward: what it keeps (nil after a checkpointed forward, which keeps
-        /// nothing of it) and, the weight copies held, the moment of grouped_mm's down projection
+        /// A sparse layer's forward: what it keeps (nothing after a checkpointed forward, which
+        /// frees what it made at once) and, the weight copies held, the moment of grouped_mm's down projection
         /// with its input (2ik per token; kept anyway when the experts train).
         func expertsForward(into s: inout StepTrace, layer l: Int, keep: Bool) -> (others: [StepTrace.Tensor], gateUp: StepTrace.Tensor?, down: StepTrace.Tensor?) {
             guard let x = a.experts, a.isSparse(layer: l) else { return ([], nil, nil) }
