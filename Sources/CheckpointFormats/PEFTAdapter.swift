@@ -153,6 +153,12 @@ public struct PEFTAdapter: Sendable {
         guard let r = try typed("r", "an integer", JSONField.integer) else { throw bad("r is missing") }
         guard r > 0 else { throw bad("r is \(r); it must be a positive integer") }
         guard let alpha = try typed("lora_alpha", "a number", JSONField.number) else { throw bad("lora_alpha is missing") }
+        // LoRA on parameters (PEFT's target_parameters: a mixture of experts' fused experts and
+        // router, ParamWrapper) is not read here; a plain LoRA on the same model's linear modules is.
+        if let v = present("target_parameters"), !((v as? [Any])?.isEmpty ?? false) {
+            let names = (v as? [Any])?.compactMap { $0 as? String }.joined(separator: ", ") ?? JSONField.describe(v)
+            throw bad("target_parameters (\(names)): LoRA on a mixture of experts' fused parameters is not read by qlora yet; adapters on the linear modules (target_modules) are")
+        }
         let targets: PEFTTargets
         do { targets = try PEFTTargets.read(c) } catch let e as PEFTTargetsError { throw bad(e.description) }
         var names: [String] = []

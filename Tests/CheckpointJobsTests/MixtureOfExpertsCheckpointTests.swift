@@ -66,4 +66,20 @@ final class MixtureOfExpertsCheckpointTests: TemporaryDirectoryTestCase {
             XCTAssertFalse(FileManager.default.fileExists(atPath: out))
         }
     }
+
+    /// An adapter on a mixture of experts' fused parameters (PEFT's target_parameters) is refused
+    /// with one line naming adapter_config.json, not read as if it had none (Vectors/check_interop.py:
+    /// an attention adapter on the same models merges as PEFT does).
+    func testTargetParametersAdaptersAreRefused() throws {
+        let dir = tmp.appendingPathComponent("experts-adapter")
+        try FileManager.default.copyItem(at: repositoryRoot.appendingPathComponent("Vectors/peft_adapter"), to: dir)
+        let config = dir.appendingPathComponent("adapter_config.json")
+        var json = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(contentsOf: config)) as? [String: Any])
+        XCTAssertNoThrow(try PEFTAdapter.load(directory: dir.path))
+        json["target_parameters"] = ["experts.gate_up_proj", "experts.down_proj"]
+        try JSONSerialization.data(withJSONObject: json).write(to: config)
+        XCTAssertThrowsError(try PEFTAdapter.load(directory: dir.path)) {
+            XCTAssertTrue("\($0)".contains("adapter_config.json") && "\($0)".contains("target_parameters (experts.gate_up_proj, experts.down_proj)"), "\($0)")
+        }
+    }
 }
