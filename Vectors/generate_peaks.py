@@ -829,6 +829,11 @@ def grid():
     add("qwen3moe-h1024", 512, True, 16, "attn", 1, recipe="peft-kbit")
     add("mixtral-h1024", 512, False, 16, "attn", 1, recipe="peft-kbit")
     add("mixtral-h1024", 512, True, 16, "attn+experts", 1, recipe="peft-kbit")
+    # TRL's SFTTrainer on a mixture of experts (bf16 adapters under autocast, its fused LM head).
+    add("qwen3moe-h1024", 512, False, 16, "attn", 1, recipe="trl")
+    add("qwen3moe-h1024", 512, True, 16, "attn", 1, recipe="trl")
+    add("mixtral-h1024", 512, False, 16, "attn", 1, recipe="trl")
+    add("mixtral-h1024", 512, False, 16, "attn+experts", 1, recipe="trl")
     add("qwen3moe-h1024-dense0", 512, False, 16, "attn", 1)
     add("qwen3moe-h1024-dense0", 512, False, 16, "attn+experts", 1)
     add("mixtral-h1024", 256, False, 16, "attn", 4)

@@ -72,11 +72,11 @@ public struct StepTimeline: Sendable {
         if let x = a.experts, x.family == .llama4 && (stack.recipe != .peft || o.targets.contains { ModelArchitecture.parameterTargets.contains($0) } || o.experts != .bf16) {
             throw MemoryError.badOption("\(a.name): Llama 4's step is modelled for the peft recipe with LoRA on its linear modules and bf16 experts (measured: peaks.json's llama4 rows)")
         }
-        if a.experts != nil && (![.peft, .peftKbit].contains(stack.recipe) || o.dora || stack.transformers != .v5 || stack.attention == .flashAttention2) {
+        if a.experts != nil && (![.peft, .peftKbit, .trl].contains(stack.recipe) || o.dora || stack.transformers != .v5 || stack.attention == .flashAttention2) {
             // Measured for mixtures of experts: transformers 5 + PEFT, with and without
-            // prepare_model_for_kbit_training (peaks.json's qwen3moe, mixtral and gptoss rows);
-            // the other recipes and kernels no measurement covers.
-            throw MemoryError.badOption("\(a.name): a mixture of experts' step is modelled for the peft and peft-kbit recipes on transformers 5 with sdpa or eager attention, without DoRA (measured); "
+            // prepare_model_for_kbit_training, and TRL's SFTTrainer (peaks.json's qwen3moe, mixtral
+            // and gptoss rows); Unsloth's own MoE kernels and the other kernels are not.
+            throw MemoryError.badOption("\(a.name): a mixture of experts' step is modelled for the peft, peft-kbit and trl recipes on transformers 5 with sdpa or eager attention, without DoRA (measured); "
                                         + "\(stack.recipe != .peft ? "the \(stack.recipe.rawValue) recipe" : o.dora ? "DoRA" : stack.transformers != .v5 ? "transformers \(stack.transformers.rawValue)" : "flash_attention_2") is not")
         }
         if stack.recipe == .unsloth {
@@ -148,7 +148,7 @@ public struct StepTimeline: Sendable {
             // bf16 buffer of n × 32,768.
             let shifted = t - o.batch
             let n = min(shifted, Self.trlTokenTile), c = min(v, Self.trlVocabularyTile)
-            headKept += s.alloc([t * 4 * h, t * 4, shifted * 2 * h, t * Self.trlHeadScalarBytesPerToken], .activations)
+            headKept += s.alloc([t * 4 * h, t * 4, shifted * 2 * h, t * Self.trlHeadScalarBytesPerToken, t * Self.routerAuxLossBytesPerToken(a)], .activations)
             let buffer = s.alloc(2 * n * Self.trlVocabularyTile, .transient)
             // Folding a tile into the running log-sum-exp (entropy and top-1 requested by
             // SFTTrainer): torch's fallback holds three fp32 tiles; Triton's kernel none.
@@ -289,7 +289,7 @@ public struct StepTimeline: Sendable {
         keptBytesPerToken = t > 0 ? kept / t : 0
         switch stack.recipe {
         case .peftKbit: headKeptBytesPerToken = 4 * v + 4 + 8
-        case .trl: headKeptBytesPerToken = 6 * h + Self.trlHeadScalarBytesPerToken
+        case .trl: headKeptBytesPerToken = 6 * h + Self.trlHeadScalarBytesPerToken + Self.routerAuxLossBytesPerToken(a)
         default: headKeptBytesPerToken = MemoryEstimate.headActivationBytesPerToken(a, o) + (trainsHead ? 2 * h : 0)
         }
     }
@@ -324,6 +324,15 @@ public struct StepTimeline: Sendable {
     /// the largest adapted module's.
     public static func doraBackwardBytesPerToken(_ a: ModelArchitecture, _ o: MemoryOptions) -> Int {
         18 * (a.adaptedModules(o.targets).map { a.projectionShape($0).out }.max() ?? 0)
+    }
+
+    /// TRL turns on a mixture of experts' load-balancing loss (trl/trainer/sft_trainer.py: the
+    /// config's `router_aux_loss_coef`, non-zero for Qwen3-MoE, Mixtral and gpt-oss, sets
+    /// `output_router_logits`): transformers' `load_balancing_loss_func` keeps the bf16 softmax
+    /// of every sparse layer's router logits, concatenated (measured: the MoE `-trl` rows).
+    public static func routerAuxLossBytesPerToken(_ a: ModelArchitecture) -> Int {
+        guard let x = a.experts else { return 0 }
+        return 2 * x.count * a.sparseLayers
     }
 
     /// TRL's fused LM head's tiles (trl/kernels/chunked_logprob.py `TOKEN_CHUNK_SIZE`,
@@ -410,12 +419,15 @@ public struct StepTimeline: Sendable {
                 + (a.isSparse(layer: l) ? MemoryEstimate.expertTermsPerToken(a, o, elementSize: 4) : [4 * i, 4 * i, 4 * i]) + (any("down_proj") ? [4 * i] : [])
                 + [4 * h] + ax + dropout
         case .trl:
-            let qkNorm = a.qkNorm ? [2 * (q + kv), 4 * (a.attentionHeads + a.keyValueHeads)] : []
+            // Per-head q/k norms keep their fp32 input under autocast too (measured: the qwen3moe
+            // `-trl` rows).
+            let qkNorm = a.qkNorm ? [4 * (q + kv), 4 * (a.attentionHeads + a.keyValueHeads)] : []
             // One bf16 input per group of adapters fed the same tensor; o_proj's is kept above.
             let inputs = a.sharedInputGroups.filter { !adapted.isDisjoint(with: $0) && !$0.contains("o_proj") }
-                .map { g in 2 * a.projectionShape(g.first { adapted.contains($0) }!).in }
-            let dropout = o.loraDropout > 0 ? modules.map { 2 * a.projectionShape($0).in } : []
-            return (first ? [] : [4 * h, 4]) + attention + qkNorm + [4 * h, 4, 2 * i, 2 * i, 2 * i]
+                .map { g in 2 * a.projectionShape(g.first { adapted.contains($0) }!, layer: l).in }
+            let dropout = o.loraDropout > 0 ? modules.map { 2 * a.projectionShape($0, layer: l).in } : []
+            let mlp = a.isSparse(layer: l) ? MemoryEstimate.expertTermsPerToken(a, o) : [2 * i, 2 * i, 2 * i]
+            return (first ? [] : [4 * h, 4]) + attention + qkNorm + [4 * h, 4] + mlp
                 + inputs + modules.map { _ in 2 * o.rank } + dropout
         default:
             // activationTermsPerToken: [norm input, 1/rms,] q, k, v, output, log-sum-exp, ...
@@ -497,11 +509,12 @@ public struct StepTimeline: Sendable {
         func expertForward(layer l: Int) -> ExpertForward {
             guard let x = a.experts, a.isSparse(layer: l) else { return ExpertForward() }
             let (h, e, i, r) = (a.hiddenSize, x.count, x.intermediateSize, o.rank)
-            // The experts' element size: bf16, fp32 after prepare_model_for_kbit_training (its casts
-            // of A and B to the weight's dtype then cost nothing: fp32 already).
+            // The experts' element size: bf16, fp32 after prepare_model_for_kbit_training. PEFT casts
+            // A and B to the weight's dtype: nothing to copy when they have it already (fp32 experts,
+            // or TRL's bf16 adapters).
             let s = unquantized
             var f = ExpertForward(others: [4 * e])
-            if trainsExperts && s == 2 {
+            if trainsExperts && s == 2 && adapterElement == 4 {
                 f.others += [2 * r * o.expertGateUpRankFactor * e * (h + 2 * i), 2 * r * e * (i + h)]
             }
             if trainsExperts || fourBit && o.experts == .nf4 { (f.gateUp, f.down) = (s * e * 2 * i * h, s * e * i * h) }

@@ -341,7 +341,7 @@ final class CLITests: TemporaryDirectoryTestCase {
         r = try run(["fit", "--model", "qwen3-30b-a3b", "--memory", "80GB", "--targets", "all-linear"])
         XCTAssertEqual(r.status, 0, r.stderr)
         XCTAssertTrue(r.stdout.contains("experts,router (experts' gate_up_proj at r=32)"), r.stdout)
-        try expectFailure(["fit", "--model", "qwen3-30b-a3b", "--memory", "80GB", "--recipe", "trl"], mentions: ["trl recipe is not"], noOutput: tmp.appendingPathComponent("none").path)
+        try expectFailure(["fit", "--model", "qwen3-30b-a3b", "--memory", "80GB", "--recipe", "unsloth"], mentions: ["unsloth recipe is not"], noOutput: tmp.appendingPathComponent("none").path)
         try expectFailure(["fit", "--model", "llama-2-7b", "--memory", "80GB", "--targets", "attention,experts"], mentions: ["has no experts"], noOutput: tmp.appendingPathComponent("none").path)
     }
 
