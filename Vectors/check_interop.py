@@ -7,8 +7,9 @@ Run by hand where torch, transformers, PEFT and bitsandbytes are installed (CI n
 
 For the mixtures of experts (Qwen3-MoE with a dense first layer, Mixtral, gpt-oss) quantize and dequantize
 are checked the same way (experts and router stay bf16, as transformers 5 + bitsandbytes keep them); merge
-of an attention adapter equals PEFT's merge_and_unload; an adapter on the experts (target_parameters),
-export and train must refuse with one line.
+of an adapter on the attention, on the experts (target_parameters) and PEFT's all-linear equals PEFT's
+merge_and_unload (gpt-oss, whose file keeps the experts fused, refuses an adapter on them); export and
+train must refuse with one line.
 
 For each model family (a tiny random model written by transformers' save_pretrained in bf16) it
 runs the qlora binary and loads every output back:
@@ -296,8 +297,8 @@ def family_checks(binary, family, config_class, fields, work):
 def moe_checks(binary, family, config_class, fields, work):
     """A mixture of experts: qlora quantize writes what transformers 5 + bitsandbytes write (attention and dense
     MLPs 4-bit, experts and router bf16) and transformers loads it with its own 4-bit load's logits; dequantize
-    gives transformers' dequantize(); merge of an attention adapter is PEFT's; what does not handle experts
-    refuses with one line."""
+    gives transformers' dequantize(); merge is PEFT's (target_parameters included, where the file holds the
+    experts one by one); what does not handle experts refuses with one line."""
     torch.manual_seed(0)
     dense_dir = os.path.join(work, "dense")
     model = AutoModelForCausalLM.from_config(config_class(**fields))
@@ -326,29 +327,33 @@ def moe_checks(binary, family, config_class, fields, work):
     theirs_d.dequantize()
     diff = max_diff(logits(load(d_dir), ids), logits(theirs_d, ids))
     check(family, "dequantize", "loads as a plain model; logits equal transformers' dequantize()", diff == 0, f"max |diff| {diff:.3g}")
-    # merge: LoRA on the attention merges as into a dense model; LoRA on the experts (target_parameters) is refused
-    for name, extra in (("attention", {}), ("experts", {"target_parameters": ["experts.gate_up_proj", "experts.down_proj"]})):
+    # merge: LoRA on the attention, on the experts too (target_parameters), and PEFT's all-linear (the router too,
+    # gate_up at 2r) merge as PEFT's merge_and_unload; gpt-oss keeps its experts fused in the file: refused
+    fused = family == "gpt_oss"
+    for name, config in (("attention", dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])),
+                         ("experts", dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                                          target_parameters=["experts.gate_up_proj", "experts.down_proj"])),
+                         ("all-linear", dict(target_modules="all-linear"))):
         adapter, merged = os.path.join(work, name + "-adapter"), os.path.join(work, name + "-merged")
         torch.manual_seed(3)
-        pm = get_peft_model(load(dense_dir, dtype=torch.bfloat16),
-                            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], **extra))
+        pm = get_peft_model(load(dense_dir, dtype=torch.bfloat16), LoraConfig(r=4, lora_alpha=8, **config))
         with torch.no_grad():
             for n, p in pm.named_parameters():
                 if "lora_B" in n:
                     p.copy_(torch.randn(p.shape) * 0.05)
         pm.save_pretrained(adapter)
         r = subprocess.run([binary, "merge", dense_dir, adapter, merged], capture_output=True, text=True)
-        if extra:
+        if fused and "target_parameters" in config:
             lines = r.stderr.strip().splitlines()
-            check(family, "merge", "an adapter with target_parameters (the experts) is refused with one line, nothing written",
-                  r.returncode != 0 and len(lines) == 1 and "target_parameters" in lines[0] and not os.path.exists(merged), lines[0] if lines else "")
+            check(family, "merge", "LoRA on experts the file keeps fused is refused with one line, nothing written",
+                  r.returncode != 0 and len(lines) == 1 and "fused" in lines[0] and not os.path.exists(merged), lines[0] if lines else "")
             continue
         peft_merged = PeftModel.from_pretrained(load(dense_dir, dtype=torch.bfloat16), adapter).merge_and_unload()
         with tempfile.TemporaryDirectory() as t:
             peft_merged.save_pretrained(t)
             problems, n = same_tensors(shard(merged), load_file(shard(t))) if r.returncode == 0 else ([r.stderr.strip()], 0)
         diff = max_diff(logits(load(merged), ids), logits(peft_merged, ids)) if r.returncode == 0 else float("inf")
-        check(family, "merge", f"attention adapter: tensors equal PEFT's merge_and_unload as saved ({n}); loads, logits equal",
+        check(family, "merge", f"{name} adapter: tensors equal PEFT's merge_and_unload as saved ({n}); loads, logits equal",
               not problems and diff == 0, "; ".join(problems[:3]) or f"max |diff| {diff:.3g}")
     data = os.path.join(work, "data.jsonl")
     with open(data, "w") as f:

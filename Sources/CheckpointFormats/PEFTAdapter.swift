@@ -89,9 +89,70 @@ public struct PEFTAdapter: Sendable {
         public var values: [Float]
     }
 
+    /// PEFT's `target_parameters`: LoRA on a mixture of experts' fused expert weights.
+    public var targetParameters: [String] = []
+    /// The fused parameters a mixture of experts' experts modules define, in definition order
+    /// (Qwen3-MoE, Mixtral, gpt-oss and Llama 4 alike): PEFT nests one ParamWrapper per targeted
+    /// parameter in this order, the first innermost (`….experts.base_layer`), the last outermost.
+    public static let expertParameters = ["gate_up_proj", "down_proj"]
+
+    /// LoRA on one fused expert parameter (PEFT's ParamWrapper): A [rank·experts, in] holds
+    /// expert e's A in rows e·rank ..< (e+1)·rank; B [out, rank·experts] holds its column j of B
+    /// at j·experts + e (peft/tuners/lora/layer.py `ParamWrapper.get_delta_weight`'s reshapes).
+    public struct ParameterAdapter: Sendable, Equatable {
+        /// The experts module in memory (`model.layers.1.mlp.experts`) and the parameter.
+        public var module: String, parameter: String
+        public var rank, experts, inFeatures, outFeatures: Int
+        public var loraA: [Float], loraB: [Float]
+
+        /// Expert `e`'s A [rank, in] and the rows `rows` of its B [rows.count, rank].
+        public func expert(_ e: Int, rows: Range<Int>) -> (a: [Float], b: [Float]) {
+            let a = Array(loraA[(e * rank * inFeatures)..<((e + 1) * rank * inFeatures)])
+            let b = rows.flatMap { o in (0..<rank).map { j in loraB[o * rank * experts + j * experts + e] } }
+            return (a, b)
+        }
+    }
+
+    /// The router module a target_parameters entry names (`gate.weight`, `mlp.gate.weight`,
+    /// `router.weight`), or nil.
+    static func routerModule(_ name: String) -> String? {
+        guard name.hasSuffix(".weight") else { return nil }
+        let module = String(name.dropLast(".weight".count))
+        return ["gate", "router"].contains(module.split(separator: ".").last.map(String.init) ?? "") ? module : nil
+    }
+
+    /// Adapters on fused expert parameters (and routers), by `<module>.<parameter>`.
+    public var parameterAdapters: [String: ParameterAdapter] = [:]
+
+    /// The module and parameter a ParamWrapper's tensors belong to, or nil: `….experts` is the
+    /// last targeted parameter in definition order, each `.base_layer` one earlier.
+    func wrappedParameter(_ path: String) -> (module: String, parameter: String)? {
+        guard !targetParameters.isEmpty else { return nil }
+        // A router's weight (PEFT's all-linear adds `gate.weight`): one ParamWrapper on its module.
+        if targetParameters.compactMap(Self.routerModule).contains(where: { path == $0 || path.hasSuffix("." + $0) }) { return (path, "weight") }
+        var module = Substring(path), depth = 0
+        while module.hasSuffix(".base_layer") { module = module.dropLast(".base_layer".count); depth += 1 }
+        guard module.hasSuffix(".experts") || module == "experts" else { return nil }
+        let targeted = Self.expertParameters.filter { p in targetParameters.contains { $0 == "experts." + p || $0 == p || $0.hasSuffix(".experts." + p) } }
+        guard depth < targeted.count else { return nil }
+        return (String(module), targeted[targeted.count - 1 - depth])
+    }
+
+    /// A fused parameter's rank and alpha: rank_pattern and alpha_pattern keys are regular
+    /// expressions matched against `<module>.<parameter>` as PEFT's `get_pattern_key` does,
+    /// `(.*\.)?(key)$`.
+    public func config(forParameter key: String) -> LoRAConfig {
+        func find<T>(_ pattern: [String: T]) -> T? {
+            pattern.first { k, _ in
+                (try? NSRegularExpression(pattern: "^(.*\\.)?(" + k + ")$")).map { $0.firstMatch(in: key, range: NSRange(key.startIndex..., in: key)) != nil } ?? false
+            }?.value
+        }
+        return LoRAConfig(rank: find(rankPattern) ?? rank, alpha: find(alphaPattern) ?? loraAlpha, useRSLoRA: useRSLoRA, dropout: loraDropout)
+    }
+
     /// Whether the adapter is LoRA on linear layers alone (no DoRA, whole modules or token rows):
     /// what PEFT's oldest readers and llama.cpp's converter take.
-    public var isPlainLoRA: Bool { !useDora && savedTensors.isEmpty && tokenRows.isEmpty }
+    public var isPlainLoRA: Bool { !useDora && savedTensors.isEmpty && tokenRows.isEmpty && parameterAdapters.isEmpty }
 
     /// What makes the adapter more than LoRA on linear layers, in words ("DoRA", "modules_to_save
     /// (lm_head)", …), for a refusal.
@@ -101,6 +162,7 @@ public struct PEFTAdapter: Sendable {
         let whole = savedTensors.keys.filter { n in !tokenRows.keys.contains(n) }.sorted()
         if !whole.isEmpty { kinds.append("whole modules (\(whole.joined(separator: ", ")))") }
         if !tokenRows.isEmpty { kinds.append("trainable tokens (\(tokenRows.keys.sorted().joined(separator: ", ")))") }
+        if !parameterAdapters.isEmpty { kinds.append("LoRA on experts (target_parameters)") }
         return kinds
     }
 
@@ -153,18 +215,28 @@ public struct PEFTAdapter: Sendable {
         guard let r = try typed("r", "an integer", JSONField.integer) else { throw bad("r is missing") }
         guard r > 0 else { throw bad("r is \(r); it must be a positive integer") }
         guard let alpha = try typed("lora_alpha", "a number", JSONField.number) else { throw bad("lora_alpha is missing") }
-        // LoRA on parameters (PEFT's target_parameters: a mixture of experts' fused experts and
-        // router, ParamWrapper) is not read here; a plain LoRA on the same model's linear modules is.
-        if let v = present("target_parameters"), !((v as? [Any])?.isEmpty ?? false) {
-            let names = (v as? [Any])?.compactMap { $0 as? String }.joined(separator: ", ") ?? JSONField.describe(v)
-            throw bad("target_parameters (\(names)): LoRA on a mixture of experts' fused parameters is not read by qlora yet; adapters on the linear modules (target_modules) are")
+        // LoRA on parameters (PEFT's target_parameters): a mixture of experts' fused expert weights.
+        var targetParameters: [String] = []
+        if let v = present("target_parameters") {
+            guard let list = v as? [Any], let names = list.map({ $0 as? String }) as? [String] else {
+                throw bad("target_parameters is \(JSONField.describe(v)), not a list of parameter names")
+            }
+            for n in names where !Self.expertParameters.contains(where: { n == "experts." + $0 || n == $0 || n.hasSuffix(".experts." + $0) }) && Self.routerModule(n) == nil {
+                throw bad("target_parameters names \(n); qlora reads LoRA on a mixture of experts' experts.gate_up_proj, experts.down_proj and router (gate.weight)")
+            }
+            targetParameters = names
         }
         let targets: PEFTTargets
-        do { targets = try PEFTTargets.read(c) } catch let e as PEFTTargetsError { throw bad(e.description) }
+        do {
+            var config = c
+            if targetParameters.count > 0 && config["target_modules"].map({ $0 is NSNull }) ?? true { config["target_modules"] = [String]() }
+            targets = try PEFTTargets.read(config)
+        } catch let e as PEFTTargetsError { throw bad(e.description) }
         var names: [String] = []
         if case .names(let list) = targets.modules { names = list }
         var a = PEFTAdapter(rank: r, loraAlpha: alpha, targetModules: names)
         a.targetSpec = targets
+        a.targetParameters = targetParameters
         a.useRSLoRA = try typed("use_rslora", "true or false", JSONField.boolean) ?? false
         a.fanInFanOut = try typed("fan_in_fan_out", "true or false", JSONField.boolean) ?? false
         a.loraDropout = try typed("lora_dropout", "a number", JSONField.number) ?? 0
@@ -258,6 +330,17 @@ public struct PEFTAdapter: Sendable {
         }
         for (path, h) in halves.sorted(by: { $0.key < $1.key }) {
             guard let ta = h.a, let tb = h.b else { throw badTensor(prefix + path, "has only one of lora_A / lora_B") }
+            if let (module, parameter) = a.wrappedParameter(path) {
+                // PEFT's ParamWrapper: A [rank·experts, in], B [out, rank·experts].
+                let key = module + "." + parameter, r = a.config(forParameter: key).rank
+                guard ta.shape.count == 2, tb.shape.count == 2, ta.shape[0] % r == 0, tb.shape[1] == ta.shape[0] else {
+                    throw badTensor(ta.name, "lora_A \(ta.shape) and lora_B \(tb.shape) are not PEFT's [rank·experts, in] and [out, rank·experts] at rank \(r)")
+                }
+                a.parameterAdapters[key] = ParameterAdapter(module: module, parameter: parameter, rank: r, experts: ta.shape[0] / r,
+                                                            inFeatures: ta.shape[1], outFeatures: tb.shape[0],
+                                                            loraA: try floats(file, ta, weightsPath), loraB: try floats(file, tb, weightsPath))
+                continue
+            }
             // PEFT adapts only the modules its config selects and drops the weights of any other
             // module on load without a word; merging them would not be what PEFT applies.
             let selected: Bool
@@ -283,7 +366,7 @@ public struct PEFTAdapter: Sendable {
             a.modules[path] = m
         }
         if let (path, t) = magnitudes.first { throw badTensor(t.name, "a DoRA magnitude vector for \(path), which has no lora_A / lora_B") }
-        guard !a.modules.isEmpty || !a.savedTensors.isEmpty || !a.tokenRows.isEmpty else {
+        guard !a.modules.isEmpty || !a.parameterAdapters.isEmpty || !a.savedTensors.isEmpty || !a.tokenRows.isEmpty else {
             throw CheckpointError.invalidPath(path: weightsPath, problem: "holds no LoRA weights")
         }
         return a

@@ -67,19 +67,39 @@ final class MixtureOfExpertsCheckpointTests: TemporaryDirectoryTestCase {
         }
     }
 
-    /// An adapter on a mixture of experts' fused parameters (PEFT's target_parameters) is refused
-    /// with one line naming adapter_config.json, not read as if it had none (Vectors/check_interop.py:
-    /// an attention adapter on the same models merges as PEFT does).
-    func testTargetParametersAdaptersAreRefused() throws {
-        let dir = tmp.appendingPathComponent("experts-adapter")
+    /// PEFT's all-linear on Qwen3-MoE (the attention, and through target_parameters the fused
+    /// experts, gate_up_proj at twice the rank, and the router) merged as `merge_and_unload` does:
+    /// every tensor of the output has the SHA-256 of PEFT's (Vectors/peft_kinds/moe-all-linear,
+    /// generate_moe_merge.py). check_interop.py holds Mixtral's layout the same way.
+    func testAllLinearOnAMixtureOfExpertsMatchesPEFT() throws {
+        let dir = repositoryRoot.appendingPathComponent("Vectors/peft_kinds/moe-all-linear")
+        let adapter = try PEFTAdapter.load(directory: dir.appendingPathComponent("adapter").path)
+        XCTAssertEqual(Set(adapter.parameterAdapters.keys), ["model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj",
+                                                             "model.layers.1.mlp.gate.weight"])
+        XCTAssertEqual(adapter.parameterAdapters["model.layers.1.mlp.experts.gate_up_proj"]?.rank, 8, "rank_pattern .*\\.gate_up_proj")
+        XCTAssertFalse(adapter.isPlainLoRA)
+        let out = tmp.appendingPathComponent("merged").path
+        try mergeCheckpoint(base: dir.appendingPathComponent("base").path, adapter: dir.appendingPathComponent("adapter").path, output: out, options: MergeOptions())
+        let expected = try XCTUnwrap((try JSONSerialization.jsonObject(with: Data(contentsOf: dir.appendingPathComponent("expected.json"))) as? [String: Any])?["tensors"] as? [String: [String: Any]])
+        let reader = try CheckpointReader(path: out)
+        XCTAssertEqual(Set(reader.tensorNames), Set(expected.keys))
+        XCTAssertGreaterThan(expected.values.filter { $0["changed"] as? Bool == true }.count, 12)
+        for (name, e) in expected {
+            XCTAssertEqual(try reader.withBytes(of: name) { SHA256.hex($0) }, e["sha256"] as? String, name)
+        }
+    }
+
+    /// An adapter on fused parameters the file keeps fused (gpt-oss) is refused with one line,
+    /// and target_parameters other than the experts and router are refused by name.
+    func testTargetParametersItCannotMergeAreRefused() throws {
+        let dir = tmp.appendingPathComponent("other-adapter")
         try FileManager.default.copyItem(at: repositoryRoot.appendingPathComponent("Vectors/peft_adapter"), to: dir)
         let config = dir.appendingPathComponent("adapter_config.json")
         var json = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(contentsOf: config)) as? [String: Any])
-        XCTAssertNoThrow(try PEFTAdapter.load(directory: dir.path))
-        json["target_parameters"] = ["experts.gate_up_proj", "experts.down_proj"]
+        json["target_parameters"] = ["self_attn.sinks"]
         try JSONSerialization.data(withJSONObject: json).write(to: config)
         XCTAssertThrowsError(try PEFTAdapter.load(directory: dir.path)) {
-            XCTAssertTrue("\($0)".contains("adapter_config.json") && "\($0)".contains("target_parameters (experts.gate_up_proj, experts.down_proj)"), "\($0)")
+            XCTAssertTrue("\($0)".contains("adapter_config.json") && "\($0)".contains("target_parameters names self_attn.sinks"), "\($0)")
         }
     }
 }

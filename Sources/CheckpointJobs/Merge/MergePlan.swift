@@ -110,6 +110,14 @@ struct MergePlan {
                 weights[path + ".weight"]!.steps.append(MergeStep(module: m, scaling: adapter.config(for: path).scaling * specs[a].weight,
                                                                   fanInFanOut: adapter.fanInFanOut))
             }
+            for (key, p) in adapter.parameterAdapters.sorted(by: { $0.key < $1.key }) {
+                let scaling = adapter.config(forParameter: key).scaling * specs[a].weight
+                for (name, module) in try expertModules(p, adapter: specs[a].directory, base: base) {
+                    let info = reader.info(named: name)!
+                    if weights[name] == nil { weights[name] = WeightPlan(out: info.shape[0], in: info.shape[1], fanInFanOut: false, quantized: nil) }
+                    weights[name]!.steps.append(MergeStep(module: module, scaling: scaling, fanInFanOut: false))
+                }
+            }
         }
         try planReplacements(adapters, specs: specs, base: base)
         // PEFT merges a DoRA adapter after others by unmerging them to take the base's norm, and
@@ -118,6 +126,53 @@ struct MergePlan {
         for (name, w) in weights.sorted(by: { $0.key < $1.key }) where w.steps.count > 1 && w.steps.contains(where: { $0.module.magnitude != nil }) {
             throw CheckpointError.invalidTensor(file: base, tensor: name, problem: "a DoRA adapter and another adapter both change this weight; merge them one at a time")
         }
+    }
+
+    /// A fused expert parameter's adapter as LoRA on the base's per-expert weights, which is how
+    /// transformers' `save_pretrained` writes Qwen3-MoE's (`mlp.experts.E.gate_proj` / `up_proj` /
+    /// `down_proj`) and Mixtral's (`block_sparse_moe.experts.E.w1` / `w3` / `w2`): gate_up_proj's
+    /// [experts, 2·i, h] delta gives each expert's gate (its first i rows) and up; down_proj's
+    /// [experts, h, i] its down; a router's, its weight. PEFT casts the delta to the weight's dtype before adding it
+    /// (`ParamWrapper.get_delta_weight`), which a 16-bit `storedType` reproduces.
+    func expertModules(_ p: PEFTAdapter.ParameterAdapter, adapter: String, base: String) throws -> [(String, PEFTAdapter.Module)] {
+        if p.parameter == "weight" {
+            // A router: one [experts, hidden] weight (Mixtral's file calls its block block_sparse_moe).
+            let names = [p.module, p.module.replacingOccurrences(of: ".mlp.", with: ".block_sparse_moe.")].map { $0 + ".weight" }
+            guard let name = names.first(where: { reader.info(named: $0) != nil }), let info = reader.info(named: name), groups[name] == nil,
+                  info.shape == [p.outFeatures, p.inFeatures], let type = ElementType(info.dtype), p.experts == 1 else {
+                throw CheckpointError.invalidPath(path: adapter, problem: "LoRA on \(p.module).weight: the base \(base) has no float weight [\(p.outFeatures), \(p.inFeatures)] for it")
+            }
+            let (a, b) = p.expert(0, rows: 0..<p.outFeatures)
+            var m = PEFTAdapter.Module(path: String(name.dropLast(".weight".count)), rank: p.rank, inFeatures: p.inFeatures, outFeatures: p.outFeatures, loraA: a, loraB: b)
+            m.storedType = type
+            return [(name, m)]
+        }
+        let layer = p.module.dropLast(".experts".count)
+        let layouts: [(prefix: String, gate: String, up: String, down: String)] = [
+            (p.module, "gate_proj", "up_proj", "down_proj"),
+            (layer.replacingOccurrences(of: ".mlp", with: ".block_sparse_moe") + ".experts", "w1", "w3", "w2"),
+        ]
+        guard let l = layouts.first(where: { reader.info(named: "\($0.prefix).0.\($0.down).weight") != nil }) else {
+            throw CheckpointError.invalidPath(path: adapter, problem: "LoRA on \(p.module).\(p.parameter): the base \(base) does not hold that layer's experts one by one "
+                                              + "(Qwen3-MoE's and Mixtral's layout); merging into fused expert tensors (gpt-oss) is not supported")
+        }
+        let parts: [(String, Range<Int>)] = p.parameter == "gate_up_proj"
+            ? [(l.gate, 0..<(p.outFeatures / 2)), (l.up, (p.outFeatures / 2)..<p.outFeatures)] : [(l.down, 0..<p.outFeatures)]
+        var modules: [(String, PEFTAdapter.Module)] = []
+        for e in 0..<p.experts {
+            for (proj, rows) in parts {
+                let name = "\(l.prefix).\(e).\(proj).weight"
+                guard let info = reader.info(named: name), groups[name] == nil, info.shape == [rows.count, p.inFeatures], let type = ElementType(info.dtype) else {
+                    throw CheckpointError.invalidTensor(file: base, tensor: name, problem: "LoRA on \(p.module).\(p.parameter) expects a float weight [\(rows.count), \(p.inFeatures)] here")
+                }
+                let (a, b) = p.expert(e, rows: rows)
+                var m = PEFTAdapter.Module(path: String(name.dropLast(".weight".count)), rank: p.rank, inFeatures: p.inFeatures, outFeatures: rows.count,
+                                           loraA: a, loraB: b)
+                m.storedType = type
+                modules.append((name, m))
+            }
+        }
+        return modules
     }
 
     /// Tokenizer files PEFT users save beside an adapter (`tokenizer.save_pretrained`), which a
