@@ -69,16 +69,7 @@ public struct StepTimeline: Sendable {
 
     public init(model a: ModelArchitecture, options o: MemoryOptions, firstStep: Bool = false, stack: Stack = .default) throws {
         try stack.validate()
-        if let x = a.experts, x.family == .llama4 && (stack.recipe != .peft || o.targets.contains { ModelArchitecture.parameterTargets.contains($0) } || o.experts != .bf16) {
-            throw MemoryError.badOption("\(a.name): Llama 4's step is modelled for the peft recipe with LoRA on its linear modules and bf16 experts (measured: peaks.json's llama4 rows)")
-        }
-        if a.experts != nil && (![.peft, .peftKbit, .trl].contains(stack.recipe) || o.dora || stack.transformers != .v5 || stack.attention == .flashAttention2) {
-            // Measured for mixtures of experts: transformers 5 + PEFT, with and without
-            // prepare_model_for_kbit_training, and TRL's SFTTrainer (peaks.json's qwen3moe, mixtral
-            // and gptoss rows); Unsloth's own MoE kernels and the other kernels are not.
-            throw MemoryError.badOption("\(a.name): a mixture of experts' step is modelled for the peft, peft-kbit and trl recipes on transformers 5 with sdpa or eager attention, without DoRA (measured); "
-                                        + "\(stack.recipe != .peft ? "the \(stack.recipe.rawValue) recipe" : o.dora ? "DoRA" : stack.transformers != .v5 ? "transformers \(stack.transformers.rawValue)" : "flash_attention_2") is not")
-        }
+        if let problem = Self.unmeasuredExpertStep(a, o, stack: stack) { throw MemoryError.badOption("\(a.name): \(problem)") }
         if stack.recipe == .unsloth {
             self = try StepTimeline(unsloth: a, options: o, firstStep: firstStep, stack: stack)
             return
@@ -291,6 +282,27 @@ public struct StepTimeline: Sendable {
         case .peftKbit: headKeptBytesPerToken = 4 * v + 4 + 8
         case .trl: headKeptBytesPerToken = 6 * h + Self.trlHeadScalarBytesPerToken + Self.routerAuxLossBytesPerToken(a)
         default: headKeptBytesPerToken = MemoryEstimate.headActivationBytesPerToken(a, o) + (trainsHead ? 2 * h : 0)
+        }
+    }
+
+    /// Why a mixture of experts' step on this stack is not modelled, or nil. Measured: transformers
+    /// 5 + PEFT with and without prepare_model_for_kbit_training, and TRL's SFTTrainer
+    /// (peaks.json's qwen3moe, mixtral and gptoss rows); Llama 4 with LoRA on its linear modules
+    /// and bf16 experts (its llama4 rows). Not: Unsloth's own MoE kernels, DoRA, transformers 4,
+    /// flash-attn.
+    static func unmeasuredExpertStep(_ a: ModelArchitecture, _ o: MemoryOptions, stack: Stack) -> String? {
+        guard let x = a.experts else { return nil }
+        if x.family == .llama4 {
+            let onParameters = o.targets.contains { ModelArchitecture.parameterTargets.contains($0) }
+            guard stack.recipe == .peft && !onParameters && o.experts == .bf16 else {
+                return "Llama 4's step is modelled for the peft recipe with LoRA on its linear modules and bf16 experts (measured: peaks.json's llama4 rows)"
+            }
+        }
+        let unmeasured = ![.peft, .peftKbit, .trl].contains(stack.recipe) ? "the \(stack.recipe.rawValue) recipe"
+            : o.dora ? "DoRA" : stack.transformers != .v5 ? "transformers \(stack.transformers.rawValue)"
+            : stack.attention == .flashAttention2 ? "flash_attention_2" : nil
+        return unmeasured.map {
+            "a mixture of experts' step is modelled for the peft, peft-kbit and trl recipes on transformers 5 with sdpa or eager attention, without DoRA (measured); \($0) is not"
         }
     }
 
