@@ -355,6 +355,36 @@ def moe_checks(binary, family, config_class, fields, work):
         diff = max_diff(logits(load(merged), ids), logits(peft_merged, ids)) if r.returncode == 0 else float("inf")
         check(family, "merge", f"{name} adapter: tensors equal PEFT's merge_and_unload as saved ({n}); loads, logits equal",
               not problems and diff == 0, "; ".join(problems[:3]) or f"max |diff| {diff:.3g}")
+    if family == "gpt_oss":
+        # gpt-oss' published format: the experts as MXFP4 blocks and scales (random bytes, every scale 100-140),
+        # read by qlora dequantize as transformers' Mxfp4Config(dequantize=True) reads them
+        from transformers import Mxfp4Config
+        mx_dense, mx_dir, mx_out = (os.path.join(work, n) for n in ("mxfp4-dense", "mxfp4", "mxfp4-bf16"))
+        # MXFP4 packs 32 values a block: every expert input a multiple of 32 (gpt-oss' 2880 is 90 of them)
+        AutoModelForCausalLM.from_config(config_class(**dict(fields, intermediate_size=64))).to(torch.bfloat16).save_pretrained(mx_dense)
+        os.makedirs(mx_dir)
+        g = torch.Generator().manual_seed(4)
+        packed = {}
+        for k, v in load_file(shard(mx_dense)).items():
+            if k.endswith("experts.gate_up_proj") or k.endswith("experts.down_proj"):
+                e, n_in, n_out = v.shape
+                packed[k + "_blocks"] = torch.randint(0, 256, (e, n_out, n_in // 32, 16), dtype=torch.uint8, generator=g)
+                packed[k + "_scales"] = torch.randint(100, 141, (e, n_out, n_in // 32), dtype=torch.uint8, generator=g)
+            else:
+                packed[k] = v
+        safetensors.torch.save_file(packed, shard(mx_dir), metadata={"format": "pt"})
+        with open(os.path.join(mx_dense, "config.json")) as f:
+            cfg = json.load(f)
+        cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                                                          "model.embed_tokens", "lm_head"]}
+        with open(os.path.join(mx_dir, "config.json"), "w") as f:
+            json.dump(cfg, f)
+        qlora(binary, "dequantize", mx_dir, mx_out)
+        theirs_mx = load(mx_dir, quantization_config=Mxfp4Config(dequantize=True), dtype=torch.bfloat16)
+        problems, n = same_tensors(shard(mx_out), theirs_mx.state_dict())
+        diff = max_diff(logits(load(mx_out), ids), logits(theirs_mx, ids))
+        check(family, "dequantize", f"MXFP4 experts: tensors equal Mxfp4Config(dequantize=True)'s ({n}); loads as plain bf16, logits equal",
+              not problems and diff == 0, "; ".join(problems[:3]) or f"max |diff| {diff:.3g}")
     data = os.path.join(work, "data.jsonl")
     with open(data, "w") as f:
         f.write(json.dumps({"input_ids": list(range(16))}) + "\n")

@@ -4,7 +4,8 @@ import QLoRA
 import SafeTensors
 
 /// Turns every 4-bit weight of a bitsandbytes checkpoint back into a dense tensor of
-/// `dtype` (default: the dtype recorded in its quant state); other tensors pass through.
+/// `dtype` (default: the dtype recorded in its quant state), and every MXFP4 pair of a gpt-oss
+/// checkpoint into bf16 (`MXFP4`); other tensors pass through.
 /// Every quant state is read and checked while planning, before anything is written.
 @discardableResult
 public func dequantizeCheckpoint(input: String, output: String, dtype: ElementType? = nil,
@@ -13,8 +14,25 @@ public func dequantizeCheckpoint(input: String, output: String, dtype: ElementTy
     let reader = job.reader
     var owner: [String: BnB4BitFormat.Group] = [:]
     for g in try BnB4BitFormat.groups(of: reader) { for m in g.members { owner[m] = g } }
+    // gpt-oss' MXFP4 experts: decoded to bf16 as transformers' Mxfp4Config(dequantize=True) holds them.
+    let mxfp4: [MXFP4.Pair]
+    do {
+        mxfp4 = try MXFP4.pairs(reader.tensorNames.map { n in let i = reader.info(named: n)!; return (n, i.dtype, i.shape) })
+    } catch let e as MXFP4Error { throw CheckpointError.invalidPath(path: input, problem: e.description) }
+    var pairOf: [String: (MXFP4.Pair, first: Bool)] = [:]
+    for p in mxfp4 { (pairOf[p.blocks], pairOf[p.scales]) = ((p, true), (p, false)) }
     var summary = JobSummary()
     summary.bytesWritten = try job.run(output: output, layout: .input, overwrite: overwrite, progress: progress, plan: { e in
+        if let (p, first) = pairOf[e.name] {
+            guard first else { return .drop }
+            return TensorPlan(outputs: [OutputTensor(name: p.name, dtype: DType(dtype ?? .bfloat16), shape: p.shape)]) { sink in
+                let bits = try reader.withBytes(of: p.blocks) { b in try reader.withBytes(of: p.scales) { s in MXFP4.decode(p, blocks: b, scales: s) } }
+                let values = bits.map { HalfPrecision.float(bfloat16Bits: $0) }
+                try sink.write(encode(values, as: dtype ?? .bfloat16))
+                summary.dequantized += 1
+                summary.parameters4Bit += p.shape.reduce(1, *)
+            }
+        }
         guard let g = owner[e.name] else {
             summary.copied += 1
             return .copy(e.info)

@@ -73,7 +73,8 @@ public func quantizeCheckpoint(input: String, output: String, options: QuantizeO
         let config = (input as NSString).appendingPathComponent("config.json")
         if let q = try ConfigJSON.read(config)["quantization_config"], case .string(let method)? = q["quant_method"] {
             // gpt-oss ships MXFP4 experts: transformers refuses a bitsandbytes config on it (moe.json).
-            throw CheckpointError.invalidPath(path: config, problem: "is already quantized (quantization_config quant_method \(method)); quantize a 16-bit checkpoint")
+            throw CheckpointError.invalidPath(path: config, problem: "is already quantized (quantization_config quant_method \(method)); quantize a 16-bit checkpoint"
+                                              + (method == "mxfp4" ? " (`qlora dequantize` turns gpt-oss' MXFP4 experts into one)" : ""))
         }
     }
     let job = try CheckpointRewrite(input: input)

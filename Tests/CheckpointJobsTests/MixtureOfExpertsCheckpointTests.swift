@@ -102,4 +102,44 @@ final class MixtureOfExpertsCheckpointTests: TemporaryDirectoryTestCase {
             XCTAssertTrue("\($0)".contains("adapter_config.json") && "\($0)".contains("target_parameters names self_attn.sinks"), "\($0)")
         }
     }
+
+    /// gpt-oss' MXFP4 experts decoded as transformers' `convert_moe_packed_tensors` decodes them
+    /// (Vectors/quant/mxfp4.json, generate_mxfp4.py: SHA-256 of its output for SplitMix64 bytes,
+    /// every scale 0–255 included), and `dequantizeCheckpoint` writing them as the bf16
+    /// parameters transformers holds after `Mxfp4Config(dequantize=True)`.
+    func testMXFP4DecodesAsTransformers() throws {
+        let data = try Data(contentsOf: repositoryRoot.appendingPathComponent("Vectors/quant/mxfp4.json"))
+        let cases = try XCTUnwrap((try JSONSerialization.jsonObject(with: data) as? [String: Any])?["cases"] as? [[String: Any]])
+        XCTAssertEqual(cases.count, 3)
+        for c in cases {
+            let (seed, e, o, g) = (c["seed"] as! Int, c["experts"] as! Int, c["out"] as! Int, c["groups"] as! Int)
+            var rng = SplitMix64(seed: UInt64(seed))
+            let blocks = (0..<(e * o * g * 16)).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+            let scales = (0..<(e * o * g)).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+            let pair = MXFP4.Pair(name: "w", experts: e, out: o, groups: g)
+            XCTAssertEqual(pair.shape, c["shape"] as? [Int])
+            let bits = blocks.withUnsafeBytes { b in scales.withUnsafeBytes { s in MXFP4.decode(pair, blocks: b, scales: s) } }
+            XCTAssertEqual(SHA256.hex(bits.flatMap { [UInt8($0 & 0xff), UInt8($0 >> 8)] }), c["sha256"] as? String, "seed \(seed)")
+            XCTAssertEqual(bits.filter { $0 == 0x8000 }.count, c["negative_zeros"] as? Int, "seed \(seed)")
+            if seed == 1 {
+                // The job: a checkpoint holding the pair (and a plain tensor) comes out with the
+                // decoded tensor under the parameter's name, and config.json without quantization_config.
+                let dir = tmp.appendingPathComponent("mxfp4")
+                try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+                try Data(#"{"model_type": "gpt_oss", "quantization_config": {"quant_method": "mxfp4"}}"#.utf8).write(to: dir.appendingPathComponent("config.json"))
+                let name = "model.layers.0.mlp.experts.gate_up_proj"
+                try SafeTensorsWriter.write(url: dir.appendingPathComponent("model.safetensors"),
+                                            tensors: [(name + "_blocks", .u8, [e, o, g, 16], blocks), (name + "_scales", .u8, [e, o, g], scales),
+                                                      ("model.norm.weight", .bf16, [2], [0, 0x3f, 0, 0x40])])
+                let out = tmp.appendingPathComponent("mxfp4-bf16").path
+                try dequantizeCheckpoint(input: dir.path, output: out)
+                let r = try CheckpointReader(path: out)
+                XCTAssertEqual(Set(r.tensorNames), [name, "model.norm.weight"])
+                XCTAssertEqual(r.info(named: name)?.shape, [e, g * 32, o])
+                XCTAssertEqual(try r.withBytes(of: name) { SHA256.hex($0) }, c["sha256"] as? String)
+                let config = try String(contentsOfFile: out + "/config.json", encoding: .utf8)
+                XCTAssertFalse(config.contains("quantization_config"), config)
+            }
+        }
+    }
 }
