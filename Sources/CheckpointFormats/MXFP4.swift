@@ -45,23 +45,24 @@ public enum MXFP4 {
 
     /// Decodes a pair to bf16 bits, [experts, groups·32, out].
     public static func decode(_ p: Pair, blocks: UnsafeRawBufferPointer, scales: UnsafeRawBufferPointer) -> [UInt16] {
+        (0..<p.experts).flatMap { decode(p, expert: $0, blocks: blocks, scales: scales) }
+    }
+
+    /// Expert `e`'s slice, [groups·32, out] bf16 bits: what a job writes one expert at a time.
+    public static func decode(_ p: Pair, expert e: Int, blocks: UnsafeRawBufferPointer, scales: UnsafeRawBufferPointer) -> [UInt16] {
         let inner = p.groups * 32
-        var out = [UInt16](repeating: 0, count: p.experts * inner * p.out)
-        for e in 0..<p.experts {
-            for o in 0..<p.out {
-                for g in 0..<p.groups {
-                    let row = (e * p.out + o) * p.groups + g
-                    // torch.ldexp(x, n): x · 2^n exactly (2^128 too: 0.5 · 2^128 is 2^127, 0 · 2^128 is
-                    // 0), then rounded to bf16. An e2m1 value times a power of two has at most 3
-                    // significant bits, so it is exact in bf16 unless it overflows to infinity.
-                    let power = pow(2.0, Double(Int(scales[row]) - 127))
-                    for j in 0..<16 {
-                        let byte = blocks[row * 16 + j]
-                        for (k, code) in [Int(byte & 0x0F), Int(byte >> 4)].enumerated() {
-                            let i = g * 32 + 2 * j + k
-                            out[(e * inner + i) * p.out + o] = HalfPrecision.bfloat16Bits(Float(Double(values[code]) * power))
-                        }
-                    }
+        var out = [UInt16](repeating: 0, count: inner * p.out)
+        for o in 0..<p.out {
+            for g in 0..<p.groups {
+                let row = (e * p.out + o) * p.groups + g
+                // torch.ldexp(x, n): x · 2^n exactly (2^128 too: 0.5 · 2^128 is 2^127, 0 · 2^128 is
+                // 0), then rounded to bf16. An e2m1 value times a power of two has at most 3
+                // significant bits, so it is exact in bf16 unless it overflows to infinity.
+                let power = pow(2.0, Double(Int(scales[row]) - 127))
+                for j in 0..<16 {
+                    let byte = blocks[row * 16 + j], i = g * 32 + 2 * j
+                    out[i * p.out + o] = HalfPrecision.bfloat16Bits(Float(Double(values[Int(byte & 0x0F)]) * power))       // low nibble first
+                    out[(i + 1) * p.out + o] = HalfPrecision.bfloat16Bits(Float(Double(values[Int(byte >> 4)]) * power))
                 }
             }
         }

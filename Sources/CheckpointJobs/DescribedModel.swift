@@ -1,6 +1,8 @@
 import CheckpointFormats
+import FileOutput
 import Foundation
 import QLoRA
+import SafeTensors
 
 /// What a checkpoint directory's config.json says the model is, for the jobs whose answer depends
 /// on it (which tensors `quantize` turns into 4-bit, what `merge` folds in): nil without a
@@ -8,22 +10,27 @@ import QLoRA
 /// describe, or a mixture of experts it cannot, is refused by name rather than treated as a Llama.
 /// (`inspect`, `dequantize` and `compare` read tensors as stored, whatever the family: they do
 /// not ask.)
-func describedModel(checkpoint path: String) throws -> ModelArchitecture? {
+func describedModel(checkpoint path: String) throws -> (config: JSONValue, path: String, model: ModelArchitecture?)? {
     var isDirectory: ObjCBool = false
     guard FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory), isDirectory.boolValue else { return nil }
     let config = (path as NSString).appendingPathComponent("config.json")
     guard FileManager.default.fileExists(atPath: config) else { return nil }
-    // Only a mixture of experts needs its shape read here; a dense model's config.json is not
-    // asked for more than its model_type (a checkpoint's config may carry only what its loader needs).
-    let json = try ConfigJSON.read(config)
-    guard case .string(let type)? = json["model_type"] else { return nil }
+    // One read: the JSON for what the caller asks of it, the same bytes for the shape. Only a
+    // mixture of experts needs its shape read here; a dense model's config.json is not asked for
+    // more than its model_type (a checkpoint's config may carry only what its loader needs).
+    let data = try InputFile.read(config)
+    let json: JSONValue
+    do { json = try JSONValue.parse(document: [UInt8](data)) } catch {
+        throw CheckpointError.invalidPath(path: config, problem: "is not valid JSON (\(error))")
+    }
+    guard case .string(let type)? = json["model_type"] else { return (json, config, nil) }
+    if let problem = ModelArchitecture.undescribedTypeProblem(type) { throw CheckpointError.invalidPath(path: config, problem: problem) }
     let moe = ModelArchitecture.Experts.Family(rawValue: type) != nil
         || ["num_experts", "num_local_experts", "n_routed_experts"].contains { json[$0] != nil && json[$0] != .null }
-    if let problem = ModelArchitecture.undescribedTypeProblem(type) { throw CheckpointError.invalidPath(path: config, problem: problem) }
-    guard moe else { return nil }
-    let a = try ModelArchitecture(configFile: config)
+    guard moe else { return (json, config, nil) }
+    let a = try ModelArchitecture(configData: data, path: config)
     if let problem = a.undescribed.first { throw CheckpointError.invalidPath(path: config, problem: problem) }
-    return a
+    return (json, config, a)
 }
 
 extension ModelArchitecture {

@@ -68,12 +68,11 @@ public struct QuantizeOptions: Sendable {
 public func quantizeCheckpoint(input: String, output: String, options: QuantizeOptions,
                                overwrite: Bool = false, progress: ProgressHandler? = nil) throws -> JobSummary {
     var options = options
-    if let model = try describedModel(checkpoint: input) {
-        options.modelSkipFragments = model.sixteenBitFragments
-        let config = (input as NSString).appendingPathComponent("config.json")
-        if let q = try ConfigJSON.read(config)["quantization_config"], case .string(let method)? = q["quant_method"] {
+    if let described = try describedModel(checkpoint: input) {
+        options.modelSkipFragments = described.model?.sixteenBitFragments ?? []
+        if described.model != nil, let q = described.config["quantization_config"], case .string(let method)? = q["quant_method"] {
             // gpt-oss ships MXFP4 experts: transformers refuses a bitsandbytes config on it (moe.json).
-            throw CheckpointError.invalidPath(path: config, problem: "is already quantized (quantization_config quant_method \(method)); quantize a 16-bit checkpoint"
+            throw CheckpointError.invalidPath(path: described.path, problem: "is already quantized (quantization_config quant_method \(method)); quantize a 16-bit checkpoint"
                                               + (method == "mxfp4" ? " (`qlora dequantize` turns gpt-oss' MXFP4 experts into one)" : ""))
         }
     }

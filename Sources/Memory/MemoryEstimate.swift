@@ -146,7 +146,7 @@ public struct MemoryEstimate: Sendable, Codable {
         return [
             "per_layer_bytes": o.tokens * activationBytesPerLayerPerToken,
             "head_bytes": o.tokens * head,
-            "total_without_checkpointing_bytes": o.tokens * (a.layers * activationBytesPerLayerPerToken + head),
+            "total_without_checkpointing_bytes": o.tokens * (Self.allLayersActivationBytesPerToken(a, o) + head),
             "total_with_checkpointing_bytes": o.tokens * (a.layers * 2 * a.hiddenSize + activationBytesPerLayerPerToken + head),
         ]
     }
@@ -258,10 +258,9 @@ public struct MemoryEstimate: Sendable, Codable {
         let perLayer = activationBytesPerLayerPerToken
         let head = Self.headActivationBytesPerToken(a, o)
         let layerInput = 2 * a.hiddenSize
-        let allLayers = a.layerKinds.reduce(0) { $0 + $1.count * Self.activationBytesPerToken(a, o, layer: $1.layer) }
         let activations = o.gradientCheckpointing
             ? o.tokens * (a.layers * layerInput + perLayer + head)
-            : o.tokens * (allLayers + head)
+            : o.tokens * (Self.allLayersActivationBytesPerToken(a, o) + head)
         if let x = a.experts, (o.isLoRA && o.targets.contains("experts")) || (o.method == .qlora && o.experts == .nf4) {
             // grouped_mm keeps the weights it multiplied: a bf16 copy of each sparse layer's experts
             // (PEFT's merged W + B·A, or bitsandbytes' dequantized parametrization) for as long as
@@ -404,6 +403,11 @@ public struct MemoryEstimate: Sendable, Codable {
     /// - LoRA: `loraActivationBytesPerToken`.
     public static func activationBytesPerToken(_ a: ModelArchitecture, _ o: MemoryOptions, layer l: Int = 0) -> Int {
         activationTermsPerToken(a, o, layer: l).reduce(0, +)
+    }
+
+    /// What every layer keeps per token, summed (layers of a mixture of experts differ).
+    public static func allLayersActivationBytesPerToken(_ a: ModelArchitecture, _ o: MemoryOptions) -> Int {
+        a.layerKinds.reduce(0) { $0 + $1.count * activationBytesPerToken(a, o, layer: $1.layer) }
     }
 
     /// The most any layer keeps per token.

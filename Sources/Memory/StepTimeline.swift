@@ -518,7 +518,7 @@ public struct StepTimeline: Sendable {
         /// whole to bf16; with the router adapted, its merged weight is among the others.
         struct ExpertForward { var others: [Int] = [], gateUp = 0, down = 0 }
 
-        func expertForward(layer l: Int) -> ExpertForward {
+        func expertForwardSizes(layer l: Int) -> ExpertForward {
             guard let x = a.experts, a.isSparse(layer: l) else { return ExpertForward() }
             let (h, e, i, r) = (a.hiddenSize, x.count, x.intermediateSize, o.rank)
             // The experts' element size: bf16, fp32 after prepare_model_for_kbit_training. PEFT casts
@@ -541,7 +541,7 @@ public struct StepTimeline: Sendable {
         /// with its input (2ik per token; kept anyway when the experts train).
         func expertsForward(into s: inout StepTrace, layer l: Int, keep: Bool) -> (others: [StepTrace.Tensor], gateUp: StepTrace.Tensor?, down: StepTrace.Tensor?) {
             guard let x = a.experts, a.isSparse(layer: l) else { return ([], nil, nil) }
-            let f = expertForward(layer: l)
+            let f = expertForwardSizes(layer: l)
             let kind: StepTrace.Component = keep ? .activations : .transient
             let others = s.alloc(f.others, kind)
             let gateUp = f.gateUp > 0 ? s.alloc(f.gateUp, kind) : nil, down = f.down > 0 ? s.alloc(f.down, kind) : nil

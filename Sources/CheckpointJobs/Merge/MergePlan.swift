@@ -135,17 +135,23 @@ struct MergePlan {
     /// [experts, h, i] its down; a router's, its weight. PEFT casts the delta to the weight's dtype before adding it
     /// (`ParamWrapper.get_delta_weight`), which a 16-bit `storedType` reproduces.
     func expertModules(_ p: PEFTAdapter.ParameterAdapter, adapter: String, base: String) throws -> [(String, PEFTAdapter.Module)] {
+        // Expert e's rows `rows` of the parameter as LoRA on the base's float weight `name`.
+        func module(_ name: String, expert e: Int, rows: Range<Int>) throws -> (String, PEFTAdapter.Module) {
+            guard let info = reader.info(named: name), groups[name] == nil, info.shape == [rows.count, p.inFeatures], let type = ElementType(info.dtype) else {
+                throw CheckpointError.invalidTensor(file: base, tensor: name, problem: "LoRA on \(p.module).\(p.parameter) expects a float weight [\(rows.count), \(p.inFeatures)] here")
+            }
+            let (a, b) = p.expert(e, rows: rows)
+            var m = PEFTAdapter.Module(path: String(name.dropLast(".weight".count)), rank: p.rank, inFeatures: p.inFeatures, outFeatures: rows.count, loraA: a, loraB: b)
+            m.storedType = type
+            return (name, m)
+        }
         if p.parameter == "weight" {
             // A router: one [experts, hidden] weight (Mixtral's file calls its block block_sparse_moe).
             let names = [p.module, p.module.replacingOccurrences(of: ".mlp.", with: ".block_sparse_moe.")].map { $0 + ".weight" }
-            guard let name = names.first(where: { reader.info(named: $0) != nil }), let info = reader.info(named: name), groups[name] == nil,
-                  info.shape == [p.outFeatures, p.inFeatures], let type = ElementType(info.dtype), p.experts == 1 else {
+            guard p.experts == 1, let name = names.first(where: { reader.info(named: $0) != nil }) else {
                 throw CheckpointError.invalidPath(path: adapter, problem: "LoRA on \(p.module).weight: the base \(base) has no float weight [\(p.outFeatures), \(p.inFeatures)] for it")
             }
-            let (a, b) = p.expert(0, rows: 0..<p.outFeatures)
-            var m = PEFTAdapter.Module(path: String(name.dropLast(".weight".count)), rank: p.rank, inFeatures: p.inFeatures, outFeatures: p.outFeatures, loraA: a, loraB: b)
-            m.storedType = type
-            return [(name, m)]
+            return [try module(name, expert: 0, rows: 0..<p.outFeatures)]
         }
         let layer = p.module.dropLast(".experts".count)
         let layouts: [(prefix: String, gate: String, up: String, down: String)] = [
@@ -158,21 +164,7 @@ struct MergePlan {
         }
         let parts: [(String, Range<Int>)] = p.parameter == "gate_up_proj"
             ? [(l.gate, 0..<(p.outFeatures / 2)), (l.up, (p.outFeatures / 2)..<p.outFeatures)] : [(l.down, 0..<p.outFeatures)]
-        var modules: [(String, PEFTAdapter.Module)] = []
-        for e in 0..<p.experts {
-            for (proj, rows) in parts {
-                let name = "\(l.prefix).\(e).\(proj).weight"
-                guard let info = reader.info(named: name), groups[name] == nil, info.shape == [rows.count, p.inFeatures], let type = ElementType(info.dtype) else {
-                    throw CheckpointError.invalidTensor(file: base, tensor: name, problem: "LoRA on \(p.module).\(p.parameter) expects a float weight [\(rows.count), \(p.inFeatures)] here")
-                }
-                let (a, b) = p.expert(e, rows: rows)
-                var m = PEFTAdapter.Module(path: String(name.dropLast(".weight".count)), rank: p.rank, inFeatures: p.inFeatures, outFeatures: rows.count,
-                                           loraA: a, loraB: b)
-                m.storedType = type
-                modules.append((name, m))
-            }
-        }
-        return modules
+        return try (0..<p.experts).flatMap { e in try parts.map { proj, rows in try module("\(l.prefix).\(e).\(proj).weight", expert: e, rows: rows) } }
     }
 
     /// Tokenizer files PEFT users save beside an adapter (`tokenizer.save_pretrained`), which a
