@@ -814,9 +814,10 @@ def grid():
     # leaves them; LoRA on attention, on attention and experts (target_parameters), PEFT's all-linear; the
     # experts quantized through bitsandbytes' parametrize route.
     for m in ("qwen3moe-h1024", "mixtral-h1024"):
-        # op-by-op traces (`layer_trace`): Qwen3-MoE's forward and backward, Mixtral's checkpointed recompute
+        # op-by-op traces (`layer_trace`): Qwen3-MoE's forward and backward (with LoRA on the experts, and
+        # with them quantized: the plain row's trace is the same ops less those), Mixtral's checkpointed recompute
         fwd, rec = ({"trace_layers": True}, {}) if m.startswith("qwen3") else ({}, {"trace_layers": True})
-        add(m, 512, False, 16, "attn", 1, **fwd)
+        add(m, 512, False, 16, "attn", 1)
         add(m, 512, True, 16, "attn", 1)
         add(m, 512, False, 16, "attn+experts", 1, **fwd)
         add(m, 512, True, 16, "attn+experts", 1, **rec)
@@ -829,6 +830,7 @@ def grid():
     add("qwen3moe-h1024", 512, True, 16, "attn", 1, recipe="peft-kbit")
     add("mixtral-h1024", 512, False, 16, "attn", 1, recipe="peft-kbit")
     add("mixtral-h1024", 512, True, 16, "attn+experts", 1, recipe="peft-kbit")
+    add("qwen3moe-h1024", 512, False, 16, "attn", 1, recipe="peft-kbit", experts="nf4-parametrize")
     # TRL's SFTTrainer on a mixture of experts (bf16 adapters under autocast, its fused LM head).
     add("qwen3moe-h1024", 512, False, 16, "attn", 1, recipe="trl")
     add("qwen3moe-h1024", 512, True, 16, "attn", 1, recipe="trl")
@@ -840,6 +842,12 @@ def grid():
     for ckpt in (False, True):
         add("llama4-h1024", 512, ckpt, 16, "attn", 1, **({} if ckpt else {"trace_layers": True}))
     add("llama4-h1024", 512, False, 16, "all", 1)
+    # Llama 4 under the other recipes and expert routes: kbit's fp32 experts, the experts quantized (TRL 1.16's fused
+    # LM head fails on Llama4ForCausalLM: its base_model is the model itself), LoRA on its [experts, in, out] parameters.
+    for ckpt in (False, True):
+        add("llama4-h1024", 512, ckpt, 16, "attn", 1, recipe="peft-kbit")
+        add("llama4-h1024", 512, ckpt, 16, "attn", 1, experts="nf4-parametrize")
+        add("llama4-h1024", 512, ckpt, 16, "attn+experts", 1)
     g = "gptoss-h1024"   # sinks: transformers has no SDPA path for gpt-oss (eager on CPU)
     add(g, 512, False, 16, "attn", 1, attn="eager", trace_layers=True)
     add(g, 512, True, 16, "attn", 1, attn="eager")

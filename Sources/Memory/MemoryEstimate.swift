@@ -451,9 +451,11 @@ public struct MemoryEstimate: Sendable, Codable {
             // transformers' Llama4TextMoe: the top-k indices and values, the fp32 sigmoid of the
             // scattered scores (4E), every expert's copy of the hidden states (repeat, 2hE) and
             // its score (2E); per expert and token gate_up's output (4i) and silu(gate) (2i); the
-            // shared expert's gate, silu(gate) and up (6i').
+            // shared expert's gate, silu(gate) and up (6i'). With LoRA on the experts bmm also
+            // keeps its inputs: the scored copies (2hE) and the down projection's input (2iE).
             let shared = x.sharedIntermediateSize ?? 0
-            return [10 * k, 4 * e, 2 * h * e, 2 * e, 4 * i * e, 2 * i * e, 2 * shared, 2 * shared, 2 * shared]
+            let trained = o.isLoRA && o.targets.contains("experts") ? [s * h * e, s * i * e] : []
+            return [10 * k, 4 * e, s * h * e, s * e, 2 * s * i * e, s * i * e, s * shared, s * shared, s * shared] + trained
         }
         let router = x.family == .gptOSS ? [8 * k, s * k] : [4 * e, 8 * k] + (x.normalizesTopK ? [4, 4 * k] : [])
         let weight = x.family == .mixtral ? 4 * k : s * k

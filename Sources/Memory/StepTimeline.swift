@@ -287,16 +287,15 @@ public struct StepTimeline: Sendable {
 
     /// Why a mixture of experts' step on this stack is not modelled, or nil. Measured: transformers
     /// 5 + PEFT with and without prepare_model_for_kbit_training, and TRL's SFTTrainer
-    /// (peaks.json's qwen3moe, mixtral and gptoss rows); Llama 4 with LoRA on its linear modules
-    /// and bf16 experts (its llama4 rows). Not: Unsloth's own MoE kernels, DoRA, transformers 4,
-    /// flash-attn.
+    /// (peaks.json's qwen3moe, mixtral, gptoss and llama4 rows; TRL fails on Llama 4). Not:
+    /// Unsloth's MoE path, DoRA, transformers 4, flash-attn.
     static func unmeasuredExpertStep(_ a: ModelArchitecture, _ o: MemoryOptions, stack: Stack) -> String? {
         guard let x = a.experts else { return nil }
-        if x.family == .llama4 {
-            let onParameters = o.targets.contains { ModelArchitecture.parameterTargets.contains($0) }
-            guard stack.recipe == .peft && !onParameters && o.experts == .bf16 else {
-                return "Llama 4's step is modelled for the peft recipe with LoRA on its linear modules and bf16 experts (measured: peaks.json's llama4 rows)"
-            }
+        if x.family == .llama4 && stack.recipe == .trl {
+            // Measured: trl/trainer/utils.py's _fused_forward calls `model.base_model`, which on
+            // Llama4ForCausalLM (base_model_prefix "language_model", no such attribute) is the
+            // model itself; its MoeCausalLMOutputWithPast has no last_hidden_state.
+            return "TRL 1.16's fused LM head fails on Llama4ForCausalLM (its base_model is the model itself: AttributeError, no last_hidden_state)"
         }
         let unmeasured = ![.peft, .peftKbit, .trl].contains(stack.recipe) ? "the \(stack.recipe.rawValue) recipe"
             : o.dora ? "DoRA" : stack.transformers != .v5 ? "transformers \(stack.transformers.rawValue)"
@@ -428,7 +427,8 @@ public struct StepTimeline: Sendable {
                 + (any("q_proj", "k_proj", "v_proj", "qkv_proj") ? [4 * h] : [])
                 + attention + qkNorm
                 + [4 * h, 4] + (any("gate_proj", "up_proj", "gate_up_proj") ? [4 * h] : [])
-                + (a.isSparse(layer: l) ? MemoryEstimate.expertTermsPerToken(a, o, elementSize: 4) : [4 * i, 4 * i, 4 * i]) + (any("down_proj") ? [4 * i] : [])
+                + (a.isSparse(layer: l) ? MemoryEstimate.expertTermsPerToken(a, o, elementSize: o.experts == .nf4 ? 2 : 4) : [4 * i, 4 * i, 4 * i])
+                + (any("down_proj") ? [4 * i] : [])
                 + [4 * h] + ax + dropout
         case .trl:
             // Per-head q/k norms keep their fp32 input under autocast too (measured: the qwen3moe
@@ -524,7 +524,7 @@ public struct StepTimeline: Sendable {
             // The experts' element size: bf16, fp32 after prepare_model_for_kbit_training. PEFT casts
             // A and B to the weight's dtype: nothing to copy when they have it already (fp32 experts,
             // or TRL's bf16 adapters).
-            let s = unquantized
+            let s = expertElement
             var f = ExpertForward(others: [4 * e])
             if trainsExperts && s == 2 && adapterElement == 4 {
                 f.others += [2 * r * o.expertGateUpRankFactor * e * (h + 2 * i), 2 * r * e * (i + h)]
@@ -536,6 +536,11 @@ public struct StepTimeline: Sendable {
 
         var trainsExperts: Bool { o.isLoRA && o.targets.contains("experts") }
 
+        /// Bytes per element the experts compute in: the unquantized parameters', but bf16 when
+        /// bitsandbytes' parametrization dequantizes them (its quant state's dtype, which
+        /// prepare_model_for_kbit_training does not cast: measured in the `-peft-kbit-experts-nf4` row).
+        var expertElement: Int { fourBit && o.experts == .nf4 ? 2 : unquantized }
+
         /// A sparse layer's forward: what it keeps (nothing after a checkpointed forward, which
         /// frees what it made at once) and, the weight copies held, the moment of grouped_mm's down projection
         /// with its input (2ik per token; kept anyway when the experts train).
@@ -546,7 +551,7 @@ public struct StepTimeline: Sendable {
             let others = s.alloc(f.others, kind)
             let gateUp = f.gateUp > 0 ? s.alloc(f.gateUp, kind) : nil, down = f.down > 0 ? s.alloc(f.down, kind) : nil
             if !trainsExperts {
-                let input = s.alloc(o.tokens * unquantized * x.intermediateSize * x.rowsPerToken, .transient)
+                let input = s.alloc(o.tokens * expertElement * x.intermediateSize * x.rowsPerToken, .transient)
                 s.free(input)
             }
             guard keep else {
@@ -565,7 +570,7 @@ public struct StepTimeline: Sendable {
         /// has used up already freed); its copy freed.
         func expertsBackward(into s: inout StepTrace, layer l: Int, copies: (gateUp: StepTrace.Tensor?, down: StepTrace.Tensor?), mark phase: String) {
             guard let x = a.experts, a.isSparse(layer: l) else { return }
-            let (h, e, i, k, t, s2) = (a.hiddenSize, x.count, x.intermediateSize, x.rowsPerToken, o.tokens, unquantized)
+            let (h, e, i, k, t, s2) = (a.hiddenSize, x.count, x.intermediateSize, x.rowsPerToken, o.tokens, expertElement)
             func moment(_ bytes: Int, _ what: String) {
                 let b = s.alloc(bytes, .transient)
                 s.mark(phase + " (" + what + ")")
