@@ -7,7 +7,7 @@ import SafeTensors
 
 struct Export: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Write a Llama, Mistral, Qwen2, Qwen3 or Phi-3 checkpoint (dense or bitsandbytes 4-bit, adapters merged) as llama.cpp's GGUF.",
+        abstract: "Write a Llama, Mistral, Qwen2, Qwen3, Phi-3, Qwen3-MoE, Mixtral or gpt-oss checkpoint (dense or bitsandbytes 4-bit, adapters merged) as llama.cpp's GGUF.",
         discussion: """
             The bytes llama.cpp's own tools write: f32, f16 and bf16 as convert_hf_to_gguf.py --outtype; \
             q8_0, q4_0, q4_k_m and iq4_nl as convert_hf_to_gguf.py --outtype auto followed by llama-quantize \

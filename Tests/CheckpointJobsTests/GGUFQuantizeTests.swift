@@ -120,6 +120,75 @@ final class GGUFQuantizeTests: XCTestCase {
         try check("phi3-longrope", dir, .q4_k_m, goldenKey: "q4_k_m", dequantized: false)
     }
 
+    /// generate_gguf_moe.py's checkpoint of `family`: its config.json, each tensor's bf16 bits from
+    /// its name, and the tokenizer the converter reads for it.
+    static func expertCheckpoint(_ family: String, _ dir: URL) throws {
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        let configURL = repositoryRoot.appendingPathComponent("Vectors/gguf/moe/\(family)/config.json")
+        try FileManager.default.copyItem(at: configURL, to: dir.appendingPathComponent("config.json"))
+        let c = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(contentsOf: configURL)) as? [String: Any])
+        let (h, heads, kv, headDim, layers, i) = (256, 4, 2, 64, 2, 256)
+        let v = try XCTUnwrap(c["vocab_size"] as? Int), e = try XCTUnwrap(c["num_experts"] as? Int ?? c["num_local_experts"] as? Int)
+        let (q, k) = (heads * headDim, kv * headDim)
+        var shapes: [(String, [Int])] = [("model.embed_tokens.weight", [v, h]), ("model.norm.weight", [h]), ("lm_head.weight", [v, h])]
+        for l in 0..<layers {
+            let p = "model.layers.\(l)."
+            shapes += [(p + "input_layernorm.weight", [h]), (p + "post_attention_layernorm.weight", [h]), (p + "self_attn.q_proj.weight", [q, h]),
+                       (p + "self_attn.k_proj.weight", [k, h]), (p + "self_attn.v_proj.weight", [k, h]), (p + "self_attn.o_proj.weight", [h, q])]
+            switch family {
+            case "qwen3_moe":
+                shapes += [(p + "self_attn.q_norm.weight", [headDim]), (p + "self_attn.k_norm.weight", [headDim]), (p + "mlp.gate.weight", [e, h])]
+                for x in 0..<e {
+                    shapes += [(p + "mlp.experts.\(x).gate_proj.weight", [i, h]), (p + "mlp.experts.\(x).up_proj.weight", [i, h]), (p + "mlp.experts.\(x).down_proj.weight", [h, i])]
+                }
+            case "mixtral":
+                shapes.append((p + "block_sparse_moe.gate.weight", [e, h]))
+                for x in 0..<e {
+                    let m = p + "block_sparse_moe.experts.\(x)."
+                    shapes += [(m + "w1.weight", [i, h]), (m + "w3.weight", [i, h]), (m + "w2.weight", [h, i])]
+                }
+            default:
+                shapes += [(p + "self_attn.q_proj.bias", [q]), (p + "self_attn.k_proj.bias", [k]), (p + "self_attn.v_proj.bias", [k]), (p + "self_attn.o_proj.bias", [h]),
+                           (p + "self_attn.sinks", [heads]), (p + "mlp.router.weight", [e, h]), (p + "mlp.router.bias", [e]),
+                           (p + "mlp.experts.gate_up_proj", [e, h, 2 * i]), (p + "mlp.experts.gate_up_proj_bias", [e, 2 * i]),
+                           (p + "mlp.experts.down_proj", [e, i, h]), (p + "mlp.experts.down_proj_bias", [e, h])]
+            }
+        }
+        let w = try SafeTensorsWriter(url: dir.appendingPathComponent("model.safetensors"), tensors: shapes.map { ($0.0, DType.bf16, $0.1) }, metadata: ["format": "pt"])
+        for (name, shape) in shapes { try smallWeights(name, shape.reduce(1, *)).withUnsafeBytes { try w.write(name, bytes: $0) } }
+        try w.finish()
+        let tokenizer = family == "mixtral" ? ["llama-tiny/tokenizer.model"] : ["bpe/qwen2/tokenizer.json", "bpe/qwen2/tokenizer_config.json"]
+        for f in tokenizer {
+            let from = repositoryRoot.appendingPathComponent("Vectors/gguf/" + f)
+            try FileManager.default.copyItem(at: from, to: dir.appendingPathComponent(from.lastPathComponent))
+        }
+    }
+
+    /// Qwen3-MoE, Mixtral (8 experts: llama-quantize's attention rules for them) and gpt-oss as
+    /// the converter and llama-quantize write them (Vectors/gguf/moe.json): each tensor's type in
+    /// order, the size and the whole file's bytes.
+    func testMixturesOfExpertsExportAsTheConverterWritesThem() throws {
+        let data = try Data(contentsOf: repositoryRoot.appendingPathComponent("Vectors/gguf/moe.json"))
+        let golden = try XCTUnwrap(try JSONSerialization.jsonObject(with: data) as? [String: Any])
+        let tmp = FileManager.default.temporaryDirectory.appendingPathComponent("gguf-moe-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: tmp) }
+        for family in ["qwen3_moe", "mixtral", "gpt_oss"] {
+            let dir = tmp.appendingPathComponent(family).appendingPathComponent("tiny")
+            try Self.expertCheckpoint(family, dir)
+            for (type, key) in [(GGUFExportType.bf16, "auto"), (.q4_k_m, "q4_k_m")] {
+                let want = try XCTUnwrap((golden[family] as? [String: Any])?[key] as? [String: Any], "\(family) \(key)")
+                let out = tmp.appendingPathComponent("\(family)-\(key).gguf")
+                let summary = try exportGGUF(base: dir.path, output: out.path, type: type)
+                let file = try Data(contentsOf: out)
+                let gguf = try GGUFFile(bytes: file, file: out.path)
+                XCTAssertEqual(gguf.header.tensors.map { "\($0.name) \($0.type.description)" }, want["tensors"] as? [String], "\(family) \(key): tensors and types")
+                XCTAssertEqual(summary.bytesWritten, file.count)
+                XCTAssertEqual(file.count, want["bytes"] as? Int, "\(family) \(key): size")
+                XCTAssertEqual(SHA256.hex([UInt8](file)), want["sha256"] as? String, "\(family) \(key): the file's bytes")
+            }
+        }
+    }
+
     func testExportIsConvertThenLlamaQuantizeToTheByte() throws {
         let tmp = FileManager.default.temporaryDirectory.appendingPathComponent("gguf-quantize-\(UUID().uuidString)")
         defer { try? FileManager.default.removeItem(at: tmp) }

@@ -103,8 +103,14 @@ public func exportGGUF(base: String, adapters specs: [MergeAdapter] = [], output
     summary.convertedAs = convertedAs.rawValue
     summary.parameters = planned.reduce(0) { $0 + $1.ne.reduce(1, *) }
     if let w = GGUFNames.cardWarning(directory: base) { warnings.append(w) }
+    if family == .qwen3MoE, arch.experts?.normalizesTopK == false {
+        // src/models/qwen3moe.cpp passes norm_w = true to build_moe_ffn whatever the file says.
+        warnings.append("config.json's norm_topk_prob is false, but llama.cpp's qwen3moe always renormalizes the chosen experts' weights: the file computes another model "
+                        + "(llama.cpp's converter writes it all the same)")
+    }
     summary.warnings = warnings
-    let general = GGUFNames.generalKeys(directory: base, config: config, parameters: summary.parameters) { GGUFExport.sizeLabel(parameters: $0) }
+    let sizeLabel = GGUFExport.sizeLabel(of: planned)
+    let general = GGUFNames.generalKeys(directory: base, config: config, parameters: summary.parameters) { _ in sizeLabel }
     var metadata = GGUFExport.metadata(config: config, arch, family, name: "", parameters: summary.parameters, outType: convertedAs,
                                        vocabulary: tokenizer.sentencePiece, special: tokenizer.special, bpe: tokenizer.bpe, general: general,
                                        longRoPE: longRoPE)
@@ -114,7 +120,7 @@ public func exportGGUF(base: String, adapters specs: [MergeAdapter] = [], output
     if let mixture = type.mixture {
         order = LlamaQuantize.loaderOrder(planned.map(\.name))
         let types = LlamaQuantize.types(names: order.map { planned[$0].name }, ne: order.map { planned[$0].ne }, current: order.map { planned[$0].type },
-                                        mixture: mixture, model: .init(layers: arch.layers, attentionHeads: arch.attentionHeads, keyValueHeads: arch.keyValueHeads))
+                                        mixture: mixture, model: .init(arch))
         for (k, i) in order.enumerated() { finalTypes[i] = types[k] }
         metadata = LlamaQuantize.metadata(metadata, mixture: mixture)
     }

@@ -33,7 +33,9 @@ public enum LlamaQuantizeMixture: String, CaseIterable, Sendable {
 ///   (`llama_tensor_get_type_impl`): the output (or a tied token embedding) Q6_K (Q8_0 where its
 ///   rows are not whole blocks, and for Q8_0); Q4_K_M's attn_v and ffn_down Q6_K in the layers
 ///   `useMoreBits` picks; IQ4_NL's attn_v Q5_K at GQA ≥ 4 and first eighth of ffn_down Q5_K;
-///   a 70B Llama's Q4_K attn_v Q5_K; then rows that are not whole blocks fall back
+///   a 70B Llama's Q4_K attn_v Q5_K; with exactly 8 experts (Mixtral-8x7B) attn_v and attn_k
+///   Q8_0 and Q4_K_M's and IQ4_NL's attn_output Q5_K; 3-D expert tensors row by row like 2-D
+///   ones, ffn_down_exps by its layer; then rows that are not whole blocks fall back
 ///   (Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0, and F16 where a 32-value block does not fit either);
 /// - every other tensor is copied; a converted tensor is read as fp32 from the converter's
 ///   16-bit values and quantized by ggml's reference quantizers (`GGMLQuants`);
@@ -45,8 +47,13 @@ public enum LlamaQuantize {
         public var layers: Int
         public var attentionHeads: Int
         public var keyValueHeads: Int
-        public init(layers: Int, attentionHeads: Int, keyValueHeads: Int) {
-            (self.layers, self.attentionHeads, self.keyValueHeads) = (layers, attentionHeads, keyValueHeads)
+        /// Experts per layer (the file's expert_count; 0 for a dense model).
+        public var experts: Int
+        public init(layers: Int, attentionHeads: Int, keyValueHeads: Int, experts: Int = 0) {
+            (self.layers, self.attentionHeads, self.keyValueHeads, self.experts) = (layers, attentionHeads, keyValueHeads, experts)
+        }
+        public init(_ a: ModelArchitecture) {
+            self.init(layers: a.layers, attentionHeads: a.attentionHeads, keyValueHeads: a.keyValueHeads, experts: a.experts?.count ?? 0)
         }
         var gqa: Int { keyValueHeads > 0 ? attentionHeads / keyValueHeads : 0 }
         /// llama.cpp's LLM_TYPE_70B for the Llama architecture: 80 layers with grouped KV heads.
@@ -70,12 +77,14 @@ public enum LlamaQuantize {
         }
     }
 
-    enum Category { case output, tokenEmbedding, attentionV, ffnDown, ffnGate, ffnUp, other }
+    enum Category { case output, tokenEmbedding, attentionV, attentionK, attentionOutput, ffnDown, ffnGate, ffnUp, other }
 
     static func category(_ name: String) -> Category {
         if name == "output.weight" { return .output }
         if name == "token_embd.weight" || name == "per_layer_token_embd.weight" { return .tokenEmbedding }
         if name.contains("attn_qkv.weight") || name.contains("attn_kv_b.weight") || name.contains("attn_v.weight") { return .attentionV }
+        if name.contains("attn_k.weight") { return .attentionK }
+        if name.contains("attn_output.weight") { return .attentionOutput }
         if name.contains("ffn_up") { return .ffnUp }
         if name.contains("ffn_gate") { return .ffnGate }
         if name.contains("ffn_down") { return .ffnDown }
@@ -120,7 +129,12 @@ public enum LlamaQuantize {
                     t = .q6_K
                 }
                 if model.is70B && t == .q4_K { t = .q5_K }
+                if model.experts == 8 { t = .q8_0 }  // "for the 8-expert model, bumping this to Q8_0 trades just ~128MB"
                 iAttentionV += 1
+            case .attentionK:
+                if model.experts == 8 { t = .q8_0 }
+            case .attentionOutput:
+                if model.experts == 8 && (mixture == .q4_k_m || mixture == .iq4_nl) { t = .q5_K }
             case .ffnDown:
                 if mixture == .q4_k_m {
                     if useMoreBits(iFFNDown, model.layers) { t = .q6_K }

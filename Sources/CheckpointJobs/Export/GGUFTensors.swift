@@ -25,41 +25,71 @@ public struct GGUFTensor: Sendable, Equatable {
 /// Qwen3Model, Phi3MiniModel).
 public enum GGUFArchitecture: String, Sendable, CaseIterable {
     case llama, qwen2, qwen3, phi3
+    /// Qwen3-MoE (conversion/qwen.py `Qwen3MoeModel`).
+    case qwen3MoE = "qwen3moe"
+    /// gpt-oss (conversion/gpt_oss.py `GptOssModel`).
+    case gptOSS = "gpt-oss"
 
+    /// llama.cpp's architecture for a config's `architectures`; Mixtral is a Llama with experts
+    /// (`LlamaModel` stacks them).
     public init?(architectures: [String]) {
-        if architectures.contains("LlamaForCausalLM") || architectures.contains("MistralForCausalLM") { self = .llama }
-        else if architectures.contains("Qwen2ForCausalLM") { self = .qwen2 }
-        else if architectures.contains("Qwen3ForCausalLM") { self = .qwen3 }
-        else if architectures.contains("Phi3ForCausalLM") { self = .phi3 }
-        else { return nil }
+        let names: [String: GGUFArchitecture] = ["LlamaForCausalLM": .llama, "MistralForCausalLM": .llama, "MixtralForCausalLM": .llama,
+                                                 "Qwen2ForCausalLM": .qwen2, "Qwen3ForCausalLM": .qwen3, "Phi3ForCausalLM": .phi3,
+                                                 "Qwen3MoeForCausalLM": .qwen3MoE, "GptOssForCausalLM": .gptOSS]
+        guard let family = architectures.lazy.compactMap({ names[$0] }).first else { return nil }
+        self = family
     }
 
     /// A checkpoint's config.json: its JSON, llama.cpp's architecture for it, and its shapes; one
-    /// line naming the file where the architecture is not one the export writes.
+    /// line naming the file where the architecture is not one the export writes, or a mixture
+    /// of experts llama.cpp's architecture cannot hold.
     static func load(config path: String) throws -> (config: JSONValue, family: GGUFArchitecture, arch: ModelArchitecture) {
         let config = try ConfigJSON.read(path)
         var names: [String] = []
         if case .array(let a)? = config["architectures"] { names = a.compactMap { if case .string(let s) = $0 { return s }; return nil } }
         guard let family = GGUFArchitecture(architectures: names) else {
-            throw CheckpointError.invalidPath(path: path, problem: "export writes LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM and Phi3ForCausalLM; this checkpoint is \(names.first ?? "of no stated architecture")")
+            throw CheckpointError.invalidPath(path: path, problem: "export writes LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
+                                              + "Qwen3MoeForCausalLM, GptOssForCausalLM and Phi3ForCausalLM; this checkpoint is \(names.first ?? "of no stated architecture")")
         }
-        return (config, family, try ModelArchitecture(configFile: path))
+        if case .string(let method)? = config["quantization_config"]?["quant_method"], method == "mxfp4" {
+            throw CheckpointError.invalidPath(path: path, problem: "gpt-oss' MXFP4 experts: run `qlora dequantize` first (it writes the bf16 experts transformers holds, which export takes; "
+                                              + "llama-quantize makes the same Q4_K_M of either)")
+        }
+        let arch = try ModelArchitecture(configFile: path)
+        if family == .qwen3MoE, let x = arch.experts, !x.denseLayers.filter({ $0 < arch.layers }).isEmpty {
+            // QWEN3MOE's tensor list (gguf-py constants.py) has no dense FFN: the converter stops at the first one.
+            throw CheckpointError.invalidPath(path: path, problem: "layers \(x.denseLayers.filter { $0 < arch.layers }.map(String.init).joined(separator: ", ")) have a dense MLP "
+                                              + "(mlp_only_layers / decoder_sparse_step), which llama.cpp's qwen3moe architecture cannot hold")
+        }
+        return (config, family, arch)
     }
 
     /// Only LlamaModel undoes Hugging Face's rotate-half layout of q and k.
     var permutesQK: Bool { self == .llama }
 
+    /// Qwen3MoeModel and GptOssModel read only tokenizer.json (`_set_vocab_gpt2`).
+    var readsOnlyBPE: Bool { self == .qwen3MoE || self == .gptOSS }
+
     /// The per-layer modules this architecture's tensor map names (gguf-py's tensor_mapping for it).
     var layerNames: [String: String] {
-        var names = ["input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.o_proj": "attn_output", "mlp.down_proj": "ffn_down"]
+        var names = ["input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.o_proj": "attn_output"]
+        let attention = ["self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v"]
+        let mlp = ["mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"]
+        let qkNorms = ["self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"]
         switch self {
         case .phi3:
-            names["self_attn.qkv_proj"] = "attn_qkv"
-            names["mlp.gate_up_proj"] = "ffn_up"
-        default:
-            names.merge(["self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-                         "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up"]) { $1 }
-            if self == .qwen3 { names.merge(["self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"]) { $1 } }
+            names.merge(["self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up", "mlp.down_proj": "ffn_down"]) { $1 }
+        case .llama:
+            names.merge(attention.merging(mlp) { $1 }.merging(["block_sparse_moe.gate": "ffn_gate_inp"]) { $1 }) { $1 }
+        case .qwen2:
+            names.merge(attention.merging(mlp) { $1 }) { $1 }
+        case .qwen3:
+            names.merge(attention.merging(mlp) { $1 }.merging(qkNorms) { $1 }) { $1 }
+        case .qwen3MoE:
+            names.merge(attention.merging(qkNorms) { $1 }.merging(["mlp.gate": "ffn_gate_inp"]) { $1 }) { $1 }
+        case .gptOSS:
+            // GPT_OSS has a post-attention norm and no FFN norm; the router is an nn.Linear with a bias.
+            names.merge(attention.merging(["post_attention_layernorm": "post_attention_norm", "mlp.router": "ffn_gate_inp"]) { $1 }) { $1 }
         }
         return names
     }
@@ -179,19 +209,44 @@ public enum GGUFExport {
     /// One output tensor, planned before any data is read: where its values come from (a
     /// checkpoint tensor, or the generated rope factors), its name, dimensions and type.
     public struct PlannedTensor: Sendable, Equatable {
-        /// The checkpoint tensor it comes from, or nil for a tensor the converter generates (`generated`).
+        /// The checkpoint tensor it comes from (of stacked experts, the first), or nil for a
+        /// tensor the converter generates (`generated`).
         public var source: String?
         /// A generated tensor's values (rope factors).
         public var generated: [Float]? = nil
         public var name: String
         public var ne: [Int]
         public var type: GGMLType
+        /// How a mixture of experts' tensor is made from the checkpoint's; nil: `source` as it is.
+        public var experts: ExpertSource? = nil
+
+        /// The checkpoint tensors its values come from.
+        public var members: [String] {
+            if case .stacked(let names)? = experts { return names }
+            return source.map { [$0] } ?? []
+        }
+    }
+
+    /// How the converter makes a mixture of experts' tensor.
+    public enum ExpertSource: Sendable, Equatable {
+        /// Qwen2MoeModel / LlamaModel `modify_tensors`: the per-expert [out, in] tensors stacked on
+        /// a new first axis in expert order, [experts, out, in].
+        case stacked([String])
+        /// GptOssModel `modify_tensors`: a fused [experts, in, out] parameter transposed to
+        /// [experts, out, in]; of gate_up (gate and up interleaved on its last axis) the gate
+        /// (`half` 0, the even columns) or the up projection (1, the odd ones).
+        case transposed(half: Int?)
+        /// GptOssModel: gate_up's bias [experts, 2·intermediate] split as its weight is.
+        case interleavedBias(half: Int)
     }
 
     /// The type the converter gives a tensor: F32 for 1-D tensors and norms, else `outType`
     /// (F16 where Q8_0's 32-value blocks do not divide a row).
     static func type(name: String, ne: [Int], outType: GGUFOutType) -> GGMLType {
-        if ne.count <= 1 || name.hasSuffix("_norm.weight") { return .f32 }
+        // base.py prepare_tensors: 1-D tensors, norms, the router (FFN_GATE_INP) and every tensor
+        // whose name does not end in ".weight", ".lora_a" or ".lora_b" (biases of any rank) stay F32.
+        if ne.count <= 1 || name.hasSuffix("_norm.weight") || name.hasSuffix("ffn_gate_inp.weight")
+            || ![".weight", ".lora_a", ".lora_b"].contains(where: name.hasSuffix) { return .f32 }
         switch outType {
         case .f32: return .f32
         case .f16: return .f16
@@ -237,7 +292,12 @@ public enum GGUFExport {
             plan.append(PlannedTensor(source: nil, generated: longRoPE.long, name: "rope_factors_long.weight", ne: [longRoPE.long.count], type: .f32))
             plan.append(PlannedTensor(source: nil, generated: longRoPE.short, name: "rope_factors_short.weight", ne: [longRoPE.short.count], type: .f32))
         }
+        var experts = ExpertStacks(a, arch)
         for t in converterOrder(dense) where !t.name.hasSuffix(".rotary_emb.inv_freq") {
+            if let stacked = try experts.add(t) {
+                plan += stacked.map { PlannedTensor(source: $0.source, name: $0.name, ne: $0.ne, type: type(name: $0.name, ne: $0.ne, outType: outType), experts: $0.experts) }
+                continue
+            }
             guard let name = ggufName(t.name, arch) else {
                 throw CheckpointError.invalidTensor(file: t.file, tensor: t.name, problem: "llama.cpp's \(arch.rawValue) architecture has no tensor of this name")
             }
@@ -253,6 +313,7 @@ public enum GGUFExport {
             }
             plan.append(PlannedTensor(source: t.name, name: name, ne: ne, type: type(name: name, ne: ne, outType: outType)))
         }
+        try experts.finish()
         return plan
     }
 
@@ -276,6 +337,30 @@ public enum GGUFExport {
     /// rope factors, or the source tensor (`load`) with q_proj/k_proj rows permuted.
     public static func values(of t: PlannedTensor, _ a: ModelArchitecture, _ arch: GGUFArchitecture = .llama, load: (String) throws -> [Float]) rethrows -> [Float] {
         guard let hf = t.source else { return t.generated! }
+        switch t.experts {
+        case .stacked(let names)?:
+            var x: [Float] = []
+            x.reserveCapacity(t.ne.reduce(1, *))
+            for n in names { x += try load(n) }
+            return x
+        case .transposed(let half)?:
+            // ne [in, rows, experts] from [experts, in, out]: out = rows, or 2·rows interleaved.
+            let (columns, rows, count) = (t.ne[0], t.ne[1], t.ne[2]), out = half == nil ? rows : 2 * rows
+            let x = try load(hf)
+            var y = [Float](repeating: 0, count: x.count / (half == nil ? 1 : 2))
+            for e in 0..<count {
+                for r in 0..<rows {
+                    let from = e * columns * out + (half.map { 2 * r + $0 } ?? r), to = (e * rows + r) * columns
+                    for c in 0..<columns { y[to + c] = x[from + c * out] }
+                }
+            }
+            return y
+        case .interleavedBias(let half)?:
+            let x = try load(hf)
+            return stride(from: half, to: x.count, by: 2).map { x[$0] }
+        case nil:
+            break
+        }
         let x = try load(hf)
         if arch.permutesQK, t.ne.count == 2, hf.hasSuffix("q_proj.weight") || hf.hasSuffix("k_proj.weight") {
             return permuteRows(x, rows: t.ne[1], cols: t.ne[0], heads: hf.hasSuffix("q_proj.weight") ? a.attentionHeads : a.keyValueHeads)
@@ -307,6 +392,29 @@ extension GGUFExport {
         let rounded = scaled.rounded(.toNearestOrEven)
         let digits = rounded == 0 ? 0 : String(Int(rounded)).count
         return String(format: "%.\(max(2 - digits, 0))f", scaled) + suffix
+    }
+
+    /// gguf-py's size label of the planned tensors (GGUFWriter.get_total_parameter_count and
+    /// utility.size_label): a dense model's parameter count, or for a mixture of experts
+    /// "{experts}x{one expert's share plus the shared parameters}" ("8x7.2B"); a tensor counts as
+    /// an expert's when its name has "_exps." and it has 3 dimensions (2-D expert biases are shared).
+    public static func sizeLabel(of planned: [PlannedTensor]) -> String {
+        var total = 0, shared = 0, expert = 0, expertSum = 0, expertTensors = 0
+        for t in planned {
+            let size = t.ne.reduce(1, *)
+            total += size
+            if t.name.contains("_exps."), t.ne.count >= 3 {
+                // The numpy shape's [-3] (a bias's [-2]): ne is that shape reversed.
+                let experts = t.ne[t.name.contains(".bias") ? 1 : 2]
+                expert += size / max(experts, 1)
+                expertSum += experts
+                expertTensors += 1
+            } else {
+                shared += size
+            }
+        }
+        guard expertTensors > 0 else { return sizeLabel(parameters: total) }
+        return "\(expertSum / expertTensors)x" + sizeLabel(parameters: shared + expert)
     }
 
     static func int(_ v: JSONValue?) -> Int? { if case .number(let t)? = v { return Int(t) }; return nil }
@@ -353,8 +461,13 @@ extension GGUFExport {
             m.append(("\(p).feed_forward_length", u32(a.intermediateSize)))
             m.append(("\(p).attention.head_count", u32(a.attentionHeads)))
             m.append(("\(p).attention.head_count_kv", u32(a.keyValueHeads)))
+            if arch == .gptOSS { m += yarnScaling(config, p) }
             m.append(("\(p).rope.freq_base", .float32(Float(a.ropeTheta))))
             m.append(("\(p).attention.layer_norm_rms_epsilon", .float32(Float(a.rmsNormEps))))
+            if let x = a.experts {
+                m.append(("\(p).expert_count", u32(x.count)))
+                m.append(("\(p).expert_used_count", u32(x.perToken)))
+            }
             // transformers' LlamaConfig, MistralConfig and Qwen3Config always have a head_dim
             // (hidden_size / num_attention_heads when config.json has none); Qwen2Config only
             // when config.json sets one.
@@ -365,9 +478,17 @@ extension GGUFExport {
                 m.append(("\(p).attention.value_length", u32(a.headDim)))
             }
             m.append(("general.file_type", .uint32(outType.fileType)))
-            if arch == .llama {
+            switch arch {
+            case .llama:
                 m.append(("llama.vocab_size", u32(a.vocabSize)))
                 m.append(("llama.rope.dimension_count", u32(a.headDim)))
+            case .qwen3MoE:
+                m.append(("qwen3moe.expert_feed_forward_length", u32(a.experts?.intermediateSize ?? 0)))
+            case .gptOSS:
+                m.append(("gpt-oss.attention.sliding_window", u32(int(config["sliding_window"]) ?? 0)))
+                m.append(("gpt-oss.expert_feed_forward_length", u32(a.intermediateSize)))
+            default:
+                break
             }
         }
         m.append(("general.quantization_version", .uint32(2)))
@@ -393,6 +514,21 @@ extension GGUFExport {
             }
         }
         return withoutEmptyStrings(m)
+    }
+
+    /// TextModel.set_gguf_parameters' YaRN keys from config.json's rope_parameters (or
+    /// rope_scaling), in its order; nothing for another rope type or without a factor.
+    static func yarnScaling(_ config: JSONValue, _ p: String) -> [(key: String, value: GGUFValue)] {
+        let rope = config["rope_parameters"] ?? config["rope_scaling"]
+        func float(_ v: JSONValue?) -> GGUFValue? { if case .number(let t)? = v, let d = Double(t) { return .float32(Float(d)) }; return nil }
+        guard rope?["rope_type"] == .string("yarn"), let factor = float(rope?["factor"]) else { return [] }
+        var m: [(key: String, value: GGUFValue)] = [("\(p).rope.scaling.type", .string("yarn")), ("\(p).rope.scaling.factor", factor),
+                                                   ("\(p).rope.scaling.original_context_length", .uint32(UInt32(clamping: int(rope?["original_max_position_embeddings"]) ?? 0)))]
+        for (key, fields) in [("yarn_ext_factor", ["extrapolation_factor"]), ("yarn_attn_factor", ["attention_factor", "attn_factor"]),
+                              ("yarn_beta_fast", ["beta_fast"]), ("yarn_beta_slow", ["beta_slow"])] {
+            if let v = fields.lazy.compactMap({ float(rope?[$0]) }).first { m.append(("\(p).rope.scaling.\(key)", v)) }
+        }
+        return m
     }
 
     /// gguf-py's add_string writes nothing for an empty string ("if not val: return"): the key is absent.
@@ -442,7 +578,10 @@ extension GGUFExport {
         public init(directory base: String, _ family: GGUFArchitecture, vocabSize: Int) throws {
             let fm = FileManager.default
             let model = base + "/tokenizer.model"
-            var useBPE = !fm.fileExists(atPath: model) && fm.fileExists(atPath: base + "/tokenizer.json")
+            var useBPE = family.readsOnlyBPE || !fm.fileExists(atPath: model) && fm.fileExists(atPath: base + "/tokenizer.json")
+            if family.readsOnlyBPE && !fm.fileExists(atPath: base + "/tokenizer.json") {
+                throw CheckpointError.invalidPath(path: base, problem: "has no tokenizer.json: llama.cpp's converter reads a \(family.rawValue) model's vocabulary from it alone")
+            }
             if family == .phi3, fm.fileExists(atPath: base + "/tokenizer_config.json"),
                let tc = try? JSONValue.parse(document: [UInt8](InputFile.read(base + "/tokenizer_config.json"))), tc["tokenizer_class"] == .string("GPT2Tokenizer") {
                 useBPE = true

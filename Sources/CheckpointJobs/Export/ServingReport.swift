@@ -36,11 +36,11 @@ struct ServingPlan {
     init(dense: [GGUFExport.DenseTensor], _ a: ModelArchitecture, _ family: GGUFArchitecture) throws {
         let planned = try GGUFExport.plan(dense, a, family, outType: GGUFExport.autoOutType(dense))
         let sorted = LlamaQuantize.loaderOrder(planned.map(\.name))
-        for t in planned { if let hf = t.source { convertedAs[hf] = t.type } }
+        for t in planned { for hf in t.members { convertedAs[hf] = t.type } }
         for mixture in LlamaQuantizeMixture.allCases {
             let types = LlamaQuantize.types(names: sorted.map { planned[$0].name }, ne: sorted.map { planned[$0].ne }, current: sorted.map { planned[$0].type },
-                                            mixture: mixture, model: .init(layers: a.layers, attentionHeads: a.attentionHeads, keyValueHeads: a.keyValueHeads))
-            for (k, i) in sorted.enumerated() { if let hf = planned[i].source { self.types[hf, default: [:]][mixture] = types[k] } }
+                                            mixture: mixture, model: .init(a))
+            for (k, i) in sorted.enumerated() { for hf in planned[i].members { self.types[hf, default: [:]][mixture] = types[k] } }
         }
     }
 
