@@ -75,6 +75,10 @@ public struct MemoryOptions: Sendable, Codable {
     public var modulesToSave: [String] = []
     /// How a mixture of experts' experts are held.
     public var experts: ExpertRoute = .bf16
+    /// LoRA on quantized experts runs beside them (Unsloth's ParamWrapper forward, which applies
+    /// the adapters as their own grouped matmuls), where PEFT's target_parameters finds no
+    /// parametrized expert.
+    public var quantizedExpertLoRA = false
     /// The rank of experts.gate_up_proj's adapter over `rank`: PEFT's "all-linear" on a mixture
     /// of experts gives it twice the rank (its rank_pattern; moe.json `peft_all_linear`).
     public var expertGateUpRankFactor = 1
@@ -181,7 +185,7 @@ public struct MemoryEstimate: Sendable, Codable {
         if a.experts == nil, let t = o.targets.first(where: ModelArchitecture.parameterTargets.contains) {
             throw MemoryError.badOption("target '\(t)': \(a.name) has no experts (it is not a mixture of experts)")
         }
-        if o.experts == .nf4, a.experts != nil, let t = o.targets.first(where: ModelArchitecture.parameterTargets.contains) {
+        if o.experts == .nf4, !o.quantizedExpertLoRA, a.experts != nil, let t = o.targets.first(where: ModelArchitecture.parameterTargets.contains) {
             throw MemoryError.badOption("target '\(t)' with --experts nf4: PEFT's target_parameters finds no parametrized expert (bitsandbytes' parametrize route); adapt the linear modules only")
         }
         for m in o.modulesToSave where m != "lm_head" && m != "embed_tokens" {

@@ -69,6 +69,10 @@ public struct StepTimeline: Sendable {
 
     public init(model a: ModelArchitecture, options o: MemoryOptions, firstStep: Bool = false, stack: Stack = .default) throws {
         try stack.validate()
+        if stack.recipe == .unsloth && a.experts != nil {
+            self = try StepTimeline(unslothExperts: a, options: o, firstStep: firstStep, stack: stack)
+            return
+        }
         if let problem = Self.unmeasuredExpertStep(a, o, stack: stack) { throw MemoryError.badOption("\(a.name): \(problem)") }
         if stack.recipe == .unsloth {
             self = try StepTimeline(unsloth: a, options: o, firstStep: firstStep, stack: stack)

@@ -23,8 +23,8 @@ struct FitCommand: ParsableCommand {
     @Option(help: "full, full-8bit-adam, lora or qlora.") var method: TrainingMethod = .qlora
     @Option(help: "LoRA rank.") var rank = 16
     @Option(help: "Adapted projections: all, attention, mlp, all-linear (PEFT's resolution), or a list such as q,v or attention,experts.") var targets = "all"
-    @Option(help: "A mixture of experts' experts: bf16 (as transformers 5 + bitsandbytes load them) or nf4 (bitsandbytes' replace_parameter_4bit after loading).")
-    var experts: ExpertRoute = .bf16
+    @Option(help: "A mixture of experts' experts: bf16 (as transformers 5 + bitsandbytes load them; the default) or nf4 (bitsandbytes' replace_parameter_4bit after loading; Unsloth's own NF4 stacks, the default with --recipe unsloth).")
+    var experts: ExpertRoute?
     @Option(help: "The sequence length the batch answer is for (and the matrix's).") var seqLen = 2048
     @Option(help: "The LoRA methods' optimizer: adamw, adamw-8bit or paged-adamw-8bit (paged states count nothing on the GPU).") var optimizer: Optimizer = .adamw
     @Flag(help: "DoRA (PEFT's use_dora): a magnitude per output feature, and each module's weight norm in the forward.") var dora = false
@@ -50,7 +50,8 @@ struct FitCommand: ParsableCommand {
             let arch = try architecture(model: model, config: config)
             var o = MemoryOptions(method: method, rank: rank, seqLen: seqLen, optimizer: optimizer, dora: dora)
             try o.setTargets(targets, for: arch)
-            o.experts = experts
+            o.experts = experts ?? (stackOptions.recipe == .unsloth ? .nf4 : .bf16)
+            o.quantizedExpertLoRA = stackOptions.recipe == .unsloth
             o.modulesToSave = modulesToSave.map { $0.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) } } ?? []
             let answers = try Fit.answer(arch, o, memory: bytes, gpus: gpus, parallelism: parallelism, stack: stack)
             if json {
@@ -84,14 +85,16 @@ struct FitCommand: ParsableCommand {
         for a in ModelArchitecture.presets {
             // A mixture of experts' QLoRA rows: its experts as transformers 5 + bitsandbytes hold
             // them (bf16), and through bitsandbytes' parametrize route (nf4).
-            let routes: [ExpertRoute] = a.experts == nil ? [.bf16] : ExpertRoute.allCases
+            // Unsloth quantizes the experts as it loads them: its one route.
+            let routes: [ExpertRoute] = a.experts == nil ? [.bf16] : stack.recipe == .unsloth ? [.nf4] : ExpertRoute.allCases
             for m in TrainingMethod.allCases {
                 if m != .qlora && stack.recipe != .peft { continue }   // peft-kbit, trl and unsloth are QLoRA recipes
                 for route in m == .qlora ? routes : [.bf16] {
                     var o = MemoryOptions(method: m, rank: rank, seqLen: seqLen, gradientCheckpointing: true, dora: dora && (m == .qlora || m == .lora))
                     try o.setTargets(targets, for: a)
                     o.experts = route
-                    if route == .nf4 { o.targets.removeAll { ModelArchitecture.parameterTargets.contains($0) } }
+                    o.quantizedExpertLoRA = stack.recipe == .unsloth
+                    if route == .nf4 && stack.recipe != .unsloth { o.targets.removeAll { ModelArchitecture.parameterTargets.contains($0) } }
                     let label = a.experts == nil || m != .qlora ? m.rawValue : "\(m.rawValue), experts \(route.rawValue)"
                     let b: Int
                     do {

@@ -23,8 +23,8 @@ struct MemoryCommand: ParsableCommand {
     @Option(parsing: .unconditional, help: "LoRA alpha (recorded; it does not change memory).") var alpha = 32.0
     @Option(help: "Adapted projections: all, attention, mlp, all-linear (PEFT's resolution), or a list such as q,v, q_proj,v_proj or attention,experts (a mixture of experts' experts and router through PEFT's target_parameters).")
     var targets = "all"
-    @Option(help: "A mixture of experts' experts: bf16 (as transformers 5 + bitsandbytes load them) or nf4 (bitsandbytes' replace_parameter_4bit after loading).")
-    var experts: ExpertRoute = .bf16
+    @Option(help: "A mixture of experts' experts: bf16 (as transformers 5 + bitsandbytes load them; the default) or nf4 (bitsandbytes' replace_parameter_4bit after loading; Unsloth's own NF4 stacks, the default with --recipe unsloth).")
+    var experts: ExpertRoute?
     @Option(parsing: .unconditional, help: "Tokens per sequence.") var seqLen = 2048
     @Option(parsing: .unconditional, help: "Sequences per step.") var batch = 1
     @Flag(help: "Gradient checkpointing per decoder layer.") var gradCheckpointing = false
@@ -55,7 +55,8 @@ struct MemoryCommand: ParsableCommand {
             var o = MemoryOptions(method: method, rank: rank, alpha: alpha, seqLen: seqLen,
                                   batch: batch, gradientCheckpointing: gradCheckpointing, doubleQuant: doubleQuant, optimizer: optimizer, dora: dora)
             try o.setTargets(targets, for: arch)
-            o.experts = experts
+            o.experts = experts ?? (stackOptions.recipe == .unsloth ? .nf4 : .bf16)
+            o.quantizedExpertLoRA = stackOptions.recipe == .unsloth
             o.modulesToSave = modulesToSave.map { $0.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) } } ?? []
             var m = try MemoryEstimate(model: arch, options: o)
             var scope: String? = nil

@@ -141,6 +141,43 @@ final class UnslothRecipeTests: XCTestCase {
         XCTAssertGreaterThan(hf.peakBytes - u.peakBytes, 2048 * 8 * 128256)
         XCTAssertThrowsError(try StepTimeline(model: a, options: MemoryOptions(method: .full), recipe: .unsloth))
     }
+
+    /// Unsloth on Qwen3-MoE and Mixtral (from its source): the experts held as `--experts nf4`
+    /// holds them (one NF4 Params4bit per projection's stack, as a CPU run of its loader held them
+    /// to the byte), no checkpoint on the device, the fused loss's chunk at its 4 GiB cap; gpt-oss
+    /// and Llama 4, whose paths are not modelled, and the router refused.
+    func testUnslothOnAMixtureOfExperts() throws {
+        let a = ModelArchitecture.preset("qwen3-30b-a3b")!
+        var o = MemoryOptions(method: .qlora, rank: 16, targets: ModelArchitecture.attentionProjections + ["experts"], seqLen: 2048, gradientCheckpointing: true)
+        o.experts = .nf4
+        o.quantizedExpertLoRA = true
+        let u = try StepTimeline(model: a, options: o, recipe: .unsloth)
+        var peft = o
+        peft.targets = ModelArchitecture.attentionProjections
+        let nf4 = try StepTimeline(model: a, options: peft)
+        // The same 4-bit weights; and the expert adapters trained (E·r·(h + 2i) + E·r·(i + h) per layer on top).
+        XCTAssertEqual(u.points[0].components["weights"], nf4.points[0].components["weights"])
+        XCTAssertEqual(try MemoryEstimate(model: a, options: o).params.trainable - (try MemoryEstimate(model: a, options: peft)).params.trainable,
+                       48 * 128 * 16 * ((2048 + 2 * 768) + (768 + 2048)))
+        var deeper = a
+        deeper.layers *= 2
+        let d = try StepTimeline(model: deeper, options: o, recipe: .unsloth)
+        func endOfForward(_ t: StepTimeline) -> Int { t.points.first { $0.phase.hasPrefix("head forward") }!.components["activations"]! }
+        XCTAssertEqual(endOfForward(u), endOfForward(d))
+        XCTAssertEqual(u.hostBytes, 48 * 2048 * 2 * 2048)
+        // One chunk while the fp32 logits fit 4 GiB; past it, a multiple of 4 chunks within it.
+        XCTAssertEqual(StepTimeline.unslothFusedLossChunkBytes(tokens: 2048, vocab: 151936), 14 * 2048 * 151936)
+        XCTAssertEqual(StepTimeline.unslothFusedLossChunkBytes(tokens: 16384, vocab: 151936), 14 * 4096 * 151936)   // 9.3 GiB: 4 chunks
+        XCTAssertLessThanOrEqual(StepTimeline.unslothFusedLossChunkBytes(tokens: 1 << 20, vocab: 151936), 14 * (4 << 30) / 4 + 14 * 151936)
+        for name in ["gpt-oss-20b", "llama-4-scout"] {
+            XCTAssertThrowsError(try StepTimeline(model: ModelArchitecture.preset(name)!, options: peft, recipe: .unsloth), name)
+        }
+        var router = o
+        router.targets.append("router")
+        XCTAssertThrowsError(try StepTimeline(model: a, options: router, recipe: .unsloth))
+        o.experts = .bf16
+        XCTAssertThrowsError(try StepTimeline(model: a, options: o, recipe: .unsloth))
+    }
 }
 
 /// DoRA's terms beyond plain LoRA (PEFT 0.21.2's DoraLinearLayer; the -dora rows of peaks.json
