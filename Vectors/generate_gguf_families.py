@@ -99,12 +99,16 @@ def main():
             for f in tokenizer_files:
                 shutil.copy(f, d)
             report[family] = convert_and_quantize(a, gguf, convert, t, d)
-    commit = subprocess.run(["git", "-C", a.llama_cpp, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    report["made_by"] = {"scripts": "transformers dequantize() + save_pretrained; convert_hf_to_gguf.py --outtype auto; llama-quantize IN OUT Q4_K_M 2",
-                         "commit": commit, "transformers": transformers.__version__}
-    path = os.path.join(HERE, "gguf", "families.json")
+    write_golden(os.path.join(HERE, "gguf", "families.json"), report, a.llama_cpp,
+                 "transformers dequantize() + save_pretrained; convert_hf_to_gguf.py --outtype auto; llama-quantize IN OUT Q4_K_M 2")
+
+
+def write_golden(path, report, llama_cpp, scripts, indent=1):
+    """The report with how it was made (the llama.cpp tree's commit, transformers' version), as JSON."""
+    commit = subprocess.run(["git", "-C", llama_cpp, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    report["made_by"] = {"scripts": scripts, "commit": commit, "transformers": transformers.__version__}
     with open(path, "w") as f:
-        json.dump(report, f, indent=1, sort_keys=True)
+        json.dump(report, f, indent=indent, sort_keys=True)
         f.write("\n")
     print(f"wrote {path}: " + ", ".join(f"{k} {v['auto']['bytes']} / {v['q4_k_m']['bytes']} B" for k, v in report.items() if k != "made_by"))
 

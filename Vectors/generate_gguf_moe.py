@@ -141,16 +141,9 @@ def main():
                 sys.exit(f"{family}: convert failed:\n{r.stderr[-3000:]}")
             subprocess.run([a.quantize, auto, q, "Q4_K_M", "2"], check=True, capture_output=True)
             report[family] = {"auto": describe(gguf, auto), "q4_k_m": describe(gguf, q)}
-    commit = subprocess.run(["git", "-C", a.llama_cpp, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    import transformers
-    report["made_by"] = {"scripts": "small_weights checkpoints; convert_hf_to_gguf.py --outtype auto; llama-quantize IN OUT Q4_K_M 2",
-                         "llama_cpp": commit or a.llama_cpp, "transformers": transformers.__version__}
-    path = os.path.join(HERE, "gguf", "moe.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=0, sort_keys=True)
-        f.write("\n")
-    print(f"wrote {path}: " + ", ".join(f"{k} {v['auto']['bytes']} / {v['q4_k_m']['bytes']} B" for k, v in report.items() if k != "made_by"))
-
+    from generate_gguf_families import write_golden
+    write_golden(os.path.join(HERE, "gguf", "moe.json"), report, a.llama_cpp,
+                 "small_weights checkpoints; convert_hf_to_gguf.py --outtype auto; llama-quantize IN OUT Q4_K_M 2", indent=0)
 
 if __name__ == "__main__":
     main()

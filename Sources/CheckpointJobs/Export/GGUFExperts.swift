@@ -13,6 +13,7 @@ extension GGUFExport {
     ///   layer's experts fused, [experts, in, out], gate and up interleaved: down_proj transposed,
     ///   gate_up split into its even (gate) and odd (up) columns, each transposed; its biases
     ///   split alike; the attention sinks named `attn_sinks.weight`.
+    /// The tensors it returns are typed by `plan` (the `.f32` here is a placeholder).
     struct ExpertStacks {
         let a: ModelArchitecture, arch: GGUFArchitecture
         /// A layer's per-expert tensors read so far.

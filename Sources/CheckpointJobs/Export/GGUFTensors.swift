@@ -295,7 +295,7 @@ public enum GGUFExport {
         var experts = ExpertStacks(a, arch)
         for t in converterOrder(dense) where !t.name.hasSuffix(".rotary_emb.inv_freq") {
             if let stacked = try experts.add(t) {
-                plan += stacked.map { PlannedTensor(source: $0.source, name: $0.name, ne: $0.ne, type: type(name: $0.name, ne: $0.ne, outType: outType), experts: $0.experts) }
+                plan += stacked.map { var p = $0; p.type = type(name: p.name, ne: p.ne, outType: outType); return p }
                 continue
             }
             guard let name = ggufName(t.name, arch) else {
@@ -348,10 +348,15 @@ public enum GGUFExport {
             let (columns, rows, count) = (t.ne[0], t.ne[1], t.ne[2]), out = half == nil ? rows : 2 * rows
             let x = try load(hf)
             var y = [Float](repeating: 0, count: x.count / (half == nil ? 1 : 2))
+            let (step, first) = half.map { (2, $0) } ?? (1, 0)
+            // In tiles of 64 input rows, so that each tile's rows are read along, not across.
             for e in 0..<count {
-                for r in 0..<rows {
-                    let from = e * columns * out + (half.map { 2 * r + $0 } ?? r), to = (e * rows + r) * columns
-                    for c in 0..<columns { y[to + c] = x[from + c * out] }
+                for c0 in stride(from: 0, to: columns, by: 64) {
+                    let c1 = min(c0 + 64, columns)
+                    for r in 0..<rows {
+                        let from = e * columns * out + step * r + first, to = (e * rows + r) * columns
+                        for c in c0..<c1 { y[to + c] = x[from + c * out] }
+                    }
                 }
             }
             return y
