@@ -40,6 +40,7 @@ status is the number of failures. Torch runs with one thread.
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -60,6 +61,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 transformers.logging.set_verbosity_error()
 torch.set_num_threads(1)
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              vocab_size=256, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False)
 
@@ -389,16 +391,20 @@ def moe_checks(binary, family, config_class, fields, work):
     data = os.path.join(work, "data.jsonl")
     with open(data, "w") as f:
         f.write(json.dumps({"input_ids": list(range(16))}) + "\n")
-    # export writes what llama.cpp's converter writes (GGUFQuantizeTests, check_gguf_client.py run it in llama.cpp),
-    # but llama.cpp's qwen3moe has no dense MLP: this Qwen3-MoE's dense first layer is refused.
+    # export writes what llama.cpp's converter writes (GGUFQuantizeTests; check_gguf_client.py runs the files in
+    # llama.cpp), with the tokenizer the converter reads: Mixtral's SentencePiece one here. llama.cpp's qwen3moe has
+    # no dense MLP, so this Qwen3-MoE's dense first layer is refused; gpt-oss' converter reads tokenizer.json alone.
     gguf_out = os.path.join(work, "x.gguf")
+    if family == "mixtral":
+        shutil.copy(os.path.join(HERE, "gguf", "llama-tiny", "tokenizer.model"), dense_dir)
     r = subprocess.run([binary, "export", dense_dir, gguf_out, "--type", "f16"], capture_output=True, text=True)
     lines = r.stderr.strip().splitlines()
-    if family == "qwen3_moe":
-        check(family, "export", "a dense layer llama.cpp's qwen3moe cannot hold: refused with one line, nothing written",
-              r.returncode != 0 and len(lines) == 1 and "mlp_only_layers" in lines[0] and not os.path.exists(gguf_out), lines[0] if lines else "")
-    else:
+    if family == "mixtral":
         check(family, "export", "writes a GGUF", r.returncode == 0 and os.path.getsize(gguf_out) > 0, r.stderr.strip()[-300:])
+    else:
+        why = "mlp_only_layers" if family == "qwen3_moe" else "tokenizer.json"
+        check(family, "export", f"refused with one line naming {why}, nothing written",
+              r.returncode != 0 and len(lines) == 1 and why in lines[0] and not os.path.exists(gguf_out), lines[0] if lines else "")
     args = ["train", "--model", dense_dir, "--data", data, "--steps", "1", "--seq-len", "16", "--out", os.path.join(work, "a")]
     r = subprocess.run([binary, *args], capture_output=True, text=True)
     lines = r.stderr.strip().splitlines()
