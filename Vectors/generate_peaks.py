@@ -814,8 +814,8 @@ def grid():
     # leaves them; LoRA on attention, on attention and experts (target_parameters), PEFT's all-linear; the
     # experts quantized through bitsandbytes' parametrize route.
     for m in ("qwen3moe-h1024", "mixtral-h1024"):
-        # op-by-op traces (`layer_trace`): Qwen3-MoE's forward and backward (with LoRA on the experts, and
-        # with them quantized: the plain row's trace is the same ops less those), Mixtral's checkpointed recompute
+        # op-by-op traces (`layer_trace`): Qwen3-MoE's forward and backward with LoRA on the experts (the
+        # plain row's trace is the same ops less those), Mixtral's checkpointed recompute
         # (with LoRA on the experts; quantized, it is the same ops after each layer's dequantization)
         fwd, rec = ({"trace_layers": True}, {}) if m.startswith("qwen3") else ({}, {"trace_layers": True})
         add(m, 512, False, 16, "attn", 1)
@@ -824,7 +824,7 @@ def grid():
         add(m, 512, True, 16, "attn+experts", 1, **rec)
         add(m, 512, False, 16, "all-linear", 1)
         add(m, 1024, False, 16, "attn", 1)
-        add(m, 512, False, 16, "attn", 1, experts="nf4-parametrize", **fwd)
+        add(m, 512, False, 16, "attn", 1, experts="nf4-parametrize")   # its kept_largest names the dequantized copies
         add(m, 512, True, 16, "attn", 1, experts="nf4-parametrize")
     # prepare_model_for_kbit_training on a mixture of experts: every bf16 parameter, the experts included, cast to fp32.
     add("qwen3moe-h1024", 512, False, 16, "attn", 1, recipe="peft-kbit", trace_layers=True)

@@ -25,20 +25,8 @@ final class GGUFQuantizeTests: XCTestCase {
          "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16"}
         """
 
-    /// generate_gguf_quantize.py's `small_weights`: bf16 bits from FNV-1a(name) and the index.
-    static func smallWeights(_ name: String, _ count: Int) -> [UInt16] {
-        var seed: UInt32 = 0x811C_9DC5
-        for b in name.utf8 { seed = (seed ^ UInt32(b)) &* 0x0100_0193 }
-        let norm = name.hasSuffix("norm.weight")
-        return (0..<count).map { i in
-            var h = (seed ^ UInt32(i)) &* 0x9E37_79B1
-            h ^= h >> 15
-            h = h &* 0x85EB_CA77
-            h ^= h >> 13
-            let mantissa = (h >> 4) & 0x7F
-            return UInt16(norm ? (127 << 7) | mantissa : ((h & 1) << 15) | ((118 + ((h >> 1) & 7)) << 7) | mantissa)
-        }
-    }
+    /// generate_gguf_quantize.py's `small_weights` (TestSupport's `smallWeights`).
+    static func smallWeights(_ name: String, _ count: Int) -> [UInt16] { TestSupport.smallWeights(name, count) }
 
     /// The `small` checkpoint directory with the tiny SentencePiece tokenizer.
     static func smallCheckpoint(_ dir: URL) throws {

@@ -53,30 +53,12 @@ final class LlamaOpsTests: XCTestCase {
         return p
     }
 
-    /// One bf16 ulp at x's magnitude: the spacing of bf16 values in [2^e, 2^(e+1)) is 2^(e-7).
-    static func bf16Ulp(_ x: Float) -> Double {
-        let m = abs(x)
-        return m < 0x1p-126 ? 0x1p-133 : Double(sign: .plus, exponent: Int(m.exponent) - 7, significand: 1)
-    }
+    /// One bf16 ulp at x's magnitude (TestSupport's `bf16Ulp`).
+    static func bf16Ulp(_ x: Float) -> Double { TestSupport.bf16Ulp(x) }
 
-    /// Holds `got` to torch's `want`: |got - want| ≤ ulps · (one bf16 ulp of |want|); ulps 0 means
-    /// the same bits. Prints the worst error as a fraction of the tolerance.
-    func check(_ got: [Float], _ want: [Float], _ name: String, ulps: Double) {
-        XCTAssertEqual(got.count, want.count, "\(name): element count")
-        guard got.count == want.count else { return }
-        var worstUlps = 0.0, differ = 0, firstBad: Int?
-        for i in want.indices where got[i].bitPattern != want[i].bitPattern {
-            differ += 1
-            let err = Double(abs(got[i] - want[i]))
-            let unit = Self.bf16Ulp(want[i])
-            worstUlps = max(worstUlps, err / unit)
-            if firstBad == nil && (ulps == 0 || err > ulps * unit) { firstBad = i }
-        }
-        if let i = firstBad {
-            XCTFail("\(name)[\(i)]: \(got[i]) vs torch \(want[i]); \(differ) of \(want.count) differ, up to \(worstUlps) bf16 ulps, allowed \(ulps)")
-        }
-        let tol = ulps == 0 ? "exact" : "\(ulps) bf16 ulps", fraction = ulps == 0 ? (differ == 0 ? 0 : .infinity) : worstUlps / ulps
-        print("\(name): max error \(String(format: "%.2f", fraction)) of the tolerance (\(tol)); \(differ) of \(want.count) elements differ")
+    /// Holds `got` to torch's `want` within `ulps` bf16 ulps (TestSupport's `assertBF16`).
+    func check(_ got: [Float], _ want: [Float], _ name: String, ulps: Double, file: StaticString = #filePath, line: UInt = #line) {
+        assertBF16(got, want, name, ulps: ulps, file: file, line: line)
     }
 
     // MARK: RMSNorm

@@ -113,3 +113,46 @@ public func byteMismatch(_ actual: [UInt8], _ expected: [UInt8], name: String, e
 }
 
 @_exported import struct QLoRA.SplitMix64
+
+/// One bf16 ulp at x's magnitude: the spacing of bf16 values in [2^e, 2^(e+1)) is 2^(e-7).
+public func bf16Ulp(_ x: Float) -> Double {
+    let m = abs(x)
+    return m < 0x1p-126 ? 0x1p-133 : Double(sign: .plus, exponent: Int(m.exponent) - 7, significand: 1)
+}
+
+/// Holds `got` to torch's `want`: |got - want| ≤ ulps · (one bf16 ulp of |want|); ulps 0 means
+/// the same bits. Prints the worst error as a fraction of the tolerance.
+public func assertBF16(_ got: [Float], _ want: [Float], _ name: String, ulps: Double, file: StaticString = #filePath, line: UInt = #line) {
+    XCTAssertEqual(got.count, want.count, "\(name): element count", file: file, line: line)
+    guard got.count == want.count else { return }
+    var worstUlps = 0.0, differ = 0, firstBad: Int?
+    for i in want.indices where got[i].bitPattern != want[i].bitPattern {
+        differ += 1
+        let err = Double(abs(got[i] - want[i]))
+        let unit = bf16Ulp(want[i])
+        worstUlps = max(worstUlps, err / unit)
+        if firstBad == nil && (ulps == 0 || err > ulps * unit) { firstBad = i }
+    }
+    if let i = firstBad {
+        XCTFail("\(name)[\(i)]: \(got[i]) vs torch \(want[i]); \(differ) of \(want.count) differ, up to \(worstUlps) bf16 ulps, allowed \(ulps)", file: file, line: line)
+    }
+    let tol = ulps == 0 ? "exact" : "\(ulps) bf16 ulps", fraction = ulps == 0 ? (differ == 0 ? 0 : .infinity) : worstUlps / ulps
+    print("\(name): max error \(String(format: "%.2f", fraction)) of the tolerance (\(tol)); \(differ) of \(want.count) elements differ")
+}
+
+/// Vectors/generate_gguf_quantize.py's `small_weights`: bf16 bits from FNV-1a(name) and the
+/// index (weights a random sign, exponent 2^-9...2^-2 and 7-bit mantissa; norms 1...2), so a
+/// golden's inputs need not be committed.
+public func smallWeights(_ name: String, _ count: Int) -> [UInt16] {
+    var seed: UInt32 = 0x811C_9DC5
+    for b in name.utf8 { seed = (seed ^ UInt32(b)) &* 0x0100_0193 }
+    let norm = name.hasSuffix("norm.weight")
+    return (0..<count).map { i in
+        var h = (seed ^ UInt32(i)) &* 0x9E37_79B1
+        h ^= h >> 15
+        h = h &* 0x85EB_CA77
+        h ^= h >> 13
+        let mantissa = (h >> 4) & 0x7F
+        return UInt16(norm ? (127 << 7) | mantissa : ((h & 1) << 15) | ((118 + ((h >> 1) & 7)) << 7) | mantissa)
+    }
+}

@@ -57,16 +57,30 @@ public enum TorchMean {
 
     /// `vectorized_inner_sum` with `Vectorized<float>` of 8 lanes.
     static func vectorizedInnerSum(_ x: UnsafeBufferPointer<Float>) -> Float {
-        let n = x.count, vecCount = n / 8
-        @inline(__always) func vec(_ i: Int) -> SIMD8<Float> {
-            SIMD8(UnsafeBufferPointer(rebasing: x[(i * 8)..<(i * 8 + 8)]))
+        innerSum(x, step: 8) { i in SIMD8(UnsafeBufferPointer(rebasing: x[(i * 8)..<(i * 8 + 8)])) }
+    }
+
+    /// The inner sum of a bf16 row (SumKernel's `InnerSumCastLoadPolicy<Vectorized<BFloat16>,
+    /// Vectorized<float>>`): 16 bf16 values per step, loaded as the 8 fp32 lanes x[16i + l] +
+    /// x[16i + 8 + l], through the same cascade. The caller rounds the result to bf16 once. `x`
+    /// holds bf16 values.
+    static func bf16RowSum(_ x: UnsafeBufferPointer<Float>) -> Float {
+        guard x.count >= 16 else { return scalarRowSum(x) }
+        return innerSum(x, step: 16) { i in
+            SIMD8(UnsafeBufferPointer(rebasing: x[(i * 16)..<(i * 16 + 8)])) + SIMD8(UnsafeBufferPointer(rebasing: x[(i * 16 + 8)..<(i * 16 + 16)]))
         }
+    }
+
+    /// `vectorized_inner_sum`'s shape: `n / step` vectors through `multi_row_sum` four at a time
+    /// and the rest into the first, folded; the tail's scalars first, then the 8 lanes in order.
+    static func innerSum(_ x: UnsafeBufferPointer<Float>, step: Int, vec: (Int) -> SIMD8<Float>) -> Float {
+        let n = x.count, vecCount = n / step
         let sizeILP = vecCount / 4
         var p = multiRowSum(count: sizeILP, rows: 4) { i, k in vec(i * 4 + k) }
         for i in (sizeILP * 4)..<vecCount { p[0] += vec(i) }
         for k in 1..<4 { p[0] += p[k] }
         var acc: Float = 0
-        for k in (vecCount * 8)..<n { acc += x[k] }
+        for k in (vecCount * step)..<n { acc += x[k] }
         for lane in 0..<8 { acc += p[0][lane] }
         return acc
     }
