@@ -9,8 +9,9 @@ For the mixtures of experts (Qwen3-MoE with a dense first layer, Mixtral, gpt-os
 are checked the same way (experts and router stay bf16, as transformers 5 + bitsandbytes keep them); merge
 of an adapter on the attention, on the experts (target_parameters) and PEFT's all-linear equals PEFT's
 merge_and_unload (gpt-oss, whose file keeps the experts fused, refuses an adapter on them); export writes
-Mixtral and gpt-oss and refuses a Qwen3-MoE with a dense layer (llama.cpp's qwen3moe has none); train
-must refuse with one line.
+Mixtral and refuses a Qwen3-MoE with a dense layer (llama.cpp's qwen3moe has none) and gpt-oss without
+tokenizer.json; train follows transformers + PEFT on Mixtral (LoRA on the attention) and refuses the
+Qwen3-MoE with a dense layer and gpt-oss with one line.
 
 For each model family (a tiny random model written by transformers' save_pretrained in bf16) it
 runs the qlora binary and loads every output back:
@@ -75,7 +76,7 @@ FAMILIES = [
     ("qwen3", Qwen3Config, dict(SMALL, rope_theta=10000.0, head_dim=32)),     # q/k norms, head_dim != hidden/heads
     ("phi3", Phi3Config, dict(SMALL, rope_theta=10000.0, pad_token_id=0)),    # fused qkv_proj, gate_up_proj
 ]
-# Mixtures of experts (issue 23): quantize, dequantize, merge and export; qlora's train refuses them.
+# Mixtures of experts (issue 23): quantize, dequantize, merge, export, and train (Mixtral here; Qwen3-MoE's dense layer and gpt-oss refused).
 MOE = [
     ("qwen3_moe", Qwen3MoeConfig, dict(SMALL, head_dim=32, moe_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
                                        decoder_sparse_step=1, mlp_only_layers=[0], norm_topk_prob=True, rope_theta=10000.0)),
@@ -164,49 +165,9 @@ def quantize_both(binary, family, variant, dense_dir, out, flags, bnb, with_thei
     return theirs_q, extra
 
 
-def family_checks(binary, family, config_class, fields, work):
-    torch.manual_seed(0)
-    dense_dir, q_dir, d_dir = (os.path.join(work, n) for n in ("dense", "q-nf4-dq", "d"))
-    model = AutoModelForCausalLM.from_config(config_class(**fields))
-    with torch.no_grad():  # norms away from 1 so that their weights matter
-        for n, p in model.named_parameters():
-            if "norm" in n:
-                p.copy_(1 + 0.1 * torch.randn(p.shape))
-    model.to(torch.bfloat16).save_pretrained(dense_dir)
-    linears = sum(isinstance(m, torch.nn.Linear) for n, m in model.named_modules() if not n.endswith("lm_head"))
-    ids = torch.randint(0, fields["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(1))
-
-    # quantize, every 4-bit variant: qlora writes, transformers reads; transformers writes, qlora reads
-    for variant, flags, bnb in VARIANTS:
-        out = os.path.join(work, "q-" + variant)
-
-        def read_theirs(t):  # the other way: qlora dequantizes transformers' file as transformers does
-            back = os.path.join(work, "theirs-deq-" + variant)
-            qlora(binary, "dequantize", t, back)
-            theirs_q2 = load(dense_dir, quantization_config=bnb, dtype=torch.bfloat16)
-            theirs_q2.dequantize()
-            return same_tensors(shard(back), theirs_q2.state_dict())[0]
-        theirs_q, read_problems = quantize_both(binary, family, variant, dense_dir, out, flags, bnb, read_theirs)
-        ours_q = load(out)
-        n4 = sum(isinstance(m, bitsandbytes.nn.Linear4bit) for m in ours_q.modules())
-        diff = max_diff(logits(ours_q, ids), logits(theirs_q, ids))
-        check(family, "quantize", f"{variant}: from_pretrained: {n4} Linear4bit, logits equal transformers' own quantization",
-              n4 == linears and diff == 0, f"max |diff| {diff:.3g}")
-        check(family, "dequantize", f"{variant}: qlora reads transformers' file: tensors equal its dequantize()", not read_problems,
-              "; ".join(read_problems[:3]))
-
-    # dequantize
-    qlora(binary, "dequantize", q_dir, d_dir)
-    ours_d = load(d_dir)
-    plain = not any(isinstance(m, bitsandbytes.nn.Linear4bit) for m in ours_d.modules()) and getattr(ours_d.config, "quantization_config", None) is None
-    theirs_d = load(dense_dir, quantization_config=NF4, dtype=torch.bfloat16)
-    theirs_d.dequantize()
-    problems, n = same_tensors(shard(d_dir), theirs_d.state_dict())
-    check(family, "dequantize", f"loads as a plain model; tensors equal transformers' dequantize() ({n})", plain and not problems, "; ".join(problems[:3]))
-    diff = max_diff(logits(ours_d, ids), logits(theirs_d, ids))
-    check(family, "dequantize", "logits equal transformers' dequantized model", diff == 0, f"max |diff| {diff:.3g}")
-
-    # train
+def train_checks(binary, family, dense_dir, fields, work, targets, ids):
+    """qlora train from PEFT's initial adapter follows transformers + PEFT + torch AdamW over 4 steps;
+    PEFT loads the adapter qlora trains and reads its adapter_config.json. Returns the trained adapter."""
     data, adapter = os.path.join(work, "data.jsonl"), os.path.join(work, "adapter")
     g = torch.Generator().manual_seed(2)
     with open(data, "w") as f:
@@ -216,8 +177,6 @@ def family_checks(binary, family, config_class, fields, work):
     # Training itself: the same initial adapter, data and batches on both sides.
     init = os.path.join(work, "init-adapter")
     torch.manual_seed(3)
-    targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] if family == "phi3" else \
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     pm0 = get_peft_model(load(dense_dir, quantization_config=NF4, dtype=torch.bfloat16),
                          LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0, task_type="CAUSAL_LM"))
     with torch.no_grad():
@@ -264,6 +223,56 @@ def family_checks(binary, family, config_class, fields, work):
           f"differ: {differ}" if differ else "")
     check(family, "train", f"PeftModel.from_pretrained ({type(pm).__name__}): all {len(stored)} LoRA weights land, logits change",
           landed and max_diff(after, before) > 0, f"{len(params)} LoRA parameters, {len(stored)} stored")
+
+    return adapter
+
+
+def family_checks(binary, family, config_class, fields, work):
+    torch.manual_seed(0)
+    dense_dir, q_dir, d_dir = (os.path.join(work, n) for n in ("dense", "q-nf4-dq", "d"))
+    model = AutoModelForCausalLM.from_config(config_class(**fields))
+    with torch.no_grad():  # norms away from 1 so that their weights matter
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.copy_(1 + 0.1 * torch.randn(p.shape))
+    model.to(torch.bfloat16).save_pretrained(dense_dir)
+    linears = sum(isinstance(m, torch.nn.Linear) for n, m in model.named_modules() if not n.endswith("lm_head"))
+    ids = torch.randint(0, fields["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(1))
+
+    # quantize, every 4-bit variant: qlora writes, transformers reads; transformers writes, qlora reads
+    for variant, flags, bnb in VARIANTS:
+        out = os.path.join(work, "q-" + variant)
+
+        def read_theirs(t):  # the other way: qlora dequantizes transformers' file as transformers does
+            back = os.path.join(work, "theirs-deq-" + variant)
+            qlora(binary, "dequantize", t, back)
+            theirs_q2 = load(dense_dir, quantization_config=bnb, dtype=torch.bfloat16)
+            theirs_q2.dequantize()
+            return same_tensors(shard(back), theirs_q2.state_dict())[0]
+        theirs_q, read_problems = quantize_both(binary, family, variant, dense_dir, out, flags, bnb, read_theirs)
+        ours_q = load(out)
+        n4 = sum(isinstance(m, bitsandbytes.nn.Linear4bit) for m in ours_q.modules())
+        diff = max_diff(logits(ours_q, ids), logits(theirs_q, ids))
+        check(family, "quantize", f"{variant}: from_pretrained: {n4} Linear4bit, logits equal transformers' own quantization",
+              n4 == linears and diff == 0, f"max |diff| {diff:.3g}")
+        check(family, "dequantize", f"{variant}: qlora reads transformers' file: tensors equal its dequantize()", not read_problems,
+              "; ".join(read_problems[:3]))
+
+    # dequantize
+    qlora(binary, "dequantize", q_dir, d_dir)
+    ours_d = load(d_dir)
+    plain = not any(isinstance(m, bitsandbytes.nn.Linear4bit) for m in ours_d.modules()) and getattr(ours_d.config, "quantization_config", None) is None
+    theirs_d = load(dense_dir, quantization_config=NF4, dtype=torch.bfloat16)
+    theirs_d.dequantize()
+    problems, n = same_tensors(shard(d_dir), theirs_d.state_dict())
+    check(family, "dequantize", f"loads as a plain model; tensors equal transformers' dequantize() ({n})", plain and not problems, "; ".join(problems[:3]))
+    diff = max_diff(logits(ours_d, ids), logits(theirs_d, ids))
+    check(family, "dequantize", "logits equal transformers' dequantized model", diff == 0, f"max |diff| {diff:.3g}")
+
+    # train
+    targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] if family == "phi3" else \
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    adapter = train_checks(binary, family, dense_dir, fields, work, targets, ids)
 
     # merge: dense base
     m_dir = os.path.join(work, "merged")
@@ -405,6 +414,11 @@ def moe_checks(binary, family, config_class, fields, work):
         why = "mlp_only_layers" if family == "qwen3_moe" else "tokenizer.json"
         check(family, "export", f"refused with one line naming {why}, nothing written",
               r.returncode != 0 and len(lines) == 1 and why in lines[0] and not os.path.exists(gguf_out), lines[0] if lines else "")
+    if family == "mixtral":
+        # LoRA on the attention; the router and experts frozen in bf16.
+        train_checks(binary, family, dense_dir, fields, work, ["q_proj", "k_proj", "v_proj", "o_proj"], ids)
+        return
+    # Qwen3-MoE's dense first layer and gpt-oss are not trained here: refused with one line.
     args = ["train", "--model", dense_dir, "--data", data, "--steps", "1", "--seq-len", "16", "--out", os.path.join(work, "a")]
     r = subprocess.run([binary, *args], capture_output=True, text=True)
     lines = r.stderr.strip().splitlines()

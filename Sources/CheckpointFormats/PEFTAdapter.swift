@@ -91,6 +91,10 @@ public struct PEFTAdapter: Sendable {
 
     /// PEFT's `target_parameters`: LoRA on a mixture of experts' fused expert weights.
     public var targetParameters: [String] = []
+    /// Whether adapter_config.json writes `target_parameters` as a list when it is empty: PEFT
+    /// 0.21.2's conversion for a mixture of experts (`_convert_peft_config_moe`) leaves `[]`
+    /// where a dense model's config has null.
+    public var listsTargetParameters = false
     /// The fused parameters a mixture of experts' experts modules define, in definition order
     /// (Qwen3-MoE, Mixtral, gpt-oss and Llama 4 alike): PEFT nests one ParamWrapper per targeted
     /// parameter in this order, the first innermost (`….experts.base_layer`), the last outermost.
@@ -441,7 +445,7 @@ public struct PEFTAdapter: Sendable {
             ("modules_to_save", modulesToSave.isEmpty ? .null : .array(modulesToSave.map { .string($0) })), ("monteclora_config", .null), ("peft_type", .string("LORA")),
             ("peft_version", .string(Self.peftVersion)), ("qalora_group_size", ConfigJSON.int(16)), ("r", ConfigJSON.int(rank)),
             ("rank_pattern", object(rankPattern.sorted { $0.key < $1.key }.map { ($0.key, ConfigJSON.int($0.value)) })),
-            ("revision", .null), ("target_modules", .array(targetModules.map { .string($0) })), ("target_parameters", .null),
+            ("revision", .null), ("target_modules", .array(targetModules.map { .string($0) })), ("target_parameters", targetParameters.isEmpty && !listsTargetParameters ? .null : .array(targetParameters.map { .string($0) })),
             ("task_type", taskType.map { .string($0) } ?? .null), ("trainable_token_indices", .null), ("use_bdlora", .null),
             ("use_dora", .bool(useDora)), ("use_qalora", .bool(false)), ("use_rslora", .bool(useRSLoRA)), ("velora_config", .null),
         ])

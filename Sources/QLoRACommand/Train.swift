@@ -10,8 +10,9 @@ struct Train: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "QLoRA fine-tuning of a Llama checkpoint (dense or bnb-4bit) on pre-tokenized JSONL data.",
         discussion: """
-            The seven projections of every layer are NF4 (double quant, bf16 compute) with LoRA adapters on all of them; \
-            embeddings, norms and lm_head stay frozen in bf16. DATA has one {"input_ids": [...], "labels": [...]} per line \
+            The seven projections of every layer are NF4 (double quant, bf16 compute) with LoRA adapters on all of them \
+            (a mixture of experts': the attention's; its router and experts stay frozen in bf16); embeddings, norms and lm_head \
+            stay frozen in bf16. DATA has one {"input_ids": [...], "labels": [...]} per line \
             (labels -100 are not trained on). A resumable checkpoint (adapter + AdamW state) goes to OUT/checkpoint-N every \
             --save-every steps and on Ctrl-C; the final adapter (PEFT format) to OUT.
             """)

@@ -4,8 +4,9 @@ import QLoRA
 import SafeTensors
 
 /// Loads a Hugging Face checkpoint directory (config.json + safetensors, dense or
-/// bitsandbytes-4bit) of a family `LlamaModel` runs (Llama, Mistral, Qwen2, Qwen3, Phi-3) as a
-/// QLoRA `LlamaModel`: dense projections are quantized to NF4 with double quantization
+/// bitsandbytes-4bit) of a family `LlamaModel` runs (Llama, Mistral, Qwen2, Qwen3, Phi-3; the
+/// mixtures of experts Qwen3-MoE and Mixtral, their router and experts frozen bf16 `SparseMoE`
+/// blocks) as a QLoRA `LlamaModel`: dense projections are quantized to NF4 with double quantization
 /// (bitsandbytes' defaults), everything else (norms, biases, embeddings) is held as bf16 values.
 public enum LlamaCheckpoint {
     /// Reads config.json and checks that qlora's decoder implements the architecture. Errors
@@ -17,6 +18,16 @@ public enum LlamaCheckpoint {
         }
         let architecture = try ModelArchitecture(configFile: path)
         if let problem = architecture.unsupportedForTraining.first { throw CheckpointError.invalidPath(path: path, problem: problem) }
+        if architecture.experts != nil {
+            // The router's training-only extras transformers adds when the config asks for them.
+            let json = try ConfigJSON.read(path)
+            if json["output_router_logits"] == .bool(true) {
+                throw CheckpointError.invalidPath(path: path, problem: "output_router_logits true adds the routers' load-balancing loss, which qlora train does not compute")
+            }
+            if case .number(let n)? = json["router_jitter_noise"], let noise = Double(n), noise > 0 {
+                throw CheckpointError.invalidPath(path: path, problem: "router_jitter_noise \(n) multiplies the router's input by random noise in training, which qlora train does not")
+            }
+        }
         return architecture
     }
 
@@ -42,10 +53,28 @@ public enum LlamaCheckpoint {
             }
         }
         let h = cfg.hiddenSize
+        // A sparse layer's router and experts, bf16 as transformers holds them, from the
+        // per-expert tensors its files hold (Qwen3-MoE `mlp.experts.E.{gate,up,down}_proj`,
+        // Mixtral `block_sparse_moe.experts.E.w1/w3/w2`): gate_up [E, 2I, H] each expert's gate
+        // rows then its up rows, down [E, H, I].
+        func experts(layer l: Int) throws -> SparseMoE.Weights {
+            let x = cfg.experts!, (e, i) = (x.count, x.intermediateSize)
+            let mixtral = x.family == .mixtral
+            let block = "model.layers.\(l)." + (mixtral ? "block_sparse_moe" : "mlp")
+            let (gate, up, down) = mixtral ? ("w1", "w3", "w2") : ("gate_proj", "up_proj", "down_proj")
+            var gateUp: [Float] = [], downs: [Float] = []
+            for j in 0..<e {
+                let p = "\(block).experts.\(j)."
+                gateUp += try dense(p + gate + ".weight", [i, h]) + dense(p + up + ".weight", [i, h])
+                downs += try dense(p + down + ".weight", [h, i])
+            }
+            return SparseMoE.Weights(family: mixtral ? .mixtral : .qwen3(normalizesTopK: x.normalizesTopK), experts: e, perToken: x.perToken, hidden: h,
+                                     intermediate: i, router: try dense(block + ".gate.weight", [e, h]), gateUp: gateUp, down: downs)
+        }
         var layers: [LlamaLayer] = []
         for l in 0..<cfg.layers {
             var projections: [LoRALinear] = []
-            for (p, projection) in cfg.projections.enumerated() {
+            for (p, projection) in cfg.projections(layer: l).enumerated() {
                 let path = projection.modulePath(layer: l)
                 let name = path + ".weight"
                 let (out, inF) = (projection.outFeatures, projection.inFeatures)
@@ -62,7 +91,8 @@ public enum LlamaCheckpoint {
                 let layer: LoRALinear
                 if let adapter {
                     guard let m = adapter.modules[path] else {
-                        throw CheckpointError.invalidPath(path: directory, problem: "the adapter has no \(path); qlora train adapts all \(cfg.moduleNames.count) linear modules of every layer (\(cfg.moduleNames.joined(separator: ", ")))")
+                        let names = cfg.projections(layer: l).map(\.name)
+                        throw CheckpointError.invalidPath(path: directory, problem: "the adapter has no \(path); qlora train adapts all \(names.count) linear modules of every layer (\(names.joined(separator: ", ")))")
                     }
                     let c = adapter.config(for: path)
                     layer = try LoRALinear(base: base, config: LoRAConfig(rank: c.rank, alpha: c.alpha, useRSLoRA: c.useRSLoRA, dropout: dropout),
@@ -82,7 +112,8 @@ public enum LlamaCheckpoint {
             let norms = cfg.qkNorm ? (try dense("model.layers.\(l).self_attn.q_norm.weight", [cfg.headDim]), try dense("model.layers.\(l).self_attn.k_norm.weight", [cfg.headDim])) : nil
             layers.append(LlamaLayer(inputNorm: try dense("model.layers.\(l).input_layernorm.weight", [h]),
                                      postAttentionNorm: try dense("model.layers.\(l).post_attention_layernorm.weight", [h]),
-                                     projections: projections, qNorm: norms?.0, kNorm: norms?.1))
+                                     projections: projections, qNorm: norms?.0, kNorm: norms?.1,
+                                     experts: cfg.isSparse(layer: l) ? try experts(layer: l) : nil))
         }
         let embed = try dense("model.embed_tokens.weight", [cfg.vocabSize, h])
         let head = cfg.tiedEmbeddings ? nil : try dense("lm_head.weight", [cfg.vocabSize, h])
@@ -125,7 +156,11 @@ public enum LlamaCheckpoint {
     /// The model's adapters as a PEFT adapter (fp32, r and alpha of the first module).
     public static func adapter(of model: LlamaModel, baseModel: String? = nil) -> PEFTAdapter {
         let first = model.layers[0].projections[0].config
-        var a = PEFTAdapter(rank: first.rank, loraAlpha: first.alpha, targetModules: model.config.moduleNames)
+        // A mixture of experts' adapters are its attention's (the experts are not nn.Linear).
+        let sparse = model.config.experts != nil
+        var a = PEFTAdapter(rank: first.rank, loraAlpha: first.alpha,
+                            targetModules: sparse ? model.config.projections(layer: 0).map(\.name) : model.config.moduleNames)
+        a.listsTargetParameters = sparse
         a.useRSLoRA = first.useRSLoRA
         a.loraDropout = first.dropout
         a.baseModelNameOrPath = baseModel

@@ -8,12 +8,17 @@ public final class LlamaLayer {
     /// RMSNorm weights [headDim] of each head's query and key before rope (Qwen3), or nil.
     public let qNorm: [Float]?, kNorm: [Float]?
     /// In `ModelArchitecture.moduleNames` order: q, k, v, o, gate, up, down, or with fused
-    /// projections (Phi-3) qkv, o, gate_up, down.
+    /// projections (Phi-3) qkv, o, gate_up, down; a sparse layer's q, k, v, o.
     public let projections: [LoRALinear]
-    public var isFused: Bool { projections.count == 4 }
+    /// A mixture of experts' sparse block in place of the MLP (frozen bf16 router and experts).
+    public let experts: SparseMoE.Weights?
+    public var isFused: Bool { projections.count == 4 && experts == nil }
 
-    public init(inputNorm: [Float], postAttentionNorm: [Float], projections: [LoRALinear], qNorm: [Float]? = nil, kNorm: [Float]? = nil) {
-        precondition(projections.count == 7 || projections.count == 4, "a decoder layer has seven projections, or four when fused")
+    public init(inputNorm: [Float], postAttentionNorm: [Float], projections: [LoRALinear], qNorm: [Float]? = nil, kNorm: [Float]? = nil,
+                experts: SparseMoE.Weights? = nil) {
+        precondition(experts == nil ? projections.count == 7 || projections.count == 4 : projections.count == 4,
+                     "a decoder layer has seven projections, or four when fused or when its MLP is a sparse block")
+        self.experts = experts
         precondition((qNorm == nil) == (kNorm == nil), "q and k norms come together")
         self.inputNorm = inputNorm
         self.postAttentionNorm = postAttentionNorm
@@ -47,7 +52,8 @@ public final class LlamaLayer {
     public var down: LoRALinear { projections[isFused ? 3 : 6] }
 }
 
-/// A Llama-style causal LM for QLoRA training (Llama, Mistral, Qwen2, Qwen3, Phi-3: see
+/// A Llama-style causal LM for QLoRA training (Llama, Mistral, Qwen2, Qwen3, Phi-3, and Qwen3-MoE
+/// and Mixtral with a frozen `SparseMoE` block in place of the MLP: see
 /// `ModelArchitecture.unsupportedForTraining`): bf16 embeddings, norms and lm_head (frozen),
 /// 4-bit projections with LoRA adapters (trained), bf16 activations. Forward and backward follow
 /// transformers' model classes with eager attention and PEFT's LoRA, op by op (`LlamaOps`).
@@ -108,6 +114,8 @@ public final class LlamaModel {
         var qPre: BF16Array, kPre: BF16Array, qRstd: [Float], kRstd: [Float]
         var qr: BF16Array, kr: BF16Array, v: BF16Array
         var h: BF16Array, rstd2: [Float], gate: BF16Array, up: BF16Array
+        /// A sparse block's routing and its experts' kept outputs.
+        var experts: SparseMoE.Cache? = nil
 
         /// Exact bytes kept; an input buffer the adapters share is counted once.
         var byteCount: Int {
@@ -115,7 +123,7 @@ public final class LlamaModel {
             for s in saved { inputs[s.inputAddress] = 4 * s.xDropped.count }
             return x.byteCount + 4 * rstd1.count + saved.reduce(0) { $0 + $1.byteCountWithoutInput } + inputs.values.reduce(0, +)
                 + qPre.byteCount + kPre.byteCount + 4 * (qRstd.count + kRstd.count)
-                + qr.byteCount + kr.byteCount + v.byteCount + h.byteCount + 4 * rstd2.count + gate.byteCount + up.byteCount
+                + qr.byteCount + kr.byteCount + v.byteCount + h.byteCount + 4 * rstd2.count + gate.byteCount + up.byteCount + (experts?.byteCount ?? 0)
         }
     }
 
@@ -202,6 +210,13 @@ public final class LlamaModel {
         saved.append(so)
         let h = LlamaOps.addRounded(x, o)
         let (n2, rstd2) = LlamaOps.rmsnormForward(h, l.postAttentionNorm, tokens: t, eps: eps)
+        if let moe = l.experts {
+            let (d, _, routed) = SparseMoE.forward(moe, n2, tokens: t)
+            var cache = LayerCache(x: BF16Array(x), rstd1: rstd1, saved: saved, qPre: qPre, kPre: kPre, qRstd: qRstd, kRstd: kRstd,
+                                   qr: qrB, kr: krB, v: vB, h: BF16Array(h), rstd2: rstd2, gate: BF16Array([]), up: BF16Array([]))
+            cache.experts = routed
+            return (LlamaOps.addRounded(h, d), cache)
+        }
         let m: [Float], gB, uB: BF16Array
         do {
             let g: [Float], u: [Float]
@@ -240,7 +255,9 @@ public final class LlamaModel {
         let t = batch * seq
         let s = cache.saved
         let dn2: [Float]
-        do {
+        if let moe = l.experts, let routed = cache.experts {
+            dn2 = SparseMoE.backward(moe, dout, routed).dx
+        } else {
             let dm = try l.down.backward(dout, saved: s[s.count - 1])
             let (dg, du) = LlamaOps.swigluBackward(dm, gate: cache.gate.bits, up: cache.up.bits)
             if l.isFused {
@@ -334,8 +351,7 @@ public final class LlamaModel {
 
     /// Every trainable adapter, with its module path.
     public var adapters: [(path: String, layer: LoRALinear)] {
-        let modules = config.projections
-        return layers.enumerated().flatMap { l, layer in zip(modules, layer.projections).map { ($0.modulePath(layer: l), $1) } }
+        layers.enumerated().flatMap { l, layer in zip(config.projections(layer: l), layer.projections).map { ($0.modulePath(layer: l), $1) } }
     }
 
     public func zeroGrad() {

@@ -1,3 +1,4 @@
+import COpenBLAS
 import Foundation
 
 /// One sparse mixture-of-experts block (Qwen3-MoE's `Qwen3MoeSparseMoeBlock`, Mixtral's
@@ -47,6 +48,8 @@ public enum SparseMoE {
         public var probabilities: [Float], indices: [Int], chosen: [Float], sums: [Float], weights: [Float]
         /// Per routed row (t·K + k): gate_up's output [2I] and the down projection's output [H], bf16 values.
         public var gateUp: [Float], down: [Float]
+        /// What the arrays hold (the kept rows as bf16, the routing in fp32 and int64 as torch keeps them).
+        public var byteCount: Int { 4 * (probabilities.count + chosen.count + sums.count + weights.count) + 8 * indices.count + 2 * (gateUp.count + down.count) }
     }
 
     // MARK: Forward
@@ -76,10 +79,10 @@ public enum SparseMoE {
         var gateUp = [Float](repeating: 0, count: t * k * 2 * i), down = [Float](repeating: 0, count: t * k * h)
         for (expert, rows) in rowsByExpert(indices, experts: e) where !rows.isEmpty {
             let xs = rows.flatMap { x[($0 / k * h)..<($0 / k * h + h)] }
-            let gu = LlamaOps.linearForward(xs, Array(b.gateUp[(expert * 2 * i * h)..<((expert + 1) * 2 * i * h)]), tokens: rows.count, inFeatures: h, outFeatures: 2 * i)
+            let gu = expertLinear(xs, b.gateUp, expert: expert, rows: rows.count, inFeatures: h, outFeatures: 2 * i)
             let parts = LlamaModel.splitColumns(gu, tokens: rows.count, widths: [i, i])
             let a = LlamaOps.swigluForward(gate: parts[0], up: parts[1])
-            let d = LlamaOps.linearForward(a, Array(b.down[(expert * h * i)..<((expert + 1) * h * i)]), tokens: rows.count, inFeatures: i, outFeatures: h)
+            let d = expertLinear(a, b.down, expert: expert, rows: rows.count, inFeatures: i, outFeatures: h)
             for (n, row) in rows.enumerated() {
                 gateUp.replaceSubrange((row * 2 * i)..<((row + 1) * 2 * i), with: gu[(n * 2 * i)..<((n + 1) * 2 * i)])
                 down.replaceSubrange((row * h)..<((row + 1) * h), with: d[(n * h)..<((n + 1) * h)])
@@ -97,6 +100,25 @@ public enum SparseMoE {
             }
         }
         return (out, logits, Cache(tokens: t, probabilities: p, indices: indices, chosen: chosen, sums: sums, weights: weights, gateUp: gateUp, down: down))
+    }
+
+    /// One expert's matmul of a stacked [experts, out, in] weight, in place (no copy of the
+    /// expert's slice): bf16(x · W[e]ᵀ), x [rows, in] -> [rows, out], as `LlamaOps.linearForward`.
+    static func expertLinear(_ x: [Float], _ w: [Float], expert e: Int, rows: Int, inFeatures k: Int, outFeatures n: Int) -> [Float] {
+        var y = [Float](repeating: 0, count: rows * n)
+        w.withUnsafeBufferPointer { wp in
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(rows), Int32(n), Int32(k), 1, x, Int32(k), wp.baseAddress! + e * n * k, Int32(k), 0, &y, Int32(n))
+        }
+        return y.map(LlamaOps.bf16)
+    }
+
+    /// Its input gradient: bf16(dy · W[e]), dy [rows, out] -> [rows, in], as `LlamaOps.linearBackwardInput`.
+    static func expertLinearBackward(_ dy: [Float], _ w: [Float], expert e: Int, rows: Int, inFeatures k: Int, outFeatures n: Int) -> [Float] {
+        var dx = [Float](repeating: 0, count: rows * k)
+        w.withUnsafeBufferPointer { wp in
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(rows), Int32(k), Int32(n), 1, dy, Int32(n), wp.baseAddress! + e * n * k, Int32(k), 0, &dx, Int32(k))
+        }
+        return dx.map(LlamaOps.bf16)
     }
 
     /// The routed rows (t·K + k) of each expert, ascending.
@@ -151,7 +173,7 @@ public enum SparseMoE {
         let byExpert = rowsByExpert(c.indices, experts: e)
         for (expert, rows) in byExpert where !rows.isEmpty {
             let dd = rows.flatMap { dDown[($0 * h)..<(($0 + 1) * h)] }
-            let da = LlamaOps.linearBackwardInput(dd, Array(b.down[(expert * h * i)..<((expert + 1) * h * i)]), tokens: rows.count, inFeatures: i, outFeatures: h)
+            let da = expertLinearBackward(dd, b.down, expert: expert, rows: rows.count, inFeatures: i, outFeatures: h)
             var gate: [UInt16] = [], up: [UInt16] = []
             for row in rows {
                 gate += c.gateUp[(row * 2 * i)..<(row * 2 * i + i)].map(HalfPrecision.bfloat16Bits)
@@ -159,7 +181,7 @@ public enum SparseMoE {
             }
             let (dg, du) = LlamaOps.swigluBackward(da, gate: gate, up: up)
             let dgu = LlamaModel.joinColumns([dg, du], tokens: rows.count)
-            let dx = LlamaOps.linearBackwardInput(dgu, Array(b.gateUp[(expert * 2 * i * h)..<((expert + 1) * 2 * i * h)]), tokens: rows.count, inFeatures: h, outFeatures: 2 * i)
+            let dx = expertLinearBackward(dgu, b.gateUp, expert: expert, rows: rows.count, inFeatures: h, outFeatures: 2 * i)
             for (n, row) in rows.enumerated() { dRows.replaceSubrange((row * h)..<((row + 1) * h), with: dx[(n * h)..<((n + 1) * h)]) }
         }
         var dx = [Float](repeating: 0, count: t * h)

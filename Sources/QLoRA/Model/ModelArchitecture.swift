@@ -434,12 +434,12 @@ public struct ModelArchitecture: Sendable, Equatable, Codable {
     // MARK: What qlora implements
 
     /// The model types qlora's decoder (`LlamaModel`) runs.
-    public static let trainableModelTypes = ["llama", "mistral", "qwen2", "qwen3", "phi3"]
+    public static let trainableModelTypes = ["llama", "mistral", "qwen2", "qwen3", "phi3", "qwen3_moe", "mixtral"]
 
     /// The model types whose layers these fields describe, for memory and fit: the same five.
     /// Another family differs in what the fields do not say (Gemma ties its embeddings by
     /// default, its MLP and norms differ), so counting it as a Llama would be wrong.
-    public static let describedModelTypes = trainableModelTypes + Experts.Family.allCases.map(\.rawValue)
+    public static let describedModelTypes = trainableModelTypes + Experts.Family.allCases.map(\.rawValue).filter { !trainableModelTypes.contains($0) }
 
     /// Why a model_type is not described, or nil when it is.
     public static func undescribedTypeProblem(_ type: String) -> String? {
@@ -464,6 +464,9 @@ public struct ModelArchitecture: Sendable, Equatable, Codable {
             problems.append("model_type \(modelType) is not supported for training (\(Self.trainableModelTypes.joined(separator: ", ")) are)")
         }
         problems += unmodelledFeatures.map { "\($0) is not supported" }
+        if let x = experts, !x.denseLayers.filter({ $0 < layers }).isEmpty {
+            problems.append("dense layers in a mixture of experts (mlp_only_layers / decoder_sparse_step) are not supported for training yet")
+        }
         if case .unsupported(let type) = ropeScaling { problems.append("rope type \(type) is not supported (default and llama3 are)") }
         if partialRotaryFactor != 1 { problems.append("partial_rotary_factor \(partialRotaryFactor) is not supported (rope on whole heads only)") }
         return problems
