@@ -37,6 +37,11 @@ public enum LlamaCheckpoint {
     public static func load(directory: String, adapter: PEFTAdapter? = nil, rank: Int = 16, alpha: Double = 32, dropout: Double = 0,
                             seed: UInt64 = 0, dora: Bool = false, modulesToSave: [LlamaModel.WholeModule] = []) throws -> LlamaModel {
         let cfg = try config(directory: directory)
+        if let adapter, !adapter.targetParameters.isEmpty {
+            // Dropping them would train another model than the adapter describes.
+            throw CheckpointError.invalidPath(path: directory, problem: "the adapter has LoRA on \(adapter.targetParameters.joined(separator: ", ")) (PEFT's target_parameters), "
+                                              + "which qlora train does not train yet (it trains the attention's adapters)")
+        }
         let reader = try CheckpointReader(path: directory)
         let groups = Dictionary(uniqueKeysWithValues: try BnB4BitFormat.groups(of: reader).map { ($0.name, $0) })
         func file(_ name: String) -> String { reader.entry(named: name).map { reader.directory + "/" + $0.shard } ?? directory }

@@ -69,6 +69,10 @@ final class MixtureOfExpertsTrainingTests: XCTestCase {
                                                   loraA: values("lora_A", 8 * p.inFeatures), loraB: values("lora_B", p.outFeatures * 8))
                 }
             }
+            // LoRA on the experts (target_parameters) is refused, not dropped.
+            var onExperts = adapter
+            onExperts.targetParameters = ["experts.gate_up_proj", "experts.down_proj"]
+            XCTAssertThrowsError(try LlamaCheckpoint.load(directory: dir.path, adapter: onExperts), family)
             let m = try LlamaCheckpoint.load(directory: dir.path, adapter: adapter)
             XCTAssertEqual(m.adapters.count, 4 * arch.layers, "\(family): the attention's adapters only")
             XCTAssertTrue(m.layers.allSatisfy { $0.experts != nil }, family)
