@@ -56,7 +56,7 @@ public enum GGUFArchitecture: String, Sendable, CaseIterable {
                                               + "llama-quantize makes the same Q4_K_M of either)")
         }
         let arch = try ModelArchitecture(configFile: path)
-        if family == .qwen3MoE, let dense = arch.experts?.denseLayers.filter({ $0 < arch.layers }), !dense.isEmpty {
+        if family == .qwen3MoE, case let dense = arch.denseLayerIndices, !dense.isEmpty {
             // QWEN3MOE's tensor list (gguf-py constants.py) has no dense FFN: the converter stops at the first one.
             let which = (dense.count == 1 ? "layer " : "layers ") + dense.map(String.init).joined(separator: ", ") + (dense.count == 1 ? " has" : " have")
             throw CheckpointError.invalidPath(path: path, problem: "\(which) a dense MLP (mlp_only_layers / decoder_sparse_step), which llama.cpp's qwen3moe architecture cannot hold")

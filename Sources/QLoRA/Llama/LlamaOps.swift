@@ -249,6 +249,11 @@ public enum LlamaOps {
 
     /// x: [T, in], w: [out, in] -> bf16(x · wᵀ): [T, out] (fp32 accumulation).
     public static func linearForward(_ x: [Float], _ w: [Float], tokens: Int, inFeatures k: Int, outFeatures n: Int) -> [Float] {
+        w.withUnsafeBufferPointer { linearForward(x, $0.baseAddress!, tokens: tokens, inFeatures: k, outFeatures: n) }
+    }
+
+    /// The same on a weight in place (one expert's slice of a stacked [experts, out, in] weight).
+    static func linearForward(_ x: [Float], _ w: UnsafePointer<Float>, tokens: Int, inFeatures k: Int, outFeatures n: Int) -> [Float] {
         var y = [Float](repeating: 0, count: tokens * n)
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(tokens), Int32(n), Int32(k), 1, x, Int32(k), w, Int32(k), 0, &y, Int32(n))
         return y.map(bf16)
@@ -264,6 +269,11 @@ public enum LlamaOps {
 
     /// dy: [T, out] -> bf16(dy · w): [T, in].
     public static func linearBackwardInput(_ dy: [Float], _ w: [Float], tokens: Int, inFeatures k: Int, outFeatures n: Int) -> [Float] {
+        w.withUnsafeBufferPointer { linearBackwardInput(dy, $0.baseAddress!, tokens: tokens, inFeatures: k, outFeatures: n) }
+    }
+
+    /// The same on a weight in place.
+    static func linearBackwardInput(_ dy: [Float], _ w: UnsafePointer<Float>, tokens: Int, inFeatures k: Int, outFeatures n: Int) -> [Float] {
         var dx = [Float](repeating: 0, count: tokens * k)
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(tokens), Int32(k), Int32(n), 1, dy, Int32(n), w, Int32(k), 0, &dx, Int32(k))
         return dx.map(bf16)

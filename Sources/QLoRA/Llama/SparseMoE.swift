@@ -1,4 +1,3 @@
-import COpenBLAS
 import Foundation
 
 /// One sparse mixture-of-experts block (Qwen3-MoE's `Qwen3MoeSparseMoeBlock`, Mixtral's
@@ -46,10 +45,12 @@ public enum SparseMoE {
         /// Softmax probabilities [T, E], top-k indices [T, K] in slot order, the chosen values
         /// before renormalisation and their sums, the routing weights as the experts use them.
         public var probabilities: [Float], indices: [Int], chosen: [Float], sums: [Float], weights: [Float]
-        /// Per routed row (t·K + k): gate_up's output [2I] and the down projection's output [H], bf16 values.
-        public var gateUp: [Float], down: [Float]
-        /// What the arrays hold (the kept rows as bf16, the routing in fp32 and int64 as torch keeps them).
-        public var byteCount: Int { 4 * (probabilities.count + chosen.count + sums.count + weights.count) + 8 * indices.count + 2 * (gateUp.count + down.count) }
+        /// Per routed row (t·K + k): gate_up's output [2I] and the down projection's output [H], bf16 bits.
+        public var gateUp: [UInt16], down: [UInt16]
+        /// What the arrays hold (the routing as fp32 and the indices as Int, the kept rows as bf16).
+        public var byteCount: Int {
+            4 * (probabilities.count + chosen.count + sums.count + weights.count) + MemoryLayout<Int>.stride * indices.count + 2 * (gateUp.count + down.count)
+        }
     }
 
     // MARK: Forward
@@ -76,7 +77,8 @@ public enum SparseMoE {
             }
         }
         // Each expert's rows, in any order: every row is its own.
-        var gateUp = [Float](repeating: 0, count: t * k * 2 * i), down = [Float](repeating: 0, count: t * k * h)
+        var gateUp = [UInt16](repeating: 0, count: t * k * 2 * i), down = [UInt16](repeating: 0, count: t * k * h)
+        var downValues = [Float](repeating: 0, count: t * k * h)
         for (expert, rows) in rowsByExpert(indices, experts: e) where !rows.isEmpty {
             let xs = rows.flatMap { x[($0 / k * h)..<($0 / k * h + h)] }
             let gu = expertLinear(xs, b.gateUp, expert: expert, rows: rows.count, inFeatures: h, outFeatures: 2 * i)
@@ -84,8 +86,8 @@ public enum SparseMoE {
             let a = LlamaOps.swigluForward(gate: parts[0], up: parts[1])
             let d = expertLinear(a, b.down, expert: expert, rows: rows.count, inFeatures: i, outFeatures: h)
             for (n, row) in rows.enumerated() {
-                gateUp.replaceSubrange((row * 2 * i)..<((row + 1) * 2 * i), with: gu[(n * 2 * i)..<((n + 1) * 2 * i)])
-                down.replaceSubrange((row * h)..<((row + 1) * h), with: d[(n * h)..<((n + 1) * h)])
+                for j in 0..<(2 * i) { gateUp[row * 2 * i + j] = HalfPrecision.bfloat16Bits(gu[n * 2 * i + j]) }
+                for j in 0..<h { (down[row * h + j], downValues[row * h + j]) = (HalfPrecision.bfloat16Bits(d[n * h + j]), d[n * h + j]) }
             }
         }
         var out = [Float](repeating: 0, count: t * h)
@@ -93,7 +95,7 @@ public enum SparseMoE {
             for c in 0..<h {
                 var acc: Float = 0
                 for slot in 0..<k {
-                    let y = down[(r * k + slot) * h + c] * weights[r * k + slot]
+                    let y = downValues[(r * k + slot) * h + c] * weights[r * k + slot]
                     acc += b.bf16Weights ? LlamaOps.bf16(y) : y
                 }
                 out[r * h + c] = LlamaOps.bf16(acc)
@@ -102,23 +104,15 @@ public enum SparseMoE {
         return (out, logits, Cache(tokens: t, probabilities: p, indices: indices, chosen: chosen, sums: sums, weights: weights, gateUp: gateUp, down: down))
     }
 
-    /// One expert's matmul of a stacked [experts, out, in] weight, in place (no copy of the
-    /// expert's slice): bf16(x · W[e]ᵀ), x [rows, in] -> [rows, out], as `LlamaOps.linearForward`.
+    /// One expert's matmul of a stacked [experts, out, in] weight, read in place: bf16(x · W[e]ᵀ),
+    /// x [rows, in] -> [rows, out].
     static func expertLinear(_ x: [Float], _ w: [Float], expert e: Int, rows: Int, inFeatures k: Int, outFeatures n: Int) -> [Float] {
-        var y = [Float](repeating: 0, count: rows * n)
-        w.withUnsafeBufferPointer { wp in
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(rows), Int32(n), Int32(k), 1, x, Int32(k), wp.baseAddress! + e * n * k, Int32(k), 0, &y, Int32(n))
-        }
-        return y.map(LlamaOps.bf16)
+        w.withUnsafeBufferPointer { LlamaOps.linearForward(x, $0.baseAddress! + e * n * k, tokens: rows, inFeatures: k, outFeatures: n) }
     }
 
-    /// Its input gradient: bf16(dy · W[e]), dy [rows, out] -> [rows, in], as `LlamaOps.linearBackwardInput`.
+    /// Its input gradient: bf16(dy · W[e]), dy [rows, out] -> [rows, in].
     static func expertLinearBackward(_ dy: [Float], _ w: [Float], expert e: Int, rows: Int, inFeatures k: Int, outFeatures n: Int) -> [Float] {
-        var dx = [Float](repeating: 0, count: rows * k)
-        w.withUnsafeBufferPointer { wp in
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(rows), Int32(k), Int32(n), 1, dy, Int32(n), wp.baseAddress! + e * n * k, Int32(k), 0, &dx, Int32(k))
-        }
-        return dx.map(LlamaOps.bf16)
+        w.withUnsafeBufferPointer { LlamaOps.linearBackwardInput(dy, $0.baseAddress! + e * n * k, tokens: rows, inFeatures: k, outFeatures: n) }
     }
 
     /// The routed rows (t·K + k) of each expert, ascending.
@@ -142,7 +136,7 @@ public enum SparseMoE {
             for slot in 0..<k {
                 let row = r * k + slot, w = c.weights[row]
                 for j in 0..<h {
-                    let gj = g[r * h + j], dj = c.down[row * h + j]
+                    let gj = g[r * h + j], dj = HalfPrecision.float(bfloat16Bits: c.down[row * h + j])
                     dDown[row * h + j] = LlamaOps.bf16(gj * w)
                     products[j] = b.bf16Weights ? LlamaOps.bf16(gj * dj) : gj * dj
                 }
@@ -176,8 +170,8 @@ public enum SparseMoE {
             let da = expertLinearBackward(dd, b.down, expert: expert, rows: rows.count, inFeatures: i, outFeatures: h)
             var gate: [UInt16] = [], up: [UInt16] = []
             for row in rows {
-                gate += c.gateUp[(row * 2 * i)..<(row * 2 * i + i)].map(HalfPrecision.bfloat16Bits)
-                up += c.gateUp[(row * 2 * i + i)..<((row + 1) * 2 * i)].map(HalfPrecision.bfloat16Bits)
+                gate += c.gateUp[(row * 2 * i)..<(row * 2 * i + i)]
+                up += c.gateUp[(row * 2 * i + i)..<((row + 1) * 2 * i)]
             }
             let (dg, du) = LlamaOps.swigluBackward(da, gate: gate, up: up)
             let dgu = LlamaModel.joinColumns([dg, du], tokens: rows.count)

@@ -121,8 +121,8 @@ public struct ModelArchitecture: Sendable, Equatable, Codable {
     /// One layer of each kind (dense first, then sparse) with how many layers are of its kind:
     /// what every per-layer count multiplies.
     public var layerKinds: [(layer: Int, count: Int)] {
-        guard let x = experts else { return [(0, layers)] }
-        let dense = Set(x.denseLayers.filter { $0 < layers })
+        guard experts != nil else { return [(0, layers)] }
+        let dense = Set(denseLayerIndices)
         // Among the first dense.count + 1 layers one is sparse, unless every layer is dense.
         let firstSparse = (0...dense.count).first { $0 < layers && !dense.contains($0) }
         return [(dense.min(), denseMLPLayers), (firstSparse, sparseLayers)].compactMap { l, n in l.flatMap { n > 0 ? ($0, n) : nil } }
@@ -131,7 +131,10 @@ public struct ModelArchitecture: Sendable, Equatable, Codable {
     /// Whether layer `l` has experts rather than a dense MLP.
     public func isSparse(layer l: Int) -> Bool { experts.map { !$0.denseLayers.contains(l) } ?? false }
     /// How many layers have experts.
-    public var sparseLayers: Int { experts.map { layers - $0.denseLayers.filter { $0 < layers }.count } ?? 0 }
+    public var sparseLayers: Int { experts.map { _ in layers - denseLayerIndices.count } ?? 0 }
+    /// A mixture of experts' layers with a dense MLP (`mlp_only_layers`, `decoder_sparse_step`,
+    /// Llama 4's interleaving), those the model has.
+    public var denseLayerIndices: [Int] { experts?.denseLayers.filter { $0 < layers } ?? [] }
     /// How many layers have a dense MLP.
     public var denseMLPLayers: Int { layers - sparseLayers }
 
@@ -436,7 +439,8 @@ public struct ModelArchitecture: Sendable, Equatable, Codable {
     /// The model types qlora's decoder (`LlamaModel`) runs.
     public static let trainableModelTypes = ["llama", "mistral", "qwen2", "qwen3", "phi3", "qwen3_moe", "mixtral"]
 
-    /// The model types whose layers these fields describe, for memory and fit: the same five.
+    /// The model types whose layers these fields describe, for memory and fit: the trainable ones
+    /// and the other mixtures of experts (gpt-oss, Llama 4).
     /// Another family differs in what the fields do not say (Gemma ties its embeddings by
     /// default, its MLP and norms differ), so counting it as a Llama would be wrong.
     public static let describedModelTypes = trainableModelTypes + Experts.Family.allCases.map(\.rawValue).filter { !trainableModelTypes.contains($0) }
@@ -464,7 +468,7 @@ public struct ModelArchitecture: Sendable, Equatable, Codable {
             problems.append("model_type \(modelType) is not supported for training (\(Self.trainableModelTypes.joined(separator: ", ")) are)")
         }
         problems += unmodelledFeatures.map { "\($0) is not supported" }
-        if let x = experts, !x.denseLayers.filter({ $0 < layers }).isEmpty {
+        if !denseLayerIndices.isEmpty {
             problems.append("dense layers in a mixture of experts (mlp_only_layers / decoder_sparse_step) are not supported for training yet")
         }
         if case .unsupported(let type) = ropeScaling { problems.append("rope type \(type) is not supported (default and llama3 are)") }
