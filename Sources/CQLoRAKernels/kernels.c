@@ -999,3 +999,83 @@ void qlora_softmax_backward_rows(float *p, float *dp, int64_t rows, int64_t n, i
     if (qlora_active_level() >= QLORA_LEVEL_AVX512) softmax_backward_rows_avx512(p, dp, rows, n, i0, post_scale);
     else softmax_backward_rows_scalar(p, dp, rows, n, i0, post_scale);
 }
+
+// MARK: - Cross-entropy rows (the head's loss), bf16 logits, fp32 softmax
+
+static void cross_entropy_rows_scalar(float *logits, int64_t rows, int64_t n, int64_t ld, const int64_t *targets, float count,
+                                      uint16_t *dl, int64_t ldd, float *terms) {
+    for (int64_t r = 0; r < rows; r++) {
+        float *x = logits + r * ld;
+        uint16_t *d = dl + r * ldd;
+        const int64_t t = targets[r];
+        for (int64_t v = 0; v < n; v++) x[v] = round_bf16_f32(x[v]);
+        for (int64_t v = n; v < ldd; v++) d[v] = 0;
+        if (t < 0) {
+            for (int64_t v = 0; v < n; v++) d[v] = 0;
+            terms[r] = 0.0f;
+            continue;
+        }
+        float mx = -INFINITY;
+        for (int64_t v = 0; v < n; v++) mx = x[v] > mx ? x[v] : mx;
+        float sum = 0.0f;
+        for (int64_t v = 0; v < n; v++) sum += expf(x[v] - mx);
+        const float lse = mx + logf(sum);
+        terms[r] = lse - x[t];
+        for (int64_t v = 0; v < n; v++) d[v] = f32_to_bf16((expf(x[v] - lse) - (v == t ? 1.0f : 0.0f)) / count);
+    }
+}
+
+AVX512 static void cross_entropy_rows_avx512(float *logits, int64_t rows, int64_t n, int64_t ld, const int64_t *targets, float count,
+                                             uint16_t *dl, int64_t ldd, float *terms) {
+    const __m512 vcount = _mm512_set1_ps(count), one = _mm512_set1_ps(1.0f);
+    for (int64_t r = 0; r < rows; r++) {
+        float *x = logits + r * ld;
+        uint16_t *d = dl + r * ldd;
+        const int64_t t = targets[r];
+        __m512 vmax = _mm512_set1_ps(-INFINITY);
+        for (int64_t v = 0; v < n; v += 16) {
+            const __mmask16 m = mask16(n - v);
+            const __m512 xv = round_bf16_avx512(_mm512_maskz_loadu_ps(m, x + v));
+            _mm512_mask_storeu_ps(x + v, m, xv);
+            vmax = _mm512_mask_max_ps(vmax, m, vmax, xv);
+        }
+        for (int64_t v = n; v < ldd; v++) d[v] = 0;
+        if (t < 0) {
+            memset(d, 0, (size_t)n * sizeof *d);
+            terms[r] = 0.0f;
+            continue;
+        }
+        const float mxs = _mm512_reduce_max_ps(vmax);
+        const __m512 mx = _mm512_set1_ps(mxs);
+        __m512 vsum = _mm512_setzero_ps();
+        for (int64_t v = 0; v < n; v += 16) {
+            const __mmask16 m = mask16(n - v);
+            vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(m, exp_nonpositive_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + v), mx))));
+        }
+        const float lse = mxs + logf(_mm512_reduce_add_ps(vsum));
+        terms[r] = lse - x[t];
+        const __m512 vlse = _mm512_set1_ps(lse);
+        int64_t v = 0;
+        for (; v + 16 <= n; v += 16) {
+            const __m512 p = exp_nonpositive_avx512(_mm512_sub_ps(_mm512_loadu_ps(x + v), vlse));
+            const __mmask16 hot = (t >= v && t < v + 16) ? (__mmask16)(1u << (t - v)) : 0;
+            vu16_avx512 h = f32_to_bf16_avx512(_mm512_div_ps(_mm512_mask_sub_ps(p, hot, p, one), vcount));
+            memcpy(d + v, &h, sizeof h);
+        }
+        if (v < n) {
+            const __mmask16 m = mask16(n - v);
+            const __m512 p = exp_nonpositive_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + v), vlse));
+            const __mmask16 hot = (t >= v) ? (__mmask16)(1u << (t - v)) : 0;
+            vu16_avx512 h = f32_to_bf16_avx512(_mm512_div_ps(_mm512_mask_sub_ps(p, hot, p, one), vcount));
+            uint16_t tail[16];
+            memcpy(tail, &h, sizeof h);
+            memcpy(d + v, tail, (size_t)(n - v) * sizeof *d);
+        }
+    }
+}
+
+void qlora_cross_entropy_rows(float *logits, int64_t rows, int64_t n, int64_t ld, const int64_t *targets, float count,
+                              uint16_t *dl, int64_t ldd, float *terms) {
+    if (qlora_active_level() >= QLORA_LEVEL_AVX512) cross_entropy_rows_avx512(logits, rows, n, ld, targets, count, dl, ldd, terms);
+    else cross_entropy_rows_scalar(logits, rows, n, ld, targets, count, dl, ldd, terms);
+}

@@ -36,6 +36,8 @@ struct Train: ParsableCommand {
     @Flag(help: "DoRA (PEFT's use_dora): new adapters also train a magnitude per output feature, PEFT's DoRA forward and backward.") var dora = false
     @Option(help: ArgumentHelp("Train these modules whole as well (PEFT's modules_to_save): lm_head, embed_tokens or both, comma-separated; bf16 copies with bf16 AdamW states, as PEFT trains them.", valueName: "modules"))
     var modulesToSave: String?
+    @Option(help: ArgumentHelp("The head and loss: chunked (a block of tokens at a time, the [tokens × vocab] logits never held at once) or full (all tokens at once); the same losses and gradients to the bit.", valueName: "chunked|full"))
+    var loss = "chunked"
     @Option(help: "Output directory for the adapter and checkpoints (new or empty, unless --overwrite or --resume from inside it).") var out = "qlora-adapter"
     @Flag(help: "Write into an existing --out that holds other files, replacing an adapter there.") var overwrite = false
 
@@ -65,6 +67,7 @@ struct Train: ParsableCommand {
             throw ValidationError("--modules-to-save makes new adapters; an adapter given with --adapter or --resume keeps its own modules")
         }
         _ = try wholeModules()
+        guard ["chunked", "full"].contains(loss) else { throw ValidationError("--loss must be chunked or full, got '\(loss)'") }
     }
 
     func run() {
@@ -73,6 +76,7 @@ struct Train: ParsableCommand {
                                  gradientCheckpointing: gradCheckpointing, saveEvery: saveEvery, seed: seed)
             o.dora = dora
             o.modulesToSave = try wholeModules()
+            o.chunkedLoss = loss == "chunked"
             let job = try TrainingRun(model: model, data: data, out: out, options: o, resume: resume, adapter: adapter, overwrite: overwrite)
             HeapReuse.keepFreedMemory()  // every step reuses the last one's buffers (see HeapReuse)
             // SIGTERM, SIGHUP: remove what is being staged; Ctrl-C saves a checkpoint (below).

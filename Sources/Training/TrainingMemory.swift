@@ -17,8 +17,9 @@ public struct TrainingMemory: Sendable, Equatable {
     /// What one micro-batch keeps for backward: per token and decoder layer what qlora's layer
     /// keeps (`MemoryEstimate.qloraLayerActivationBytesPerToken`: bf16 x, q, k, v, the attention
     /// residual, gate and up, the fp32 adapter inputs and A·x; with gradient checkpointing only
-    /// each layer's bf16 input plus one layer); per token the fp32 logits and their gradient
-    /// (2 × 4 × vocab) and the final hidden state.
+    /// each layer's bf16 input plus one layer); per token the final norm's bf16 input, its fp32
+    /// 1/rms and its output's bf16 gradient (4 × hidden + 4); and the head's block (`HeadLoss`):
+    /// fp32 logits and their bf16 gradient (6 × vocab) for `headRows(_:tokens:chunked:)` rows.
     public var activationBytes: Int
     /// Tokens per micro-batch (batch × seq-len).
     public var tokens: Int
@@ -27,7 +28,14 @@ public struct TrainingMemory: Sendable, Equatable {
 
     /// The run's sizes, or nil when some byte count does not fit in `Int` (far beyond any machine).
     /// `rank`: the adapters' rank (the option, or the rank of the adapter a run starts from).
-    public static func estimate(_ a: ModelArchitecture, rank: Int, batch: Int, seqLen: Int, checkpointing: Bool) -> TrainingMemory? {
+    /// Rows the head's loss runs at once: all the micro-batch's tokens, or with the chunked loss
+    /// `HeadLoss.defaultChunkRows`.
+    public static func headRows(_ a: ModelArchitecture, tokens: Int, chunked: Bool) -> Int {
+        chunked ? min(tokens, HeadLoss.defaultChunkRows(vocab: a.vocabSize)) : tokens
+    }
+
+    public static func estimate(_ a: ModelArchitecture, rank: Int, batch: Int, seqLen: Int, checkpointing: Bool,
+                                chunkedLoss: Bool = true) -> TrainingMemory? {
         guard a.sizeProblem == nil, rank > 0, rank <= ModelArchitecture.maxDimension else { return nil }
         // With the architecture's sizes bounded (`sizeProblem`), per-parameter and per-token
         // byte counts fit; what scales with the options is multiplied with checks.
@@ -42,8 +50,9 @@ public struct TrainingMemory: Sendable, Equatable {
         // qlora's own decoder layer, counted in one place (Qwen3's q/k norms included).
         let layer = MemoryEstimate.qloraLayerActivationBytesPerToken(a, MemoryOptions(method: .qlora, rank: rank, targets: ModelArchitecture.projectionNames))
         let kept = checkpointing ? CheckedSize.sum(CheckedSize.product(a.layers, 2 * h) ?? .max, layer) : CheckedSize.product(a.layers, layer)
-        guard let kept, let perToken = CheckedSize.sum(kept, 8 * a.vocabSize, 4 * h + 4), let activations = CheckedSize.product(tokens, perToken),
-              CheckedSize.sum(model, adapters, activations) != nil else { return nil }
+        guard let kept, let perToken = CheckedSize.sum(kept, 4 * h + 4), let layersAndNorm = CheckedSize.product(tokens, perToken),
+              let head = CheckedSize.product(headRows(a, tokens: tokens, chunked: chunkedLoss), 6, a.vocabSize),
+              let activations = CheckedSize.sum(layersAndNorm, head), CheckedSize.sum(model, adapters, activations) != nil else { return nil }
         return TrainingMemory(modelBytes: model, adapterBytes: adapters, activationBytes: activations, tokens: tokens)
     }
 
@@ -54,10 +63,10 @@ public struct TrainingMemory: Sendable, Equatable {
     }
 
     /// Refuses a run that cannot fit in `available` bytes, naming what it would need.
-    public static func check(_ a: ModelArchitecture, rank: Int, batch: Int, seqLen: Int, checkpointing: Bool,
+    public static func check(_ a: ModelArchitecture, rank: Int, batch: Int, seqLen: Int, checkpointing: Bool, chunkedLoss: Bool = true,
                              available: Int = availableBytes()) throws {
         let shape = "rank \(rank), batch \(batch) × seq-len \(seqLen)"
-        guard let m = estimate(a, rank: rank, batch: batch, seqLen: seqLen, checkpointing: checkpointing) else {
+        guard let m = estimate(a, rank: rank, batch: batch, seqLen: seqLen, checkpointing: checkpointing, chunkedLoss: chunkedLoss) else {
             throw TrainingError("\(shape): the run would need more bytes than a 64-bit count holds; lower --seq-len, --batch or --rank")
         }
         guard m.totalBytes <= available else {

@@ -21,6 +21,9 @@ public struct TrainOptions: Sendable {
     public var dora = false
     /// Modules trained whole (PEFT's `modules_to_save`) on new adapters.
     public var modulesToSave: [LlamaModel.WholeModule] = []
+    /// The head and loss a block of tokens at a time (`HeadLoss`), or all tokens at once: the
+    /// same losses and gradients to the bit, the [tokens × vocab] buffers only in the latter.
+    public var chunkedLoss = true
 
     public init(rank: Int = 16, alpha: Double = 32, lr: Double = 2e-4, weightDecay: Double = 0.01, steps: Int = 100, batch: Int = 1,
                 gradAccum: Int = 1, seqLen: Int = 512, gradientCheckpointing: Bool = false, saveEvery: Int = 50, seed: UInt64 = 0) {
@@ -105,7 +108,8 @@ public final class TrainingRun {
         }
         try checkTrainableLabels(data, path: path, from: state.nextExample, steps: o.steps - state.step, perStep: CheckedSize.product(o.batch, o.gradAccum) ?? .max, seqLen: o.seqLen)
         do {
-            try TrainingMemory.check(cfg, rank: adapter?.rank ?? o.rank, batch: o.batch, seqLen: o.seqLen, checkpointing: o.gradientCheckpointing)
+            try TrainingMemory.check(cfg, rank: adapter?.rank ?? o.rank, batch: o.batch, seqLen: o.seqLen, checkpointing: o.gradientCheckpointing,
+                                     chunkedLoss: o.chunkedLoss)
         } catch let e as TrainingError {
             throw CheckpointError.invalidPath(path: dir, problem: e.description)
         }
@@ -114,6 +118,7 @@ public final class TrainingRun {
         self.data = data
         let adam = AdamWConfig(lr: o.lr, weightDecay: o.weightDecay)
         trainer = LlamaTrainer(model: model, optimizer: adam, checkpointing: o.gradientCheckpointing, states: states)
+        trainer.headChunkRows = TrainingMemory.headRows(cfg, tokens: o.batch * o.seqLen, chunked: o.chunkedLoss)
         options = o
         self.out = out
         self.state = state

@@ -121,20 +121,28 @@ final class LlamaTests: XCTestCase {
 }
 
 extension LlamaTests {
-    /// Checkpointing recomputes each layer in backward: the same gradients to the bit. The dense
-    /// bf16 checkpoint, quantized on load, is the same model as transformers' bnb-4bit file.
-    func testCheckpointingAndDenseLoadGiveTheSameStep() throws {
+    /// Checkpointing recomputes each layer in backward, and the chunked loss (`HeadLoss`, the
+    /// trainer's default) runs the head a few tokens at a time: the same loss and gradients to the
+    /// bit as the unchunked step the tests above hold to transformers. The dense bf16 checkpoint,
+    /// quantized on load, is the same model as transformers' bnb-4bit file.
+    func testCheckpointingChunkedLossAndDenseLoadGiveTheSameStep() throws {
         let v = try golden()
         let ids = v.ints("input_ids"), labels = v.ints("labels")
-        var grads: [[Float]] = []
-        for (dir, gc) in [("Vectors/llama/tiny-nf4", false), ("Vectors/llama/tiny-nf4", true), ("Vectors/llama/tiny", false)] {
+        var grads: [[Float]] = [], losses: [Float] = []
+        let runs: [(String, Bool, Int?)] = [("Vectors/llama/tiny-nf4", false, nil), ("Vectors/llama/tiny-nf4", true, nil), ("Vectors/llama/tiny", false, nil),
+                                            ("Vectors/llama/tiny-nf4", false, 5), ("Vectors/llama/tiny-nf4", true, 1)]
+        for (dir, gc, chunk) in runs {
             let m = try model(v, directory: dir)
-            let (_, _, a) = try m.forward(ids: ids, labels: labels, batch: 2, seq: 16, checkpointing: gc)
+            let (loss, logits, a) = try m.forward(ids: ids, labels: labels, batch: 2, seq: 16, checkpointing: gc, headChunkRows: chunk)
+            XCTAssertEqual(logits.isEmpty, chunk != nil, "logits are returned only by the unchunked path")
             try m.backward(a)
             grads.append(m.adapters.flatMap { $0.layer.gradA + $0.layer.gradB })
+            losses.append(loss)
             if gc { XCTAssertLessThan(a.byteCount * 3, try m.forward(ids: ids, labels: labels, batch: 2, seq: 16).activations.byteCount) }
         }
-        XCTAssertEqual(grads[0].map(\.bitPattern), grads[1].map(\.bitPattern), "checkpointing")
-        XCTAssertEqual(grads[0].map(\.bitPattern), grads[2].map(\.bitPattern), "dense checkpoint quantized on load")
+        for (i, what) in [(1, "checkpointing"), (2, "dense checkpoint quantized on load"), (3, "chunked loss"), (4, "chunked loss with checkpointing")] {
+            XCTAssertEqual(grads[0].map(\.bitPattern), grads[i].map(\.bitPattern), what)
+            XCTAssertEqual(losses[0].bitPattern, losses[i].bitPattern, "\(what): loss")
+        }
     }
 }

@@ -166,6 +166,20 @@ void qlora_softmax_causal_rows(float *s, int64_t rows, int64_t n, int64_t i0, fl
 /// (sums in key order); AVX-512 (16-lane partial sums).
 void qlora_softmax_backward_rows(float *p, float *dp, int64_t rows, int64_t n, int64_t i0, float post_scale);
 
+/// transformers' causal-LM loss on rows of the head's output, in place (rows are independent, so
+/// any split of a [tokens, vocab] block into row blocks gives the same bits). Row r of logits
+/// [rows, ld] holds the head GEMM's fp32 sums for vocabulary entries 0..<n; each becomes
+/// x = bf16(sum), the head's bf16 output upcast to fp32. For targets[r] in 0..<n:
+///   lse = max + log(Σ exp(x − max)),  terms[r] = lse − x[target] (fp32),
+///   dl[r * ldd + v] = bf16 bits of (exp(x[v] − lse) − (v == target)) / count
+/// (the logits' gradient under the mean over `count` positions, rounded to bf16 as the gradient
+/// of the fp32 upcast is); for a negative target (ignored) terms[r] = 0 and dl's row is zeros.
+/// dl's columns n..<ldd are zeroed (the pad a GEMM's A operand needs). Levels: scalar (expf,
+/// logf, sums in vocabulary order: LlamaOps.crossEntropy's arithmetic to the bit); AVX-512 (the
+/// softmax's polynomial exp, 16-lane sums).
+void qlora_cross_entropy_rows(float *logits, int64_t rows, int64_t n, int64_t ld, const int64_t *targets, float count,
+                              uint16_t *dl, int64_t ldd, float *terms);
+
 /// Element types of a weight in the merge kernels (raw 16-bit patterns for bf16/fp16).
 typedef enum {
     QLORA_TYPE_F32 = 0,

@@ -64,7 +64,17 @@ public final class LlamaModel {
     public let layers: [LlamaLayer]
     public let finalNorm: [Float]
     /// [vocab, hidden], bf16 values (the embedding matrix when tied).
-    public var lmHead: [Float]
+    public var lmHead: [Float] { didSet { frozenHead = nil } }
+    /// The frozen head packed for the fused loss, built on first use (and again when the kernel
+    /// level changes, as tests force it to).
+    private var frozenHead: HeadLoss?
+    /// The head the loss runs on: a trained lm_head changes every step, so it is packed afresh.
+    func headLoss() -> HeadLoss {
+        if let h = frozenHead, h.usesBF16GEMM == (KernelLevel.active == .avx512bf16) { return h }
+        let h = HeadLoss(weight: lmHead, vocab: config.vocabSize, hidden: config.hiddenSize)
+        if !trainedModules.contains(.lmHead) { frozenHead = h }
+        return h
+    }
     let inverseFrequencies: [Float]
 
     /// Modules trained whole (PEFT's `modules_to_save`): PEFT trains a bf16 copy of each (the
@@ -158,14 +168,17 @@ public final class LlamaModel {
         /// With checkpointing: each layer's input, recomputed from in backward.
         var layerInputs: [BF16Array]
         var finalInput: BF16Array, finalRstd: [Float]
+        /// The final norm's output gradient, computed with the loss in the forward (`HeadLoss`).
+        var headGradient: BF16Array
+        /// The logits' bf16 gradient [tokens, vocab], kept only for a trained lm_head's weight gradient.
         var dlogits: [Float]
         /// The batch's token ids, for a trained embedding's gradient.
         var ids: [Int] = []
         /// Bytes held for backward by the decoder layers (exact count of the arrays kept).
         public var layerBytes: Int { layerInputs.reduce(0) { $0 + $1.byteCount } + caches.reduce(0) { $0 + ($1?.byteCount ?? 0) } }
-        /// All bytes held for backward: the layers, the final norm's input and 1/rms, and the
-        /// gradient of the logits (kept in place of the fp32 log-softmax torch keeps: the same size).
-        public var byteCount: Int { layerBytes + finalInput.byteCount + 4 * finalRstd.count + 4 * dlogits.count }
+        /// All bytes held for backward: the layers, the final norm's input and 1/rms, its output's
+        /// gradient, and with a trained lm_head the logits' gradient (bf16 values held in fp32).
+        public var byteCount: Int { layerBytes + finalInput.byteCount + 4 * finalRstd.count + headGradient.byteCount + 4 * dlogits.count }
     }
 
     func layerForward(_ l: LlamaLayer, _ x: [Float], batch: Int, seq: Int, cos: [Float], sin: [Float]) throws -> ([Float], LayerCache) {
@@ -292,11 +305,14 @@ public final class LlamaModel {
         return LlamaOps.addRounded(dh, dNorm1)
     }
 
-    /// Forward through the whole model and the loss.
+    /// Forward through the whole model and the loss (and the head's backward: `HeadLoss`).
     ///
     ///     // ids, labels: [batch, seq] -> logits: [batch·seq, vocab] (bf16 values), loss (fp32)
     /// - Parameter checkpointing: keep only each layer's input; `backward` recomputes the layer.
-    public func forward(ids: [Int], labels: [Int], batch: Int, seq: Int, checkpointing: Bool = false) throws -> (loss: Float, logits: [Float], activations: Activations) {
+    /// - Parameter headChunkRows: run the head and loss this many tokens at a time and return no
+    ///   logits (the same loss and gradients to the bit); nil: all tokens at once, logits returned.
+    public func forward(ids: [Int], labels: [Int], batch: Int, seq: Int, checkpointing: Bool = false,
+                        headChunkRows: Int? = nil) throws -> (loss: Float, logits: [Float], activations: Activations) {
         let c = config, h = c.hiddenSize, t = batch * seq
         precondition(ids.count == t && labels.count == t, "ids and labels must be [batch, seq]")
         var x = [Float](repeating: 0, count: t * h)
@@ -313,17 +329,23 @@ public final class LlamaModel {
             x = y
         }
         let (n, rstd) = LlamaOps.rmsnormForward(x, finalNorm, tokens: t, eps: Float(c.rmsNormEps))
-        let logits = LlamaOps.linearForward(n, lmHead, tokens: t, inFeatures: h, outFeatures: c.vocabSize)
-        let (loss, dlogits, _) = LlamaOps.crossEntropy(logits: logits, labels: labels, batch: batch, seq: seq, vocab: c.vocabSize)
-        return (loss, logits, Activations(batch: batch, seq: seq, caches: caches, layerInputs: inputs, finalInput: BF16Array(x), finalRstd: rstd, dlogits: dlogits,
-                                          ids: trainedModules.contains(.embedTokens) ? ids : []))
+        if let bad = labels.first(where: { $0 != -100 && ($0 < 0 || $0 >= c.vocabSize) }) {
+            throw LoRAError.shapeMismatch("label \(bad) outside the vocabulary (\(c.vocabSize))")
+        }
+        let (targets, count) = HeadLoss.targets(labels: labels, batch: batch, seq: seq)
+        let trainsHead = trainedModules.contains(.lmHead)
+        let head = headLoss().run(normed: n, targets: targets, count: count, tokens: t, chunkRows: trainsHead ? t : headChunkRows ?? t,
+                                  keepLogits: headChunkRows == nil, keepGradient: trainsHead)
+        let loss = count > 0 ? Float(head.lossSum / Double(count)) : .nan
+        return (loss, head.logits, Activations(batch: batch, seq: seq, caches: caches, layerInputs: inputs, finalInput: BF16Array(x), finalRstd: rstd,
+                                               headGradient: BF16Array(head.dn), dlogits: head.dlogits, ids: trainedModules.contains(.embedTokens) ? ids : []))
     }
 
     /// Backward from the loss: adds every LoRA gradient into the layers' `gradA` / `gradB`.
     public func backward(_ a: Activations) throws {
         let c = config, t = a.batch * a.seq
         let (cos, sin) = LlamaOps.ropeTables(seq: a.seq, inverseFrequencies: inverseFrequencies)
-        let dn = LlamaOps.linearBackwardInput(a.dlogits, lmHead, tokens: t, inFeatures: c.hiddenSize, outFeatures: c.vocabSize)
+        let dn = a.headGradient.floats
         if trainedModules.contains(.lmHead) {
             // lm_head's bf16 weight gradient, dlogitsᵀ · normed: [vocab, hidden], added to .grad in bf16.
             let (n, _) = LlamaOps.rmsnormForward(a.finalInput.floats, finalNorm, tokens: t, eps: Float(c.rmsNormEps))

@@ -19,11 +19,14 @@ public final class LlamaTrainer {
     /// AdamW state per adapter tensor, named `<module path>.lora_A.weight` / `.lora_B.weight`.
     public var states: [String: AdamWState]
     public var checkpointing: Bool
+    /// Tokens the head and loss run at a time (`HeadLoss`; the same result for any value).
+    public var headChunkRows: Int
 
     public init(model: LlamaModel, optimizer: AdamWConfig, checkpointing: Bool = false, states: [String: AdamWState] = [:]) {
         self.model = model
         self.optimizer = optimizer
         self.checkpointing = checkpointing
+        headChunkRows = HeadLoss.defaultChunkRows(vocab: model.config.vocabSize)
         var s = states
         for (path, l) in model.adapters {
             if s[path + ".lora_A.weight"] == nil { s[path + ".lora_A.weight"] = AdamWState(count: l.loraA.count) }
@@ -54,7 +57,8 @@ public final class LlamaTrainer {
         var total: Float = 0, counted = 0, peak = 0
         for mb in microBatches {
             let (ids, labels) = Self.batch(mb, seq: seq)
-            let (loss, _, acts) = try model.forward(ids: ids, labels: labels, batch: mb.count, seq: seq, checkpointing: checkpointing)
+            let (loss, _, acts) = try model.forward(ids: ids, labels: labels, batch: mb.count, seq: seq, checkpointing: checkpointing,
+                                                     headChunkRows: headChunkRows)
             peak = max(peak, acts.byteCount)
             guard loss.isFinite else { continue }  // a micro-batch with no counted labels
             try model.backward(acts)
