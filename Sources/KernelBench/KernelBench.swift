@@ -85,6 +85,8 @@ public struct KernelBenchOptions: Sendable {
     /// The decoder layer of the training-step row, and its tokens (none: no row).
     public var stepModel = ModelArchitecture.preset("llama-2-7b")!
     public var stepTokens: [Int] = [512, 2048]
+    /// Decoder layers of the whole-model row (the preset's real vocabulary and head), 0: no row.
+    public var stepLayers = 2
     public var stepRepeats = 3
     /// Cycle the weights through copies exceeding twice the last-level cache (a forward through
     /// many layers), or reuse one copy (warm: what fits in cache stays there).
@@ -100,6 +102,7 @@ public struct KernelBenchOptions: Sendable {
         o.loraSteps = [(64, 4096, 4096, 16)]
         o.stepTokens = [128]
         o.stepRepeats = 1
+        o.stepLayers = 1
         return o
     }
 }
@@ -229,6 +232,13 @@ public enum KernelBench {
             row.bf16BoundTokensPerS = report.fastestBF16Flops.map { Double(t) * $0 / row.flops }
             report.trainStep.append(row)
         }
+        for t in o.stepTokens where o.stepLayers > 0 {
+            progress("training step of \(o.stepModel.name) with \(o.stepLayers) layers and its \(o.stepModel.vocabSize)-token vocabulary at \(t) tokens")
+            var row = try modelStep(o.stepModel, layers: o.stepLayers, tokens: t, rank: 16, repeats: o.stepRepeats)
+            row.sgemmBoundTokensPerS = report.fastestSgemmFlops.map { Double(t) * $0 / row.flops }
+            row.bf16BoundTokensPerS = report.fastestBF16Flops.map { Double(t) * $0 / row.flops }
+            report.trainStep.append(row)
+        }
         return report
     }
 
@@ -241,6 +251,37 @@ public enum KernelBench {
         let causal = Double(t) * Double(t + 1) / 2
         let attention = 7 * 2 * Double(a.headDim) * causal * Double(a.attentionHeads)
         return 4 * Double(t) * base + 6 * Double(t) * lora + attention
+    }
+
+    /// FLOPs of a whole model's step: its layers' (`trainStepFlops`) less what the first layer
+    /// skips (the input gradient of q, k and v, base and LoRA: the embedding is frozen, see
+    /// `LlamaModel.layerBackward`), and the head's logits and their input gradient (2 · tokens ·
+    /// vocab · hidden each).
+    public static func modelStepFlops(_ a: ModelArchitecture, layers: Int, tokens t: Int, rank r: Int) -> Double {
+        let qkv = a.moduleNames.prefix(a.fusedProjections ? 1 : 3).map { a.projectionShape($0) }
+        let skipped = qkv.reduce(0.0) { $0 + 2 * Double(t) * Double($1.out * $1.in + r * $1.in) }
+        return Double(layers) * trainStepFlops(a, tokens: t, rank: r) - skipped + 4 * Double(t) * Double(a.vocabSize) * Double(a.hiddenSize)
+    }
+
+    /// `layers` decoder layers of `a` with its real vocabulary (bf16 embedding and lm_head, tied
+    /// where `a` ties them), one sequence of `tokens` random ids: `LlamaTrainer.step` as `qlora
+    /// train` runs it (the chunked loss), median seconds of `repeats` after a warm-up step.
+    static func modelStep(_ a: ModelArchitecture, layers n: Int, tokens: Int, rank: Int, repeats: Int) throws -> KernelBenchReport.TrainStep {
+        var rng = SplitMix64(seed: 29)
+        let largest = a.moduleNames.map { a.projectionShape($0) }.map { $0.out * $0.in }.max() ?? 0
+        let source = (0..<largest).map { _ in rng.normal() * 0.02 }
+        var cfg = a
+        cfg.layers = n
+        let layers = try (0..<n).map { l in try LlamaLayer.quantized(a, source: source, lora: LoRAConfig(rank: rank, alpha: Double(2 * rank)), seed: UInt64(l + 1)) }
+        let table = (0..<(a.vocabSize * a.hiddenSize)).map { _ in HalfPrecision.roundedToBFloat16(rng.normal() * 0.02) }
+        let head = a.tiedEmbeddings ? nil : (0..<(a.vocabSize * a.hiddenSize)).map { _ in HalfPrecision.roundedToBFloat16(rng.normal() * 0.02) }
+        let model = LlamaModel(config: cfg, embedTokens: table, layers: layers, finalNorm: [Float](repeating: 1, count: a.hiddenSize), lmHead: head)
+        let trainer = LlamaTrainer(model: model, optimizer: AdamWConfig())
+        let ids = (0..<tokens).map { _ in Int(rng.next() % UInt64(a.vocabSize)) }
+        let batch = [[TrainingExample(inputIds: ids, labels: ids)]]
+        let seconds = try median(repeats) { _ in _ = try trainer.step(batch, seq: tokens) }
+        return .init(model: "\(a.name) \(n) layer\(n == 1 ? "" : "s")+head", tokens: tokens, rank: rank, seconds: seconds, tokensPerS: Double(tokens) / seconds,
+                     flops: modelStepFlops(a, layers: n, tokens: tokens, rank: rank))
     }
 
     /// One decoder layer of `a` (NF4 + double quant, r on every projection): forward, backward and

@@ -106,7 +106,14 @@ extension StepTimeline {
     static func unslothExpertProblem(_ x: ModelArchitecture.Experts) -> String? {
         switch x.family {
         case .qwen3MoE, .mixtral: return nil
-        case .gptOSS: return "Unsloth loads gpt-oss from its prequantized repo into per-expert Linear4bit modules (unsloth-zoo's GptOssExpertsBnb4bit), a path not modelled"
+        // Read from source (unsloth 015bdef, unsloth-zoo ce232d6): mapper.py sends gpt-oss-20b to
+        // unsloth/gpt-oss-20b-unsloth-bnb-4bit, vision.py passes no BitsAndBytesConfig for it, so
+        // double quant, blocksize and the modules left 16-bit come from that repo's config.json;
+        // and its expert forward returns fp32 into the residual stream (gpt_oss.py), which no
+        // transformers cast undoes, so every later layer's activations are fp32.
+        case .gptOSS: return "Unsloth loads gpt-oss from its prequantized unsloth/gpt-oss-20b-unsloth-bnb-4bit into per-expert Linear4bit modules "
+            + "(unsloth-zoo's GptOssExpertsBnb4bit) with that repo's own quantization config (double quant, blocksize, modules left 16-bit), "
+            + "which no source read here holds, and an expert forward that turns the residual stream fp32: not modelled"
         case .llama4: return "Unsloth has no Llama 4 mixture-of-experts path (no Llama4TextExperts patch in unsloth or unsloth-zoo): its 4-bit load leaves torch.bmm on quantized experts"
         }
     }

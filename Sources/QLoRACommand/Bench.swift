@@ -19,7 +19,9 @@ struct Bench: ParsableCommand {
     var shapes: [String] = []
     @Option(help: ArgumentHelp("Token counts for the GEMV/GEMM rows, e.g. 1,512.", valueName: "list")) var tokens: String?
     @Option(help: ArgumentHelp("Token counts of the training-step row, or none.", valueName: "list")) var stepTokens: String?
-    @Option(help: "The training-step row's model preset (one decoder layer of it).") var stepModel: String?
+    @Option(help: "The training-step rows' model preset (one decoder layer of it, and the whole-model row's shapes and vocabulary).") var stepModel: String?
+    @Option(help: "Decoder layers of the whole-model training-step row (the preset's real vocabulary and head), 0 for none (default 2; 1 with --quick).")
+    var stepLayers: Int?
     @Flag(help: "Weights cold (cycled through copies exceeding twice the last-level cache; the default) or warm (one copy).")
     var weights: Temperature = .cold
     @Flag(help: "Print JSON.") var json = false
@@ -29,6 +31,8 @@ struct Bench: ParsableCommand {
     /// Bounds on what the bench allocates from its options: activations of tokens × width and
     /// dense fp32 copies of each weight.
     static let maxTokens = 8192, maxParameters = 1 << 28
+    /// The whole-model row holds every layer's NF4 weights and adapters: up to a small model's depth.
+    static let maxStepLayers = 32
 
     static func counts(_ text: String, _ flag: String) throws -> [Int] {
         if text == "none" { return [] }
@@ -53,6 +57,7 @@ struct Bench: ParsableCommand {
         for s in shapes { _ = try Self.shape(s) }
         if let tokens { _ = try Self.counts(tokens, "--tokens") }
         if let stepTokens { _ = try Self.counts(stepTokens, "--step-tokens") }
+        if let stepLayers, !(0...Self.maxStepLayers).contains(stepLayers) { throw ValidationError("--step-layers takes 0 to \(Self.maxStepLayers), got \(stepLayers)") }
         if let stepModel, ModelArchitecture.preset(stepModel) == nil {
             throw ValidationError("unknown --step-model '\(stepModel)'; presets are \(ModelArchitecture.presets.map(\.name).joined(separator: ", "))")
         }
@@ -66,6 +71,7 @@ struct Bench: ParsableCommand {
             if let tokens { o.tokens = try Self.counts(tokens, "--tokens") }
             if let stepTokens { o.stepTokens = try Self.counts(stepTokens, "--step-tokens") }
             if let stepModel { o.stepModel = ModelArchitecture.preset(stepModel)! }
+            if let stepLayers { o.stepLayers = stepLayers }
             o.cold = weights == .cold
             HeapReuse.keepFreedMemory()  // as qlora train runs: a step reuses the last one's buffers
             let line = ProgressLine("bench")
@@ -89,12 +95,12 @@ struct Bench: ParsableCommand {
                 print(String(format: "  %4d tokens, %5dx%-5d r=%-3d        %8.2f     %8.2f          %5.2f", l.tokens, l.out, l.in, l.rank, l.seconds * 1e3, l.baseSeconds * 1e3, l.ratio))
             }
             if !r.trainStep.isEmpty {
-                print("\nQLoRA training step, one decoder layer (fwd + bwd + AdamW, r=16 on all seven projections)")
-                print("  model               tokens     GFLOP   tokens/s   sgemm-bound   bf16-bound   of bf16-bound")
+                print("\nQLoRA training step, one decoder layer and a whole model with its vocabulary (fwd + bwd + AdamW, r=16 on all seven projections)")
+                print("  model                       tokens     GFLOP   tokens/s   sgemm-bound   bf16-bound   of bf16-bound")
                 for t in r.trainStep {
                     func f(_ v: Double?) -> String { v.map { String(format: "%.0f", $0) } ?? "-" }
                     let share = t.bf16BoundTokensPerS.map { String(format: "%.2f", t.tokensPerS / $0) } ?? "-"
-                    print("  " + t.model.padding(toLength: 18, withPad: " ", startingAt: 0)
+                    print("  " + t.model.padding(toLength: 26, withPad: " ", startingAt: 0)
                           + String(format: " %6d  %8.1f   %8.0f", t.tokens, t.flops / 1e9, t.tokensPerS)
                           + "   " + f(t.sgemmBoundTokensPerS).leftPadded(11) + "   " + f(t.bf16BoundTokensPerS).leftPadded(10) + "   " + share.leftPadded(13))
                 }
