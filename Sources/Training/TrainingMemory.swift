@@ -9,7 +9,9 @@ import QLoRA
 /// counts the arrays the run certainly holds at once, not allocator overhead or temporaries.
 public struct TrainingMemory: Sendable, Equatable {
     /// The loaded model: each projection in NF4 (n/2 bytes) with fp32 block scales (4 bytes per
-    /// 64 values), everything else (embeddings, lm_head, norms, biases) as fp32 values.
+    /// 64 values), everything else (embeddings, lm_head, norms, biases) as fp32 values; where the
+    /// CPU has AVX512-BF16, the frozen lm_head's two bf16 packings for the loss (`HeadLoss`, 4
+    /// bytes per weight).
     public var modelBytes: Int
     /// Adapter parameters, their gradients and AdamW's two moments, fp32:
     /// rank × (in + out) × modules × layers × 4 B × 4.
@@ -42,7 +44,8 @@ public struct TrainingMemory: Sendable, Equatable {
         let groups = a.tensorGroups
         let projection = groups.filter { $0.kind == .projection }.reduce(0) { $0 + $1.elements }
         let other = groups.filter { $0.kind != .projection }.reduce(0) { $0 + $1.elements }
-        let model = projection / 2 + projection / 16 + 4 * other
+        let headPacks = KernelLevel.active == .avx512bf16 ? 4 * a.vocabSize * a.hiddenSize : 0
+        let model = projection / 2 + projection / 16 + 4 * other + headPacks
         let modules = a.projections
         let width = modules.reduce(0) { $0 + $1.inFeatures + $1.outFeatures }
         guard let adapters = CheckedSize.product(rank, width, a.layers, 16), let tokens = CheckedSize.product(batch, seqLen) else { return nil }

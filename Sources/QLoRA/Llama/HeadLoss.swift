@@ -41,28 +41,24 @@ public final class HeadLoss: @unchecked Sendable {
         self.hidden = hidden
         usesBF16GEMM = KernelLevel.active == .avx512bf16
         guard usesBF16GEMM else { forwardPack = []; backwardPack = []; return }
-        let kpsH = (hidden + 1) / 2, kpsV = (vocab + 1) / 2
-        let groupsV = (vocab + 15) / 16, groupsH = (hidden + 15) / 16
-        forwardPack = weight.withUnsafeBufferPointer { w in
+        forwardPack = Self.pack(weight, hidden: hidden, k: hidden, n: vocab, bIsKN: false)
+        backwardPack = Self.pack(weight, hidden: hidden, k: vocab, n: hidden, bIsKN: true)
+    }
+
+    /// W [vocab, hidden] packed by `qlora_pack_bf16_pairs` as B [k, n] (B = W with `bIsKN`, else
+    /// Wᵀ), its 16-column groups split between threads.
+    static func pack(_ weight: [Float], hidden: Int, k: Int, n: Int, bIsKN: Bool) -> [UInt16] {
+        let kps = (k + 1) / 2, groups = (n + 15) / 16
+        return weight.withUnsafeBufferPointer { w in
             let pw = LlamaOps.Shared(w.baseAddress!)
-            return [UInt16](unsafeUninitializedCapacity: groupsV * kpsH * 32) { out, count in
+            return [UInt16](unsafeUninitializedCapacity: groups * kps * 32) { out, count in
                 let po = LlamaOps.Shared(out.baseAddress!)
-                LlamaOps.parallelParts(groupsV, grain: 64) { g in
-                    let cols = min(vocab, 16 * g.upperBound) - 16 * g.lowerBound
-                    qlora_pack_bf16_pairs(pw.p + 16 * g.lowerBound * hidden, Int64(hidden), 0, Int64(hidden), Int64(cols), po.p + g.lowerBound * kpsH * 32)
+                LlamaOps.parallelParts(groups, grain: 1) { g in
+                    // Column 16·g of B: W's column (bIsKN) or row 16·g.
+                    let first = 16 * g.lowerBound * (bIsKN ? 1 : hidden), cols = min(n, 16 * g.upperBound) - 16 * g.lowerBound
+                    qlora_pack_bf16_pairs(pw.p + first, Int64(hidden), bIsKN ? 1 : 0, Int64(k), Int64(cols), po.p + g.lowerBound * kps * 32)
                 }
-                count = groupsV * kpsH * 32
-            }
-        }
-        backwardPack = weight.withUnsafeBufferPointer { w in
-            let pw = LlamaOps.Shared(w.baseAddress!)
-            return [UInt16](unsafeUninitializedCapacity: groupsH * kpsV * 32) { out, count in
-                let po = LlamaOps.Shared(out.baseAddress!)
-                LlamaOps.parallelParts(groupsH, grain: 1) { g in
-                    let cols = min(hidden, 16 * g.upperBound) - 16 * g.lowerBound
-                    qlora_pack_bf16_pairs(pw.p + 16 * g.lowerBound, Int64(hidden), 1, Int64(vocab), Int64(cols), po.p + g.lowerBound * kpsV * 32)
-                }
-                count = groupsH * kpsV * 32
+                count = groups * kps * 32
             }
         }
     }
@@ -172,21 +168,28 @@ public final class HeadLoss: @unchecked Sendable {
             }
             return
         }
-        let ldh = (h + 1) & ~1, kps = (h + 1) / 2
+        let ldh = (h + 1) & ~1
         qlora_f32_to_bf16_rows(x, Int64(m), Int64(h), Int64(ldh), a)
+        Self.packedGEMM(a, lda: ldh, forwardPack, m: m, n: v, k: h, kBlock: Self.forwardKBlock, c: c)
+    }
+
+    /// c [m, n] = a [m, k] (bf16 bits, row stride lda) · B [k, n] (packed, `pack`): threads take
+    /// 64-column panels, k runs in blocks of `kBlock` accumulated in c (one fp32 chain per
+    /// output in k order all the same, so the blocks change no bit).
+    static func packedGEMM(_ a: UnsafePointer<UInt16>, lda: Int, _ pack: [UInt16], m: Int, n: Int, k: Int, kBlock: Int, c: UnsafeMutablePointer<Float>) {
+        let kps = (k + 1) / 2
         let (pa, pc) = (LlamaOps.Shared(a), LlamaOps.Shared(c))
-        forwardPack.withUnsafeBufferPointer { bp in
+        pack.withUnsafeBufferPointer { bp in
             let pb = LlamaOps.Shared(bp.baseAddress!)
-            // Threads take 64-column panels of the vocabulary; k in blocks, accumulated in C.
-            LlamaOps.parallelParts((v + 63) / 64, grain: 1) { panels in
-                let g0 = 4 * panels.lowerBound, cols = min(v, 64 * panels.upperBound) - 16 * g0
+            LlamaOps.parallelParts((n + 63) / 64, grain: 1) { panels in
+                let g0 = 4 * panels.lowerBound, cols = min(n, 64 * panels.upperBound) - 16 * g0
                 var k0 = 0
                 repeat {
-                    let kk = min(Self.forwardKBlock, h - k0)
-                    qlora_gemm_bf16_packed(pa.p + k0, Int64(ldh), pb.p + (g0 * kps + k0 / 2) * 32, Int64(kps), Int64(m), Int64(cols), Int64(kk),
-                                           pc.p + 16 * g0, Int64(v), k0 > 0 ? 1 : 0)
+                    let kk = min(kBlock, k - k0)
+                    qlora_gemm_bf16_packed(pa.p + k0, Int64(lda), pb.p + (g0 * kps + k0 / 2) * 32, Int64(kps), Int64(m), Int64(cols), Int64(kk),
+                                           pc.p + 16 * g0, Int64(n), k0 > 0 ? 1 : 0)
                     k0 += kk
-                } while k0 < h
+                } while k0 < k
             }
         }
     }
@@ -206,22 +209,7 @@ public final class HeadLoss: @unchecked Sendable {
                 }
             }
         } else {
-            let kps = (v + 1) / 2
-            let kBlock = max(64, Self.backwardKBlockBytes / (2 * m)) & ~1
-            let (pa, pc) = (LlamaOps.Shared(dl), LlamaOps.Shared(dn))
-            backwardPack.withUnsafeBufferPointer { bp in
-                let pb = LlamaOps.Shared(bp.baseAddress!)
-                LlamaOps.parallelParts((h + 63) / 64, grain: 1) { panels in
-                    let g0 = 4 * panels.lowerBound, cols = min(h, 64 * panels.upperBound) - 16 * g0
-                    var k0 = 0
-                    repeat {
-                        let kk = min(kBlock, v - k0)
-                        qlora_gemm_bf16_packed(pa.p + k0, Int64(ld), pb.p + (g0 * kps + k0 / 2) * 32, Int64(kps), Int64(m), Int64(cols), Int64(kk),
-                                               pc.p + 16 * g0, Int64(h), k0 > 0 ? 1 : 0)
-                        k0 += kk
-                    } while k0 < v
-                }
-            }
+            Self.packedGEMM(dl, lda: ld, backwardPack, m: m, n: h, k: v, kBlock: max(64, Self.backwardKBlockBytes / (2 * m)) & ~1, c: dn)
         }
         let pc = LlamaOps.Shared(dn)
         LlamaOps.parallelParts(m * h, grain: LlamaOps.elementGrain) { r in for i in r { pc.p[i] = LlamaOps.bf16(pc.p[i]) } }
