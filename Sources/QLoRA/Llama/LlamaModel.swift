@@ -1,3 +1,4 @@
+import CQLoRAKernels
 import Foundation
 
 /// One decoder layer: two RMSNorm weights (bf16 values), Qwen3's per-head q/k norms, and the
@@ -107,11 +108,34 @@ public final class LlamaModel {
         inverseFrequencies = LlamaOps.ropeInverseFrequencies(headDim: config.headDim, theta: config.ropeTheta, llama3: config.llama3RopeScaling)
     }
 
-    /// bf16 values held in 2 bytes each, as torch holds a bf16 tensor.
+    /// bf16 values held in 2 bytes each, as torch holds a bf16 tensor. Both conversions are
+    /// elementwise (nearest even, NaN to 0x7FC0 as `HalfPrecision`), split between threads.
     struct BF16Array {
         let bits: [UInt16]
-        init(_ values: [Float]) { bits = values.map { HalfPrecision.bfloat16Bits($0) } }
-        var floats: [Float] { bits.map { HalfPrecision.float(bfloat16Bits: $0) } }
+        init(_ values: [Float]) {
+            bits = [UInt16](unsafeUninitializedCapacity: values.count) { out, count in
+                values.withUnsafeBufferPointer { v in
+                    guard let src = v.baseAddress, let dst = out.baseAddress else { return }
+                    let (pv, po) = (LlamaOps.Shared(src), LlamaOps.Shared(dst))
+                    LlamaOps.parallelParts(v.count, grain: LlamaOps.elementGrain) { r in
+                        qlora_f32_to_bf16_rows(pv.p + r.lowerBound, 1, Int64(r.count), Int64(r.count), po.p + r.lowerBound)
+                    }
+                }
+                count = values.count
+            }
+        }
+        var floats: [Float] {
+            [Float](unsafeUninitializedCapacity: bits.count) { out, count in
+                bits.withUnsafeBufferPointer { b in
+                    guard let src = b.baseAddress, let dst = out.baseAddress else { return }
+                    let (pb, po) = (LlamaOps.Shared(src), LlamaOps.Shared(dst))
+                    LlamaOps.parallelParts(b.count, grain: LlamaOps.elementGrain) { r in
+                        for i in r { po.p[i] = Float(bitPattern: UInt32(pb.p[i]) << 16) }
+                    }
+                }
+                count = bits.count
+            }
+        }
         var byteCount: Int { 2 * bits.count }
     }
 
