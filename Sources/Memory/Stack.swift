@@ -76,15 +76,29 @@ public struct Stack: Sendable, Codable, Equatable {
         }
     }
 
+    /// The head and loss the step runs.
+    public enum Loss: String, Sendable, Codable, CaseIterable {
+        /// transformers' lm_head and `ForCausalLMLoss`: [tokens × vocab] logits, their fp32 upcast
+        /// and log-softmax (measured, every peaks.json row).
+        case transformers
+        /// Liger's fused linear cross-entropy (`apply_liger_kernel_to_llama(fused_linear_cross_entropy=True,
+        /// rms_norm=False, swiglu=False, rope=False)`: the head and loss only), from its source
+        /// (linkedin/Liger-Kernel ead96b61, src/liger_kernel/ops/fused_linear_cross_entropy.py),
+        /// not measured: its Triton kernels run on CUDA. `StepTimeline.ligerChunkRows`.
+        case liger
+    }
+
     public var recipe: Recipe = .peft
     public var runtime: Runtime = .cpu
     public var cuda = CUDASettings()
     public var attention: Attention = .sdpa
     public var transformers: Transformers = .v5
+    public var loss: Loss = .transformers
 
     public init(recipe: Recipe = .peft, runtime: Runtime = .cpu, cuda: CUDASettings = CUDASettings(),
-                attention: Attention = .sdpa, transformers: Transformers = .v5) {
+                attention: Attention = .sdpa, transformers: Transformers = .v5, loss: Loss = .transformers) {
         (self.recipe, self.runtime, self.cuda, self.attention, self.transformers) = (recipe, runtime, cuda, attention, transformers)
+        self.loss = loss
     }
 
     /// A stack that does not exist: one line naming the options.
@@ -94,6 +108,13 @@ public struct Stack: Sendable, Codable, Equatable {
         }
         if recipe == .trl && transformers == .v4_46 {
             throw MemoryError.badOption("--recipe trl models TRL 1.16, which needs transformers 4.56 or later: drop --transformers 4.46")
+        }
+        if loss == .liger {
+            guard recipe == .peft || recipe == .peftKbit else {
+                throw MemoryError.badOption("--loss liger models Liger's loss in the Hugging Face recipes peft and peft-kbit; --recipe \(recipe.rawValue) brings its own loss")
+            }
+            guard runtime == .cuda else { throw MemoryError.badOption("--loss liger runs Triton kernels on a GPU: add --runtime cuda") }
+            guard transformers == .v5 else { throw MemoryError.badOption("--loss liger is modelled with transformers 5's label shift: drop --transformers 4.46") }
         }
         if recipe == .unsloth && (attention != .sdpa || transformers != .v5) {
             throw MemoryError.badOption("--recipe unsloth brings its own attention and loss: --attention and --transformers describe the Hugging Face recipes")
@@ -114,9 +135,10 @@ public struct Stack: Sendable, Codable, Equatable {
         case .trl: r = "recipe trl: TRL 1.16 SFTTrainer (bf16 adapters and autocast, fused AdamW, fused LM head) + \(tf) + PEFT + bitsandbytes" + attn
         case .unsloth: r = "recipe unsloth: Unsloth's step from its source (not measured)"
         }
+        let head = loss == .liger ? ", Liger's fused linear cross-entropy (from its source, not measured)" : ""
         switch runtime {
-        case .cpu: return r + "; runtime cpu: live tensor bytes"
-        case .cuda: return r + "; runtime cuda: " + cuda.description
+        case .cpu: return r + head + "; runtime cpu: live tensor bytes"
+        case .cuda: return r + head + "; runtime cuda: " + cuda.description
         }
     }
 }

@@ -90,6 +90,12 @@ public struct StepTimeline: Sendable {
             throw MemoryError.badOption("modules_to_save is modelled on the peft recipe's LoRA and QLoRA steps (measured: peaks.json's -save rows)")
         }
         let trainsHead = o.modulesToSave.contains("lm_head"), trainsEmbedding = o.modulesToSave.contains("embed_tokens")
+        if stack.loss == .liger {
+            // Liger's MoE models run their own lce_forward (router aux loss); a trained lm_head takes
+            // its grad_weight path (a [V, H] gradient and per-chunk fp32 copies), not modelled.
+            if a.experts != nil { throw MemoryError.badOption("\(a.name): --loss liger is modelled for dense models, not Liger's mixture-of-experts forward") }
+            if trainsHead { throw MemoryError.badOption("--loss liger is modelled with a frozen lm_head: drop lm_head from --modules-to-save") }
+        }
         self.stack = stack
         let held = try Held(a, o, stack: stack)
         let t = o.tokens
@@ -175,6 +181,37 @@ public struct StepTimeline: Sendable {
             let bf16Gradient = s.alloc(shifted * 2 * h, .transient)
             s.free(gradHidden)
             s.free(bf16Gradient)
+            s.free(headKept)
+        } else if stack.loss == .liger {
+            // Liger's fused linear cross-entropy (Liger-Kernel ead96b61; file:line below in
+            // src/liger_kernel/): lce_forward passes the final norm's output whole (no shifted copy,
+            // transformers/model/llama.py:95-98) and pads then shifts the int64 labels
+            // (transformers/model/loss_utils.py:85-88). The forward (ops/fused_linear_cross_entropy.py)
+            // allocates grad_input [T, H] in the input's dtype (:72), kept for backward (:429-435);
+            // loss_1d fp32 and a bool mask per token (:86, :92); per chunk of C rows the logits
+            // [C, V] in the input's dtype (:114), which the kernel turns into their gradient in
+            // place (ops/cross_entropy.py:252), the previous chunk still referenced until :234 (two
+            // chunks from the second on), and grad_logits·W [C, H] (:231). No fp32 logits, no
+            // log-softmax. The backward scales grad_input in place (element_mul_kernel).
+            let se = kbit ? 4 : 2, c = min(t, Self.ligerChunkRows(tokens: t, vocab: v, hidden: h))
+            if kbit {
+                if gc { headKept.append(s.alloc(t * 4 * h, .activations)) }
+                headKept.append(s.alloc(t * 4, .activations))                        // 1/rms
+            } else {
+                headKept += s.alloc([t * 4 * h, t * 4], .activations)              // fp32 input, 1/rms
+            }
+            let normed = s.alloc(t * se * h, .transient)
+            let padded = s.alloc(8 * (o.seqLen + 1) * o.batch, .transient)
+            let shiftedLabels = s.alloc(8 * t, .transient)
+            s.free(padded)
+            headKept.append(s.alloc(t * se * h, .activations))                      // grad_input
+            let rows = s.alloc([4 * t, t], .transient)                              // loss_1d, target mask
+            let chunks = s.alloc([se * c * v, t > c ? se * c * v : 0, se * c * h], .transient)
+            s.mark("head forward (Liger's fused linear cross-entropy: chunks of \(c) tokens, the input's gradient computed in the forward)")
+            s.free(chunks + rows + [shiftedLabels, normed])
+            s.mark("end of forward (loss)")
+            kept = s.liveBytes - start
+            held.cublasWorkspace(&s)   // the autograd thread's
             s.free(headKept)
         } else {
             // The head. kbit: the last layer's fp32 output is the final norm's input (with
@@ -283,6 +320,7 @@ public struct StepTimeline: Sendable {
         peakIndex = Self.peakIndex(points)
         keptBytesPerToken = t > 0 ? kept / t : 0
         switch stack.recipe {
+        case _ where stack.loss == .liger: headKeptBytesPerToken = (kbit ? (gc ? 4 * h : 0) + 4 + 4 * h : 4 * h + 4 + 2 * h)
         case .peftKbit: headKeptBytesPerToken = 4 * v + 4 + 8
         case .trl: headKeptBytesPerToken = 6 * h + Self.trlHeadScalarBytesPerToken + Self.routerAuxLossBytesPerToken(a)
         default: headKeptBytesPerToken = MemoryEstimate.headActivationBytesPerToken(a, o) + (trainsHead ? 2 * h : 0)
@@ -352,6 +390,15 @@ public struct StepTimeline: Sendable {
 
     /// TRL's fused LM head's tiles (trl/kernels/chunked_logprob.py `TOKEN_CHUNK_SIZE`,
     /// trl/trainer/utils.py `_CHUNKED_LOGPROB_CHUNK_SIZE`).
+    /// Liger's chunk of rows (ops/fused_linear_cross_entropy.py:66-70): inc_factor = ceil(V / H),
+    /// chunk_size = next_power_of_2(ceil(BT / inc_factor)).
+    public static func ligerChunkRows(tokens t: Int, vocab v: Int, hidden h: Int) -> Int {
+        let inc = (v + h - 1) / max(h, 1), rows = (t + inc - 1) / max(inc, 1)
+        var c = 1
+        while c < rows { c <<= 1 }
+        return c
+    }
+
     public static let trlTokenTile = 4096, trlVocabularyTile = 32768
     /// What TRL's fused head keeps per token besides the hidden states, measured in peaks.json's
     /// `-trl` rows (6h + 31.9 to 32.0 B per token): the clamped int64 labels (8), the fp32

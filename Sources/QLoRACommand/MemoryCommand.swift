@@ -44,8 +44,9 @@ struct MemoryCommand: ParsableCommand {
         if dora && method != .qlora && method != .lora { throw ValidationError("--dora trains LoRA adapters: use --method qlora or lora") }
         if experts == .nf4 && method != .qlora { throw ValidationError("--experts nf4 quantizes a 4-bit model's experts: use --method qlora") }
         let o = stackOptions
-        if (o.recipe != .peft || o.runtime != .cpu || o.attention != .sdpa || Stack.Transformers(release: o.transformers) != .v5) && timeline == nil {
-            throw ValidationError("--recipe, --runtime, --attention and --transformers choose whose step --timeline draws; give --timeline PATH.svg")
+        if (o.recipe != .peft || o.runtime != .cpu || o.attention != .sdpa || Stack.Transformers(release: o.transformers) != .v5 || o.loss != .transformers)
+            && timeline == nil {
+            throw ValidationError("--recipe, --runtime, --attention, --transformers and --loss choose whose step --timeline draws; give --timeline PATH.svg")
         }
     }
 

@@ -9,6 +9,8 @@ struct StackOptions: ParsableArguments {
     var attention: Stack.Attention = .sdpa
     @Option(help: ArgumentHelp("The transformers release whose head and loss are modelled: 5 (any 5.x) or 4.46 to 4.48 (copies the shifted logits when batch > 1, repeats k and v before SDPA); 4.49 to 4.57 are not modelled.", valueName: "version"))
     var transformers: String = "5"
+    @Option(help: "The head and loss: transformers (the logits and their fp32 log-softmax) or liger (Liger's fused linear cross-entropy from its source, not measured; needs --runtime cuda and the peft or peft-kbit recipe).")
+    var loss: Stack.Loss = .transformers
     @Option(help: "cpu (live tensor bytes) or cuda (the same step through PyTorch's caching allocator, with cuBLAS workspaces, AdamW's foreach temporaries and the CUDA context).")
     var runtime: Stack.Runtime = .cpu
     @Flag(help: "With --runtime cuda: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True.") var expandableSegments = false
@@ -35,7 +37,7 @@ struct StackOptions: ParsableArguments {
             throw ValidationError("--transformers \(transformers) is not modelled: 4.46 to 4.48 (the shifted-logits copy) and 5.x are; "
                                   + "4.49 to 4.57 pad the labels as 5.x does but still repeat k and v for SDPA, which no measurement here covers")
         }
-        let stack = Stack(recipe: recipe, runtime: runtime, cuda: cuda, attention: attention, transformers: release)
+        let stack = Stack(recipe: recipe, runtime: runtime, cuda: cuda, attention: attention, transformers: release, loss: loss)
         do { try stack.validate() } catch { throw ValidationError("\(error)") }
         return stack
     }
@@ -44,4 +46,5 @@ struct StackOptions: ParsableArguments {
 extension Stack.Recipe: ExpressibleByArgument {}
 extension Stack.Runtime: ExpressibleByArgument {}
 extension Stack.Attention: ExpressibleByArgument {}
+extension Stack.Loss: ExpressibleByArgument {}
 

@@ -202,6 +202,39 @@ final class StackOptionTests: XCTestCase {
         XCTAssertEqual(step.components["transient"], 2 * CUDASettings.workspaceBeforeHopper)
     }
 
+    /// Liger's fused linear cross-entropy (`--loss liger`, from its source): no [tokens × vocab]
+    /// fp32 logits or log-softmax; the head forward holds grad_input [T, H] and two bf16 logits
+    /// chunks of C rows (C from ops/fused_linear_cross_entropy.py:66-70: llama-3.1-8b at 4,096
+    /// tokens, ceil(128,256 / 4,096) = 32, next_power_of_2(128) = 128), and keeps grad_input.
+    func testLigerLossHoldsTwoChunksAndTheInputGradient() throws {
+        let t = o.tokens, h = a.hiddenSize, v = a.vocabSize
+        XCTAssertEqual(StepTimeline.ligerChunkRows(tokens: t, vocab: v, hidden: h), 128)
+        XCTAssertEqual(StepTimeline.ligerChunkRows(tokens: 8192, vocab: 128256, hidden: 2048), 256, "the spec's llama-3.2-1b example")
+        let liger = try StepTimeline(model: a, options: o, stack: Stack(runtime: .cuda, loss: .liger))
+        let full = try StepTimeline(model: a, options: o, stack: Stack(runtime: .cuda))
+        let forward = liger.points.first { $0.phase.hasPrefix("head forward (Liger") }!
+        let end = liger.points.first { $0.phase == "end of forward (loss)" }!
+        // Transient at the head: the normed states, the shifted labels, loss_1d and the mask, two
+        // logits chunks and one grad_logits·W chunk, beside the forward's cuBLAS workspace.
+        let c = 128
+        XCTAssertEqual(forward.components["transient"]! - end.components["transient"]!, 2 * t * h + 8 * t + 5 * t + 2 * 2 * c * v + 2 * c * h)
+        // Kept from forward to backward: the final norm's fp32 input and 1/rms, grad_input.
+        XCTAssertEqual(forward.components["activations"]! - liger.points.first { $0.phase.hasPrefix("head forward") == false && $0.phase.hasPrefix("forward layer 31") }!.components["activations"]!,
+                       t * (4 * h + 4 + 2 * h))
+        XCTAssertEqual(liger.headKeptBytesPerToken, 6 * h + 4)
+        XCTAssertLessThan(liger.peakBytes + 4 * t * v, full.peakBytes, "at least the fp32 logits fewer")
+        // Where it is not modelled, one line each.
+        for (stack, words) in [(Stack(loss: .liger), "--runtime cuda"), (Stack(recipe: .trl, runtime: .cuda, loss: .liger), "brings its own loss"),
+                               (Stack(recipe: .unsloth, runtime: .cuda, loss: .liger), "brings its own loss")] {
+            XCTAssertThrowsError(try stack.validate()) { XCTAssertTrue("\($0)".contains(words), "\($0)") }
+        }
+        var trainsHead = o
+        trainsHead.modulesToSave = ["lm_head"]
+        XCTAssertThrowsError(try StepTimeline(model: a, options: trainsHead, stack: Stack(runtime: .cuda, loss: .liger))) { XCTAssertTrue("\($0)".contains("frozen lm_head")) }
+        let moe = ModelArchitecture.preset("qwen3-30b-a3b")!
+        XCTAssertThrowsError(try StepTimeline(model: moe, options: o, stack: Stack(runtime: .cuda, loss: .liger))) { XCTAssertTrue("\($0)".contains("dense models")) }
+    }
+
     /// flash-attn's mha_bwd: dq_accum fp32 [b, round_up(s, 128), heads, round_up(d, 32)], and dk,
     /// dv expanded to the query heads under grouped-query attention (llama-3.1-8b: 32 heads, 8
     /// key/value heads, head_dim 128).
