@@ -108,7 +108,7 @@ public final class HeadLoss: @unchecked Sendable {
         let dlFloats = usesBF16GEMM ? nil : UnsafeMutablePointer<Float>.allocate(capacity: Self.sgemmRows * (v + h))
         var terms = [Float](repeating: 0, count: rows)
         defer { block.deallocate(); dl.deallocate(); a.deallocate(); dlFloats?.deallocate() }
-        let inverse = Float(max(count, 1))
+        let counted = Float(max(count, 1))  // the mean's divisor (no row counts when 0: all gradients 0)
         normed.withUnsafeBufferPointer { np in targets.withUnsafeBufferPointer { tp in dn.withUnsafeMutableBufferPointer { dp in
             var r0 = 0
             while r0 < tokens {
@@ -119,7 +119,7 @@ public final class HeadLoss: @unchecked Sendable {
                 terms.withUnsafeMutableBufferPointer { ts in
                     let pts = LlamaOps.Shared(ts.baseAddress!)
                     LlamaOps.parallelParts(m, grain: 1) { part in
-                        qlora_cross_entropy_rows(pb.p + part.lowerBound * v, Int64(part.count), Int64(v), Int64(v), pt.p + part.lowerBound, inverse,
+                        qlora_cross_entropy_rows(pb.p + part.lowerBound * v, Int64(part.count), Int64(v), Int64(v), pt.p + part.lowerBound, counted,
                                                  pdl.p + part.lowerBound * ldv, Int64(ldv), pts.p + part.lowerBound)
                     }
                 }
