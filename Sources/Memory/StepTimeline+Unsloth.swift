@@ -88,6 +88,7 @@ extension StepTimeline {
 ///   `_GroupedMMRecompute` keeps only the offsets): a projection's whole stack dequantized to
 ///   bf16 in the forward and again in the backward, one at a time, gate_up's [experts, 2i, h]
 ///   the largest;
+/// - targets as Unsloth resolves them: the MLP's names (`--targets all`) adapt the experts too;
 /// - per routed row kept for backward (`forward_native_grouped_mm`): gate_up's output (4i),
 ///   silu(gate) (2i), the down projection's input (2i), the routing weight and the int64 sorted
 ///   and token indices (20); with LoRA on the experts (PEFT's target_parameters, which Unsloth adds
@@ -139,6 +140,17 @@ extension StepTimeline {
         guard !given.dora && given.modulesToSave.isEmpty else { throw MemoryError.badOption("the unsloth recipe on a mixture of experts is modelled without DoRA and modules_to_save") }
         var o = given
         o.quantizedExpertLoRA = true
+        // Unsloth's get_moe_target_parameters (unsloth/models/_utils.py): the MLP's names in the
+        // targets put the experts' fused parameters in PEFT's target_parameters (gate_proj or
+        // up_proj the gate_up_proj, down_proj the down_proj), so `--targets all` trains them.
+        let mlpNames = Set(o.targets).intersection(ModelArchitecture.mlpProjections)
+        if !mlpNames.isEmpty && !o.targets.contains("experts") {
+            guard mlpNames.contains("down_proj") && mlpNames.count >= 2 else {
+                throw MemoryError.badOption("Unsloth would adapt only the experts' \(mlpNames.contains("down_proj") ? "down_proj" : "gate_up_proj") for these targets: "
+                                            + "modelled are both (gate_proj, up_proj and down_proj, or experts) or neither (--targets attention)")
+            }
+            o.targets.append("experts")
+        }
         let held = try Held(a, o, stack: stack)
         let t = o.tokens, h = a.hiddenSize, r = o.rank, (e, k, i) = (x.count, x.perToken, x.intermediateSize)
         let peft = Stack(recipe: .peft)

@@ -344,6 +344,15 @@ final class CLITests: TemporaryDirectoryTestCase {
         // Unsloth quantizes the experts as it loads them: nf4 is its default route, bf16 refused; gpt-oss' path is not modelled.
         r = try run(["fit", "--model", "qwen3-30b-a3b", "--memory", "80GB", "--recipe", "unsloth", "--targets", "attention,experts"])
         XCTAssertTrue(r.status == 0 && r.stdout.contains("Unsloth's step from its source"), r.stdout + r.stderr)
+        // Unsloth's get_moe_target_parameters: the MLP's names (the default targets, all) adapt the
+        // experts, as attention,experts does; attention alone leaves them out; half of them is refused.
+        let byDefault = try run(["fit", "--model", "qwen3-30b-a3b", "--memory", "80GB", "--recipe", "unsloth"])
+        let attentionOnly = try run(["fit", "--model", "qwen3-30b-a3b", "--memory", "80GB", "--recipe", "unsloth", "--targets", "attention"])
+        func figures(_ text: String) -> String { text.split(separator: "\n").filter { $0.hasPrefix("with") }.joined(separator: "\n") }
+        XCTAssertEqual(figures(byDefault.stdout), figures(r.stdout), "--targets all under Unsloth adapts the experts")
+        XCTAssertNotEqual(figures(attentionOnly.stdout), figures(r.stdout), "--targets attention under Unsloth leaves the experts frozen")
+        try expectFailure(["fit", "--model", "qwen3-30b-a3b", "--memory", "80GB", "--recipe", "unsloth", "--targets", "q,down"], mentions: ["only the experts' down_proj"],
+                          noOutput: tmp.appendingPathComponent("none").path)
         try expectFailure(["fit", "--model", "qwen3-30b-a3b", "--memory", "80GB", "--recipe", "unsloth", "--experts", "bf16"], mentions: ["--experts nf4"], noOutput: tmp.appendingPathComponent("none").path)
         try expectFailure(["fit", "--model", "gpt-oss-20b", "--memory", "80GB", "--recipe", "unsloth"], mentions: ["GptOssExpertsBnb4bit"], noOutput: tmp.appendingPathComponent("none").path)
         try expectFailure(["fit", "--model", "llama-2-7b", "--memory", "80GB", "--targets", "attention,experts"], mentions: ["has no experts"], noOutput: tmp.appendingPathComponent("none").path)
