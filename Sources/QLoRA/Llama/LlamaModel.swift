@@ -339,11 +339,18 @@ public final class LlamaModel {
                         headChunkRows: Int? = nil) throws -> (loss: Float, logits: [Float], activations: Activations) {
         let c = config, h = c.hiddenSize, t = batch * seq
         precondition(ids.count == t && labels.count == t, "ids and labels must be [batch, seq]")
-        var x = [Float](repeating: 0, count: t * h)
-        for i in 0..<t {
-            guard ids[i] >= 0 && ids[i] < c.vocabSize else { throw LoRAError.shapeMismatch("token id \(ids[i]) outside the vocabulary (\(c.vocabSize))") }
-            for j in 0..<h { x[i * h + j] = embedTokens[ids[i] * h + j] }
+        if let bad = ids.first(where: { $0 < 0 || $0 >= c.vocabSize }) {
+            throw LoRAError.shapeMismatch("token id \(bad) outside the vocabulary (\(c.vocabSize))")
         }
+        // The embedding's rows, copied whole and split between threads.
+        var x = [Float](repeating: 0, count: t * h)
+        embedTokens.withUnsafeBufferPointer { e in ids.withUnsafeBufferPointer { idp in x.withUnsafeMutableBufferPointer { xp in
+            guard let eb = e.baseAddress, let ib = idp.baseAddress, let xb = xp.baseAddress else { return }
+            let (pe, pi, px) = (LlamaOps.Shared(eb), LlamaOps.Shared(ib), LlamaOps.Shared(xb))
+            LlamaOps.parallelParts(t, grain: max(1, LlamaOps.elementGrain / max(h, 1))) { rows in
+                for i in rows { (px.p + i * h).update(from: pe.p + pi.p[i] * h, count: h) }
+            }
+        } } }
         let (cos, sin) = LlamaOps.ropeTables(seq: seq, inverseFrequencies: inverseFrequencies)
         var caches: [LayerCache?] = []
         var inputs: [BF16Array] = []
