@@ -139,6 +139,17 @@ public struct StepTimeline: Sendable {
         let kept: Int
         var headKept: [StepTrace.Tensor] = []
         var wholeGradients: [StepTrace.Tensor] = []
+        // What transformers' final norm keeps for its backward: kbit, the last layer's fp32 output
+        // is its input (kept here with checkpointing) and its fp32 1/rms; otherwise an fp32 copy
+        // of its input and 1/rms.
+        func keepFinalNorm() {
+            if kbit {
+                if gc { headKept.append(s.alloc(t * 4 * h, .activations)) }
+                headKept.append(s.alloc(t * 4, .activations))                        // 1/rms
+            } else {
+                headKept += s.alloc([t * 4 * h, t * 4], .activations)              // fp32 input, 1/rms
+            }
+        }
         if trl {
             // TRL's fused LM head (trl/trainer/utils.py `add_fused_lm_head`, trl/kernels/
             // chunked_logprob.py `ChunkedLogProbFunction`): the final norm keeps its fp32 input and
@@ -194,12 +205,7 @@ public struct StepTimeline: Sendable {
             // chunks from the second on), and grad_logits·W [C, H] (:231). No fp32 logits, no
             // log-softmax. The backward scales grad_input in place (element_mul_kernel).
             let se = kbit ? 4 : 2, c = min(t, Self.ligerChunkRows(tokens: t, vocab: v, hidden: h))
-            if kbit {
-                if gc { headKept.append(s.alloc(t * 4 * h, .activations)) }
-                headKept.append(s.alloc(t * 4, .activations))                        // 1/rms
-            } else {
-                headKept += s.alloc([t * 4 * h, t * 4], .activations)              // fp32 input, 1/rms
-            }
+            keepFinalNorm()
             let normed = s.alloc(t * se * h, .transient)
             let padded = s.alloc(8 * (o.seqLen + 1) * o.batch, .transient)
             let shiftedLabels = s.alloc(8 * t, .transient)
@@ -217,12 +223,7 @@ public struct StepTimeline: Sendable {
             // The head. kbit: the last layer's fp32 output is the final norm's input (with
             // checkpointing it is kept here); the fp32 lm_head gives fp32 logits, no upcast. peft:
             // the final norm keeps an fp32 copy of its input; bf16 logits, their fp32 upcast.
-            if kbit {
-                if gc { headKept.append(s.alloc(t * 4 * h, .activations)) }
-                headKept.append(s.alloc(t * 4, .activations))                        // 1/rms
-            } else {
-                headKept += s.alloc([t * 4 * h, t * 4], .activations)              // fp32 input, 1/rms
-            }
+            keepFinalNorm()
             // A trained lm_head's weight gradient needs its input: the final norm's bf16 output.
             if trainsHead { headKept.append(s.alloc(t * 2 * h, .activations)) }
             let normed = s.alloc(t * (kbit ? 4 : 2) * h, .transient)

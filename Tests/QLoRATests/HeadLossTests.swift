@@ -36,60 +36,69 @@ final class HeadLossTests: XCTestCase {
         return (normed, w, labels)
     }
 
-    func testChunkedEqualsAllRowsAtOnceBitForBit() {
+    /// One case's inputs and head at one kernel level.
+    struct Prepared {
+        let normed: [Float], w: [Float], labels: [Int], head: HeadLoss, targets: [Int64], count: Int, tokens: Int
+        func run(chunkRows: Int) -> (lossSum: Double, dn: [Float], logits: [Float], dlogits: [Float]) {
+            head.run(normed: normed, targets: targets, count: count, tokens: tokens, chunkRows: chunkRows, keepLogits: true, keepGradient: true)
+        }
+    }
+
+    /// `body` for every case at every level the CPU runs (the level restored after).
+    func forEachLevelAndCase(_ body: (KernelLevel, Case, Prepared) -> Void) {
         defer { KernelLevel.setMaximum(.avx512bf16) }
         for level in levels {
             KernelLevel.setMaximum(level)
             for c in cases {
                 let (normed, w, labels) = inputs(c)
-                let head = HeadLoss(weight: w, vocab: c.v, hidden: c.h)
                 let (targets, count) = HeadLoss.targets(labels: labels, batch: c.batch, seq: c.t / c.batch)
-                let all = head.run(normed: normed, targets: targets, count: count, tokens: c.t, chunkRows: c.t, keepLogits: true, keepGradient: true)
-                XCTAssertTrue(all.lossSum.isFinite && all.lossSum > 0, "\(level) \(c): loss")
-                for rows in [1, 7, 64] {
-                    let part = head.run(normed: normed, targets: targets, count: count, tokens: c.t, chunkRows: rows, keepLogits: true, keepGradient: true)
-                    let name = "\(level) t\(c.t) h\(c.h) v\(c.v) in blocks of \(rows)"
-                    XCTAssertEqual(part.lossSum.bitPattern, all.lossSum.bitPattern, "\(name): loss")
-                    for (got, want, what) in [(part.dn, all.dn, "dn"), (part.logits, all.logits, "logits"), (part.dlogits, all.dlogits, "dlogits")] {
-                        let differ = zip(got, want).filter { $0.bitPattern != $1.bitPattern }.count
-                        XCTAssertEqual(got.count, want.count, "\(name): \(what) count")
-                        XCTAssertEqual(differ, 0, "\(name): \(differ) of \(want.count) \(what) differ")
-                    }
+                body(level, c, Prepared(normed: normed, w: w, labels: labels, head: HeadLoss(weight: w, vocab: c.v, hidden: c.h),
+                                        targets: targets, count: count, tokens: c.t))
+            }
+        }
+    }
+
+    func testChunkedEqualsAllRowsAtOnceBitForBit() {
+        forEachLevelAndCase { level, c, p in
+            let all = p.run(chunkRows: c.t)
+            XCTAssertTrue(all.lossSum.isFinite && all.lossSum > 0, "\(level) \(c): loss")
+            for rows in [1, 7, 64] {
+                let part = p.run(chunkRows: rows)
+                let name = "\(level) t\(c.t) h\(c.h) v\(c.v) in blocks of \(rows)"
+                XCTAssertEqual(part.lossSum.bitPattern, all.lossSum.bitPattern, "\(name): loss")
+                for (got, want, what) in [(part.dn, all.dn, "dn"), (part.logits, all.logits, "logits"), (part.dlogits, all.dlogits, "dlogits")] {
+                    let differ = zip(got, want).filter { $0.bitPattern != $1.bitPattern }.count
+                    XCTAssertEqual(got.count, want.count, "\(name): \(what) count")
+                    XCTAssertEqual(differ, 0, "\(name): \(differ) of \(want.count) \(what) differ")
                 }
             }
         }
     }
 
     func testAgainstThePlainReferenceOps() {
-        defer { KernelLevel.setMaximum(.avx512bf16) }
-        for level in levels {
-            KernelLevel.setMaximum(level)
-            for c in cases {
-                let (normed, w, labels) = inputs(c)
-                let seq = c.t / c.batch
-                let head = HeadLoss(weight: w, vocab: c.v, hidden: c.h)
-                let (targets, count) = HeadLoss.targets(labels: labels, batch: c.batch, seq: seq)
-                let got = head.run(normed: normed, targets: targets, count: count, tokens: c.t, chunkRows: 16, keepLogits: true, keepGradient: true)
-                let name = "\(level) t\(c.t) h\(c.h) v\(c.v)"
-                // The logits: the same bf16 rounding of the same exact products, summed in another order.
-                let logitsRef = LlamaOps.linearForward(normed, w, tokens: c.t, inFeatures: c.h, outFeatures: c.v)
-                checkULPs(got.logits, logitsRef, "\(name) logits")
-                // The loss on the logits this path computed: the scalar level is the reference's
-                // arithmetic to the bit; AVX-512 within its exp and lane sums.
-                let ref = LlamaOps.crossEntropy(logits: got.logits, labels: labels, batch: c.batch, seq: seq, vocab: c.v)
-                XCTAssertEqual(ref.count, count, "\(name): counted positions")
-                let loss = Float(got.lossSum / Double(count))
-                if level == .scalar || level == .avx2 {
-                    XCTAssertEqual(loss.bitPattern, ref.loss.bitPattern, "\(name): loss \(loss) against \(ref.loss)")
-                    XCTAssertEqual(zip(got.dlogits, ref.dlogits).filter { $0.bitPattern != $1.bitPattern }.count, 0, "\(name): dlogits")
-                } else {
-                    XCTAssertLessThan(abs(Double(loss - ref.loss)) / Double(ref.loss), Self.vectorLossRelative, "\(name): loss \(loss) against \(ref.loss)")
-                    checkULPs(got.dlogits, ref.dlogits, "\(name) dlogits")
-                }
-                // The hidden gradient from this path's dlogits.
-                let dnRef = LlamaOps.linearBackwardInput(got.dlogits, w, tokens: c.t, inFeatures: c.h, outFeatures: c.v)
-                checkULPs(got.dn, dnRef, "\(name) dn")
+        forEachLevelAndCase { level, c, p in
+            let (normed, w, labels, count) = (p.normed, p.w, p.labels, p.count)
+            let seq = c.t / c.batch
+            let got = p.run(chunkRows: 16)
+            let name = "\(level) t\(c.t) h\(c.h) v\(c.v)"
+            // The logits: the same bf16 rounding of the same exact products, summed in another order.
+            let logitsRef = LlamaOps.linearForward(normed, w, tokens: c.t, inFeatures: c.h, outFeatures: c.v)
+            checkULPs(got.logits, logitsRef, "\(name) logits")
+            // The loss on the logits this path computed: the scalar level is the reference's
+            // arithmetic to the bit; AVX-512 within its exp and lane sums.
+            let ref = LlamaOps.crossEntropy(logits: got.logits, labels: labels, batch: c.batch, seq: seq, vocab: c.v)
+            XCTAssertEqual(ref.count, count, "\(name): counted positions")
+            let loss = Float(got.lossSum / Double(count))
+            if level == .scalar || level == .avx2 {
+                XCTAssertEqual(loss.bitPattern, ref.loss.bitPattern, "\(name): loss \(loss) against \(ref.loss)")
+                XCTAssertEqual(zip(got.dlogits, ref.dlogits).filter { $0.bitPattern != $1.bitPattern }.count, 0, "\(name): dlogits")
+            } else {
+                XCTAssertLessThan(abs(Double(loss - ref.loss)) / Double(ref.loss), Self.vectorLossRelative, "\(name): loss \(loss) against \(ref.loss)")
+                checkULPs(got.dlogits, ref.dlogits, "\(name) dlogits")
             }
+            // The hidden gradient from this path's dlogits.
+            let dnRef = LlamaOps.linearBackwardInput(got.dlogits, w, tokens: c.t, inFeatures: c.h, outFeatures: c.v)
+            checkULPs(got.dn, dnRef, "\(name) dn")
         }
     }
 
