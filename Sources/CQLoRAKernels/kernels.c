@@ -392,6 +392,8 @@ AVX2 static void gemv4_avx2(const uint8_t *packed, int64_t r0, int64_t r1, int64
 
 // MARK: - Dequantize a range, fp32 out (optionally bf16-rounded)
 
+static inline __mmask16 mask16(int64_t left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u); }
+
 // 16 values starting at element i (i % 16 == 0, so one block and 8 whole bytes).
 AVX512 static inline __m512 dequant16_at(const uint8_t *packed, int64_t i, int64_t bs, __m512 code, const float *absmax) {
     return _mm512_mul_ps(_mm512_permutexvar_ps(unpack16(packed + i / 2), code), _mm512_set1_ps(absmax[i / bs]));
@@ -711,42 +713,95 @@ int64_t qlora_gemm4_bf16_scratch_floats(void) { return (int64_t)GEMM_KC * GEMM_N
 // Packed B block (one K block of kp pairs, one N block of ng 16-column groups):
 //   bp[(g * kp + p) * 32 + 2 * j + h] = bf16 bits of B(k0 + 2p + h, n0 + 16g + j),
 // zero past the block's edges, so one 512-bit load is 16 lanes of (even k, odd k) pairs, the
-// operand order of vdpbf16ps. t is the block dequantized (bf16 values in fp32), zero-padded.
+// operand order of vdpbf16ps. Values are dequantized and rounded to bf16 in registers; t (32
+// floats) holds only a vector that crosses the block's or a quantization block's edge.
+
+// 32 values (bf16 in fp32) -> 16 words, word q = (bits of v[2q + 1]) << 16 | bits of v[2q].
+AVX512 static inline __m512i bf16_pairs32(__m512 lo, __m512 hi) {
+    const __m512i odd_halves = _mm512_setr_epi32(0x00030001, 0x00070005, 0x000B0009, 0x000F000D, 0x00130011, 0x00170015,
+                                                 0x001B0019, 0x001F001D, 0x00230021, 0x00270025, 0x002B0029, 0x002F002D,
+                                                 0x00330031, 0x00370035, 0x003B0039, 0x003F003D);
+    return _mm512_permutex2var_epi16(_mm512_castps_si512(lo), odd_halves, _mm512_castps_si512(hi));
+}
+
+// 16 rounded values of W from element e on, the first `count` of them (zero after): one
+// vector load where the 16 lie in one aligned step, else through t.
+AVX512 static inline __m512 gemm_b16(const uint8_t *packed, int64_t e, int64_t count, int64_t bs, __m512 code,
+                                     const float *code16, const float *absmax, float *t) {
+    if (count >= 16 && (e & 15) == 0) return round_bf16_avx512(dequant16_at(packed, e, bs, code, absmax));
+    if (count <= 0) return _mm512_setzero_ps();
+    dequant_range_avx512(packed, e, count < 16 ? count : 16, bs, code16, absmax, 1, t);
+    return _mm512_maskz_loadu_ps(mask16(count), t);
+}
+
+// r[j] word p -> r[p] word j (16 x 16 dwords).
+AVX512 static inline void transpose16_epi32(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    // r[4a + b] now holds, in each 128-bit lane l, words (rows 4a..4a+3) of column 4l + b.
+    for (int a = 0; a < 4; a++)
+        for (int b = 0; b < 4; b++) t[4 * b + a] = r[4 * a + b];
+    // t[4b + a]: lane l = rows 4a..4a+3 at column 4l + b. Gather lane l of the four a's.
+    for (int b = 0; b < 4; b++) {
+        __m512i x0 = _mm512_shuffle_i32x4(t[4 * b], t[4 * b + 1], 0x44), x1 = _mm512_shuffle_i32x4(t[4 * b], t[4 * b + 1], 0xEE);
+        __m512i y0 = _mm512_shuffle_i32x4(t[4 * b + 2], t[4 * b + 3], 0x44), y1 = _mm512_shuffle_i32x4(t[4 * b + 2], t[4 * b + 3], 0xEE);
+        r[b] = _mm512_shuffle_i32x4(x0, y0, 0x88);
+        r[4 + b] = _mm512_shuffle_i32x4(x0, y0, 0xDD);
+        r[8 + b] = _mm512_shuffle_i32x4(x1, y1, 0x88);
+        r[12 + b] = _mm512_shuffle_i32x4(x1, y1, 0xDD);
+    }
+}
+
 AVX512 static void gemm_pack_b(const uint8_t *packed, int64_t in, int64_t bs, const float *code16, const float *absmax,
                                int backward, int64_t k0, int64_t kk, int64_t n0, int64_t nc, float *t, uint16_t *bp) {
     const int64_t kp = (kk + 1) / 2, ng = (nc + 15) / 16;
-    const __m512i hi = _mm512_set1_epi32((int)0xFFFF0000u);
+    const __m512 code = _mm512_loadu_ps(code16);
     if (!backward) {
-        // t[n][k] = W[n0 + n, k0 + k], rows 16·ng, ld GEMM_KC; lane j of a pair gathers row j.
-        for (int64_t n = 0; n < 16 * ng; n++) {
-            float *row = t + n * GEMM_KC;
-            int64_t filled = 0;
-            if (n < nc) { dequant_range_avx512(packed, (n0 + n) * in + k0, kk, bs, code16, absmax, 1, row); filled = kk; }
-            for (int64_t k = filled; k < 2 * kp; k++) row[k] = 0.0f;
-        }
-        const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                               _mm512_set1_epi32(GEMM_KC));
+        // B(k, n) = W[n0 + n, k0 + k]: a row's 32 consecutive k are 16 pairs, one word each;
+        // 16 rows' words transposed give 16 pairs' vectors.
         for (int64_t g = 0; g < ng; g++)
-            for (int64_t p = 0; p < kp; p++) {
-                const float *base = t + 16 * g * GEMM_KC + 2 * p;
-                __m512i ev = _mm512_i32gather_epi32(idx, base, 4), od = _mm512_i32gather_epi32(idx, base + 1, 4);
-                __m512i pair = _mm512_or_si512(_mm512_and_si512(od, hi), _mm512_srli_epi32(ev, 16));
-                _mm512_storeu_si512(bp + (g * kp + p) * 32, pair);
+            for (int64_t p0 = 0; p0 < kp; p0 += 16) {
+                __m512i w[16];
+                for (int j = 0; j < 16; j++) {
+                    const int64_t n = 16 * g + j, left = n < nc ? kk - 2 * p0 : 0, e = (n0 + n) * in + k0 + 2 * p0;
+                    w[j] = bf16_pairs32(gemm_b16(packed, e, left, bs, code, code16, absmax, t),
+                                        gemm_b16(packed, e + 16, left - 16, bs, code, code16, absmax, t));
+                }
+                transpose16_epi32(w);
+                for (int64_t p = p0; p < kp && p < p0 + 16; p++) _mm512_storeu_si512(bp + (g * kp + p) * 32, w[p - p0]);
             }
     } else {
-        // t[k][n] = W[k0 + k, n0 + n], rows 2·kp, ld GEMM_NC; a pair interleaves two rows.
-        for (int64_t k = 0; k < 2 * kp; k++) {
-            float *row = t + k * GEMM_NC;
-            int64_t filled = 0;
-            if (k < kk) { dequant_range_avx512(packed, (k0 + k) * in + n0, nc, bs, code16, absmax, 1, row); filled = nc; }
-            for (int64_t n = filled; n < 16 * ng; n++) row[n] = 0.0f;
-        }
-        for (int64_t g = 0; g < ng; g++)
-            for (int64_t p = 0; p < kp; p++) {
-                __m512i ev = _mm512_loadu_si512(t + 2 * p * GEMM_NC + 16 * g), od = _mm512_loadu_si512(t + (2 * p + 1) * GEMM_NC + 16 * g);
-                __m512i pair = _mm512_or_si512(_mm512_and_si512(od, hi), _mm512_srli_epi32(ev, 16));
-                _mm512_storeu_si512(bp + (g * kp + p) * 32, pair);
+        // B(k, n) = W[k0 + k, n0 + n]: a pair interleaves two rows' 16 columns.
+        const __m512i hi = _mm512_set1_epi32((int)0xFFFF0000u);
+        for (int64_t p = 0; p < kp; p++)
+            for (int64_t g = 0; g < ng; g++) {
+                const int64_t left = nc - 16 * g, e = (k0 + 2 * p) * in + n0 + 16 * g;
+                __m512i ev = _mm512_castps_si512(gemm_b16(packed, e, left, bs, code, code16, absmax, t));
+                __m512i od = _mm512_castps_si512(gemm_b16(packed, e + in, 2 * p + 1 < kk ? left : 0, bs, code, code16, absmax, t));
+                _mm512_storeu_si512(bp + (g * kp + p) * 32, _mm512_or_si512(_mm512_and_si512(od, hi), _mm512_srli_epi32(ev, 16)));
             }
+    }
+}
+
+// Rows [r0, r1) of the B block at (k0, n0) towards L2: their packed nibbles and absmax. The
+// weights are cold (a layer's 4-bit weights exceed the last-level cache), and dequantizing a
+// block row by row otherwise waits on each row's two cache lines in turn.
+AVX512 static inline void gemm_prefetch_b(const uint8_t *packed, int64_t in, int64_t bs, const float *absmax, int backward,
+                                          int64_t k0, int64_t kk, int64_t n0, int64_t nc, int64_t r0, int64_t r1) {
+    const int64_t len = backward ? nc : kk;
+    for (int64_t r = r0; r < r1; r++) {
+        const int64_t start = backward ? (k0 + r) * in + n0 : (n0 + r) * in + k0;
+        for (int64_t off = 0; off < len; off += 128) _mm_prefetch((const char *)(packed + (start + off) / 2), _MM_HINT_T1);
+        _mm_prefetch((const char *)(absmax + start / bs), _MM_HINT_T1);
     }
 }
 
@@ -805,8 +860,16 @@ AVX512BF16 static void gemm4_bf16_avx512bf16(const uint8_t *packed, int64_t out,
         for (int64_t k0 = 0; k0 < kdim; k0 += GEMM_KC) {
             const int64_t kk = kdim - k0 < GEMM_KC ? kdim - k0 : GEMM_KC, kp = (kk + 1) / 2;
             gemm_pack_b(packed, in, bs, code16, absmax, backward, k0, kk, n0, nc, t, bp);
+            // The next block (k, then n) is fetched a slice per row sweep, while this one is used.
+            int64_t k0n = k0 + GEMM_KC, n0n = n0;
+            if (k0n >= kdim) { k0n = 0; n0n = n0 + GEMM_NC; }
+            const int64_t kkn = kdim - k0n < GEMM_KC ? kdim - k0n : GEMM_KC;
+            const int64_t ncn = n_end - n0n < GEMM_NC ? n_end - n0n : GEMM_NC;
+            const int64_t rows_next = n0n < n_end ? (backward ? kkn : ncn) : 0, sweeps = (m + GEMM_MR - 1) / GEMM_MR;
             for (int64_t i = 0; i < m; i += GEMM_MR) {
-                const int64_t mr = m - i < GEMM_MR ? m - i : GEMM_MR;
+                const int64_t mr = m - i < GEMM_MR ? m - i : GEMM_MR, sweep = i / GEMM_MR;
+                gemm_prefetch_b(packed, in, bs, absmax, backward, k0n, kkn, n0n, ncn,
+                                rows_next * sweep / sweeps, rows_next * (sweep + 1) / sweeps);
                 for (int64_t g = 0; g < ng; g += 4) {
                     const int64_t nv = ng - g < 4 ? ng - g : 4;
                     const int64_t nlast = nc - 16 * (g + nv - 1);
@@ -924,7 +987,6 @@ static void softmax_causal_rows_scalar(float *s, int64_t rows, int64_t n, int64_
 }
 
 /// The lanes of a 16-float step that hold values when `left` remain (all 16 when 16 or more).
-static inline __mmask16 mask16(int64_t left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u); }
 
 AVX512 static void softmax_causal_rows_avx512(float *s, int64_t rows, int64_t n, int64_t i0, float scale) {
     const __m512 vscale = _mm512_set1_ps(scale);
