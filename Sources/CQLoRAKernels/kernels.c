@@ -708,7 +708,8 @@ static void gemm4_bf16_scalar(const uint8_t *packed, int64_t out, int64_t in, in
 
 enum { GEMM_KC = 256, GEMM_NC = 256, GEMM_MR = 6 };  // K and N block (multiples of 16), rows per microkernel
 
-int64_t qlora_gemm4_bf16_scratch_floats(void) { return (int64_t)GEMM_KC * GEMM_NC * 3 / 2; }
+// The packed B block (KC·NC bf16) and 32 floats for a vector crossing an edge (gemm_b16).
+int64_t qlora_gemm4_bf16_scratch_floats(void) { return (int64_t)GEMM_KC * GEMM_NC / 2 + 32; }
 
 // Packed B block (one K block of kp pairs, one N block of ng 16-column groups):
 //   bp[(g * kp + p) * 32 + 2 * j + h] = bf16 bits of B(k0 + 2p + h, n0 + 16g + j),
@@ -849,8 +850,8 @@ AVX512BF16 static void gemm4_bf16_avx512bf16(const uint8_t *packed, int64_t out,
                                              const float *absmax, int backward, const uint16_t *a, int64_t lda, int64_t m,
                                              int64_t n_begin, int64_t n_end, float *c, int64_t ldc, float *scratch) {
     const int64_t kdim = backward ? out : in;
-    float *t = scratch;
-    uint16_t *bp = (uint16_t *)(scratch + (int64_t)GEMM_KC * GEMM_NC);
+    uint16_t *bp = (uint16_t *)scratch;
+    float *t = scratch + (int64_t)GEMM_KC * GEMM_NC / 2;
     if (kdim == 0) {
         for (int64_t i = 0; i < m; i++) for (int64_t n = n_begin; n < n_end; n++) c[i * ldc + n] = 0.0f;
         return;
