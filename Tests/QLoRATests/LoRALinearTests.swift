@@ -1,3 +1,4 @@
+import COpenBLAS
 import XCTest
 import QLoRA
 import TestSupport
@@ -101,6 +102,65 @@ final class LoRALinearTests: XCTestCase {
         check(layer.gradB, out * r, { i, h in var p = b64; p[i] += h; return loss(a64, p, x64) }, "dB")
         let dxAdapter = zip(dx, dxBase).map { $0 - $1 }
         check(dxAdapter, tokens * k, { i, h in var p = x64; p[i] += h; return loss(a64, b64, p) }, "dx (adapter)")
+    }
+
+    /// The adapter's products run in 64-row (or column) pieces split between threads: y, dx, dA
+    /// and dB equal, bit for bit, the same arithmetic done whole (one sgemm per product, the
+    /// elementwise steps as separate passes: the layer as it was before the pieces), whatever
+    /// the thread count, in fp32 and bf16 compute, with and without a dropout mask.
+    func testPiecesEqualTheWholeProductsAtEveryThreadCount() throws {
+        let (out, k, r, tokens) = (136, 200, 8, 150)
+        var rng = SplitMix64(seed: 12)
+        let w = (0..<(out * k)).map { _ in rng.normal() * 0.1 }
+        let base = try Linear4BitWeight(try w.withUnsafeBufferPointer { try quantize4Bit(.float32($0), shape: [out, k]) })
+        let a = (0..<(r * k)).map { _ in rng.normal() * 0.3 }, b = (0..<(out * r)).map { _ in rng.normal() * 0.3 }
+        let x = (0..<(tokens * k)).map { _ in HalfPrecision.roundedToBFloat16(rng.normal()) }
+        let dy = (0..<(tokens * out)).map { _ in rng.normal() }
+        let mask: [Float] = (0..<(tokens * k)).map { $0 % 7 == 0 ? 0 : 1 }
+        func gemm(_ ta: Bool, _ tb: Bool, _ m: Int, _ n: Int, _ kk: Int, _ x: [Float], _ lda: Int, _ y: [Float], _ ldb: Int) -> [Float] {
+            var c = [Float](repeating: 0, count: m * n)
+            cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, Int32(m), Int32(n), Int32(kk), 1, x, Int32(lda),
+                        y, Int32(ldb), 0, &c, Int32(n))
+            return c
+        }
+        for compute in [ElementType.float32, .bfloat16] {
+            for dropout in [0.0, 0.25] {
+                let bf16Compute = compute == .bfloat16
+                func rnd(_ v: Float) -> Float { bf16Compute ? HalfPrecision.roundedToBFloat16(v) : v }
+                let config = LoRAConfig(rank: r, alpha: 16, dropout: dropout)
+                let s = Float(config.scaling), keep = Float(1 / (1 - dropout))
+                // The whole products.
+                var yBase = [Float](repeating: 0, count: tokens * out), dxBase = [Float](repeating: 0, count: tokens * k)
+                x.withUnsafeBufferPointer { xp in yBase.withUnsafeMutableBufferPointer { Matmul4Bit.forward(x: xp, tokens: tokens, weight: base, y: $0, roundOutputToBF16: true) } }
+                dy.withUnsafeBufferPointer { d in dxBase.withUnsafeMutableBufferPointer { Matmul4Bit.backwardInput(dy: d, tokens: tokens, weight: base, dx: $0, roundOutputToBF16: true) } }
+                let m = dropout > 0 ? mask.map { $0 * keep } : []
+                let xd = dropout > 0 ? zip(x.map(rnd), m).map { rnd($0 * $1) } : x.map(rnd)
+                let (ar, br) = (a.map(rnd), b.map(rnd))
+                let h = gemm(false, true, tokens, r, k, xd, k, ar, k).map(rnd)
+                let l = gemm(false, true, tokens, out, r, h, r, br, r).map(rnd).map { rnd($0 * s) }
+                let yWant = zip(yBase, l).map { HalfPrecision.roundedToBFloat16($0 + HalfPrecision.roundedToBFloat16($1)) }
+                let g = dy.map(rnd).map { rnd($0 * s) }
+                let dBWant = gemm(true, false, out, r, tokens, g, out, h, r).map(rnd)
+                let dh = gemm(false, false, tokens, r, out, g, out, br, r).map(rnd)
+                let dAWant = gemm(true, false, r, k, tokens, dh, r, xd, k).map(rnd)
+                var dxd = gemm(false, false, tokens, k, r, dh, r, ar, k).map(rnd)
+                if dropout > 0 { dxd = zip(dxd, m).map { rnd($0 * $1) } }
+                let dxWant = zip(dxBase, dxd).map { HalfPrecision.roundedToBFloat16($0 + HalfPrecision.roundedToBFloat16($1)) }
+                for threads in [1, 2, 3] {
+                    LlamaOps.setThreadCount(threads)
+                    defer { LlamaOps.setThreadCount(ProcessInfo.processInfo.activeProcessorCount) }
+                    let layer = try LoRALinear(base: base, config: config, loraA: a, loraB: b, computeType: compute)
+                    layer.bf16Activations = true
+                    let (y, saved) = try layer.forward(x, tokens: tokens, dropoutMask: dropout > 0 ? mask : nil)
+                    let dx = try layer.backward(dy, saved: saved)
+                    let label = "\(compute) dropout \(dropout) threads \(threads)"
+                    XCTAssertEqual(y.map(\.bitPattern), yWant.map(\.bitPattern), "y " + label)
+                    XCTAssertEqual(dx.map(\.bitPattern), dxWant.map(\.bitPattern), "dx " + label)
+                    XCTAssertEqual(layer.gradA.map(\.bitPattern), dAWant.map(\.bitPattern), "dA " + label)
+                    XCTAssertEqual(layer.gradB.map(\.bitPattern), dBWant.map(\.bitPattern), "dB " + label)
+                }
+            }
+        }
     }
 
     /// Gradient accumulation: backward adds into gradA/gradB until zeroGrad (two micro-batches

@@ -146,10 +146,12 @@ public final class LoRALinear {
     public func forward(_ x: [Float], tokens: Int, dropoutMask: [Float]? = nil, seed: UInt64? = nil) throws(LoRAError) -> (y: [Float], saved: Saved) {
         let k = inFeatures, n = outFeatures, r = config.rank
         guard x.count == tokens * k else { throw .shapeMismatch("x has \(x.count) values, expected [\(tokens), \(k)]") }
-        var y = [Float](repeating: 0, count: tokens * n)
-        x.withUnsafeBufferPointer { xp in
-            y.withUnsafeMutableBufferPointer { Matmul4Bit.forward(x: xp, tokens: tokens, weight: base, y: $0, threads: LlamaOps.threadCount, scratch: scratch,
-                                                                  roundOutputToBF16: bias == nil) }
+        // Every value is written by the 4-bit GEMM: no zero fill first, and its threads fault the pages in.
+        var y = [Float](unsafeUninitializedCapacity: tokens * n) { out, initialized in
+            x.withUnsafeBufferPointer { xp in
+                Matmul4Bit.forward(x: xp, tokens: tokens, weight: base, y: out, threads: LlamaOps.threadCount, scratch: scratch, roundOutputToBF16: bias == nil)
+            }
+            initialized = tokens * n
         }
         if let bias {
             for t in 0..<tokens { for j in 0..<n { y[t * n + j] = HalfPrecision.roundedToBFloat16(y[t * n + j] + bias[j]) } }
@@ -170,16 +172,24 @@ public final class LoRALinear {
             round(&xd)
         }
         let a = rounded(loraA), b = rounded(loraB)
-        // h = xd · Aᵀ: [tokens, r]  (A row-major [r, k]: op(B) = Aᵀ, ldb = k)
-        var h = [Float](repeating: 0, count: tokens * r)
-        sgemm(false, true, tokens, r, k, xd, k, a, k, 0, &h, r)
-        round(&h)
-        // l = h · Bᵀ: [tokens, n]  (B row-major [n, r]: op(B) = Bᵀ, ldb = r)
-        var l = [Float](repeating: 0, count: tokens * n)
-        sgemm(false, true, tokens, n, r, h, r, b, r, 0, &l, n)
-        round(&l)
         let s = Float(config.scaling)
+        guard tokens > 0 else { return (y, Saved(tokens: tokens, xDropped: xd, h: [], mask: mask)) }
+        // h = xd · Aᵀ: [tokens, r]  (A row-major [r, k]: op(B) = Aᵀ, ldb = k), rounded
+        var h = [Float](repeating: 0, count: tokens * r)
+        let rnd = computeType == .bfloat16, bf16Out = bf16Activations
+        xd.withUnsafeBufferPointer { xp in a.withUnsafeBufferPointer { ap in h.withUnsafeMutableBufferPointer { hp in
+            let (px, pa, ph) = (Shared(xp.baseAddress!), Shared(ap.baseAddress!), Shared(hp.baseAddress!))
+            Self.onGrid(tokens) { rows, _ in
+                let hr = ph.p + rows.lowerBound * r
+                Self.sgemmPiece(false, true, rows.count, r, k, px.p + rows.lowerBound * k, k, pa.p, k, hr, r)
+                if rnd { for i in 0..<(rows.count * r) { hr[i] = HalfPrecision.roundedToBFloat16(hr[i]) } }
+            }
+        } } }
         if let magnitude {
+            // l = h · Bᵀ: [tokens, n]  (B row-major [n, r]: op(B) = Bᵀ, ldb = r)
+            var l = [Float](repeating: 0, count: tokens * n)
+            sgemm(false, true, tokens, n, r, h, r, b, r, 0, &l, n)
+            round(&l)
             // DoRA, as PEFT's bnb Linear4bit forward with DoraLinearLayer (peft/tuners/lora/
             // bnb.py, dora.py): with W the dequantized bf16 weight in fp32 and the norm detached,
             //   y = bf16(result + ((m/‖W + s·B·A‖ − 1)·(result − bias) + (m/‖…‖ · B·A·x)·s))
@@ -199,13 +209,20 @@ public final class LoRALinear {
             (saved.doraBase, saved.doraLoRA, saved.doraScale, saved.doraNorm) = (baseResult, l, scale, norm)
             return (y, saved)
         }
-        for i in l.indices { l[i] = l[i] * s }
-        round(&l)
-        if bf16Activations {
-            for i in y.indices { y[i] = HalfPrecision.roundedToBFloat16(y[i] + HalfPrecision.roundedToBFloat16(l[i])) }
-        } else {
-            for i in y.indices { y[i] = y[i] + l[i] }  // result + lora_B(lora_A(x)) * scaling
-        }
+        // y += (h · Bᵀ)·s a piece of rows at a time, each piece's product rounded, scaled,
+        // rounded and added (result + lora_B(lora_A(x)) * scaling), so [tokens, n] of l never exists.
+        h.withUnsafeBufferPointer { hp in b.withUnsafeBufferPointer { bp in y.withUnsafeMutableBufferPointer { yp in
+            let (ph, pb, py) = (Shared(hp.baseAddress!), Shared(bp.baseAddress!), Shared(yp.baseAddress!))
+            Self.onGrid(tokens, scratchPerItem: n) { rows, l in
+                let count = rows.count * n, yr = py.p + rows.lowerBound * n
+                Self.sgemmPiece(false, true, rows.count, n, r, ph.p + rows.lowerBound * r, r, pb.p, r, l, n)
+                for i in 0..<count {
+                    var v = rnd ? HalfPrecision.roundedToBFloat16(l[i]) : l[i]
+                    v = rnd ? HalfPrecision.roundedToBFloat16(v * s) : v * s
+                    yr[i] = bf16Out ? HalfPrecision.roundedToBFloat16(yr[i] + HalfPrecision.roundedToBFloat16(v)) : yr[i] + v
+                }
+            }
+        } } }
         return (y, Saved(tokens: tokens, xDropped: xd, h: h, mask: mask))
     }
 
@@ -221,62 +238,91 @@ public final class LoRALinear {
     public func backward(_ dy: [Float], saved: Saved, inputGradient: Bool = true) throws(LoRAError) -> [Float] {
         let k = inFeatures, n = outFeatures, r = config.rank, t = saved.tokens
         guard dy.count == t * n else { throw .shapeMismatch("dy has \(dy.count) values, expected [\(t), \(n)]") }
-        var dx = [Float](repeating: 0, count: inputGradient ? t * k : 0)
-        if inputGradient {
+        // Every value of dx is written by the 4-bit GEMM (no zero fill first).
+        var dx = [Float](unsafeUninitializedCapacity: inputGradient ? t * k : 0) { out, initialized in
+            guard inputGradient else { return }
             (magnitude == nil ? dy : doraBaseGradient(dy, saved)).withUnsafeBufferPointer { d in
-                dx.withUnsafeMutableBufferPointer { Matmul4Bit.backwardInput(dy: d, tokens: t, weight: base, dx: $0, threads: LlamaOps.threadCount, scratch: scratch,
-                                                                             roundOutputToBF16: true) }
+                Matmul4Bit.backwardInput(dy: d, tokens: t, weight: base, dx: out, threads: LlamaOps.threadCount, scratch: scratch, roundOutputToBF16: true)
             }
+            initialized = t * k
         }
-        let s = Float(config.scaling)
-        var g = rounded(dy)  // the adapter output's cast back to fp32 sends a bf16 gradient
-        if magnitude != nil {
-            // DoRA: d(m/‖·‖) gathers dy·(result − bias) and dy·s·(B·A·x) over the tokens; the
-            // adapter's gradient is dy·s·(m/‖·‖); the base layer's output gets dy from the sum
-            // and bf16(dy·(m/‖·‖ − 1)) from the rescaling, added in bf16.
-            var dScale = [Double](repeating: 0, count: n)
-            for tt in 0..<t {
-                for j in 0..<n {
-                    let i = tt * n + j
-                    let ds = dy[i] * s
-                    dScale[j] += Double(dy[i] * saved.doraBase[i]) + Double(ds * saved.doraLoRA[i])
-                    g[i] = ds * saved.doraScale[j]
+        let s = Float(config.scaling), rnd = computeType == .bfloat16, bf16Out = bf16Activations
+        guard t > 0 else { return dx }
+        // g: the adapter output's gradient, bf16 (its cast back to fp32 sends a bf16 gradient), times s.
+        let g = [Float](unsafeUninitializedCapacity: t * n) { gp, initialized in
+            initialized = t * n
+            guard magnitude == nil else {
+                // DoRA: d(m/‖·‖) gathers dy·(result − bias) and dy·s·(B·A·x) over the tokens; the
+                // adapter's gradient is dy·s·(m/‖·‖); the base layer's output gets dy from the sum
+                // and bf16(dy·(m/‖·‖ − 1)) from the rescaling, added in bf16.
+                var dScale = [Double](repeating: 0, count: n)
+                for tt in 0..<t {
+                    for j in 0..<n {
+                        let i = tt * n + j
+                        let ds = dy[i] * s
+                        dScale[j] += Double(dy[i] * saved.doraBase[i]) + Double(ds * saved.doraLoRA[i])
+                        gp[i] = ds * saved.doraScale[j]
+                    }
+                }
+                for j in 0..<n { gradMagnitude[j] += Float(dScale[j]) / saved.doraNorm[j] }
+                return
+            }
+            dy.withUnsafeBufferPointer { dp in
+                let (pd, pg) = (Shared(dp.baseAddress!), Shared(gp.baseAddress!))
+                Self.onGrid(t) { rows, _ in
+                    for i in (rows.lowerBound * n)..<(rows.upperBound * n) {
+                        let v = (rnd ? HalfPrecision.roundedToBFloat16(pd.p[i]) : pd.p[i]) * s
+                        pg.p[i] = rnd ? HalfPrecision.roundedToBFloat16(v) : v
+                    }
                 }
             }
-            for j in 0..<n { gradMagnitude[j] += Float(dScale[j]) / saved.doraNorm[j] }
-        } else {
-            for i in g.indices { g[i] = g[i] * s }
-            round(&g)
         }
         let a = rounded(loraA), b = rounded(loraB)
-        // gradB [n, r] += gᵀ [n, t] · h [t, r]  (with bf16 compute: the bf16 gradient, added in fp32)
-        var gb = [Float](repeating: 0, count: n * r)
-        sgemm(true, false, n, r, t, g, n, saved.h, r, 0, &gb, r)
-        round(&gb)
+        var gb = [Float](repeating: 0, count: n * r), dh = [Float](repeating: 0, count: t * r), ga = [Float](repeating: 0, count: r * k)
+        g.withUnsafeBufferPointer { gp in saved.h.withUnsafeBufferPointer { hp in b.withUnsafeBufferPointer { bp in
+            saved.xDropped.withUnsafeBufferPointer { xp in gb.withUnsafeMutableBufferPointer { gbp in dh.withUnsafeMutableBufferPointer { dhp in
+                ga.withUnsafeMutableBufferPointer { gap in
+                    let (pg, ph, pb, px) = (Shared(gp.baseAddress!), Shared(hp.baseAddress!), Shared(bp.baseAddress!), Shared(xp.baseAddress!))
+                    let (pgb, pdh, pga) = (Shared(gbp.baseAddress!), Shared(dhp.baseAddress!), Shared(gap.baseAddress!))
+                    // gb [n, r] = gᵀ [n, t] · h [t, r], pieces of its rows (the sums over t whole), rounded
+                    Self.onGrid(n) { rows, _ in
+                        let c = pgb.p + rows.lowerBound * r
+                        Self.sgemmPiece(true, false, rows.count, r, t, pg.p + rows.lowerBound, n, ph.p, r, c, r)
+                        if rnd { for i in 0..<(rows.count * r) { c[i] = HalfPrecision.roundedToBFloat16(c[i]) } }
+                    }
+                    // dh [t, r] = g [t, n] · B [n, r], rounded
+                    Self.onGrid(t) { rows, _ in
+                        let c = pdh.p + rows.lowerBound * r
+                        Self.sgemmPiece(false, false, rows.count, r, n, pg.p + rows.lowerBound * n, n, pb.p, r, c, r)
+                        if rnd { for i in 0..<(rows.count * r) { c[i] = HalfPrecision.roundedToBFloat16(c[i]) } }
+                    }
+                    // ga [r, k] = dhᵀ [r, t] · xd [t, k], pieces of its columns, rounded
+                    Self.onGrid(k) { cols, _ in
+                        let c = pga.p + cols.lowerBound
+                        Self.sgemmPiece(true, false, r, cols.count, t, pdh.p, r, px.p + cols.lowerBound, k, c, k)
+                        if rnd { for row in 0..<r { for j in 0..<cols.count { c[row * k + j] = HalfPrecision.roundedToBFloat16(c[row * k + j]) } } }
+                    }
+                }
+            } } }
+        } } }
+        // With bf16 compute these are the bf16 gradients, added in fp32.
         for i in gb.indices { gradB[i] += gb[i] }
-        // dh [t, r] = g [t, n] · B [n, r]
-        var dh = [Float](repeating: 0, count: t * r)
-        sgemm(false, false, t, r, n, g, n, b, r, 0, &dh, r)
-        round(&dh)
-        // gradA [r, k] += dhᵀ [r, t] · xd [t, k]
-        var ga = [Float](repeating: 0, count: r * k)
-        sgemm(true, false, r, k, t, dh, r, saved.xDropped, k, 0, &ga, k)
-        round(&ga)
         for i in ga.indices { gradA[i] += ga[i] }
         guard inputGradient else { return [] }
-        // dxd [t, k] = dh [t, r] · A [r, k]
-        var dxd = [Float](repeating: 0, count: t * k)
-        sgemm(false, false, t, k, r, dh, r, a, k, 0, &dxd, k)
-        round(&dxd)
-        if !saved.mask.isEmpty {
-            for i in dxd.indices { dxd[i] *= saved.mask[i] }
-            round(&dxd)
-        }
-        if bf16Activations {
-            for i in dx.indices { dx[i] = HalfPrecision.roundedToBFloat16(dx[i] + HalfPrecision.roundedToBFloat16(dxd[i])) }
-        } else {
-            for i in dx.indices { dx[i] += dxd[i] }
-        }
+        // dx += (dh [t, r] · A [r, k]) ⊙ mask, a piece of rows at a time (rounded, masked, rounded, added)
+        dh.withUnsafeBufferPointer { dhp in a.withUnsafeBufferPointer { ap in saved.mask.withUnsafeBufferPointer { mp in dx.withUnsafeMutableBufferPointer { dxp in
+            let (pdh, pa, pdx) = (Shared(dhp.baseAddress!), Shared(ap.baseAddress!), Shared(dxp.baseAddress!))
+            let pm = saved.mask.isEmpty ? nil : mp.baseAddress.map { Shared($0) }
+            Self.onGrid(t, scratchPerItem: k) { rows, l in
+                let count = rows.count * k, first = rows.lowerBound * k, dxr = pdx.p + first
+                Self.sgemmPiece(false, false, rows.count, k, r, pdh.p + rows.lowerBound * r, r, pa.p, k, l, k)
+                for i in 0..<count {
+                    var v = rnd ? HalfPrecision.roundedToBFloat16(l[i]) : l[i]
+                    if let pm { v *= pm.p[first + i]; if rnd { v = HalfPrecision.roundedToBFloat16(v) } }
+                    dxr[i] = bf16Out ? HalfPrecision.roundedToBFloat16(dxr[i] + HalfPrecision.roundedToBFloat16(v)) : dxr[i] + v
+                }
+            }
+        } } } }
         return dx
     }
 
@@ -335,6 +381,36 @@ public final class LoRALinear {
     }
 
     /// Row-major fp32 GEMM: C [m, n] = op(A) [m, k] · op(B) [k, n] + beta · C.
+    typealias Shared = LlamaOps.Shared
+
+    /// Rows (or columns) per piece of the adapter's products: each piece is one sgemm on one
+    /// OpenBLAS thread and its elementwise tail, and the pieces are split between threads. A
+    /// fixed grid, so no value depends on the thread count (OpenBLAS may pick another kernel
+    /// for another row count).
+    static let gridSize = 64
+
+    /// Runs `body` on 0..<count in `gridSize` pieces split between threads, OpenBLAS held to
+    /// one thread; each thread's pieces share one scratch of `scratchPerItem` floats an item.
+    static func onGrid(_ count: Int, scratchPerItem: Int = 0, _ body: @Sendable (Range<Int>, UnsafeMutablePointer<Float>) -> Void) {
+        let pieces = (count + gridSize - 1) / gridSize
+        BLAS.withOneThread {
+            LlamaOps.parallelParts(pieces, grain: 1) { range in
+                let scratch = UnsafeMutablePointer<Float>.allocate(capacity: max(1, gridSize * scratchPerItem))
+                defer { scratch.deallocate() }
+                for p in range { body(p * gridSize..<min(count, (p + 1) * gridSize), scratch) }
+            }
+        }
+    }
+
+    /// C = op(A) · op(B) for one piece (row-major, beta 0): m·n values at ldc; k == 0 gives zeros.
+    static func sgemmPiece(_ ta: Bool, _ tb: Bool, _ m: Int, _ n: Int, _ k: Int, _ a: UnsafePointer<Float>, _ lda: Int,
+                           _ b: UnsafePointer<Float>, _ ldb: Int, _ c: UnsafeMutablePointer<Float>, _ ldc: Int) {
+        guard m > 0 && n > 0 else { return }
+        if k == 0 { for i in 0..<m { (c + i * ldc).update(repeating: 0, count: n) }; return }
+        cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
+                    Int32(m), Int32(n), Int32(k), 1, a, Int32(lda), b, Int32(ldb), 0, c, Int32(ldc))
+    }
+
     func sgemm(_ ta: Bool, _ tb: Bool, _ m: Int, _ n: Int, _ k: Int, _ a: [Float], _ lda: Int,
                _ b: [Float], _ ldb: Int, _ beta: Float, _ c: inout [Float], _ ldc: Int) {
         guard m > 0 && n > 0 else { return }
