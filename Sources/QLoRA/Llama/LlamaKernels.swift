@@ -44,34 +44,37 @@ extension LlamaOps {
     /// Elements per thread below which an elementwise op is not split (thread start-up costs more).
     static let elementGrain = 1 << 15
 
+    /// `count` values, every one written by `body` through the pointer (on the worker threads):
+    /// no zero fill first, so the pages are first touched by the threads that write them.
+    static func written(_ count: Int, _ body: (Shared<Float>) -> Void) -> [Float] {
+        [Float](unsafeUninitializedCapacity: count) { buffer, initialized in
+            if count > 0, let base = buffer.baseAddress { body(Shared(base)) }
+            initialized = count
+        }
+    }
+
     // MARK: Residual adds
 
     /// bf16(a + b), elementwise (the residual adds).
     public static func addRounded(_ a: [Float], _ b: [Float]) -> [Float] {
         precondition(a.count == b.count, "addRounded: lengths differ")
-        var y = [Float](repeating: 0, count: a.count)
-        guard !y.isEmpty else { return y }
-        a.withUnsafeBufferPointer { ap in b.withUnsafeBufferPointer { bp in y.withUnsafeMutableBufferPointer { yp in
-            let (pa, pb, py) = (Shared(ap.baseAddress!), Shared(bp.baseAddress!), Shared(yp.baseAddress!))
+        return written(a.count) { py in a.withUnsafeBufferPointer { ap in b.withUnsafeBufferPointer { bp in
+            let (pa, pb) = (Shared(ap.baseAddress!), Shared(bp.baseAddress!))
             parallelParts(a.count, grain: elementGrain) { r in
                 for i in r { py.p[i] = bf16(pa.p[i] + pb.p[i]) }
             }
         } } }
-        return y
     }
 
     /// bf16(bf16(a + b) + c), elementwise (three gradients into one input, summed in that order).
     public static func addRounded(_ a: [Float], _ b: [Float], _ c: [Float]) -> [Float] {
         precondition(a.count == b.count && a.count == c.count, "addRounded: lengths differ")
-        var y = [Float](repeating: 0, count: a.count)
-        guard !y.isEmpty else { return y }
-        a.withUnsafeBufferPointer { ap in b.withUnsafeBufferPointer { bp in c.withUnsafeBufferPointer { cp in y.withUnsafeMutableBufferPointer { yp in
-            let (pa, pb, pc, py) = (Shared(ap.baseAddress!), Shared(bp.baseAddress!), Shared(cp.baseAddress!), Shared(yp.baseAddress!))
+        return written(a.count) { py in a.withUnsafeBufferPointer { ap in b.withUnsafeBufferPointer { bp in c.withUnsafeBufferPointer { cp in
+            let (pa, pb, pc) = (Shared(ap.baseAddress!), Shared(bp.baseAddress!), Shared(cp.baseAddress!))
             parallelParts(a.count, grain: elementGrain) { r in
                 for i in r { py.p[i] = bf16(bf16(pa.p[i] + pb.p[i]) + pc.p[i]) }
             }
         } } } }
-        return y
     }
 
     // MARK: RMSNorm
@@ -80,11 +83,11 @@ extension LlamaOps {
     public static func rmsnormForward(_ x: [Float], _ w: [Float], tokens: Int, eps: Float) -> (y: [Float], rstd: [Float]) {
         let h = w.count
         precondition(x.count == tokens * h, "rmsnorm: x must be [tokens, h]")
-        var y = [Float](repeating: 0, count: x.count), rstd = [Float](repeating: 0, count: tokens)
-        guard !y.isEmpty else { return (y, rstd) }
-        x.withUnsafeBufferPointer { xp in w.withUnsafeBufferPointer { wp in
-            y.withUnsafeMutableBufferPointer { yp in rstd.withUnsafeMutableBufferPointer { rp in
-                let (px, pw, py, pr) = (Shared(xp.baseAddress!), Shared(wp.baseAddress!), Shared(yp.baseAddress!), Shared(rp.baseAddress!))
+        var rstd = [Float](repeating: 0, count: tokens)
+        guard !x.isEmpty else { return ([], rstd) }
+        let y = written(x.count) { py in x.withUnsafeBufferPointer { xp in w.withUnsafeBufferPointer { wp in
+            rstd.withUnsafeMutableBufferPointer { rp in
+                let (px, pw, pr) = (Shared(xp.baseAddress!), Shared(wp.baseAddress!), Shared(rp.baseAddress!))
                 parallelParts(tokens, grain: max(1, elementGrain / max(h, 1))) { rows in
                     for t in rows {
                         let xr = px.p + t * h, yr = py.p + t * h
@@ -105,12 +108,9 @@ extension LlamaOps {
     public static func rmsnormBackward(_ dy: [Float], _ x: [Float], _ w: [Float], rstd: [Float], tokens: Int) -> [Float] {
         let h = w.count
         precondition(x.count == tokens * h && dy.count == x.count && rstd.count == tokens, "rmsnorm backward: shapes")
-        var dx = [Float](repeating: 0, count: x.count)
-        guard !dx.isEmpty else { return dx }
-        dy.withUnsafeBufferPointer { dyp in x.withUnsafeBufferPointer { xp in w.withUnsafeBufferPointer { wp in rstd.withUnsafeBufferPointer { rp in
-            dx.withUnsafeMutableBufferPointer { dxp in
-                let (pdy, px, pw, pr, pdx) = (Shared(dyp.baseAddress!), Shared(xp.baseAddress!), Shared(wp.baseAddress!), Shared(rp.baseAddress!),
-                                              Shared(dxp.baseAddress!))
+        return written(x.count) { pdx in
+            dy.withUnsafeBufferPointer { dyp in x.withUnsafeBufferPointer { xp in w.withUnsafeBufferPointer { wp in rstd.withUnsafeBufferPointer { rp in
+                let (pdy, px, pw, pr) = (Shared(dyp.baseAddress!), Shared(xp.baseAddress!), Shared(wp.baseAddress!), Shared(rp.baseAddress!))
                 parallelParts(tokens, grain: max(1, elementGrain / max(h, 1))) { rows in
                     let g = UnsafeMutablePointer<Float>.allocate(capacity: h)
                     defer { g.deallocate() }
@@ -123,9 +123,8 @@ extension LlamaOps {
                         for i in 0..<h { dxr[i] = bf16(g[i] * r + xr[i] * c) }
                     }
                 }
-            }
-        } } } }
-        return dx
+            } } } }
+        }
     }
 
     // MARK: Rotary embeddings
@@ -144,10 +143,8 @@ extension LlamaOps {
         let half = d / 2, width = heads * d, tokens = x.count / max(width, 1)
         precondition(x.count == tokens * width && d % 2 == 0, "rope: x must be [tokens, heads·headDim], headDim even")
         precondition(cos.count >= min(seq, tokens) * d && sin.count == cos.count, "rope: tables too short")
-        var y = [Float](repeating: 0, count: x.count)
-        guard !y.isEmpty else { return y }
-        x.withUnsafeBufferPointer { xp in cos.withUnsafeBufferPointer { cp in sin.withUnsafeBufferPointer { sp in y.withUnsafeMutableBufferPointer { yp in
-            let (px, pc, ps, py) = (Shared(xp.baseAddress!), Shared(cp.baseAddress!), Shared(sp.baseAddress!), Shared(yp.baseAddress!))
+        return written(x.count) { py in x.withUnsafeBufferPointer { xp in cos.withUnsafeBufferPointer { cp in sin.withUnsafeBufferPointer { sp in
+            let (px, pc, ps) = (Shared(xp.baseAddress!), Shared(cp.baseAddress!), Shared(sp.baseAddress!))
             parallelParts(tokens, grain: max(1, elementGrain / max(width, 1))) { rows in
                 for t in rows {
                     let c = pc.p + (t % seq) * d, s = ps.p + (t % seq) * d
@@ -167,7 +164,6 @@ extension LlamaOps {
                 }
             }
         } } } }
-        return y
     }
 
     // MARK: SwiGLU
@@ -175,10 +171,8 @@ extension LlamaOps {
     /// `swigluForwardReference`, split between threads (expf stays glibc's scalar one: the same bits).
     public static func swigluForward(gate: [Float], up: [Float]) -> [Float] {
         precondition(gate.count == up.count, "swiglu: gate and up differ in length")
-        var y = [Float](repeating: 0, count: gate.count)
-        guard !y.isEmpty else { return y }
-        gate.withUnsafeBufferPointer { gp in up.withUnsafeBufferPointer { upp in y.withUnsafeMutableBufferPointer { yp in
-            let (pg, pu, py) = (Shared(gp.baseAddress!), Shared(upp.baseAddress!), Shared(yp.baseAddress!))
+        return written(gate.count) { py in gate.withUnsafeBufferPointer { gp in up.withUnsafeBufferPointer { upp in
+            let (pg, pu) = (Shared(gp.baseAddress!), Shared(upp.baseAddress!))
             parallelParts(gate.count, grain: elementGrain / 4) { r in
                 for i in r {
                     let g = pg.p[i]
@@ -186,19 +180,16 @@ extension LlamaOps {
                 }
             }
         } } }
-        return y
     }
 
     /// `swigluBackwardReference`, split between threads; exp(-gate) computed once (the reference's
     /// two calls give the same value).
     public static func swigluBackward(_ dy: [Float], gate gateBits: [UInt16], up upBits: [UInt16]) -> (dgate: [Float], dup: [Float]) {
         precondition(dy.count == gateBits.count && dy.count == upBits.count, "swiglu backward: lengths differ")
-        var dg = [Float](repeating: 0, count: dy.count), du = dg
-        guard !dg.isEmpty else { return (dg, du) }
-        dy.withUnsafeBufferPointer { dyp in gateBits.withUnsafeBufferPointer { gp in upBits.withUnsafeBufferPointer { upp in
-            dg.withUnsafeMutableBufferPointer { dgp in du.withUnsafeMutableBufferPointer { dup in
-                let (pdy, pg, pu, pdg, pdu) = (Shared(dyp.baseAddress!), Shared(gp.baseAddress!), Shared(upp.baseAddress!),
-                                               Shared(dgp.baseAddress!), Shared(dup.baseAddress!))
+        var du: [Float] = []
+        let dg = written(dy.count) { pdg in du = written(dy.count) { pdu in
+            dy.withUnsafeBufferPointer { dyp in gateBits.withUnsafeBufferPointer { gp in upBits.withUnsafeBufferPointer { upp in
+                let (pdy, pg, pu) = (Shared(dyp.baseAddress!), Shared(gp.baseAddress!), Shared(upp.baseAddress!))
                 parallelParts(dy.count, grain: elementGrain / 4) { r in
                     for i in r {
                         let gate = HalfPrecision.float(bfloat16Bits: pg.p[i]), up = HalfPrecision.float(bfloat16Bits: pu.p[i])
@@ -336,12 +327,9 @@ extension LlamaOps {
     /// The output both attention forwards fill ([T, H·d], zeros), and the pointers they work on.
     static func withForwardBuffers(q: [Float], k: [Float], v: [Float],
                                    _ body: (Shared<Float>, Shared<Float>, Shared<Float>, Shared<Float>) -> Void) -> [Float] {
-        var out = [Float](repeating: 0, count: q.count)
-        guard !out.isEmpty else { return out }
-        q.withUnsafeBufferPointer { qp in k.withUnsafeBufferPointer { kp in v.withUnsafeBufferPointer { vp in out.withUnsafeMutableBufferPointer { op in
-            body(Shared(qp.baseAddress!), Shared(kp.baseAddress!), Shared(vp.baseAddress!), Shared(op.baseAddress!))
+        written(q.count) { po in q.withUnsafeBufferPointer { qp in k.withUnsafeBufferPointer { kp in v.withUnsafeBufferPointer { vp in
+            body(Shared(qp.baseAddress!), Shared(kp.baseAddress!), Shared(vp.baseAddress!), po)
         } } } }
-        return out
     }
 
     /// What both attention backwards work on: the inputs, dq, and each query head's dk and dv
@@ -353,27 +341,32 @@ extension LlamaOps {
 
     static func withBackwardBuffers(dout: [Float], q: [Float], k: [Float], v: [Float], batch: Int, seq: Int, heads: Int, kvHeads: Int,
                                     headDim d: Int, _ body: (BackwardBuffers) -> Void) -> (dq: [Float], dk: [Float], dv: [Float]) {
-        var dq = [Float](repeating: 0, count: q.count)
-        var dk = [Float](repeating: 0, count: k.count), dv = dk
-        guard !dq.isEmpty else { return (dq, dk, dv) }
-        var dkHead = [Float](repeating: 0, count: q.count), dvHead = dkHead
-        dout.withUnsafeBufferPointer { gp in q.withUnsafeBufferPointer { qp in k.withUnsafeBufferPointer { kp in v.withUnsafeBufferPointer { vp in
-        dq.withUnsafeMutableBufferPointer { dqp in dkHead.withUnsafeMutableBufferPointer { dkhp in dvHead.withUnsafeMutableBufferPointer { dvhp in
-            body(BackwardBuffers(dout: Shared(gp.baseAddress!), q: Shared(qp.baseAddress!), k: Shared(kp.baseAddress!), v: Shared(vp.baseAddress!),
-                                 dq: Shared(dqp.baseAddress!), dkHead: Shared(dkhp.baseAddress!), dvHead: Shared(dvhp.baseAddress!)))
-        } } } } } } }
-        reduceHeadGradients(dkHead, dvHead, into: &dk, &dv, batch: batch, seq: seq, heads: heads, kvHeads: kvHeads, headDim: d)
+        guard !q.isEmpty else { return ([], [Float](repeating: 0, count: k.count), [Float](repeating: 0, count: k.count)) }
+        // The per-head sums accumulate from zero; the zeros are written by the threads too.
+        func zeros() -> [Float] {
+            written(q.count) { p in parallelParts(q.count, grain: elementGrain) { r in (p.p + r.lowerBound).update(repeating: 0, count: r.count) } }
+        }
+        var dkHead = zeros(), dvHead = zeros()
+        let dq = written(q.count) { pdq in
+            dout.withUnsafeBufferPointer { gp in q.withUnsafeBufferPointer { qp in k.withUnsafeBufferPointer { kp in v.withUnsafeBufferPointer { vp in
+            dkHead.withUnsafeMutableBufferPointer { dkhp in dvHead.withUnsafeMutableBufferPointer { dvhp in
+                body(BackwardBuffers(dout: Shared(gp.baseAddress!), q: Shared(qp.baseAddress!), k: Shared(kp.baseAddress!), v: Shared(vp.baseAddress!),
+                                     dq: pdq, dkHead: Shared(dkhp.baseAddress!), dvHead: Shared(dvhp.baseAddress!)))
+            } } } } } }
+        }
+        let (dk, dv) = reduceHeadGradients(dkHead, dvHead, batch: batch, seq: seq, heads: heads, kvHeads: kvHeads, headDim: d)
         return (dq, dk, dv)
     }
 
     /// dk, dv = bf16(Σ_r bf16(head r's sum)), r in head order (repeat_kv's backward), from each
     /// query head's fp32 sums ([batch·H][seq, d]); tokens split between threads.
-    static func reduceHeadGradients(_ dkHead: [Float], _ dvHead: [Float], into dk: inout [Float], _ dv: inout [Float],
-                                    batch: Int, seq: Int, heads: Int, kvHeads: Int, headDim d: Int) {
-        let rep = heads / kvHeads, ldq = heads * d
+    static func reduceHeadGradients(_ dkHead: [Float], _ dvHead: [Float], batch: Int, seq: Int, heads: Int, kvHeads: Int,
+                                    headDim d: Int) -> (dk: [Float], dv: [Float]) {
+        let rep = heads / kvHeads, ldq = heads * d, count = batch * seq * kvHeads * d
+        var dv: [Float] = []
+        let dk = written(count) { pdk in dv = written(count) { pdv in
         dkHead.withUnsafeBufferPointer { dkhp in dvHead.withUnsafeBufferPointer { dvhp in
-        dk.withUnsafeMutableBufferPointer { dkp in dv.withUnsafeMutableBufferPointer { dvp in
-            let (pdkh, pdvh, pdk, pdv) = (Shared(dkhp.baseAddress!), Shared(dvhp.baseAddress!), Shared(dkp.baseAddress!), Shared(dvp.baseAddress!))
+            let (pdkh, pdvh) = (Shared(dkhp.baseAddress!), Shared(dvhp.baseAddress!))
             parallelParts(batch * seq, grain: max(1, elementGrain / max(ldq, 1))) { rows in
                 for t in rows {
                     let b = t / seq, s = t % seq
@@ -390,8 +383,8 @@ extension LlamaOps {
                 }
             }
         } } } }
+        return (dk, dv)
     }
-
 
     // MARK: Attention on the bf16 dot-product GEMM (AVX512-BF16)
 
