@@ -11,7 +11,7 @@ import Training
 /// mode): logits, loss, the gradients of A, B and the magnitude, and 3 AdamW steps, held to
 /// LlamaTests' tolerances (which say why they are that size), and the adapter qlora saves
 /// against the one PEFT saved after those steps.
-final class AdapterTrainingTests: XCTestCase {
+final class AdapterTrainingTests: TemporaryDirectoryTestCase {
     /// (the base directory, the plain golden holding the initial A and B, the DoRA golden, PEFT's saved adapter)
     static let cases = [
         ("llama", "Vectors/llama/tiny-nf4", "Vectors/llama", "Vectors/llama/adapter-dora"),
@@ -141,8 +141,9 @@ final class AdapterTrainingTests: XCTestCase {
         }
     }
 
+    /// A fresh directory inside the test's `tmp` (removed with it after the test).
     func tmpDirectory() -> URL {
-        let u = FileManager.default.temporaryDirectory.appendingPathComponent("qlora-dora-\(ProcessInfo.processInfo.processIdentifier)-\(UUID().uuidString)")
+        let u = tmp.appendingPathComponent(UUID().uuidString)
         try? FileManager.default.createDirectory(at: u, withIntermediateDirectories: true)
         return u
     }
