@@ -44,22 +44,28 @@ public enum AdamW {
         let stepSize = c.lr / bc1
         let bc2Sqrt = Float(bc2.squareRoot())
         let eps = Float(c.eps), negStep = Float(-stepSize)
-        state.expAvg.withUnsafeMutableBufferPointer { m in
-            state.expAvgSq.withUnsafeMutableBufferPointer { v in
-                for i in 0..<param.count {
-                    let g = grad[i]
-                    param[i] = param[i] * decay
-                    // torch's vectorized lerp for weight < 0.5: fmadd(weight, end - self, self)
-                    m[i] = lerp(m[i], g, w1)
-                    v[i] = v[i] * b2
-                    // addcmul_(grad, grad, value): self + (value * t1) * t2 with one fused
-                    // multiply-add, as torch's CPU kernel computes it (vectors: the unfused form
-                    // differs in the last bit on ~20% of elements)
-                    v[i] = v[i].addingProduct(w2 * g, g)
-                    // denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-                    let denom = v[i].squareRoot() / bc2Sqrt + eps
-                    // param.addcdiv_(exp_avg, denom, value=-step_size): self + value * t1 / t2
-                    param[i] = param[i] + negStep * m[i] / denom
+        guard let pBase = param.baseAddress, let gBase = grad.baseAddress else { return }
+        state.expAvg.withUnsafeMutableBufferPointer { mb in
+            state.expAvgSq.withUnsafeMutableBufferPointer { vb in
+                // Elementwise, so split between threads with the same bits.
+                let (pp, pg, pm, pv) = (LlamaOps.Shared(pBase), LlamaOps.Shared(gBase), LlamaOps.Shared(mb.baseAddress!), LlamaOps.Shared(vb.baseAddress!))
+                LlamaOps.parallelParts(param.count, grain: LlamaOps.elementGrain) { range in
+                    let (param, grad, m, v) = (pp.p, pg.p, pm.p, pv.p)
+                    for i in range {
+                        let g = grad[i]
+                        param[i] = param[i] * decay
+                        // torch's vectorized lerp for weight < 0.5: fmadd(weight, end - self, self)
+                        m[i] = lerp(m[i], g, w1)
+                        v[i] = v[i] * b2
+                        // addcmul_(grad, grad, value): self + (value * t1) * t2 with one fused
+                        // multiply-add, as torch's CPU kernel computes it (vectors: the unfused form
+                        // differs in the last bit on ~20% of elements)
+                        v[i] = v[i].addingProduct(w2 * g, g)
+                        // denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+                        let denom = v[i].squareRoot() / bc2Sqrt + eps
+                        // param.addcdiv_(exp_avg, denom, value=-step_size): self + value * t1 / t2
+                        param[i] = param[i] + negStep * m[i] / denom
+                    }
                 }
             }
         }
