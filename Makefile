@@ -4,7 +4,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 QLORA := .build/release/qlora
 DEMO := demo-out
 
-.PHONY: deps build test demo bench fuzz vectors clean
+.PHONY: deps build test demo docs bench fuzz vectors clean
 
 # Debian's libopenblas-dev (the only BLAS) and pkg-config, installed when missing.
 deps:
@@ -34,6 +34,20 @@ demo: build
 	$(QLORA) merge $(DEMO)/model-nf4 $(DEMO)/model-adapter $(DEMO)/model-merged --compare-original $(DEMO)/model
 	$(QLORA) report --out $(DEMO)/report
 	$(QLORA) export $(DEMO)/model-nf4 $(DEMO)/model-merged.Q4_K_M.gguf --type q4_k_m --adapter $(DEMO)/model-adapter --report
+
+# The DocC documentation of the library products: one combined archive (the articles of
+# Sources/QLoRA/QLoRA.docc and every module's API) in .build/docs/qlora.doccarchive. Any DocC
+# warning (a broken ``Symbol`` or <doc:Article> link) fails it. Parameter and return-value
+# validation is off until the public API has its doc comments.
+DOCS_TARGETS := QLoRA SafeTensors GGUF CheckpointFormats CheckpointJobs Training Memory Claims Report
+DOCS_OUT := .build/docs/qlora.doccarchive
+docs: deps
+	@rm -rf .build/docs && mkdir -p .build/docs
+	$(SWIFT) package --disable-sandbox generate-documentation $(addprefix --target ,$(DOCS_TARGETS)) \
+	  --enable-experimental-combined-documentation --output-path $(DOCS_OUT) \
+	  --warnings-as-errors --disable-parameters-and-returns-validation
+	@test -f $(DOCS_OUT)/data/documentation/qlora.json || { echo "make docs: $(DOCS_OUT) was not written" >&2; exit 1; }
+	@echo "documentation: $(DOCS_OUT) (swift package --disable-sandbox preview-documentation --target QLoRA serves one module)"
 
 bench: deps
 	cd Benchmarks && $(SWIFT) package --disable-sandbox benchmark

@@ -1,5 +1,5 @@
 """transformers + bitsandbytes + PEFT against `qlora train`: the same checkpoint and the same data,
-measured in one run on this CPU (README "Speed of a training step").
+measured in one run on this CPU (Sources/QLoRA/QLoRA.docc/Training.md, "Speed of a training step").
 
 The checkpoint: a LlamaForCausalLM with --model's shapes, in bf16: llama-2-7b (hidden 4096,
 intermediate 11008, 32 heads, its 32,000-token vocabulary) with --layers decoder layers (default 2),

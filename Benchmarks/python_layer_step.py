@@ -1,5 +1,5 @@
 """One QLoRA decoder-layer step of the Python stack on this CPU, for the same-machine ratio
-against `qlora memory --measure` (README "Training with QLoRA").
+against `qlora memory --measure` (Sources/QLoRA/QLoRA.docc/Training.md).
 
 transformers + bitsandbytes + PEFT: a one-layer LlamaForCausalLM with llama-2-7b's layer shapes
 (hidden 4096, intermediate 11008, 32 heads) and a 256-token vocabulary (so the head costs next to

@@ -107,7 +107,7 @@ final class MemoryMeasurementTests: XCTestCase {
                 let measured = try XCTUnwrap(c.measuredBytes, "\(method) \(c.name) not measured")
                 // The step's peak depends on when temporaries die: a debug build (this test) keeps
                 // them to the end of their scope, an optimized one releases them at last use (the
-                // README's figure, within 1%). Everything else is held to 5%.
+                // figure in Sources/QLoRA/QLoRA.docc/MemoryComponents.md, within 1%). Everything else is held to 5%.
                 let tolerance = c.name == "(qlora layer step peak, one layer)" ? 0.2 : 0.05
                 XCTAssertEqual(Double(measured), Double(c.estimatedBytes), accuracy: tolerance * Double(c.estimatedBytes), "\(method) \(c.name)")
             }

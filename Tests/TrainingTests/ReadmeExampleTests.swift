@@ -5,7 +5,7 @@ import Training
 import QLoRA
 import TestSupport
 
-/// The README's "one training step" example, as written there (so it compiles and runs).
+/// The "one training step" example of Sources/QLoRA/QLoRA.docc/LoRA.md, as written there (so it compiles and runs).
 final class ReadmeExampleTests: TemporaryDirectoryTestCase {
     func testOneTrainingStep() throws {
         let dir: URL = tmp
