@@ -29,7 +29,7 @@ public func dequantizeCheckpoint(input: String, output: String, dtype: ElementTy
             return TensorPlan(outputs: [OutputTensor(name: p.name, dtype: DType(type), shape: p.shape)]) { sink in
                 // One expert at a time: gpt-oss-120b's gate_up_proj is 4 GB in bf16.
                 for e in 0..<p.experts {
-                    let bits = try reader.withBytes(of: p.blocks) { b in try reader.withBytes(of: p.scales) { s in MXFP4.decode(p, expert: e, blocks: b, scales: s) } }
+                    let bits = reader.withBytes(of: p.blocks) { b in reader.withBytes(of: p.scales) { s in MXFP4.decode(p, expert: e, blocks: b, scales: s) } }
                     let bytes = type == .bfloat16 ? bits.withUnsafeBytes { Array($0) } : encode(bits.map { HalfPrecision.float(bfloat16Bits: $0) }, as: type)
                     try bytes.withUnsafeBytes { try sink.write($0, partial: e < p.experts - 1) }
                 }

@@ -533,7 +533,6 @@ public struct StepTimeline: Sendable {
         init(_ a: ModelArchitecture, _ o: MemoryOptions, stack: Stack) throws {
             let e = try MemoryEstimate(model: a, options: o)
             (self.a, self.o, self.stack) = (a, o, stack)
-            let modules = o.isLoRA ? a.adaptedModules(o.targets) : []
             fourBit = o.method == .qlora
             unquantized = stack.recipe == .peftKbit ? 4 : 2
             adapterElement = stack.recipe == .trl ? 2 : 4
@@ -672,7 +671,7 @@ public struct StepTimeline: Sendable {
                         if fourBit {
                             let bf16 = s.alloc(2 * n, .transient)
                             let b = MemoryEstimate.fourBitBytes(elements: n, blocksize: o.blocksize, doubleQuant: o.doubleQuant)
-                            s.alloc([b.data, b.constants], .weights)
+                            _ = s.alloc([b.data, b.constants], .weights)  // held from here on
                             s.free(bf16)
                         } else {
                             s.alloc(2 * n, .weights)
@@ -697,7 +696,7 @@ public struct StepTimeline: Sendable {
                 let fp32 = s.alloc(adapterElements(layer: l).map { 4 * $0 }, .adapters)
                 if adapterElement == 2 {
                     // TRL: `param.data = param.data.to(torch.bfloat16)`, adapter by adapter.
-                    s.alloc(adapterElements(layer: l).map { 2 * $0 }, .adapters)
+                    _ = s.alloc(adapterElements(layer: l).map { 2 * $0 }, .adapters)  // held from here on
                     s.free(fp32)
                 }
             }

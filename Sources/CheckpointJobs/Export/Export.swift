@@ -158,7 +158,7 @@ public func exportGGUF(base: String, adapters specs: [MergeAdapter] = [], output
         if let r = plan.replacements[hf] {
             // A modules_to_save module's weights or trainable-token rows, as the merge writes them.
             let dtype = r.whole?.dtype ?? e.info.dtype
-            let bytes = try r.bytes(dtype: dtype) { try reader.withBytes(of: hf) { Array($0) } }
+            let bytes = r.bytes(dtype: dtype) { reader.withBytes(of: hf) { Array($0) } }
             reader.releasePages(of: hf)
             return bytes.withUnsafeBytes { loadFloats($0, as: ElementType(dtype)!) }
         }
