@@ -61,6 +61,7 @@ vectors:
 	.venv/bin/python Vectors/generate_peft_kinds.py
 	.venv/bin/python Vectors/generate_peaks.py
 	.venv/bin/python Vectors/generate_gguf.py
+	.venv/bin/python Vectors/generate_demo_tokenizer.py
 
 clean:
 	rm -rf .build $(DEMO)
