@@ -25,8 +25,8 @@ test: deps
 # Q4_K_M for llama.cpp, with what each serving format keeps of the fine-tune.
 demo: build
 	@rm -rf $(DEMO) && mkdir -p $(DEMO)
-	$(QLORA) sample $(DEMO)/model --layers 2 --hidden 1024 --intermediate 2816 --vocab 8192 --max-shard-mib 16 --adapter-rank 16
-	cp Vectors/gguf/llama-tiny/tokenizer.model $(DEMO)/model/   # a real SentencePiece tokenizer, for llama.cpp
+	$(QLORA) sample $(DEMO)/model --layers 2 --hidden 1024 --intermediate 2816 --vocab 512 --max-shard-mib 16 --adapter-rank 16
+	cp Vectors/demo/tokenizer.model $(DEMO)/model/   # SentencePiece BPE, 512 pieces with byte fallback (Vectors/generate_demo_tokenizer.py)
 	$(QLORA) quantize $(DEMO)/model $(DEMO)/model-nf4
 	$(QLORA) inspect $(DEMO)/model-nf4
 	$(QLORA) dequantize $(DEMO)/model-nf4 $(DEMO)/model-roundtrip
@@ -75,6 +75,7 @@ vectors:
 	.venv/bin/python Vectors/generate_peft_kinds.py
 	.venv/bin/python Vectors/generate_peaks.py
 	.venv/bin/python Vectors/generate_gguf.py
+	.venv/bin/python Vectors/generate_demo_tokenizer.py
 
 clean:
 	rm -rf .build $(DEMO)
