@@ -50,11 +50,17 @@ public final class SafeTensorsWriter {
     ///
     /// - Throws: `SafeTensorsError` for duplicate names, a tensor named `__metadata__`, negative
     ///   dimensions, sizes that overflow, or I/O errors.
-    public init(url: URL, tensors: [(name: String, dtype: DType, shape: [Int])],
-                metadata: [String: String] = [:], bufferSize: Int = SafeTensorsWriter.defaultBufferSize) throws {
+    public convenience init(url: URL, tensors: [(name: String, dtype: DType, shape: [Int])],
+                            metadata: [String: String] = [:], bufferSize: Int = SafeTensorsWriter.defaultBufferSize) throws {
+        let planned = try Self.assignOffsets(tensors, file: url.path)
+        try self.init(url: url, planned: planned, header: try Self.header(planned, metadata: metadata, file: url.path),
+                      metadata: metadata, bufferSize: bufferSize)
+    }
+
+    /// The same, for tensors already laid out (`assignOffsets`) and their encoded, checked header
+    /// (`header`): `ShardedWriter` checks every shard's header before it creates the first file.
+    init(url: URL, planned: [TensorInfo], header: [UInt8], metadata: [String: String], bufferSize: Int) throws {
         let path = url.path
-        let planned = try Self.assignOffsets(tensors, file: path)
-        let header = try Self.header(planned, metadata: metadata, file: path)
         var index: [String: Int] = [:]
         for (i, tensor) in planned.enumerated() { index[tensor.name] = i }
 

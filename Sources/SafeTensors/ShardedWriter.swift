@@ -42,6 +42,8 @@ public final class ShardedWriter {
     public var shardFileNames: [String] { shards.map(\.fileName) }
 
     private let bufferSize: Int
+    /// Each shard's encoded header.
+    private let headers: [[UInt8]]
     private let shardOfTensor: [String: Int]
     private var writers: [SafeTensorsWriter?]
     private var current = 0
@@ -80,15 +82,14 @@ public final class ShardedWriter {
             shards.append(Shard(fileName: fileName, tensors: members))
         }
         let totalSize = laidOut.last?.dataOffsets.upperBound ?? 0
-        // Every shard's header is checked against the reader's limit before anything is
-        // written (shards are created lazily, the first before the last is encoded).
-        for shard in shards {
-            _ = try SafeTensorsWriter.header(shard.tensors, metadata: metadata, file: directory.appendingPathComponent(shard.fileName).path)
-        }
+        // Every shard's header is encoded and checked against the reader's limit before anything
+        // is written (shards are created lazily); each writer then writes the bytes encoded here.
+        let headers = try shards.map { try SafeTensorsWriter.header($0.tensors, metadata: metadata, file: directory.appendingPathComponent($0.fileName).path) }
 
         try makeDirectories(directory.path)
         self.directory = directory
         self.shards = shards
+        self.headers = headers
         self.index = sharded ? ShardIndex(totalSize: totalSize, weightMap: weightMap) : nil
         self.metadata = metadata
         self.bufferSize = bufferSize
@@ -136,9 +137,8 @@ public final class ShardedWriter {
     /// The writer for shard `s`, creating its temporary file on first use.
     private func writer(_ s: Int) throws -> SafeTensorsWriter {
         if let existing = writers[s] { return existing }
-        let created = try SafeTensorsWriter(url: directory.appendingPathComponent(shards[s].fileName),
-                                            tensors: shards[s].tensors.map { ($0.name, $0.dtype, $0.shape) },
-                                            metadata: metadata, bufferSize: bufferSize)
+        let created = try SafeTensorsWriter(url: directory.appendingPathComponent(shards[s].fileName), planned: shards[s].tensors,
+                                            header: headers[s], metadata: metadata, bufferSize: bufferSize)
         writers[s] = created
         return created
     }
