@@ -489,6 +489,9 @@ public enum MemoryError: Error, CustomStringConvertible {
     }
 }
 
-/// Bytes as decimal gigabytes with two decimals, "13.48 GB" (GB = 10⁹ B), as every memory table
-/// and claim prints them.
-public func gigabytes(_ bytes: Int) -> String { String(format: "%.2f GB", Double(bytes) / 1e9) }
+/// Bytes as decimal gigabytes (GB = 10⁹ B), the one format every memory table, claim and report
+/// prints them in: two decimals with the unit by default, "13.48 GB"; a table whose header names
+/// the unit prints the bare number, with the decimals its column wants.
+public func gigabytes(_ bytes: Int, decimals: Int = 2, unit: Bool = true) -> String {
+    String(format: "%.\(decimals)f", Double(bytes) / 1e9) + (unit ? " GB" : "")
+}

@@ -121,8 +121,8 @@ struct FitCommand: ParsableCommand {
         for chunk in stride(from: 0, to: cells.count, by: Fit.commonGPUSizesGB.count) {
             let row = cells[chunk..<(chunk + Fit.commonGPUSizesGB.count)]
             let first = row.first!
-            rows.append([first.model, first.method, String(format: "%.1f GB", Double(first.bytes) / 1e9)]
-                        + row.map { $0.fits ? String(format: "%.1f", Double($0.headroomBytes) / 1e9) : "×" })
+            rows.append([first.model, first.method, gigabytes(first.bytes, decimals: 1)]
+                        + row.map { $0.fits ? gigabytes($0.headroomBytes, decimals: 1, unit: false) : "×" })
         }
         print(table(rows))
         if !unmodelled.isEmpty { print("\nnot in the table:\n" + unmodelled.sorted { $0.key < $1.key }.map { "  \($0.value)" }.joined(separator: "\n")) }

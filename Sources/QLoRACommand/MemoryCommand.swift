@@ -132,7 +132,7 @@ func architecture(model: String?, config: String?) throws -> ModelArchitecture {
 
 func formatBytes(_ b: Int) -> String {
     let v = Double(b)
-    if abs(v) >= 1e9 { return String(format: "%.2f GB", v / 1e9) }
+    if abs(v) >= 1e9 { return gigabytes(b) }
     if abs(v) >= 1e6 { return String(format: "%.1f MB", v / 1e6) }
     if abs(v) >= 1e3 { return String(format: "%.1f kB", v / 1e3) }
     return "\(b) B"

@@ -86,7 +86,7 @@ public enum MemoryReport {
     /// The Markdown report.
     public static func markdown(defaultEstimate m: MemoryEstimate, measurementScope: String?, claims: [ClaimCheck],
                                 chartFile: String, panels: [(model: String, estimates: [MemoryEstimate])]) -> String {
-        func gb(_ b: Int?) -> String { b.map { String(format: "%.3f", Double($0) / 1e9) } ?? "–" }
+        func gb(_ b: Int?) -> String { b.map { gigabytes($0, decimals: 3, unit: false) } ?? "–" }
         var s = "# qlora memory report\n\n"
         s += "## \(m.model), \(m.method.rawValue), r=\(m.options.rank) on all linear layers, \(m.options.seqLen) tokens × batch \(m.options.batch)\n\n"
         s += "Parameters: \(m.params.total.formatted()) total, \(m.params.quantized.formatted()) quantized (NF4, double quant), \(m.params.trainable.formatted()) trainable.\n\n"

@@ -67,7 +67,7 @@ public enum TimelineChart {
 extension MemoryReport {
     /// The report's section on the step's peak: the phase, the bytes at it and the chart.
     public static func timelineSection(_ t: StepTimeline, model: String, options o: MemoryOptions, chartFile: String) -> String {
-        let gb = gigabytes
+        let gb = { gigabytes($0) }
         var s = "## The step's peak, not only what is kept\n\n"
         s += "\(model), \(o.method.rawValue), \(o.seqLen) tokens × \(o.batch)\(o.gradientCheckpointing ? ", gradient checkpointing" : ""): "
         s += "the step peaks at **\(gb(t.peakBytes))** during \(t.peak.phase), \(gb(t.peakBytes - t.points[0].bytes)) above the \(gb(t.points[0].bytes)) held before it "
