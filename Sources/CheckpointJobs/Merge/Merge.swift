@@ -44,7 +44,7 @@ public func mergeCheckpoint(base: String, adapters specs: [MergeAdapter], output
         if let r = plan.replacements[e.name] {
             let dtype = r.whole?.dtype ?? e.info.dtype, shape = r.whole?.shape ?? e.info.shape
             return TensorPlan(outputs: [OutputTensor(name: e.name, dtype: dtype, shape: shape)]) { sink in
-                try sink.write(try r.bytes(dtype: dtype) { try job.reader.withBytes(of: e.name) { Array($0) } })
+                try sink.write(r.bytes(dtype: dtype) { job.reader.withBytes(of: e.name) { Array($0) } })
                 summary.replaced.append(MergeSummary.Replacement(name: e.name, how: r.how.joined(separator: "; then ")))
             }
         }
