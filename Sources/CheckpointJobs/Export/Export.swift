@@ -238,12 +238,12 @@ public enum GGUFExportEncoding {
                 // Addresses cross into the worker threads as integers; each chunk writes its own rows.
                 let (va, oa) = (Int(bitPattern: v.baseAddress), Int(bitPattern: o.baseAddress))
                 let run: @Sendable (Int) -> Void = { c in
-                    let r0 = rows * c / chunks, r1 = rows * (c + 1) / chunks
+                    let part = Parallel.range(c, of: chunks, count: rows), (r0, r1) = (part.lowerBound, part.upperBound)
                     GGMLQuants.encode(UnsafeBufferPointer(start: UnsafePointer<Float>(bitPattern: va).map { $0 + r0 * columns }, count: (r1 - r0) * columns),
                                       as: encoding,
                                       into: UnsafeMutableRawBufferPointer(start: UnsafeMutableRawPointer(bitPattern: oa).map { $0 + r0 * rowBytes }, count: (r1 - r0) * rowBytes))
                 }
-                if chunks == 1 { run(0) } else { DispatchQueue.concurrentPerform(iterations: chunks, execute: run) }
+                Parallel.run(parts: chunks, run)
             }
         }
         return out

@@ -37,8 +37,7 @@ extension LlamaOps {
     /// items (small jobs stay on the calling thread).
     static func parallelParts(_ count: Int, grain: Int, _ body: @Sendable (Range<Int>) -> Void) {
         let parts = max(1, min(threadCount, count / max(grain, 1)))
-        if parts == 1 { body(0..<count); return }
-        DispatchQueue.concurrentPerform(iterations: parts) { p in body((count * p / parts)..<(count * (p + 1) / parts)) }
+        Parallel.run(parts: parts) { p in body(Parallel.range(p, of: parts, count: count)) }
     }
 
     /// Elements per thread below which an elementwise op is not split (thread start-up costs more).

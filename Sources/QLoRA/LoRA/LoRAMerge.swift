@@ -88,13 +88,13 @@ extension LoRAMerge {
                                                       Int(bitPattern: deltaOut?.baseAddress), Int(bitPattern: bad.baseAddress))
                     let (at, bt, ot) = (Int32(adapterType.kernelCode), Int32(baseType.kernelCode), Int32(outType.kernelCode))
                     let run: @Sendable (Int) -> Void = { p in
-                        let r0 = rows * p / parts, r1 = rows * (p + 1) / parts
+                        let part = Parallel.range(p, of: parts, count: rows), (r0, r1) = (part.lowerBound, part.upperBound)
                         UnsafeMutablePointer<Int64>(bitPattern: bada)![p] = qlora_lora_merge_rows(
                             UnsafePointer(bitPattern: ca), UnsafePointer(bitPattern: ma), Int64(r), Int64(cols), Int64(r0), Int64(r1),
                             Float(scaling), at, UnsafeRawPointer(bitPattern: ba), bt, UnsafeMutableRawPointer(bitPattern: oa), ot,
                             UnsafeMutablePointer(bitPattern: da))
                     }
-                    if parts == 1 { run(0) } else { DispatchQueue.concurrentPerform(iterations: parts, execute: run) }
+                    Parallel.run(parts: parts, run)
                 }
             }
         }

@@ -39,12 +39,12 @@ public struct Linear4BitWeight: Sendable {
                     let (pa, aa, ca, oa) = (Int(bitPattern: p.baseAddress), Int(bitPattern: a.baseAddress),
                                             Int(bitPattern: c.baseAddress), Int(bitPattern: out))
                     let run: @Sendable (Int) -> Void = { part in
-                        let lo = count * part / parts, hi = count * (part + 1) / parts
+                        let mine = Parallel.range(part, of: parts, count: count), (lo, hi) = (mine.lowerBound, mine.upperBound)
                         qlora_dequantize4_range_f32(UnsafePointer(bitPattern: pa), Int64((r0 + lo) * k), Int64((hi - lo) * k), Int64(bs),
                                                     UnsafePointer(bitPattern: ca), UnsafePointer(bitPattern: aa), 1,
                                                     UnsafeMutablePointer<Float>(bitPattern: oa)! + lo * k)
                     }
-                    if parts == 1 { run(0) } else { DispatchQueue.concurrentPerform(iterations: parts, execute: run) }
+                    Parallel.run(parts: parts, run)
                 }
             }
         }
@@ -268,7 +268,7 @@ public enum Matmul4Bit {
                                          backward ? 1 : 0, UnsafePointer(bitPattern: ba), Int64(lda), Int64(tokens), Int64(n0), Int64(n1),
                                          UnsafeMutablePointer(bitPattern: ca2), Int64(ncols), UnsafeMutablePointer<Float>(bitPattern: sa)! + part * perPart)
                     }
-                    if parts == 1 { run(0) } else { DispatchQueue.concurrentPerform(iterations: parts, execute: run) }
+                    Parallel.run(parts: parts, run)
                 }
             }
         }
@@ -286,12 +286,12 @@ public enum Matmul4Bit {
                     let (pa, aa, ca, xa, ya) = (Int(bitPattern: p.baseAddress), Int(bitPattern: a.baseAddress),
                                                 Int(bitPattern: c.baseAddress), Int(bitPattern: x), Int(bitPattern: y))
                     let run: @Sendable (Int) -> Void = { part in
-                        let r0 = n * part / parts, r1 = n * (part + 1) / parts
+                        let rows = Parallel.range(part, of: parts, count: n), (r0, r1) = (rows.lowerBound, rows.upperBound)
                         qlora_gemv4_bf16(UnsafePointer(bitPattern: pa), Int64(r0), Int64(r1), Int64(k), Int64(bs),
                                          UnsafePointer(bitPattern: ca), UnsafePointer(bitPattern: aa),
                                          UnsafePointer(bitPattern: xa), Int64(tokens), UnsafeMutablePointer(bitPattern: ya), Int64(n))
                     }
-                    if parts == 1 { run(0) } else { DispatchQueue.concurrentPerform(iterations: parts, execute: run) }
+                    Parallel.run(parts: parts, run)
                 }
             }
         }
