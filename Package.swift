@@ -38,7 +38,7 @@ let package = Package(
         /// The file rules: stage-then-rename and exclusive commit for every file and directory the
         /// tool writes (`StagedOutput`: never an input, never over an output without --overwrite,
         /// nothing left on a signal), and regular-file reads of every input (`InputFile`).
-        .target(name: "FileOutput", dependencies: ["CFileOps"]),
+        .target(name: "FileOutput", dependencies: ["CFileOps", "SafeTensors"]),
         /// The file formats above safetensors: bitsandbytes' 4-bit layout, PEFT adapters, AdamW
         /// state, config.json (the architecture reader, `quantization_config`), the dtype bridge.
         .target(name: "CheckpointFormats", dependencies: ["QLoRA", "SafeTensors", "FileOutput"]),

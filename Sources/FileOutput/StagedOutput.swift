@@ -1,4 +1,5 @@
 import CFileOps
+import SafeTensors
 import Dispatch
 import Foundation
 #if canImport(Glibc)
@@ -318,8 +319,7 @@ public enum InputFile {
         guard stat(path, &st) == 0 else {
             throw FileError(path: path, problem: errno == ENOENT ? "does not exist" : "cannot be read: \(String(cString: strerror(errno)))")
         }
-        let type = st.st_mode & S_IFMT
-        guard type == S_IFREG else { throw FileError(path: path, problem: "is not a regular file (\(describe(type)))") }
+        if let kind = nonRegularFileKind(st.st_mode & S_IFMT) { throw FileError(path: path, problem: "is not a regular file (\(kind))") }
     }
 
     /// The bytes of the regular file at `path`.
@@ -332,8 +332,7 @@ public enum InputFile {
         defer { close(fd) }
         var st = stat()
         guard fstat(fd, &st) == 0 else { throw FileError(path: path, problem: "cannot be read: \(String(cString: strerror(errno)))") }
-        let type = st.st_mode & S_IFMT
-        guard type == S_IFREG else { throw FileError(path: path, problem: "is not a regular file (\(describe(type)))") }
+        if let kind = nonRegularFileKind(st.st_mode & S_IFMT) { throw FileError(path: path, problem: "is not a regular file (\(kind))") }
         var data = Data(count: Int(st.st_size))
         var done = 0
         while done < data.count {
@@ -346,17 +345,6 @@ public enum InputFile {
             done += n
         }
         return data
-    }
-
-    static func describe(_ type: mode_t) -> String {
-        switch type {
-        case S_IFDIR: return "a directory"
-        case S_IFIFO: return "a FIFO"
-        case S_IFCHR: return "a character device"
-        case S_IFBLK: return "a block device"
-        case S_IFSOCK: return "a socket"
-        default: return "not a plain file"
-        }
     }
 }
 

@@ -17,6 +17,21 @@ func ioError(_ file: String, _ operation: String, _ code: Int32 = errno) -> Safe
 // MARK: - Reading
 
 /// Bytes of a whole file or buffer, owned for the lifetime of this object: either a read-only
+/// What a file of type `type` (`st_mode & S_IFMT`) is, in the words of every refusal of an input
+/// that is not a regular file (safetensors files here, every other input in FileOutput's
+/// `InputFile`); nil for a regular file.
+public func nonRegularFileKind(_ type: mode_t) -> String? {
+    switch type {
+    case S_IFREG: return nil
+    case S_IFDIR: return "a directory"
+    case S_IFIFO: return "a FIFO"
+    case S_IFCHR: return "a character device"
+    case S_IFBLK: return "a block device"
+    case S_IFSOCK: return "a socket"
+    default: return "not a plain file"
+    }
+}
+
 /// private mapping (unmapped on deinit) or a heap copy (freed on deinit).
 final class ByteRegion: @unchecked Sendable {
     // @unchecked: the memory is never written after init, so sharing across threads is safe.
@@ -32,14 +47,9 @@ final class ByteRegion: @unchecked Sendable {
         defer { close(fd) }
         var info = stat()
         guard fstat(fd, &info) == 0 else { throw ioError(path, "stat") }
-        switch info.st_mode & S_IFMT {
-        case S_IFREG: break
-        case S_IFDIR: throw ioError(path, "open as a regular file", EISDIR)
-        case S_IFIFO: throw SafeTensorsError.notRegularFile(file: path, kind: "a FIFO")
-        case S_IFCHR: throw SafeTensorsError.notRegularFile(file: path, kind: "a character device")
-        case S_IFBLK: throw SafeTensorsError.notRegularFile(file: path, kind: "a block device")
-        default: throw SafeTensorsError.notRegularFile(file: path, kind: "a socket or special file")
-        }
+        // A directory keeps its errno (EISDIR), as open(2) reports it for a write.
+        if info.st_mode & S_IFMT == S_IFDIR { throw ioError(path, "open as a regular file", EISDIR) }
+        if let kind = nonRegularFileKind(info.st_mode & S_IFMT) { throw SafeTensorsError.notRegularFile(file: path, kind: kind) }
         let size = Int(info.st_size)
         guard size > 0 else {
             bytes = UnsafeRawBufferPointer(start: nil, count: 0)
