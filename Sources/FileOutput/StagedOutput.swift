@@ -319,7 +319,12 @@ public enum InputFile {
         guard stat(path, &st) == 0 else {
             throw FileError(path: path, problem: errno == ENOENT ? "does not exist" : "cannot be read: \(String(cString: strerror(errno)))")
         }
-        if let kind = nonRegularFileKind(st.st_mode & S_IFMT) { throw FileError(path: path, problem: "is not a regular file (\(kind))") }
+        if let kind = nonRegularFileKind(st.st_mode & S_IFMT) { throw notRegular(path, kind) }
+    }
+
+    /// The refusal of a non-regular input, worded as SafeTensors' `notRegularFile`.
+    static func notRegular(_ path: String, _ kind: String) -> FileError {
+        FileError(path: path, problem: "is not a regular file (\(kind)); only regular files are read")
     }
 
     /// The bytes of the regular file at `path`.
@@ -332,7 +337,7 @@ public enum InputFile {
         defer { close(fd) }
         var st = stat()
         guard fstat(fd, &st) == 0 else { throw FileError(path: path, problem: "cannot be read: \(String(cString: strerror(errno)))") }
-        if let kind = nonRegularFileKind(st.st_mode & S_IFMT) { throw FileError(path: path, problem: "is not a regular file (\(kind))") }
+        if let kind = nonRegularFileKind(st.st_mode & S_IFMT) { throw notRegular(path, kind) }
         var data = Data(count: Int(st.st_size))
         var done = 0
         while done < data.count {
