@@ -125,15 +125,13 @@ public final class LlamaModel {
             }
         }
         var floats: [Float] {
-            [Float](unsafeUninitializedCapacity: bits.count) { out, count in
+            LlamaOps.written(bits.count) { po in
                 bits.withUnsafeBufferPointer { b in
-                    guard let src = b.baseAddress, let dst = out.baseAddress else { return }
-                    let (pb, po) = (LlamaOps.Shared(src), LlamaOps.Shared(dst))
+                    let pb = LlamaOps.Shared(b.baseAddress!)
                     LlamaOps.parallelParts(b.count, grain: LlamaOps.elementGrain) { r in
                         for i in r { po.p[i] = Float(bitPattern: UInt32(pb.p[i]) << 16) }
                     }
                 }
-                count = bits.count
             }
         }
         var byteCount: Int { 2 * bits.count }
@@ -343,10 +341,8 @@ public final class LlamaModel {
             throw LoRAError.shapeMismatch("token id \(bad) outside the vocabulary (\(c.vocabSize))")
         }
         // The embedding's rows, copied whole and split between threads.
-        var x = [Float](repeating: 0, count: t * h)
-        embedTokens.withUnsafeBufferPointer { e in ids.withUnsafeBufferPointer { idp in x.withUnsafeMutableBufferPointer { xp in
-            guard let eb = e.baseAddress, let ib = idp.baseAddress, let xb = xp.baseAddress else { return }
-            let (pe, pi, px) = (LlamaOps.Shared(eb), LlamaOps.Shared(ib), LlamaOps.Shared(xb))
+        var x = LlamaOps.written(t * h) { px in embedTokens.withUnsafeBufferPointer { e in ids.withUnsafeBufferPointer { idp in
+            let (pe, pi) = (LlamaOps.Shared(e.baseAddress!), LlamaOps.Shared(idp.baseAddress!))
             LlamaOps.parallelParts(t, grain: max(1, LlamaOps.elementGrain / max(h, 1))) { rows in
                 for i in rows { (px.p + i * h).update(from: pe.p + pi.p[i] * h, count: h) }
             }

@@ -147,11 +147,11 @@ public final class LoRALinear {
         let k = inFeatures, n = outFeatures, r = config.rank
         guard x.count == tokens * k else { throw .shapeMismatch("x has \(x.count) values, expected [\(tokens), \(k)]") }
         // Every value is written by the 4-bit GEMM: no zero fill first, and its threads fault the pages in.
-        var y = [Float](unsafeUninitializedCapacity: tokens * n) { out, initialized in
+        var y = LlamaOps.written(tokens * n) { py in
             x.withUnsafeBufferPointer { xp in
-                Matmul4Bit.forward(x: xp, tokens: tokens, weight: base, y: out, threads: LlamaOps.threadCount, scratch: scratch, roundOutputToBF16: bias == nil)
+                Matmul4Bit.forward(x: xp, tokens: tokens, weight: base, y: UnsafeMutableBufferPointer(start: py.p, count: tokens * n),
+                                   threads: LlamaOps.threadCount, scratch: scratch, roundOutputToBF16: bias == nil)
             }
-            initialized = tokens * n
         }
         if let bias {
             for t in 0..<tokens { for j in 0..<n { y[t * n + j] = HalfPrecision.roundedToBFloat16(y[t * n + j] + bias[j]) } }
@@ -188,7 +188,7 @@ public final class LoRALinear {
         if let magnitude {
             // l = h · Bᵀ: [tokens, n]  (B row-major [n, r]: op(B) = Bᵀ, ldb = r)
             var l = [Float](repeating: 0, count: tokens * n)
-            sgemm(false, true, tokens, n, r, h, r, b, r, 0, &l, n)
+            sgemm(false, true, tokens, n, r, h, r, b, r, &l, n)
             round(&l)
             // DoRA, as PEFT's bnb Linear4bit forward with DoraLinearLayer (peft/tuners/lora/
             // bnb.py, dora.py): with W the dequantized bf16 weight in fp32 and the norm detached,
@@ -239,18 +239,16 @@ public final class LoRALinear {
         let k = inFeatures, n = outFeatures, r = config.rank, t = saved.tokens
         guard dy.count == t * n else { throw .shapeMismatch("dy has \(dy.count) values, expected [\(t), \(n)]") }
         // Every value of dx is written by the 4-bit GEMM (no zero fill first).
-        var dx = [Float](unsafeUninitializedCapacity: inputGradient ? t * k : 0) { out, initialized in
-            guard inputGradient else { return }
+        var dx = LlamaOps.written(inputGradient ? t * k : 0) { pdx in
             (magnitude == nil ? dy : doraBaseGradient(dy, saved)).withUnsafeBufferPointer { d in
-                Matmul4Bit.backwardInput(dy: d, tokens: t, weight: base, dx: out, threads: LlamaOps.threadCount, scratch: scratch, roundOutputToBF16: true)
+                Matmul4Bit.backwardInput(dy: d, tokens: t, weight: base, dx: UnsafeMutableBufferPointer(start: pdx.p, count: t * k),
+                                         threads: LlamaOps.threadCount, scratch: scratch, roundOutputToBF16: true)
             }
-            initialized = t * k
         }
         let s = Float(config.scaling), rnd = computeType == .bfloat16, bf16Out = bf16Activations
         guard t > 0 else { return dx }
         // g: the adapter output's gradient, bf16 (its cast back to fp32 sends a bf16 gradient), times s.
-        let g = [Float](unsafeUninitializedCapacity: t * n) { gp, initialized in
-            initialized = t * n
+        let g = LlamaOps.written(t * n) { pg in
             guard magnitude == nil else {
                 // DoRA: d(m/‖·‖) gathers dy·(result − bias) and dy·s·(B·A·x) over the tokens; the
                 // adapter's gradient is dy·s·(m/‖·‖); the base layer's output gets dy from the sum
@@ -261,14 +259,14 @@ public final class LoRALinear {
                         let i = tt * n + j
                         let ds = dy[i] * s
                         dScale[j] += Double(dy[i] * saved.doraBase[i]) + Double(ds * saved.doraLoRA[i])
-                        gp[i] = ds * saved.doraScale[j]
+                        pg.p[i] = ds * saved.doraScale[j]
                     }
                 }
                 for j in 0..<n { gradMagnitude[j] += Float(dScale[j]) / saved.doraNorm[j] }
                 return
             }
             dy.withUnsafeBufferPointer { dp in
-                let (pd, pg) = (Shared(dp.baseAddress!), Shared(gp.baseAddress!))
+                let pd = Shared(dp.baseAddress!)
                 Self.onGrid(t) { rows, _ in
                     for i in (rows.lowerBound * n)..<(rows.upperBound * n) {
                         let v = (rnd ? HalfPrecision.roundedToBFloat16(pd.p[i]) : pd.p[i]) * s
@@ -366,7 +364,7 @@ public final class LoRALinear {
         func round(_ x: Float) -> Float { bf16 ? HalfPrecision.roundedToBFloat16(x) : x }
         let a = loraA.map { round($0) }, b = loraB.map { round($0) }
         var ba = [Float](repeating: 0, count: n * k)
-        sgemm(false, false, n, k, r, b, r, a, k, 0, &ba, k)
+        sgemm(false, false, n, k, r, b, r, a, k, &ba, k)
         let s = Float(config.scaling)
         // W + s·B·A into `ba`'s storage, then each row's norm: no array per row in the forward.
         for i in ba.indices { ba[i] = round(w[i] + round(s * round(ba[i]))) }
@@ -380,7 +378,6 @@ public final class LoRALinear {
         return dy.indices.map { i in HalfPrecision.roundedToBFloat16(dy[i] + HalfPrecision.roundedToBFloat16(dy[i] * (saved.doraScale[i % n] - 1))) }
     }
 
-    /// Row-major fp32 GEMM: C [m, n] = op(A) [m, k] · op(B) [k, n] + beta · C.
     typealias Shared = LlamaOps.Shared
 
     /// Rows (or columns) per piece of the adapter's products: each piece is one sgemm on one
@@ -390,7 +387,9 @@ public final class LoRALinear {
     static let gridSize = 64
 
     /// Runs `body` on 0..<count in `gridSize` pieces split between threads, OpenBLAS held to
-    /// one thread; each thread's pieces share one scratch of `scratchPerItem` floats an item.
+    /// one thread (with r on one side its own threads do not pay off, and they spin after each
+    /// call, taking the cores from the 4-bit GEMM); each thread's pieces share one scratch of
+    /// `scratchPerItem` floats an item.
     static func onGrid(_ count: Int, scratchPerItem: Int = 0, _ body: @Sendable (Range<Int>, UnsafeMutablePointer<Float>) -> Void) {
         let pieces = (count + gridSize - 1) / gridSize
         BLAS.withOneThread {
@@ -411,16 +410,10 @@ public final class LoRALinear {
                     Int32(m), Int32(n), Int32(k), 1, a, Int32(lda), b, Int32(ldb), 0, c, Int32(ldc))
     }
 
+    /// `sgemmPiece` over whole arrays, one call on one OpenBLAS thread (DoRA's B·A·x, the merge's B·A).
     func sgemm(_ ta: Bool, _ tb: Bool, _ m: Int, _ n: Int, _ k: Int, _ a: [Float], _ lda: Int,
-               _ b: [Float], _ ldb: Int, _ beta: Float, _ c: inout [Float], _ ldc: Int) {
+               _ b: [Float], _ ldb: Int, _ c: inout [Float], _ ldc: Int) {
         guard m > 0 && n > 0 else { return }
-        if k == 0 { if beta == 0 { for i in 0..<(m * ldc) { c[i] = 0 } }; return }
-        // One thread: these GEMMs have r (16–64) on one side, too small for OpenBLAS's threads
-        // to pay off, and those threads spin after each call, taking the cores from the 4-bit
-        // GEMM and the elementwise ops that follow (a 7B layer step: 446 → 580 tokens/s).
-        BLAS.withOneThread {
-            cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
-                        Int32(m), Int32(n), Int32(k), 1, a, Int32(lda), b, Int32(ldb), beta, &c, Int32(ldc))
-        }
+        BLAS.withOneThread { Self.sgemmPiece(ta, tb, m, n, k, a, lda, b, ldb, &c, ldc) }
     }
 }
